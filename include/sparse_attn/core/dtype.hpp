@@ -1,0 +1,83 @@
+// Storage types and their conversion to fp32. K/V may be stored as float, bf16 or fp16; every
+// kernel accumulates in fp32 and converts rows on load.
+#pragma once
+#include <Eigen/Core>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace sparse_attn {
+
+using bf16 = Eigen::bfloat16;
+using fp16 = Eigen::half;
+
+template <class T>
+inline constexpr bool is_storage_type_v =
+    std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+
+template <class T>
+constexpr const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "fp32";
+  else if constexpr (std::is_same_v<T, bf16>) return "bf16";
+  else if constexpr (std::is_same_v<T, fp16>) return "fp16";
+  else return "unknown";
+}
+
+template <class T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <class T>
+inline T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+/// dst[i] = float(src[i * stride]) for i < n. stride is in elements; stride 1 takes SIMD paths.
+template <class T>
+inline void load_row(const T* src, std::int64_t stride, float* dst, std::int64_t n) {
+  std::int64_t i = 0;
+  if (stride == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(dst, src, sizeof(float) * static_cast<std::size_t>(n));
+      return;
+    }
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bf16>) {
+      // bf16 is the upper half of an fp32: widen and shift left by 16.
+      for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+        __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(w));
+      }
+    } else if constexpr (std::is_same_v<T, fp16>) {
+      for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
+      }
+    }
+#endif
+    for (; i < n; ++i) dst[i] = to_float(src[i]);
+    return;
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i * stride]);
+}
+
+/// dst[i * stride] = T(src[i]) for i < n (round to nearest even for bf16/fp16).
+template <class T>
+inline void store_row(const float* src, T* dst, std::int64_t stride, std::int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, sizeof(float) * static_cast<std::size_t>(n));
+      return;
+    }
+  }
+  for (std::int64_t i = 0; i < n; ++i) dst[i * stride] = from_float<T>(src[i]);
+}
+
+}  // namespace sparse_attn

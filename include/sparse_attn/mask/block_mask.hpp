@@ -1,0 +1,243 @@
+// THE common sparsity interface. A prefill mask answers, per query head h and query block qb:
+// which key blocks to visit (ascending), and for each whether every element is allowed (full) or
+// an element predicate must be evaluated (partial). Kernels are templated on the mask type, so
+// closed-form patterns (patterns.hpp) compile to arithmetic and index-list masks (BlockListMask,
+// below) pay one indirection per block, never per element.
+//
+// A mask type M provides:
+//   const MaskShape& shape() const;
+//   bool head_shared() const;                  // same pattern for every query head
+//   template <class F> void for_each_block(index_t h, index_t qb, F&& f) const;
+//                                              // f(index_t kb, bool full), kb ascending
+//   bool allowed(index_t h, index_t qi, index_t kj) const;
+//                                              // element test, evaluated inside partial blocks
+//   index_t pairs() const;                     // allowed (query, key) pairs over all heads
+// Query index qi is in [0, n_q); its absolute position is qi + n_k - n_q (queries are a suffix of
+// the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+namespace sparse_attn {
+
+/// Geometry every mask shares.
+struct MaskShape {
+  index_t heads = 1;      // query heads the mask is defined for
+  index_t n_q = 0;        // queries (a suffix of the keys)
+  index_t n_k = 0;        // keys
+  index_t block_q = 64;   // query block (kernel tile) size
+  index_t block_k = 64;   // key block size
+  bool causal = true;     // key j visible to query i only if j <= position(i)
+
+  index_t q_offset() const { return n_k - n_q; }  // absolute position of query 0
+  index_t num_q_blocks() const { return (n_q + block_q - 1) / block_q; }
+  index_t num_k_blocks() const { return (n_k + block_k - 1) / block_k; }
+  index_t q_begin(index_t qb) const { return qb * block_q; }
+  index_t q_end(index_t qb) const { return std::min(n_q, (qb + 1) * block_q); }
+  index_t k_begin(index_t kb) const { return kb * block_k; }
+  index_t k_end(index_t kb) const { return std::min(n_k, (kb + 1) * block_k); }
+  /// Pairs dense attention of this causality computes, over all heads (the CR reference).
+  index_t dense_pairs() const {
+    if (!causal) return heads * n_q * n_k;
+    // query i sees min(i + off + 1, n_k) = i + off + 1 keys (off >= 0).
+    const index_t off = q_offset();
+    return heads * (n_q * (off + 1) + n_q * (n_q - 1) / 2);
+  }
+
+  void validate(const char* where) const {
+    require(heads >= 1, where, ": heads must be >= 1, got ", heads);
+    require(n_q >= 0 && n_k >= 0, where, ": n_q and n_k must be >= 0, got n_q=", n_q, ", n_k=", n_k);
+    require(n_q <= n_k, where, ": n_q=", n_q, " > n_k=", n_k,
+            "; queries must be a suffix of the keys (n_q <= n_k)");
+    require(block_q >= 1 && block_k >= 1, where, ": block sizes must be >= 1, got block_q=",
+            block_q, ", block_k=", block_k);
+  }
+};
+
+/// Compression ratio: dense pairs of the same causality / allowed pairs (inf when none allowed).
+inline double compression_ratio(index_t dense_pairs, index_t pairs) {
+  if (pairs == 0) return dense_pairs == 0 ? 1.0 : std::numeric_limits<double>::infinity();
+  return static_cast<double>(dense_pairs) / static_cast<double>(pairs);
+}
+
+/// Counts allowed pairs of any mask by walking its blocks (partial blocks element by element).
+template <class Mask>
+index_t count_pairs(const Mask& m) {
+  const MaskShape& s = m.shape();
+  const index_t nh = m.head_shared() ? 1 : s.heads;
+  const index_t nqb = s.num_q_blocks();
+  index_t total = 0;
+#pragma omp parallel for schedule(dynamic, 4) reduction(+ : total)
+  for (index_t item = 0; item < nh * nqb; ++item) {
+    const index_t h = item / nqb, qb = item % nqb;
+    const index_t q0 = s.q_begin(qb), q1 = s.q_end(qb);
+    m.for_each_block(h, qb, [&](index_t kb, bool full) {
+      const index_t k0 = s.k_begin(kb), k1 = s.k_end(kb);
+      if (full) {
+        total += (q1 - q0) * (k1 - k0);
+        return;
+      }
+      for (index_t i = q0; i < q1; ++i)
+        for (index_t j = k0; j < k1; ++j) total += m.allowed(h, i, j) ? 1 : 0;
+    });
+  }
+  return m.head_shared() ? total * s.heads : total;
+}
+
+/// Element predicate that allows everything (block lists whose partial blocks differ from full
+/// ones only by causality).
+struct AllowAll {
+  static constexpr bool trivial = true;
+  bool operator()(index_t, index_t, index_t) const { return true; }
+};
+
+/// Index-list mask in block-CSR form: for each (head, query block) a sorted list of key blocks,
+/// each flagged full or partial; partial blocks test causality (if causal) and `pred`.
+template <class Pred = AllowAll>
+class BlockListMask {
+ public:
+  BlockListMask() = default;
+  BlockListMask(MaskShape shape, bool head_shared, std::vector<index_t> row_offsets,
+                std::vector<std::int32_t> blocks, std::vector<std::uint8_t> full, Pred pred = {})
+      : shape_(shape), shared_(head_shared), offsets_(std::move(row_offsets)),
+        blocks_(std::move(blocks)), full_(std::move(full)), pred_(std::move(pred)) {
+    pairs_ = count_pairs(*this);
+  }
+
+  const MaskShape& shape() const { return shape_; }
+  bool head_shared() const { return shared_; }
+  const Pred& predicate() const { return pred_; }
+
+  template <class F>
+  void for_each_block(index_t h, index_t qb, F&& f) const {
+    const index_t row = (shared_ ? 0 : h) * shape_.num_q_blocks() + qb;
+    for (index_t e = offsets_[row]; e < offsets_[row + 1]; ++e) f(index_t{blocks_[e]}, full_[e] != 0);
+  }
+  index_t num_blocks(index_t h, index_t qb) const {
+    const index_t row = (shared_ ? 0 : h) * shape_.num_q_blocks() + qb;
+    return offsets_[row + 1] - offsets_[row];
+  }
+  bool allowed(index_t h, index_t qi, index_t kj) const {
+    if (shape_.causal && kj > qi + shape_.q_offset()) return false;
+    return pred_(h, qi, kj);
+  }
+  index_t pairs() const { return pairs_; }
+  double compression() const { return compression_ratio(shape_.dense_pairs(), pairs_); }
+  /// Raw CSR arrays (row = head * num_q_blocks + qb; a single head when head_shared).
+  const std::vector<index_t>& row_offsets() const { return offsets_; }
+  const std::vector<std::int32_t>& block_indices() const { return blocks_; }
+  const std::vector<std::uint8_t>& full_flags() const { return full_; }
+
+ private:
+  MaskShape shape_;
+  bool shared_ = false;
+  std::vector<index_t> offsets_{0};
+  std::vector<std::int32_t> blocks_;
+  std::vector<std::uint8_t> full_;
+  Pred pred_;
+  index_t pairs_ = 0;
+};
+
+/// Builds a BlockListMask row by row. Rows may be filled in parallel (each row by one thread);
+/// build() validates (sorted, unique, in range, block-causal when causal) and packs to CSR.
+class BlockListBuilder {
+ public:
+  BlockListBuilder(MaskShape shape, bool head_shared) : shape_(shape), shared_(head_shared) {
+    shape_.validate("BlockListBuilder");
+    rows_.resize(static_cast<std::size_t>((shared_ ? 1 : shape_.heads) * shape_.num_q_blocks()));
+  }
+  const MaskShape& shape() const { return shape_; }
+  /// Key block kb of (h, qb); `full` = every element allowed without testing the predicate
+  /// (the builder downgrades a full flag to partial where causality cuts the block).
+  void add(index_t h, index_t qb, index_t kb, bool full = true) {
+    rows_[static_cast<std::size_t>(row(h, qb))].push_back({static_cast<std::int32_t>(kb), full});
+  }
+  /// Replaces the row with blocks (sorted ascending), all flagged `full`.
+  void set_row(index_t h, index_t qb, const std::vector<index_t>& kbs, bool full = true) {
+    auto& r = rows_[static_cast<std::size_t>(row(h, qb))];
+    r.clear();
+    for (index_t kb : kbs) r.push_back({static_cast<std::int32_t>(kb), full});
+  }
+
+  template <class Pred = AllowAll>
+  BlockListMask<Pred> build(Pred pred = {}) {
+    const index_t nkb = shape_.num_k_blocks(), nqb = shape_.num_q_blocks();
+    std::vector<index_t> offsets(rows_.size() + 1, 0);
+    for (std::size_t r = 0; r < rows_.size(); ++r) {
+      const index_t qb = static_cast<index_t>(r) % nqb, h = static_cast<index_t>(r) / nqb;
+      const index_t last_pos = shape_.q_end(qb) - 1 + shape_.q_offset();
+      const index_t first_pos = shape_.q_begin(qb) + shape_.q_offset();
+      auto& blocks = rows_[r];
+      for (std::size_t e = 0; e < blocks.size(); ++e) {
+        const index_t kb = blocks[e].kb;
+        require(kb >= 0 && kb < nkb, "BlockListBuilder::build", "head ", h, " query block ", qb,
+                ": key block ", kb, " out of range [0, ", nkb, ")");
+        require(e == 0 || blocks[e - 1].kb < kb, "BlockListBuilder::build", "head ", h,
+                " query block ", qb, ": key blocks must be strictly increasing (got ",
+                blocks[e - 1].kb, " then ", kb, ")");
+        if (shape_.causal) {
+          require(shape_.k_begin(kb) <= last_pos, "BlockListBuilder::build", "head ", h,
+                  " query block ", qb, ": key block ", kb, " starts at key ", shape_.k_begin(kb),
+                  " after the block's last query position ", last_pos,
+                  "; a causal mask may not list future blocks");
+          // Causality cuts the block unless its last key precedes the first query position.
+          if (shape_.k_end(kb) - 1 > first_pos) blocks[e].full = false;
+        }
+      }
+      offsets[r + 1] = offsets[r] + static_cast<index_t>(blocks.size());
+    }
+    std::vector<std::int32_t> idx(static_cast<std::size_t>(offsets.back()));
+    std::vector<std::uint8_t> full(idx.size());
+    for (std::size_t r = 0; r < rows_.size(); ++r)
+      for (std::size_t e = 0; e < rows_[r].size(); ++e) {
+        idx[static_cast<std::size_t>(offsets[r]) + e] = rows_[r][e].kb;
+        full[static_cast<std::size_t>(offsets[r]) + e] =
+            (rows_[r][e].full && Pred::trivial) ? 1 : 0;
+      }
+    return BlockListMask<Pred>(shape_, shared_, std::move(offsets), std::move(idx), std::move(full),
+                               std::move(pred));
+  }
+
+ private:
+  struct Entry {
+    std::int32_t kb;
+    bool full;
+  };
+  index_t row(index_t h, index_t qb) const {
+    require(qb >= 0 && qb < shape_.num_q_blocks(), "BlockListBuilder::add", "query block ", qb,
+            " out of range [0, ", shape_.num_q_blocks(), ")");
+    require(shared_ ? h == 0 : (h >= 0 && h < shape_.heads), "BlockListBuilder::add", "head ", h,
+            " out of range (", shared_ ? "head-shared mask: only head 0" : "heads ", shape_.heads,
+            ")");
+    return h * shape_.num_q_blocks() + qb;
+  }
+  MaskShape shape_;
+  bool shared_;
+  std::vector<std::vector<Entry>> rows_;
+};
+
+/// Materialises head h of any mask as a dense [n_q x n_k] boolean matrix (tests, debugging).
+template <class Mask>
+Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> to_dense(const Mask& m, index_t h) {
+  const MaskShape& s = m.shape();
+  Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> d =
+      Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>::Constant(s.n_q, s.n_k, false);
+  const index_t hh = m.head_shared() ? 0 : h;
+  for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
+    m.for_each_block(hh, qb, [&](index_t kb, bool full) {
+      for (index_t i = s.q_begin(qb); i < s.q_end(qb); ++i)
+        for (index_t j = s.k_begin(kb); j < s.k_end(kb); ++j) d(i, j) = full || m.allowed(hh, i, j);
+    });
+  return d;
+}
+
+}  // namespace sparse_attn

@@ -1,0 +1,118 @@
+// Closed-form patterns: no index memory; block lists and element tests come from arithmetic.
+// One family covers dense causal, dense non-causal and sliding window with S sink tokens: each
+// query row at absolute position p allows the union of a sink prefix [0, S) and a band around p,
+// cut by causality (j <= p).
+#pragma once
+#include <algorithm>
+
+#include "sparse_attn/mask/block_mask.hpp"
+
+namespace sparse_attn {
+
+/// Row-interval pattern. window == 0 means unlimited (dense). Causal band: p - W < j <= p.
+/// Non-causal band: |p - j| < W. Sinks are the first `sinks` keys (cut by causality too).
+class IntervalMask {
+ public:
+  IntervalMask() = default;
+  IntervalMask(MaskShape shape, index_t window, index_t sinks)
+      : shape_(shape), window_(window), sinks_(sinks) {
+    shape_.validate("IntervalMask");
+    require(window >= 0, "IntervalMask", "window must be >= 0 (0 = unlimited), got ", window);
+    require(sinks >= 0, "IntervalMask", "sinks must be >= 0, got ", sinks);
+    if (window_ == 0 || window_ >= shape_.n_k) {  // the band covers everything: plain dense
+      window_ = 0;
+      sinks_ = 0;
+    }
+    for (index_t i = 0; i < shape_.n_q; ++i) pairs_ += row_count(i);
+    pairs_ *= shape_.heads;
+  }
+
+  const MaskShape& shape() const { return shape_; }
+  bool head_shared() const { return true; }
+  index_t window() const { return window_; }
+  index_t sinks() const { return sinks_; }
+  index_t pairs() const { return pairs_; }
+  double compression() const { return compression_ratio(shape_.dense_pairs(), pairs_); }
+
+  /// The allowed keys of query qi: [0, a_end) and [b_begin, b_end) (a may be empty, may overlap).
+  struct Row {
+    index_t a_end, b_begin, b_end;
+  };
+  Row row(index_t qi) const {
+    const index_t p = qi + shape_.q_offset();
+    const index_t hi = shape_.causal ? std::min(p + 1, shape_.n_k) : shape_.n_k;
+    if (window_ == 0) return {0, 0, hi};
+    const index_t b0 = std::max<index_t>(0, p - window_ + 1);
+    const index_t b1 = shape_.causal ? hi : std::min(shape_.n_k, p + window_);
+    return {std::min(sinks_, hi), b0, b1};
+  }
+  index_t row_count(index_t qi) const {
+    const Row r = row(qi);
+    const index_t band = std::max<index_t>(0, r.b_end - r.b_begin);
+    const index_t overlap = std::max<index_t>(0, std::min(r.a_end, r.b_end) - r.b_begin);
+    return r.a_end + band - overlap;
+  }
+  bool allowed(index_t, index_t qi, index_t kj) const {
+    const Row r = row(qi);
+    return kj < r.a_end || (kj >= r.b_begin && kj < r.b_end);
+  }
+
+  template <class F>
+  void for_each_block(index_t, index_t qb, F&& f) const {
+    const index_t q0 = shape_.q_begin(qb), q1 = shape_.q_end(qb);
+    if (q0 >= q1) return;
+    const index_t bk = shape_.block_k;
+    const Row first = row(q0), last = row(q1 - 1);
+    // Candidate blocks: those touching the sink prefix, then those touching the band's sweep.
+    const index_t sink_end = std::max(first.a_end, last.a_end);
+    const index_t sink_blocks = (sink_end + bk - 1) / bk;
+    const index_t band_b0 = first.b_begin / bk;
+    const index_t band_b1 = (std::max(first.b_end, last.b_end) + bk - 1) / bk;
+    auto visit = [&](index_t kb) {
+      const index_t k0 = shape_.k_begin(kb), k1 = shape_.k_end(kb);
+      bool any = false, all = true;
+      for (index_t i = q0; i < q1; ++i) {
+        const Row r = row(i);
+        const index_t covered = cover(r, k0, k1);
+        any = any || covered > 0;
+        all = all && covered == k1 - k0;
+      }
+      if (any) f(kb, all);
+    };
+    for (index_t kb = 0; kb < std::min(sink_blocks, band_b0); ++kb) visit(kb);
+    for (index_t kb = std::max(band_b0, index_t{0}); kb < band_b1; ++kb) visit(kb);
+    for (index_t kb = std::max(band_b1, band_b0); kb < sink_blocks; ++kb) visit(kb);
+  }
+
+ private:
+  // Number of keys of [k0, k1) the row allows.
+  static index_t cover(const Row& r, index_t k0, index_t k1) {
+    auto len = [](index_t a, index_t b) { return std::max<index_t>(0, b - a); };
+    const index_t a = len(k0, std::min(k1, r.a_end));
+    const index_t b = len(std::max(k0, r.b_begin), std::min(k1, r.b_end));
+    const index_t ab = len(std::max({k0, r.b_begin}), std::min({k1, r.a_end, r.b_end}));
+    return a + b - ab;
+  }
+  MaskShape shape_;
+  index_t window_ = 0, sinks_ = 0;
+  index_t pairs_ = 0;
+};
+
+namespace masks {
+/// Dense causal attention over [n_q queries (suffix) x n_k keys].
+inline IntervalMask causal(index_t heads, index_t n_q, index_t n_k, index_t block = 64) {
+  return IntervalMask(MaskShape{heads, n_q, n_k, block, block, true}, 0, 0);
+}
+/// Dense non-causal attention (encoders, cross-attention).
+inline IntervalMask full(index_t heads, index_t n_q, index_t n_k, index_t block = 64) {
+  return IntervalMask(MaskShape{heads, n_q, n_k, block, block, false}, 0, 0);
+}
+/// Causal sliding window of `window` keys (p - W < j <= p) plus the first `sinks` keys.
+inline IntervalMask sliding_window(index_t heads, index_t n_q, index_t n_k, index_t window,
+                                   index_t sinks, index_t block = 64) {
+  require(window >= 1, "masks::sliding_window", "window must be >= 1, got ", window);
+  return IntervalMask(MaskShape{heads, n_q, n_k, block, block, true}, window, sinks);
+}
+}  // namespace masks
+
+}  // namespace sparse_attn
