@@ -1,0 +1,107 @@
+// The decode side of the common interface: which keys a decode step reads. A selection is a list
+// of sorted, disjoint key ranges per unit, where a unit is every head (scope all: one list for
+// all), a KV head (the G query heads of its group share the list: GQA-packed decode), or a query
+// head. Quest produces page lists; eviction methods instead shrink the cache (dense decode).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+namespace sparse_attn {
+
+struct KeyRange {
+  index_t begin = 0, end = 0;  // [begin, end)
+};
+
+class KeySelection {
+ public:
+  enum class Scope { all, per_kv_head, per_q_head };
+
+  /// Every key of the cache (dense decode).
+  static KeySelection all() { return KeySelection(); }
+
+  /// One range list per unit (KV head or query head); ranges must be sorted, disjoint, non-empty.
+  static KeySelection from_ranges(Scope scope, const std::vector<std::vector<KeyRange>>& lists) {
+    KeySelection s;
+    s.scope_ = scope;
+    s.offsets_.assign(1, 0);
+    for (const auto& l : lists) {
+      s.ranges_.insert(s.ranges_.end(), l.begin(), l.end());
+      s.offsets_.push_back(static_cast<index_t>(s.ranges_.size()));
+    }
+    return s;
+  }
+  /// Token index lists per unit (sorted ascending, unique); consecutive tokens are coalesced.
+  static KeySelection from_tokens(Scope scope, const std::vector<std::vector<index_t>>& lists) {
+    std::vector<std::vector<KeyRange>> r(lists.size());
+    for (std::size_t u = 0; u < lists.size(); ++u) {
+      for (std::size_t e = 0; e < lists[u].size(); ++e) {
+        const index_t t = lists[u][e];
+        require(e == 0 || lists[u][e - 1] < t, "KeySelection::from_tokens", "unit ", u,
+                ": tokens must be strictly increasing (got ", e ? lists[u][e - 1] : 0, " then ", t, ")");
+        if (!r[u].empty() && r[u].back().end == t) ++r[u].back().end;
+        else r[u].push_back({t, t + 1});
+      }
+    }
+    return from_ranges(scope, r);
+  }
+  /// Page index lists per unit (sorted ascending, unique); page p covers tokens
+  /// [p * page_size, min((p + 1) * page_size, n_k)).
+  static KeySelection from_pages(Scope scope, const std::vector<std::vector<index_t>>& pages,
+                                 index_t page_size, index_t n_k) {
+    require(page_size >= 1, "KeySelection::from_pages", "page_size must be >= 1, got ", page_size);
+    std::vector<std::vector<KeyRange>> r(pages.size());
+    for (std::size_t u = 0; u < pages.size(); ++u)
+      for (std::size_t e = 0; e < pages[u].size(); ++e) {
+        const index_t p = pages[u][e];
+        require(p >= 0 && p * page_size < n_k, "KeySelection::from_pages", "unit ", u, ": page ",
+                p, " out of range [0, ", (n_k + page_size - 1) / page_size, ")");
+        require(e == 0 || pages[u][e - 1] < p, "KeySelection::from_pages", "unit ", u,
+                ": pages must be strictly increasing");
+        const KeyRange kr{p * page_size, std::min(n_k, (p + 1) * page_size)};
+        if (!r[u].empty() && r[u].back().end == kr.begin) r[u].back().end = kr.end;
+        else r[u].push_back(kr);
+      }
+    return from_ranges(scope, r);
+  }
+
+  Scope scope() const { return scope_; }
+  index_t units() const { return scope_ == Scope::all ? 1 : static_cast<index_t>(offsets_.size()) - 1; }
+  /// Ranges of unit u (for scope all, the caller substitutes [0, n_k)).
+  const KeyRange* ranges_begin(index_t u) const { return ranges_.data() + offsets_[static_cast<std::size_t>(u)]; }
+  const KeyRange* ranges_end(index_t u) const { return ranges_.data() + offsets_[static_cast<std::size_t>(u) + 1]; }
+  /// Keys unit u reads from a cache of n_k keys.
+  index_t keys(index_t u, index_t n_k) const {
+    if (scope_ == Scope::all) return n_k;
+    index_t n = 0;
+    for (auto* r = ranges_begin(u); r != ranges_end(u); ++r) n += r->end - r->begin;
+    return n;
+  }
+
+  /// Checks ranges against the cache and the head counts of the call.
+  void validate(index_t n_k, index_t hq, index_t hkv, const char* where) const {
+    if (scope_ == Scope::all) return;
+    const index_t want = scope_ == Scope::per_kv_head ? hkv : hq;
+    require(units() == want, where, ": key selection has ", units(), " lists but the call needs ",
+            want, " (one per ", scope_ == Scope::per_kv_head ? "KV head" : "query head", ")");
+    for (index_t u = 0; u < units(); ++u) {
+      index_t prev_end = 0;
+      for (auto* r = ranges_begin(u); r != ranges_end(u); ++r) {
+        require(r->begin >= prev_end && r->begin < r->end && r->end <= n_k, where,
+                ": key selection unit ", u, " has range [", r->begin, ", ", r->end,
+                "); ranges must be non-empty, sorted, disjoint and within [0, ", n_k, ")");
+        prev_end = r->end;
+      }
+    }
+  }
+
+ private:
+  Scope scope_ = Scope::all;
+  std::vector<index_t> offsets_{0};
+  std::vector<KeyRange> ranges_;
+};
+
+}  // namespace sparse_attn
