@@ -193,9 +193,13 @@ struct DecodeItemRunner {
       }
       if (!k_direct)
         for (int jj = nj; jj < kDecodeKeys; ++jj) std::fill(kbuf.begin() + jj * dp, kbuf.begin() + (jj + 1) * dp, 0.0f);
-      if (k_pairs) dispatch_qk<true>(kraw);
-      else if (k_direct) dispatch_qk<false>(kraw);
-      else dispatch_qk<false>(kf);
+      if constexpr (mk::kPacketLoadable<TK>) {
+        if (k_pairs) dispatch_qk<true>(kraw);
+        else if (k_direct) dispatch_qk<false>(kraw);
+        else dispatch_qk<false>(kf);
+      } else {
+        dispatch_qk<false>(kf);
+      }
       const bool any_masked = causal && keys_idx[nj - 1] >= first_masked;
       for (index_t r = 0; r < Rp; ++r) {
         float* sr = s.data() + r * kDecodeKeys;
@@ -228,9 +232,13 @@ struct DecodeItemRunner {
           for (index_t c = 0; c < dvp; c += L) pstore(o + c, pmul(pload<Packet>(o + c), a));
         }
       }
-      if (v_pairs) pv<true>(vraw, nj, out.o);
-      else if (v_direct) pv<false>(vraw, nj, out.o);
-      else pv<false>(vf, nj, out.o);
+      if constexpr (mk::kPacketLoadable<TV>) {
+        if (v_pairs) pv<true>(vraw, nj, out.o);
+        else if (v_direct) pv<false>(vraw, nj, out.o);
+        else pv<false>(vf, nj, out.o);
+      } else {
+        pv<false>(vf, nj, out.o);
+      }
     }
   }
 

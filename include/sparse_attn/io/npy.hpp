@@ -1,0 +1,486 @@
+// NumPy .npy files (https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html):
+// read format versions 1.0, 2.0 and 3.0; write 1.0 (2.0 only if the header outgrows 64 KiB).
+// Little-endian, C order only. dtypes: '<f4' (float32), '<f2' (float16), '<i4', '<i8'.
+// NumPy has no bfloat16: bf16 data travels as float32 and is rounded to bf16 by the consumer
+// (the `sparse-attn` tool's `--kv-dtype bf16` rounds K/V to nearest even before the kernel).
+// Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
+#pragma once
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <string>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(_WIN32)
+#include <process.h>
+#else
+#include <unistd.h>
+#endif
+
+#include "sparse_attn/core/dtype.hpp"
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+namespace sparse_attn::io {
+
+enum class NpyDtype { f4, f2, i4, i8 };
+
+/// The descr string NumPy writes for a dtype ("<f4", ...).
+inline const char* npy_descr(NpyDtype t) {
+  switch (t) {
+    case NpyDtype::f4:
+      return "<f4";
+    case NpyDtype::f2:
+      return "<f2";
+    case NpyDtype::i4:
+      return "<i4";
+    case NpyDtype::i8:
+      return "<i8";
+  }
+  return "?";
+}
+inline const char* npy_dtype_label(NpyDtype t) {
+  switch (t) {
+    case NpyDtype::f4:
+      return "'<f4' (float32)";
+    case NpyDtype::f2:
+      return "'<f2' (float16)";
+    case NpyDtype::i4:
+      return "'<i4' (int32)";
+    case NpyDtype::i8:
+      return "'<i8' (int64)";
+  }
+  return "?";
+}
+
+/// The NpyDtype stored for C++ element type T (float, fp16, int32_t, int64_t).
+template <class T>
+constexpr NpyDtype npy_dtype_of() {
+  if constexpr (std::is_same_v<T, float>)
+    return NpyDtype::f4;
+  else if constexpr (std::is_same_v<T, fp16>)
+    return NpyDtype::f2;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return NpyDtype::i4;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return NpyDtype::i8;
+  else
+    static_assert(sizeof(T) == 0, "npy: element type must be float, fp16, int32_t or int64_t");
+}
+
+inline std::size_t npy_itemsize(NpyDtype t) {
+  return (t == NpyDtype::f2) ? 2 : (t == NpyDtype::f4 || t == NpyDtype::i4) ? 4 : 8;
+}
+
+/// A loaded array. Exactly one of the value vectors is filled, the one matching `dtype`.
+struct NpyArray {
+  std::string path;
+  NpyDtype dtype = NpyDtype::f4;
+  std::vector<index_t> shape;  // () for a 0-d array
+  std::vector<float> f4;
+  std::vector<fp16> f2;
+  std::vector<std::int32_t> i4;
+  std::vector<std::int64_t> i8;
+
+  index_t size() const {
+    index_t n = 1;
+    for (index_t s : shape) n *= s;
+    return n;
+  }
+  std::size_t rank() const { return shape.size(); }
+  const char* descr() const { return npy_descr(dtype); }
+
+  /// The values when stored as T; throws if the file holds another dtype.
+  template <class T>
+  const std::vector<T>& values() const {
+    require(dtype == npy_dtype_of<T>(), path.c_str(), "dtype is '", descr(), "', expected '",
+            npy_descr(npy_dtype_of<T>()), "'");
+    if constexpr (std::is_same_v<T, float>)
+      return f4;
+    else if constexpr (std::is_same_v<T, fp16>)
+      return f2;
+    else if constexpr (std::is_same_v<T, std::int32_t>)
+      return i4;
+    else
+      return i8;
+  }
+
+  /// float32 copy of a floating-point array ('<f4' or '<f2'); integer arrays are rejected.
+  std::vector<float> to_float() const {
+    if (dtype == NpyDtype::f4) return f4;
+    require(dtype == NpyDtype::f2, path.c_str(), "dtype '", descr(),
+            "' is not floating point; allowed here: '<f4' (float32), '<f2' (float16)");
+    std::vector<float> out(f2.size());
+    for (std::size_t i = 0; i < f2.size(); ++i) out[i] = static_cast<float>(f2[i]);
+    return out;
+  }
+
+  /// "(2, 3, 4)", as NumPy prints shapes.
+  std::string shape_str() const {
+    std::string s = "(";
+    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + (shape.size() == 1 ? ",)" : ")");
+  }
+
+  /// Throws unless the array has exactly `rank` dimensions; `what` names it ("Q", "index list").
+  void require_rank(std::size_t want, const char* what, const char* layout) const {
+    require(shape.size() == want, path.c_str(), what, " must have rank ", want, " ", layout,
+            ", got shape ", shape_str(), " (rank ", shape.size(), ")");
+  }
+};
+
+namespace detail {
+
+struct FileCloser {
+  void operator()(std::FILE* f) const { std::fclose(f); }
+};
+using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
+
+/// Parser for the header: a Python dict literal with keys 'descr', 'fortran_order', 'shape'.
+class NpyHeaderParser {
+ public:
+  NpyHeaderParser(const std::string& path, const std::string& text) : path_(path), s_(text) {}
+
+  void parse(std::string& descr, bool& fortran, std::vector<index_t>& shape) {
+    bool have_descr = false, have_fortran = false, have_shape = false;
+    skip_ws();
+    expect('{');
+    while (true) {
+      skip_ws();
+      if (peek() == '}') break;
+      const std::string key = parse_string();
+      skip_ws();
+      expect(':');
+      skip_ws();
+      if (key == "descr") {
+        if (peek() != '\'' && peek() != '"')
+          fail("unsupported dtype (structured or non-string 'descr')");
+        descr = parse_string();
+        have_descr = true;
+      } else if (key == "fortran_order") {
+        fortran = parse_bool();
+        have_fortran = true;
+      } else if (key == "shape") {
+        shape = parse_shape();
+        have_shape = true;
+      } else {
+        fail("unexpected header key '", key, "'; expected 'descr', 'fortran_order', 'shape'");
+      }
+      skip_ws();
+      if (peek() == ',') {
+        ++pos_;
+        continue;
+      }
+      skip_ws();
+      if (peek() != '}') fail("malformed header: expected ',' or '}' at offset ", pos_);
+    }
+    ++pos_;
+    skip_ws();
+    if (pos_ != s_.size()) fail("malformed header: trailing characters after '}'");
+    if (!have_descr || !have_fortran || !have_shape)
+      fail("header lacks ", !have_descr     ? "'descr'"
+                            : !have_fortran ? "'fortran_order'"
+                                            : "'shape'");
+  }
+
+ private:
+  template <class... A>
+  [[noreturn]] void fail(const A&... a) const {
+    throw invalid_argument(sparse_attn::detail::concat(path_, ": ", a...));
+  }
+  char peek() const { return pos_ < s_.size() ? s_[pos_] : '\0'; }
+  void skip_ws() {
+    while (pos_ < s_.size() &&
+           (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r'))
+      ++pos_;
+  }
+  void expect(char c) {
+    if (peek() != c) fail("malformed header: expected '", c, "' at offset ", pos_);
+    ++pos_;
+  }
+  std::string parse_string() {
+    const char q = peek();
+    if (q != '\'' && q != '"') fail("malformed header: expected a quoted string at offset ", pos_);
+    const std::size_t end = s_.find(q, pos_ + 1);
+    if (end == std::string::npos) fail("malformed header: unterminated string");
+    std::string r = s_.substr(pos_ + 1, end - pos_ - 1);
+    pos_ = end + 1;
+    return r;
+  }
+  bool parse_bool() {
+    if (s_.compare(pos_, 4, "True") == 0) {
+      pos_ += 4;
+      return true;
+    }
+    if (s_.compare(pos_, 5, "False") == 0) {
+      pos_ += 5;
+      return false;
+    }
+    fail("malformed header: 'fortran_order' must be True or False");
+  }
+  std::vector<index_t> parse_shape() {
+    std::vector<index_t> dims;
+    expect('(');
+    while (true) {
+      skip_ws();
+      if (peek() == ')') break;
+      if (peek() < '0' || peek() > '9')
+        fail("malformed header: shape entries must be non-negative integers");
+      index_t v = 0;
+      while (peek() >= '0' && peek() <= '9') {
+        const index_t digit = peek() - '0';
+        if (v > (std::numeric_limits<index_t>::max() - digit) / 10) fail("shape entry too large");
+        v = v * 10 + digit;
+        ++pos_;
+      }
+      if (peek() == 'L') ++pos_;  // Python 2 long suffix
+      dims.push_back(v);
+      skip_ws();
+      if (peek() == ',') {
+        ++pos_;
+        continue;
+      }
+      if (peek() != ')') fail("malformed header: expected ',' or ')' in shape");
+    }
+    ++pos_;
+    return dims;
+  }
+
+  const std::string& path_;
+  const std::string& s_;
+  std::size_t pos_ = 0;
+};
+
+inline std::string errno_text(int err) { return std::generic_category().message(err); }
+
+inline void write_all(std::FILE* f, const void* data, std::size_t n, const std::string& path) {
+  if (n != 0 && std::fwrite(data, 1, n, f) != n) {
+    const int err = errno;
+    throw invalid_argument(sparse_attn::detail::concat(path, ": write failed: ", errno_text(err)));
+  }
+}
+
+inline std::string npy_header(NpyDtype dtype, const std::vector<index_t>& shape) {
+  std::string dict =
+      std::string("{'descr': '") + npy_descr(dtype) + "', 'fortran_order': False, 'shape': (";
+  for (std::size_t i = 0; i < shape.size(); ++i) dict += (i ? ", " : "") + std::to_string(shape[i]);
+  dict += shape.size() == 1 ? ",), }" : "), }";
+  // Pad with spaces + '\n' so magic + version + length field + dict is a multiple of 64 bytes.
+  const bool v2 = dict.size() + 1 + 10 > 65535;
+  const std::size_t prefix = v2 ? 12 : 10;
+  const std::size_t total = (prefix + dict.size() + 1 + 63) / 64 * 64;
+  dict.append(total - prefix - dict.size() - 1, ' ');
+  dict.push_back('\n');
+  std::string out("\x93NUMPY", 6);
+  out.push_back(static_cast<char>(v2 ? 2 : 1));
+  out.push_back('\0');
+  const std::uint32_t len = static_cast<std::uint32_t>(dict.size());
+  for (std::size_t b = 0; b < (v2 ? 4u : 2u); ++b)
+    out.push_back(static_cast<char>((len >> (8 * b)) & 0xff));
+  return out + dict;
+}
+
+inline std::string tmp_path_for(const std::string& path) {
+#if defined(_WIN32)
+  const long pid = static_cast<long>(_getpid());
+#else
+  const long pid = static_cast<long>(getpid());
+#endif
+  return path + ".tmp." + std::to_string(pid);
+}
+
+}  // namespace detail
+
+/// Reads an .npy file. Validates magic, version, header, dtype (one of `allowed`), byte order,
+/// C order and that the data is exactly size * itemsize bytes (truncated or over-long files are
+/// rejected).
+inline NpyArray read_npy(const std::string& path,
+                         std::initializer_list<NpyDtype> allowed = {NpyDtype::f4, NpyDtype::f2,
+                                                                    NpyDtype::i4, NpyDtype::i8}) {
+  using detail::errno_text;
+  auto fail = [&](const auto&... a) {
+    throw invalid_argument(sparse_attn::detail::concat(path, ": ", a...));
+  };
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail("is a directory, expected an .npy file");
+  errno = 0;
+  detail::FilePtr f(std::fopen(path.c_str(), "rb"));
+  if (!f) {
+    const int err = errno;
+    fail("cannot open: ", err ? errno_text(err) : std::string("unknown error"));
+  }
+  auto read_exact = [&](void* dst, std::size_t n, const char* what) {
+    const std::size_t got = n ? std::fread(dst, 1, n, f.get()) : 0;
+    if (got != n) {
+      if (std::ferror(f.get())) fail("read error in ", what);
+      fail("truncated file: ", what, " needs ", n, " bytes, only ", got, " present");
+    }
+  };
+
+  unsigned char pre[8];
+  const std::size_t got = std::fread(pre, 1, 8, f.get());
+  if (got < 6 || std::memcmp(pre, "\x93NUMPY", 6) != 0)
+    fail("not an .npy file (bad magic; expected \\x93NUMPY)");
+  if (got < 8) fail("truncated file: missing format version");
+  const int major = pre[6], minor = pre[7];
+  if (major < 1 || major > 3 || minor != 0)
+    fail("unsupported .npy format version ", major, ".", minor, "; supported: 1.0, 2.0, 3.0");
+  std::size_t header_len = 0;
+  if (major == 1) {
+    unsigned char l[2];
+    read_exact(l, 2, "header length");
+    header_len = std::size_t{l[0]} | (std::size_t{l[1]} << 8);
+  } else {
+    unsigned char l[4];
+    read_exact(l, 4, "header length");
+    header_len = std::size_t{l[0]} | (std::size_t{l[1]} << 8) | (std::size_t{l[2]} << 16) |
+                 (std::size_t{l[3]} << 24);
+  }
+  if (header_len > (std::size_t{1} << 24)) fail("header length ", header_len, " is implausible");
+  std::string header(header_len, '\0');
+  read_exact(header.data(), header_len, "header");
+
+  std::string descr;
+  bool fortran = false;
+  NpyArray a;
+  a.path = path;
+  detail::NpyHeaderParser(path, header).parse(descr, fortran, a.shape);
+
+  if (descr.size() >= 2 && descr[0] == '>')
+    fail("big-endian dtype '", descr, "' is not supported; save little-endian (e.g. '<",
+         descr.substr(1), "'; numpy: arr.astype(arr.dtype.newbyteorder('<')))");
+  std::string norm = descr;
+  if (norm.size() >= 2 && norm[0] == '=') norm[0] = '<';  // native order; this reader is LE-only
+  bool known = false;
+  for (NpyDtype t : allowed)
+    if (norm == npy_descr(t)) {
+      a.dtype = t;
+      known = true;
+    }
+  if (!known) {
+    std::string list;
+    for (NpyDtype t : allowed) list += (list.empty() ? "" : ", ") + std::string(npy_dtype_label(t));
+    fail("unsupported dtype '", descr, "'; allowed: ", list);
+  }
+  if (fortran)
+    fail("fortran_order=True is not supported; save a C-order array (numpy: np.ascontiguousarray)");
+
+  const std::size_t item = npy_itemsize(a.dtype);
+  std::size_t count = 1;
+  for (index_t s : a.shape) {
+    if (s != 0 &&
+        count > std::numeric_limits<std::size_t>::max() / item / static_cast<std::size_t>(s))
+      fail("shape ", a.shape_str(), " is too large");
+    count *= static_cast<std::size_t>(s);
+  }
+  const std::size_t bytes = count * item;
+  // Check the size before allocating, so a truncated file with a huge shape fails cleanly.
+  const std::size_t data_begin = (major == 1 ? 10 : 12) + header_len;
+  const auto file_size = std::filesystem::file_size(path, ec);
+  if (!ec && file_size < data_begin + bytes)
+    fail("truncated data: shape ", a.shape_str(), " dtype '", descr, "' needs ", bytes,
+         " bytes, only ", file_size - data_begin, " present");
+  auto read_values = [&](auto& vec) {
+    vec.resize(count);
+    const std::size_t n = bytes ? std::fread(vec.data(), 1, bytes, f.get()) : 0;
+    if (n != bytes) {
+      if (std::ferror(f.get())) fail("read error in data");
+      fail("truncated data: shape ", a.shape_str(), " dtype '", descr, "' needs ", bytes,
+           " bytes, only ", n, " present");
+    }
+  };
+  switch (a.dtype) {
+    case NpyDtype::f4:
+      read_values(a.f4);
+      break;
+    case NpyDtype::f2:
+      read_values(a.f2);
+      break;
+    case NpyDtype::i4:
+      read_values(a.i4);
+      break;
+    case NpyDtype::i8:
+      read_values(a.i8);
+      break;
+  }
+  if (std::fgetc(f.get()) != EOF)
+    fail("unexpected trailing bytes after ", bytes, " data bytes (shape ", a.shape_str(),
+         ", dtype '", descr, "')");
+  static_assert(sizeof(fp16) == 2, "fp16 must be 2 bytes");
+  return a;
+}
+
+/// Writes an .npy (format 1.0) to exactly `path` (no temp file; see write_npy for that).
+template <class T>
+void write_npy_direct(const std::string& path, const T* data, const std::vector<index_t>& shape) {
+  constexpr NpyDtype dt = npy_dtype_of<T>();
+  std::size_t count = 1;
+  for (index_t s : shape) {
+    require(s >= 0, path.c_str(), "negative shape entry ", s);
+    count *= static_cast<std::size_t>(s);
+  }
+  require(count == 0 || data != nullptr, path.c_str(), "null data for a non-empty array");
+  errno = 0;
+  detail::FilePtr f(std::fopen(path.c_str(), "wb"));
+  if (!f) {
+    const int err = errno;
+    throw invalid_argument(sparse_attn::detail::concat(
+        path, ": cannot open for writing: ", err ? detail::errno_text(err) : "unknown error"));
+  }
+  const std::string header = detail::npy_header(dt, shape);
+  detail::write_all(f.get(), header.data(), header.size(), path);
+  detail::write_all(f.get(), data, count * sizeof(T), path);
+  std::FILE* raw = f.release();
+  if (std::fclose(raw) != 0) {
+    const int err = errno;
+    throw invalid_argument(
+        sparse_attn::detail::concat(path, ": write failed on close: ", detail::errno_text(err)));
+  }
+}
+
+/// Publishes the finished temp file `tmp` as `path` (atomic rename on POSIX). Removes tmp on
+/// failure.
+inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    throw invalid_argument(sparse_attn::detail::concat(
+        path, ": cannot rename temporary file into place: ", ec.message()));
+  }
+}
+
+/// Writes an .npy to `path + ".tmp.<pid>"` and renames it onto `path`, so readers never see a
+/// partial file and a failure leaves nothing behind (the temp file is removed).
+template <class T>
+void write_npy(const std::string& path, const T* data, const std::vector<index_t>& shape) {
+  const std::string tmp = detail::tmp_path_for(path);
+  try {
+    write_npy_direct(tmp, data, shape);
+  } catch (...) {
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+    throw;
+  }
+  commit_tmp_file(tmp, path);
+}
+
+template <class T>
+void write_npy(const std::string& path, const std::vector<T>& values,
+               const std::vector<index_t>& shape) {
+  index_t n = 1;
+  for (index_t s : shape) n *= s;
+  require(n == static_cast<index_t>(values.size()), path.c_str(), "shape holds ", n,
+          " elements but ", values.size(), " values were given");
+  write_npy(path, values.data(), shape);
+}
+
+}  // namespace sparse_attn::io
