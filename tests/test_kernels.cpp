@@ -493,3 +493,29 @@ TEST(MergeStates, EmptyPartsAreIdentity) {
   EXPECT_EQ(oc, (std::vector<float>{0, 0}));
   EXPECT_EQ(lc, kNegInf);
 }
+
+TEST(Decode, RowGroupsOfOneTwoThreeFourRows) {
+  // R = G * n_q rows share each key load in blocks of 4 (or 2 / 1 for tiny groups).
+  for (auto [g, nq] : std::vector<std::pair<index_t, index_t>>{{1, 1}, {2, 1}, {1, 3}, {4, 1}, {2, 3}, {8, 2}}) {
+    check_decode<bf16>(g * 2, 2, 300, nq, 128, KeySelection::Scope::all, 0);
+    check_decode<float>(g * 2, 2, 300, nq, 64, KeySelection::Scope::per_kv_head, 1);
+  }
+}
+
+TEST(Decode, Bf16DotProductsStayWithinBf16Rounding) {
+  // DecodeOptions::bf16_dot rounds q and p to bf16 (2^-9 relative): the output stays within a few
+  // 1e-3 of the exact result. Without AVX512-BF16 the option is ignored and the result is exact.
+  std::mt19937 rng(15);
+  for (auto [hq, nq, d] : std::vector<std::tuple<index_t, index_t, index_t>>{{32, 1, 128}, {8, 2, 64}, {2, 1, 96}, {4, 1, 256}}) {
+    Tensor<float> q(hq, nq, d, rng);
+    Tensor<bf16> k(hq >= 8 ? hq / 4 : hq, 900, d, rng, 0.5f), v(hq >= 8 ? hq / 4 : hq, 900, d, rng);
+    Out out(hq, nq, d);
+    DecodeOptions opt;
+    opt.bf16_dot = true;
+    opt.lse = out.lse_view();
+    decode(q.view(), k.view(), v.view(), out.view(), KeySelection::all(), opt);
+    const auto want = reference::attention(q.view(), k.view(), v.view(), 1.0 / std::sqrt(double(d)),
+                                           [&](index_t, index_t i, index_t j) { return j <= 900 - nq + i; });
+    expect_close(out, want, 1e-2, "bf16_dot d=" + std::to_string(d));
+  }
+}

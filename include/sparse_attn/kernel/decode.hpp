@@ -9,244 +9,429 @@
 // Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
 #pragma once
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include "sparse_attn/core/diagnostics.hpp"
 #include "sparse_attn/kernel/common.hpp"
+#include "sparse_attn/kernel/microkernels/bf16_dot.hpp"
 #include "sparse_attn/kernel/microkernels/convert.hpp"
 #include "sparse_attn/kernel/softmax_state.hpp"
 #include "sparse_attn/mask/key_selection.hpp"
 
+SPARSE_ATTN_DIAGNOSTICS_PUSH
 namespace sparse_attn {
 
 struct DecodeOptions : AttentionOptions {
   bool causal = true;
   index_t split = 512;  // keys per split-KV chunk (>= 16)
+  /// bf16 caches only, on CPUs with AVX512-BF16 (else ignored): compute q.k and p.v with bf16 dot
+  /// products (vdpbf16ps), rounding q and the probabilities to bf16. About twice the arithmetic
+  /// throughput; relative error ~1e-3 instead of ~1e-6. Head dims must be multiples of 32.
+  bool bf16_dot = false;
 };
 
 namespace kernel {
 
-inline constexpr index_t kDecodeKeys = 16;    // keys per sub-block (a multiple of every packet width)
+inline constexpr int kDecodeBlock = 64;  // keys per sub-block: one online-softmax update each
 
 // Partial state of one (row group, chunk) item.
 struct DecodePartial {
-  float* o;  // [R][dv] unnormalised
-  float* m;  // [R]
-  float* l;  // [R]
+  float* o;  // [Rp][dvp] unnormalised, in the runner's output dim order (see out_dim)
+  float* m;  // [Rp] running max of logits
+  float* l;  // [Rp] running sum of e^{s - m}
 };
 
+// Per-row reductions over a packet laid out [key][KR rows] (lane i belongs to row i % KR): the
+// result holds, in every lane i, the reduction over the lanes of row i % KR.
+#if defined(__AVX512F__)
+template <int KR, class Op>
+inline __m512 reduce_rows(__m512 x, Op op) {
+  x = op(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // swap 256-bit halves
+  x = op(x, _mm512_shuffle_f32x4(x, x, 0xB1));  // swap adjacent 128-bit lanes
+  if constexpr (KR <= 2) x = op(x, _mm512_permute_ps(x, 0x4E));  // swap 64-bit halves
+  if constexpr (KR == 1) x = op(x, _mm512_permute_ps(x, 0xB1));  // swap adjacent floats
+  return x;
+}
+// The KR row values at p, repeated over the 16 lanes.
+template <int KR>
+inline __m512 load_rows(const float* p) {
+  if constexpr (KR == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  else if constexpr (KR == 2) {
+    double t;
+    std::memcpy(&t, p, sizeof t);
+    return _mm512_castpd_ps(_mm512_set1_pd(t));
+  } else return _mm512_set1_ps(*p);
+}
+#endif
+
+// One worker's decode state: computes the partial softmax state of a row group (the rows sharing
+// a key list) over a run of keys. Keys are processed kDecodeBlock at a time: logits by a
+// register-blocked dot-product tile (KJ keys x KR rows, reduced together by one 16-way
+// transpose-reduce), one vectorised online-softmax update, then P.V with each V row loaded once
+// for the KR rows of a group.
 template <class QV, class KV, class VV>
-struct DecodeItemRunner {
+class DecodeItemRunner {
+ public:
   using TK = std::remove_const_t<typename KV::value_type>;
   using TV = std::remove_const_t<typename VV::value_type>;
-  const QV& q;
-  const KV& k;
-  const VV& v;
-  index_t d, dv, dp, dvp, n_q, n_k, R, Rp;
-  float scale;
-  bool causal;
-  bool k_direct, v_direct;           // rows read in place (contiguous, packet-multiple dims)
-  bool k_pairs = false, v_pairs = false;  // bf16 rows read as pair packets (permuted dim order)
-  aligned_vector<float> qs;          // [Rp][dp] scaled queries, zero padded
-  aligned_vector<float> kbuf, vbuf;  // [16][dp], [16][dvp] converted rows (non-direct layouts)
-  aligned_vector<float> s;           // [Rp][16] logits, then probabilities
-  std::vector<float> tmp;
-  std::vector<TK> kzero;             // a zero row for padding keys
-  std::vector<TV> vzero;
 
-  DecodeItemRunner(const QV& q_, const KV& k_, const VV& v_, float scale_, bool causal_, index_t R_)
-      : q(q_), k(k_), v(v_), d(q_.dim), dv(v_.dim), dp(pad(q_.dim)), dvp(pad(v_.dim)),
-        n_q(q_.tokens), n_k(k_.tokens), R(R_), Rp((R_ + 3) / 4 * 4), scale(scale_),
-        causal(causal_) {
-    k_direct = mk::kPacketLoadable<TK> && k.stride_dim == 1 && d % mk::kLanes == 0;
-    v_direct = mk::kPacketLoadable<TV> && v.stride_dim == 1 && dv % mk::kLanes == 0;
-    if constexpr (mk::kHasBf16Pairs && std::is_same_v<TK, bf16>) k_pairs = k_direct && d % 32 == 0;
-    if constexpr (mk::kHasBf16Pairs && std::is_same_v<TV, bf16>) v_pairs = v_direct && dv % 32 == 0;
-    qs.assign(static_cast<std::size_t>(Rp * dp), 0.0f);
-    kbuf.assign(static_cast<std::size_t>(kDecodeKeys * dp), 0.0f);
-    vbuf.assign(static_cast<std::size_t>(kDecodeKeys * dvp), 0.0f);
-    s.assign(static_cast<std::size_t>(Rp * kDecodeKeys), 0.0f);
-    tmp.assign(static_cast<std::size_t>(std::max(dp, dvp)), 0.0f);
-    kzero.assign(static_cast<std::size_t>(dp), TK(0.0f));
-    vzero.assign(static_cast<std::size_t>(dvp), TV(0.0f));
-  }
-  static index_t pad(index_t x) { return (x + mk::kLanes - 1) / mk::kLanes * mk::kLanes; }
-
-  // s[r][jb + jj] = q_r . k_jj for KJ keys x KR rows at a time; KJ * KR = 16 dot products are
-  // reduced together by one transpose-reduce.
-  template <bool Pairs, class ET>
-  static mk::Packet load(const ET* row, index_t x) {
-#if defined(__AVX512F__)
-    if constexpr (Pairs && std::is_same_v<ET, bf16>) return mk::load_bf16_pair(row, x);
-    else
-#endif
-      return mk::load_packet(row + x * mk::kLanes);
+  DecodeItemRunner(const QV& q, const KV& k, const VV& v, float scale, bool causal, index_t R,
+                   bool bf16_dot)
+      : q_(q), k_(k), v_(v), d_(q.dim), dv_(v.dim), dp_(pad(q.dim)), dvp_(pad(v.dim)),
+        n_q_(q.tokens), n_k_(k.tokens), R_(R), KR_(R >= 3 ? 4 : static_cast<int>(R)),
+        Rp_(padded_rows(R)), scale_(scale), causal_(causal) {
+    k_direct_ = mk::kPacketLoadable<TK> && k.stride_dim == 1 && d_ % mk::kLanes == 0;
+    v_direct_ = mk::kPacketLoadable<TV> && v.stride_dim == 1 && dv_ % mk::kLanes == 0;
+    if constexpr (mk::kHasBf16Pairs && std::is_same_v<TK, bf16>) k_pairs_ = k_direct_ && d_ % 32 == 0;
+    if constexpr (mk::kHasBf16Pairs && std::is_same_v<TV, bf16>) v_pairs_ = v_direct_ && dv_ % 32 == 0;
+    if constexpr (mk::kHasBf16Dot && std::is_same_v<TK, bf16>) k_dot_ = bf16_dot && k_pairs_;
+    if constexpr (mk::kHasBf16Dot && std::is_same_v<TV, bf16>) v_dot_ = bf16_dot && v_pairs_;
+    if (k_dot_) k_pairs_ = false;
+    if (v_dot_) v_pairs_ = false;
+    qs_.assign(static_cast<std::size_t>(Rp_ * dp_), 0.0f);
+    qb_.assign(static_cast<std::size_t>(Rp_ * d_), bf16(0.0f));
+    if (!k_direct_) kbuf_.assign(static_cast<std::size_t>(kDecodeBlock * dp_), 0.0f);
+    if (!v_direct_) vbuf_.assign(static_cast<std::size_t>(kDecodeBlock * dvp_), 0.0f);
+    s_.assign(static_cast<std::size_t>(Rp_ * kDecodeBlock), 0.0f);
+    pt_.assign(static_cast<std::size_t>(Rp_ * kDecodeBlock / 2), 0u);
+    kzero_.assign(static_cast<std::size_t>(dp_), TK(0.0f));
+    vzero_.assign(static_cast<std::size_t>(dvp_), TV(0.0f));
+    tmp_.assign(static_cast<std::size_t>(std::max(dp_, dvp_)), 0.0f);
   }
 
-  template <int KJ, int KR, bool Pairs, class ET>
-  void qk(const ET* const* kp) {
-    using namespace Eigen::internal;
-    for (index_t r0 = 0; r0 < Rp; r0 += KR)
-      for (int j0 = 0; j0 < kDecodeKeys; j0 += KJ) {
-        mk::Packet acc[16];
-        for (auto& a : acc) a = pset1<mk::Packet>(0.0f);
-        for (index_t c = 0; c < dp; c += mk::kLanes) {
-          mk::Packet kv[KJ];
-          for (int jj = 0; jj < KJ; ++jj) kv[jj] = load<Pairs>(kp[j0 + jj], c / mk::kLanes);
-          for (int rr = 0; rr < KR; ++rr) {
-            const mk::Packet qv = pload<mk::Packet>(qs.data() + (r0 + rr) * dp + c);
-            for (int jj = 0; jj < KJ; ++jj) acc[jj * KR + rr] = pmadd(qv, kv[jj], acc[jj * KR + rr]);
-          }
-        }
-        alignas(64) float sums[16];
-        mk::hsum16(acc, sums);
-        for (int jj = 0; jj < KJ; ++jj)
-          for (int rr = 0; rr < KR; ++rr) s[static_cast<std::size_t>((r0 + rr) * kDecodeKeys + j0 + jj)] = sums[jj * KR + rr];
-      }
-  }
-
-  // o_r += sum_j p[r][j] v_j for 4 rows x NP packets of output dims starting at c0.
-  template <int NP, bool Pairs, class ET>
-  void pv_tile(const ET* const* vp, int nj, index_t r0, index_t c0, float* o) {
-    using namespace Eigen::internal;
-    constexpr int L = mk::kLanes;
-    mk::Packet acc[4][NP];
-    for (int r = 0; r < 4; ++r)
-      for (int x = 0; x < NP; ++x) acc[r][x] = pload<mk::Packet>(o + (r0 + r) * dvp + c0 + x * L);
-    for (int jj = 0; jj < nj; ++jj) {
-      mk::Packet vv[NP];
-      for (int x = 0; x < NP; ++x) vv[x] = load<Pairs>(vp[jj], c0 / L + x);
-      for (int r = 0; r < 4; ++r) {
-        const mk::Packet pr = pset1<mk::Packet>(s[static_cast<std::size_t>((r0 + r) * kDecodeKeys + jj)]);
-        for (int x = 0; x < NP; ++x) acc[r][x] = pmadd(pr, vv[x], acc[r][x]);
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int x = 0; x < NP; ++x) pstore(o + (r0 + r) * dvp + c0 + x * L, acc[r][x]);
-  }
-
-  template <bool Pairs, class ET>
-  void pv(const ET* const* vp, int nj, float* o) {
-    constexpr int L = mk::kLanes;
-    for (index_t r0 = 0; r0 < Rp; r0 += 4) {
-      index_t c0 = 0;
-      for (; c0 + 4 * L <= dvp; c0 += 4 * L) pv_tile<4, Pairs>(vp, nj, r0, c0, o);
-      switch ((dvp - c0) / L) {
-        case 3: pv_tile<3, Pairs>(vp, nj, r0, c0, o); break;
-        case 2: pv_tile<2, Pairs>(vp, nj, r0, c0, o); break;
-        case 1: pv_tile<1, Pairs>(vp, nj, r0, c0, o); break;
-        default: break;
-      }
-    }
-  }
-
-  template <bool Pairs, class ET>
-  void dispatch_qk(const ET* const* kp) {
-    if (R >= 4) qk<4, 4, Pairs>(kp);
-    else if (R >= 2) qk<8, 2, Pairs>(kp);
-    else qk<16, 1, Pairs>(kp);
+  /// Rows padded to the row block: KR = 4 rows share each key load (1 or 2 for tiny groups).
+  static index_t padded_rows(index_t R) { return R >= 3 ? (R + 3) / 4 * 4 : R; }
+  index_t padded_dv() const { return dvp_; }
+  /// Natural output dim of position c of a partial output row.
+  index_t out_dim(index_t c) const {
+    if (v_pairs_) return mk::pair_dim(c / mk::kLanes, c % mk::kLanes);
+    if (v_dot_) return mk::interleave_dim(c / mk::kLanes, c % mk::kLanes);
+    return c;
   }
 
   // Row r of the group starting at head h0: head h0 + r / n_q, token r % n_q. Reads keys
-  // [skip, skip + count) of the concatenated ranges [rb, re). out.o rows are dvp wide.
+  // [skip, skip + count) of the concatenated ranges [rb, re).
   void run(index_t hk, index_t h0, const KeyRange* rb, const KeyRange* re, index_t skip,
            index_t count, DecodePartial out) {
-    using namespace Eigen::internal;
-    using mk::Packet;
-    constexpr int L = mk::kLanes;
-    for (index_t r = 0; r < R; ++r) {
-      float* qr = qs.data() + r * dp;
-      load_row(q.row(h0 + r / n_q, r % n_q), q.stride_dim, qr, d);
-      for (index_t c = 0; c < d; ++c) qr[c] *= scale;
-      if (k_pairs) {  // permute to the pair-packet order of the keys
-        std::copy(qr, qr + d, tmp.begin());
-        for (index_t x = 0; x < d / mk::kLanes; ++x)
-          for (index_t i = 0; i < mk::kLanes; ++i) qr[x * mk::kLanes + i] = tmp[static_cast<std::size_t>(mk::pair_dim(x, i))];
-      }
-    }
-    for (index_t r = 0; r < Rp; ++r) {
-      out.m[r] = kNegInf;
-      out.l[r] = 0.0f;
-    }
-    std::fill(out.o, out.o + Rp * dvp, 0.0f);
+    load_queries(h0);
+    std::fill(out.m, out.m + Rp_, kNegInf);
+    std::fill(out.l, out.l + Rp_, 0.0f);
+    std::fill(out.o, out.o + Rp_ * dvp_, 0.0f);
     const KeyRange* rg = rb;
-    while (rg != re && skip >= rg->end - rg->begin) { skip -= rg->end - rg->begin; ++rg; }
+    while (rg != re && skip >= rg->end - rg->begin) {
+      skip -= rg->end - rg->begin;
+      ++rg;
+    }
     index_t pos = rg != re ? rg->begin + skip : 0;
-    index_t keys_idx[kDecodeKeys];
-    const TK* kraw[kDecodeKeys];
-    const TV* vraw[kDecodeKeys];
-    const float* kf[kDecodeKeys];
-    const float* vf[kDecodeKeys];
-    const index_t first_masked = n_k - n_q + 1;  // keys at or after this may be causally masked
+    const index_t first_masked = n_k_ - n_q_ + 1;  // keys from here on may be causally masked
     while (count > 0) {
       int nj = 0;
-      while (nj < kDecodeKeys && count > 0) {
-        keys_idx[nj++] = pos++;
+      while (nj < kDecodeBlock && count > 0) {
+        keys_[nj++] = pos++;
         --count;
         if (pos == rg->end && ++rg != re) pos = rg->begin;
       }
-      for (int jj = 0; jj < kDecodeKeys; ++jj) {
-        const bool real = jj < nj;
-        if (k_direct) kraw[jj] = real ? k.row(hk, keys_idx[jj]) : kzero.data();
-        else kf[jj] = real ? convert(k, hk, keys_idx[jj], kbuf.data() + jj * dp, d) : kbuf.data() + jj * dp;
-        if (v_direct) vraw[jj] = real ? v.row(hk, keys_idx[jj]) : vzero.data();
-        else vf[jj] = real ? convert(v, hk, keys_idx[jj], vbuf.data() + jj * dvp, dv) : vbuf.data() + jj * dvp;
-      }
-      if (!k_direct)
-        for (int jj = nj; jj < kDecodeKeys; ++jj) std::fill(kbuf.begin() + jj * dp, kbuf.begin() + (jj + 1) * dp, 0.0f);
-      if constexpr (mk::kPacketLoadable<TK>) {
-        if (k_pairs) dispatch_qk<true>(kraw);
-        else if (k_direct) dispatch_qk<false>(kraw);
-        else dispatch_qk<false>(kf);
-      } else {
-        dispatch_qk<false>(kf);
-      }
-      const bool any_masked = causal && keys_idx[nj - 1] >= first_masked;
-      for (index_t r = 0; r < Rp; ++r) {
-        float* sr = s.data() + r * kDecodeKeys;
-        if (r >= R) { std::fill(sr, sr + kDecodeKeys, 0.0f); continue; }
-        for (int jj = nj; jj < kDecodeKeys; ++jj) sr[jj] = kNegInf;
-        if (any_masked) {
-          const index_t p = n_k - n_q + r % n_q;
-          for (int jj = 0; jj < nj; ++jj)
-            if (keys_idx[jj] > p) sr[jj] = kNegInf;
-        }
-        Packet mx = pset1<Packet>(kNegInf);
-        for (int jj = 0; jj < kDecodeKeys; jj += L) mx = pmax(mx, pload<Packet>(sr + jj));
-        const float m_new = std::max(out.m[r], predux_max(mx));
-        if (m_new == kNegInf) {
-          std::fill(sr, sr + kDecodeKeys, 0.0f);
-          continue;
-        }
-        const float alpha = out.m[r] == kNegInf ? 0.0f : std::exp(out.m[r] - m_new);
-        Packet sum = pset1<Packet>(0.0f);
-        for (int jj = 0; jj < kDecodeKeys; jj += L) {
-          const Packet e = masked_exp(psub(pload<Packet>(sr + jj), pset1<Packet>(m_new)));
-          pstore(sr + jj, e);
-          sum = padd(sum, e);
-        }
-        out.l[r] = out.l[r] * alpha + predux(sum);
-        out.m[r] = m_new;
-        if (alpha != 1.0f) {
-          float* o = out.o + r * dvp;
-          const Packet a = pset1<Packet>(alpha);
-          for (index_t c = 0; c < dvp; c += L) pstore(o + c, pmul(pload<Packet>(o + c), a));
-        }
-      }
-      if constexpr (mk::kPacketLoadable<TV>) {
-        if (v_pairs) pv<true>(vraw, nj, out.o);
-        else if (v_direct) pv<false>(vraw, nj, out.o);
-        else pv<false>(vf, nj, out.o);
-      } else {
-        pv<false>(vf, nj, out.o);
+      gather(hk, nj);
+      const bool masked = causal_ && keys_[nj - 1] >= first_masked;
+      switch (KR_) {
+        case 4: block<4>(nj, masked, out); break;
+        case 2: block<2>(nj, masked, out); break;
+        default: block<1>(nj, masked, out); break;
       }
     }
   }
 
-  template <class View>
-  static const float* convert(const View& view, index_t h, index_t t, float* buf, index_t n) {
-    load_row(view.row(h, t), view.stride_dim, buf, n);
-    return buf;
+ private:
+  static index_t pad(index_t x) { return (x + mk::kLanes - 1) / mk::kLanes * mk::kLanes; }
+
+  void load_queries(index_t h0) {
+    for (index_t r = 0; r < R_; ++r) {
+      float* qr = qs_.data() + r * dp_;
+      load_row(q_.row(h0 + r / n_q_, r % n_q_), q_.stride_dim, qr, d_);
+      for (index_t c = 0; c < d_; ++c) qr[c] *= scale_;
+      if (k_dot_)
+        for (index_t c = 0; c < d_; ++c) qb_[static_cast<std::size_t>(r * d_ + c)] = bf16(qr[c]);
+      if (k_pairs_) {  // permute to the pair-packet order of the keys
+        std::copy(qr, qr + d_, tmp_.begin());
+        for (index_t c = 0; c < d_; ++c)
+          qr[c] = tmp_[static_cast<std::size_t>(mk::pair_dim(c / mk::kLanes, c % mk::kLanes))];
+      }
+    }
   }
+
+  // Row pointers of the block's keys (padding keys point at zero rows).
+  void gather(index_t hk, int nj) {
+    for (int jj = 0; jj < kDecodeBlock; ++jj) {
+      const bool real = jj < nj;
+      if (k_direct_) {
+        kraw_[jj] = real ? k_.row(hk, keys_[jj]) : kzero_.data();
+      } else {
+        float* dst = kbuf_.data() + jj * dp_;
+        if (real) load_row(k_.row(hk, keys_[jj]), k_.stride_dim, dst, d_);
+        else std::fill(dst, dst + dp_, 0.0f);
+        kf_[jj] = dst;
+      }
+      if (v_direct_) {
+        vraw_[jj] = real ? v_.row(hk, keys_[jj]) : vzero_.data();
+      } else if (real) {
+        load_row(v_.row(hk, keys_[jj]), v_.stride_dim, vbuf_.data() + jj * dvp_, dv_);
+        vf_[jj] = vbuf_.data() + jj * dvp_;
+      }
+    }
+  }
+
+  template <int KR>
+  void block(int nj, bool masked, DecodePartial out) {
+    constexpr int KJ = 16 / KR;
+    const int nj_pad = (nj + KJ - 1) / KJ * KJ;
+    for (index_t r0 = 0; r0 < Rp_; r0 += KR) {
+      float* sg = s_.data() + r0 * kDecodeBlock;  // [key][KR] logits of this row group
+      for (int j0 = 0; j0 < nj_pad; j0 += KJ) logits<KR>(r0, j0, sg + j0 * KR);
+      for (int jj = nj; jj < nj_pad; ++jj)
+        for (int rr = 0; rr < KR; ++rr) sg[jj * KR + rr] = kNegInf;
+      for (int rr = 0; rr < KR; ++rr) {
+        const index_t r = r0 + rr;
+        if (r >= R_) {
+          for (int jj = 0; jj < nj_pad; ++jj) sg[jj * KR + rr] = kNegInf;
+        } else if (masked) {
+          const index_t p = n_k_ - n_q_ + r % n_q_;
+          for (int jj = 0; jj < nj; ++jj)
+            if (keys_[jj] > p) sg[jj * KR + rr] = kNegInf;
+        }
+      }
+      if (!softmax<KR>(sg, nj_pad, out, r0)) continue;  // every logit masked so far
+      if constexpr (mk::kPacketLoadable<TV>) {
+        if (v_dot_) pv_dot<KR>(sg, nj, r0, out.o);
+        else if (v_direct_) pv<KR>(sg, nj, r0, vraw_, out.o);
+        else pv<KR>(sg, nj, r0, vf_, out.o);
+      } else {
+        pv<KR>(sg, nj, r0, vf_, out.o);
+      }
+    }
+  }
+
+  // sg[jj * KR + rr] = q_{r0 + rr} . k_{j0 + jj} for KJ keys x KR rows.
+  template <int KR>
+  void logits(index_t r0, int j0, float* dst) {
+    constexpr int KJ = 16 / KR;
+    mk::Packet acc[16];
+#if SPARSE_ATTN_HAS_BF16_DOT
+    if constexpr (std::is_same_v<TK, bf16>) {
+      if (k_dot_) {
+        mk::qk_bf16<KJ, KR>(kraw_ + j0, qb_.data() + r0 * d_, d_, d_, acc);
+        mk::hsum16(acc, dst);
+        return;
+      }
+    }
+#endif
+    if constexpr (mk::kPacketLoadable<TK>) {
+      if (k_pairs_) return dots<KJ, KR, true>(kraw_ + j0, r0, acc, dst);
+      if (k_direct_) return dots<KJ, KR, false>(kraw_ + j0, r0, acc, dst);
+    }
+    dots<KJ, KR, false>(kf_ + j0, r0, acc, dst);
+  }
+
+  template <int KJ, int KR, bool Pairs, class ET>
+  void dots(const ET* const* kp, index_t r0, mk::Packet* acc, float* dst) {
+    using namespace Eigen::internal;
+    for (int i = 0; i < 16; ++i) acc[i] = pset1<mk::Packet>(0.0f);
+    for (index_t x = 0; x < dp_ / mk::kLanes; ++x) {
+      mk::Packet kv[KJ];
+      for (int jj = 0; jj < KJ; ++jj) {
+#if defined(__AVX512F__)
+        if constexpr (Pairs && std::is_same_v<ET, bf16>) kv[jj] = mk::load_bf16_pair(kp[jj], x);
+        else
+#endif
+          kv[jj] = mk::load_packet(kp[jj] + x * mk::kLanes);
+      }
+      for (int rr = 0; rr < KR; ++rr) {
+        const mk::Packet qv = pload<mk::Packet>(qs_.data() + (r0 + rr) * dp_ + x * mk::kLanes);
+        for (int jj = 0; jj < KJ; ++jj) acc[jj * KR + rr] = pmadd(qv, kv[jj], acc[jj * KR + rr]);
+      }
+    }
+    mk::hsum16(acc, dst);
+  }
+
+  // Online-softmax update of rows r0..r0+KR over sg (nj_pad keys): sg becomes probabilities
+  // e^{s - m_new}, the output rows are rescaled by e^{m_old - m_new}. False if all masked.
+  template <int KR>
+  bool softmax(float* sg, int nj_pad, DecodePartial out, index_t r0) {
+    float* m = out.m + r0;
+    float* l = out.l + r0;
+    float alpha[KR];
+#if defined(__AVX512F__)
+    const int np = nj_pad * KR / 16;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int i = 0; i < np; ++i) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + 16 * i));
+    mx = reduce_rows<KR>(mx, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
+    const __m512 m_old = load_rows<KR>(m);
+    const __m512 m_new = _mm512_max_ps(m_old, mx);
+    const __mmask16 live = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    if (live == 0) return false;
+    const __m512 m_use = _mm512_maskz_mov_ps(live, m_new);  // rows still all-masked use 0
+    const __m512 a = masked_exp(_mm512_sub_ps(m_old, m_use));
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < np; ++i) {
+      const __m512 e = masked_exp(_mm512_sub_ps(_mm512_loadu_ps(sg + 16 * i), m_use));
+      _mm512_storeu_ps(sg + 16 * i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    sum = reduce_rows<KR>(sum, [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); });
+    alignas(64) float mn[16], sm[16], al[16];
+    _mm512_store_ps(mn, m_new);
+    _mm512_store_ps(sm, sum);
+    _mm512_store_ps(al, a);
+    for (int rr = 0; rr < KR; ++rr) {
+      m[rr] = mn[rr];
+      l[rr] = l[rr] * al[rr] + sm[rr];
+      alpha[rr] = al[rr];
+    }
+#else
+    bool any = false;
+    for (int rr = 0; rr < KR; ++rr) {
+      float mx = kNegInf;
+      for (int jj = 0; jj < nj_pad; ++jj) mx = std::max(mx, sg[jj * KR + rr]);
+      const float m_new = std::max(m[rr], mx);
+      if (m_new == kNegInf) {
+        for (int jj = 0; jj < nj_pad; ++jj) sg[jj * KR + rr] = 0.0f;
+        alpha[rr] = 1.0f;
+        continue;
+      }
+      any = true;
+      alpha[rr] = m[rr] == kNegInf ? 0.0f : std::exp(m[rr] - m_new);
+      float sum = 0.0f;
+      for (int jj = 0; jj < nj_pad; ++jj) {
+        float& x = sg[jj * KR + rr];
+        x = x == kNegInf ? 0.0f : std::exp(x - m_new);
+        sum += x;
+      }
+      m[rr] = m_new;
+      l[rr] = l[rr] * alpha[rr] + sum;
+    }
+    if (!any) return false;
+#endif
+    for (int rr = 0; rr < KR; ++rr) {
+      if (alpha[rr] == 1.0f) continue;
+      float* o = out.o + (r0 + rr) * dvp_;
+      const mk::Packet av = Eigen::internal::pset1<mk::Packet>(alpha[rr]);
+      for (index_t c = 0; c < dvp_; c += mk::kLanes)
+        Eigen::internal::pstore(o + c, Eigen::internal::pmul(Eigen::internal::pload<mk::Packet>(o + c), av));
+    }
+    return true;
+  }
+
+  // o_r += sum_j p[r][j] v_j, each V packet loaded once for the KR rows.
+  template <int KR, class ET>
+  void pv(const float* sg, int nj, index_t r0, const ET* const* vp, float* o) {
+    constexpr int NP = KR == 4 ? 4 : 8;  // KR x NP accumulators
+    index_t c0 = 0;
+    for (; c0 + NP * mk::kLanes <= dvp_; c0 += NP * mk::kLanes) pv_tile<KR, NP>(sg, nj, r0, vp, c0, o);
+    for (; c0 < dvp_; c0 += mk::kLanes) pv_tile<KR, 1>(sg, nj, r0, vp, c0, o);
+  }
+  template <int KR, int NP, class ET>
+  void pv_tile(const float* sg, int nj, index_t r0, const ET* const* vp, index_t c0, float* o) {
+    using namespace Eigen::internal;
+    mk::Packet acc[KR][NP];
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) acc[r][x] = pload<mk::Packet>(o + (r0 + r) * dvp_ + c0 + x * mk::kLanes);
+    for (int jj = 0; jj < nj; ++jj) {
+      mk::Packet vv[NP];
+      for (int x = 0; x < NP; ++x) {
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<ET, bf16>) {
+          if (v_pairs_) {
+            vv[x] = mk::load_bf16_pair(vp[jj], c0 / mk::kLanes + x);
+            continue;
+          }
+        }
+#endif
+        vv[x] = mk::load_packet(vp[jj] + c0 + x * mk::kLanes);
+      }
+      for (int r = 0; r < KR; ++r) {
+        const mk::Packet pr = pset1<mk::Packet>(sg[jj * KR + r]);
+        for (int x = 0; x < NP; ++x) acc[r][x] = pmadd(pr, vv[x], acc[r][x]);
+      }
+    }
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) pstore(o + (r0 + r) * dvp_ + c0 + x * mk::kLanes, acc[r][x]);
+  }
+
+  // P.V with bf16 dot products over key pairs (j, j + 1).
+  template <int KR>
+  void pv_dot(const float* sg, int nj, index_t r0, float* o) {
+#if SPARSE_ATTN_HAS_BF16_DOT
+    if constexpr (std::is_same_v<TV, bf16>) {
+      // pt[(jj / 2) * KR + rr] = bf16 pair (p[rr][jj], p[rr][jj + 1]).
+      const int npairs = (nj + 1) / 2;
+      for (int jp = 0; jp < npairs; ++jp)
+        for (int rr = 0; rr < KR; ++rr) {
+          const float p0 = sg[2 * jp * KR + rr];
+          const float p1 = 2 * jp + 1 < nj ? sg[(2 * jp + 1) * KR + rr] : 0.0f;
+          pt_[static_cast<std::size_t>(jp * KR + rr)] =
+              static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p0))) |
+              (static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p1))) << 16);
+        }
+      constexpr int NP = KR == 4 ? 4 : 8;
+      index_t c0 = 0;
+      for (; c0 + NP * 16 <= dvp_; c0 += NP * 16) pv_dot_tile<KR, NP>(npairs, nj, r0, c0, o);
+      for (; c0 < dvp_; c0 += 32) pv_dot_tile<KR, 2>(npairs, nj, r0, c0, o);
+    }
+#else
+    (void)sg, (void)nj, (void)r0, (void)o;
+#endif
+  }
+#if SPARSE_ATTN_HAS_BF16_DOT
+  template <int KR, int NP>
+  void pv_dot_tile(int npairs, int nj, index_t r0, index_t c0, float* o) {
+    __m512 acc[KR][NP];
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) acc[r][x] = _mm512_load_ps(o + (r0 + r) * dvp_ + c0 + x * 16);
+    for (int jp = 0; jp < npairs; ++jp) {
+      const bf16* a = vraw_[2 * jp];
+      const bf16* b = 2 * jp + 1 < nj ? vraw_[2 * jp + 1] : vzero_.data();
+      __m512i lohi[NP];
+      for (int x = 0; x < NP; x += 2) {
+        const __m512i va = _mm512_loadu_si512(reinterpret_cast<const void*>(a + c0 + x * 16));
+        const __m512i vb = _mm512_loadu_si512(reinterpret_cast<const void*>(b + c0 + x * 16));
+        lohi[x] = _mm512_unpacklo_epi16(va, vb);
+        lohi[x + 1] = _mm512_unpackhi_epi16(va, vb);
+      }
+      for (int r = 0; r < KR; ++r) {
+        const __m512bh p = mk::as_bh(_mm512_set1_epi32(static_cast<int>(pt_[static_cast<std::size_t>(jp * KR + r)])));
+        for (int x = 0; x < NP; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], mk::as_bh(lohi[x]), p);
+      }
+    }
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) _mm512_store_ps(o + (r0 + r) * dvp_ + c0 + x * 16, acc[r][x]);
+  }
+#endif
+
+  const QV& q_;
+  const KV& k_;
+  const VV& v_;
+  index_t d_, dv_, dp_, dvp_, n_q_, n_k_, R_;
+  int KR_;
+  index_t Rp_;
+  float scale_;
+  bool causal_;
+  bool k_direct_ = false, v_direct_ = false;  // rows read in place (contiguous, packet multiple)
+  bool k_pairs_ = false, v_pairs_ = false;    // bf16 rows read as pair packets (exact fp32 math)
+  bool k_dot_ = false, v_dot_ = false;        // bf16 dot products (DecodeOptions::bf16_dot)
+  aligned_vector<float> qs_;                  // [Rp][dp] scaled queries (key dim order)
+  std::vector<bf16> qb_;                      // [Rp][d] bf16 queries (dot path)
+  aligned_vector<float> kbuf_, vbuf_;         // converted rows for non-direct layouts
+  aligned_vector<float> s_;                   // [Rp / KR][block][KR] logits / probabilities
+  std::vector<std::uint32_t> pt_;             // bf16 probability pairs (dot path)
+  std::vector<TK> kzero_;
+  std::vector<TV> vzero_;
+  std::vector<float> tmp_;
+  index_t keys_[kDecodeBlock];
+  const TK* kraw_[kDecodeBlock];
+  const TV* vraw_[kDecodeBlock];
+  const float* kf_[kDecodeBlock];
+  const float* vf_[kDecodeBlock];
 };
 
 }  // namespace kernel
@@ -260,8 +445,7 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
   constexpr const char* where = "decode";
   const index_t G = kernel::validate_qkvo(q, k, v, out, where);
   const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
-  require(opt.split >= kernel::kDecodeKeys, where, ": split must be >= ", kernel::kDecodeKeys,
-          ", got ", opt.split);
+  require(opt.split >= 16, where, ": split must be >= 16, got ", opt.split);
   keys.validate(k.tokens, q.heads, k.heads, where);
   if (q.tokens == 0 || q.heads == 0) return;
   const index_t n_q = q.tokens, n_k = k.tokens, dv = v.dim;
@@ -270,7 +454,7 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
   const index_t units = per_q ? q.heads : k.heads;
   const index_t heads_per_unit = per_q ? 1 : G;
   const index_t R = heads_per_unit * n_q;
-  const index_t Rp = (R + 3) / 4 * 4;  // rows padded to the micro-kernel's row block
+  const index_t Rp = kernel::DecodeItemRunner<QV, KV, VV>::padded_rows(R);
   const KeyRange everything{0, n_k};
 
   // Items: (unit, chunk) over each unit's key list.
@@ -290,7 +474,7 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
   std::vector<float> pm(n_items * static_cast<std::size_t>(Rp)), pl(pm.size());
 
   kernel::parallel_region(opt.num_threads, [&] {
-    kernel::DecodeItemRunner<QV, KV, VV> runner(q, k, v, scale, opt.causal, R);
+    kernel::DecodeItemRunner<QV, KV, VV> runner(q, k, v, scale, opt.causal, R, opt.bf16_dot);
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t i = 0; i < n_items; ++i) {
       const Item& it = items[i];
@@ -320,12 +504,7 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
           const float w = std::exp(mi - M);
           l += w * pl[static_cast<std::size_t>(i * Rp + r)];
           const float* o = po.data() + static_cast<std::size_t>((i * Rp + r) * dvp);
-          if (runner.v_pairs) {  // partial outputs are in pair-packet order
-            for (index_t c = 0; c < dv; ++c)
-              acc[static_cast<std::size_t>(kernel::mk::pair_dim(c / kernel::mk::kLanes, c % kernel::mk::kLanes))] += w * o[c];
-          } else {
-            for (index_t c = 0; c < dv; ++c) acc[static_cast<std::size_t>(c)] += w * o[c];
-          }
+          for (index_t c = 0; c < dv; ++c) acc[static_cast<std::size_t>(runner.out_dim(c))] += w * o[c];
         }
       }
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -337,3 +516,4 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
 }
 
 }  // namespace sparse_attn
+SPARSE_ATTN_DIAGNOSTICS_POP

@@ -2,6 +2,7 @@
 #pragma once
 #include <type_traits>
 
+#include "sparse_attn/core/diagnostics.hpp"
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/kernel/microkernels/packet.hpp"
 
@@ -53,12 +54,7 @@ inline constexpr bool kHasBf16Pairs = false;
 /// Natural dim of lane i of pair packet x.
 inline std::int64_t pair_dim(std::int64_t x, std::int64_t i) { return (x >> 1) * 32 + 2 * i + (x & 1); }
 
-// GCC < 13 flags _mm512_undefined_*() inside its own AVX-512 intrinsics (GCC PR 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+SPARSE_ATTN_DIAGNOSTICS_PUSH
 /// out[i] = sum of the lanes of a[i], i < 16.
 inline void hsum16(const Packet* a, float* out) {
 #if defined(__AVX512F__)
@@ -80,8 +76,6 @@ inline void hsum16(const Packet* a, float* out) {
   for (int i = 0; i < 16; ++i) out[i] = Eigen::internal::predux(a[i]);
 #endif
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+SPARSE_ATTN_DIAGNOSTICS_POP
 
 }  // namespace sparse_attn::kernel::mk
