@@ -27,7 +27,7 @@ function(sparse_attn_target_options target)
                                              ${SPARSE_ATTN_ARCH_FLAG})
     # GCC < 13 warns about _mm512_undefined_*() inside its own AVX-512 intrinsics (GCC PR 105593).
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
-      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
     if(ARG_FAST_BUILD)
       target_compile_options(${target} PRIVATE $<$<CONFIG:Release>:-O2>)

@@ -674,3 +674,154 @@ TEST_F(Attend, RejectsOutputInMissingDirectory) {
 }
 
 }  // namespace
+
+// =============================================================================================
+// sparse-attn decode (KV cache, decode methods; tools/cmd_decode.cpp)
+// =============================================================================================
+namespace {
+
+class Decode : public Attend {
+ protected:
+  // Writes q/k/v.npy and returns "decode --q .. --k .. --v .. --out o.npy --steps T".
+  std::vector<std::string> decode_inputs(const Problem& p, index_t steps) const {
+    auto a = write_inputs(p);
+    a[0] = "decode";
+    a.insert(a.end(), {"--steps", std::to_string(steps)});
+    return a;
+  }
+  std::vector<std::string> good_decode_args() {
+    Problem p;
+    p.fill(21);
+    return decode_inputs(p, 3);
+  }
+  // Rows [n_q - T, n_q) of every head of a reference output [hq][n_q][d], as [hq][T][d].
+  static std::vector<double> last_rows(const Problem& p, const std::vector<double>& out, index_t T) {
+    std::vector<double> r;
+    for (index_t h = 0; h < p.hq; ++h)
+      for (index_t i = p.n_q - T; i < p.n_q; ++i)
+        for (index_t c = 0; c < p.d; ++c) r.push_back(out[static_cast<std::size_t>((h * p.n_q + i) * p.d + c)]);
+    return r;
+  }
+};
+
+TEST_F(Decode, DenseStepsMatchNaiveCausalReference) {
+  Problem p;
+  p.fill(22);
+  const RunResult r = run(with(decode_inputs(p, 4), {"--layout", "paged", "--page", "8"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const nlohmann::json j = parse_one_json_line(r.out);
+  EXPECT_EQ(j["steps"], 4);
+  EXPECT_EQ(j["prompt_tokens"], 33);
+  ASSERT_EQ(j["per_step"].size(), 4u);
+  EXPECT_DOUBLE_EQ(j["per_step"][3]["achieved_compression"].get<double>(), 1.0);
+  const NpyArray o = read_npy(path("o.npy"));
+  EXPECT_EQ(o.shape, (std::vector<index_t>{p.hq, 4, p.d}));
+  const Reference ref = naive_attention(p, true, 0, 0, 1.0 / std::sqrt(double(p.d)));
+  expect_close(o.values<float>(), last_rows(p, ref.out, 4), 1e-5);
+}
+
+TEST_F(Decode, StreamingEqualsSinksPlusSlidingWindow) {
+  Problem p;
+  p.fill(23);
+  // Each step attends the S sinks, the W most recent cached tokens and itself: window W + 1.
+  const RunResult r = run(with(decode_inputs(p, 5), {"--method", "streaming", "--window", "6", "--sinks", "2"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const nlohmann::json j = parse_one_json_line(r.out);
+  EXPECT_EQ(j["cache_tokens_after_prefill"], 2 * 8);
+  EXPECT_NEAR(j["per_step"][0]["keys_read"].get<double>(), 9.0, 1e-12);
+  const Reference ref = naive_attention(p, true, 7, 2, 1.0 / std::sqrt(double(p.d)));
+  expect_close(read_npy(path("o.npy")).values<float>(), last_rows(p, ref.out, 5), 1e-5);
+}
+
+TEST_F(Decode, SparseMethodsAtCompressionOneEqualDense) {
+  Problem p;
+  p.fill(24);
+  const Reference ref = naive_attention(p, true, 0, 0, 1.0 / std::sqrt(double(p.d)));
+  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o"}) {
+    const RunResult r = run(with(decode_inputs(p, 2), {"--method", m, "--compression", "1"}));
+    ASSERT_EQ(r.rc, 0) << m << ": " << r.err;
+    EXPECT_DOUBLE_EQ(parse_one_json_line(r.out)["mean_achieved_compression"].get<double>(), 1.0) << m;
+    expect_close(read_npy(path("o.npy")).values<float>(), last_rows(p, ref.out, 2), 1e-5);
+  }
+}
+
+TEST_F(Decode, SparseMethodsReportKeysReadAndCompression) {
+  Problem p;
+  p.n_q = p.n_k = 200;
+  p.fill(25);
+  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o"}) {
+    const RunResult r = run(with(decode_inputs(p, 2), {"--method", m, "--compression", "4", "--page", "8",
+                                                       "--kv-dtype", "bf16"}));
+    ASSERT_EQ(r.rc, 0) << m << ": " << r.err;
+    const nlohmann::json j = parse_one_json_line(r.out);
+    EXPECT_EQ(j["target_compression"], 4.0);
+    for (const auto& s : j["per_step"]) {
+      EXPECT_GT(s["achieved_compression"].get<double>(), 2.0) << m;
+      EXPECT_LT(s["keys_read"].get<double>(), 100.0) << m;
+    }
+  }
+}
+
+TEST_F(Decode, RejectsStepsBeyondQueryRows) {
+  auto a = good_decode_args();
+  a.back() = "38";
+  expect_rejected(a, "--steps 38 > n_q=37");
+}
+
+TEST_F(Decode, RejectsNonPositiveSteps) {
+  auto a = good_decode_args();
+  a.back() = "0";
+  expect_rejected(a, "--steps must be >= 1");
+}
+
+TEST_F(Decode, RejectsCompressionForDense) {
+  expect_rejected(with(good_decode_args(), {"--compression", "4"}), "do not apply to --method dense");
+}
+
+TEST_F(Decode, RejectsCompressionTogetherWithBudget) {
+  expect_rejected(with(good_decode_args(), {"--method", "quest", "--compression", "4", "--budget", "16"}),
+                  "--budget");
+}
+
+TEST_F(Decode, RejectsCompressionBelowOne) {
+  expect_rejected(with(good_decode_args(), {"--method", "quest", "--compression", "0.5"}),
+                  "--compression must be finite and >= 1");
+}
+
+TEST_F(Decode, RejectsNonPositiveBudget) {
+  expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--budget", "0"}),
+                  "--budget must be >= 1");
+}
+
+TEST_F(Decode, RejectsNonPositivePage) {
+  expect_rejected(with(good_decode_args(), {"--method", "quest", "--page", "0"}), "--page must be >= 1");
+}
+
+TEST_F(Decode, RejectsWindowForQuest) {
+  expect_rejected(with(good_decode_args(), {"--method", "quest", "--window", "8"}),
+                  "--window/--sinks do not apply to --method quest");
+}
+
+TEST_F(Decode, RejectsStreamingWindowWithCompression) {
+  expect_rejected(with(good_decode_args(), {"--method", "streaming", "--window", "8", "--compression", "2"}),
+                  "not both");
+}
+
+TEST_F(Decode, RejectsSnapKVWithoutPromptQueries) {
+  Problem p;
+  p.n_q = 2;
+  p.fill(26);
+  expect_rejected(with(decode_inputs(p, 2), {"--method", "snapkv"}), "n_q > --steps");
+}
+
+TEST_F(Decode, RejectsUnknownDecodeMethod) {
+  expect_rejected(with(good_decode_args(), {"--method", "vertical_slash"}), "--method");
+}
+
+TEST_F(Decode, RejectsKvShapeMismatchInDecode) {
+  auto a = good_decode_args();
+  write_npy(path("v.npy"), std::vector<float>(2 * 36 * 16, 0.0f), {2, 36, 16});
+  expect_rejected(a, "K and V shapes differ");
+}
+
+}  // namespace

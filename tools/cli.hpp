@@ -25,6 +25,7 @@ struct Command {
 };
 
 Command add_attend_command(CLI::App& root);
+Command add_decode_command(CLI::App& root);
 
 /// Throws sparse_attn::invalid_argument("<message>") when cond is false.
 template <class... Args>

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
 
   std::vector<Command> commands;
   commands.push_back(add_attend_command(app));
+  commands.push_back(add_decode_command(app));
 
   try {
     app.parse(argc, argv);

@@ -1,7 +1,11 @@
 // Storage types and their conversion to fp32. K/V may be stored as float, bf16 or fp16; every
 // kernel accumulates in fp32 and converts rows on load.
 #pragma once
+#include "sparse_attn/core/diagnostics.hpp"
+// Eigen first: its AVX-512 pexp trips GCC PR 105593 when emitted out of line (see diagnostics.hpp).
+SPARSE_ATTN_DIAGNOSTICS_PUSH
 #include <Eigen/Core>
+SPARSE_ATTN_DIAGNOSTICS_POP
 #include <cstdint>
 #include <cstring>
 #include <string>

@@ -2,7 +2,7 @@
 // arbitrary element strides, so a cache stored token-major ([tokens, heads, dim]) is viewed
 // without a copy. The caller keeps the memory alive for as long as the view is used.
 #pragma once
-#include <Eigen/Core>
+#include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <algorithm>
 #include <array>
 #include <cmath>

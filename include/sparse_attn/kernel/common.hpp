@@ -3,7 +3,7 @@
 #pragma once
 #include <omp.h>
 
-#include <Eigen/Core>
+#include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <cmath>
 #include <limits>
 #include <type_traits>

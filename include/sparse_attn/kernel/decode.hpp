@@ -204,10 +204,11 @@ class DecodeItemRunner {
       if (!softmax<KR>(sg, nj_pad, out, r0)) continue;  // every logit masked so far
       if constexpr (mk::kPacketLoadable<TV>) {
         if (v_dot_) pv_dot<KR>(sg, nj, r0, out.o);
-        else if (v_direct_) pv<KR>(sg, nj, r0, vraw_, out.o);
-        else pv<KR>(sg, nj, r0, vf_, out.o);
+        else if (v_pairs_) pv<KR, true>(sg, nj, r0, vraw_, out.o);
+        else if (v_direct_) pv<KR, false>(sg, nj, r0, vraw_, out.o);
+        else pv<KR, false>(sg, nj, r0, vf_, out.o);
       } else {
-        pv<KR>(sg, nj, r0, vf_, out.o);
+        pv<KR, false>(sg, nj, r0, vf_, out.o);
       }
     }
   }
@@ -323,14 +324,14 @@ class DecodeItemRunner {
   }
 
   // o_r += sum_j p[r][j] v_j, each V packet loaded once for the KR rows.
-  template <int KR, class ET>
+  template <int KR, bool Pairs, class ET>
   void pv(const float* sg, int nj, index_t r0, const ET* const* vp, float* o) {
     constexpr int NP = KR == 4 ? 4 : 8;  // KR x NP accumulators
     index_t c0 = 0;
-    for (; c0 + NP * mk::kLanes <= dvp_; c0 += NP * mk::kLanes) pv_tile<KR, NP>(sg, nj, r0, vp, c0, o);
-    for (; c0 < dvp_; c0 += mk::kLanes) pv_tile<KR, 1>(sg, nj, r0, vp, c0, o);
+    for (; c0 + NP * mk::kLanes <= dvp_; c0 += NP * mk::kLanes) pv_tile<KR, NP, Pairs>(sg, nj, r0, vp, c0, o);
+    for (; c0 < dvp_; c0 += mk::kLanes) pv_tile<KR, 1, Pairs>(sg, nj, r0, vp, c0, o);
   }
-  template <int KR, int NP, class ET>
+  template <int KR, int NP, bool Pairs, class ET>
   void pv_tile(const float* sg, int nj, index_t r0, const ET* const* vp, index_t c0, float* o) {
     using namespace Eigen::internal;
     mk::Packet acc[KR][NP];
@@ -340,14 +341,10 @@ class DecodeItemRunner {
       mk::Packet vv[NP];
       for (int x = 0; x < NP; ++x) {
 #if defined(__AVX512F__)
-        if constexpr (std::is_same_v<ET, bf16>) {
-          if (v_pairs_) {
-            vv[x] = mk::load_bf16_pair(vp[jj], c0 / mk::kLanes + x);
-            continue;
-          }
-        }
+        if constexpr (Pairs && std::is_same_v<ET, bf16>) vv[x] = mk::load_bf16_pair(vp[jj], c0 / mk::kLanes + x);
+        else
 #endif
-        vv[x] = mk::load_packet(vp[jj] + c0 + x * mk::kLanes);
+          vv[x] = mk::load_packet(vp[jj] + c0 + x * mk::kLanes);
       }
       for (int r = 0; r < KR; ++r) {
         const mk::Packet pr = pset1<mk::Packet>(sg[jj * KR + r]);

@@ -6,7 +6,7 @@
 // is "broadcast one K or V element, multiply a vector of queries": no horizontal reductions, and
 // the online-softmax row max / row sum become vertical operations over key rows.
 #pragma once
-#include <Eigen/Core>
+#include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <algorithm>
 #include <cstdint>
 

@@ -1,0 +1,30 @@
+# cmake -DSOURCE_DIR=... -DWORK_DIR=... [-DCXX_COMPILER=...] [-DGENERATOR=...] -P RunPortableTests.cmake
+# Builds the library tests for the portable baseline (-march=x86-64-v2: no AVX, generic Eigen
+# packets, no AVX-512 paths) and runs them, so every ISA path the headers pick is tested.
+foreach(v SOURCE_DIR WORK_DIR)
+  if(NOT DEFINED ${v})
+    message(FATAL_ERROR "RunPortableTests: ${v} not set")
+  endif()
+endforeach()
+set(args -S ${SOURCE_DIR} -B ${WORK_DIR} -DCMAKE_BUILD_TYPE=Release -DSPARSE_ATTN_NATIVE=OFF
+         -DSPARSE_ATTN_BUILD_TOOLS=OFF -DSPARSE_ATTN_BUILD_BENCHMARKS=OFF
+         -DSPARSE_ATTN_BUILD_EXAMPLES=OFF -DSPARSE_ATTN_PORTABLE_TEST=OFF)
+if(GENERATOR)
+  list(APPEND args -G ${GENERATOR})
+endif()
+if(CXX_COMPILER)
+  list(APPEND args -DCMAKE_CXX_COMPILER=${CXX_COMPILER})
+endif()
+foreach(step configure build run)
+  if(step STREQUAL configure)
+    set(cmd ${CMAKE_COMMAND} ${args})
+  elseif(step STREQUAL build)
+    set(cmd ${CMAKE_COMMAND} --build ${WORK_DIR} --target test_kernels -j2)
+  else()
+    set(cmd ${WORK_DIR}/tests/test_kernels --gtest_brief=1)
+  endif()
+  execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "portable_tests: step '${step}' failed (${rc})")
+  endif()
+endforeach()

@@ -1,0 +1,352 @@
+// Per-layer KV cache: logically K [Hkv, tokens, d] and V [Hkv, tokens, dv] in fp32, bf16 or fp16.
+//
+// - Storage: contiguous (head-major [Hkv][capacity][d]) or paged (pages of P tokens, one page table
+//   per KV head or one shared by all heads). Capacity is reserved up front: appends and evictions
+//   never reallocate; a paged cache takes pages from a free list and returns them on eviction.
+// - keys() / values() are views the decode and prefill kernels read in place (TensorView for
+//   contiguous storage, kv::PagedView for paged storage).
+// - Quest metadata: for every KV head and page of P tokens, the elementwise min and max of its keys
+//   (stored in T: min/max of T values are exact in T), maintained on every append (the last page
+//   may be partial) and recomputed for the pages an eviction rewrites.
+// - Eviction (retain) compacts each head in place; kept tokens stay in position order. Heads may
+//   then hold different lengths (Ada-SnapKV): length(h) is per head, the views span max_length(),
+//   and selection() restricts each head to its own [0, length(h)).
+// - Positions are never re-indexed: keys are stored after RoPE, so slot i of head h keeps the
+//   absolute position position(h, i) it was appended at; a new token gets position
+//   sequence_length() (tokens ever appended), whatever was evicted before it.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "sparse_attn/core/dtype.hpp"
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/kernel/common.hpp"
+#include "sparse_attn/kv/paged_view.hpp"
+#include "sparse_attn/mask/key_selection.hpp"
+
+namespace sparse_attn::kv {
+
+enum class Layout { contiguous, paged };
+enum class PageTable { per_kv_head, shared };
+
+struct CacheOptions {
+  index_t kv_heads = 0;
+  index_t head_dim = 0;
+  index_t value_dim = 0;   // 0: same as head_dim
+  index_t capacity = 0;    // tokens per KV head, reserved up front
+  index_t page_size = 16;  // P: Quest metadata pages, and storage pages of a paged cache
+  PageTable page_table = PageTable::per_kv_head;  // paged layout only
+  bool key_bounds = true;                         // maintain per-page key min/max (needed by Quest)
+};
+
+template <class T, Layout L = Layout::contiguous>
+class Cache {
+  static_assert(is_storage_type_v<T>, "KV cache element type must be float, bf16 or fp16");
+
+ public:
+  using value_type = T;
+  static constexpr bool paged = L == Layout::paged;
+  using view_type = std::conditional_t<paged, PagedView<const T>, TensorView<const T>>;
+
+  explicit Cache(const CacheOptions& opt) : opt_(opt) {
+    constexpr const char* where = "kv::Cache";
+    if (opt_.value_dim == 0) opt_.value_dim = opt_.head_dim;
+    require(opt_.kv_heads >= 1, where, ": kv_heads must be >= 1, got ", opt_.kv_heads);
+    require(opt_.head_dim >= 1 && opt_.value_dim >= 1, where,
+            ": head_dim and value_dim must be >= 1, got ", opt_.head_dim, ", ", opt_.value_dim);
+    require(opt_.capacity >= 1, where, ": capacity must be >= 1 token, got ", opt_.capacity);
+    require(opt_.page_size >= 1, where, ": page_size must be >= 1, got ", opt_.page_size);
+    H_ = opt_.kv_heads;
+    d_ = opt_.head_dim;
+    dv_ = opt_.value_dim;
+    cap_ = opt_.capacity;
+    P_ = opt_.page_size;
+    max_pages_ = (cap_ + P_ - 1) / P_;
+    len_.assign(static_cast<std::size_t>(H_), 0);
+    pos_.assign(static_cast<std::size_t>(H_ * cap_), 0);
+    if (opt_.key_bounds) meta_.assign(static_cast<std::size_t>(H_ * max_pages_ * 2 * d_), T(0.0f));
+    if constexpr (paged) {
+      shared_ = opt_.page_table == PageTable::shared;
+      const index_t tables = shared_ ? 1 : H_;
+      const index_t phys = tables * max_pages_;
+      null_page_ = phys;  // an all-zero page: the target of unallocated table entries
+      const index_t heads_per_page = shared_ ? H_ : 1;
+      kpage_ = heads_per_page * P_ * d_;
+      vpage_ = heads_per_page * P_ * dv_;
+      k_.assign(static_cast<std::size_t>((phys + 1) * kpage_), T(0.0f));
+      v_.assign(static_cast<std::size_t>((phys + 1) * vpage_), T(0.0f));
+      table_.assign(static_cast<std::size_t>(tables * max_pages_), null_page_);
+      used_.assign(static_cast<std::size_t>(tables), 0);
+      free_.reserve(static_cast<std::size_t>(phys));
+      for (index_t p = phys - 1; p >= 0; --p) free_.push_back(p);  // pop order 0, 1, 2, ...
+    } else {
+      k_.assign(static_cast<std::size_t>(H_ * cap_ * d_), T(0.0f));
+      v_.assign(static_cast<std::size_t>(H_ * cap_ * dv_), T(0.0f));
+    }
+  }
+
+  const CacheOptions& options() const { return opt_; }
+  index_t kv_heads() const { return H_; }
+  index_t head_dim() const { return d_; }
+  index_t value_dim() const { return dv_; }
+  index_t capacity() const { return cap_; }
+  index_t page_size() const { return P_; }
+  bool has_key_bounds() const { return opt_.key_bounds; }
+
+  /// Tokens head h holds now.
+  index_t length(index_t h) const { return len_[static_cast<std::size_t>(h)]; }
+  const std::vector<index_t>& lengths() const { return len_; }
+  index_t max_length() const { return *std::max_element(len_.begin(), len_.end()); }
+  index_t total_length() const {
+    index_t s = 0;
+    for (index_t l : len_) s += l;
+    return s;
+  }
+  bool uniform() const {
+    return std::all_of(len_.begin(), len_.end(), [&](index_t l) { return l == len_[0]; });
+  }
+  /// Tokens ever appended: the uncompressed sequence length and the next token's position.
+  index_t sequence_length() const { return seq_; }
+  /// Absolute positions of head h's slots [0, length(h)), ascending.
+  const index_t* positions(index_t h) const { return pos_.data() + h * cap_; }
+  index_t position(index_t h, index_t slot) const { return positions(h)[slot]; }
+
+  /// Views over [Hkv, max_length(), d|dv]. Rows of head h past length(h) are stale or zero: read
+  /// them through selection() (or any selection within [0, length(h))).
+  view_type keys() const { return view(k_.data(), d_, kpage_); }
+  view_type values() const { return view(v_.data(), dv_, vpage_); }
+
+  /// Every head's own [0, length(h)): KeySelection::all() when the lengths are equal.
+  KeySelection selection() const {
+    if (uniform()) return KeySelection::all();
+    std::vector<std::vector<KeyRange>> r(static_cast<std::size_t>(H_));
+    for (index_t h = 0; h < H_; ++h)
+      if (length(h) > 0) r[static_cast<std::size_t>(h)].push_back({0, length(h)});
+    return KeySelection::from_ranges(KeySelection::Scope::per_kv_head, r);
+  }
+
+  /// Pages of head h: ceil(length(h) / P); the last one may be partial.
+  index_t num_pages(index_t h) const { return (length(h) + P_ - 1) / P_; }
+  /// Key bounds of page p of head h: min at [0, d), max at [d, 2d) (requires key_bounds).
+  const T* key_bounds(index_t h, index_t p) const {
+    return meta_.data() + (h * max_pages_ + p) * 2 * d_;
+  }
+  const T* key_min(index_t h, index_t p) const { return key_bounds(h, p); }
+  const T* key_max(index_t h, index_t p) const { return key_bounds(h, p) + d_; }
+
+  /// Appends m tokens to every head: k [Hkv, m, d], v [Hkv, m, dv] in any storage type (rounded
+  /// to T, nearest even). Head h's new tokens go to slots [length(h), length(h) + m) with
+  /// positions [sequence_length(), sequence_length() + m).
+  template <class UK, class UV>
+  void append(const TensorView<UK>& k, const TensorView<UV>& v) {
+    constexpr const char* where = "kv::Cache::append";
+    validate_view(k, "append: k");
+    validate_view(v, "append: v");
+    require(k.heads == H_ && v.heads == H_, where, ": k and v need ", H_, " heads, got ", k.heads,
+            " and ", v.heads);
+    require(k.dim == d_ && v.dim == dv_, where, ": k and v need dims ", d_, " and ", dv_, ", got ",
+            k.dim, " and ", v.dim);
+    require(k.tokens == v.tokens, where, ": k has ", k.tokens, " tokens but v has ", v.tokens);
+    const index_t m = k.tokens;
+    if (m == 0) return;
+    require(max_length() + m <= cap_, where, ": appending ", m, " tokens to a head holding ",
+            max_length(), " exceeds the capacity of ", cap_,
+            " tokens; reserve more capacity or evict first");
+    if constexpr (paged) reserve_pages(m);
+#pragma omp parallel for schedule(static) if (m * H_ >= 256)
+    for (index_t h = 0; h < H_; ++h) {
+      std::vector<float> buf(static_cast<std::size_t>(std::max(d_, dv_)));
+      const index_t l0 = length(h);
+      index_t* pos = pos_.data() + h * cap_;
+      for (index_t t = 0; t < m; ++t) {
+        load_row(v.row(h, t), v.stride_dim, buf.data(), dv_);
+        store_row(buf.data(), vrow(h, l0 + t), 1, dv_);
+        load_row(k.row(h, t), k.stride_dim, buf.data(), d_);
+        store_row(buf.data(), krow(h, l0 + t), 1, d_);
+        pos[l0 + t] = seq_ + t;
+      }
+      if (opt_.key_bounds) update_bounds(h, l0 / P_, (l0 + m + P_ - 1) / P_, l0 + m);
+    }
+    for (auto& l : len_) l += m;
+    seq_ += m;
+  }
+
+  /// Keeps slots[0..count) of head h (strictly increasing, within [0, length(h))) in that order
+  /// and drops the rest, compacting in place. Key bounds of the rewritten pages are recomputed.
+  void retain(index_t h, const index_t* slots, index_t count) {
+    constexpr const char* where = "kv::Cache::retain";
+    require(h >= 0 && h < H_, where, ": head ", h, " out of range [0, ", H_, ")");
+    require(count >= 0 && count <= length(h), where, ": head ", h, " keeps ", count,
+            " tokens but holds ", length(h));
+    for (index_t i = 0; i < count; ++i)
+      require(slots[i] >= 0 && slots[i] < length(h) && (i == 0 || slots[i - 1] < slots[i]), where,
+              ": head ", h, ": kept slots must be strictly increasing within [0, ", length(h),
+              "), got ", slots[i], " at ", i);
+    index_t first = count;  // first slot whose content changes
+    for (index_t i = 0; i < count; ++i)
+      if (slots[i] != i) {
+        first = i;
+        break;
+      }
+    index_t* pos = pos_.data() + h * cap_;
+    for (index_t i = first; i < count;) {
+      // A run of consecutive source slots moves as one block in contiguous storage.
+      index_t run = 1;
+      if constexpr (!paged)
+        while (i + run < count && slots[i + run] == slots[i] + run) ++run;
+      for (index_t r = 0; r < (paged ? 1 : run); ++r) pos[i + r] = pos[slots[i] + r];
+      move_rows(h, slots[i], i, run);
+      i += run;
+    }
+    len_[static_cast<std::size_t>(h)] = count;
+    if (opt_.key_bounds && first < count)
+      update_bounds(h, first / P_, (count + P_ - 1) / P_, count, true);
+    else if (opt_.key_bounds && count % P_ != 0)
+      update_bounds(h, count / P_, count / P_ + 1, count, true);
+    if constexpr (paged) release_pages();
+  }
+  /// retain() for every head: keep[h] lists head h's kept slots.
+  void retain(const std::vector<std::vector<index_t>>& keep) {
+    require(static_cast<index_t>(keep.size()) == H_, "kv::Cache::retain", ": need ", H_,
+            " keep lists (one per KV head), got ", keep.size());
+    for (index_t h = 0; h < H_; ++h)
+      retain(h, keep[static_cast<std::size_t>(h)].data(),
+             static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
+  }
+
+  /// Drops every token (capacity and pages stay reserved).
+  void clear() {
+    std::fill(len_.begin(), len_.end(), 0);
+    seq_ = 0;
+    if constexpr (paged) release_pages();
+  }
+
+  /// Physical pages not in use (paged layout).
+  index_t free_pages() const { return static_cast<index_t>(free_.size()); }
+  /// Bytes of K/V storage and key-bound metadata reserved.
+  std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
+
+ private:
+  view_type view(const T* base, index_t dim, index_t page_elems) const {
+    if constexpr (paged) {
+      PagedView<const T> pv;
+      pv.pool = base;
+      pv.table = table_.data();
+      pv.heads = H_;
+      pv.tokens = max_length();
+      pv.dim = dim;
+      pv.page_size = P_;
+      pv.table_stride_head = shared_ ? 0 : max_pages_;
+      pv.page_stride = page_elems;
+      pv.head_stride = shared_ ? P_ * dim : 0;
+      pv.row_stride = dim;
+      return pv;
+    } else {
+      (void)page_elems;
+      return TensorView<const T>(base, H_, max_length(), dim, cap_ * dim, dim, 1);
+    }
+  }
+
+  T* row_of(T* base, index_t dim, index_t page_elems, index_t h, index_t t) {
+    if constexpr (paged) {
+      const index_t p = t / P_;
+      const index_t phys = table_[static_cast<std::size_t>((shared_ ? 0 : h) * max_pages_ + p)];
+      return base + phys * page_elems + (shared_ ? h * P_ * dim : 0) + (t - p * P_) * dim;
+    } else {
+      (void)page_elems;
+      return base + (h * cap_ + t) * dim;
+    }
+  }
+  T* krow(index_t h, index_t t) { return row_of(k_.data(), d_, kpage_, h, t); }
+  T* vrow(index_t h, index_t t) { return row_of(v_.data(), dv_, vpage_, h, t); }
+
+  // Moves `run` consecutive rows of head h from slot src to slot dst <= src (K and V).
+  void move_rows(index_t h, index_t src, index_t dst, index_t run) {
+    if (src == dst) return;
+    std::memmove(static_cast<void*>(krow(h, dst)), krow(h, src),
+                 sizeof(T) * static_cast<std::size_t>(run * d_));
+    std::memmove(static_cast<void*>(vrow(h, dst)), vrow(h, src),
+                 sizeof(T) * static_cast<std::size_t>(run * dv_));
+  }
+
+  // Recomputes (or, for appends, extends) the key bounds of pages [p0, p1) of head h, whose
+  // tokens are slots [p * P, min((p + 1) * P, len)). An append extends a partial first page from
+  // its stored bounds; a rewrite recomputes every page from its rows.
+  void update_bounds(index_t h, index_t p0, index_t p1, index_t len, bool rewrite = false) {
+    std::vector<float> row(static_cast<std::size_t>(d_)), mn(row.size()), mx(row.size());
+    const index_t first_new = rewrite ? 0 : length(h);  // slots < first_new are already counted
+    for (index_t p = p0; p < p1; ++p) {
+      const index_t t0 = p * P_, t1 = std::min(len, t0 + P_);
+      T* meta = meta_.data() + (h * max_pages_ + p) * 2 * d_;
+      index_t t = std::max(t0, first_new);
+      if (t > t0) {  // extend bounds of a partial page
+        load_row(meta, 1, mn.data(), d_);
+        load_row(meta + d_, 1, mx.data(), d_);
+      } else {
+        load_row(krow(h, t), 1, mn.data(), d_);
+        std::copy(mn.begin(), mn.end(), mx.begin());
+        ++t;
+      }
+      for (; t < t1; ++t) {
+        load_row(krow(h, t), 1, row.data(), d_);
+        for (std::size_t c = 0; c < row.size(); ++c) {
+          mn[c] = std::min(mn[c], row[c]);
+          mx[c] = std::max(mx[c], row[c]);
+        }
+      }
+      store_row(mn.data(), meta, 1, d_);
+      store_row(mx.data(), meta + d_, 1, d_);
+    }
+  }
+
+  // Paged: allocates the pages the next m tokens of every head need.
+  void reserve_pages(index_t m) {
+    for (index_t tb = 0; tb < static_cast<index_t>(used_.size()); ++tb) {
+      const index_t need_tokens = shared_ ? max_length() + m : length(tb) + m;
+      const index_t need = (need_tokens + P_ - 1) / P_;
+      index_t& used = used_[static_cast<std::size_t>(tb)];
+      for (; used < need; ++used) {
+        table_[static_cast<std::size_t>(tb * max_pages_ + used)] = free_.back();
+        free_.pop_back();
+      }
+    }
+  }
+  // Paged: returns pages no head needs any more to the free list (last page first).
+  void release_pages() {
+    for (index_t tb = 0; tb < static_cast<index_t>(used_.size()); ++tb) {
+      const index_t need = ((shared_ ? max_length() : length(tb)) + P_ - 1) / P_;
+      index_t& used = used_[static_cast<std::size_t>(tb)];
+      for (; used > need; --used) {
+        index_t& e = table_[static_cast<std::size_t>(tb * max_pages_ + used - 1)];
+        free_.push_back(e);
+        e = null_page_;
+      }
+    }
+  }
+
+  CacheOptions opt_;
+  index_t H_ = 0, d_ = 0, dv_ = 0, cap_ = 0, P_ = 1, max_pages_ = 0;
+  std::vector<index_t> len_;
+  index_t seq_ = 0;
+  std::vector<index_t> pos_;         // [Hkv][capacity] absolute positions
+  std::vector<T> meta_;              // [Hkv][max_pages][2][d] key min, key max
+  kernel::aligned_vector<T> k_, v_;  // contiguous: [Hkv][capacity][d]; paged: pages
+  // Paged layout only.
+  bool shared_ = false;
+  index_t kpage_ = 0, vpage_ = 0, null_page_ = 0;
+  std::vector<index_t> table_;  // [tables][max_pages] physical page ids
+  std::vector<index_t> used_;   // pages allocated per table
+  std::vector<index_t> free_;   // free physical pages (a stack)
+};
+
+template <class T>
+using ContiguousCache = Cache<T, Layout::contiguous>;
+template <class T>
+using PagedCache = Cache<T, Layout::paged>;
+
+}  // namespace sparse_attn::kv

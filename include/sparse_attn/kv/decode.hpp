@@ -1,0 +1,115 @@
+// Decode against a kv::Cache with the core kernel, and the step's measured density.
+//
+// The newest n_q tokens (already appended) attend to the cache restricted to a KeySelection.
+// With equal head lengths this is one call of sparse_attn::decode() over the cache's views. After
+// an uneven eviction (Ada-SnapKV) head h holds length(h) tokens and its newest token sits at slot
+// length(h) - 1; a single token attends to [0, length(h)) of its head (cache.selection()), and
+// several tokens are run one at a time so each sees exactly its own head's causal prefix.
+#pragma once
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "sparse_attn/kernel/decode.hpp"
+#include "sparse_attn/kv/cache.hpp"
+
+namespace sparse_attn::kv {
+
+/// Density of one decode call. CR = dense_pairs / pairs, where dense_pairs is what dense causal
+/// attention over the whole (uncompressed) sequence computes, so eviction counts as sparsity.
+struct DecodeStats {
+  index_t pairs = 0;        // (query row, key) pairs computed, summed over query heads and rows
+  index_t dense_pairs = 0;  // pairs of dense causal attention over sequence_length() keys
+  index_t kv_rows = 0;      // K (and V) rows read: once per unit (KV head, or query head)
+  double compression() const {
+    if (pairs == 0) return dense_pairs == 0 ? 1.0 : std::numeric_limits<double>::infinity();
+    return static_cast<double>(dense_pairs) / static_cast<double>(pairs);
+  }
+  /// Keys each query row reads on average.
+  double keys_per_query(index_t hq, index_t n_q) const {
+    return hq * n_q > 0 ? static_cast<double>(pairs) / static_cast<double>(hq * n_q) : 0.0;
+  }
+};
+
+namespace detail {
+// Unit u's ranges clipped to [0, limit). `all` stands for [0, length) of the unit's head.
+inline void clip_ranges(const KeySelection& keys, index_t u, index_t length, index_t limit,
+                        std::vector<KeyRange>& outr) {
+  outr.clear();
+  if (keys.scope() == KeySelection::Scope::all) {
+    if (std::min(length, limit) > 0) outr.push_back({0, std::min(length, limit)});
+    return;
+  }
+  for (const KeyRange* r = keys.ranges_begin(u); r != keys.ranges_end(u); ++r) {
+    const index_t e = std::min({r->end, limit, length});
+    if (r->begin < e) outr.push_back({r->begin, e});
+  }
+}
+inline index_t count_keys(const std::vector<KeyRange>& r) {
+  index_t n = 0;
+  for (const KeyRange& x : r) n += x.end - x.begin;
+  return n;
+}
+}  // namespace detail
+
+/// Pairs a decode of n_q new tokens of hq query heads computes under `keys` on this cache.
+template <class Cache>
+DecodeStats decode_stats(const KeySelection& keys, const Cache& cache, index_t hq, index_t n_q) {
+  DecodeStats st;
+  const index_t hkv = cache.kv_heads(), G = hq / hkv, seq = cache.sequence_length();
+  for (index_t t = 0; t < n_q; ++t) st.dense_pairs += hq * (seq - n_q + t + 1);
+  const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
+  const index_t units = per_q ? hq : hkv;
+  std::vector<KeyRange> r;
+  for (index_t u = 0; u < units; ++u) {
+    const index_t hk = per_q ? u / G : u, len = cache.length(hk);
+    const index_t rows_heads = per_q ? 1 : G;
+    detail::clip_ranges(keys, u, len, len, r);
+    st.kv_rows += detail::count_keys(r);
+    for (index_t t = 0; t < n_q; ++t) {
+      detail::clip_ranges(keys, u, len, len - n_q + t + 1, r);
+      st.pairs += rows_heads * detail::count_keys(r);
+    }
+  }
+  return st;
+}
+
+/// Attention of q [Hq, n_q, d] (the newest n_q tokens, already in the cache) over `keys`
+/// (KeySelection::all() = every head's [0, length(h))), written to out [Hq, n_q, dv].
+template <class TQ, class Cache, class TO>
+void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& out,
+            const KeySelection& keys = KeySelection::all(), const DecodeOptions& opt = {}) {
+  const auto k = cache.keys();
+  const auto v = cache.values();
+  if (cache.uniform()) {
+    sparse_attn::decode(q, k, v, out, keys, opt);
+    return;
+  }
+  require(q.heads % cache.kv_heads() == 0, "kv::decode", ": Hq=", q.heads,
+          " is not a multiple of Hkv=", cache.kv_heads());
+  const index_t G = q.heads / cache.kv_heads(), n_q = q.tokens;
+  const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
+  const index_t units = per_q ? q.heads : cache.kv_heads();
+  if (keys.scope() != KeySelection::Scope::all)
+    keys.validate(k.tokens, q.heads, k.heads, "kv::decode");
+  for (index_t h = 0; h < cache.kv_heads(); ++h)
+    require(cache.length(h) >= n_q, "kv::decode", ": KV head ", h, " holds ", cache.length(h),
+            " tokens, fewer than the ", n_q, " new queries");
+  std::vector<std::vector<KeyRange>> lists(static_cast<std::size_t>(units));
+  for (index_t t = 0; t < n_q; ++t) {
+    for (index_t u = 0; u < units; ++u) {
+      const index_t len = cache.length(per_q ? u / G : u);
+      detail::clip_ranges(keys, u, len, len - n_q + t + 1, lists[static_cast<std::size_t>(u)]);
+    }
+    DecodeOptions o = opt;
+    o.causal = false;  // causality is in the clipped ranges
+    if (opt.lse) o.lse = LseView(&opt.lse(0, t), opt.lse.stride_head, opt.lse.stride_token);
+    sparse_attn::decode(
+        q.slice_tokens(t, 1), k, v, out.slice_tokens(t, 1),
+        KeySelection::from_ranges(
+            per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head, lists),
+        o);
+  }
+}
+
+}  // namespace sparse_attn::kv

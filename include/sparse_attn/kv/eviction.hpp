@@ -1,0 +1,285 @@
+// What every eviction method shares: the plan it produces (kept slots per KV head, the scores
+// that chose them), deterministic "keep forced + top-k" selection, applying a plan to a cache, and
+// the attention-probability column scores that SnapKV, Ada-SnapKV and H2O rank tokens by.
+//
+// Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
+// apply() (or cache.retain(plan.keep)) compacts the cache in place.
+#pragma once
+#include <omp.h>
+
+#include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "sparse_attn/core/diagnostics.hpp"
+#include "sparse_attn/core/dtype.hpp"
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/kernel/common.hpp"
+
+// Eigen's AVX-512 GEMM (the score pass) trips GCC PR 105593; see core/diagnostics.hpp.
+SPARSE_ATTN_DIAGNOSTICS_PUSH
+
+namespace sparse_attn::kv {
+
+/// The outcome of an eviction selection: which slots each KV head keeps.
+struct EvictionPlan {
+  std::vector<std::vector<index_t>> keep;  // per KV head: kept slots, ascending (position order)
+  std::vector<float> scores;  // [Hkv][score_stride] method's score per slot (may be empty)
+  index_t score_stride = 0;
+  index_t budget = 0;     // tokens per head (SnapKV, H2O, StreamingLLM) or per layer (Ada-SnapKV)
+  bool reachable = true;  // false when the forced tokens alone exceed the requested budget
+  bool dense = false;     // the budget covers the cache: nothing is evicted
+
+  const float* head_scores(index_t h) const { return scores.data() + h * score_stride; }
+  index_t kept(index_t h) const {
+    return static_cast<index_t>(keep[static_cast<std::size_t>(h)].size());
+  }
+  index_t total_kept() const {
+    index_t s = 0;
+    for (const auto& k : keep) s += static_cast<index_t>(k.size());
+    return s;
+  }
+};
+
+/// Compacts the cache to the plan's kept slots (in place, positions kept, no reallocation).
+template <class Cache>
+void apply(const EvictionPlan& plan, Cache& cache) {
+  cache.retain(plan.keep);
+}
+
+namespace detail {
+
+inline float rank_key(float s) {
+  return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+}
+
+/// Slots of [0, len) to keep: every forced slot, then the best `c - forced` others by score
+/// (higher first, ties toward the lower slot; NaN ranks last), returned ascending.
+template <class Forced>
+std::vector<index_t> keep_top(const float* score, index_t len, index_t c, Forced&& forced) {
+  std::vector<index_t> keep, rest;
+  for (index_t j = 0; j < len; ++j) (forced(j) ? keep : rest).push_back(j);
+  const index_t extra = std::clamp<index_t>(c - static_cast<index_t>(keep.size()), 0,
+                                            static_cast<index_t>(rest.size()));
+  auto better = [&](index_t a, index_t b) {
+    const float x = rank_key(score[a]), y = rank_key(score[b]);
+    return x > y || (x == y && a < b);
+  };
+  if (extra < static_cast<index_t>(rest.size()))
+    std::nth_element(rest.begin(), rest.begin() + extra, rest.end(), better);
+  std::vector<std::uint8_t> kept(static_cast<std::size_t>(len),
+                                 0);  // merge in position order, O(len)
+  for (index_t j : keep) kept[static_cast<std::size_t>(j)] = 1;
+  for (index_t e = 0; e < extra; ++e)
+    kept[static_cast<std::size_t>(rest[static_cast<std::size_t>(e)])] = 1;
+  keep.clear();
+  for (index_t j = 0; j < len; ++j)
+    if (kept[static_cast<std::size_t>(j)]) keep.push_back(j);
+  return keep;
+}
+
+/// out[j] = (sum_{t=j-r}^{j+r} s[t]) / (2r + 1) over t in [0, n) (zero padding, stride 1).
+inline void avg_pool(const float* s, index_t n, index_t kernel, float* out) {
+  const index_t r = kernel / 2;
+  double run = 0.0;  // running window sum
+  for (index_t t = 0; t < std::min(r, n); ++t) run += s[t];
+  for (index_t j = 0; j < n; ++j) {
+    if (j + r < n) run += s[j + r];
+    if (j - r - 1 >= 0) run -= s[j - r - 1];
+    out[j] = static_cast<float>(run / static_cast<double>(kernel));
+  }
+}
+
+enum class Reduce { sum, max };
+
+inline constexpr index_t kDirectRows = 16;  // at most this many query rows: direct path
+
+/// attention_column_scores() for a few query rows (rows <= kDirectRows): every logit of a head
+/// kept (rows x n floats), one exact softmax per row, serial.
+template <class QV, class KV>
+void column_scores_direct(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
+                          float mult, float* out, index_t stride) {
+  namespace mk = kernel::mk;
+  using namespace Eigen::internal;
+  using mk::Packet;
+  constexpr index_t L = mk::kLanes;
+  const index_t Hkv = k.heads, G = q.heads / Hkv, n = k.tokens, d = q.dim;
+  const index_t nq = q.tokens - row0, off = n - q.tokens, rows = nq * G;
+  const index_t dp = (d + L - 1) / L * L, np = (n + L - 1) / L * L;
+  kernel::aligned_vector<float> qf(static_cast<std::size_t>(rows * dp), 0.0f),
+      kr(static_cast<std::size_t>(dp), 0.0f);
+  kernel::aligned_vector<float> s(static_cast<std::size_t>(rows * np));
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (index_t hk = 0; hk < Hkv; ++hk) {
+    for (index_t r = 0; r < rows; ++r) {  // row r = i * G + g
+      float* dst = qf.data() + r * dp;
+      load_row(q.row(hk * G + r % G, row0 + r / G), q.stride_dim, dst, d);
+      for (index_t c = 0; c < d; ++c) dst[c] *= scale;
+    }
+    for (index_t j = 0; j < n; ++j) {
+      load_row(k.row(hk, j), k.stride_dim, kr.data(), d);
+      for (index_t r = 0; r < rows; ++r) {
+        Packet acc = pset1<Packet>(0.0f);
+        for (index_t c = 0; c < dp; c += L)
+          acc = pmadd(pload<Packet>(qf.data() + r * dp + c), pload<Packet>(kr.data() + c), acc);
+        s[static_cast<std::size_t>(r * np + j)] = off + row0 + r / G >= j ? predux(acc) : kNegInf;
+      }
+    }
+    for (index_t r = 0; r < rows; ++r) {  // probabilities, in place
+      float* sr = s.data() + r * np;
+      std::fill(sr + n, sr + np, kNegInf);
+      Packet mx = pset1<Packet>(kNegInf);
+      for (index_t j = 0; j < np; j += L) mx = pmax(mx, pload<Packet>(sr + j));
+      const Packet m = pset1<Packet>(predux_max(mx));
+      Packet sum = pset1<Packet>(0.0f);
+      for (index_t j = 0; j < np; j += L) {
+        const Packet e = kernel::masked_exp(psub(pload<Packet>(sr + j), m));
+        pstore(sr + j, e);
+        sum = padd(sum, e);
+      }
+      const Packet inv = pset1<Packet>(1.0f / predux(sum));
+      for (index_t j = 0; j < np; j += L) pstore(sr + j, pmul(pload<Packet>(sr + j), inv));
+    }
+    float* o = out + hk * stride;
+    for (index_t j = 0; j < n; j += L) {
+      Packet acc = pset1<Packet>(0.0f);
+      for (index_t r = 0; r < rows; ++r) {
+        const Packet p = pload<Packet>(s.data() + r * np + j);
+        acc = red == Reduce::sum ? padd(acc, p) : pmax(acc, p);
+      }
+      alignas(64) float buf[L];
+      pstore(buf, pmul(acc, pset1<Packet>(mult)));
+      std::copy(buf, buf + std::min(L, n - j), o + j);
+    }
+  }
+}
+
+/// Attention-probability column scores. For each KV head hk and key j < n = k.tokens:
+///   out[hk * stride + j] = mult * reduce over (g in the group of hk, query row i in [row0, n_q))
+///                          of softmax_j(scale * q[hk*G + g, i] . k[hk, j]),
+/// where query row i sits at position n - n_q + i and sees keys j <= that position (causal).
+/// Exact two-pass softmax in fp32 on the prefill micro-kernel with keys in the SIMD lanes (keys
+/// converted and transposed once per head, n x d floats): pass 1 gets each row's log-sum-exp,
+/// pass 2 accumulates the probabilities of each key tile over the rows, in row order, so results
+/// do not depend on the thread count. Efficient for one decode row as for a whole prompt.
+/// K may be any KV view type (TensorView, kv::PagedView).
+template <class QV, class KV>
+void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
+                             float mult, float* out, index_t stride, int threads) {
+  namespace mk = kernel::mk;
+  using namespace Eigen::internal;
+  using mk::Packet;
+  constexpr index_t T = mk::kTileQ;  // keys per tile: the micro-kernel's lanes
+  constexpr index_t L = mk::kLanes;
+  constexpr index_t kRowBlock = 64;  // query rows per work item of pass 1
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const index_t Hkv = k.heads, G = q.heads / Hkv, n = k.tokens, d = q.dim;
+  const index_t nq = q.tokens - row0, off = n - q.tokens;
+  if (nq <= 0 || n == 0) {
+    for (index_t h = 0; h < Hkv; ++h) std::fill(out + h * stride, out + h * stride + n, 0.0f);
+    return;
+  }
+  const index_t rows = nq * G, tiles = (n + T - 1) / T, blocks = (rows + kRowBlock - 1) / kRowBlock;
+  if (rows <= kDirectRows) {  // a decode step: no tiling, no threads
+    column_scores_direct(q, row0, k, scale, red, mult, out, stride);
+    return;
+  }
+  std::vector<float> qf(static_cast<std::size_t>(rows * d));                  // [row][d], scaled
+  kernel::aligned_vector<float> kt(static_cast<std::size_t>(tiles * d * T));  // [tile][d][T]
+  std::vector<float> lse(static_cast<std::size_t>(rows));
+  auto pos_of = [&](index_t r) { return off + row0 + r / G; };  // row r = i * G + g
+  // s[r][j] = logits of rows [r0, r1) x keys of tile t, -inf where causality masks (or padding).
+  auto logits = [&](index_t r0, index_t r1, index_t t, float* s) {
+    mk::qk_block(kt.data() + t * d * T, T, qf.data() + r0 * d, d, static_cast<int>(r1 - r0),
+                 static_cast<int>(d), s, T);
+    const index_t j0 = t * T;
+    for (index_t r = r0; r < r1; ++r) {
+      const index_t first_masked = std::min(pos_of(r) + 1, n);
+      for (index_t j = std::max(first_masked, j0); j < j0 + T; ++j)
+        s[(r - r0) * T + j - j0] = kNegInf;
+    }
+  };
+  for (index_t hk = 0; hk < Hkv; ++hk) {
+    for (index_t r = 0; r < rows; ++r) {
+      float* dst = qf.data() + r * d;
+      load_row(q.row(hk * G + r % G, row0 + r / G), q.stride_dim, dst, d);
+      for (index_t c = 0; c < d; ++c) dst[c] *= scale;
+    }
+    float* o = out + hk * stride;
+    kernel::parallel_region(threads, [&] {
+      std::vector<float> row(static_cast<std::size_t>(d));
+      kernel::aligned_vector<float> s(static_cast<std::size_t>(kRowBlock * T));
+#pragma omp for schedule(static)
+      for (index_t t = 0; t < tiles; ++t) {  // keys, converted and transposed: kt[t][c][j]
+        float* dst = kt.data() + t * d * T;
+        for (index_t j = 0; j < T; ++j) {
+          if (t * T + j < n)
+            load_row(k.row(hk, t * T + j), k.stride_dim, row.data(), d);
+          else
+            std::fill(row.begin(), row.end(), 0.0f);
+          for (index_t c = 0; c < d; ++c) dst[c * T + j] = row[static_cast<std::size_t>(c)];
+        }
+      }
+      // Pass 1: per-row log-sum-exp over the row's causal keys (online over key tiles).
+#pragma omp for schedule(dynamic, 1)
+      for (index_t b = 0; b < blocks; ++b) {
+        const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+        std::vector<float> m(static_cast<std::size_t>(r1 - r0), kNegInf), l(m.size(), 0.0f);
+        for (index_t t = 0; t * T <= pos_of(r1 - 1); ++t) {
+          logits(r0, r1, t, s.data());
+          for (index_t r = 0; r < r1 - r0; ++r) {
+            const float* sr = s.data() + r * T;
+            Packet mx = pload<Packet>(sr);
+            for (index_t j = L; j < T; j += L) mx = pmax(mx, pload<Packet>(sr + j));
+            const float m_new = std::max(m[static_cast<std::size_t>(r)], predux_max(mx));
+            if (m_new == kNegInf) continue;
+            Packet sum = pset1<Packet>(0.0f);
+            for (index_t j = 0; j < T; j += L)
+              sum =
+                  padd(sum, kernel::masked_exp(psub(pload<Packet>(sr + j), pset1<Packet>(m_new))));
+            float& mr = m[static_cast<std::size_t>(r)];
+            float& lr = l[static_cast<std::size_t>(r)];
+            lr = (mr == kNegInf ? 0.0f : lr * std::exp(mr - m_new)) + predux(sum);
+            mr = m_new;
+          }
+        }
+        for (index_t r = r0; r < r1; ++r)
+          lse[static_cast<std::size_t>(r)] =
+              m[static_cast<std::size_t>(r - r0)] + std::log(l[static_cast<std::size_t>(r - r0)]);
+      }
+      // Pass 2: each key tile's probabilities exp(s - lse) (0 where masked), over rows in order.
+#pragma omp for schedule(dynamic, 1)
+      for (index_t t = 0; t < tiles; ++t) {
+        constexpr index_t V = T / L;
+        Packet acc[V];
+        for (auto& a : acc) a = pset1<Packet>(0.0f);
+        for (index_t b = 0; b < blocks; ++b) {
+          const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+          if (pos_of(r1 - 1) < t * T) continue;  // no row of this block sees the tile
+          logits(r0, r1, t, s.data());
+          for (index_t r = 0; r < r1 - r0; ++r) {
+            const Packet ls = pset1<Packet>(lse[static_cast<std::size_t>(r0 + r)]);
+            for (index_t x = 0; x < V; ++x) {
+              const Packet p =
+                  kernel::masked_exp(psub(pload<Packet>(s.data() + r * T + x * L), ls));
+              acc[x] = red == Reduce::sum ? padd(acc[x], p) : pmax(acc[x], p);
+            }
+          }
+        }
+        alignas(64) float buf[T];
+        for (index_t x = 0; x < V; ++x) pstore(buf + x * L, acc[x]);
+        for (index_t j = t * T; j < std::min(n, (t + 1) * T); ++j) o[j] = mult * buf[j - t * T];
+      }
+    });
+  }
+}
+
+}  // namespace detail
+}  // namespace sparse_attn::kv
+
+SPARSE_ATTN_DIAGNOSTICS_POP

@@ -1,0 +1,306 @@
+// Pieces shared by the data-dependent prefill selections (block_sparse, vertical_slash,
+// flex_prefill): argument checks, deterministic top-k (ties toward the lower index),
+// cumulative-mass budgets, the CR -> budget search, block mean-pooling, pooled block scores and the
+// attention estimate from the last queries. Everything here is O(n) or O(n / block) memory per
+// head.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/kernel/common.hpp"
+#include "sparse_attn/kernel/microkernels/packet.hpp"
+#include "sparse_attn/mask/block_mask.hpp"
+
+namespace sparse_attn::methods::detail {
+
+using kernel::aligned_vector;
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+/// Validates the Q/K pair a selection reads; returns the GQA group size G = Hq / Hkv.
+template <class QV, class KV>
+index_t validate_qk(const QV& q, const KV& k, const char* where) {
+  validate_view(q, "q");
+  validate_view(k, "k");
+  require(q.heads >= 1 && k.heads >= 1, where, "q and k need >= 1 head, got q ", q.heads, ", k ",
+          k.heads);
+  require(q.dim == k.dim && q.dim >= 1, where, "head_dim of q (", q.dim, ") and k (", k.dim,
+          ") must be equal and >= 1");
+  require(q.heads % k.heads == 0, where, "Hq=", q.heads, " is not a multiple of Hkv=", k.heads,
+          " (GQA needs Hq % Hkv == 0)");
+  require(q.tokens <= k.tokens, where, "n_q=", q.tokens, " > n_k=", k.tokens,
+          "; queries must be a suffix of the keys (n_q <= n_k)");
+  return q.heads / k.heads;
+}
+
+/// A target compression ratio must be finite and >= 1.
+inline void validate_compression(double cr, const char* where, const char* name) {
+  require(std::isfinite(cr) && cr >= 1.0, where, name, " must be finite and >= 1, got ", cr);
+}
+
+/// Softmax scale: NaN means 1 / sqrt(d); otherwise finite and > 0.
+inline float resolve_scale(float scale, index_t d, const char* where) {
+  if (std::isnan(scale)) return 1.0f / std::sqrt(static_cast<float>(d));
+  require(std::isfinite(scale) && scale > 0.0f, where,
+          "scale must be finite and > 0 (NaN: ", "1/sqrt(head_dim)), got ", scale);
+  return scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ranking
+// ---------------------------------------------------------------------------------------------
+
+/// Strict total order "a ranks before b": higher score first, ties toward the lower index; NaN
+/// ranks as -inf, so corrupt scores never break the sort.
+struct ScoreOrder {
+  const float* score;
+  static float key(float s) { return std::isnan(s) ? -kInf : s; }
+  bool operator()(std::int32_t a, std::int32_t b) const {
+    const float x = key(score[a]), y = key(score[b]);
+    return x > y || (x == y && a < b);
+  }
+};
+
+/// order = every index of [0, n) by ScoreOrder (best first). Prefixes of it are nested top-k sets.
+inline void order_by_score(const float* score, index_t n, std::vector<std::int32_t>& order) {
+  order.resize(static_cast<std::size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), ScoreOrder{score});
+}
+
+/// Keeps the k best of `cand` by ScoreOrder, then sorts them by index (ascending).
+inline void keep_top_k(const float* score, std::vector<std::int32_t>& cand, index_t k) {
+  const auto kk = static_cast<std::size_t>(std::max<index_t>(0, k));
+  if (kk < cand.size()) {
+    std::nth_element(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(kk), cand.end(),
+                     ScoreOrder{score});
+    cand.resize(kk);
+  }
+  std::sort(cand.begin(), cand.end());
+}
+
+/// Smallest m such that the m best entries of `order` carry mass >= gamma (all of them if never).
+inline index_t cover_count(const float* mass, const std::vector<std::int32_t>& order,
+                           double gamma) {
+  double acc = 0.0;
+  for (std::size_t m = 0; m < order.size(); ++m) {
+    acc += static_cast<double>(mass[order[m]]);
+    if (acc >= gamma) return static_cast<index_t>(m + 1);
+  }
+  return static_cast<index_t>(order.size());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budgets
+// ---------------------------------------------------------------------------------------------
+
+/// CR -> budget. pairs(x) must be non-decreasing on [lo, hi] with pairs(hi) = dense_pairs. Returns
+/// the smallest x whose pairs reach dense_pairs / target (achieved CR <= target: the sparsest mask
+/// that is not sparser than asked). When even the sparsest legal budget lo keeps more pairs than
+/// the target allows (CR(lo) < target) the target is unreachable: returns lo, reachable = false.
+template <class Pairs>
+index_t budget_for_compression(index_t lo, index_t hi, index_t dense_pairs, double target,
+                               Pairs&& pairs, bool& reachable) {
+  reachable = dense_pairs == 0 || compression_ratio(dense_pairs, pairs(lo)) >= target;
+  if (!reachable || dense_pairs == 0) return lo;
+  const double want = static_cast<double>(dense_pairs) / target;
+  while (lo < hi) {  // invariant: pairs(hi) >= want
+    const index_t mid = lo + (hi - lo) / 2;
+    if (static_cast<double>(pairs(mid)) >= want)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
+/// Causal pairs of a rectangle: #{(p, j) : p in [p0, p1], j in [k0, k1), j <= p}.
+inline index_t causal_pairs(index_t p0, index_t p1, index_t k0, index_t k1) {
+  if (p1 < p0 || k1 <= k0) return 0;
+  const index_t width = k1 - k0;
+  index_t total = 0;
+  const index_t full_from = std::max(p0, k1 - 1);  // rows that see the whole key range
+  if (full_from <= p1) total += (p1 - full_from + 1) * width;
+  const index_t a = std::max(p0, k0), b = std::min(p1, k1 - 2);  // rows that see p + 1 - k0 keys
+  if (a <= b) total += ((a + 1 - k0) + (b + 1 - k0)) * (b - a + 1) / 2;
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pooling and pooled scores
+// ---------------------------------------------------------------------------------------------
+
+/// out[b * d + c] = mean over the real rows t of block b (t < tokens) of view(h, t, c), fp32;
+/// the last partial block averages only its real rows. out: [ceil(tokens / block)][d].
+template <class T>
+void mean_pool(const TensorView<T>& v, index_t h, index_t block, float* out,
+               std::vector<float>& row) {
+  const index_t d = v.dim, nb = (v.tokens + block - 1) / block;
+  row.resize(static_cast<std::size_t>(d));
+  for (index_t b = 0; b < nb; ++b) {
+    float* o = out + b * d;
+    std::fill(o, o + d, 0.0f);
+    const index_t t0 = b * block, t1 = std::min(v.tokens, t0 + block);
+    for (index_t t = t0; t < t1; ++t) {
+      load_row(v.row(h, t), v.stride_dim, row.data(), d);
+      for (index_t c = 0; c < d; ++c) o[c] += row[static_cast<std::size_t>(c)];
+    }
+    const float inv = 1.0f / static_cast<float>(t1 - t0);
+    for (index_t c = 0; c < d; ++c) o[c] *= inv;
+  }
+}
+
+/// Scratch of pooled_scores: O(nk * kTileQ) floats.
+struct PooledScratch {
+  aligned_vector<float> qt, s;
+  std::vector<float> col;
+};
+
+/// For every row r of pq ([nq][d]): scores[j] = scale * pq[r] . pk[j] for j < count(r) (pk:
+/// [nk][d]), handed to f(r, scores). Rows are processed kTileQ at a time with mk::qk_block.
+template <class Count, class F>
+void pooled_scores(const float* pq, index_t nq, const float* pk, index_t nk, index_t d, float scale,
+                   Count&& count, PooledScratch& ws, F&& f) {
+  using kernel::mk::kTileQ;
+  const index_t ldq = kTileQ;
+  ws.qt.resize(static_cast<std::size_t>(d * ldq));
+  ws.s.resize(static_cast<std::size_t>(std::max<index_t>(nk, 1) * ldq));
+  ws.col.resize(static_cast<std::size_t>(std::max<index_t>(nk, 1)));
+  for (index_t r0 = 0; r0 < nq; r0 += ldq) {
+    const index_t rows = std::min(ldq, nq - r0);
+    index_t width = 0;
+    for (index_t i = 0; i < rows; ++i) width = std::max(width, std::min(nk, count(r0 + i)));
+    if (width > 0) {
+      std::fill(ws.qt.begin(), ws.qt.end(), 0.0f);
+      for (index_t i = 0; i < rows; ++i)
+        for (index_t c = 0; c < d; ++c)
+          ws.qt[static_cast<std::size_t>(c * ldq + i)] = pq[(r0 + i) * d + c] * scale;
+      kernel::mk::qk_block(ws.qt.data(), ldq, pk, d, static_cast<int>(width), static_cast<int>(d),
+                           ws.s.data(), ldq);
+    }
+    for (index_t i = 0; i < rows; ++i) {
+      const index_t n = std::min(nk, count(r0 + i));
+      for (index_t j = 0; j < n; ++j)
+        ws.col[static_cast<std::size_t>(j)] = ws.s[static_cast<std::size_t>(j * ldq + i)];
+      f(r0 + i, static_cast<const float*>(ws.col.data()), n);
+    }
+  }
+}
+
+/// In-place fp32 softmax of x[0, n).
+inline void softmax(float* x, index_t n) {
+  if (n <= 0) return;
+  const float mx = *std::max_element(x, x + n);
+  double sum = 0.0;
+  for (index_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - mx);
+    sum += static_cast<double>(x[j]);
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (index_t j = 0; j < n; ++j) x[j] *= inv;
+}
+
+/// sqrt of the Jensen-Shannon divergence (natural log) of two distributions; 0 log 0 = 0.
+inline double sqrt_js_divergence(const float* p, const float* q, index_t n) {
+  double js = 0.0;
+  for (index_t j = 0; j < n; ++j) {
+    const double a = p[j], b = q[j], m = 0.5 * (a + b);
+    if (a > 0.0) js += 0.5 * a * std::log(a / m);
+    if (b > 0.0) js += 0.5 * b * std::log(b / m);
+  }
+  return std::sqrt(std::max(0.0, js));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention estimate from the last queries (Vertical-Slash, FlexPrefill)
+// ---------------------------------------------------------------------------------------------
+
+/// Scratch of last_queries_mass: the logits of w queries against every key, n_k x roundup(w,
+/// kTileQ) floats (256 bytes per key at w = 64 with AVX-512), plus O(w * d) and a key chunk.
+struct EstimateScratch {
+  aligned_vector<float> qt, s, m, inv_l, kbuf;
+  std::vector<float> row;
+};
+
+/// The last w queries of query head h against every key of KV head hk: P = row softmax of
+/// scale * q k^T in fp32, causal (the query at position p sees keys j <= p). Writes
+/// vertical[j] = sum_i P[i][j] and slash[delta] = sum_i P[i][p_i - delta], both of length n_k.
+template <class QV, class KV>
+void last_queries_mass(const QV& q, const KV& k, index_t h, index_t hk, index_t w, float scale,
+                       EstimateScratch& ws, float* vertical, float* slash) {
+  using namespace Eigen::internal;
+  using kernel::mk::kLanes;
+  using kernel::mk::kTileQ;
+  using kernel::mk::Packet;
+  const index_t n_k = k.tokens, d = q.dim;
+  std::fill(vertical, vertical + n_k, 0.0f);
+  std::fill(slash, slash + n_k, 0.0f);
+  if (w <= 0 || n_k == 0) return;
+  const index_t ldq = (w + kTileQ - 1) / kTileQ * kTileQ;
+  const index_t p_first = n_k - w;  // absolute position of the first estimated query
+  constexpr index_t kChunk = 240;   // keys converted per step (a multiple of mk::kRows)
+  ws.qt.assign(static_cast<std::size_t>(d * ldq), 0.0f);
+  ws.s.resize(static_cast<std::size_t>(n_k * ldq));
+  ws.m.assign(static_cast<std::size_t>(ldq), -kInf);
+  ws.inv_l.assign(static_cast<std::size_t>(ldq), 0.0f);
+  ws.kbuf.resize(static_cast<std::size_t>(kChunk * d));
+  ws.row.resize(static_cast<std::size_t>(d));
+  for (index_t i = 0; i < w; ++i) {
+    load_row(q.row(h, q.tokens - w + i), q.stride_dim, ws.row.data(), d);
+    for (index_t c = 0; c < d; ++c)
+      ws.qt[static_cast<std::size_t>(c * ldq + i)] = ws.row[static_cast<std::size_t>(c)] * scale;
+  }
+  float* s = ws.s.data();
+  for (index_t j0 = 0; j0 < n_k; j0 += kChunk) {
+    const index_t nk = std::min(kChunk, n_k - j0);
+    index_t ldk = 0;
+    const float* kp = kernel::fp32_rows(k, hk, j0, nk, ws.kbuf.data(), ldk);
+    for (index_t t = 0; t < ldq; t += kTileQ)
+      kernel::mk::qk_block(ws.qt.data() + t, ldq, kp, ldk, static_cast<int>(nk),
+                           static_cast<int>(d), s + j0 * ldq + t, ldq);
+  }
+  // Causal corner: key j is in the future of queries i with p_first + i < j.
+  for (index_t j = p_first + 1; j < n_k; ++j)
+    for (index_t i = 0; i < j - p_first; ++i) s[j * ldq + i] = -kInf;
+  // Row max (vertical over keys), padded query lanes get m = +inf so they contribute e^{-inf} = 0.
+  float* m = ws.m.data();
+  for (index_t j = 0; j < n_k; ++j)
+    for (index_t i = 0; i < ldq; i += kLanes)
+      pstore(m + i, pmax(pload<Packet>(m + i), pload<Packet>(s + j * ldq + i)));
+  for (index_t i = w; i < ldq; ++i) m[i] = kInf;
+  float* inv_l = ws.inv_l.data();
+  for (index_t j = 0; j < n_k; ++j)
+    for (index_t i = 0; i < ldq; i += kLanes) {
+      const Packet p =
+          kernel::masked_exp(psub(pload<Packet>(s + j * ldq + i), pload<Packet>(m + i)));
+      pstore(s + j * ldq + i, p);
+      pstore(inv_l + i, padd(pload<Packet>(inv_l + i), p));
+    }
+  for (index_t i = 0; i < ldq; ++i) inv_l[i] = inv_l[i] > 0.0f ? 1.0f / inv_l[i] : 0.0f;
+  for (index_t j = 0; j < n_k; ++j) {
+    float* sj = s + j * ldq;
+    Packet acc = pset1<Packet>(0.0f);
+    for (index_t i = 0; i < ldq; i += kLanes) {
+      const Packet p = pmul(pload<Packet>(sj + i), pload<Packet>(inv_l + i));
+      pstore(sj + i, p);
+      acc = padd(acc, p);
+    }
+    vertical[j] = predux(acc);
+    // Query i sits at p_first + i, so it meets key j on offset p_first + i - j (>= 0 only).
+    for (index_t i = std::max<index_t>(0, j - p_first); i < w; ++i) slash[p_first + i - j] += sj[i];
+  }
+}
+
+}  // namespace sparse_attn::methods::detail

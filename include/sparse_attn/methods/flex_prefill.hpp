@@ -1,0 +1,234 @@
+// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
+// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
+// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
+//   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
+//      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
+//      sum of the diagonal delta / w. Both are distributions (sum 1).
+//   2. Budgets by cumulative mass: c_v = the fewest columns whose vertical mass reaches gamma,
+//      c_s likewise for offsets; in blocks floor(c / B) + 1 (as the original), at least
+//      ceil(min_budget / B) and at most the number of blocks (the original crashes when
+//      n < min_budget or n < w; here every budget is clamped).
+//   3. Query-aware test: a = softmax(scale * mean(last w queries) . block-mean keys) over all key
+//      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
+//      0; the original yields NaN there and so never picks such a head), the head is query-aware:
+//      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
+//      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
+//      over the block-causal row (METHODS.md: per query block; the original normalises the whole
+//      block map and covers gamma * (number of blocks) of it globally).
+//   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
+//      forced) are kept by every query block that may see them; the top budget offset blocks by
+//      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
+//      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
+// gamma >= 1 is dense. The budgets adapt per head and per input: CR is measured, not set
+// (target_compression is NaN, reachable is always true).
+//
+// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
+// selecting thread, 512 bytes per key at w = 128), vertical and slash masses and their orders
+// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
+// scores: O(n) per head, never O(n^2).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "sparse_attn/kernel/common.hpp"
+#include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/detail/selection.hpp"
+
+namespace sparse_attn::methods {
+
+struct FlexPrefillOptions {
+  double gamma = 0.9;          // attention mass to cover, > 0; >= 1: dense
+  double tau = 0.1;            // query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
+  index_t min_budget = 512;    // fewest tokens of a vertical / slash budget (rounded up to blocks)
+  index_t block = 128;         // B: estimation unit and kernel tile (block_q = block_k)
+  index_t last_queries = 128;  // w: estimate from the last min(w, n_q) queries
+  float scale = std::numeric_limits<float>::quiet_NaN();  // softmax scale; NaN: 1/sqrt(d)
+  int num_threads = 0;                                    // selection threads (0: OpenMP default)
+};
+
+/// The selected mask (pass it to prefill as is) and the per-head decisions behind it.
+struct FlexPrefillMask : BlockListMask<AllowAll> {
+  FlexPrefillMask() = default;
+  explicit FlexPrefillMask(BlockListMask<AllowAll> m) : BlockListMask<AllowAll>(std::move(m)) {}
+  double target_compression = detail::kNaN;  // FlexPrefill sets no CR: compression() is measured
+  bool reachable = true;
+  std::vector<std::uint8_t> query_aware;  // [Hq] 1: the head passed the JS test
+  std::vector<float> js_distance;         // [Hq] sqrt(JS divergence) of the test (NaN if skipped)
+  std::vector<index_t> vertical_blocks;   // [Hq] vertical budget in key blocks
+  std::vector<index_t> slash_blocks;      // [Hq] slash budget in offset blocks
+};
+
+namespace flex_prefill {
+
+/// Selects the FlexPrefill mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
+/// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes or options.
+template <class QT, class KT>
+FlexPrefillMask select(const TensorView<QT>& q, const TensorView<KT>& k,
+                       const FlexPrefillOptions& opt = {}) {
+  constexpr const char* where = "methods::flex_prefill::select";
+  namespace sd = methods::detail;
+  const index_t G = sd::validate_qk(q, k, where);
+  require(!std::isnan(opt.gamma) && opt.gamma > 0.0, where, "gamma must be > 0 (>= 1: dense), got ",
+          opt.gamma);
+  require(!std::isnan(opt.tau) && opt.tau >= 0.0, where, "tau must be >= 0, got ", opt.tau);
+  require(opt.min_budget >= 0, where, "min_budget must be >= 0 tokens, got ", opt.min_budget);
+  require(opt.block >= 1, where, "block must be >= 1, got ", opt.block);
+  require(opt.last_queries >= 1, where, "last_queries must be >= 1, got ", opt.last_queries);
+  require(opt.num_threads >= 0, where, "num_threads must be >= 0, got ", opt.num_threads);
+  const float scale = sd::resolve_scale(opt.scale, q.dim, where);
+
+  const MaskShape shape{q.heads, q.tokens, k.tokens, opt.block, opt.block, true};
+  const index_t Hq = q.heads, Hkv = k.heads, d = q.dim, n_k = k.tokens, B = opt.block;
+  const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
+  const index_t w = std::min(opt.last_queries, q.tokens);
+  const bool dense = opt.gamma >= 1.0 || q.tokens == 0;
+  const index_t min_blocks = std::min(nkb, std::max<index_t>(1, (opt.min_budget + B - 1) / B));
+
+  FlexPrefillMask result;
+  result.query_aware.assign(static_cast<std::size_t>(Hq), 0);
+  result.js_distance.assign(static_cast<std::size_t>(Hq), std::numeric_limits<float>::quiet_NaN());
+  result.vertical_blocks.assign(static_cast<std::size_t>(Hq), nkb);
+  result.slash_blocks.assign(static_cast<std::size_t>(Hq), nkb);
+  BlockListBuilder builder(shape, false);
+
+  auto diag = [&](index_t qb, index_t& d0, index_t& d1) {
+    d0 = (shape.q_begin(qb) + shape.q_offset()) / B;
+    d1 = (shape.q_end(qb) - 1 + shape.q_offset()) / B;
+  };
+
+  std::vector<float> pooled_k;
+  if (!dense) {
+    pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
+    kernel::parallel_region(opt.num_threads, [&] {
+      std::vector<float> row;
+#pragma omp for schedule(dynamic, 1)
+      for (index_t hk = 0; hk < Hkv; ++hk)
+        sd::mean_pool(k, hk, B, pooled_k.data() + hk * nkb * d, row);
+    });
+  }
+
+  kernel::parallel_region(opt.num_threads, [&] {
+    sd::EstimateScratch est;
+    sd::PooledScratch ps;
+    std::vector<float> vertical, slash, vb, sb, a, qmean, row, pooled_q;
+    std::vector<std::int32_t> order, vsel, ssel;
+    std::vector<std::uint8_t> mark;
+    std::vector<index_t> keep;
+#pragma omp for schedule(dynamic, 1)
+    for (index_t h = 0; h < Hq; ++h) {
+      if (dense) {
+        for (index_t qb = 0; qb < nqb; ++qb) {
+          index_t d0, d1;
+          diag(qb, d0, d1);
+          keep.clear();
+          for (index_t kb = 0; kb <= d1; ++kb) keep.push_back(kb);
+          builder.set_row(h, qb, keep, true);
+        }
+        continue;
+      }
+      const index_t hk = h / G;
+      const float* pk = pooled_k.data() + hk * nkb * d;
+      // 1. Estimate.
+      vertical.resize(static_cast<std::size_t>(n_k));
+      slash.resize(static_cast<std::size_t>(n_k));
+      sd::last_queries_mass(q, k, h, hk, w, scale, est, vertical.data(), slash.data());
+      const float inv_w = 1.0f / static_cast<float>(w);
+      for (index_t j = 0; j < n_k; ++j) {
+        vertical[static_cast<std::size_t>(j)] *= inv_w;
+        slash[static_cast<std::size_t>(j)] *= inv_w;
+      }
+      // 2. Budgets by cumulative mass, in blocks.
+      sd::order_by_score(vertical.data(), n_k, order);
+      index_t nv = sd::cover_count(vertical.data(), order, opt.gamma) / B + 1;
+      sd::order_by_score(slash.data(), n_k, order);
+      index_t ns = sd::cover_count(slash.data(), order, opt.gamma) / B + 1;
+      nv = std::clamp(nv, min_blocks, nkb);
+      ns = std::clamp(ns, min_blocks, nkb);
+      vb.assign(static_cast<std::size_t>(nkb), 0.0f);
+      sb.assign(static_cast<std::size_t>(nkb), 0.0f);
+      for (index_t j = 0; j < n_k; ++j) {
+        vb[static_cast<std::size_t>(j / B)] += vertical[static_cast<std::size_t>(j)];
+        sb[static_cast<std::size_t>(j / B)] += slash[static_cast<std::size_t>(j)];
+      }
+      // 3. Query-aware test.
+      qmean.assign(static_cast<std::size_t>(d), 0.0f);
+      row.resize(static_cast<std::size_t>(d));
+      for (index_t i = q.tokens - w; i < q.tokens; ++i) {
+        load_row(q.row(h, i), q.stride_dim, row.data(), d);
+        for (index_t c = 0; c < d; ++c)
+          qmean[static_cast<std::size_t>(c)] += row[static_cast<std::size_t>(c)];
+      }
+      a.assign(static_cast<std::size_t>(nkb), 0.0f);
+      for (index_t kb = 0; kb < nkb; ++kb) {
+        float dot = 0.0f;
+        for (index_t c = 0; c < d; ++c) dot += qmean[static_cast<std::size_t>(c)] * pk[kb * d + c];
+        a[static_cast<std::size_t>(kb)] = dot * inv_w * scale;
+      }
+      sd::softmax(a.data(), nkb);
+      const double js = sd::sqrt_js_divergence(a.data(), vb.data(), nkb);
+      const bool query_aware = js < opt.tau;
+      if (query_aware) nv = ns = min_blocks;
+      result.query_aware[static_cast<std::size_t>(h)] = query_aware ? 1 : 0;
+      result.js_distance[static_cast<std::size_t>(h)] = static_cast<float>(js);
+      result.vertical_blocks[static_cast<std::size_t>(h)] = nv;
+      result.slash_blocks[static_cast<std::size_t>(h)] = ns;
+      // 4. Top vertical blocks and slash blocks (block 0 of each forced).
+      vb[0] = sb[0] = sd::kInf;
+      vsel.resize(static_cast<std::size_t>(nkb));
+      std::iota(vsel.begin(), vsel.end(), 0);
+      sd::keep_top_k(vb.data(), vsel, nv);
+      ssel.resize(static_cast<std::size_t>(nkb));
+      std::iota(ssel.begin(), ssel.end(), 0);
+      sd::keep_top_k(sb.data(), ssel, ns);
+
+      mark.assign(static_cast<std::size_t>(nkb), 0);
+      auto emit = [&](index_t qb, const float* scores, index_t n_scores) {
+        index_t d0, d1;
+        diag(qb, d0, d1);
+        for (std::int32_t v : vsel)
+          if (v <= d1) mark[static_cast<std::size_t>(v)] = 1;
+        for (std::int32_t s : ssel)
+          for (index_t kb = std::max<index_t>(0, d0 - s); kb <= d1 - s; ++kb)
+            mark[static_cast<std::size_t>(kb)] = 1;
+        if (scores != nullptr) {  // query-aware: blocks covering gamma of the row's estimate
+          a.assign(scores, scores + n_scores);
+          sd::softmax(a.data(), n_scores);
+          sd::order_by_score(a.data(), n_scores, order);
+          const index_t c = sd::cover_count(a.data(), order, opt.gamma);
+          for (index_t t = 0; t < c; ++t)
+            mark[static_cast<std::size_t>(order[static_cast<std::size_t>(t)])] = 1;
+        }
+        keep.clear();
+        for (index_t kb = 0; kb <= d1; ++kb)
+          if (mark[static_cast<std::size_t>(kb)]) {
+            keep.push_back(kb);
+            mark[static_cast<std::size_t>(kb)] = 0;
+          }
+        builder.set_row(h, qb, keep, true);
+      };
+      if (!query_aware) {
+        for (index_t qb = 0; qb < nqb; ++qb) emit(qb, nullptr, 0);
+        continue;
+      }
+      pooled_q.resize(static_cast<std::size_t>(nqb * d));
+      sd::mean_pool(q, h, B, pooled_q.data(), row);
+      sd::pooled_scores(
+          pooled_q.data(), nqb, pk, nkb, d, scale,
+          [&](index_t qb) {
+            index_t d0, d1;
+            diag(qb, d0, d1);
+            return d1 + 1;
+          },
+          ps, emit);
+    }
+  });
+  static_cast<BlockListMask<AllowAll>&>(result) = builder.build();
+  return result;
+}
+
+}  // namespace flex_prefill
+}  // namespace sparse_attn::methods
