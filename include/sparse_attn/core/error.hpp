@@ -22,10 +22,14 @@ std::string concat(const Args&... args) {
 }
 }  // namespace detail
 
-/// Throws sparse_attn::invalid_argument("<where>: <message pieces>") when cond is false.
+/// Throws sparse_attn::invalid_argument("<where>: <message pieces>") when cond is false. Leading
+/// ':' and ' ' of the pieces are dropped, so callers may or may not start them with ": ".
 template <class... Args>
 inline void require(bool cond, const char* where, const Args&... what) {
-  if (!cond) throw invalid_argument(detail::concat(where, ": ", what...));
+  if (cond) return;
+  std::string msg = detail::concat(what...);
+  msg.erase(0, msg.find_first_not_of(": "));
+  throw invalid_argument(std::string(where) + ": " + msg);
 }
 
 }  // namespace sparse_attn

@@ -106,11 +106,22 @@ template <class Pred = AllowAll>
 class BlockListMask {
  public:
   BlockListMask() = default;
+  /// known_pairs >= 0: the caller's exact pair count (skips the O(listed blocks x b^2) count;
+  /// checked against count_pairs in debug builds); < 0: counted here.
   BlockListMask(MaskShape shape, bool head_shared, std::vector<index_t> row_offsets,
-                std::vector<std::int32_t> blocks, std::vector<std::uint8_t> full, Pred pred = {})
+                std::vector<std::int32_t> blocks, std::vector<std::uint8_t> full, Pred pred = {},
+                index_t known_pairs = -1)
       : shape_(shape), shared_(head_shared), offsets_(std::move(row_offsets)),
         blocks_(std::move(blocks)), full_(std::move(full)), pred_(std::move(pred)) {
-    pairs_ = count_pairs(*this);
+    if (known_pairs >= 0) {
+      pairs_ = known_pairs;
+#ifndef NDEBUG
+      require(pairs_ == count_pairs(*this), "BlockListMask", "known_pairs ", known_pairs,
+              " differs from the mask's own count ", count_pairs(*this));
+#endif
+    } else {
+      pairs_ = count_pairs(*this);
+    }
   }
 
   const MaskShape& shape() const { return shape_; }
@@ -168,8 +179,9 @@ class BlockListBuilder {
     for (index_t kb : kbs) r.push_back({static_cast<std::int32_t>(kb), full});
   }
 
+  /// known_pairs: see BlockListMask's constructor (< 0: count the pairs).
   template <class Pred = AllowAll>
-  BlockListMask<Pred> build(Pred pred = {}) {
+  BlockListMask<Pred> build(Pred pred = {}, index_t known_pairs = -1) {
     const index_t nkb = shape_.num_k_blocks(), nqb = shape_.num_q_blocks();
     std::vector<index_t> offsets(rows_.size() + 1, 0);
     for (std::size_t r = 0; r < rows_.size(); ++r) {
@@ -204,7 +216,7 @@ class BlockListBuilder {
             (rows_[r][e].full && Pred::trivial) ? 1 : 0;
       }
     return BlockListMask<Pred>(shape_, shared_, std::move(offsets), std::move(idx), std::move(full),
-                               std::move(pred));
+                               std::move(pred), known_pairs);
   }
 
  private:

@@ -286,7 +286,9 @@ auto select(const TensorView<QT>& q, const TensorView<KT>& k, const VerticalSlas
       }
     }
   });
-  static_cast<BlockListMask<Pred>&>(result) = builder.build(std::move(pred));
+  // The exact mode's pair count has an O(n) closed form; counting elementwise costs O(n^2 / CR).
+  const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, opt.num_threads);
+  static_cast<BlockListMask<Pred>&>(result) = builder.build(std::move(pred), known);
   return result;
 }
 

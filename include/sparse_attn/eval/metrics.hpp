@@ -1,0 +1,229 @@
+// Fidelity metrics of a sparse attention output against dense attention on the same Q/K/V, and the
+// log-linear fit of error against compression and length (METHODS.md 9-10).
+//
+//   relative L2 error    ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over the
+//                        whole output (the "layer output" error of METHODS.md 10).
+//   attention-mass recall  share of a row's dense softmax mass on the pairs the method computed:
+//                        sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where
+//                        lse_method is the LSE the kernel reports over exactly the pairs it computed.
+//                        Exact for every row at the cost of the sparse kernel itself; no sampling.
+//   top-1 recall         share of rows whose dense argmax key (ties toward the lower index) was
+//                        computed by the method. The argmax needs the dense logits: O(n_q n_k d)
+//                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
+#pragma once
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+namespace sparse_attn::eval {
+
+inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+/// Rows whose top-1 recall is measured: every row up to this many queries, else a sample.
+inline constexpr index_t kTop1AllRows = 8192;
+/// Size of the sample above kTop1AllRows.
+inline constexpr index_t kTop1SampleRows = 2048;
+
+/// Query rows for top-1 recall: all of [0, n_q) when n_q <= kTop1AllRows, else kTop1SampleRows rows
+/// evenly strided over [0, n_q) that always include the last row (deterministic).
+inline std::vector<index_t> top1_rows(index_t n_q) {
+  std::vector<index_t> rows;
+  if (n_q <= kTop1AllRows) {
+    rows.resize(static_cast<std::size_t>(n_q));
+    std::iota(rows.begin(), rows.end(), index_t{0});
+    return rows;
+  }
+  for (index_t s = 0; s < kTop1SampleRows; ++s)
+    rows.push_back((n_q - 1) - (kTop1SampleRows - 1 - s) * (n_q - 1) / (kTop1SampleRows - 1));
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+/// Dense argmax key of query rows `rows` of every query head: result[h * rows.size() + r] =
+/// argmax_{j <= position(rows[r])} q_h,r . k_{h/G},j (ties toward the lower j; the scale does not
+/// change the argmax). Queries are the last n_q of the n_k positions. Blocked Eigen GEMMs.
+inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
+                                         const TensorView<const float>& k,
+                                         const std::vector<index_t>& rows, bool causal = true) {
+  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  require(q.heads % k.heads == 0 && q.dim == k.dim && q.tokens <= k.tokens, "eval::dense_argmax",
+          "inconsistent Q/K shapes");
+  const index_t G = q.heads / k.heads, d = q.dim, n_k = k.tokens, off = k.tokens - q.tokens;
+  const index_t nr = static_cast<index_t>(rows.size());
+  constexpr index_t kChunk = 64;
+  const index_t chunks = (nr + kChunk - 1) / kChunk;
+  std::vector<index_t> best(static_cast<std::size_t>(q.heads * nr), 0);
+  // Contiguous fp32 keys per KV head (views may be strided).
+  std::vector<Mat> keys(static_cast<std::size_t>(k.heads));
+  for (index_t hk = 0; hk < k.heads; ++hk) {
+    Mat& km = keys[static_cast<std::size_t>(hk)];
+    km.resize(n_k, d);
+    for (index_t j = 0; j < n_k; ++j)
+      for (index_t c = 0; c < d; ++c) km(j, c) = k(hk, j, c);
+  }
+#pragma omp parallel
+  {
+    Mat qc, s;
+#pragma omp for schedule(dynamic, 1)
+    for (index_t item = 0; item < q.heads * chunks; ++item) {
+      const index_t h = item / chunks, c0 = (item % chunks) * kChunk;
+      const index_t m = std::min(kChunk, nr - c0);
+      const index_t last_pos = causal ? rows[static_cast<std::size_t>(c0 + m - 1)] + off : n_k - 1;
+      const index_t width = std::min(n_k, last_pos + 1);
+      qc.resize(m, d);
+      for (index_t r = 0; r < m; ++r)
+        for (index_t c = 0; c < d; ++c) qc(r, c) = q(h, rows[static_cast<std::size_t>(c0 + r)], c);
+      s.noalias() = qc * keys[static_cast<std::size_t>(h / G)].topRows(width).transpose();
+      for (index_t r = 0; r < m; ++r) {
+        const index_t lim = causal ? std::min(width, rows[static_cast<std::size_t>(c0 + r)] + off + 1) : width;
+        index_t arg = 0;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (index_t j = 0; j < lim; ++j)
+          if (s(r, j) > mx) {
+            mx = s(r, j);
+            arg = j;
+          }
+        best[static_cast<std::size_t>(h * nr + c0 + r)] = arg;
+      }
+    }
+  }
+  return best;
+}
+
+/// Relative L2 errors of `got` against `ref`, both [heads, rows, dv] (any strides).
+struct OutputError {
+  std::vector<double> per_head;  // ||O_h - R_h|| / ||R_h|| (0 when both are 0)
+  double overall = 0.0;          // ||O - R|| / ||R|| over every head: the layer-output error
+  double median_head() const {
+    if (per_head.empty()) return kNaN;
+    std::vector<double> v = per_head;
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  }
+  double worst_head() const {
+    return per_head.empty() ? kNaN : *std::max_element(per_head.begin(), per_head.end());
+  }
+};
+
+inline OutputError output_error(const TensorView<const float>& got, const TensorView<const float>& ref) {
+  require(got.heads == ref.heads && got.tokens == ref.tokens && got.dim == ref.dim,
+          "eval::output_error", "shape mismatch");
+  OutputError e;
+  double num_all = 0.0, den_all = 0.0;
+  for (index_t h = 0; h < ref.heads; ++h) {
+    double num = 0.0, den = 0.0;
+    for (index_t i = 0; i < ref.tokens; ++i)
+      for (index_t c = 0; c < ref.dim; ++c) {
+        const double r = ref(h, i, c), g = got(h, i, c);
+        num += (g - r) * (g - r);
+        den += r * r;
+      }
+    e.per_head.push_back(den > 0.0 ? std::sqrt(num / den) : (num > 0.0 ? kNaN : 0.0));
+    num_all += num;
+    den_all += den;
+  }
+  e.overall = den_all > 0.0 ? std::sqrt(num_all / den_all) : (num_all > 0.0 ? kNaN : 0.0);
+  return e;
+}
+
+/// Attention-mass recall per row from the two LSEs: e^{lse_method - lse_dense}, clamped to [0, 1]
+/// (fp32 rounding can put a fully kept row a hair above 1). A row dense attention leaves empty
+/// counts as fully recalled.
+struct MassRecall {
+  double mean = kNaN, min = kNaN;
+};
+inline MassRecall mass_recall(const std::vector<float>& lse_method, const std::vector<float>& lse_dense) {
+  require(lse_method.size() == lse_dense.size(), "eval::mass_recall", "size mismatch");
+  MassRecall r;
+  if (lse_dense.empty()) return r;
+  double sum = 0.0, mn = 1.0;
+  for (std::size_t i = 0; i < lse_dense.size(); ++i) {
+    double m = 1.0;
+    if (std::isfinite(lse_dense[i]))
+      m = lse_method[i] == -std::numeric_limits<float>::infinity()
+              ? 0.0
+              : std::clamp(std::exp(static_cast<double>(lse_method[i]) - lse_dense[i]), 0.0, 1.0);
+    sum += m;
+    mn = std::min(mn, m);
+  }
+  r.mean = sum / static_cast<double>(lse_dense.size());
+  r.min = mn;
+  return r;
+}
+
+/// Least-squares fit of log(error) = a + b log(CR) + c log(n) over points with error > 0 and
+/// CR > 1. With a single distinct n the length term is not identifiable: c = 0 and
+/// length_term = false. r2 is the coefficient of determination of log(error).
+struct LogLinearFit {
+  double a = kNaN, b = kNaN, c = kNaN, r2 = kNaN;
+  index_t points = 0;
+  bool length_term = false;
+  bool ok() const { return std::isfinite(a); }
+};
+
+struct FitPoint {
+  double error, compression, tokens;
+};
+
+inline LogLinearFit fit_log_linear(const std::vector<FitPoint>& pts_in) {
+  std::vector<FitPoint> pts;
+  for (const FitPoint& p : pts_in)
+    if (std::isfinite(p.error) && p.error > 0.0 && std::isfinite(p.compression) &&
+        p.compression > 1.0 + 1e-9 && p.tokens > 0.0)
+      pts.push_back(p);
+  LogLinearFit f;
+  f.points = static_cast<index_t>(pts.size());
+  bool many_n = false;
+  for (const FitPoint& p : pts) many_n = many_n || p.tokens != pts.front().tokens;
+  const int cols = many_n ? 3 : 2;
+  if (static_cast<int>(pts.size()) < cols + 1) return f;
+  Eigen::MatrixXd X(static_cast<Eigen::Index>(pts.size()), cols);
+  Eigen::VectorXd y(static_cast<Eigen::Index>(pts.size()));
+  for (std::size_t i = 0; i < pts.size(); ++i) {
+    const auto r = static_cast<Eigen::Index>(i);
+    X(r, 0) = 1.0;
+    X(r, 1) = std::log(pts[i].compression);
+    if (many_n) X(r, 2) = std::log(pts[i].tokens);
+    y(r) = std::log(pts[i].error);
+  }
+  const Eigen::VectorXd beta = X.colPivHouseholderQr().solve(y);
+  const Eigen::VectorXd res = y - X * beta;
+  const double mean = y.mean();
+  const double ss_tot = (y.array() - mean).square().sum();
+  f.a = beta(0);
+  f.b = beta(1);
+  f.c = many_n ? beta(2) : 0.0;
+  f.length_term = many_n;
+  f.r2 = ss_tot > 0.0 ? 1.0 - res.squaredNorm() / ss_tot : 1.0;
+  return f;
+}
+
+/// The compression at which a monotone-ish error curve first reaches `level`, interpolated
+/// linearly in log(error) vs log(CR) between the two sweep points that bracket it (the first point
+/// at or above `level` when no positive error precedes it); NaN if the curve never reaches it.
+/// Points must be sorted by compression.
+inline double crossing_compression(const std::vector<std::pair<double, double>>& cr_err, double level) {
+  double prev_cr = 1.0, prev_err = 0.0;
+  for (const auto& [cr, err] : cr_err) {
+    if (!(err >= 0.0) || !std::isfinite(cr)) continue;
+    if (err >= level) {
+      if (prev_err <= 0.0) return cr;  // nothing below to interpolate from (log 0)
+      const double t = (std::log(level) - std::log(prev_err)) / (std::log(err) - std::log(prev_err));
+      return std::exp(std::log(prev_cr) + t * (std::log(cr) - std::log(prev_cr)));
+    }
+    prev_cr = cr;
+    prev_err = err;
+  }
+  return kNaN;
+}
+
+}  // namespace sparse_attn::eval
