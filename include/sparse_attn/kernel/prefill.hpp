@@ -75,13 +75,17 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
     const Packet alpha = masked_exp(psub(m_old, m_use));
     Packet sum = zero;
     for (index_t j = 0; j < nk; ++j) {
-      const Packet p = masked_exp(psub(pload<Packet>(s + j * ldq + i), m_use));
+      // Full blocks hold finite logits <= m: plain e^x (below -88 it is ~1e-38, not 0: harmless
+      // beside the row's max term 1). Partial blocks hold -inf, which must give exactly 0.
+      const Packet x = psub(pload<Packet>(s + j * ldq + i), m_use);
+      const Packet p = full ? pexp(x) : masked_exp(x);
       pstore(s + j * ldq + i, p);
       sum = padd(sum, p);
     }
     pstore(l + i, pmadd(pload<Packet>(l + i), alpha, sum));
     pstore(m + i, mx);
-    for (index_t c = 0; c < dv; ++c) pstore(ot + c * ldq + i, pmul(pload<Packet>(ot + c * ldq + i), alpha));
+    if (predux_min(alpha) != 1.0f)  // the running max moved for some row of this packet
+      for (index_t c = 0; c < dv; ++c) pstore(ot + c * ldq + i, pmul(pload<Packet>(ot + c * ldq + i), alpha));
   }
   for (index_t t = 0; t < width; t += mk::kTileQ)
     mk::pv_block(s + t, ldq, static_cast<int>(nk), vp, ldv, static_cast<int>(dv), ot + t, ldq);
