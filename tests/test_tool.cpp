@@ -825,3 +825,58 @@ TEST_F(Decode, RejectsKvShapeMismatchInDecode) {
 }
 
 }  // namespace
+
+// =============================================================================================
+// Hardening (issue 6): tool inputs the sections above do not cover. The library API's bad-input
+// catalogue, NaN policy and long-context tests are in test_hardening.cpp (docs/ROBUSTNESS.md).
+// =============================================================================================
+namespace {
+
+TEST_F(Attend, RejectsZeroLengthArrays) {
+  for (auto [n, d] : {std::pair<index_t, index_t>{0, 16}, {37, 0}}) {
+    Problem p;
+    p.n_q = p.n_k = n;
+    p.d = d;
+    p.fill(41);
+    expect_rejected(write_inputs(p), "every extent must be >= 1");
+  }
+}
+
+TEST_F(Attend, NaNInputPropagatesToTheRowsThatReadIt) {
+  // The library's policy (ROBUSTNESS.md): not rejected, no crash; a NaN in query row i makes
+  // row i NaN and nothing else.
+  Problem p;
+  p.fill(42);
+  p.q[static_cast<std::size_t>((1 * p.n_q + 20) * p.d + 3)] = std::numeric_limits<float>::quiet_NaN();
+  const RunResult r = run(write_inputs(p));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const std::vector<float> o = read_npy(path("o.npy")).values<float>();
+  for (index_t h = 0; h < p.hq; ++h)
+    for (index_t i = 0; i < p.n_q; ++i) {
+      const float x = o[static_cast<std::size_t>((h * p.n_q + i) * p.d)];
+      EXPECT_EQ(std::isnan(x), h == 1 && i == 20) << "head " << h << " row " << i;
+    }
+}
+
+TEST_F(Decode, RejectsNonFiniteCompression) {
+  for (const char* cr : {"nan", "inf"})
+    expect_rejected(with(good_decode_args(), {"--method", "quest", "--compression", cr}),
+                    "--compression must be finite and >= 1");
+}
+
+TEST_F(Decode, RejectsNegativeThreads) {
+  expect_rejected(with(good_decode_args(), {"--threads", "-1"}), "--threads must be >= 0");
+}
+
+TEST_F(Decode, RejectsNonFiniteScale) {
+  expect_rejected(with(good_decode_args(), {"--scale", "nan"}), "--scale must be finite and > 0");
+}
+
+TEST_F(Decode, RejectsQueryHeadsNotMultipleOfKvHeads) {
+  Problem p;
+  p.hq = 3;
+  p.fill(43);
+  expect_rejected(decode_inputs(p, 2), "must be a multiple of K/V heads");
+}
+
+}  // namespace

@@ -20,6 +20,11 @@ int report(int code, const std::string& msg) {
 
 }  // namespace
 
+namespace sparse_attn::cli {
+Command add_eval_command(CLI::App& root);      // cmd_eval.cpp
+Command add_frontier_command(CLI::App& root);  // cmd_frontier.cpp
+}  // namespace sparse_attn::cli
+
 int main(int argc, char** argv) {
   using namespace sparse_attn::cli;
   CLI::App app{"sparse-attn: CPU sparse attention kernels on .npy tensors", "sparse-attn"};
@@ -29,6 +34,8 @@ int main(int argc, char** argv) {
   std::vector<Command> commands;
   commands.push_back(add_attend_command(app));
   commands.push_back(add_decode_command(app));
+  commands.push_back(add_eval_command(app));
+  commands.push_back(add_frontier_command(app));
 
   try {
     app.parse(argc, argv);

@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <Eigen/Core>
+#include <Eigen/QR>
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -207,23 +208,27 @@ inline LogLinearFit fit_log_linear(const std::vector<FitPoint>& pts_in) {
   return f;
 }
 
-/// The compression at which a monotone-ish error curve first reaches `level`, interpolated
-/// linearly in log(error) vs log(CR) between the two sweep points that bracket it (the first point
-/// at or above `level` when no positive error precedes it); NaN if the curve never reaches it.
-/// Points must be sorted by compression.
-inline double crossing_compression(const std::vector<std::pair<double, double>>& cr_err, double level) {
+/// Where an error curve first reaches `level`: interpolated linearly in log(error) vs log(CR)
+/// between the two sweep points that bracket it (bracketed); below the first sparse point when that
+/// point is already at or above `level` (cr = that point's CR: the crossing is somewhere in
+/// (1, cr]); never within the sweep (cr = NaN). Points must be sorted by compression.
+struct Crossing {
+  enum Kind { bracketed, below_first, never } kind = never;
+  double cr = kNaN;
+};
+inline Crossing crossing_compression(const std::vector<std::pair<double, double>>& cr_err, double level) {
   double prev_cr = 1.0, prev_err = 0.0;
   for (const auto& [cr, err] : cr_err) {
-    if (!(err >= 0.0) || !std::isfinite(cr)) continue;
+    if (!(err >= 0.0) || !std::isfinite(cr) || cr <= 1.0 + 1e-9) continue;
     if (err >= level) {
-      if (prev_err <= 0.0) return cr;  // nothing below to interpolate from (log 0)
+      if (prev_err <= 0.0) return {Crossing::below_first, cr};
       const double t = (std::log(level) - std::log(prev_err)) / (std::log(err) - std::log(prev_err));
-      return std::exp(std::log(prev_cr) + t * (std::log(cr) - std::log(prev_cr)));
+      return {Crossing::bracketed, std::exp(std::log(prev_cr) + t * (std::log(cr) - std::log(prev_cr)))};
     }
     prev_cr = cr;
     prev_err = err;
   }
-  return kNaN;
+  return {};
 }
 
 }  // namespace sparse_attn::eval

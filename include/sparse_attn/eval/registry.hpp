@@ -44,7 +44,13 @@ namespace sparse_attn::eval {
 /// Settings every adapter may read.
 struct AdapterContext {
   int num_threads = 0;  // 0: OpenMP default
+  // H2O prompt queries that seed its scores: -1 = every prompt query up to kH2OExactTokens
+  // tokens, the last kH2OSeedQueries above (the exact column sums cost O(n^2 d) per target CR);
+  // 0 = always every query; k > 0 = the last k.
+  index_t h2o_prefill_queries = -1;
 };
+inline constexpr index_t kH2OExactTokens = 8192;
+inline constexpr index_t kH2OSeedQueries = 2048;
 
 // ---------------------------------------------------------------------------------------------
 // Prefill
@@ -157,7 +163,8 @@ PrefillSelection vertical_slash_prefill(const Problem& p, double cr, const Adapt
 }
 
 // FlexPrefill sets no CR: gamma (mass to cover) is searched so that the measured CR is the largest
-// not above the target (bisection on x = -log10(1 - gamma), 12 steps, gamma in [0.045, 0.9999]).
+// not above the target (bisection on x = -log10(1 - gamma), 12 steps, gamma in [0.045, 0.9999];
+// the CR is monotone in gamma up to the per-head query-aware decisions).
 // min_budget = min(512, n / (3 CR)) tokens (the default 512 alone caps CR near n / 1536), and the
 // original block size 128 and last 128 queries.
 inline PrefillSelection flex_prefill_prefill(const Problem& p, double cr, const AdapterContext& c) {
@@ -175,19 +182,24 @@ inline PrefillSelection flex_prefill_prefill(const Problem& p, double cr, const 
     return methods::flex_prefill::select(p.q, p.k, o);
   };
   double lo = 0.02, hi = 4.0;  // CR(lo) high, CR(hi) near dense
-  auto best = at(lo);
-  bool reachable = best.compression() >= cr;
+  auto sparsest = at(lo);
+  const bool reachable = sparsest.compression() >= cr;
   double best_x = lo;
-  if (reachable) {
-    for (int it = 0; it < 12; ++it) {
+  methods::FlexPrefillMask best;
+  if (!reachable) {
+    best = std::move(sparsest);
+  } else {
+    best = at(hi);
+    best_x = hi;
+    for (int it = 0; it < 12; ++it) {  // invariant: CR(lo) >= target > CR(hi) (or hi = start)
       const double mid = 0.5 * (lo + hi);
       auto m = at(mid);
-      if (m.compression() >= cr) {
+      if (m.compression() > cr) {
         lo = mid;
-        best = std::move(m);
-        best_x = mid;
       } else {
         hi = mid;
+        best = std::move(m);
+        best_x = mid;
       }
     }
   }
@@ -324,8 +336,9 @@ DecodePolicy snapkv_decode(const Problem& p, const DecodeSetup& s, double cr, co
   return pol;
 }
 
-// H2O: H + R = ceil(n_k / CR) (R the larger half); scores seeded by every prompt query (exact
-// column sums, O(n^2 d)), evicted after the prompt and after every step's kernel.
+// H2O: H + R = ceil(n_k / CR) (R the larger half); scores seeded by the prompt queries (exact
+// column sums, O(n^2 d); see AdapterContext::h2o_prefill_queries above 8192 tokens), evicted after
+// the prompt and after every step's kernel.
 inline DecodePolicy h2o_decode(const Problem& p, const DecodeSetup& s, double cr,
                                const AdapterContext& c) {
   DecodePolicy pol;
@@ -336,7 +349,10 @@ inline DecodePolicy h2o_decode(const Problem& p, const DecodeSetup& s, double cr
   o.budget = budget;
   o.scale = p.scale;
   o.num_threads = c.num_threads;
+  o.prefill_queries = c.h2o_prefill_queries >= 0 ? c.h2o_prefill_queries
+                      : s.tokens > kH2OExactTokens ? kH2OSeedQueries : 0;
   st->detail = detail_reg::str("H+R=", budget);
+  if (o.prefill_queries > 0) st->detail += detail_reg::str(" seeded by last ", o.prefill_queries, " queries");
   pol.after_prompt = [=](const TensorView<const float>& qp, EvalCache& cache) {
     state->reset(cache, o);
     if (budget >= s.tokens) return;  // never evicts: skip the O(n^2) scores

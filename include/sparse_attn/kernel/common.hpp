@@ -45,12 +45,16 @@ template <class QV, class KV, class VV, class OV>
 index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, const char* where) {
   validate_view(q, "q");
   validate_view(out, "out", true);
+  // K/V of other view types (kv::PagedView) come from a kv::Cache, which keeps them consistent.
+  if constexpr (is_tensor_view<KV>::value) validate_view(k, "k");
+  if constexpr (is_tensor_view<VV>::value) validate_view(v, "v");
   require(k.heads >= 1 && v.heads >= 1, where, ": K and V need >= 1 head, got K ", k.heads,
           ", V ", v.heads);
   require(k.heads == v.heads && k.tokens == v.tokens, where, ": K is [", k.heads, ", ", k.tokens,
           ", ", k.dim, "] but V is [", v.heads, ", ", v.tokens, ", ", v.dim,
           "]; K and V must have the same heads and tokens");
-  require(q.dim == k.dim, where, ": head_dim of Q (", q.dim, ") differs from K (", k.dim, ")");
+  require(q.dim == k.dim, where, ": head_dim of Q (", q.dim, ") differs from K (", k.dim,
+          "); they must be equal");
   require(q.dim >= 1 && v.dim >= 1, where, ": head_dim must be >= 1");
   require(q.heads % k.heads == 0, where, ": Hq=", q.heads, " is not a multiple of Hkv=", k.heads,
           " (GQA needs Hq % Hkv == 0)");
@@ -79,11 +83,29 @@ const float* fp32_rows(const View& view, index_t h, index_t t0, index_t n, float
   return buf;
 }
 
-/// e^x with e^x = 0 exactly for x below -87 (and for -inf), so masked logits never leak weight.
+/// e^x with e^x = 0 exactly for x <= -87 (and for -inf), so masked logits never leak weight. NaN
+/// stays NaN: a corrupt logit poisons its row instead of vanishing (docs/ROBUSTNESS.md).
 inline mk::Packet masked_exp(const mk::Packet& x) {
   using namespace Eigen::internal;
-  const mk::Packet keep = pcmp_lt(pset1<mk::Packet>(-87.0f), x);
-  return pand(keep, pexp(pmax(x, pset1<mk::Packet>(-87.0f))));
+  const mk::Packet lo = pset1<mk::Packet>(-87.0f);
+  return pandnot(pexp(pmax(x, lo)), pcmp_le(x, lo));  // pmax(NaN, lo) = NaN; NaN <= lo is false
+}
+
+/// True when n rows of w floats at p (row stride ld) are all finite: x * 0 is 0, or NaN for
+/// +-inf and NaN.
+inline bool all_finite(const float* p, index_t n, index_t w, index_t ld) {
+  using namespace Eigen::internal;
+  const mk::Packet zero = pset1<mk::Packet>(0.0f);
+  mk::Packet acc = zero;
+  float tail = 0.0f;
+  for (index_t j = 0; j < n; ++j) {
+    const float* r = p + j * ld;
+    index_t c = 0;
+    for (; c + mk::kLanes <= w; c += mk::kLanes)
+      acc = padd(acc, pmul(ploadu<mk::Packet>(r + c), zero));
+    for (; c < w; ++c) tail += r[c] * 0.0f;
+  }
+  return predux(acc) + tail == 0.0f;
 }
 
 /// Runs body() in an OpenMP parallel region with the requested thread count (0 = default).

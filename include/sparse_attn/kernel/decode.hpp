@@ -7,6 +7,8 @@
 // online-softmax state (o, m, l) and the partials are merged exactly, in chunk order.
 //
 // Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
+// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
+// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -135,6 +137,8 @@ class DecodeItemRunner {
       }
       gather(hk, nj);
       const bool masked = causal_ && keys_[nj - 1] >= first_masked;
+      nbad_ = 0;
+      if (masked) isolate_nonfinite(hk, nj, first_masked);
       switch (KR_) {
         case 4: block<4>(nj, masked, out); break;
         case 2: block<2>(nj, masked, out); break;
@@ -182,6 +186,47 @@ class DecodeItemRunner {
     }
   }
 
+  // Keys some row may not see (the newest n_q - 1) whose V row holds NaN or inf (corrupt data
+  // only): a masked pair's 0 * NaN must not reach those rows. P.V reads a copy with the
+  // non-finite elements zeroed (the same bits for every other row); add_nonfinite() then adds
+  // them to the rows allowed to see the key.
+  void isolate_nonfinite(index_t hk, int nj, index_t first_masked) {
+    for (int jj = 0; jj < nj; ++jj) {
+      if (keys_[jj] < first_masked) continue;
+      load_row(v_.row(hk, keys_[jj]), v_.stride_dim, tmp_.data(), dv_);
+      if (all_finite(tmp_.data(), 1, dv_, dv_)) continue;
+      bad_[nbad_++] = jj;
+      if (v_direct_) {
+        vfix_.resize(static_cast<std::size_t>(kDecodeBlock * dvp_), TV(0.0f));
+        TV* dst = vfix_.data() + jj * dvp_;
+        for (index_t c = 0; c < dv_; ++c)
+          dst[c] = std::isfinite(tmp_[static_cast<std::size_t>(c)]) ? vraw_[jj][c] : TV(0.0f);
+        vraw_[jj] = dst;
+      } else {
+        float* dst = vbuf_.data() + jj * dvp_;  // vf_[jj]: our converted copy
+        for (index_t c = 0; c < dv_; ++c)
+          if (!std::isfinite(dst[c])) dst[c] = 0.0f;
+      }
+    }
+    hk_ = hk;
+  }
+  template <int KR>
+  void add_nonfinite(const float* sg, index_t r0, float* o) {
+    for (int b = 0; b < nbad_; ++b) {
+      const int jj = bad_[b];
+      load_row(v_.row(hk_, keys_[jj]), v_.stride_dim, tmp_.data(), dv_);
+      for (int rr = 0; rr < KR && r0 + rr < R_; ++rr) {
+        const index_t r = r0 + rr;
+        if (keys_[jj] > n_k_ - n_q_ + r % n_q_) continue;  // row r may not see this key
+        for (index_t c = 0; c < dvp_; ++c) {
+          const index_t dim = out_dim(c);
+          if (dim < dv_ && !std::isfinite(tmp_[static_cast<std::size_t>(dim)]))
+            o[r * dvp_ + c] += sg[jj * KR + rr] * tmp_[static_cast<std::size_t>(dim)];
+        }
+      }
+    }
+  }
+
   template <int KR>
   void block(int nj, bool masked, DecodePartial out) {
     constexpr int KJ = 16 / KR;
@@ -210,6 +255,7 @@ class DecodeItemRunner {
       } else {
         pv<KR, false>(sg, nj, r0, vf_, out.o);
       }
+      if (nbad_ > 0) add_nonfinite<KR>(sg, r0, out.o);
     }
   }
 
@@ -265,12 +311,17 @@ class DecodeItemRunner {
 #if defined(__AVX512F__)
     const int np = nj_pad * KR / 16;
     __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int i = 0; i < np; ++i) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + 16 * i));
+    __mmask16 nan = 0;  // lanes holding a NaN logit: not masked, it must poison its row
+    for (int i = 0; i < np; ++i) {
+      const __m512 x = _mm512_loadu_ps(sg + 16 * i);
+      mx = _mm512_max_ps(x, mx);  // vmaxps returns its second operand for NaN: m stays a number
+      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
+    }
     mx = reduce_rows<KR>(mx, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
     const __m512 m_old = load_rows<KR>(m);
     const __m512 m_new = _mm512_max_ps(m_old, mx);
     const __mmask16 live = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
-    if (live == 0) return false;
+    if (live == 0 && nan == 0) return false;
     const __m512 m_use = _mm512_maskz_mov_ps(live, m_new);  // rows still all-masked use 0
     const __m512 a = masked_exp(_mm512_sub_ps(m_old, m_use));
     __m512 sum = _mm512_setzero_ps();
@@ -293,19 +344,24 @@ class DecodeItemRunner {
     bool any = false;
     for (int rr = 0; rr < KR; ++rr) {
       float mx = kNegInf;
-      for (int jj = 0; jj < nj_pad; ++jj) mx = std::max(mx, sg[jj * KR + rr]);
+      bool nan = false;  // a NaN logit is not masked: it must poison its row
+      for (int jj = 0; jj < nj_pad; ++jj) {
+        mx = std::max(mx, sg[jj * KR + rr]);  // std::max(a, NaN) = a: m stays a number
+        nan = nan || std::isnan(sg[jj * KR + rr]);
+      }
       const float m_new = std::max(m[rr], mx);
-      if (m_new == kNegInf) {
+      if (m_new == kNegInf && !nan) {
         for (int jj = 0; jj < nj_pad; ++jj) sg[jj * KR + rr] = 0.0f;
         alpha[rr] = 1.0f;
         continue;
       }
       any = true;
-      alpha[rr] = m[rr] == kNegInf ? 0.0f : std::exp(m[rr] - m_new);
+      const float m_use = m_new == kNegInf ? 0.0f : m_new;
+      alpha[rr] = m[rr] == kNegInf ? 0.0f : std::exp(m[rr] - m_use);
       float sum = 0.0f;
       for (int jj = 0; jj < nj_pad; ++jj) {
         float& x = sg[jj * KR + rr];
-        x = x == kNegInf ? 0.0f : std::exp(x - m_new);
+        x = x == kNegInf ? 0.0f : std::exp(x - m_use);
         sum += x;
       }
       m[rr] = m_new;
@@ -424,6 +480,9 @@ class DecodeItemRunner {
   std::vector<TK> kzero_;
   std::vector<TV> vzero_;
   std::vector<float> tmp_;
+  std::vector<TV> vfix_;                      // V rows with non-finite elements zeroed (rare)
+  int nbad_ = 0, bad_[kDecodeBlock];          // block keys whose V needs add_nonfinite()
+  index_t hk_ = 0;
   index_t keys_[kDecodeBlock];
   const TK* kraw_[kDecodeBlock];
   const TV* vraw_[kDecodeBlock];
@@ -442,6 +501,8 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
   constexpr const char* where = "decode";
   const index_t G = kernel::validate_qkvo(q, k, v, out, where);
   const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+  require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: OpenMP default), got ",
+          opt.num_threads);  // checked even when there is nothing to compute
   require(opt.split >= 16, where, ": split must be >= 16, got ", opt.split);
   keys.validate(k.tokens, q.heads, k.heads, where);
   if (q.tokens == 0 || q.heads == 0) return;
@@ -492,22 +553,23 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
       const index_t i0 = first_item[static_cast<std::size_t>(u)], i1 = first_item[static_cast<std::size_t>(u) + 1];
       float M = kNegInf;
       for (index_t i = i0; i < i1; ++i) M = std::max(M, pm[static_cast<std::size_t>(i * Rp + r)]);
+      const float M_use = M == kNegInf ? 0.0f : M;  // -inf: every chunk empty or NaN-poisoned
       std::fill(acc.begin(), acc.end(), 0.0f);
       float l = 0.0f;
-      if (M != kNegInf) {
-        for (index_t i = i0; i < i1; ++i) {
-          const float mi = pm[static_cast<std::size_t>(i * Rp + r)];
-          if (mi == kNegInf) continue;
-          const float w = std::exp(mi - M);
-          l += w * pl[static_cast<std::size_t>(i * Rp + r)];
-          const float* o = po.data() + static_cast<std::size_t>((i * Rp + r) * dvp);
-          for (index_t c = 0; c < dv; ++c) acc[static_cast<std::size_t>(runner.out_dim(c))] += w * o[c];
-        }
+      for (index_t i = i0; i < i1; ++i) {
+        const float mi = pm[static_cast<std::size_t>(i * Rp + r)];
+        const float li = pl[static_cast<std::size_t>(i * Rp + r)];
+        if (mi == kNegInf && li == 0.0f) continue;  // no key of this chunk (a NaN l is kept)
+        const float w = std::exp(mi - M_use);
+        l += w * li;
+        const float* o = po.data() + static_cast<std::size_t>((i * Rp + r) * dvp);
+        for (index_t c = 0; c < dv; ++c)
+          acc[static_cast<std::size_t>(runner.out_dim(c))] += w * o[c];
       }
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv = l != 0.0f ? 1.0f / l : 0.0f;  // l = 0: empty row; l = NaN: poisoned row
       for (auto& x : acc) x *= inv;
       store_row(acc.data(), out.row(h, t), out.stride_dim, dv);
-      if (opt.lse) opt.lse(h, t) = l > 0.0f ? M + std::log(l) : kNegInf;
+      if (opt.lse) opt.lse(h, t) = l != 0.0f ? M + std::log(l) : kNegInf;
     }
   });
 }

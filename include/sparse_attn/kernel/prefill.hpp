@@ -11,6 +11,8 @@
 // Output: out[h, i] = softmax over allowed keys, or 0 for a row with no allowed key.
 // LSE (optional): lse[h, i] = log sum_{allowed j} exp(scale * q_i . k_j) (natural log), -inf for an
 // empty row.
+// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in q_i or in the K row of a key row i may see makes
+// row i NaN (and its LSE); a non-finite V element reaches only the rows allowed to see its key.
 #pragma once
 #include <algorithm>
 #include <numeric>
@@ -35,6 +37,7 @@ struct PrefillScratch {
   aligned_vector<float> l;    // [G][ldq]      running sum of e^{s - m}
   aligned_vector<float> s;    // [bk][ldq]     logits, then probabilities
   aligned_vector<float> kbuf, vbuf, row;
+  std::vector<float> vfix;    // [bk][dv] V block with non-finite elements zeroed (rarely used)
   void reserve(index_t G, index_t d, index_t dv, index_t bq, index_t bk) {
     ldq = (bq + mk::kTileQ - 1) / mk::kTileQ * mk::kTileQ;
     qt.assign(G * d * ldq, 0.0f);
@@ -48,12 +51,13 @@ struct PrefillScratch {
   }
 };
 
-// One key block for one head's query tile: logits, mask, online softmax, P V.
+// One key block for one head's query tile: logits, mask, online softmax, P V. v_finite: the
+// block's V rows hold no NaN or inf (only needed for partial blocks).
 template <class Mask>
 inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
                           index_t nk, bool full, const float* kp, index_t ldk, const float* vp,
-                          index_t ldv, index_t d, index_t dv, PrefillScratch& ws, float* qt,
-                          float* ot, float* m, float* l) {
+                          index_t ldv, bool v_finite, index_t d, index_t dv, PrefillScratch& ws,
+                          float* qt, float* ot, float* m, float* l) {
   using namespace Eigen::internal;
   using mk::Packet;
   const index_t ldq = ws.ldq;
@@ -87,8 +91,29 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
     if (predux_min(alpha) != 1.0f)  // the running max moved for some row of this packet
       for (index_t c = 0; c < dv; ++c) pstore(ot + c * ldq + i, pmul(pload<Packet>(ot + c * ldq + i), alpha));
   }
+  if (full || v_finite) {
+    for (index_t t = 0; t < width; t += mk::kTileQ)
+      mk::pv_block(s + t, ldq, static_cast<int>(nk), vp, ldv, static_cast<int>(dv), ot + t, ldq);
+    return;
+  }
+  // A non-finite V element in a partial block (corrupt data only): a masked pair's 0 * NaN must
+  // not reach rows that may not see the key. P V runs on a copy with those elements zeroed (the
+  // same bits for every other row), then they are added to the rows allowed to see them.
+  ws.vfix.resize(static_cast<std::size_t>(nk * dv));
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c) {
+      const float x = vp[j * ldv + c];
+      ws.vfix[static_cast<std::size_t>(j * dv + c)] = std::isfinite(x) ? x : 0.0f;
+    }
   for (index_t t = 0; t < width; t += mk::kTileQ)
-    mk::pv_block(s + t, ldq, static_cast<int>(nk), vp, ldv, static_cast<int>(dv), ot + t, ldq);
+    mk::pv_block(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv, static_cast<int>(dv),
+                 ot + t, ldq);
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c)
+      if (!std::isfinite(vp[j * ldv + c]))
+        for (index_t i = 0; i < rows; ++i)
+          if (mask.allowed(mh, q0 + i, k0 + j))
+            ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
 }
 
 }  // namespace kernel
@@ -107,6 +132,8 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
           ": mask geometry (heads=", ms.heads, ", n_q=", ms.n_q, ", n_k=", ms.n_k,
           ") does not match Q/K (heads=", q.heads, ", n_q=", q.tokens, ", n_k=", k.tokens, ")");
   const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+  require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: OpenMP default), got ",
+          opt.num_threads);  // checked even when there is nothing to compute
   if (q.tokens == 0 || q.heads == 0) return;
   const index_t Hkv = k.heads, d = q.dim, dv = v.dim;
   const index_t nqb = ms.num_q_blocks(), bq = ms.block_q, bk = ms.block_k;
@@ -129,8 +156,8 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
   });
 
   kernel::parallel_region(opt.num_threads, [&] {
-    kernel::PrefillScratch ws;
-    ws.reserve(G, d, dv, bq, bk);
+    kernel::PrefillScratch ws;  // tiles never exceed the sequence, whatever the block sizes
+    ws.reserve(G, d, dv, std::min(bq, q.tokens), std::min(bk, std::max<index_t>(k.tokens, 1)));
     const index_t ldq = ws.ldq;
 #pragma omp for schedule(dynamic, 1)
     for (index_t oi = 0; oi < n_items; ++oi) {
@@ -150,32 +177,34 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
         }
       }
       auto run_head = [&](index_t g, index_t mh, index_t kb, bool full, const float* kp,
-                          index_t ldk, const float* vp, index_t ldv) {
+                          index_t ldk, const float* vp, index_t ldv, bool v_finite) {
         kernel::prefill_block(mask, mh, q0, rows, ms.k_begin(kb), ms.k_end(kb) - ms.k_begin(kb),
-                              full, kp, ldk, vp, ldv, d, dv, ws, ws.qt.data() + g * d * ldq,
-                              ws.ot.data() + g * dv * ldq, ws.m.data() + g * ldq,
-                              ws.l.data() + g * ldq);
+                              full, kp, ldk, vp, ldv, v_finite, d, dv, ws,
+                              ws.qt.data() + g * d * ldq, ws.ot.data() + g * dv * ldq,
+                              ws.m.data() + g * ldq, ws.l.data() + g * ldq);
       };
-      auto load_kv = [&](index_t kb, const float*& kp, index_t& ldk, const float*& vp,
+      // Converts (or points at) the block's K/V rows; partial blocks also check V is finite.
+      auto load_kv = [&](index_t kb, bool full, const float*& kp, index_t& ldk, const float*& vp,
                          index_t& ldv) {
         const index_t k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
         kp = kernel::fp32_rows(k, hk, k0, nk, ws.kbuf.data(), ldk);
         vp = kernel::fp32_rows(v, hk, k0, nk, ws.vbuf.data(), ldv);
+        return full || kernel::all_finite(vp, nk, dv, ldv);
       };
       if (shared) {  // one K/V conversion per block, reused by the G heads of the group
         mask.for_each_block(0, qb, [&](index_t kb, bool full) {
           const float *kp, *vp;
           index_t ldk, ldv;
-          load_kv(kb, kp, ldk, vp, ldv);
-          for (index_t g = 0; g < G; ++g) run_head(g, 0, kb, full, kp, ldk, vp, ldv);
+          const bool v_finite = load_kv(kb, full, kp, ldk, vp, ldv);
+          for (index_t g = 0; g < G; ++g) run_head(g, 0, kb, full, kp, ldk, vp, ldv, v_finite);
         });
       } else {
         for (index_t g = 0; g < G; ++g)
           mask.for_each_block(hk * G + g, qb, [&](index_t kb, bool full) {
             const float *kp, *vp;
             index_t ldk, ldv;
-            load_kv(kb, kp, ldk, vp, ldv);
-            run_head(g, hk * G + g, kb, full, kp, ldk, vp, ldv);
+            const bool v_finite = load_kv(kb, full, kp, ldk, vp, ldv);
+            run_head(g, hk * G + g, kb, full, kp, ldk, vp, ldv, v_finite);
           });
       }
       // Normalise and store.
@@ -184,11 +213,11 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
         const float* ot = ws.ot.data() + g * dv * ldq;
         const float* m = ws.m.data() + g * ldq;
         const float* l = ws.l.data() + g * ldq;
-        for (index_t i = 0; i < rows; ++i) {
-          const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (index_t i = 0; i < rows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
+          const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
           for (index_t c = 0; c < dv; ++c) ws.row[static_cast<std::size_t>(c)] = ot[c * ldq + i] * inv;
           store_row(ws.row.data(), out.row(h, q0 + i), out.stride_dim, dv);
-          if (opt.lse) opt.lse(h, q0 + i) = l[i] > 0.0f ? m[i] + std::log(l[i]) : kNegInf;
+          if (opt.lse) opt.lse(h, q0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : kNegInf;
         }
       }
     }

@@ -39,8 +39,9 @@ struct MaskShape {
   bool causal = true;     // key j visible to query i only if j <= position(i)
 
   index_t q_offset() const { return n_k - n_q; }  // absolute position of query 0
-  index_t num_q_blocks() const { return (n_q + block_q - 1) / block_q; }
-  index_t num_k_blocks() const { return (n_k + block_k - 1) / block_k; }
+  // ceil(n / b) without forming n + b - 1, which overflows for a huge block size.
+  index_t num_q_blocks() const { return n_q == 0 ? 0 : (n_q - 1) / block_q + 1; }
+  index_t num_k_blocks() const { return n_k == 0 ? 0 : (n_k - 1) / block_k + 1; }
   index_t q_begin(index_t qb) const { return qb * block_q; }
   index_t q_end(index_t qb) const { return std::min(n_q, (qb + 1) * block_q); }
   index_t k_begin(index_t kb) const { return kb * block_k; }
@@ -58,8 +59,10 @@ struct MaskShape {
     require(n_q >= 0 && n_k >= 0, where, ": n_q and n_k must be >= 0, got n_q=", n_q, ", n_k=", n_k);
     require(n_q <= n_k, where, ": n_q=", n_q, " > n_k=", n_k,
             "; queries must be a suffix of the keys (n_q <= n_k)");
-    require(block_q >= 1 && block_k >= 1, where, ": block sizes must be >= 1, got block_q=",
-            block_q, ", block_k=", block_k);
+    // The cap keeps n + block - 1 (ceil divisions) far from int64 overflow.
+    constexpr index_t kMaxBlock = (index_t{1} << 31) - 1;
+    require(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock, where,
+            ": block sizes must be in [1, 2^31 - 1], got block_q=", block_q, ", block_k=", block_k);
   }
 };
 
@@ -170,13 +173,13 @@ class BlockListBuilder {
   /// Key block kb of (h, qb); `full` = every element allowed without testing the predicate
   /// (the builder downgrades a full flag to partial where causality cuts the block).
   void add(index_t h, index_t qb, index_t kb, bool full = true) {
-    rows_[static_cast<std::size_t>(row(h, qb))].push_back({static_cast<std::int32_t>(kb), full});
+    rows_[static_cast<std::size_t>(row(h, qb))].push_back({kb, full});
   }
   /// Replaces the row with blocks (sorted ascending), all flagged `full`.
   void set_row(index_t h, index_t qb, const std::vector<index_t>& kbs, bool full = true) {
     auto& r = rows_[static_cast<std::size_t>(row(h, qb))];
     r.clear();
-    for (index_t kb : kbs) r.push_back({static_cast<std::int32_t>(kb), full});
+    for (index_t kb : kbs) r.push_back({kb, full});
   }
 
   /// known_pairs: see BlockListMask's constructor (< 0: count the pairs).
@@ -193,9 +196,10 @@ class BlockListBuilder {
         const index_t kb = blocks[e].kb;
         require(kb >= 0 && kb < nkb, "BlockListBuilder::build", "head ", h, " query block ", qb,
                 ": key block ", kb, " out of range [0, ", nkb, ")");
-        require(e == 0 || blocks[e - 1].kb < kb, "BlockListBuilder::build", "head ", h,
-                " query block ", qb, ": key blocks must be strictly increasing (got ",
-                blocks[e - 1].kb, " then ", kb, ")");
+        if (e > 0)  // (the message reads blocks[e - 1]: never evaluate it for e == 0)
+          require(blocks[e - 1].kb < kb, "BlockListBuilder::build", "head ", h, " query block ",
+                  qb, ": key blocks must be strictly increasing (got ", blocks[e - 1].kb,
+                  " then ", kb, ")");
         if (shape_.causal) {
           require(shape_.k_begin(kb) <= last_pos, "BlockListBuilder::build", "head ", h,
                   " query block ", qb, ": key block ", kb, " starts at key ", shape_.k_begin(kb),
@@ -211,7 +215,7 @@ class BlockListBuilder {
     std::vector<std::uint8_t> full(idx.size());
     for (std::size_t r = 0; r < rows_.size(); ++r)
       for (std::size_t e = 0; e < rows_[r].size(); ++e) {
-        idx[static_cast<std::size_t>(offsets[r]) + e] = rows_[r][e].kb;
+        idx[static_cast<std::size_t>(offsets[r]) + e] = static_cast<std::int32_t>(rows_[r][e].kb);
         full[static_cast<std::size_t>(offsets[r]) + e] =
             (rows_[r][e].full && Pred::trivial) ? 1 : 0;
       }
@@ -221,7 +225,7 @@ class BlockListBuilder {
 
  private:
   struct Entry {
-    std::int32_t kb;
+    index_t kb;  // validated by build() before it is packed to int32
     bool full;
   };
   index_t row(index_t h, index_t qb) const {

@@ -57,8 +57,10 @@ class KeySelection {
     for (std::size_t u = 0; u < pages.size(); ++u)
       for (std::size_t e = 0; e < pages[u].size(); ++e) {
         const index_t p = pages[u][e];
-        require(p >= 0 && p * page_size < n_k, "KeySelection::from_pages", "unit ", u, ": page ",
-                p, " out of range [0, ", (n_k + page_size - 1) / page_size, ")");
+        // p < ceil(n_k / P), not p * P < n_k: a huge p would overflow the product.
+        const index_t pages_in_cache = n_k <= 0 ? 0 : (n_k - 1) / page_size + 1;
+        require(p >= 0 && p < pages_in_cache, "KeySelection::from_pages", "unit ", u, ": page ",
+                p, " out of range [0, ", pages_in_cache, ")");
         require(e == 0 || pages[u][e - 1] < p, "KeySelection::from_pages", "unit ", u,
                 ": pages must be strictly increasing");
         const KeyRange kr{p * page_size, std::min(n_k, (p + 1) * page_size)};

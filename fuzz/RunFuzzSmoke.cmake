@@ -1,0 +1,67 @@
+# cmake -DSOURCE_DIR=... -DWORK_DIR=... [-DCLANG_CXX=...] [-DGENERATOR=...] [-DSECONDS=30]
+#       [-DRUNS=5000] -P RunFuzzSmoke.cmake
+# Builds fuzz/fuzz_attention with clang (clang++-14 preferred; libFuzzer + ASan + UBSan) and runs
+# it for a bounded time over the seed corpus fuzz/corpus. Prints "fuzz_smoke: SKIPPED" (ctest
+# reports the test as skipped) when no clang with the libFuzzer runtime is installed
+# (Debian: clang-14 libclang-rt-14-dev). New corpus units and crash inputs go to WORK_DIR.
+foreach(v SOURCE_DIR WORK_DIR)
+  if(NOT DEFINED ${v})
+    message(FATAL_ERROR "RunFuzzSmoke: ${v} not set")
+  endif()
+endforeach()
+if(NOT DEFINED SECONDS)
+  set(SECONDS 30)
+endif()
+if(NOT DEFINED RUNS)
+  set(RUNS 5000)
+endif()
+
+if(NOT CLANG_CXX)
+  find_program(CLANG_CXX NAMES clang++-14 clang++)
+endif()
+if(NOT CLANG_CXX)
+  message("fuzz_smoke: SKIPPED: clang++-14 not found (apt-get install clang-14 libclang-rt-14-dev)")
+  return()
+endif()
+# Does this clang link libFuzzer + ASan + UBSan?
+file(MAKE_DIRECTORY ${WORK_DIR})
+file(WRITE ${WORK_DIR}/probe.cpp
+     "#include <cstddef>\n#include <cstdint>\n"
+     "extern \"C\" int LLVMFuzzerTestOneInput(const std::uint8_t*, std::size_t) { return 0; }\n")
+execute_process(COMMAND ${CLANG_CXX} -fsanitize=fuzzer,address,undefined ${WORK_DIR}/probe.cpp
+                        -o ${WORK_DIR}/probe
+                RESULT_VARIABLE rc OUTPUT_QUIET ERROR_QUIET)
+if(NOT rc EQUAL 0)
+  message("fuzz_smoke: SKIPPED: ${CLANG_CXX} cannot link -fsanitize=fuzzer,address,undefined "
+          "(install libclang-rt-14-dev)")
+  return()
+endif()
+
+set(build ${WORK_DIR}/build)
+set(args -S ${SOURCE_DIR} -B ${build} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=${CLANG_CXX}
+         -DSPARSE_ATTN_BUILD_FUZZERS=ON -DSPARSE_ATTN_BUILD_TESTS=OFF -DSPARSE_ATTN_BUILD_TOOLS=OFF
+         -DSPARSE_ATTN_BUILD_BENCHMARKS=OFF -DSPARSE_ATTN_BUILD_EXAMPLES=OFF
+         -DSPARSE_ATTN_INSTALL=OFF)
+if(GENERATOR)
+  list(APPEND args -G ${GENERATOR})
+endif()
+foreach(step configure build run)
+  if(step STREQUAL configure)
+    set(cmd ${CMAKE_COMMAND} ${args})
+  elseif(step STREQUAL build)
+    set(cmd ${CMAKE_COMMAND} --build ${build} --target fuzz_attention -j2)
+  else()
+    # New units go to WORK_DIR/corpus (the first directory); the seeds are only read.
+    file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
+    set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+            ${build}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS} -max_len=512
+            -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
+            ${WORK_DIR}/corpus ${SOURCE_DIR}/fuzz/corpus)
+  endif()
+  execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "fuzz_smoke: step '${step}' failed (${rc}); a crash input, if any, is in "
+                        "${WORK_DIR}/ (crash-*); reproduce: fuzz_attention <file>")
+  endif()
+endforeach()
+message(STATUS "fuzz_smoke: OK")

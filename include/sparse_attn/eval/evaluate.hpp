@@ -1,0 +1,347 @@
+// Fidelity-vs-compression evaluation of every registered method on one problem (METHODS.md 9-10).
+//
+// Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
+// (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
+// (timed: kernel), and is compared with dense (metrics.hpp): achieved CR = dense causal pairs /
+// computed pairs, relative L2 error (layer output, median and worst head), attention-mass recall
+// from the two LSEs (every row), top-1 recall (every row up to 8192 queries, else a strided sample
+// of 2048 rows including the last), and whether the last query row computes the needle keys.
+//
+// Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position
+// p_t = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
+// gets the prompt keys [0, n_k - R), the method's after_prompt hook runs with the prompt's queries
+// (query rows [0, n_q - R)), then for each step: the step's key/value is appended, before_step
+// selects (or evicts) and returns the KeySelection, the core decode kernel runs (timed: kernel),
+// after_step runs. Dense decode is the same loop with no hooks: keys [0, p_t] exactly.
+// Achieved CR = sum_t Hq (p_t + 1) / pairs read; errors over the R x Hq output rows; mass recall
+// from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
+// Speed-up = dense time / (selection + kernel time) of the same run.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "sparse_attn/eval/metrics.hpp"
+#include "sparse_attn/eval/problem.hpp"
+#include "sparse_attn/eval/registry.hpp"
+
+namespace sparse_attn::eval {
+
+/// One (dataset, phase, method, target CR) point.
+struct Record {
+  std::string dataset, phase, method, detail;
+  index_t tokens = 0;            // n_k
+  index_t rows = 0;              // query rows evaluated per head (n_q, or R decode steps)
+  double target_cr = 1.0, achieved_cr = 1.0;
+  bool reachable = true;
+  double err_layer = 0.0, err_median_head = 0.0, err_worst_head = 0.0;
+  double mass_mean = 1.0, mass_min = 1.0;
+  double top1 = 1.0;             // share of (head, row) whose dense argmax key was computed
+  index_t top1_rows = 0;         // rows per head that top-1 was measured on
+  index_t needles_kept = 0, needles_total = 0;  // (head, needle) pairs at the last row
+  double ms_select = 0.0, ms_kernel = 0.0, ms_dense = 0.0;
+  double ms_total() const { return ms_select + ms_kernel; }
+  double speedup() const { return ms_total() > 0.0 ? ms_dense / ms_total() : kNaN; }
+};
+
+struct EvalOptions {
+  std::vector<double> compressions{2, 5, 10, 20};  // target CRs (dense is always added at CR 1)
+  bool prefill = true, decode = true;
+  index_t last_rows = 64;   // R: decode steps
+  int num_threads = 0;      // 0: OpenMP default
+  index_t h2o_prefill_queries = -1;  // see AdapterContext
+  double min_time_ms = 30;  // prefill kernels faster than this are repeated (best of <= 5)
+  std::vector<std::string> prefill_methods;  // empty: all
+  std::vector<std::string> decode_methods;   // empty: all
+  std::function<void(const std::string&)> progress;  // e.g. a line on stderr
+};
+
+namespace detail_eval {
+
+using Clock = std::chrono::steady_clock;
+inline double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+inline void warm_threads(int threads) {
+  const int team = threads > 0 ? threads : omp_get_max_threads();
+#pragma omp parallel num_threads(team)
+  {}
+}
+// Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
+template <class F>
+double time_best(F&& f, double min_ms) {
+  double best = 0.0, total = 0.0;
+  for (int run = 0; run < 5; ++run) {
+    const auto t0 = Clock::now();
+    f();
+    const double ms = ms_since(t0);
+    best = run == 0 ? ms : std::min(best, ms);
+    total += ms;
+    if (total >= min_ms) break;
+  }
+  return best;
+}
+inline bool wanted(const std::vector<std::string>& list, const char* name) {
+  return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
+}
+inline std::string cr_label(double cr) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", cr);
+  return buf;
+}
+
+}  // namespace detail_eval
+
+/// Prefill records of the selected methods (dense first) on problem p.
+inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
+  namespace de = detail_eval;
+  p.validate("eval::evaluate_prefill");
+  const index_t hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
+  AttentionOptions kopt;
+  kopt.scale = p.scale;
+  kopt.num_threads = opt.num_threads;
+  AdapterContext ctx{opt.num_threads, opt.h2o_prefill_queries};
+  de::warm_threads(opt.num_threads);
+
+  std::vector<float> dense_out(static_cast<std::size_t>(hq * nq * dv)), dense_lse(static_cast<std::size_t>(hq * nq));
+  const TensorView<float> dense_view(dense_out.data(), hq, nq, dv);
+  const auto dense_mask = methods::dense(hq, nq, p.k.tokens);
+  AttentionOptions dopt = kopt;
+  dopt.lse = LseView(dense_lse.data(), nq);
+  const double dense_ms = de::time_best([&] { prefill(p.q, p.k, p.v, dense_view, dense_mask, dopt); }, opt.min_time_ms);
+  if (opt.progress) opt.progress(p.name + " prefill: dense " + std::to_string(dense_ms) + " ms");
+
+  const std::vector<index_t> rows = top1_rows(nq);
+  const std::vector<index_t> argmax = dense_argmax(p.q, p.k, rows);
+
+  std::vector<Record> out;
+  Record dense;
+  dense.dataset = p.name;
+  dense.phase = "prefill";
+  dense.method = "dense";
+  dense.tokens = p.k.tokens;
+  dense.rows = nq;
+  dense.top1_rows = static_cast<index_t>(rows.size());
+  dense.needles_total = dense.needles_kept = hq * static_cast<index_t>(p.needles.size());
+  dense.ms_kernel = dense.ms_dense = dense_ms;
+  out.push_back(dense);
+
+  std::vector<float> got(dense_out.size()), lse(dense_lse.size());
+  const TensorView<float> got_view(got.data(), hq, nq, dv);
+  for (const PrefillMethod& m : prefill_methods()) {
+    if (std::string(m.name) == "dense" || !de::wanted(opt.prefill_methods, m.name)) continue;
+    for (double cr : opt.compressions) {
+      Record r = dense;
+      r.method = m.name;
+      r.target_cr = cr;
+      auto t0 = de::Clock::now();
+      const PrefillSelection sel = m.select(p, cr, ctx);
+      r.ms_select = de::ms_since(t0);
+      AttentionOptions o = kopt;
+      o.lse = LseView(lse.data(), nq);
+      r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
+      r.achieved_cr = sel.compression();
+      r.reachable = sel.reachable;
+      r.detail = sel.detail;
+      const OutputError e = output_error(got_view, dense_view);
+      r.err_layer = e.overall;
+      r.err_median_head = e.median_head();
+      r.err_worst_head = e.worst_head();
+      const MassRecall mr = mass_recall(lse, dense_lse);
+      r.mass_mean = mr.mean;
+      r.mass_min = mr.min;
+      index_t hit = 0;
+      for (index_t h = 0; h < hq; ++h)
+        for (std::size_t i = 0; i < rows.size(); ++i)
+          hit += sel.keeps(h, rows[i], argmax[static_cast<std::size_t>(h) * rows.size() + i]) ? 1 : 0;
+      r.top1 = static_cast<double>(hit) / static_cast<double>(hq * static_cast<index_t>(rows.size()));
+      r.needles_kept = 0;
+      for (index_t h = 0; h < hq; ++h)
+        for (index_t j : p.needles) r.needles_kept += sel.keeps(h, nq - 1, j) ? 1 : 0;
+      if (opt.progress)
+        opt.progress(p.name + " prefill: " + m.name + " CR " + de::cr_label(cr) + " -> " +
+                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+/// Outputs of one decode loop.
+struct DecodeRun {
+  std::vector<float> out, lse;  // [Hq][R][dv], [Hq][R]
+  index_t pairs = 0, dense_pairs = 0;
+  double ms_select = 0.0, ms_kernel = 0.0;
+  index_t top1_hit = 0, needles_kept = 0;
+};
+
+/// Runs the decode loop of a policy (see the header comment). argmax[h * R + t] is the dense
+/// argmax position of step t for query head h (or empty to skip top-1).
+inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol,
+                            const std::vector<index_t>& argmax, int threads) {
+  namespace de = detail_eval;
+  const index_t hq = p.q.heads, hkv = p.k.heads, G = hq / hkv, nk = p.k.tokens, nq = p.q.tokens;
+  const index_t dv = p.v.dim, n0 = nk - R;
+  kv::CacheOptions co;
+  co.kv_heads = hkv;
+  co.head_dim = p.k.dim;
+  co.value_dim = dv;
+  co.capacity = nk;
+  co.page_size = pol.page_size;
+  co.key_bounds = pol.key_bounds;
+  EvalCache cache(co);
+  cache.append(p.k.slice_tokens(0, n0), p.v.slice_tokens(0, n0));
+  DecodeRun run;
+  run.out.assign(static_cast<std::size_t>(hq * R * dv), 0.0f);
+  run.lse.assign(static_cast<std::size_t>(hq * R), 0.0f);
+  if (pol.after_prompt) {
+    const auto t0 = de::Clock::now();
+    pol.after_prompt(p.q.slice_tokens(0, nq - R), cache);
+    run.ms_select += de::ms_since(t0);
+  }
+  DecodeOptions dopt;
+  dopt.scale = p.scale;
+  dopt.num_threads = threads;
+  std::vector<KeyRange> ranges;
+  // Is absolute position `pos` among the keys unit u of head hk reads under `keys`?
+  auto reads = [&](const KeySelection& keys, index_t h, index_t pos) {
+    const index_t hk = h / G, len = cache.length(hk);
+    const index_t* P = cache.positions(hk);
+    const index_t* it = std::lower_bound(P, P + len, pos);
+    if (it == P + len || *it != pos) return false;
+    const index_t slot = it - P;
+    if (keys.scope() == KeySelection::Scope::all) return true;
+    const index_t u = keys.scope() == KeySelection::Scope::per_q_head ? h : hk;
+    for (const KeyRange* r = keys.ranges_begin(u); r != keys.ranges_end(u); ++r)
+      if (slot >= r->begin && slot < r->end) return true;
+    return false;
+  };
+  for (index_t t = 0; t < R; ++t) {
+    const index_t pos = n0 + t;
+    cache.append(p.k.slice_tokens(pos, 1), p.v.slice_tokens(pos, 1));
+    const TensorView<const float> q = p.q.slice_tokens(nq - R + t, 1);
+    auto t0 = de::Clock::now();
+    const KeySelection keys = pol.before_step ? pol.before_step(q, cache) : KeySelection::all();
+    run.ms_select += de::ms_since(t0);
+    const kv::DecodeStats st = kv::decode_stats(keys, cache, hq, 1);
+    run.pairs += st.pairs;
+    run.dense_pairs += st.dense_pairs;
+    const TensorView<float> o(run.out.data() + t * dv, hq, 1, dv, R * dv, dv, 1);
+    DecodeOptions step_opt = dopt;
+    step_opt.lse = LseView(run.lse.data() + t, R, 1);
+    t0 = de::Clock::now();
+    kv::decode(q, cache, o, keys, step_opt);
+    run.ms_kernel += de::ms_since(t0);
+    if (!argmax.empty())
+      for (index_t h = 0; h < hq; ++h) run.top1_hit += reads(keys, h, argmax[static_cast<std::size_t>(h * R + t)]) ? 1 : 0;
+    if (t == R - 1)
+      for (index_t h = 0; h < hq; ++h)
+        for (index_t j : p.needles) run.needles_kept += reads(keys, h, j) ? 1 : 0;
+    if (pol.after_step) {
+      t0 = de::Clock::now();
+      pol.after_step(q, cache);
+      run.ms_select += de::ms_since(t0);
+    }
+  }
+  return run;
+}
+
+/// Caches of at most this many keys (summed over KV heads) decode on one thread unless
+/// EvalOptions::num_threads says otherwise: such a step reads ~1 MB, less than what waking a second
+/// thread costs on a busy machine, and dense and sparse are timed alike.
+inline constexpr index_t kSingleThreadDecodeKeys = 32768;
+
+/// Decode records of the selected methods (dense first): the last opt.last_rows query rows as
+/// decode steps.
+inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& opt) {
+  namespace de = detail_eval;
+  p.validate("eval::evaluate_decode");
+  const index_t R = opt.last_rows, hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
+  require(R >= 1 && R < nq, "eval::evaluate_decode", ": last_rows R=", R,
+          " must be in [1, n_q) (the prompt keeps at least one query row), n_q=", nq);
+  const int threads = opt.num_threads > 0 ? opt.num_threads
+                      : p.k.tokens * p.k.heads <= kSingleThreadDecodeKeys ? 1 : 0;
+  AdapterContext ctx{threads, opt.h2o_prefill_queries};
+  const DecodeSetup setup{R, p.k.tokens};
+  de::warm_threads(opt.num_threads);
+
+  std::vector<index_t> step_rows(static_cast<std::size_t>(R));
+  for (index_t t = 0; t < R; ++t) step_rows[static_cast<std::size_t>(t)] = nq - R + t;
+  const std::vector<index_t> argmax = dense_argmax(p.q, p.k, step_rows);  // [h][t]
+
+  const DecodeRun dense_run = run_decode(p, R, DecodePolicy{}, {}, threads);
+  const double dense_ms = dense_run.ms_kernel;
+  if (opt.progress) opt.progress(p.name + " decode: dense " + std::to_string(dense_ms) + " ms for " + std::to_string(R) + " steps");
+  const TensorView<const float> dense_view(dense_run.out.data(), hq, R, dv);
+
+  std::vector<Record> out;
+  Record dense;
+  dense.dataset = p.name;
+  dense.phase = "decode";
+  dense.method = "dense";
+  dense.tokens = p.k.tokens;
+  dense.rows = R;
+  dense.top1_rows = R;
+  dense.needles_total = dense.needles_kept = hq * static_cast<index_t>(p.needles.size());
+  dense.ms_kernel = dense.ms_dense = dense_ms;
+  out.push_back(dense);
+
+  for (const DecodeMethod& m : decode_methods()) {
+    if (std::string(m.name) == "dense" || !de::wanted(opt.decode_methods, m.name)) continue;
+    for (double cr : opt.compressions) {
+      Record r = dense;
+      r.method = m.name;
+      r.target_cr = cr;
+      const DecodePolicy pol = m.select(p, setup, cr, ctx);
+      const DecodeRun run = run_decode(p, R, pol, argmax, threads);
+      r.ms_select = run.ms_select;
+      r.ms_kernel = run.ms_kernel;
+      r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
+      r.reachable = pol.status->reachable;
+      r.detail = pol.status->detail;
+      const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
+      r.err_layer = e.overall;
+      r.err_median_head = e.median_head();
+      r.err_worst_head = e.worst_head();
+      const MassRecall mr = mass_recall(run.lse, dense_run.lse);
+      r.mass_mean = mr.mean;
+      r.mass_min = mr.min;
+      r.top1 = static_cast<double>(run.top1_hit) / static_cast<double>(hq * R);
+      r.needles_kept = run.needles_kept;
+      if (opt.progress)
+        opt.progress(p.name + " decode: " + m.name + " CR " + de::cr_label(cr) + " -> " +
+                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+/// Both phases as selected in opt.
+inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
+  std::vector<Record> out;
+  if (opt.prefill) out = evaluate_prefill(p, opt);
+  if (opt.decode) {
+    auto d = evaluate_decode(p, opt);
+    out.insert(out.end(), d.begin(), d.end());
+  }
+  return out;
+}
+
+/// Per (dataset prefix, phase, method) log-linear fit over records (error = err_layer) whose
+/// dataset name starts with `dataset_prefix`, across every length present.
+inline LogLinearFit fit_records(const std::vector<Record>& recs, const std::string& dataset_prefix,
+                                const std::string& phase, const std::string& method) {
+  std::vector<FitPoint> pts;
+  for (const Record& r : recs)
+    if (r.phase == phase && r.method == method && r.dataset.compare(0, dataset_prefix.size(), dataset_prefix) == 0)
+      pts.push_back({r.err_layer, r.achieved_cr, static_cast<double>(r.tokens)});
+  return fit_log_linear(pts);
+}
+
+}  // namespace sparse_attn::eval

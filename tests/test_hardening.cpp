@@ -1,0 +1,1147 @@
+// Hardening (GitHub issue 6, docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
+// case asserts sparse_attn::invalid_argument and a message that names the argument and what is
+// allowed), the NaN/Inf policy, long-context limits (64-bit pair counts, n >= 65536) and
+// bit-determinism of every method's selection + kernel for thread counts 1..4.
+// The command-line tool's bad inputs are tested in test_tool.cpp.
+
+// GCC < 13 (PR 105593): the pragma has to cover Eigen's own lines (see core/diagnostics.hpp).
+#include <sparse_attn/core/diagnostics.hpp>
+SPARSE_ATTN_DIAGNOSTICS_PUSH
+#include <Eigen/Core>
+SPARSE_ATTN_DIAGNOSTICS_POP
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <random>
+#include <sparse_attn/pipeline.hpp>
+#include <sparse_attn/reference.hpp>
+#include <sparse_attn/sparse_attn.hpp>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+using namespace sparse_attn;
+namespace sm = sparse_attn::methods;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Random [heads, tokens, dim] tensor in fp32, head-major.
+struct Tensor {
+  index_t h, n, d;
+  std::vector<float> data;
+  Tensor(index_t h_, index_t n_, index_t d_, unsigned seed, float sigma = 1.0f)
+      : h(h_), n(n_), d(d_), data(static_cast<std::size_t>(h_ * n_ * d_)) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.0f, sigma);
+    for (float& x : data) x = nd(rng);
+  }
+  float& at(index_t hh, index_t t, index_t c) {
+    return data[static_cast<std::size_t>((hh * n + t) * d + c)];
+  }
+  TensorView<const float> view() const { return {data.data(), h, n, d}; }
+  TensorView<float> mut() { return {data.data(), h, n, d}; }
+};
+
+// Output buffer [heads, tokens, dim] plus LSE [heads, tokens].
+struct Out {
+  index_t h, n, d;
+  std::vector<float> o, lse;
+  Out(index_t h_, index_t n_, index_t d_)
+      : h(h_), n(n_), d(d_), o(static_cast<std::size_t>(h_ * n_ * d_), -7.0f),
+        lse(static_cast<std::size_t>(h_ * n_), -7.0f) {}
+  TensorView<float> view() { return {o.data(), h, n, d}; }
+  LseView lse_view() { return LseView(lse.data(), n); }
+  float at(index_t hh, index_t t, index_t c) const {
+    return o[static_cast<std::size_t>((hh * n + t) * d + c)];
+  }
+  bool row_finite(index_t hh, index_t t) const {
+    for (index_t c = 0; c < d; ++c)
+      if (!std::isfinite(at(hh, t, c))) return false;
+    return true;
+  }
+  bool row_all_nan(index_t hh, index_t t) const {
+    for (index_t c = 0; c < d; ++c)
+      if (!std::isnan(at(hh, t, c))) return false;
+    return true;
+  }
+  bool row_equal(const Out& other, index_t hh, index_t t) const {
+    return std::memcmp(&o[static_cast<std::size_t>((hh * n + t) * d)],
+                       &other.o[static_cast<std::size_t>((hh * n + t) * d)],
+                       sizeof(float) * static_cast<std::size_t>(d)) == 0;
+  }
+};
+
+// f() must throw sparse_attn::invalid_argument whose message is "<where>: <what>" (where = the
+// expected prefix) and contains every part (the argument's name, the allowed range).
+void expect_invalid(int line, const std::function<void()>& f, const std::string& where,
+                    std::initializer_list<const char*> parts) {
+  SCOPED_TRACE("expect_invalid at line " + std::to_string(line));
+  try {
+    f();
+  } catch (const sparse_attn::invalid_argument& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind(where + ": ", 0), 0u) << "message does not start with '" << where
+                                              << ": ': " << msg;
+    EXPECT_EQ(msg.find(": : "), std::string::npos) << "doubled separator: " << msg;
+    for (const char* p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "message lacks '" << p << "': " << msg;
+    return;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw another exception type: " << e.what();
+    return;
+  }
+  ADD_FAILURE() << "did not throw";
+}
+#define EXPECT_INVALID(where, parts, ...) expect_invalid(__LINE__, [&] { __VA_ARGS__; }, where, parts)
+
+template <class T>
+using Parts = std::initializer_list<T>;
+
+// A standard valid prefill problem: Hq = 4, Hkv = 2, n = 40, d = 16.
+struct Prefill {
+  Tensor q{4, 40, 16, 1}, k{2, 40, 16, 2}, v{2, 40, 16, 3};
+  Out out{4, 40, 16};
+  IntervalMask mask = methods::dense(4, 40, 40);
+};
+
+kv::CacheOptions cache_options(index_t hkv, index_t d, index_t capacity, index_t page = 16) {
+  kv::CacheOptions o;
+  o.kv_heads = hkv;
+  o.head_dim = d;
+  o.capacity = capacity;
+  o.page_size = page;
+  return o;
+}
+
+// The CSR arrays of a block-list mask, for bit-exact comparisons.
+template <class Mask>
+std::vector<std::int64_t> csr_of(const Mask& m) {
+  std::vector<std::int64_t> r(m.row_offsets().begin(), m.row_offsets().end());
+  r.insert(r.end(), m.block_indices().begin(), m.block_indices().end());
+  r.insert(r.end(), m.full_flags().begin(), m.full_flags().end());
+  r.push_back(m.pairs());
+  return r;
+}
+
+}  // namespace
+
+// =============================================================================================
+// Error model
+// =============================================================================================
+
+TEST(ErrorModel, InvalidArgumentIsAStdInvalidArgument) {
+  static_assert(std::is_base_of_v<std::invalid_argument, sparse_attn::invalid_argument>);
+  Prefill p;
+  const Tensor k3(3, 40, 16, 9), v3(3, 40, 16, 9);
+  try {
+    prefill(p.q.view(), k3.view(), v3.view(), p.out.view(), p.mask);
+    FAIL() << "Hq=4, Hkv=3 accepted";
+  } catch (const std::invalid_argument& e) {  // catchable as the standard type
+    EXPECT_NE(dynamic_cast<const sparse_attn::invalid_argument*>(&e), nullptr);
+  }
+}
+
+TEST(ErrorModel, MessagesAreWhereColonWhatSemicolonAllowed) {
+  // require() drops leading ": " of the pieces, so both spellings give one separator.
+  try {
+    require(false, "f", ": x is 3", "; x must be < 2");
+  } catch (const sparse_attn::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "f: x is 3; x must be < 2");
+  }
+  try {
+    require(false, "f", "x is 3; x must be < 2");
+  } catch (const sparse_attn::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "f: x is 3; x must be < 2");
+  }
+}
+
+// =============================================================================================
+// Shapes
+// =============================================================================================
+
+TEST(BadShapes, QueryHeadsNotMultipleOfKvHeads) {
+  Prefill p;
+  const Tensor k3(3, 40, 16, 9), v3(3, 40, 16, 9);
+  EXPECT_INVALID("prefill", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3", "Hq % Hkv == 0"}),
+                 prefill(p.q.view(), k3.view(), v3.view(), p.out.view(), p.mask));
+  Out o1(4, 1, 16);
+  const Tensor q1(4, 1, 16, 4);
+  EXPECT_INVALID("decode", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3", "Hq % Hkv == 0"}),
+                 decode(q1.view(), k3.view(), v3.view(), o1.view()));
+  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"Hq=4", "Hkv=3", "Hq % Hkv == 0"}),
+                 sm::block_sparse::select(p.q.view(), k3.view()));
+  kv::ContiguousCache<float> cache(cache_options(3, 16, 64));
+  cache.append(k3.view(), v3.view());
+  EXPECT_INVALID("quest::select", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3"}),
+                 sm::quest::select(q1.view(), cache, {}));
+}
+
+TEST(BadShapes, MismatchedHeadDims) {
+  Prefill p;
+  const Tensor k8(2, 40, 8, 9), v8(2, 40, 8, 9);
+  EXPECT_INVALID("prefill", Parts<const char*>({"head_dim of Q (16) differs from K (8)", "must be equal"}),
+                 prefill(p.q.view(), k8.view(), p.v.view(), p.out.view(), p.mask));
+  // V may have its own dim dv, but the output must then be [Hq, n_q, dv].
+  EXPECT_INVALID("prefill", Parts<const char*>({"out is [4, 40, 16], expected [4, 40, 8]"}),
+                 prefill(p.q.view(), p.k.view(), v8.view(), p.out.view(), p.mask));
+  EXPECT_INVALID("methods::vertical_slash::select_exact",
+                 Parts<const char*>({"head_dim of q (16) and k (8)", "must be equal and >= 1"}),
+                 sm::vertical_slash::select_exact(p.q.view(), k8.view()));
+}
+
+TEST(BadShapes, MismatchedKvHeadsOrTokens) {
+  Prefill p;
+  const Tensor v39(2, 39, 16, 9), v1h(1, 40, 16, 9);
+  EXPECT_INVALID("prefill", Parts<const char*>({"K is [2, 40, 16] but V is [2, 39, 16]", "same heads and tokens"}),
+                 prefill(p.q.view(), p.k.view(), v39.view(), p.out.view(), p.mask));
+  EXPECT_INVALID("prefill", Parts<const char*>({"same heads and tokens"}),
+                 prefill(p.q.view(), p.k.view(), v1h.view(), p.out.view(), p.mask));
+}
+
+TEST(BadShapes, OutputShapeMismatch) {
+  Prefill p;
+  Out wrong(4, 39, 16);
+  EXPECT_INVALID("prefill", Parts<const char*>({"out is [4, 39, 16], expected [4, 40, 16]"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), wrong.view(), p.mask));
+}
+
+TEST(BadShapes, MoreQueriesThanKeys) {
+  const Tensor q(4, 41, 16, 1), k(2, 40, 16, 2), v(2, 40, 16, 3);
+  Out out(4, 41, 16);
+  EXPECT_INVALID("prefill", Parts<const char*>({"n_q=41 > n_k=40", "suffix of the keys"}),
+                 prefill(q.view(), k.view(), v.view(), out.view(), methods::dense(4, 40, 40)));
+  EXPECT_INVALID("decode", Parts<const char*>({"n_q=41 > n_k=40", "suffix of the keys"}),
+                 decode(q.view(), k.view(), v.view(), out.view()));
+  EXPECT_INVALID("IntervalMask", Parts<const char*>({"n_q=41 > n_k=40", "n_q <= n_k"}),
+                 methods::dense(4, 41, 40));
+  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"n_q=41 > n_k=40", "n_q <= n_k"}),
+                 sm::flex_prefill::select(q.view(), k.view()));
+}
+
+TEST(BadShapes, MaskGeometryDiffersFromTensors) {
+  Prefill p;
+  EXPECT_INVALID("prefill", Parts<const char*>({"mask geometry (heads=2, n_q=40, n_k=40)", "does not match Q/K (heads=4"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), methods::dense(2, 40, 40)));
+}
+
+TEST(BadShapes, ZeroLengthSequencesAreNoOps) {
+  // n_q = 0 (nothing to compute) and n_q = n_k = 0 are valid and write nothing.
+  const Tensor q0(4, 0, 16, 1), k(2, 40, 16, 2), v(2, 40, 16, 3), k0(2, 0, 16, 2), v0(2, 0, 16, 3);
+  Out o0(4, 0, 16);
+  EXPECT_NO_THROW(prefill(q0.view(), k.view(), v.view(), o0.view(), methods::dense(4, 0, 40)));
+  EXPECT_NO_THROW(prefill(q0.view(), k0.view(), v0.view(), o0.view(), methods::dense(4, 0, 0)));
+  EXPECT_NO_THROW(decode(q0.view(), k0.view(), v0.view(), o0.view()));
+  EXPECT_EQ(methods::dense(4, 0, 0).pairs(), 0);
+  EXPECT_DOUBLE_EQ(methods::dense(4, 0, 0).compression(), 1.0);
+  EXPECT_NO_THROW(sm::block_sparse::select(q0.view(), k.view()));
+  EXPECT_NO_THROW(sm::vertical_slash::select_exact(q0.view(), k0.view()));
+  EXPECT_NO_THROW(sm::flex_prefill::select(q0.view(), k.view()));
+  // Decode over an empty key list: zero output, LSE -inf.
+  const Tensor q1(4, 1, 16, 4);
+  Out o1(4, 1, 16);
+  DecodeOptions opt;
+  opt.lse = o1.lse_view();
+  decode(q1.view(), k.view(), v.view(), o1.view(),
+         KeySelection::from_tokens(KeySelection::Scope::per_kv_head, {{}, {}}), opt);
+  for (index_t h = 0; h < 4; ++h) {
+    EXPECT_EQ(o1.at(h, 0, 0), 0.0f);
+    EXPECT_TRUE(std::isinf(o1.lse[static_cast<std::size_t>(h)]));
+  }
+  // Zero heads or head_dim 0 are not: there is nothing to attend with.
+  const Tensor kh0(0, 40, 16, 2), qd0(4, 40, 0, 1), kd0(2, 40, 0, 2);
+  Out out(4, 40, 16);
+  const Tensor q(4, 40, 16, 1);
+  EXPECT_INVALID("prefill", Parts<const char*>({"K and V need >= 1 head", "got K 0"}),
+                 prefill(q.view(), kh0.view(), kh0.view(), out.view(), methods::dense(4, 40, 40)));
+  EXPECT_INVALID("prefill", Parts<const char*>({"head_dim must be >= 1"}),
+                 prefill(qd0.view(), kd0.view(), v.view(), out.view(), methods::dense(4, 40, 40)));
+}
+
+// =============================================================================================
+// Views: what can be checked (extents, null data, aliasing outputs) and what cannot
+// =============================================================================================
+
+TEST(BadViews, NegativeExtents) {
+  Prefill p;
+  TensorView<const float> q = p.q.view();
+  q.tokens = -1;
+  EXPECT_INVALID("q", Parts<const char*>({"negative extent", "tokens=-1", "extents must be >= 0"}),
+                 prefill(q, p.k.view(), p.v.view(), p.out.view(), p.mask));
+  TensorView<const float> k = p.k.view();
+  k.dim = -16;
+  EXPECT_INVALID("k", Parts<const char*>({"negative extent", "extents must be >= 0"}),
+                 prefill(p.q.view(), k, p.v.view(), p.out.view(), p.mask));
+}
+
+TEST(BadViews, NullDataOfANonEmptyView) {
+  Prefill p;
+  TensorView<const float> q = p.q.view(), k = p.k.view(), v = p.v.view();
+  TensorView<float> o = p.out.view();
+  q.data = nullptr;
+  EXPECT_INVALID("q", Parts<const char*>({"non-empty (4x40x16)", "data pointer is null"}),
+                 prefill(q, p.k.view(), p.v.view(), p.out.view(), p.mask));
+  k.data = nullptr;
+  EXPECT_INVALID("k", Parts<const char*>({"data pointer is null"}),
+                 prefill(p.q.view(), k, p.v.view(), p.out.view(), p.mask));
+  v.data = nullptr;
+  EXPECT_INVALID("v", Parts<const char*>({"data pointer is null"}),
+                 decode(p.q.view(), p.k.view(), v, p.out.view()));
+  o.data = nullptr;
+  EXPECT_INVALID("out", Parts<const char*>({"data pointer is null"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), o, p.mask));
+  // An empty view may have a null pointer.
+  const TensorView<const float> q0(nullptr, 4, 0, 16), k0(nullptr, 2, 0, 16);
+  const TensorView<float> o0(nullptr, 4, 0, 16);
+  EXPECT_NO_THROW(prefill(q0, k0, k0, o0, methods::dense(4, 0, 0)));
+}
+
+TEST(BadViews, OverlappingOutputStrides) {
+  Prefill p;
+  // Token stride 8 < head_dim 16: consecutive tokens share 8 elements.
+  const TensorView<float> overlap(p.out.o.data(), 4, 40, 16, 40 * 16, 8, 1);
+  EXPECT_INVALID("out", Parts<const char*>({"overlapping strides (head 640, token 8, dim 1)", "must not alias"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), overlap, p.mask));
+  const TensorView<float> broadcast(p.out.o.data(), 4, 40, 16, 16, 0, 1);
+  EXPECT_INVALID("out", Parts<const char*>({"overlapping strides", "must not alias"}),
+                 decode(p.q.view(), p.k.view(), p.v.view(), broadcast));
+  const TensorView<float> zero_dim_stride(p.out.o.data(), 4, 40, 16, 640, 16, 0);
+  EXPECT_INVALID("out", Parts<const char*>({"stride_dim 0", "must be non-zero"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), zero_dim_stride, p.mask));
+}
+
+TEST(BadViews, InputsMayAliasAndUseAnyStrides) {
+  // Inputs are only read: a query broadcast to every token (stride 0), K and V viewing one buffer
+  // and negative strides are all legal. The library cannot check that raw pointers and strides
+  // stay inside the caller's allocation: that is the caller's responsibility (ROBUSTNESS.md).
+  Prefill p;
+  const TensorView<const float> q_bcast(p.q.data.data(), 4, 40, 16, 640, 0, 1);
+  const TensorView<const float> kv_same(p.k.data.data(), 2, 40, 16);
+  const TensorView<const float> k_rev(p.k.data.data() + 39 * 16, 2, 40, 16, 640, -16, 1);
+  EXPECT_NO_THROW(prefill(q_bcast, kv_same, kv_same, p.out.view(), p.mask));
+  EXPECT_NO_THROW(prefill(p.q.view(), k_rev, kv_same, p.out.view(), p.mask));
+  for (index_t h = 0; h < 4; ++h)
+    for (index_t i = 0; i < 40; ++i) EXPECT_TRUE(p.out.row_finite(h, i));
+}
+
+// =============================================================================================
+// Options
+// =============================================================================================
+
+TEST(BadOptions, ScaleMustBeFiniteAndPositive) {
+  Prefill p;
+  for (float s : {0.0f, -0.5f, kInf, -kInf}) {
+    AttentionOptions opt;
+    opt.scale = s;
+    EXPECT_INVALID("prefill", Parts<const char*>({"scale must be finite and > 0"}),
+                   prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), p.mask, opt));
+    DecodeOptions dopt;
+    dopt.scale = s;
+    EXPECT_INVALID("decode", Parts<const char*>({"scale must be finite and > 0"}),
+                   decode(p.q.view(), p.k.view(), p.v.view(), p.out.view(), KeySelection::all(), dopt));
+  }
+  AttentionOptions nan_scale;  // NaN is the documented default: 1 / sqrt(head_dim)
+  nan_scale.scale = kNaN;
+  EXPECT_NO_THROW(prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), p.mask, nan_scale));
+}
+
+TEST(BadOptions, NegativeThreadCountEvenWithNothingToCompute) {
+  Prefill p;
+  AttentionOptions opt;
+  opt.num_threads = -1;
+  EXPECT_INVALID("prefill", Parts<const char*>({"num_threads must be >= 0", "got -1"}),
+                 prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), p.mask, opt));
+  const Tensor q0(4, 0, 16, 1);
+  Out o0(4, 0, 16);
+  EXPECT_INVALID("prefill", Parts<const char*>({"num_threads must be >= 0"}),
+                 prefill(q0.view(), p.k.view(), p.v.view(), o0.view(), methods::dense(4, 0, 40), opt));
+  DecodeOptions dopt;
+  dopt.num_threads = -3;
+  EXPECT_INVALID("decode", Parts<const char*>({"num_threads must be >= 0", "got -3"}),
+                 decode(q0.view(), p.k.view(), p.v.view(), o0.view(), KeySelection::all(), dopt));
+  sm::BlockSparseOptions bo;
+  bo.num_threads = -1;
+  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"num_threads must be >= 0"}),
+                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+}
+
+TEST(BadOptions, DecodeSplitBelowSixteen) {
+  Prefill p;
+  DecodeOptions opt;
+  opt.split = 15;
+  EXPECT_INVALID("decode", Parts<const char*>({"split must be >= 16", "got 15"}),
+                 decode(p.q.view(), p.k.view(), p.v.view(), p.out.view(), KeySelection::all(), opt));
+}
+
+TEST(BadOptions, CompressionRatioBelowOneOrNotFinite) {
+  Prefill p;
+  kv::ContiguousCache<float> cache(cache_options(2, 16, 64));
+  cache.append(p.k.view(), p.v.view());
+  const auto q1 = p.q.view().slice_tokens(39, 1);
+  for (double cr : {0.5, 0.0, -2.0, static_cast<double>(kNaN), static_cast<double>(kInf)}) {
+    SCOPED_TRACE("compression " + std::to_string(cr));
+    sm::BlockSparseOptions bo;
+    bo.compression = cr;
+    EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"compression must be finite and >= 1"}),
+                   sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+    sm::QuestOptions qo;
+    qo.compression = cr;
+    EXPECT_INVALID("quest::select", Parts<const char*>({"compression must be finite and >= 1"}),
+                   sm::quest::select(q1, cache, qo));
+    sm::SnapKVOptions so;
+    so.compression = cr;
+    EXPECT_INVALID("snapkv::select", Parts<const char*>({"compression must be finite and >= 1"}),
+                   sm::snapkv::select(p.q.view(), cache, so));
+    sm::H2OOptions ho;
+    ho.compression = cr;
+    sm::h2o::State st;
+    EXPECT_INVALID("h2o::State::reset", Parts<const char*>({"compression must be finite and >= 1"}),
+                   st.reset(cache, ho));
+    if (cr != 0.0) {  // 0 means "use window" for StreamingLLM and "use V and S" for Vertical-Slash
+      sm::StreamingOptions sto;
+      sto.compression = cr;
+      EXPECT_INVALID("streaming", Parts<const char*>({"compression must be finite and >= 1"}),
+                     sm::streaming::resolve_window(100, sto));
+      sm::VerticalSlashOptions vo;
+      vo.compression = cr;
+      EXPECT_INVALID("methods::vertical_slash::select_exact", Parts<const char*>({"finite and >= 1"}),
+                     sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
+    }
+  }
+  sm::FlexPrefillOptions fo;  // FlexPrefill has no CR: its gamma is checked instead
+  fo.gamma = kNaN;
+  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"gamma must be > 0"}),
+                 sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
+}
+
+TEST(BadOptions, NegativeBudgets) {
+  Prefill p;
+  kv::ContiguousCache<float> cache(cache_options(2, 16, 64));
+  cache.append(p.k.view(), p.v.view());
+  sm::QuestOptions qo;
+  qo.budget = -16;
+  EXPECT_INVALID("quest::select", Parts<const char*>({"budget must be >= 0 tokens", "got -16"}),
+                 sm::quest::select(p.q.view().slice_tokens(39, 1), cache, qo));
+  sm::SnapKVOptions so;
+  so.budget = -1;
+  EXPECT_INVALID("snapkv::select", Parts<const char*>({"budget must be >= 0 tokens"}),
+                 sm::snapkv::select(p.q.view(), cache, so));
+  sm::BlockSparseOptions bo;
+  bo.top_k = -1;
+  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"top_k must be >= 0"}),
+                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+  sm::VerticalSlashOptions vo;
+  vo.vertical = 3;  // below the 4 forced sink columns
+  EXPECT_INVALID("methods::vertical_slash::select_tiled", Parts<const char*>({"vertical (V) must be >= sink_columns (4)", "got 3"}),
+                 sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo));
+}
+
+// =============================================================================================
+// Budgets larger than what exists clamp to dense
+// =============================================================================================
+
+TEST(Budgets, LargerThanTheCacheClampToDense) {
+  const index_t n = 70, d = 16;
+  const Tensor q(4, n, d, 11), k(2, n, d, 12), v(2, n, d, 13);
+  kv::ContiguousCache<float> cache(cache_options(2, d, 128));
+  cache.append(k.view(), v.view());
+  const auto q1 = q.view().slice_tokens(n - 1, 1);
+  Out dense(4, 1, d), sparse(4, 1, d);
+  decode(q1, k.view(), v.view(), dense.view());
+  // Quest: a budget of 10 000 tokens over a 70-token cache selects everything.
+  sm::QuestOptions qo;
+  qo.budget = 10000;
+  const sm::QuestPlan plan = sm::quest::select(q1, cache, qo);
+  EXPECT_TRUE(plan.dense);
+  EXPECT_DOUBLE_EQ(plan.compression(), 1.0);
+  kv::decode(q1, cache, sparse.view(), plan.keys);
+  for (std::size_t i = 0; i < dense.o.size(); ++i) EXPECT_NEAR(sparse.o[i], dense.o[i], 1e-5);
+  // Eviction budgets >= the cache keep every token.
+  sm::SnapKVOptions so;
+  so.budget = 1000;
+  EXPECT_TRUE(sm::snapkv::select(q.view(), cache, so).dense);
+  sm::AdaSnapKVOptions ao;
+  ao.budget = 1000;
+  const kv::EvictionPlan ada = sm::ada_snapkv::select(q.view(), cache, ao);
+  EXPECT_TRUE(ada.dense);
+  EXPECT_EQ(ada.total_kept(), 2 * n);
+  sm::H2OOptions ho;
+  ho.heavy = 500;
+  ho.recent = 500;
+  sm::h2o::State st;
+  st.reset(cache, ho);
+  st.observe(q.view(), cache, true);
+  EXPECT_TRUE(st.select(cache).dense);
+  sm::StreamingOptions sto;
+  sto.budget = 1000;
+  EXPECT_TRUE(sm::streaming::select(cache, sto).dense);
+  // Prefill: top_k beyond the key blocks, V and S beyond n are exactly dense.
+  const IntervalMask causal = methods::dense(4, n, n, {true, 16});
+  sm::BlockSparseOptions bo;
+  bo.top_k = 1000;
+  bo.block = 16;
+  EXPECT_EQ(sm::block_sparse::select(q.view(), k.view(), bo).pairs(), causal.pairs());
+  sm::VerticalSlashOptions vo;
+  vo.vertical = vo.slash = 100000;
+  vo.block = 16;
+  EXPECT_EQ(sm::vertical_slash::select_exact(q.view(), k.view(), vo).pairs(), causal.pairs());
+  EXPECT_EQ(sm::vertical_slash::select_tiled(q.view(), k.view(), vo).pairs(), causal.pairs());
+  sm::FlexPrefillOptions fo;
+  fo.gamma = 1.0;
+  fo.block = 16;
+  EXPECT_EQ(sm::flex_prefill::select(q.view(), k.view(), fo).pairs(), causal.pairs());
+  // Sliding window wider than the sequence is the dense pattern.
+  EXPECT_EQ(methods::sliding_window(4, n, n, {1000, 4, 16}).pairs(), causal.pairs());
+}
+
+// =============================================================================================
+// Block and page sizes
+// =============================================================================================
+
+TEST(BadBlocks, ZeroBlockOrPageSize) {
+  Prefill p;
+  EXPECT_INVALID("IntervalMask", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]", "block_q=0"}),
+                 methods::dense(4, 40, 40, {true, 0}));
+  EXPECT_INVALID("BlockListBuilder", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]", "block_k=0"}),
+                 BlockListBuilder(MaskShape{4, 40, 40, 16, 0, true}, false));
+  sm::BlockSparseOptions bo;
+  bo.block = 0;
+  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"block must be >= 1", "got 0"}),
+                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+  sm::VerticalSlashOptions vo;
+  vo.block = 0;
+  EXPECT_INVALID("methods::vertical_slash::select_exact", Parts<const char*>({"block must be >= 1"}),
+                 sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
+  sm::FlexPrefillOptions fo;
+  fo.block = 0;
+  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"block must be >= 1"}),
+                 sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
+  EXPECT_INVALID("kv::Cache", Parts<const char*>({"page_size must be >= 1", "got 0"}),
+                 kv::ContiguousCache<float>(cache_options(2, 16, 64, 0)));
+  EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"page_size must be >= 1"}),
+                 KeySelection::from_pages(KeySelection::Scope::per_kv_head, {{0}}, 0, 40));
+}
+
+TEST(BadBlocks, SizesThatDoNotDivideTheSequenceAreExact) {
+  // No API requires a block or page size to divide n: the last block or page is partial.
+  const index_t n = 77, d = 16;
+  const Tensor q(2, n, d, 21), k(1, n, d, 22), v(1, n, d, 23);
+  const double scale = 0.25;
+  for (index_t b : {1, 7, 13, 64, 100}) {
+    SCOPED_TRACE("block " + std::to_string(b));
+    const IntervalMask m(MaskShape{2, n, n, b, b == 7 ? 13 : b, true}, 20, 3);
+    Out out(2, n, d);
+    prefill(q.view(), k.view(), v.view(), out.view(), m);
+    const auto want = reference::attention_masked(q.view(), k.view(), v.view(), scale, m);
+    for (std::size_t i = 0; i < out.o.size(); ++i) ASSERT_NEAR(out.o[i], want.out[i], 2e-5);
+  }
+  // A block larger than the sequence is one partial block (the kernel's scratch is sized by the
+  // sequence, not the block); sizes past 2^31 - 1 are rejected.
+  const index_t huge = (index_t{1} << 31) - 1;
+  EXPECT_INVALID("IntervalMask", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]"}),
+                 IntervalMask(MaskShape{2, n, n, huge + 1, 64, true}, 0, 0));
+  const IntervalMask one_block(MaskShape{2, n, n, huge, huge, true}, 0, 0);
+  EXPECT_EQ(one_block.shape().num_q_blocks(), 1);
+  Out big(2, n, d);
+  prefill(q.view(), k.view(), v.view(), big.view(), one_block);
+  const auto want = reference::attention_masked(q.view(), k.view(), v.view(), scale, one_block);
+  for (std::size_t i = 0; i < big.o.size(); ++i) ASSERT_NEAR(big.o[i], want.out[i], 2e-5);
+  kv::PagedCache<float> cache(cache_options(1, d, n, 9));  // 77 = 8 x 9 + 5
+  cache.append(k.view(), v.view());
+  sm::QuestOptions qo;
+  qo.budget = 27;
+  const auto plan = sm::quest::select(q.view().slice_tokens(n - 1, 1), cache, qo);
+  EXPECT_EQ(plan.stats.kv_rows, 3 * 9 + 5);  // three whole pages plus the partial current page
+}
+
+// =============================================================================================
+// User block lists and key selections
+// =============================================================================================
+
+TEST(BadBlockLists, UnsortedDuplicateOutOfRangeOrFutureBlocks) {
+  const MaskShape s{2, 128, 128, 32, 32, true};
+  auto build = [&](std::vector<std::pair<index_t, index_t>> entries) {
+    BlockListBuilder b(s, false);
+    for (auto [qb, kb] : entries) b.add(0, qb, kb);
+    return b.build();
+  };
+  EXPECT_INVALID("BlockListBuilder::build", Parts<const char*>({"query block 2", "strictly increasing (got 1 then 0)"}),
+                 build({{2, 1}, {2, 0}}));
+  EXPECT_INVALID("BlockListBuilder::build", Parts<const char*>({"strictly increasing (got 1 then 1)"}),
+                 build({{2, 1}, {2, 1}}));
+  EXPECT_INVALID("BlockListBuilder::build", Parts<const char*>({"key block 4 out of range [0, 4)"}),
+                 build({{3, 4}}));
+  EXPECT_INVALID("BlockListBuilder::build", Parts<const char*>({"key block 2", "may not list future blocks"}),
+                 build({{1, 2}}));
+  // A block index past int32 must not wrap to a valid one when the list is packed.
+  EXPECT_INVALID("BlockListBuilder::build", Parts<const char*>({"key block 4294967297 out of range [0, 4)"}),
+                 build({{3, (index_t{1} << 32) + 1}}));
+  EXPECT_INVALID("BlockListBuilder::add", Parts<const char*>({"head 2 out of range"}),
+                 BlockListBuilder(s, false).add(2, 0, 0));
+  EXPECT_INVALID("BlockListBuilder::add", Parts<const char*>({"query block 4 out of range [0, 4)"}),
+                 BlockListBuilder(s, false).add(0, 4, 0));
+  // The same errors in an engine's block-CSR layout.
+  auto bsr = [&](std::vector<index_t> off, std::vector<std::int32_t> col) {
+    return sm::user_mask::from_bsr(MaskShape{1, 128, 128, 32, 32, true}, true, off, col);
+  };
+  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"must be sorted ascending"}),
+                 bsr({0, 1, 2, 3, 5}, {0, 0, 1, 3, 2}));
+  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"repeats", "must be unique"}),
+                 bsr({0, 1, 2, 3, 5}, {0, 0, 1, 2, 2}));
+  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"out of range; key blocks are [0, 4)"}),
+                 bsr({0, 1, 2, 3, 4}, {0, 0, 1, 7}));
+  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"a causal mask allows key blocks [0, 0]"}),
+                 bsr({0, 1, 2, 3, 4}, {1, 0, 1, 2}));
+  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"row_offsets has 4 entries", "expected rows + 1 = 5"}),
+                 bsr({0, 1, 2, 3}, {0, 0, 1}));
+}
+
+TEST(BadKeySelections, UnsortedDuplicateOutOfRangeOrWrongUnitCount) {
+  Prefill p;
+  const auto q1 = p.q.view().slice_tokens(39, 1);
+  Out o1(4, 1, 16);
+  using S = KeySelection::Scope;
+  EXPECT_INVALID("KeySelection::from_tokens", Parts<const char*>({"unit 0", "strictly increasing (got 5 then 3)"}),
+                 KeySelection::from_tokens(S::per_kv_head, {{5, 3}, {1}}));
+  EXPECT_INVALID("KeySelection::from_tokens", Parts<const char*>({"strictly increasing (got 5 then 5)"}),
+                 KeySelection::from_tokens(S::per_kv_head, {{5, 5}, {1}}));
+  EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"page 3 out of range [0, 3)"}),
+                 KeySelection::from_pages(S::per_kv_head, {{3}, {0}}, 16, 40));
+  EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"out of range [0, 3)"}),  // p * P overflows
+                 KeySelection::from_pages(S::per_kv_head, {{index_t{1} << 62}, {0}}, 16, 40));
+  EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"pages must be strictly increasing"}),
+                 KeySelection::from_pages(S::per_kv_head, {{1, 0}, {0}}, 16, 40));
+  const auto beyond = KeySelection::from_tokens(S::per_kv_head, {{39, 40}, {1}});
+  EXPECT_INVALID("decode", Parts<const char*>({"range [39, 41)", "within [0, 40)"}),
+                 decode(q1, p.k.view(), p.v.view(), o1.view(), beyond));
+  const auto negative = KeySelection::from_tokens(S::per_kv_head, {{-1, 2}, {1}});
+  EXPECT_INVALID("decode", Parts<const char*>({"range [-1, 0)", "non-empty, sorted, disjoint"}),
+                 decode(q1, p.k.view(), p.v.view(), o1.view(), negative));
+  const auto three_units = KeySelection::from_tokens(S::per_kv_head, {{0}, {1}, {2}});
+  EXPECT_INVALID("decode", Parts<const char*>({"key selection has 3 lists but the call needs 2", "one per KV head"}),
+                 decode(q1, p.k.view(), p.v.view(), o1.view(), three_units));
+  const auto per_q = KeySelection::from_tokens(S::per_q_head, {{0}, {1}});
+  EXPECT_INVALID("decode", Parts<const char*>({"needs 4 (one per query head)"}),
+                 decode(q1, p.k.view(), p.v.view(), o1.view(), per_q));
+}
+
+// =============================================================================================
+// KV cache
+// =============================================================================================
+
+template <class Cache>
+void append_beyond_capacity_leaves_cache_intact() {
+  const Tensor k(2, 50, 16, 31), v(2, 50, 16, 32);
+  Cache cache(cache_options(2, 16, 60, 8));
+  cache.append(k.view().slice_tokens(0, 45), v.view().slice_tokens(0, 45));
+  const auto before_k = cache.keys();
+  std::vector<float> snapshot;
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t t = 0; t < 45; ++t)
+      for (index_t c = 0; c < 16; ++c) snapshot.push_back(before_k(h, t, c));
+  const index_t free_pages = cache.free_pages();
+  const std::vector<float> bounds(cache.key_bounds(1, 5), cache.key_bounds(1, 5) + 32);
+  EXPECT_INVALID("kv::Cache::append", Parts<const char*>({"appending 16 tokens to a head holding 45", "capacity of 60"}),
+                 cache.append(k.view().slice_tokens(0, 16), v.view().slice_tokens(0, 16)));
+  const Tensor k_bad(3, 1, 16, 33), v_bad(2, 1, 8, 34), v_short(2, 2, 16, 35);
+  EXPECT_INVALID("kv::Cache::append", Parts<const char*>({"k and v need 2 heads, got 3 and 2"}),
+                 cache.append(k_bad.view(), v.view().slice_tokens(0, 1)));
+  EXPECT_INVALID("kv::Cache::append", Parts<const char*>({"k and v need dims 16 and 16, got 16 and 8"}),
+                 cache.append(k.view().slice_tokens(0, 1), v_bad.view()));
+  EXPECT_INVALID("kv::Cache::append", Parts<const char*>({"k has 1 tokens but v has 2"}),
+                 cache.append(k.view().slice_tokens(0, 1), v_short.view()));
+  // Nothing moved: lengths, positions, pages, contents and key bounds.
+  EXPECT_EQ(cache.length(0), 45);
+  EXPECT_EQ(cache.length(1), 45);
+  EXPECT_EQ(cache.sequence_length(), 45);
+  EXPECT_EQ(cache.free_pages(), free_pages);
+  EXPECT_EQ(std::vector<float>(cache.key_bounds(1, 5), cache.key_bounds(1, 5) + 32), bounds);
+  const auto after_k = cache.keys();
+  std::size_t e = 0;
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t t = 0; t < 45; ++t)
+      for (index_t c = 0; c < 16; ++c) ASSERT_EQ(after_k(h, t, c), snapshot[e++]);
+  // And it still works: the remaining 15 tokens fit.
+  EXPECT_NO_THROW(cache.append(k.view().slice_tokens(45, 5), v.view().slice_tokens(45, 5)));
+  EXPECT_EQ(cache.position(1, 49), 49);
+}
+
+TEST(KvCache, AppendBeyondCapacityOrMismatchedLeavesTheCacheIntact) {
+  append_beyond_capacity_leaves_cache_intact<kv::ContiguousCache<float>>();
+  append_beyond_capacity_leaves_cache_intact<kv::PagedCache<float>>();
+}
+
+TEST(KvCache, InvalidOptionsAndRetainArguments) {
+  EXPECT_INVALID("kv::Cache", Parts<const char*>({"kv_heads must be >= 1", "got 0"}),
+                 kv::ContiguousCache<float>(cache_options(0, 16, 64)));
+  EXPECT_INVALID("kv::Cache", Parts<const char*>({"head_dim and value_dim must be >= 1"}),
+                 kv::ContiguousCache<float>(cache_options(2, 0, 64)));
+  EXPECT_INVALID("kv::Cache", Parts<const char*>({"capacity must be >= 1 token", "got 0"}),
+                 kv::PagedCache<bf16>(cache_options(2, 16, 0)));
+  const Tensor k(2, 20, 16, 41), v(2, 20, 16, 42);
+  kv::PagedCache<float> cache(cache_options(2, 16, 32, 4));
+  cache.append(k.view(), v.view());
+  const std::vector<index_t> unsorted{3, 1}, beyond{0, 20};
+  EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"strictly increasing within [0, 20)", "got 1 at 1"}),
+                 cache.retain(0, unsorted.data(), 2));
+  EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"within [0, 20)", "got 20 at 1"}),
+                 cache.retain(0, beyond.data(), 2));
+  EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"head 2 out of range [0, 2)"}),
+                 cache.retain(2, unsorted.data(), 0));
+  EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"need 2 keep lists (one per KV head), got 1"}),
+                 cache.retain(std::vector<std::vector<index_t>>{{0}}));
+  EXPECT_EQ(cache.length(0), 20);  // rejected before anything moved
+  EXPECT_EQ(cache.position(0, 19), 19);
+}
+
+TEST(BadMethodInputs, DecodeMethodsRejectInconsistentCachesAndQueries) {
+  const Tensor q(4, 30, 16, 51), k(2, 30, 16, 52), v(2, 30, 16, 53), q8(4, 1, 8, 54);
+  kv::CacheOptions no_bounds = cache_options(2, 16, 64);
+  no_bounds.key_bounds = false;
+  kv::ContiguousCache<float> plain(no_bounds), cache(cache_options(2, 16, 64));
+  plain.append(k.view(), v.view());
+  cache.append(k.view(), v.view());
+  EXPECT_INVALID("quest::select", Parts<const char*>({"keeps no key bounds", "key_bounds = true"}),
+                 sm::quest::select(q.view().slice_tokens(29, 1), plain, {}));
+  EXPECT_INVALID("quest::select", Parts<const char*>({"head_dim of q (8) differs from the cache (16)"}),
+                 sm::quest::select(q8.view(), cache, {}));
+  EXPECT_INVALID("quest::select", Parts<const char*>({"q needs >= 1 token"}),
+                 sm::quest::select(q.view().slice_tokens(0, 0), cache, {}));
+  sm::SnapKVOptions so;
+  so.pool_kernel = 4;
+  EXPECT_INVALID("snapkv::select", Parts<const char*>({"pool_kernel must be odd and >= 1", "got 4"}),
+                 sm::snapkv::select(q.view(), cache, so));
+  so.pool_kernel = 7;
+  so.window = 0;
+  EXPECT_INVALID("snapkv::select", Parts<const char*>({"window must be >= 1"}),
+                 sm::snapkv::select(q.view(), cache, so));
+  sm::AdaSnapKVOptions ao;
+  ao.floor_fraction = 1.5;
+  EXPECT_INVALID("ada_snapkv::select", Parts<const char*>({"floor_fraction must be in [0, 1]", "got 1.5"}),
+                 sm::ada_snapkv::select(q.view(), cache, ao));
+  sm::h2o::State st;
+  EXPECT_INVALID("h2o::State::observe", Parts<const char*>({"call reset(cache) first"}),
+                 st.observe(q.view(), cache));
+  sm::H2OOptions ho;
+  ho.heavy = 4;
+  ho.recent = 0;
+  EXPECT_INVALID("h2o::State::reset", Parts<const char*>({"recent must be >= 1"}), st.reset(cache, ho));
+  sm::StreamingOptions sto;
+  sto.window = 0;
+  EXPECT_INVALID("streaming", Parts<const char*>({"window must be >= 1", "got 0"}),
+                 sm::streaming::select(cache, sto));
+}
+
+// =============================================================================================
+// Non-finite inputs: NaN propagates to exactly the rows that read it, never elsewhere
+// =============================================================================================
+
+namespace {
+
+// Prefill of [1 head, 100 tokens, d 16] under a causal mask with 64-token tiles: row i reads
+// q_i and the K/V rows of keys 0..i. Returns the output with LSE.
+Out run_causal_prefill(const Tensor& q, const Tensor& k, const Tensor& v) {
+  Out out(q.h, q.n, v.d);
+  AttentionOptions opt;
+  opt.lse = out.lse_view();
+  prefill(q.view(), k.view(), v.view(), out.view(), methods::dense(q.h, q.n, k.n), opt);
+  return out;
+}
+
+// Rows that read a bad value are all NaN (with NaN LSE, unless only V was bad); every other row
+// has exactly the bits of the clean run.
+void expect_poisoned(const Out& got, const Out& clean, const std::function<bool(index_t)>& reads,
+                     bool value_only, index_t bad_dim = -1) {
+  for (index_t i = 0; i < got.n; ++i) {
+    SCOPED_TRACE("row " + std::to_string(i));
+    if (!reads(i)) {
+      EXPECT_TRUE(got.row_equal(clean, 0, i));
+      EXPECT_EQ(got.lse[static_cast<std::size_t>(i)], clean.lse[static_cast<std::size_t>(i)]);
+    } else if (value_only) {  // a bad V element: only its output dim, LSE untouched
+      for (index_t c = 0; c < got.d; ++c)
+        EXPECT_EQ(std::isfinite(got.at(0, i, c)), c != bad_dim) << "dim " << c;
+      EXPECT_EQ(got.lse[static_cast<std::size_t>(i)], clean.lse[static_cast<std::size_t>(i)]);
+    } else {
+      EXPECT_TRUE(got.row_all_nan(0, i));
+      EXPECT_TRUE(std::isnan(got.lse[static_cast<std::size_t>(i)]));
+    }
+  }
+}
+
+}  // namespace
+
+TEST(NonFinite, NaNInAQueryPoisonsOnlyThatRow) {
+  Tensor q(1, 100, 16, 61), k(1, 100, 16, 62), v(1, 100, 16, 63);
+  const Out clean = run_causal_prefill(q, k, v);
+  for (index_t row : {10, 70}) {  // inside a partial (diagonal) block and past the first tile
+    Tensor qn = q;
+    qn.at(0, row, 3) = kNaN;
+    expect_poisoned(run_causal_prefill(qn, k, v), clean, [&](index_t i) { return i == row; }, false);
+  }
+}
+
+TEST(NonFinite, NaNInAKeyPoisonsExactlyTheRowsThatSeeIt) {
+  Tensor q(1, 100, 16, 61), k(1, 100, 16, 62), v(1, 100, 16, 63);
+  const Out clean = run_causal_prefill(q, k, v);
+  for (index_t key : {5, 80}) {
+    Tensor kn = k;
+    kn.at(0, key, 1) = kNaN;
+    expect_poisoned(run_causal_prefill(q, kn, v), clean, [&](index_t i) { return i >= key; }, false);
+  }
+  // Sliding window: rows past the window do not read the key.
+  Tensor kn = k;
+  kn.at(0, 20, 0) = kNaN;
+  Out base(1, 100, 16), got(1, 100, 16);
+  AttentionOptions o1, o2;
+  o1.lse = base.lse_view();
+  o2.lse = got.lse_view();
+  const IntervalMask w = methods::sliding_window(1, 100, 100, {16, 0, 64});
+  prefill(q.view(), k.view(), v.view(), base.view(), w, o1);
+  prefill(q.view(), kn.view(), v.view(), got.view(), w, o2);
+  expect_poisoned(got, base, [](index_t i) { return i >= 20 && i < 36; }, false);
+}
+
+TEST(NonFinite, NaNOrInfInAValueReachesOnlyRowsThatSeeItsKey) {
+  Tensor q(1, 100, 16, 61), k(1, 100, 16, 62), v(1, 100, 16, 63);
+  const Out clean = run_causal_prefill(q, k, v);
+  for (float bad : {kNaN, kInf, -kInf})
+    for (index_t key : {20, 90}) {  // key 20: block 0 holds rows that may not see it
+      SCOPED_TRACE("value " + std::to_string(bad) + " at key " + std::to_string(key));
+      Tensor vn = v;
+      vn.at(0, key, 5) = bad;
+      expect_poisoned(run_causal_prefill(q, k, vn), clean, [&](index_t i) { return i >= key; },
+                      true, 5);
+    }
+}
+
+TEST(NonFinite, DecodePropagatesTheSameWay) {
+  // Three new tokens (rows 0..2 at positions 97..99) over a 100-token cache, GQA group of 2.
+  Tensor q(2, 3, 16, 71), k(1, 100, 16, 72), v(1, 100, 16, 73);
+  auto run = [&](const Tensor& qq, const Tensor& kk, const Tensor& vv) {
+    Out out(2, 3, 16);
+    DecodeOptions opt;
+    opt.lse = out.lse_view();
+    opt.split = 32;
+    decode(qq.view(), kk.view(), vv.view(), out.view(), KeySelection::all(), opt);
+    return out;
+  };
+  const Out clean = run(q, k, v);
+  auto check = [&](const Out& got, const std::function<bool(index_t, index_t)>& reads, bool value_only) {
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t t = 0; t < 3; ++t) {
+        SCOPED_TRACE("head " + std::to_string(h) + " token " + std::to_string(t));
+        const float lse = got.lse[static_cast<std::size_t>(h * 3 + t)];
+        const float lse0 = clean.lse[static_cast<std::size_t>(h * 3 + t)];
+        if (!reads(h, t)) {
+          EXPECT_TRUE(got.row_equal(clean, h, t));
+          EXPECT_EQ(lse, lse0);
+        } else {
+          EXPECT_FALSE(got.row_finite(h, t));
+          EXPECT_EQ(std::isnan(lse), !value_only);
+        }
+      }
+  };
+  Tensor qn = q;
+  qn.at(1, 1, 0) = kNaN;  // head 1, token 1
+  check(run(qn, k, v), [](index_t h, index_t t) { return h == 1 && t == 1; }, false);
+  Tensor kn = k;
+  kn.at(0, 40, 2) = kNaN;  // an old key: every row reads it
+  check(run(q, kn, v), [](index_t, index_t) { return true; }, false);
+  Tensor vn = v;
+  vn.at(0, 99, 2) = kInf;  // the newest token: only token 2 sees it
+  check(run(q, k, vn), [](index_t, index_t t) { return t == 2; }, true);
+  Tensor kn2 = k;
+  kn2.at(0, 98, 2) = kNaN;  // token 1's key: tokens 1 and 2 see it
+  check(run(q, kn2, v), [](index_t, index_t t) { return t >= 1; }, false);
+}
+
+TEST(NonFinite, SelectionsOnNaNDataStillGiveValidMasks) {
+  // Scores computed from NaN rank last; the masks stay legal and the kernels run.
+  Tensor q(2, 200, 16, 81), k(1, 200, 16, 82), v(1, 200, 16, 83);
+  q.at(1, 150, 0) = kNaN;
+  k.at(0, 30, 4) = kNaN;
+  auto run = [&](const auto& mask) {
+    EXPECT_EQ(count_pairs(mask), mask.pairs());
+    Out out(2, 200, 16);
+    EXPECT_NO_THROW(prefill(q.view(), k.view(), v.view(), out.view(), mask));
+    EXPECT_TRUE(out.row_finite(0, 10));  // before the bad key: untouched
+  };
+  sm::BlockSparseOptions bo;
+  bo.block = 16;
+  bo.compression = 3;
+  run(sm::block_sparse::select(q.view(), k.view(), bo));
+  sm::VerticalSlashOptions vo;
+  vo.block = 16;
+  vo.compression = 3;
+  run(sm::vertical_slash::select_exact(q.view(), k.view(), vo));
+  run(sm::vertical_slash::select_tiled(q.view(), k.view(), vo));
+  sm::FlexPrefillOptions fo;
+  fo.block = 16;
+  fo.min_budget = 16;
+  run(sm::flex_prefill::select(q.view(), k.view(), fo));
+  kv::ContiguousCache<float> cache(cache_options(1, 16, 256));
+  cache.append(k.view(), v.view());
+  sm::QuestOptions qo;
+  qo.compression = 4;
+  EXPECT_NO_THROW(sm::quest::select(q.view().slice_tokens(199, 1), cache, qo));
+  sm::SnapKVOptions so;
+  so.compression = 4;
+  const kv::EvictionPlan plan = sm::snapkv::select(q.view(), cache, so);
+  EXPECT_EQ(plan.kept(0), 50);  // ceil(200 / 4)
+}
+
+// =============================================================================================
+// Long context: 64-bit counts and offsets, and running at n >= 65536
+// =============================================================================================
+
+TEST(LongContext, PairCountsPast2To31AreExactWithoutRunning) {
+  const index_t n = 131072, dense = n * (n + 1) / 2;  // 8 590 000 128 > 2^31
+  static_assert(sizeof(index_t) == 8);
+  EXPECT_GT(dense, index_t{1} << 32);
+  EXPECT_EQ(masks::causal(1, n, n).pairs(), dense);
+  EXPECT_EQ(MaskShape({1, n, n, 64, 64, true}).dense_pairs(), dense);
+  EXPECT_EQ(MaskShape({8, n, n, 64, 64, false}).dense_pairs(), 8 * n * n);
+  EXPECT_DOUBLE_EQ(compression_ratio(dense, dense / 8), 8.0);
+  // A block list of every causal block: CSR offsets and the counted pairs are 64-bit.
+  BlockListBuilder b(MaskShape{1, n, n, 64, 64, true}, true);
+  std::vector<index_t> row;
+  for (index_t qb = 0; qb < n / 64; ++qb) {
+    row.push_back(qb);
+    b.set_row(0, qb, row);
+  }
+  const auto all = b.build();
+  EXPECT_EQ(all.pairs(), dense);
+  EXPECT_EQ(all.row_offsets().back(), (n / 64) * (n / 64 + 1) / 2);
+  // Block-sparse's closed form at the dense budget, and with 4 blocks per row.
+  const MaskShape s{1, n, n, 64, 64, true};
+  EXPECT_EQ(sm::block_sparse::pairs_for_k(s, n / 64), dense);
+  EXPECT_EQ(sm::block_sparse::pairs_for_k(MaskShape{32, n, n, 64, 64, true}, n / 64), 32 * dense);
+  // k = 4: query block 0 keeps its diagonal (64 * 65 / 2 pairs), block 1 one more whole block,
+  // block 2 two, every later one three whole blocks besides the diagonal.
+  EXPECT_EQ(sm::block_sparse::pairs_for_k(s, 4), 2080 + 6176 + 10272 + (n / 64 - 3) * 14368);
+}
+
+TEST(LongContext, SlidingWindowPrefillAt65536Tokens) {
+  const index_t n = 65536, d = 16, W = 64;
+  const Tensor q(1, n, d, 91), k(1, n, d, 92), v(1, n, d, 93);
+  const IntervalMask mask = methods::sliding_window(1, n, n, {W, 0, 64});
+  EXPECT_EQ(mask.pairs(), W * (W + 1) / 2 + (n - W) * W);
+  Out out(1, n, d);
+  AttentionOptions opt;
+  opt.lse = out.lse_view();
+  prefill(q.view(), k.view(), v.view(), out.view(), mask, opt);
+  for (index_t i : {index_t{0}, index_t{63}, index_t{64}, index_t{40000}, n - 1}) {  // naive check
+    SCOPED_TRACE("row " + std::to_string(i));
+    const index_t j0 = std::max<index_t>(0, i - W + 1);
+    std::vector<double> s;
+    double mx = -1e300, sum = 0;
+    for (index_t j = j0; j <= i; ++j) {
+      double dot = 0;
+      for (index_t c = 0; c < d; ++c) dot += double{q.data[static_cast<std::size_t>(i * d + c)]} * double{k.data[static_cast<std::size_t>(j * d + c)]};
+      s.push_back(dot * 0.25);
+      mx = std::max(mx, s.back());
+    }
+    for (double& x : s) sum += (x = std::exp(x - mx));
+    for (index_t c = 0; c < d; ++c) {
+      double o = 0;
+      for (index_t j = j0; j <= i; ++j)
+        o += s[static_cast<std::size_t>(j - j0)] / sum * double{v.data[static_cast<std::size_t>(j * d + c)]};
+      EXPECT_NEAR(out.at(0, i, c), o, 2e-5);
+    }
+    EXPECT_NEAR(out.lse[static_cast<std::size_t>(i)], mx + std::log(sum), 2e-5 * (1 + std::abs(mx)));
+  }
+}
+
+TEST(LongContext, DecodeOverA131072TokenCache) {
+  const index_t n = 131072, d = 16;
+  const Tensor q(2, 1, d, 94), k(1, n, d, 95), v(1, n, d, 96);
+  kv::ContiguousCache<bf16> cache(cache_options(1, d, n, 16));
+  cache.append(k.view(), v.view());
+  EXPECT_EQ(cache.num_pages(0), n / 16);
+  sm::QuestOptions qo;
+  qo.compression = 64;
+  const sm::QuestPlan plan = sm::quest::select(q.view(), cache, qo);
+  EXPECT_EQ(plan.stats.dense_pairs, 2 * n);
+  EXPECT_NEAR(plan.compression(), 64.0, 1.0);
+  for (const KeySelection& keys : {KeySelection::all(), plan.keys}) {
+    Out out(2, 1, d);
+    kv::decode(q.view(), cache, out.view(), keys);
+    // Naive check over the selected keys (K/V as stored, bf16).
+    const auto kc = cache.keys(), vc = cache.values();
+    std::vector<std::uint8_t> sel(static_cast<std::size_t>(n), keys.scope() == KeySelection::Scope::all);
+    if (keys.scope() != KeySelection::Scope::all)
+      for (const KeyRange* r = keys.ranges_begin(0); r != keys.ranges_end(0); ++r)
+        for (index_t j = r->begin; j < r->end; ++j) sel[static_cast<std::size_t>(j)] = 1;
+    for (index_t h = 0; h < 2; ++h) {
+      double mx = -1e300, sum = 0;
+      std::vector<double> s(static_cast<std::size_t>(n), 0.0), o(static_cast<std::size_t>(d), 0.0);
+      for (index_t j = 0; j < n; ++j) {
+        if (!sel[static_cast<std::size_t>(j)]) continue;
+        double dot = 0;
+        for (index_t c = 0; c < d; ++c) dot += double{q.data[static_cast<std::size_t>(h * d + c)]} * double{to_float(kc(0, j, c))};
+        s[static_cast<std::size_t>(j)] = dot * 0.25;
+        mx = std::max(mx, dot * 0.25);
+      }
+      for (index_t j = 0; j < n; ++j) {
+        if (!sel[static_cast<std::size_t>(j)]) continue;
+        const double p = std::exp(s[static_cast<std::size_t>(j)] - mx);
+        sum += p;
+        for (index_t c = 0; c < d; ++c) o[static_cast<std::size_t>(c)] += p * double{to_float(vc(0, j, c))};
+      }
+      for (index_t c = 0; c < d; ++c) EXPECT_NEAR(out.at(h, 0, c), o[static_cast<std::size_t>(c)] / sum, 2e-5);
+    }
+  }
+}
+
+// =============================================================================================
+// Determinism: same bits for 1..4 threads and on repeated runs, selection + kernel
+// =============================================================================================
+
+namespace {
+
+// Runs f(threads) for threads 1..4, twice each; every result must equal the first bit for bit.
+template <class F>
+void expect_same_bits_for_threads(F&& f) {
+  const auto first = f(1);
+  for (int rep = 0; rep < 2; ++rep)
+    for (int t = 1; t <= 4; ++t) {
+      const auto again = f(t);
+      ASSERT_EQ(again.size(), first.size());
+      EXPECT_EQ(std::memcmp(again.data(), first.data(), sizeof(first[0]) * first.size()), 0)
+          << "threads=" << t << " repetition " << rep;
+    }
+}
+
+// A prefill problem with structure to select from: GQA 4:2, n = 300, d = 32, planted columns.
+struct Det {
+  Tensor q{4, 300, 32, 101}, k{2, 300, 32, 102}, v{2, 300, 32, 103};
+  Det() {
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t c = 0; c < 32; ++c) k.at(h, 77, c) += 2.0f * q.at(2 * h, 299, c);
+  }
+  // Output bits (and the mask's own arrays, appended as floats' bit patterns) of one run.
+  template <class Mask>
+  std::vector<float> run(const Mask& mask, int threads) const {
+    Out out(4, 300, 32);
+    AttentionOptions opt;
+    opt.num_threads = threads;
+    opt.lse = out.lse_view();
+    prefill(q.view(), k.view(), v.view(), out.view(), mask, opt);
+    out.o.insert(out.o.end(), out.lse.begin(), out.lse.end());
+    return out.o;
+  }
+  template <class Mask>
+  std::vector<float> run_with_csr(const Mask& mask, int threads) const {
+    std::vector<float> r = run(mask, threads);
+    for (std::int64_t x : csr_of(mask)) r.push_back(static_cast<float>(x));
+    return r;
+  }
+};
+
+}  // namespace
+
+TEST(Determinism, PrefillDenseAndSlidingWindow) {
+  const Det p;
+  expect_same_bits_for_threads([&](int t) { return p.run(methods::dense(4, 300, 300), t); });
+  expect_same_bits_for_threads([&](int t) {
+    return p.run(methods::sliding_window(4, 300, 300, {50, 4, 64}), t);
+  });
+}
+
+TEST(Determinism, PrefillBlockSparse) {
+  const Det p;
+  expect_same_bits_for_threads([&](int t) {
+    sm::BlockSparseOptions o;
+    o.block = 32;
+    o.compression = 3;
+    o.num_threads = t;
+    return p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), o), t);
+  });
+}
+
+TEST(Determinism, PrefillVerticalSlashExactAndTiled) {
+  const Det p;
+  sm::VerticalSlashOptions o;
+  o.block = 32;
+  o.compression = 3;
+  o.local_offsets = 16;
+  expect_same_bits_for_threads([&](int t) {
+    o.num_threads = t;
+    return p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), o), t);
+  });
+  expect_same_bits_for_threads([&](int t) {
+    o.num_threads = t;
+    return p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), o), t);
+  });
+}
+
+TEST(Determinism, PrefillFlexPrefill) {
+  const Det p;
+  expect_same_bits_for_threads([&](int t) {
+    sm::FlexPrefillOptions o;
+    o.block = 32;
+    o.min_budget = 32;
+    o.last_queries = 64;
+    o.num_threads = t;
+    const auto m = sm::flex_prefill::select(p.q.view(), p.k.view(), o);
+    std::vector<float> r = p.run_with_csr(m, t);
+    r.insert(r.end(), m.js_distance.begin(), m.js_distance.end());
+    return r;
+  });
+}
+
+namespace {
+
+// Decode pipeline under `session options`: prompt of 200 tokens (eviction after it), then 6
+// single-token steps. Returns every step's output bits plus the kept positions.
+std::vector<float> decode_run(SessionOptions so, int threads) {
+  const index_t n = 206, d = 32;
+  const Tensor q(4, n, d, 111), k(2, n, d, 112), v(2, n, d, 113);
+  so.num_threads = threads;
+  kv::PagedCache<bf16> cache(cache_options(2, d, 256, 16));
+  DecodeSession<kv::PagedCache<bf16>> s(cache, so);
+  std::vector<float> bits;
+  Out prompt_out(4, 200, d);
+  s.prefill(q.view().slice_tokens(0, 200), k.view().slice_tokens(0, 200),
+            v.view().slice_tokens(0, 200), prompt_out.view(), methods::dense(4, 200, 200));
+  for (index_t t = 200; t < n; ++t) {
+    Out out(4, 1, d);
+    s.step(q.view().slice_tokens(t, 1), k.view().slice_tokens(t, 1), v.view().slice_tokens(t, 1),
+           out.view());
+    bits.insert(bits.end(), out.o.begin(), out.o.end());
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t i = 0; i < cache.length(h); ++i) bits.push_back(static_cast<float>(cache.position(h, i)));
+  }
+  return bits;
+}
+
+}  // namespace
+
+TEST(Determinism, DecodeDenseAndQuest) {
+  SessionOptions so;
+  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+  so.decode = DecodeMethod::quest;
+  so.quest.compression = 4;
+  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+  so.quest.per_query_head = true;
+  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+}
+
+TEST(Determinism, DecodeEvictionSnapKVAdaSnapKVH2OStreaming) {
+  for (Eviction e : {Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o, Eviction::streaming}) {
+    SCOPED_TRACE("eviction " + std::to_string(static_cast<int>(e)));
+    SessionOptions so;
+    so.eviction = e;
+    so.snapkv.compression = so.ada_snapkv.compression = 4;
+    so.h2o.compression = so.streaming.compression = 4;
+    expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+  }
+}

@@ -1,0 +1,356 @@
+// Reporting shared by `sparse-attn eval` and `sparse-attn frontier`: the stdout table, the JSON
+// document, atomic file output and the PNG (tools/plot_frontier.py, embedded at build time, run
+// with python3 + matplotlib as a subprocess; skipped with a message when they are missing).
+#pragma once
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sparse_attn/eval/evaluate.hpp>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+#include "plot_script.hpp"
+
+extern char** environ;
+
+namespace sparse_attn::cli::report {
+
+using eval::LogLinearFit;
+using eval::Record;
+
+inline std::string fmt(const char* f, double x) {
+  if (!std::isfinite(x)) return "-";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+/// The readable table: one line per record.
+inline void print_table(std::FILE* out, const std::string& title, const std::vector<Record>& recs,
+                        bool needles) {
+  std::fprintf(out, "\n%s\n", title.c_str());
+  std::fprintf(out, "%-21s %-7s %6s %8s %8s %8s %8s %7s %7s %6s %s%9s %8s\n", "method", "phase",
+               "target", "achieved", "err", "err-med", "err-max", "mass", "massmin", "top1",
+               needles ? "needles " : "", "ms", "speed-up");
+  for (const Record& r : recs) {
+    std::string target = fmt("%g", r.target_cr);
+    std::string achieved = fmt("%.2f", r.achieved_cr) + (r.reachable ? " " : "*");
+    std::string nd;
+    if (needles) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%3lld/%-3lld ", static_cast<long long>(r.needles_kept),
+                    static_cast<long long>(r.needles_total));
+      nd = buf;
+    }
+    std::fprintf(out, "%-21s %-7s %6s %9s %8s %8s %8s %7s %7s %6s %s%9s %8s\n", r.method.c_str(),
+                 r.phase.c_str(), target.c_str(), achieved.c_str(), fmt("%.4f", r.err_layer).c_str(),
+                 fmt("%.4f", r.err_median_head).c_str(), fmt("%.4f", r.err_worst_head).c_str(),
+                 fmt("%.4f", r.mass_mean).c_str(), fmt("%.4f", r.mass_min).c_str(),
+                 fmt("%.3f", r.top1).c_str(), nd.c_str(), fmt("%.1f", r.ms_total()).c_str(),
+                 fmt("%.2fx", r.speedup()).c_str());
+  }
+}
+
+inline void print_legend(std::FILE* out, bool needles) {
+  std::fprintf(out,
+               "\nerr = relative L2 error of the whole output vs dense (err-med / err-max: median and "
+               "worst query head); mass = share of each row's dense softmax mass the method computed "
+               "(mean, min over rows); top1 = share of rows whose dense argmax key was computed; "
+               "%sms = selection + kernel; speed-up = dense ms / ms in the same run; "
+               "* = target CR not reachable (clamped to the sparsest budget).\n",
+               needles ? "needles = (query head, needle) pairs the last query row computes; " : "");
+}
+
+inline nlohmann::ordered_json to_json(const Record& r) {
+  auto num = [](double x) { return std::isfinite(x) ? nlohmann::ordered_json(x) : nlohmann::ordered_json(); };
+  nlohmann::ordered_json j;
+  j["dataset"] = r.dataset;
+  j["phase"] = r.phase;
+  j["method"] = r.method;
+  j["tokens"] = r.tokens;
+  j["rows"] = r.rows;
+  j["target_cr"] = num(r.target_cr);
+  j["achieved_cr"] = num(r.achieved_cr);
+  j["reachable"] = r.reachable;
+  j["detail"] = r.detail;
+  j["err_layer"] = num(r.err_layer);
+  j["err_median_head"] = num(r.err_median_head);
+  j["err_worst_head"] = num(r.err_worst_head);
+  j["mass_recall_mean"] = num(r.mass_mean);
+  j["mass_recall_min"] = num(r.mass_min);
+  j["top1_recall"] = num(r.top1);
+  j["top1_rows"] = r.top1_rows;
+  if (r.needles_total > 0) {
+    j["needles_kept"] = r.needles_kept;
+    j["needles_total"] = r.needles_total;
+  }
+  j["ms_select"] = num(r.ms_select);
+  j["ms_kernel"] = num(r.ms_kernel);
+  j["ms_dense"] = num(r.ms_dense);
+  j["speedup"] = num(r.speedup());
+  return j;
+}
+
+inline nlohmann::ordered_json to_json(const LogLinearFit& f) {
+  nlohmann::ordered_json j;
+  auto num = [](double x) { return std::isfinite(x) ? nlohmann::ordered_json(x) : nlohmann::ordered_json(); };
+  j["a"] = num(f.a);
+  j["b"] = num(f.b);
+  j["c"] = f.length_term ? num(f.c) : nlohmann::ordered_json();
+  j["r2"] = num(f.r2);
+  j["points"] = f.points;
+  j["length_term"] = f.length_term;
+  return j;
+}
+
+/// A plotted curve: one method's (achieved CR, error) points in one panel, and its fit.
+struct Series {
+  std::string method;
+  std::vector<double> cr, err;
+  std::vector<bool> reachable;
+  LogLinearFit fit;
+};
+
+struct Panel {
+  std::string title, phase, fit_over;
+  index_t tokens = 0;  // n used to draw the fit line
+  std::vector<Series> series;
+};
+
+/// One series per non-dense method of `recs` (in order of appearance), points sorted by CR.
+inline std::vector<Series> series_of(const std::vector<Record>& recs) {
+  std::vector<Series> out;
+  for (const Record& r : recs) {
+    if (r.method == "dense") continue;
+    auto it = std::find_if(out.begin(), out.end(), [&](const Series& s) { return s.method == r.method; });
+    if (it == out.end()) {
+      out.push_back(Series{r.method, {}, {}, {}, {}});
+      it = out.end() - 1;
+    }
+    it->cr.push_back(r.achieved_cr);
+    it->err.push_back(r.err_layer);
+    it->reachable.push_back(r.reachable);
+  }
+  return out;
+}
+
+inline nlohmann::ordered_json to_json(const Panel& p) {
+  nlohmann::ordered_json j;
+  j["title"] = p.title;
+  j["phase"] = p.phase;
+  j["tokens"] = p.tokens;
+  j["fit_over"] = p.fit_over;
+  j["dense_error_floor"] = 1e-4;
+  j["series"] = nlohmann::ordered_json::array();
+  for (const Series& s : p.series) {
+    nlohmann::ordered_json js;
+    js["method"] = s.method;
+    js["cr"] = s.cr;
+    js["err"] = s.err;
+    js["reachable"] = s.reachable;
+    js["fit"] = to_json(s.fit);
+    j["series"].push_back(js);
+  }
+  return j;
+}
+
+/// CR at which each series' error first reaches 1% and 5% (log-log interpolation): a number, or
+/// "<X" (already above at the first sparse point X), or ">X" (still below at the largest CR X).
+inline std::string crossing_text(const std::vector<std::pair<double, double>>& pts, double level) {
+  const eval::Crossing c = eval::crossing_compression(pts, level);
+  if (c.kind == eval::Crossing::bracketed) return fmt("%.2f", c.cr);
+  if (c.kind == eval::Crossing::below_first) return "<" + fmt("%.2f", c.cr);
+  double mx = 1.0;
+  for (const auto& p : pts) mx = std::max(mx, p.first);
+  return ">" + fmt("%.2f", mx);
+}
+
+inline std::vector<std::pair<double, double>> sorted_points(const Series& s) {
+  std::vector<std::pair<double, double>> pts;
+  for (std::size_t i = 0; i < s.cr.size(); ++i) pts.push_back({s.cr[i], s.err[i]});
+  std::sort(pts.begin(), pts.end());
+  return pts;
+}
+
+inline nlohmann::ordered_json crossings(const Panel& p) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const Series& s : p.series) {
+    const auto pts = sorted_points(s);
+    j[s.method] = {{"err_1pct_cr", crossing_text(pts, 0.01)}, {"err_5pct_cr", crossing_text(pts, 0.05)}};
+  }
+  return j;
+}
+
+inline void print_fits(std::FILE* out, const Panel& p) {
+  std::fprintf(out, "\nfit log(err) = a + b log(CR) + c log(n), %s (fit over %s):\n", p.title.c_str(),
+               p.fit_over.c_str());
+  std::fprintf(out, "  %-21s %8s %8s %8s %6s %6s  %s\n", "method", "a", "b", "c", "R^2", "points",
+               "CR where err reaches 1% / 5%");
+  for (const Series& s : p.series) {
+    const auto pts = sorted_points(s);
+    std::fprintf(out, "  %-21s %8s %8s %8s %6s %6lld  %s / %s\n", s.method.c_str(),
+                 fmt("%.3f", s.fit.a).c_str(), fmt("%.3f", s.fit.b).c_str(),
+                 s.fit.length_term ? fmt("%.3f", s.fit.c).c_str() : "-", fmt("%.2f", s.fit.r2).c_str(),
+                 static_cast<long long>(s.fit.points), crossing_text(pts, 0.01).c_str(),
+                 crossing_text(pts, 0.05).c_str());
+  }
+}
+
+/// Writes text to `path` through a temp file renamed into place (no partial file on failure).
+inline void write_file_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = io::detail::tmp_path_for(path);
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    check(static_cast<bool>(f), path, ": cannot create the file");
+    f << text;
+    f.close();
+    if (!f) {
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      check(false, path, ": write failed");
+    }
+  }
+  io::commit_tmp_file(tmp, path);
+}
+
+namespace detail {
+// Runs argv (PATH lookup) with stdout/stderr to /dev/null unless `show`; returns the exit code
+// (-1 when it could not start).
+inline int run_quiet(const std::vector<std::string>& argv, bool show) {
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  if (!show) {
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  } else {
+    posix_spawn_file_actions_adddup2(&fa, 2, 1);  // the plotter's chatter goes to stderr
+  }
+  pid_t pid = 0;
+  const int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) return -1;
+  int status = 0;
+  if (waitpid(pid, &status, 0) < 0) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+}  // namespace detail
+
+/// A python3 that imports matplotlib: $SPARSE_ATTN_PYTHON, then python3 on PATH, then
+/// /usr/bin/python3 (Debian's python3-matplotlib); empty if none.
+inline std::string find_python() {
+  std::vector<std::string> cands;
+  if (const char* env = std::getenv("SPARSE_ATTN_PYTHON"); env && *env) cands.push_back(env);
+  cands.push_back("python3");
+  cands.push_back("/usr/bin/python3");
+  for (const std::string& py : cands)
+    if (detail::run_quiet({py, "-c", "import matplotlib"}, false) == 0) return py;
+  return {};
+}
+
+/// Renders the PNG from a JSON document already written to json_path; returns false (with a
+/// message on stderr) when python3 + matplotlib are missing or the plot failed. Atomic.
+inline bool render_png(const std::string& json_path, const std::string& png_path) {
+  const std::string py = find_python();
+  if (py.empty()) {
+    std::fprintf(stderr,
+                 "sparse-attn: note: skipping %s: no python3 with matplotlib found (install "
+                 "python3-matplotlib or set SPARSE_ATTN_PYTHON)\n",
+                 png_path.c_str());
+    return false;
+  }
+  const std::string script = io::detail::tmp_path_for(png_path + ".plot_frontier.py");
+  const std::string tmp_png = io::detail::tmp_path_for(png_path) + ".png";
+  write_file_atomic(script, kPlotFrontierPy);
+  const int rc = detail::run_quiet({py, script, json_path, tmp_png}, true);
+  std::error_code ec;
+  std::filesystem::remove(script, ec);
+  if (rc != 0 || !std::filesystem::exists(tmp_png, ec)) {
+    std::filesystem::remove(tmp_png, ec);
+    std::fprintf(stderr, "sparse-attn: note: plotting %s failed (python exit %d); PNG skipped\n",
+                 png_path.c_str(), rc);
+    return false;
+  }
+  io::commit_tmp_file(tmp_png, png_path);
+  return true;
+}
+
+/// Writes the JSON (if json_path is set) and the PNG (if png_path is set). The PNG needs the JSON
+/// on disk: without json_path a temp file next to the PNG is used and removed.
+inline void write_outputs(const nlohmann::ordered_json& doc, const std::string& json_path,
+                          const std::string& png_path) {
+  const std::string text = doc.dump(1) + "\n";
+  if (!json_path.empty()) write_file_atomic(json_path, text);
+  if (png_path.empty()) return;
+  std::string src = json_path;
+  std::string tmp;
+  if (src.empty()) {
+    tmp = io::detail::tmp_path_for(png_path + ".json");
+    write_file_atomic(tmp, text);
+    src = tmp;
+  }
+  render_png(src, png_path);
+  if (!tmp.empty()) {
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+  }
+}
+
+/// Parses "2,5,10,20" into CRs (finite, >= 1).
+inline std::vector<double> parse_compressions(const std::string& s) {
+  std::vector<double> out;
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    const std::size_t comma = s.find(',', pos);
+    const std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    char* end = nullptr;
+    const double v = std::strtod(tok.c_str(), &end);
+    check(!tok.empty() && end && *end == '\0' && std::isfinite(v) && v >= 1.0,
+          "--compression: '", tok, "' is not a compression ratio (numbers >= 1, comma-separated, e.g. 2,5,10,20)");
+    out.push_back(v);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+/// Parses a method list ("all" or "m1,m2") against the known names of one phase or both.
+inline void parse_methods(const std::string& s, std::vector<std::string>& prefill,
+                          std::vector<std::string>& decode) {
+  prefill.clear();
+  decode.clear();
+  if (s == "all") return;
+  std::string known;
+  for (const auto& m : eval::prefill_methods()) known += std::string(known.empty() ? "" : ", ") + m.name;
+  for (const auto& m : eval::decode_methods())
+    if (std::string(m.name) != "dense") known += std::string(", ") + m.name;
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    const std::size_t comma = s.find(',', pos);
+    const std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    bool found = false;
+    for (const auto& m : eval::prefill_methods())
+      if (tok == m.name) prefill.push_back(tok), found = true;
+    for (const auto& m : eval::decode_methods())
+      if (tok == m.name) decode.push_back(tok), found = true;
+    check(found, "--methods: unknown method '", tok, "'; known: all, ", known);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  // A list naming only one phase's methods leaves the other phase empty (skipped by the caller).
+  if (prefill.empty()) prefill.push_back("<none>");
+  if (decode.empty()) decode.push_back("<none>");
+}
+
+}  // namespace sparse_attn::cli::report
