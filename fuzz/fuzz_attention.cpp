@@ -719,7 +719,7 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
       if (corrupt == 5) off.push_back(off.back()), corrupted = true;
       if (corrupt == 6 && off.size() >= 3 && off[1] > 0) off[1] = off[2] + 1, corrupted = true;
       if (corrupt == 7) col.push_back(0), corrupted = true;
-      if (corrupt == 8) full.push_back(1), corrupted = true;
+      if (corrupt == 8) full.resize(col.size() + 1, 1), corrupted = true;
       if (corrupt == 9 && !col.empty() && off.size() >= 2) off[0] = 1, corrupted = true;
       note("user_mask shared=", shared, " density=", density, " flags=", flags, " pred=", pred,
            " narrow=", narrow, " corrupt=", corrupt, " corrupted=", corrupted);

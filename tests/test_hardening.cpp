@@ -698,8 +698,13 @@ TEST(KvCache, InvalidOptionsAndRetainArguments) {
                  cache.retain(2, unsorted.data(), 0));
   EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"need 2 keep lists (one per KV head), got 1"}),
                  cache.retain(std::vector<std::vector<index_t>>{{0}}));
+  // A plan whose second list is bad must not leave the first head compacted.
+  EXPECT_INVALID("kv::Cache::retain", Parts<const char*>({"head 1", "got 25 at 1"}),
+                 cache.retain(std::vector<std::vector<index_t>>{{0, 5, 9}, {1, 25}}));
   EXPECT_EQ(cache.length(0), 20);  // rejected before anything moved
+  EXPECT_EQ(cache.length(1), 20);
   EXPECT_EQ(cache.position(0, 19), 19);
+  EXPECT_EQ(cache.free_pages(), 2 * 8 - 2 * 5);  // 32 / 4 pages per head, 5 in use
 }
 
 TEST(BadMethodInputs, DecodeMethodsRejectInconsistentCachesAndQueries) {

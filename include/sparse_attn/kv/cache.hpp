@@ -179,14 +179,7 @@ class Cache {
   /// Keeps slots[0..count) of head h (strictly increasing, within [0, length(h))) in that order
   /// and drops the rest, compacting in place. Key bounds of the rewritten pages are recomputed.
   void retain(index_t h, const index_t* slots, index_t count) {
-    constexpr const char* where = "kv::Cache::retain";
-    require(h >= 0 && h < H_, where, ": head ", h, " out of range [0, ", H_, ")");
-    require(count >= 0 && count <= length(h), where, ": head ", h, " keeps ", count,
-            " tokens but holds ", length(h));
-    for (index_t i = 0; i < count; ++i)
-      require(slots[i] >= 0 && slots[i] < length(h) && (i == 0 || slots[i - 1] < slots[i]), where,
-              ": head ", h, ": kept slots must be strictly increasing within [0, ", length(h),
-              "), got ", slots[i], " at ", i);
+    check_retain(h, slots, count);
     index_t first = count;  // first slot whose content changes
     for (index_t i = 0; i < count; ++i)
       if (slots[i] != i) {
@@ -214,6 +207,10 @@ class Cache {
   void retain(const std::vector<std::vector<index_t>>& keep) {
     require(static_cast<index_t>(keep.size()) == H_, "kv::Cache::retain", ": need ", H_,
             " keep lists (one per KV head), got ", keep.size());
+    // Every list first: a bad list for a later head must not leave earlier heads compacted.
+    for (index_t h = 0; h < H_; ++h)
+      check_retain(h, keep[static_cast<std::size_t>(h)].data(),
+                   static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
     for (index_t h = 0; h < H_; ++h)
       retain(h, keep[static_cast<std::size_t>(h)].data(),
              static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
@@ -232,6 +229,17 @@ class Cache {
   std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
 
  private:
+  void check_retain(index_t h, const index_t* slots, index_t count) const {
+    constexpr const char* where = "kv::Cache::retain";
+    require(h >= 0 && h < H_, where, ": head ", h, " out of range [0, ", H_, ")");
+    require(count >= 0 && count <= length(h), where, ": head ", h, " keeps ", count,
+            " tokens but holds ", length(h));
+    for (index_t i = 0; i < count; ++i)
+      require(slots[i] >= 0 && slots[i] < length(h) && (i == 0 || slots[i - 1] < slots[i]), where,
+              ": head ", h, ": kept slots must be strictly increasing within [0, ", length(h),
+              "), got ", slots[i], " at ", i);
+  }
+
   view_type view(const T* base, index_t dim, index_t page_elems) const {
     if constexpr (paged) {
       PagedView<const T> pv;
