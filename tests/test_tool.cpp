@@ -880,3 +880,671 @@ TEST_F(Decode, RejectsQueryHeadsNotMultipleOfKvHeads) {
 }
 
 }  // namespace
+
+// =============================================================================================
+// Prefill methods (issue 3 item 7): `attend --method block_sparse | vertical_slash |
+// flex_prefill | user_mask` (tools/cmd_attend.cpp). The tool's output is checked against naive
+// double-precision attention over the very mask the library selects for the same inputs.
+// =============================================================================================
+#include <sparse_attn/methods/block_sparse.hpp>
+#include <sparse_attn/methods/flex_prefill.hpp>
+#include <sparse_attn/methods/vertical_slash.hpp>
+
+namespace {
+
+// Naive double-precision attention under allowed[(h * n_q + i) * n_k + j]; an empty row gives 0.
+Reference naive_over(const Problem& p, const std::vector<std::uint8_t>& allowed, double scale) {
+  Reference r;
+  r.out.assign(static_cast<std::size_t>(p.hq * p.n_q * p.d), 0.0);
+  r.lse.assign(static_cast<std::size_t>(p.hq * p.n_q), -std::numeric_limits<double>::infinity());
+  const index_t group = p.hq / p.hkv;
+  for (index_t h = 0; h < p.hq; ++h)
+    for (index_t i = 0; i < p.n_q; ++i) {
+      std::vector<double> s;
+      std::vector<index_t> keys;
+      for (index_t j = 0; j < p.n_k; ++j) {
+        if (!allowed[static_cast<std::size_t>((h * p.n_q + i) * p.n_k + j)]) continue;
+        double dot = 0;
+        for (index_t c = 0; c < p.d; ++c)
+          dot += double{p.q[static_cast<std::size_t>((h * p.n_q + i) * p.d + c)]} *
+                 double{p.k[static_cast<std::size_t>(((h / group) * p.n_k + j) * p.d + c)]};
+        s.push_back(scale * dot);
+        keys.push_back(j);
+      }
+      r.pairs += static_cast<index_t>(keys.size());
+      if (keys.empty()) continue;
+      const double mx = *std::max_element(s.begin(), s.end());
+      double sum = 0;
+      for (double& x : s) sum += (x = std::exp(x - mx));
+      r.lse[static_cast<std::size_t>(h * p.n_q + i)] = mx + std::log(sum);
+      for (std::size_t e = 0; e < keys.size(); ++e)
+        for (index_t c = 0; c < p.d; ++c)
+          r.out[static_cast<std::size_t>((h * p.n_q + i) * p.d + c)] +=
+              s[e] / sum *
+              double{p.v[static_cast<std::size_t>(((h / group) * p.n_k + keys[e]) * p.d + c)]};
+    }
+  return r;
+}
+
+// The elements a library mask allows: listed blocks, element test (causality, predicate) applied.
+template <class Mask>
+std::vector<std::uint8_t> allowed_of(const Mask& m) {
+  const sparse_attn::MaskShape& s = m.shape();
+  std::vector<std::uint8_t> a(static_cast<std::size_t>(s.heads * s.n_q * s.n_k), 0);
+  for (index_t h = 0; h < s.heads; ++h)
+    for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
+      m.for_each_block(m.head_shared() ? 0 : h, qb, [&](index_t kb, bool) {
+        for (index_t i = s.q_begin(qb); i < s.q_end(qb); ++i)
+          for (index_t j = s.k_begin(kb); j < s.k_end(kb); ++j)
+            if (m.allowed(h, i, j)) a[static_cast<std::size_t>((h * s.n_q + i) * s.n_k + j)] = 1;
+      });
+  return a;
+}
+
+std::uint32_t crc32_of(const std::string& s) {
+  std::uint32_t c = 0xFFFFFFFFu;
+  for (unsigned char ch : s) {
+    c ^= ch;
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+  }
+  return c ^ 0xFFFFFFFFu;
+}
+
+void put_le(std::string& out, std::uint64_t v, int bytes) {
+  for (int b = 0; b < bytes; ++b) out.push_back(static_cast<char>((v >> (8 * b)) & 0xff));
+}
+
+// A zip of (name, bytes) members as np.savez writes it: stored (method 0) and, like Python's
+// zipfile with force_zip64, local headers carrying the sizes in a zip64 extra field.
+std::string make_zip(const std::vector<std::pair<std::string, std::string>>& members,
+                     std::uint16_t method = 0) {
+  std::string out, cd;
+  for (const auto& [name, data] : members) {
+    const std::uint32_t crc = crc32_of(data);
+    const std::size_t local = out.size();
+    put_le(out, 0x04034b50, 4);
+    put_le(out, 45, 2);  // version needed (zip64)
+    put_le(out, 0, 2);   // flags
+    put_le(out, method, 2);
+    put_le(out, 0, 2);     // time
+    put_le(out, 0x21, 2);  // date
+    put_le(out, crc, 4);
+    put_le(out, 0xFFFFFFFF, 4);  // sizes in the zip64 extra field
+    put_le(out, 0xFFFFFFFF, 4);
+    put_le(out, name.size(), 2);
+    put_le(out, 20, 2);
+    out += name;
+    put_le(out, 1, 2);
+    put_le(out, 16, 2);
+    put_le(out, data.size(), 8);
+    put_le(out, data.size(), 8);
+    out += data;
+
+    put_le(cd, 0x02014b50, 4);
+    put_le(cd, 45, 2);
+    put_le(cd, 45, 2);
+    put_le(cd, 0, 2);
+    put_le(cd, method, 2);
+    put_le(cd, 0, 2);
+    put_le(cd, 0x21, 2);
+    put_le(cd, crc, 4);
+    put_le(cd, data.size(), 4);
+    put_le(cd, data.size(), 4);
+    put_le(cd, name.size(), 2);
+    put_le(cd, 0, 2);  // extra
+    put_le(cd, 0, 2);  // comment
+    put_le(cd, 0, 2);  // disk
+    put_le(cd, 0, 2);  // internal attributes
+    put_le(cd, 0, 4);  // external attributes
+    put_le(cd, local, 4);
+    cd += name;
+  }
+  const std::size_t cd_off = out.size();
+  out += cd;
+  put_le(out, 0x06054b50, 4);
+  put_le(out, 0, 2);
+  put_le(out, 0, 2);
+  put_le(out, members.size(), 2);
+  put_le(out, members.size(), 2);
+  put_le(out, cd.size(), 4);
+  put_le(out, cd_off, 4);
+  put_le(out, 0, 2);
+  return out;
+}
+
+// A block-CSR user mask: rows (head, query block) -> sorted key blocks.
+struct Bsr {
+  std::vector<std::int64_t> offsets{0};
+  std::vector<std::int32_t> indices;
+  std::vector<std::uint8_t> full;
+  void add_row(const std::vector<std::int32_t>& blocks) {
+    for (std::int32_t kb : blocks) {
+      indices.push_back(kb);
+      full.push_back(static_cast<std::uint8_t>(indices.size() % 2));  // flags do not change results
+    }
+    offsets.push_back(static_cast<std::int64_t>(indices.size()));
+  }
+};
+
+class PrefillMethods : public Attend {
+ protected:
+  // Problem of the user-mask tests: n_q = 37 of n_k = 45, blocks of 8 -> 5 query, 6 key blocks.
+  static Problem user_problem() {
+    Problem p;
+    p.n_q = 37;
+    p.n_k = 45;
+    p.fill(61);
+    return p;
+  }
+  static constexpr index_t kUserBlock = 8;
+
+  // Per head h and query block qb (last position 8 qb + 15, or 44): the diagonal key block
+  // qb + 1 and the earlier blocks with (h + kb + qb) % 3 == 0; head 3 leaves query block 2 empty.
+  static Bsr user_bsr(index_t heads, index_t nqb) {
+    Bsr b;
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t qb = 0; qb < nqb; ++qb) {
+        std::vector<std::int32_t> row;
+        if (!(h == 3 && qb == 2))
+          for (index_t kb = 0; kb <= qb + 1; ++kb)
+            if (kb == qb + 1 || (h + kb + qb) % 3 == 0)
+              row.push_back(static_cast<std::int32_t>(kb));
+        b.add_row(row);
+      }
+    return b;
+  }
+
+  // allowed[] of a BSR over problem p (rows per head, or one shared layout), causal or not.
+  static std::vector<std::uint8_t> bsr_allowed(const Problem& p, const Bsr& b, bool shared,
+                                               bool causal) {
+    const index_t nqb = (p.n_q + kUserBlock - 1) / kUserBlock;
+    std::vector<std::uint8_t> a(static_cast<std::size_t>(p.hq * p.n_q * p.n_k), 0);
+    for (index_t h = 0; h < p.hq; ++h)
+      for (index_t i = 0; i < p.n_q; ++i) {
+        const index_t r = (shared ? 0 : h) * nqb + i / kUserBlock;
+        for (std::int64_t e = b.offsets[static_cast<std::size_t>(r)];
+             e < b.offsets[static_cast<std::size_t>(r) + 1]; ++e) {
+          const index_t kb = b.indices[static_cast<std::size_t>(e)];
+          for (index_t j = kb * kUserBlock; j < std::min(p.n_k, (kb + 1) * kUserBlock); ++j)
+            if (!causal || j <= i + p.n_k - p.n_q)
+              a[static_cast<std::size_t>((h * p.n_q + i) * p.n_k + j)] = 1;
+        }
+      }
+    return a;
+  }
+
+  // The bytes of an .npy file holding `values` (written with write_npy, then read back).
+  template <class T>
+  std::string npy_of(const std::vector<T>& values) const {
+    const std::string tmp = path("member.tmp");
+    write_npy(tmp, values, {static_cast<index_t>(values.size())});
+    const std::string bytes = read_file(tmp);
+    fs::remove(tmp);
+    return bytes;
+  }
+  static std::string bool_npy(const std::vector<std::uint8_t>& flags) {
+    return make_npy("{'descr': '|b1', 'fortran_order': False, 'shape': (" +
+                        std::to_string(flags.size()) + ",), }",
+                    std::string(flags.begin(), flags.end()));
+  }
+
+  // Writes o.npy / i.npy / f.npy and returns the user_mask arguments for them.
+  std::vector<std::string> user_mask_args(const Problem& p, const Bsr& b) const {
+    auto a = write_inputs(p);
+    write_npy(path("off.npy"), b.offsets, {static_cast<index_t>(b.offsets.size())});
+    write_npy(path("idx.npy"), b.indices, {static_cast<index_t>(b.indices.size())});
+    a.insert(a.end(), {"--method", "user_mask", "--block", std::to_string(kUserBlock),
+                       "--mask-offsets", path("off.npy"), "--mask-indices", path("idx.npy")});
+    return a;
+  }
+  std::vector<std::string> good_user_args() const {
+    const Problem p = user_problem();
+    return user_mask_args(p, user_bsr(p.hq, 5));
+  }
+
+  // Inputs of the selection tests: n_q = 100 of n_k = 128.
+  static Problem selection_problem(unsigned seed) {
+    Problem p;
+    p.n_q = 100;
+    p.n_k = 128;
+    p.fill(seed);
+    return p;
+  }
+  static sparse_attn::TensorView<const float> view(const std::vector<float>& x, index_t h,
+                                                   index_t n, index_t d) {
+    return sparse_attn::TensorView<const float>(x.data(), h, n, d);
+  }
+  static double default_scale(const Problem& p) { return 1.0 / std::sqrt(double(p.d)); }
+
+  // Runs `args`, checks exit 0 and the common JSON fields, and returns the JSON.
+  nlohmann::json run_ok(const std::vector<std::string>& args, const std::string& method) {
+    const RunResult r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(r.err, "");
+    if (r.rc != 0) return nlohmann::json::object();
+    const nlohmann::json j = parse_one_json_line(r.out);
+    EXPECT_EQ(j["method"], method);
+    for (const char* key :
+         {"target_compression", "achieved_compression", "pairs", "select_ms", "ms"})
+      EXPECT_TRUE(j.contains(key)) << key << " missing: " << r.out;
+    EXPECT_GE(j.value("select_ms", -1.0), 0.0);
+    EXPECT_GE(j.value("ms", -1.0), 0.0);
+    return j;
+  }
+};
+
+TEST_F(PrefillMethods, BlockSparseCompressionOneEqualsDense) {
+  Problem p = selection_problem(62);
+  const nlohmann::json j = run_ok(
+      with(write_inputs(p), {"--method", "block_sparse", "--compression", "1", "--block", "8"}),
+      "block_sparse");
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["k"], 16);  // every key block
+  EXPECT_EQ(j["block"], 8);
+  const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
+  EXPECT_EQ(j["pairs"], ref.pairs);
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
+TEST_F(PrefillMethods, BlockSparseExecutesTheSelectedMask) {
+  Problem p = selection_problem(63);
+  auto args = with(write_inputs(p), {"--method", "block_sparse", "--compression", "2.5", "--block",
+                                     "8", "--lse", path("lse.npy"), "--threads", "2"});
+  const nlohmann::json j = run_ok(args, "block_sparse");
+  sparse_attn::methods::BlockSparseOptions o;
+  o.compression = 2.5;
+  o.block = 8;
+  const auto mask = sparse_attn::methods::block_sparse::select(view(p.q, p.hq, p.n_q, p.d),
+                                                               view(p.k, p.hkv, p.n_k, p.d), o);
+  EXPECT_EQ(j["k"], mask.top_k);
+  EXPECT_EQ(j["pairs"], mask.pairs());
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 2.5);
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_GT(j["achieved_compression"].get<double>(), 1.5);
+  EXPECT_LE(j["achieved_compression"].get<double>(), 2.5);
+  const Reference ref = naive_over(p, allowed_of(mask), default_scale(p));
+  EXPECT_EQ(ref.pairs, mask.pairs());
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+  expect_close(read_npy(path("lse.npy")).values<float>(), ref.lse, 1e-4);
+}
+
+TEST_F(PrefillMethods, BlockSparseReportsUnreachableTarget) {
+  Problem p = selection_problem(64);
+  const nlohmann::json j = run_ok(
+      with(write_inputs(p), {"--method", "block_sparse", "--compression", "1000", "--block", "8"}),
+      "block_sparse");
+  EXPECT_EQ(j["reachable"], false);
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 1000.0);
+  EXPECT_LT(j["achieved_compression"].get<double>(), 1000.0);
+  EXPECT_EQ(j["k"], 3);  // the forced blocks alone
+}
+
+TEST_F(PrefillMethods, VerticalSlashCompressionOneEqualsDense) {
+  Problem p = selection_problem(65);
+  const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
+  for (const char* mode : {"exact", "tiled"}) {
+    const nlohmann::json j =
+        run_ok(with(write_inputs(p), {"--method", "vertical_slash", "--compression", "1",
+                                      "--vs-mode", mode, "--block", "16"}),
+               "vertical_slash");
+    EXPECT_EQ(j["vs_mode"], mode);
+    EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0) << mode;
+    EXPECT_EQ(j["pairs"], ref.pairs) << mode;
+    EXPECT_EQ(j["reachable"], true);
+    EXPECT_TRUE(j.contains("vertical") && j.contains("slash"));
+    expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+  }
+}
+
+TEST_F(PrefillMethods, VerticalSlashExecutesTheSelectedMaskInBothModes) {
+  Problem p = selection_problem(66);
+  p.n_q = p.n_k = 160;
+  p.fill(66);
+  sparse_attn::methods::VerticalSlashOptions o;
+  o.vertical = 6;
+  o.slash = 70;
+  o.block = 16;
+  o.last_queries = 32;
+  const auto qv = view(p.q, p.hq, p.n_q, p.d);
+  const auto kv = view(p.k, p.hkv, p.n_k, p.d);
+  for (const char* mode : {"exact", "tiled"}) {
+    const nlohmann::json j =
+        run_ok(with(write_inputs(p), {"--method", "vertical_slash", "--vertical", "6", "--slash",
+                                      "70", "--vs-mode", mode, "--block", "16", "--last-q", "32"}),
+               "vertical_slash");
+    EXPECT_TRUE(j["target_compression"].is_null());
+    EXPECT_EQ(j["vertical"], 6);
+    EXPECT_EQ(j["slash"], 70);
+    EXPECT_EQ(j["last_q"], 32);
+    std::vector<std::uint8_t> allowed;
+    index_t pairs = 0;
+    if (std::string(mode) == "exact") {
+      const auto m = sparse_attn::methods::vertical_slash::select_exact(qv, kv, o);
+      allowed = allowed_of(m);
+      pairs = m.pairs();
+    } else {
+      const auto m = sparse_attn::methods::vertical_slash::select_tiled(qv, kv, o);
+      allowed = allowed_of(m);
+      pairs = m.pairs();
+    }
+    EXPECT_EQ(j["pairs"], pairs) << mode;
+    EXPECT_GT(j["achieved_compression"].get<double>(), 1.0) << mode;
+    const Reference ref = naive_over(p, allowed, default_scale(p));
+    EXPECT_EQ(ref.pairs, pairs) << mode;
+    expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+  }
+}
+
+TEST_F(PrefillMethods, FlexPrefillGammaOneEqualsDense) {
+  Problem p = selection_problem(67);
+  const nlohmann::json j =
+      run_ok(with(write_inputs(p), {"--method", "flex_prefill", "--gamma", "1", "--block", "16"}),
+             "flex_prefill");
+  EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
+  EXPECT_EQ(j["query_aware_heads"], 0);
+  const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
+  EXPECT_EQ(j["pairs"], ref.pairs);
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
+TEST_F(PrefillMethods, FlexPrefillExecutesTheSelectedMask) {
+  Problem p = selection_problem(68);
+  p.n_q = p.n_k = 192;
+  p.fill(68);
+  // tau 0.8 (sqrt(JS) <= sqrt(ln 2) ~ 0.83) makes heads query-aware on random data; both paths
+  // are covered by running tau 0 too.
+  for (const char* tau : {"0", "0.8"}) {
+    const nlohmann::json j =
+        run_ok(with(write_inputs(p), {"--method", "flex_prefill", "--gamma", "0.5", "--tau", tau,
+                                      "--min-budget", "16", "--block", "16", "--last-q", "32"}),
+               "flex_prefill");
+    sparse_attn::methods::FlexPrefillOptions o;
+    o.gamma = 0.5;
+    o.tau = std::stod(tau);
+    o.min_budget = 16;
+    o.block = 16;
+    o.last_queries = 32;
+    const auto mask = sparse_attn::methods::flex_prefill::select(view(p.q, p.hq, p.n_q, p.d),
+                                                                 view(p.k, p.hkv, p.n_k, p.d), o);
+    index_t query_aware = 0;
+    for (auto qa : mask.query_aware) query_aware += qa;
+    EXPECT_EQ(j["query_aware_heads"], query_aware) << tau;
+    if (std::string(tau) == "0") {
+      EXPECT_EQ(query_aware, 0);
+    }
+    EXPECT_EQ(j["block"], 16);
+    EXPECT_EQ(j["gamma"], 0.5);
+    EXPECT_EQ(j["pairs"], mask.pairs()) << tau;
+    EXPECT_GT(j["achieved_compression"].get<double>(), 1.0) << tau;
+    const Reference ref = naive_over(p, allowed_of(mask), default_scale(p));
+    expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+  }
+}
+
+TEST_F(PrefillMethods, FlexPrefillDefaultsToBlock128AndLastQ128) {
+  Problem p = selection_problem(69);
+  const nlohmann::json j =
+      run_ok(with(write_inputs(p), {"--method", "flex_prefill"}), "flex_prefill");
+  EXPECT_EQ(j["block"], 128);
+  EXPECT_EQ(j["last_q"], 128);
+  EXPECT_DOUBLE_EQ(j["gamma"].get<double>(), 0.9);
+}
+
+TEST_F(PrefillMethods, UserMaskPerHeadMatchesNaiveReference) {
+  const Problem p = user_problem();
+  const Bsr b = user_bsr(p.hq, 5);
+  write_npy(path("full.npy"), std::vector<std::int32_t>(b.full.begin(), b.full.end()),
+            {static_cast<index_t>(b.full.size())});
+  auto args = with(user_mask_args(p, b), {"--mask-full", path("full.npy")});
+  const nlohmann::json j = run_ok(args, "user_mask");
+  EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_FALSE(j.contains("reachable"));
+  EXPECT_EQ(j["mask_layout"], "per_head");
+  EXPECT_EQ(j["mask_blocks"], b.indices.size());
+  EXPECT_EQ(j["mask_full_flags"], true);
+  const Reference ref = naive_over(p, bsr_allowed(p, b, false, true), default_scale(p));
+  const Reference dense = naive_attention(p, true, 0, 0, 1.0);
+  EXPECT_EQ(j["pairs"], ref.pairs);
+  EXPECT_NEAR(j["achieved_compression"].get<double>(), double(dense.pairs) / double(ref.pairs),
+              1e-12);
+  const std::vector<float> o = read_npy(path("o.npy")).values<float>();
+  expect_close(o, ref.out, 1e-5);
+  // Head 3's query block 2 lists no key block: its rows are 0.
+  for (index_t i = 16; i < 24; ++i)
+    EXPECT_EQ(o[static_cast<std::size_t>((3 * p.n_q + i) * p.d)], 0.0f);
+}
+
+TEST_F(PrefillMethods, UserMaskSharedLayoutFromNpzAsNumpyWritesIt) {
+  const Problem p = user_problem();
+  const Bsr b = user_bsr(1, 5);  // offsets of num_q_blocks + 1 entries: one layout for all heads
+  write_inputs(p);
+  write_bytes(path("mask.npz"), make_zip({{"offsets.npy", npy_of(b.offsets)},
+                                          {"indices.npy", npy_of(b.indices)},
+                                          {"full.npy", bool_npy(b.full)}}));
+  const nlohmann::json j = run_ok(with(write_inputs(p), {"--method", "user_mask", "--block", "8",
+                                                         "--mask-bsr", path("mask.npz")}),
+                                  "user_mask");
+  EXPECT_EQ(j["mask_layout"], "shared");
+  EXPECT_EQ(j["mask_full_flags"], true);
+  const Reference ref = naive_over(p, bsr_allowed(p, b, true, true), default_scale(p));
+  EXPECT_EQ(j["pairs"], ref.pairs);
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
+TEST_F(PrefillMethods, UserMaskNpzAcceptsScipyIndptrName) {
+  const Problem p = user_problem();
+  const Bsr b = user_bsr(p.hq, 5);
+  write_bytes(path("mask.npz"), make_zip({{"format.npy", "not parsed"},
+                                          {"indptr.npy", npy_of(b.offsets)},
+                                          {"indices.npy", npy_of(b.indices)}}));
+  const nlohmann::json j = run_ok(with(write_inputs(p), {"--method", "user_mask", "--block", "8",
+                                                         "--mask-bsr", path("mask.npz")}),
+                                  "user_mask");
+  EXPECT_EQ(j["mask_full_flags"], false);
+  const Reference ref = naive_over(p, bsr_allowed(p, b, false, true), default_scale(p));
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
+TEST_F(PrefillMethods, UserMaskNonCausalMayListFutureBlocks) {
+  const Problem p = user_problem();
+  Bsr b;  // shared: every query block sees key blocks 0 and 5 (the future for most rows)
+  for (int qb = 0; qb < 5; ++qb) b.add_row({0, 5});
+  const nlohmann::json j = run_ok(with(user_mask_args(p, b), {"--no-causal"}), "user_mask");
+  EXPECT_EQ(j["causal"], false);
+  const Reference ref = naive_over(p, bsr_allowed(p, b, true, false), default_scale(p));
+  EXPECT_EQ(j["pairs"], ref.pairs);
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
+TEST_F(PrefillMethods, HelpDocumentsMethodsAndMaskFormats) {
+  const RunResult r = run({"attend", "--help"});
+  EXPECT_EQ(r.rc, 0);
+  for (const char* s : {"block_sparse", "vertical_slash", "flex_prefill", "user_mask", "--mask-bsr",
+                        "np.savez_compressed", "--vs-mode", "--min-budget"})
+    EXPECT_NE(r.out.find(s), std::string::npos) << s;
+}
+
+// Bad input: exit 2, one line naming the problem and the allowed range, no output file.
+TEST_F(PrefillMethods, RejectsCompressionBelowOne) {
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--compression", "0.5"}),
+                  "--compression must be finite and >= 1 (1 = dense), got 0.5");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--compression", "0"}),
+                  "--compression must be finite and >= 1");
+}
+
+TEST_F(PrefillMethods, RejectsNaNCompression) {
+  for (const char* cr : {"nan", "inf"})
+    expect_rejected(with(good_args(), {"--method", "block_sparse", "--compression", cr}),
+                    "--compression must be finite and >= 1");
+}
+
+TEST_F(PrefillMethods, RejectsBlockZero) {
+  for (const char* m : {"block_sparse", "vertical_slash", "flex_prefill", "user_mask"})
+    expect_rejected(with(good_args(), {"--method", m, "--block", "0"}), "--block must be >= 1");
+}
+
+TEST_F(PrefillMethods, RejectsUnsortedBsrIndices) {
+  const Problem p = user_problem();
+  Bsr b = user_bsr(p.hq, 5);
+  std::swap(b.indices[b.offsets[4]], b.indices[b.offsets[4] + 1]);  // head 0, query block 4
+  expect_rejected(user_mask_args(p, b), "key blocks of a row must be sorted ascending");
+}
+
+TEST_F(PrefillMethods, RejectsDuplicateBsrIndices) {
+  const Problem p = user_problem();
+  Bsr b = user_bsr(p.hq, 5);
+  b.indices[b.offsets[4] + 1] = b.indices[b.offsets[4]];
+  expect_rejected(user_mask_args(p, b), "must be unique");
+}
+
+TEST_F(PrefillMethods, RejectsOffsetsLengthMismatch) {
+  const Problem p = user_problem();
+  Bsr b = user_bsr(p.hq, 5);
+  b.offsets.pop_back();
+  b.indices.resize(static_cast<std::size_t>(b.offsets.back()));
+  expect_rejected(user_mask_args(p, b),
+                  "has 20 entries; expected Hq x num_q_blocks + 1 = 4 x 5 + 1 = 21 (one layout "
+                  "per query head) or num_q_blocks + 1 = 6");
+}
+
+TEST_F(PrefillMethods, RejectsOffsetsNotMatchingIndexCount) {
+  const Problem p = user_problem();
+  Bsr b = user_bsr(p.hq, 5);
+  b.indices.push_back(0);
+  expect_rejected(user_mask_args(p, b), "must equal the size of indices");
+}
+
+TEST_F(PrefillMethods, RejectsOutOfRangeBsrIndex) {
+  const Problem p = user_problem();
+  Bsr b = user_bsr(p.hq, 5);
+  b.indices.back() = 6;
+  expect_rejected(user_mask_args(p, b), "is out of range; key blocks are [0, 6)");
+  b.indices.back() = -1;
+  expect_rejected(user_mask_args(p, b), "is out of range; key blocks are [0, 6)");
+}
+
+TEST_F(PrefillMethods, RejectsFutureBlockInCausalMask) {
+  const Problem p = user_problem();
+  Bsr b;
+  for (int qb = 0; qb < 5; ++qb) b.add_row({0, 5});
+  expect_rejected(user_mask_args(p, b), "a causal mask allows key blocks [0, 1]");
+}
+
+TEST_F(PrefillMethods, RejectsFullFlagsOtherThanZeroOrOne) {
+  const Problem p = user_problem();
+  const Bsr b = user_bsr(p.hq, 5);
+  std::vector<std::int64_t> full(b.indices.size(), 1);
+  full[2] = 7;
+  write_npy(path("full.npy"), full, {static_cast<index_t>(full.size())});
+  expect_rejected(with(user_mask_args(p, b), {"--mask-full", path("full.npy")}),
+                  "entry 2 = 7; flags must be 0 (partial) or 1 (full block)");
+  full.pop_back();
+  write_npy(path("full.npy"), full, {static_cast<index_t>(full.size())});
+  expect_rejected(with(user_mask_args(p, b), {"--mask-full", path("full.npy")}),
+                  "flags; expected one per indices entry");
+}
+
+TEST_F(PrefillMethods, RejectsGammaWithBlockSparse) {
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--gamma", "0.9"}),
+                  "--gamma applies only to --method flex_prefill, not --method block_sparse");
+}
+
+TEST_F(PrefillMethods, RejectsFlagsOfOtherMethods) {
+  expect_rejected(with(good_args(), {"--compression", "4"}),
+                  "--compression applies only to --method block_sparse or vertical_slash, not "
+                  "--method dense");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--compression", "4"}),
+                  "--compression does not apply to --method flex_prefill");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--vertical", "8"}),
+                  "--vertical applies only to --method vertical_slash");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--last-q", "8"}),
+                  "--last-q applies only to --method vertical_slash or flex_prefill");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--tau", "0.1"}),
+                  "--tau applies only to --method flex_prefill");
+  expect_rejected(with(good_args(), {"--method", "dense", "--mask-offsets", path("q.npy")}),
+                  "--mask-offsets applies only to --method user_mask, not --method dense");
+  expect_rejected(with(good_args(), {"--method", "user_mask", "--window", "4"}),
+                  "--window/--sinks apply only to --method sliding_window");
+}
+
+TEST_F(PrefillMethods, RejectsNonCausalSelection) {
+  for (const char* m : {"block_sparse", "vertical_slash", "flex_prefill"})
+    expect_rejected(with(good_args(), {"--method", m, "--no-causal"}),
+                    std::string("--method ") + m + " is causal only; drop --no-causal");
+}
+
+TEST_F(PrefillMethods, RejectsVerticalSlashBudgetMisuse) {
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vertical", "8"}),
+                  "--vertical and --slash go together");
+  expect_rejected(
+      with(good_args(), {"--method", "vertical_slash", "--vertical", "3", "--slash", "64"}),
+      "--vertical must be >= 4");
+  expect_rejected(
+      with(good_args(), {"--method", "vertical_slash", "--vertical", "4", "--slash", "63"}),
+      "--slash must be >= 64");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vertical", "4", "--slash",
+                                     "64", "--compression", "2"}),
+                  "not both");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vs-mode", "fuzzy"}),
+                  "--vs-mode");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--last-q", "0"}),
+                  "--last-q must be >= 1");
+}
+
+TEST_F(PrefillMethods, RejectsFlexPrefillParametersOutOfRange) {
+  for (const char* g : {"0", "nan", "inf"})
+    expect_rejected(with(good_args(), {"--method", "flex_prefill", "--gamma", g}),
+                    "--gamma must be finite and > 0");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--tau=-0.1"}),
+                  "--tau must be finite and >= 0");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--min-budget=-1"}),
+                  "--min-budget must be >= 0");
+}
+
+TEST_F(PrefillMethods, RejectsUserMaskWithoutOrWithTwoMasks) {
+  expect_rejected(with(good_args(), {"--method", "user_mask"}), "needs the block mask");
+  auto a = good_user_args();
+  expect_rejected(with(a, {"--mask-bsr", path("m.npz")}), "do not combine it");
+  a.resize(a.size() - 2);  // drop --mask-indices
+  expect_rejected(a, "--mask-offsets and --mask-indices go together");
+}
+
+TEST_F(PrefillMethods, RejectsMissingIndexFile) {
+  auto a = good_user_args();
+  fs::remove(path("idx.npy"));
+  expect_rejected(a, "--mask-indices " + path("idx.npy") + ": cannot open");
+}
+
+TEST_F(PrefillMethods, RejectsFloatOrWrongRankIndexFile) {
+  auto a = good_user_args();
+  write_npy(path("idx.npy"), std::vector<float>{0, 1}, {2});
+  expect_rejected(a, "unsupported dtype '<f4'; allowed: '<i4' (int32), '<i8' (int64)");
+  write_npy(path("idx.npy"), std::vector<std::int32_t>{0, 1}, {1, 2});
+  expect_rejected(a, "must have rank 1, got shape (1, 2)");
+}
+
+TEST_F(PrefillMethods, RejectsCompressedOrCorruptNpz) {
+  const Problem p = user_problem();
+  const Bsr b = user_bsr(p.hq, 5);
+  auto a = with(write_inputs(p),
+                {"--method", "user_mask", "--block", "8", "--mask-bsr", path("mask.npz")});
+  const std::vector<std::pair<std::string, std::string>> members{
+      {"offsets.npy", npy_of(b.offsets)}, {"indices.npy", npy_of(b.indices)}};
+  write_bytes(path("mask.npz"), make_zip(members, 8));
+  expect_rejected(a, "is compressed (zip method 8, deflate, as np.savez_compressed writes)");
+  std::string zip = make_zip(members);
+  zip[200] = static_cast<char>(zip[200] ^ 0x5a);  // inside the first member's data
+  write_bytes(path("mask.npz"), zip);
+  expect_rejected(a, "CRC-32 mismatch");
+  write_bytes(path("mask.npz"), make_zip({{"offsets.npy", npy_of(b.offsets)}}));
+  expect_rejected(a, "no 'indices' member; members present: 'offsets.npy'");
+  write_bytes(path("mask.npz"), "PK not really a zip");
+  expect_rejected(a, "not a .npz (zip) archive");
+  write_bytes(path("mask.npz"), zip.substr(0, zip.size() - 30));
+  expect_rejected(a, "--mask-bsr " + path("mask.npz"));
+}
+
+}  // namespace
