@@ -2,13 +2,16 @@
 # library carries none of these: an includer's flags decide its ISA paths and warnings.
 include(CheckCXXCompilerFlag)
 
-if(SPARSE_ATTN_NATIVE)
+if(SPARSE_ATTN_ARCH)
+  set(SPARSE_ATTN_ARCH_FLAG -march=${SPARSE_ATTN_ARCH})  # e.g. sapphirerapids for another host
+elseif(SPARSE_ATTN_NATIVE)
   set(SPARSE_ATTN_ARCH_FLAG -march=native)
 else()
   set(SPARSE_ATTN_ARCH_FLAG -march=x86-64-v2)  # portable baseline: SSE4.2, no AVX
 endif()
-check_cxx_compiler_flag(${SPARSE_ATTN_ARCH_FLAG} SPARSE_ATTN_HAS_ARCH_FLAG_${SPARSE_ATTN_NATIVE})
-if(NOT SPARSE_ATTN_HAS_ARCH_FLAG_${SPARSE_ATTN_NATIVE})
+string(MAKE_C_IDENTIFIER "${SPARSE_ATTN_ARCH_FLAG}" _sparse_attn_arch_id)
+check_cxx_compiler_flag(${SPARSE_ATTN_ARCH_FLAG} SPARSE_ATTN_HAS_ARCH_FLAG${_sparse_attn_arch_id})
+if(NOT SPARSE_ATTN_HAS_ARCH_FLAG${_sparse_attn_arch_id})
   message(WARNING "sparse_attn: compiler does not accept ${SPARSE_ATTN_ARCH_FLAG}; using its default")
   set(SPARSE_ATTN_ARCH_FLAG "")
 endif()

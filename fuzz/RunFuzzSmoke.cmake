@@ -37,24 +37,25 @@ if(NOT rc EQUAL 0)
   return()
 endif()
 
-set(build ${WORK_DIR}/build)
-set(args -S ${SOURCE_DIR} -B ${build} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=${CLANG_CXX}
+set(build_dir ${WORK_DIR}/build)
+set(args -S ${SOURCE_DIR} -B ${build_dir} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=${CLANG_CXX}
          -DSPARSE_ATTN_BUILD_FUZZERS=ON -DSPARSE_ATTN_BUILD_TESTS=OFF -DSPARSE_ATTN_BUILD_TOOLS=OFF
          -DSPARSE_ATTN_BUILD_BENCHMARKS=OFF -DSPARSE_ATTN_BUILD_EXAMPLES=OFF
          -DSPARSE_ATTN_INSTALL=OFF)
 if(GENERATOR)
   list(APPEND args -G ${GENERATOR})
 endif()
+# Quoted: an unquoted word in if() is dereferenced when a variable of that name exists.
 foreach(step configure build run)
-  if(step STREQUAL configure)
+  if(step STREQUAL "configure")
     set(cmd ${CMAKE_COMMAND} ${args})
-  elseif(step STREQUAL build)
-    set(cmd ${CMAKE_COMMAND} --build ${build} --target fuzz_attention -j2)
+  elseif(step STREQUAL "build")
+    set(cmd ${CMAKE_COMMAND} --build ${build_dir} --target fuzz_attention -j2)
   else()
     # New units go to WORK_DIR/corpus (the first directory); the seeds are only read.
     file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
     set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-            ${build}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS} -max_len=512
+            ${build_dir}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS} -max_len=512
             -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
             ${WORK_DIR}/corpus ${SOURCE_DIR}/fuzz/corpus)
   endif()

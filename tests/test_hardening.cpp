@@ -1103,6 +1103,36 @@ TEST(Determinism, PrefillFlexPrefill) {
   });
 }
 
+TEST(Determinism, PrefillUserMask) {
+  const Det p;
+  // Per-head causal block-CSR (block 32 -> 10 query x 10 key blocks): each row keeps the diagonal
+  // and a pseudo-random subset of the earlier blocks; full flags on for every other head.
+  const index_t nb = 10;
+  std::vector<index_t> off{0};
+  std::vector<std::int32_t> col;
+  std::vector<std::uint8_t> full;
+  std::uint32_t state = 12345;
+  for (index_t h = 0; h < 4; ++h)
+    for (index_t qb = 0; qb < nb; ++qb) {
+      for (index_t kb = 0; kb <= qb; ++kb) {
+        state = state * 1664525u + 1013904223u;
+        if (kb == qb || (state >> 28) < 7) {
+          col.push_back(static_cast<std::int32_t>(kb));
+          full.push_back(h % 2 == 0 && kb < qb ? 1 : 0);
+        }
+      }
+      off.push_back(static_cast<index_t>(col.size()));
+    }
+  const MaskShape shape{4, 300, 300, 32, 32, true};
+  for (bool flags : {false, true}) {
+    SCOPED_TRACE(flags ? "with full flags" : "without full flags");
+    const auto mask =
+        sm::user_mask::from_bsr(shape, false, off, col, flags ? full : std::vector<std::uint8_t>{});
+    ASSERT_GT(mask.compression(), 1.2);
+    expect_same_bits_for_threads([&](int t) { return p.run_with_csr(mask, t); });
+  }
+}
+
 namespace {
 
 // Decode pipeline under `session options`: prompt of 200 tokens (eviction after it), then 6
@@ -1138,6 +1168,27 @@ TEST(Determinism, DecodeDenseAndQuest) {
   expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
   so.quest.per_query_head = true;
   expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+}
+
+TEST(Determinism, DecodeSlidingWindowWithSinksOnTheKernel) {
+  // Sinks + window as key ranges per KV head (2 KV heads, GQA 2), 3 new tokens, small split so
+  // several chunks are merged; fp32 and the bf16-dot path (ignored where the CPU lacks it).
+  const Tensor q(4, 3, 64, 121), k(2, 700, 64, 122), v(2, 700, 64, 123);
+  const auto keys = KeySelection::from_ranges(KeySelection::Scope::per_kv_head,
+                                              {{{0, 4}, {500, 700}}, {{0, 4}, {451, 700}}});
+  for (bool dot : {false, true}) {
+    expect_same_bits_for_threads([&](int t) {
+      Out out(4, 3, 64);
+      DecodeOptions o;
+      o.num_threads = t;
+      o.split = 32;
+      o.bf16_dot = dot;
+      o.lse = out.lse_view();
+      decode(q.view(), k.view(), v.view(), out.view(), keys, o);
+      out.o.insert(out.o.end(), out.lse.begin(), out.lse.end());
+      return out.o;
+    });
+  }
 }
 
 TEST(Determinism, DecodeEvictionSnapKVAdaSnapKVH2OStreaming) {

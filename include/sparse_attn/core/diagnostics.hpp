@@ -13,3 +13,12 @@
 #define SPARSE_ATTN_DIAGNOSTICS_PUSH
 #define SPARSE_ATTN_DIAGNOSTICS_POP
 #endif
+
+// Keeps a rarely taken path (corrupt data) out of the hot loop that calls it.
+#if defined(__GNUC__)
+#define SPARSE_ATTN_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define SPARSE_ATTN_NOINLINE __declspec(noinline)
+#else
+#define SPARSE_ATTN_NOINLINE
+#endif

@@ -144,6 +144,7 @@ class DecodeItemRunner {
         case 2: block<2>(nj, masked, out); break;
         default: block<1>(nj, masked, out); break;
       }
+      if (nbad_ > 0) add_nonfinite(out.o);
     }
   }
 
@@ -190,7 +191,7 @@ class DecodeItemRunner {
   // only): a masked pair's 0 * NaN must not reach those rows. P.V reads a copy with the
   // non-finite elements zeroed (the same bits for every other row); add_nonfinite() then adds
   // them to the rows allowed to see the key.
-  void isolate_nonfinite(index_t hk, int nj, index_t first_masked) {
+  SPARSE_ATTN_NOINLINE void isolate_nonfinite(index_t hk, int nj, index_t first_masked) {
     for (int jj = 0; jj < nj; ++jj) {
       if (keys_[jj] < first_masked) continue;
       load_row(v_.row(hk, keys_[jj]), v_.stride_dim, tmp_.data(), dv_);
@@ -210,18 +211,19 @@ class DecodeItemRunner {
     }
     hk_ = hk;
   }
-  template <int KR>
-  void add_nonfinite(const float* sg, index_t r0, float* o) {
+  // After block(): s_ still holds every row group's probabilities, [Rp / KR][block][KR].
+  SPARSE_ATTN_NOINLINE void add_nonfinite(float* o) {
+    const index_t KR = KR_;
     for (int b = 0; b < nbad_; ++b) {
       const int jj = bad_[b];
       load_row(v_.row(hk_, keys_[jj]), v_.stride_dim, tmp_.data(), dv_);
-      for (int rr = 0; rr < KR && r0 + rr < R_; ++rr) {
-        const index_t r = r0 + rr;
+      for (index_t r = 0; r < R_; ++r) {
         if (keys_[jj] > n_k_ - n_q_ + r % n_q_) continue;  // row r may not see this key
+        const float p = s_[static_cast<std::size_t>(r / KR * KR * kDecodeBlock + jj * KR + r % KR)];
         for (index_t c = 0; c < dvp_; ++c) {
           const index_t dim = out_dim(c);
           if (dim < dv_ && !std::isfinite(tmp_[static_cast<std::size_t>(dim)]))
-            o[r * dvp_ + c] += sg[jj * KR + rr] * tmp_[static_cast<std::size_t>(dim)];
+            o[r * dvp_ + c] += p * tmp_[static_cast<std::size_t>(dim)];
         }
       }
     }
@@ -255,7 +257,6 @@ class DecodeItemRunner {
       } else {
         pv<KR, false>(sg, nj, r0, vf_, out.o);
       }
-      if (nbad_ > 0) add_nonfinite<KR>(sg, r0, out.o);
     }
   }
 

@@ -51,6 +51,33 @@ struct PrefillScratch {
   }
 };
 
+// P V of a partial block whose V holds a NaN or inf (corrupt data only): a masked pair's 0 * NaN
+// must not reach rows that may not see the key. P V runs on a copy with those elements zeroed (the
+// same bits for every other row), then they are added to the rows allowed to see them.
+template <class Mask>
+SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index_t q0,
+                                             index_t rows, index_t k0, index_t nk, const float* vp,
+                                             index_t ldv, index_t dv, PrefillScratch& ws,
+                                             float* ot) {
+  const index_t ldq = ws.ldq, width = (rows + mk::kTileQ - 1) / mk::kTileQ * mk::kTileQ;
+  const float* s = ws.s.data();
+  ws.vfix.resize(static_cast<std::size_t>(nk * dv));
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c) {
+      const float x = vp[j * ldv + c];
+      ws.vfix[static_cast<std::size_t>(j * dv + c)] = std::isfinite(x) ? x : 0.0f;
+    }
+  for (index_t t = 0; t < width; t += mk::kTileQ)
+    mk::pv_block(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv, static_cast<int>(dv),
+                 ot + t, ldq);
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c)
+      if (!std::isfinite(vp[j * ldv + c]))
+        for (index_t i = 0; i < rows; ++i)
+          if (mask.allowed(mh, q0 + i, k0 + j))
+            ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
+}
+
 // One key block for one head's query tile: logits, mask, online softmax, P V. v_finite: the
 // block's V rows hold no NaN or inf (only needed for partial blocks).
 template <class Mask>
@@ -94,26 +121,9 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
   if (full || v_finite) {
     for (index_t t = 0; t < width; t += mk::kTileQ)
       mk::pv_block(s + t, ldq, static_cast<int>(nk), vp, ldv, static_cast<int>(dv), ot + t, ldq);
-    return;
+  } else {
+    pv_block_nonfinite(mask, mh, q0, rows, k0, nk, vp, ldv, dv, ws, ot);
   }
-  // A non-finite V element in a partial block (corrupt data only): a masked pair's 0 * NaN must
-  // not reach rows that may not see the key. P V runs on a copy with those elements zeroed (the
-  // same bits for every other row), then they are added to the rows allowed to see them.
-  ws.vfix.resize(static_cast<std::size_t>(nk * dv));
-  for (index_t j = 0; j < nk; ++j)
-    for (index_t c = 0; c < dv; ++c) {
-      const float x = vp[j * ldv + c];
-      ws.vfix[static_cast<std::size_t>(j * dv + c)] = std::isfinite(x) ? x : 0.0f;
-    }
-  for (index_t t = 0; t < width; t += mk::kTileQ)
-    mk::pv_block(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv, static_cast<int>(dv),
-                 ot + t, ldq);
-  for (index_t j = 0; j < nk; ++j)
-    for (index_t c = 0; c < dv; ++c)
-      if (!std::isfinite(vp[j * ldv + c]))
-        for (index_t i = 0; i < rows; ++i)
-          if (mask.allowed(mh, q0 + i, k0 + j))
-            ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
 }
 
 }  // namespace kernel
