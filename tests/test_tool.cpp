@@ -673,6 +673,19 @@ TEST_F(Attend, RejectsOutputInMissingDirectory) {
   expect_rejected(a, "directory does not exist");
 }
 
+TEST_F(Attend, RejectsOutputThatIsADirectoryOrUnderAFile) {
+  fs::create_directory(path("out_dir"));
+  auto a = good_args();
+  a.back() = path("out_dir");
+  expect_rejected(a, "is a directory");
+  EXPECT_TRUE(fs::is_directory(path("out_dir")));
+  a.back() = path("k.npy") + "/o.npy";  // the parent is a regular file
+  expect_rejected(a, "directory does not exist");
+  // The LSE output is checked the same way, before anything is computed or written.
+  a = with(good_args(), {"--lse", path("out_dir")});
+  expect_rejected(a, "is a directory");
+}
+
 }  // namespace
 
 // =============================================================================================
