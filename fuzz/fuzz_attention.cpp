@@ -290,6 +290,18 @@ void check_output(const Storage<TO>& out, const std::vector<std::uint8_t>& insid
       fail(detail::concat(what, ": element ", x, " of the output buffer outside the view was written"));
 }
 
+// A call that threw must have written nothing: every output element and LSE entry still holds
+// what the harness put there.
+template <class TO>
+void check_untouched(const Storage<TO>& out, TO sentinel, const std::vector<float>& lse,
+                     const char* what) {
+  for (std::size_t x = 0; x < out.buf.size(); ++x)
+    if (std::memcmp(&out.buf[x], &sentinel, sizeof(TO)) != 0)
+      fail(detail::concat(what, ": threw but wrote element ", x, " of the output buffer"));
+  for (std::size_t x = 0; x < lse.size(); ++x)
+    if (lse[x] != -7.0f) fail(detail::concat(what, ": threw but wrote LSE entry ", x));
+}
+
 template <class TO>
 bool same_bits(const Storage<TO>& a, const Storage<TO>& b) {
   return a.buf.size() == b.buf.size() &&
@@ -398,7 +410,10 @@ void run_prefill(FuzzedDataProvider& fdp, const PrefillProblem& p, const Mask& m
        ",", layout_name(lo), " block=", mask.shape().block_q, "x", mask.shape().block_k,
        " pairs=", mask.pairs());
   const bool invalid = p.bad != Bad::none;
-  if (!expect(invalid, "prefill", [&] { prefill(qv, kv, vv, ov, mask, opt); })) return;
+  if (!expect(invalid, "prefill", [&] { prefill(qv, kv, vv, ov, mask, opt); })) {
+    check_untouched(out, sentinel, lse, "prefill");
+    return;
+  }
 
   const double scale =
       std::isnan(p.scale) ? static_cast<double>(1.0f / std::sqrt(static_cast<float>(d))) : p.scale;
@@ -853,8 +868,10 @@ void decode_case(FuzzedDataProvider& fdp) {
   Storage<TO> out(hq, n_q, dv, lo, sentinel);
   std::vector<float> lse(static_cast<std::size_t>(std::max<index_t>(1, hq * n_q)), -7.0f);
   if (with_lse) opt.lse = LseView(lse.data(), n_q);
-  if (!expect(bad, "decode", [&] { decode(q.cview(), k.cview(), v.cview(), out.view, sel, opt); }))
+  if (!expect(bad, "decode", [&] { decode(q.cview(), k.cview(), v.cview(), out.view, sel, opt); })) {
+    check_untouched(out, sentinel, lse, "decode");
     return;
+  }
   const double scale = static_cast<double>(1.0f / std::sqrt(static_cast<float>(d)));
   const bool dot = opt.bf16_dot && std::is_same_v<TKV, bf16>;
   const Expected e = oracle(
@@ -975,15 +992,29 @@ void cache_case(FuzzedDataProvider& fdp) {
     const bool bad = corrupt == 4 && (eviction == 1 || eviction == 2);
     if (bad) so.window = 0;
     const auto qp = qs(0, n_p);
+    // A rejected eviction must leave every head's slots (count and positions) as they were.
+    auto slots = [&] {
+      std::vector<index_t> r;
+      for (index_t h = 0; h < hkv; ++h) {
+        r.push_back(cache.length(h));
+        for (index_t i = 0; i < cache.length(h); ++i) r.push_back(cache.position(h, i));
+      }
+      return r;
+    };
+    const std::vector<index_t> before = slots();
+    auto rejected = [&](const char* what) {
+      if (slots() != before) fail(detail::concat(what, ": a rejected eviction changed the cache"));
+    };
     switch (eviction) {
       case 1:
-        if (!expect(bad, "snapkv::evict", [&] { methods::snapkv::evict(qp, cache, so); })) return;
+        if (!expect(bad, "snapkv::evict", [&] { methods::snapkv::evict(qp, cache, so); }))
+          return rejected("snapkv::evict");
         break;
       case 2: {
         methods::AdaSnapKVOptions ao;
         static_cast<methods::SnapKVOptions&>(ao) = so;
         if (!expect(bad, "ada_snapkv::evict", [&] { methods::ada_snapkv::evict(qp, cache, ao); }))
-          return;
+          return rejected("ada_snapkv::evict");
         break;
       }
       case 3:
