@@ -59,7 +59,7 @@ SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index
                                              index_t rows, index_t k0, index_t nk, const float* vp,
                                              index_t ldv, index_t dv, PrefillScratch& ws,
                                              float* ot) {
-  const index_t ldq = ws.ldq, width = (rows + mk::kTileQ - 1) / mk::kTileQ * mk::kTileQ;
+  const index_t ldq = ws.ldq;
   const float* s = ws.s.data();
   ws.vfix.resize(static_cast<std::size_t>(nk * dv));
   for (index_t j = 0; j < nk; ++j)
@@ -67,9 +67,10 @@ SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index
       const float x = vp[j * ldv + c];
       ws.vfix[static_cast<std::size_t>(j * dv + c)] = std::isfinite(x) ? x : 0.0f;
     }
-  for (index_t t = 0; t < width; t += mk::kTileQ)
-    mk::pv_block(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv, static_cast<int>(dv),
-                 ot + t, ldq);
+  mk::for_each_tile(rows, [&](index_t t, auto vecs) {
+    mk::pv_block<decltype(vecs)::value>(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv,
+                                        static_cast<int>(dv), ot + t, ldq);
+  });
   for (index_t j = 0; j < nk; ++j)
     for (index_t c = 0; c < dv; ++c)
       if (!std::isfinite(vp[j * ldv + c]))
@@ -88,10 +89,12 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
   using namespace Eigen::internal;
   using mk::Packet;
   const index_t ldq = ws.ldq;
-  const index_t width = (rows + mk::kTileQ - 1) / mk::kTileQ * mk::kTileQ;
+  const index_t width = (rows + mk::kLanes - 1) / mk::kLanes * mk::kLanes;  // lanes computed
   float* s = ws.s.data();
-  for (index_t t = 0; t < width; t += mk::kTileQ)
-    mk::qk_block(qt + t, ldq, kp, ldk, static_cast<int>(nk), static_cast<int>(d), s + t, ldq);
+  mk::for_each_tile(rows, [&](index_t t, auto vecs) {
+    mk::qk_block<decltype(vecs)::value>(qt + t, ldq, kp, ldk, static_cast<int>(nk),
+                                        static_cast<int>(d), s + t, ldq);
+  });
   if (!full) {
     for (index_t j = 0; j < nk; ++j)
       for (index_t i = 0; i < rows; ++i)
@@ -119,8 +122,10 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
       for (index_t c = 0; c < dv; ++c) pstore(ot + c * ldq + i, pmul(pload<Packet>(ot + c * ldq + i), alpha));
   }
   if (full || v_finite) {
-    for (index_t t = 0; t < width; t += mk::kTileQ)
-      mk::pv_block(s + t, ldq, static_cast<int>(nk), vp, ldv, static_cast<int>(dv), ot + t, ldq);
+    mk::for_each_tile(rows, [&](index_t t, auto vecs) {
+      mk::pv_block<decltype(vecs)::value>(s + t, ldq, static_cast<int>(nk), vp, ldv,
+                                          static_cast<int>(dv), ot + t, ldq);
+    });
   } else {
     pv_block_nonfinite(mask, mh, q0, rows, k0, nk, vp, ldv, dv, ws, ot);
   }
