@@ -1,7 +1,7 @@
 # cmake -DSOURCE_DIR=... -DWORK_DIR=... [-DCLANG_CXX=...] [-DGENERATOR=...] [-DSECONDS=30]
 #       [-DRUNS=5000] -P RunFuzzSmoke.cmake
-# Builds fuzz/fuzz_attention with clang (clang++-14 preferred; libFuzzer + ASan + UBSan) and runs
-# it for a bounded time over the seed corpus fuzz/corpus. Prints "fuzz_smoke: SKIPPED" (ctest
+# Builds fuzz/fuzz_attention and fuzz/fuzz_npy with clang (clang++-14 preferred; libFuzzer + ASan +
+# UBSan) and runs them for a bounded time over the seed corpora fuzz/corpus and fuzz/corpus_npy. Prints "fuzz_smoke: SKIPPED" (ctest
 # reports the test as skipped) when no clang with the libFuzzer runtime is installed
 # (Debian: clang-14 libclang-rt-14-dev). New corpus units and crash inputs go to WORK_DIR.
 foreach(v SOURCE_DIR WORK_DIR)
@@ -46,23 +46,30 @@ if(GENERATOR)
   list(APPEND args -G ${GENERATOR})
 endif()
 # Quoted: an unquoted word in if() is dereferenced when a variable of that name exists.
-foreach(step configure build run)
+foreach(step configure build run run_npy)
   if(step STREQUAL "configure")
     set(cmd ${CMAKE_COMMAND} ${args})
   elseif(step STREQUAL "build")
-    set(cmd ${CMAKE_COMMAND} --build ${build_dir} --target fuzz_attention -j2)
-  else()
+    set(cmd ${CMAKE_COMMAND} --build ${build_dir} --target fuzz_attention fuzz_npy -j2)
+  elseif(step STREQUAL "run")
     # New units go to WORK_DIR/corpus (the first directory); the seeds are only read.
     file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
     set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
             ${build_dir}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS} -max_len=512
             -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
             ${WORK_DIR}/corpus ${SOURCE_DIR}/fuzz/corpus)
+  else()
+    # The file parsers: fast (thousands of inputs per second), so a few seconds suffice here.
+    file(MAKE_DIRECTORY ${WORK_DIR}/corpus_npy)
+    set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+            TMPDIR=${WORK_DIR} ${build_dir}/fuzz/fuzz_npy -max_total_time=10 -max_len=4096
+            -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
+            ${WORK_DIR}/corpus_npy ${SOURCE_DIR}/fuzz/corpus_npy)
   endif()
   execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "fuzz_smoke: step '${step}' failed (${rc}); a crash input, if any, is in "
-                        "${WORK_DIR}/ (crash-*); reproduce: fuzz_attention <file>")
+                        "${WORK_DIR}/ (crash-*); reproduce: fuzz_attention|fuzz_npy <file>")
   endif()
 endforeach()
 message(STATUS "fuzz_smoke: OK")

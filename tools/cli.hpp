@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/io/npy.hpp"
@@ -27,11 +28,6 @@ struct Command {
 Command add_attend_command(CLI::App& root);
 Command add_decode_command(CLI::App& root);
 
-/// Throws sparse_attn::invalid_argument("<message>") when cond is false.
-template <class... Args>
-void check(bool cond, const Args&... what) {
-  if (!cond) throw invalid_argument(sparse_attn::detail::concat(what...));
-}
 
 /// A rank-3 [heads, tokens, dim] floating-point array read from an .npy file.
 struct Tensor3 {
