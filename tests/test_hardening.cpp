@@ -233,6 +233,62 @@ TEST(BadShapes, MaskGeometryDiffersFromTensors) {
                  prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), methods::dense(2, 40, 40)));
 }
 
+TEST(ErrorModel, ACallThatThrowsWritesNoOutputOrLse) {
+  // Every check runs before the parallel work: out and the LSE buffer keep their -7 fill.
+  Prefill p;
+  auto untouched = [](const Out& o) {
+    for (float x : o.o)
+      if (x != -7.0f) return false;
+    for (float x : o.lse)
+      if (x != -7.0f) return false;
+    return true;
+  };
+  const Tensor k3(3, 40, 16, 9), v3(3, 40, 16, 9), v39(2, 39, 16, 9);
+  std::vector<std::function<void(AttentionOptions&)>> bad_prefill = {
+      [&](AttentionOptions& o) { prefill(p.q.view(), k3.view(), v3.view(), p.out.view(), p.mask, o); },
+      [&](AttentionOptions& o) { prefill(p.q.view(), p.k.view(), v39.view(), p.out.view(), p.mask, o); },
+      [&](AttentionOptions& o) {
+        prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), methods::dense(2, 40, 40), o);
+      },
+      [&](AttentionOptions& o) {
+        o.scale = -1.0f;
+        prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), p.mask, o);
+      },
+      [&](AttentionOptions& o) {
+        o.num_threads = -1;
+        prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), p.mask, o);
+      },
+  };
+  for (std::size_t i = 0; i < bad_prefill.size(); ++i) {
+    AttentionOptions o;
+    o.lse = p.out.lse_view();
+    EXPECT_THROW(bad_prefill[i](o), sparse_attn::invalid_argument) << "case " << i;
+    EXPECT_TRUE(untouched(p.out)) << "prefill case " << i << " wrote output";
+  }
+  // Decode: a selection out of range, a split below 16, an output of the wrong shape.
+  Out o1(4, 1, 16);
+  const Tensor q1(4, 1, 16, 4);
+  std::vector<std::function<void(DecodeOptions&)>> bad_decode = {
+      [&](DecodeOptions& o) {
+        decode(q1.view(), p.k.view(), p.v.view(), o1.view(),
+               KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{0, 10}}, {{30, 41}}}), o);
+      },
+      [&](DecodeOptions& o) {
+        o.split = 8;
+        decode(q1.view(), p.k.view(), p.v.view(), o1.view(), KeySelection::all(), o);
+      },
+      [&](DecodeOptions& o) {
+        decode(q1.view(), p.k.view(), v39.view(), o1.view(), KeySelection::all(), o);
+      },
+  };
+  for (std::size_t i = 0; i < bad_decode.size(); ++i) {
+    DecodeOptions o;
+    o.lse = o1.lse_view();
+    EXPECT_THROW(bad_decode[i](o), sparse_attn::invalid_argument) << "case " << i;
+    EXPECT_TRUE(untouched(o1)) << "decode case " << i << " wrote output";
+  }
+}
+
 TEST(BadShapes, ZeroLengthSequencesAreNoOps) {
   // n_q = 0 (nothing to compute) and n_q = n_k = 0 are valid and write nothing.
   const Tensor q0(4, 0, 16, 1), k(2, 40, 16, 2), v(2, 40, 16, 3), k0(2, 0, 16, 2), v0(2, 0, 16, 3);
