@@ -54,6 +54,25 @@ inline Tensor3 load_tensor3(const std::string& path, const char* what) {
   return t;
 }
 
+/// --q, --k, --v of one problem: each read by load_tensor3, then checked against each other (K and
+/// V agree in heads and tokens, Q's head dim equals K's, GQA heads, n_q <= n_k).
+struct QkvFiles {
+  Tensor3 q, k, v;
+};
+inline QkvFiles load_qkv(const std::string& q_path, const std::string& k_path,
+                         const std::string& v_path) {
+  QkvFiles f{load_tensor3(q_path, "--q"), load_tensor3(k_path, "--k"), load_tensor3(v_path, "--v")};
+  const Tensor3 &q = f.q, &k = f.k, &v = f.v;
+  check(k.heads == v.heads && k.tokens == v.tokens, "K and V shapes differ: K ",
+        k.array.shape_str(), ", V ", v.array.shape_str(), "; heads and tokens must match");
+  check(q.dim == k.dim, "head dim mismatch: Q has d=", q.dim, ", K has d=", k.dim);
+  check(q.heads % k.heads == 0, "Q heads (", q.heads, ") must be a multiple of K/V heads (",
+        k.heads, ")");
+  check(q.tokens <= k.tokens, "n_q=", q.tokens, " > n_k=", k.tokens,
+        "; queries are the last n_q of the n_k positions, so n_q <= n_k");
+  return f;
+}
+
 /// Output files written to temp names and renamed into place only when all are complete; if
 /// anything fails (or commit() is never reached) no output file remains.
 class OutputSet {

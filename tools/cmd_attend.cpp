@@ -438,16 +438,8 @@ void run_attend(const AttendArgs& a) {
   OutputSet::check_writable(a.out, "--out");
   if (!a.lse.empty()) OutputSet::check_writable(a.lse, "--lse");
 
-  const Tensor3 q = load_tensor3(a.q, "--q");
-  const Tensor3 k = load_tensor3(a.k, "--k");
-  const Tensor3 v = load_tensor3(a.v, "--v");
-  check(k.heads == v.heads && k.tokens == v.tokens, "K and V shapes differ: K ",
-        k.array.shape_str(), ", V ", v.array.shape_str(), "; heads and tokens must match");
-  check(q.dim == k.dim, "head dim mismatch: Q has d=", q.dim, ", K has d=", k.dim);
-  check(q.heads % k.heads == 0, "Q heads (", q.heads, ") must be a multiple of K/V heads (",
-        k.heads, ")");
-  check(q.tokens <= k.tokens, "n_q=", q.tokens, " > n_k=", k.tokens,
-        "; queries are the last n_q of the n_k positions, so n_q <= n_k");
+  const QkvFiles files = load_qkv(a.q, a.k, a.v);
+  const Tensor3 &q = files.q, &k = files.k, &v = files.v;
 
   std::string kv_dtype = a.kv_dtype;
   if (kv_dtype == "auto") {

@@ -180,16 +180,8 @@ Outcome run_layout(const DecodeArgs& a, const std::vector<float>& qf, const Tens
 void run_decode(const DecodeArgs& a) {
   check_options(a);
   OutputSet::check_writable(a.out, "--out");
-  const Tensor3 q = load_tensor3(a.q, "--q");
-  const Tensor3 k = load_tensor3(a.k, "--k");
-  const Tensor3 v = load_tensor3(a.v, "--v");
-  check(k.heads == v.heads && k.tokens == v.tokens, "K and V shapes differ: K ",
-        k.array.shape_str(), ", V ", v.array.shape_str(), "; heads and tokens must match");
-  check(q.dim == k.dim, "head dim mismatch: Q has d=", q.dim, ", K has d=", k.dim);
-  check(q.heads % k.heads == 0, "Q heads (", q.heads, ") must be a multiple of K/V heads (",
-        k.heads, ")");
-  check(q.tokens <= k.tokens, "n_q=", q.tokens, " > n_k=", k.tokens,
-        "; Q rows are the last n_q of the n_k positions, so n_q <= n_k");
+  const QkvFiles files = load_qkv(a.q, a.k, a.v);
+  const Tensor3 &q = files.q, &k = files.k, &v = files.v;
   check(a.steps <= q.tokens, "--steps ", a.steps, " > n_q=", q.tokens,
         "; every decode step needs its own row of Q");
   const bool scores_prompt = a.method == "snapkv" || a.method == "ada_snapkv" || a.method == "h2o";
