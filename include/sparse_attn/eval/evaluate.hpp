@@ -63,6 +63,21 @@ struct EvalOptions {
 
 namespace detail_eval {
 
+// The dense baseline row of a phase: CR 1, exact, every needle kept; the sparse rows start from it.
+inline Record dense_record(const Problem& p, const char* phase, index_t rows, index_t top1_rows,
+                           double dense_ms) {
+  Record r;
+  r.dataset = p.name;
+  r.phase = phase;
+  r.method = "dense";
+  r.tokens = p.k.tokens;
+  r.rows = rows;
+  r.top1_rows = top1_rows;
+  r.needles_total = r.needles_kept = p.q.heads * static_cast<index_t>(p.needles.size());
+  r.ms_kernel = r.ms_dense = dense_ms;
+  return r;
+}
+
 using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -120,15 +135,7 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
   const std::vector<index_t> argmax = dense_argmax(p.q, p.k, rows);
 
   std::vector<Record> out;
-  Record dense;
-  dense.dataset = p.name;
-  dense.phase = "prefill";
-  dense.method = "dense";
-  dense.tokens = p.k.tokens;
-  dense.rows = nq;
-  dense.top1_rows = static_cast<index_t>(rows.size());
-  dense.needles_total = dense.needles_kept = hq * static_cast<index_t>(p.needles.size());
-  dense.ms_kernel = dense.ms_dense = dense_ms;
+  const Record dense = de::dense_record(p, "prefill", nq, static_cast<index_t>(rows.size()), dense_ms);
   out.push_back(dense);
 
   std::vector<float> got(dense_out.size()), lse(dense_lse.size());
@@ -280,15 +287,7 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
   const TensorView<const float> dense_view(dense_run.out.data(), hq, R, dv);
 
   std::vector<Record> out;
-  Record dense;
-  dense.dataset = p.name;
-  dense.phase = "decode";
-  dense.method = "dense";
-  dense.tokens = p.k.tokens;
-  dense.rows = R;
-  dense.top1_rows = R;
-  dense.needles_total = dense.needles_kept = hq * static_cast<index_t>(p.needles.size());
-  dense.ms_kernel = dense.ms_dense = dense_ms;
+  const Record dense = de::dense_record(p, "decode", R, R, dense_ms);
   out.push_back(dense);
 
   for (const DecodeMethod& m : decode_methods()) {
