@@ -45,6 +45,9 @@ set(args -S ${SOURCE_DIR} -B ${build_dir} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX
 if(GENERATOR)
   list(APPEND args -G ${GENERATOR})
 endif()
+# Shared by both fuzzers: UB aborts; crash inputs are saved in WORK_DIR.
+set(run_env ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1)
+set(run_flags -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/)
 # Quoted: an unquoted word in if() is dereferenced when a variable of that name exists.
 foreach(step configure build run run_npy)
   if(step STREQUAL "configure")
@@ -54,17 +57,13 @@ foreach(step configure build run run_npy)
   elseif(step STREQUAL "run")
     # New units go to WORK_DIR/corpus (the first directory); the seeds are only read.
     file(MAKE_DIRECTORY ${WORK_DIR}/corpus)
-    set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-            ${build_dir}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS} -max_len=512
-            -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
-            ${WORK_DIR}/corpus ${SOURCE_DIR}/fuzz/corpus)
+    set(cmd ${run_env} ${build_dir}/fuzz/fuzz_attention -max_total_time=${SECONDS} -runs=${RUNS}
+            -max_len=512 ${run_flags} ${WORK_DIR}/corpus ${SOURCE_DIR}/fuzz/corpus)
   else()
     # The file parsers: fast (thousands of inputs per second), so a few seconds suffice here.
     file(MAKE_DIRECTORY ${WORK_DIR}/corpus_npy)
-    set(cmd ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-            TMPDIR=${WORK_DIR} ${build_dir}/fuzz/fuzz_npy -max_total_time=10 -max_len=4096
-            -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/
-            ${WORK_DIR}/corpus_npy ${SOURCE_DIR}/fuzz/corpus_npy)
+    set(cmd ${run_env} TMPDIR=${WORK_DIR} ${build_dir}/fuzz/fuzz_npy -max_total_time=10
+            -max_len=4096 ${run_flags} ${WORK_DIR}/corpus_npy ${SOURCE_DIR}/fuzz/corpus_npy)
   endif()
   execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
