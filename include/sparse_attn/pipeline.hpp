@@ -16,6 +16,7 @@
 // Plan/run split for timing: select(q) returns the step's KeySelection (the plan) and
 // attend(q, keys, out) runs only the kernel; step() = append + select + attend + evict.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <chrono>
 #include <cmath>
 #include <functional>
@@ -35,7 +36,7 @@
 #include "sparse_attn/methods/snapkv.hpp"
 #include "sparse_attn/methods/streaming.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 enum class DecodeMethod { dense, quest };
 enum class Eviction { none, snapkv, ada_snapkv, h2o, streaming };
@@ -331,4 +332,4 @@ class DecodeSession {
   methods::QuestPlan quest_plan_;
 };
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

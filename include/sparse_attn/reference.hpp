@@ -1,6 +1,7 @@
 // Naive double-precision attention oracle on a materialised mask: the ground truth for tests and
 // debugging. O(n_q * n_k * d) time, no tiling, no online softmax.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -8,7 +9,8 @@
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
-namespace sparse_attn::reference {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace reference {
 
 struct Result {
   index_t heads = 0, n_q = 0, dv = 0;
@@ -70,4 +72,5 @@ Result attention_masked(const QV& q, const KV& k, const VV& v, double scale, con
   });
 }
 
-}  // namespace sparse_attn::reference
+}  // namespace reference
+SPARSE_ATTN_NAMESPACE_END

@@ -1,6 +1,7 @@
 // Storage types and their conversion to fp32. K/V may be stored as float, bf16 or fp16; every
 // kernel accumulates in fp32 and converts rows on load.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/diagnostics.hpp"
 // Eigen first: its AVX-512 pexp trips GCC PR 105593 when emitted out of line (see diagnostics.hpp).
 SPARSE_ATTN_DIAGNOSTICS_PUSH
@@ -15,7 +16,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 #include <immintrin.h>
 #endif
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 using bf16 = Eigen::bfloat16;
 using fp16 = Eigen::half;
@@ -84,4 +85,4 @@ inline void store_row(const float* src, T* dst, std::int64_t stride, std::int64_
   for (std::int64_t i = 0; i < n; ++i) dst[i * stride] = from_float<T>(src[i]);
 }
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

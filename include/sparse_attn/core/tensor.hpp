@@ -2,6 +2,7 @@
 // arbitrary element strides, so a cache stored token-major ([tokens, heads, dim]) is viewed
 // without a copy. The caller keeps the memory alive for as long as the view is used.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <algorithm>
 #include <array>
@@ -12,7 +13,7 @@
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/core/error.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 using index_t = std::int64_t;
 
@@ -108,4 +109,4 @@ struct LseView {
   float& operator()(index_t h, index_t i) const { return data[h * stride_head + i * stride_token]; }
 };
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

@@ -17,6 +17,7 @@
 // from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
 // Speed-up = dense time / (selection + kernel time) of the same run.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <algorithm>
@@ -30,7 +31,8 @@
 #include "sparse_attn/eval/problem.hpp"
 #include "sparse_attn/eval/registry.hpp"
 
-namespace sparse_attn::eval {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace eval {
 
 /// One (dataset, phase, method, target CR) point.
 struct Record {
@@ -343,4 +345,5 @@ inline LogLinearFit fit_records(const std::vector<Record>& recs, const std::stri
   return fit_log_linear(pts);
 }
 
-}  // namespace sparse_attn::eval
+}  // namespace eval
+SPARSE_ATTN_NAMESPACE_END

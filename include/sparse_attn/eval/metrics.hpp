@@ -11,6 +11,7 @@
 //                        computed by the method. The argmax needs the dense logits: O(n_q n_k d)
 //                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <Eigen/Core>
@@ -24,7 +25,8 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn::eval {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace eval {
 
 inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
@@ -231,4 +233,5 @@ inline Crossing crossing_compression(const std::vector<std::pair<double, double>
   return {};
 }
 
-}  // namespace sparse_attn::eval
+}  // namespace eval
+SPARSE_ATTN_NAMESPACE_END

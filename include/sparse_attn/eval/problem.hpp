@@ -2,6 +2,7 @@
 // (queries are the last n_q of the n_k positions), plus what the workload knows about itself
 // (the planted needle keys of the synthetic generator).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -13,7 +14,8 @@
 #include "sparse_attn/eval/synthetic.hpp"
 #include "sparse_attn/io/npy.hpp"
 
-namespace sparse_attn::eval {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace eval {
 
 struct Problem {
   std::string name;                     // label in tables and JSON, e.g. "tinyllama/L3"
@@ -115,4 +117,5 @@ inline Problem load_npy_problem(const std::string& name, const std::string& q_pa
                       k.shape[0], k.shape[1], q.shape[2], v.shape[2]);
 }
 
-}  // namespace sparse_attn::eval
+}  // namespace eval
+SPARSE_ATTN_NAMESPACE_END

@@ -12,6 +12,7 @@
 // exceed the target; CR 1 is dense for every method. Decode budgets are relative to the whole
 // sequence n_k (prompt + decode steps), so CR 1 never evicts.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -39,7 +40,8 @@
 #include "sparse_attn/methods/streaming.hpp"
 #include "sparse_attn/methods/vertical_slash.hpp"
 
-namespace sparse_attn::eval {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace eval {
 
 /// Settings every adapter may read.
 struct AdapterContext {
@@ -387,4 +389,5 @@ inline const std::vector<DecodeMethod>& decode_methods() {
   return table;
 }
 
-}  // namespace sparse_attn::eval
+}  // namespace eval
+SPARSE_ATTN_NAMESPACE_END

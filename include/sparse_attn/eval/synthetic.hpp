@@ -27,6 +27,7 @@
 // (SplitMix64 + Box-Muller), so the data depend only on the seed and the options, not on the
 // platform's <random> or the thread count.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,7 +36,8 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn::eval {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace eval {
 
 struct SyntheticOptions {
   index_t tokens = 32768;           // n (keys = queries: a full prompt)
@@ -274,4 +276,5 @@ inline SyntheticData make_synthetic(const SyntheticOptions& o) {
   return s;
 }
 
-}  // namespace sparse_attn::eval
+}  // namespace eval
+SPARSE_ATTN_NAMESPACE_END

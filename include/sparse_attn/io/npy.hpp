@@ -5,6 +5,7 @@
 // (the `sparse-attn` tool's `--kv-dtype bf16` rounds K/V to nearest even before the kernel).
 // Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -29,7 +30,8 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn::io {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace io {
 
 enum class NpyDtype { f4, f2, i4, i8 };
 
@@ -194,7 +196,7 @@ class NpyHeaderParser {
  private:
   template <class... A>
   [[noreturn]] void fail(const A&... a) const {
-    throw invalid_argument(sparse_attn::detail::concat(path_, ": ", a...));
+    raise_invalid_argument(sparse_attn::detail::concat(path_, ": ", a...));
   }
   char peek() const { return pos_ < s_.size() ? s_[pos_] : '\0'; }
   void skip_ws() {
@@ -264,7 +266,7 @@ inline std::string errno_text(int err) { return std::generic_category().message(
 inline void write_all(std::FILE* f, const void* data, std::size_t n, const std::string& path) {
   if (n != 0 && std::fwrite(data, 1, n, f) != n) {
     const int err = errno;
-    throw invalid_argument(sparse_attn::detail::concat(path, ": write failed: ", errno_text(err)));
+    raise_invalid_argument(sparse_attn::detail::concat(path, ": write failed: ", errno_text(err)));
   }
 }
 
@@ -307,7 +309,7 @@ inline NpyArray read_npy(const std::string& path,
                                                                     NpyDtype::i4, NpyDtype::i8}) {
   using detail::errno_text;
   auto fail = [&](const auto&... a) {
-    throw invalid_argument(sparse_attn::detail::concat(path, ": ", a...));
+    raise_invalid_argument(sparse_attn::detail::concat(path, ": ", a...));
   };
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) fail("is a directory, expected an .npy file");
@@ -432,7 +434,7 @@ void write_npy_direct(const std::string& path, const T* data, const std::vector<
   detail::FilePtr f(std::fopen(path.c_str(), "wb"));
   if (!f) {
     const int err = errno;
-    throw invalid_argument(sparse_attn::detail::concat(
+    raise_invalid_argument(sparse_attn::detail::concat(
         path, ": cannot open for writing: ", err ? detail::errno_text(err) : "unknown error"));
   }
   const std::string header = detail::npy_header(dt, shape);
@@ -441,7 +443,7 @@ void write_npy_direct(const std::string& path, const T* data, const std::vector<
   std::FILE* raw = f.release();
   if (std::fclose(raw) != 0) {
     const int err = errno;
-    throw invalid_argument(
+    raise_invalid_argument(
         sparse_attn::detail::concat(path, ": write failed on close: ", detail::errno_text(err)));
   }
 }
@@ -453,7 +455,7 @@ inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
   std::filesystem::rename(tmp, path, ec);
   if (ec) {
     std::filesystem::remove(tmp, ec);
-    throw invalid_argument(sparse_attn::detail::concat(
+    raise_invalid_argument(sparse_attn::detail::concat(
         path, ": cannot rename temporary file into place: ", ec.message()));
   }
 }
@@ -463,12 +465,13 @@ inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
 template <class T>
 void write_npy(const std::string& path, const T* data, const std::vector<index_t>& shape) {
   const std::string tmp = detail::tmp_path_for(path);
-  try {
+  SPARSE_ATTN_TRY {
     write_npy_direct(tmp, data, shape);
-  } catch (...) {
+  }
+  SPARSE_ATTN_CATCH_ALL {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);
-    throw;
+    SPARSE_ATTN_RETHROW;
   }
   commit_tmp_file(tmp, path);
 }
@@ -483,4 +486,5 @@ void write_npy(const std::string& path, const std::vector<T>& values,
   write_npy(path, values.data(), shape);
 }
 
-}  // namespace sparse_attn::io
+}  // namespace io
+SPARSE_ATTN_NAMESPACE_END

@@ -1,6 +1,7 @@
 // Pieces shared by the prefill and decode kernels: argument validation, K/V row access for any
 // KV view type, aligned scratch, and a masked exponential.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
@@ -13,7 +14,7 @@
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/kernel/microkernels/packet.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Options common to every kernel call.
 struct AttentionOptions {
@@ -122,4 +123,4 @@ void parallel_region(int num_threads, F&& body) {
 }
 
 }  // namespace kernel
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

@@ -10,6 +10,7 @@
 // Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
 // makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -23,7 +24,7 @@
 #include "sparse_attn/mask/key_selection.hpp"
 
 SPARSE_ATTN_DIAGNOSTICS_PUSH
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 struct DecodeOptions : AttentionOptions {
   bool causal = true;
@@ -575,5 +576,5 @@ void decode(const QV& q, const KV& k, const VV& v, const OV& out,
   });
 }
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END
 SPARSE_ATTN_DIAGNOSTICS_POP

@@ -14,6 +14,7 @@
 // Non-finite inputs (docs/ROBUSTNESS.md): a NaN in q_i or in the K row of a key row i may see makes
 // row i NaN (and its LSE); a non-finite V element reaches only the rows allowed to see its key.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -22,7 +23,7 @@
 #include "sparse_attn/kernel/softmax_state.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 using PrefillOptions = AttentionOptions;
 
@@ -239,4 +240,4 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
   });
 }
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

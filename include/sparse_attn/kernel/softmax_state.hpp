@@ -3,13 +3,14 @@
 // sum_{j in K_a} e^{s_j} and lse_a = log sum_{j in K_a} e^{s_j}. For disjoint subsets the union is
 // o = w_a o_a + w_b o_b with w_x = e^{lse_x - lse}, lse = log(e^{lse_a} + e^{lse_b}).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <limits>
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -52,4 +53,4 @@ inline void merge_states(TensorView<float> out_a, LseView lse_a, TensorView<cons
                   out_a.stride_dim, out_b.stride_dim);
 }
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

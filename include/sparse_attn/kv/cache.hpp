@@ -15,6 +15,7 @@
 //   absolute position position(h, i) it was appended at; a new token gets position
 //   sequence_length() (tokens ever appended), whatever was evicted before it.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <algorithm>
@@ -29,7 +30,8 @@
 #include "sparse_attn/kv/paged_view.hpp"
 #include "sparse_attn/mask/key_selection.hpp"
 
-namespace sparse_attn::kv {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kv {
 
 enum class Layout { contiguous, paged };
 enum class PageTable { per_kv_head, shared };
@@ -357,4 +359,5 @@ using ContiguousCache = Cache<T, Layout::contiguous>;
 template <class T>
 using PagedCache = Cache<T, Layout::paged>;
 
-}  // namespace sparse_attn::kv
+}  // namespace kv
+SPARSE_ATTN_NAMESPACE_END

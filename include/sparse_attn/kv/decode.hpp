@@ -6,6 +6,7 @@
 // length(h) - 1; a single token attends to [0, length(h)) of its head (cache.selection()), and
 // several tokens are run one at a time so each sees exactly its own head's causal prefix.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -13,7 +14,8 @@
 #include "sparse_attn/kernel/decode.hpp"
 #include "sparse_attn/kv/cache.hpp"
 
-namespace sparse_attn::kv {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kv {
 
 /// Density of one decode call. CR = dense_pairs / pairs, where dense_pairs is what dense causal
 /// attention over the whole (uncompressed) sequence computes, so eviction counts as sparsity.
@@ -112,4 +114,5 @@ void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& o
   }
 }
 
-}  // namespace sparse_attn::kv
+}  // namespace kv
+SPARSE_ATTN_NAMESPACE_END

@@ -5,6 +5,7 @@
 // Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
 // apply() (or cache.retain(plan.keep)) compacts the cache in place.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
@@ -24,7 +25,8 @@
 // Eigen's AVX-512 GEMM (the score pass) trips GCC PR 105593; see core/diagnostics.hpp.
 SPARSE_ATTN_DIAGNOSTICS_PUSH
 
-namespace sparse_attn::kv {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kv {
 
 /// The outcome of an eviction selection: which slots each KV head keeps.
 struct EvictionPlan {
@@ -280,6 +282,7 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
 }
 
 }  // namespace detail
-}  // namespace sparse_attn::kv
+}  // namespace kv
+SPARSE_ATTN_NAMESPACE_END
 
 SPARSE_ATTN_DIAGNOSTICS_POP

@@ -6,11 +6,13 @@
 // Physical page layout: page_stride elements per page; inside a page, head h starts at
 // h * head_stride (0 when every head has its own page table) and row s at s * row_stride.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <type_traits>
 
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn::kv {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kv {
 
 template <class T>
 struct PagedView {
@@ -34,4 +36,5 @@ struct PagedView {
   bool empty() const { return heads == 0 || tokens == 0 || dim == 0; }
 };
 
-}  // namespace sparse_attn::kv
+}  // namespace kv
+SPARSE_ATTN_NAMESPACE_END

@@ -15,6 +15,7 @@
 // Query index qi is in [0, n_q); its absolute position is qi + n_k - n_q (queries are a suffix of
 // the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <algorithm>
@@ -27,7 +28,7 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Geometry every mask shares.
 struct MaskShape {
@@ -256,4 +257,4 @@ Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> to_dense(const Mask& m, inde
   return d;
 }
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

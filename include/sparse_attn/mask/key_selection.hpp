@@ -3,6 +3,7 @@
 // all), a KV head (the G query heads of its group share the list: GQA-packed decode), or a query
 // head. Quest produces page lists; eviction methods instead shrink the cache (dense decode).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -10,7 +11,7 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 struct KeyRange {
   index_t begin = 0, end = 0;  // [begin, end)
@@ -106,4 +107,4 @@ class KeySelection {
   std::vector<KeyRange> ranges_;
 };
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

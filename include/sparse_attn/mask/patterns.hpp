@@ -3,11 +3,12 @@
 // query row at absolute position p allows the union of a sink prefix [0, S) and a band around p,
 // cut by causality (j <= p).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 
 #include "sparse_attn/mask/block_mask.hpp"
 
-namespace sparse_attn {
+SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Row-interval pattern. window == 0 means unlimited (dense). Causal band: p - W < j <= p.
 /// Non-causal band: |p - j| < W. Sinks are the first `sinks` keys (cut by causality too).
@@ -115,4 +116,4 @@ inline IntervalMask sliding_window(index_t heads, index_t n_q, index_t n_k, inde
 }
 }  // namespace masks
 
-}  // namespace sparse_attn
+SPARSE_ATTN_NAMESPACE_END

@@ -9,6 +9,7 @@
 // summing to exactly T; decode then attends each head's own length (kv::decode, or
 // cache.selection()). c >= n keeps everything. Positions are not re-indexed (keys are post-RoPE).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,8 @@
 
 #include "sparse_attn/methods/snapkv.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct AdaSnapKVOptions : SnapKVOptions {
   double floor_fraction = 0.2;  // each head keeps at least floor(floor_fraction * c) tokens
@@ -87,4 +89,5 @@ kv::EvictionPlan evict(const TensorView<TQ>& q, Cache& cache, const AdaSnapKVOpt
 }
 
 }  // namespace ada_snapkv
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

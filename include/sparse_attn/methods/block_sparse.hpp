@@ -19,6 +19,7 @@
 // (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
 // block indices per (head, query block).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -27,7 +28,8 @@
 #include "sparse_attn/mask/block_mask.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct BlockSparseOptions {
   double compression = 10.0;  // target CR (finite, >= 1); ignored when top_k > 0
@@ -168,4 +170,5 @@ BlockSparseMask select(const TensorView<QT>& q, const TensorView<KT>& k,
 }
 
 }  // namespace block_sparse
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

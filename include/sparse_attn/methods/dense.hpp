@@ -1,9 +1,11 @@
 // Method 1 (METHODS.md): dense attention, the reference and baseline. Selection is the closed-form
 // causal or non-causal pattern; execution is the common prefill / decode kernel.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include "sparse_attn/mask/patterns.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct DenseOptions {
   bool causal = true;
@@ -16,4 +18,5 @@ inline IntervalMask dense(index_t heads, index_t n_q, index_t n_k, const DenseOp
                     : masks::full(heads, n_q, n_k, opt.block);
 }
 
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

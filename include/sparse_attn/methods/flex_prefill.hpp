@@ -27,6 +27,7 @@
 // (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
 // scores: O(n) per head, never O(n^2).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,7 +39,8 @@
 #include "sparse_attn/mask/block_mask.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct FlexPrefillOptions {
   double gamma = 0.9;          // attention mass to cover, > 0; >= 1: dense
@@ -231,4 +233,5 @@ FlexPrefillMask select(const TensorView<QT>& q, const TensorView<KT>& k,
 }
 
 }  // namespace flex_prefill
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

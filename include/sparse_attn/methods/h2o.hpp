@@ -13,6 +13,7 @@
 // only (a cheaper approximation; 0, the default, is the method as specified).
 // Positions are not re-indexed (keys are post-RoPE): see kv/cache.hpp.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -20,7 +21,8 @@
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/eviction.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct H2OOptions {
   index_t heavy = 0;            // H (when heavy + recent > 0)
@@ -169,4 +171,5 @@ class State {
 };
 
 }  // namespace h2o
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

@@ -17,6 +17,7 @@
 // the pages before the current one is dense (the selection is the whole cache). The cache must have
 // been built with key_bounds = true.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <algorithm>
@@ -31,7 +32,8 @@
 #include "sparse_attn/kv/eviction.hpp"  // kv::detail::rank_key
 #include "sparse_attn/mask/key_selection.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct QuestOptions {
   double compression = 10.0;    // target CR (finite, >= 1); ignored when budget > 0
@@ -218,4 +220,5 @@ QuestPlan select(const TensorView<TQ>& q, const Cache& cache, const QuestOptions
 }
 
 }  // namespace quest
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

@@ -2,9 +2,11 @@
 // (j < S or p - j < W). Closed-form: no index memory. S + W >= n gives exactly the dense pattern.
 // The decode/eviction form (keep the first S and the last W tokens) is methods/streaming.hpp.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include "sparse_attn/mask/patterns.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct SlidingWindowOptions {
   index_t window = 1024;  // W: keys p - W < j <= p
@@ -19,4 +21,5 @@ inline IntervalMask sliding_window(index_t heads, index_t n_q, index_t n_k,
   return masks::sliding_window(heads, n_q, n_k, opt.window, opt.sinks, opt.block);
 }
 
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

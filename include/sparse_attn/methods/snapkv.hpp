@@ -14,6 +14,7 @@
 // Decode tokens appended later are never evicted by SnapKV. Positions are not re-indexed (keys
 // are post-RoPE): see kv/cache.hpp.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -21,7 +22,8 @@
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/eviction.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct SnapKVOptions {
   double compression = 10.0;  // target CR (finite, >= 1); ignored when budget > 0
@@ -139,4 +141,5 @@ kv::EvictionPlan evict(const TensorView<TQ>& q, Cache& cache, const SnapKVOption
 }
 
 }  // namespace snapkv
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

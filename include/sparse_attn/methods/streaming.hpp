@@ -5,13 +5,15 @@
 // CR = n / (S + W) for decode; S + W >= n keeps everything (dense). The prefill form (A-shape
 // mask) is methods/sliding_window.hpp. No scores: the plan's scores are empty.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cmath>
 #include <vector>
 
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/eviction.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct StreamingOptions {
   index_t sinks = 4;         // S
@@ -72,4 +74,5 @@ kv::EvictionPlan evict(Cache& cache, index_t sinks, index_t window) {
 }
 
 }  // namespace streaming
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

@@ -16,6 +16,7 @@
 //
 // Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -25,7 +26,8 @@
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 /// Non-owning (pointer, length) view of a caller array; implicit from std::vector.
 template <class T>
@@ -149,4 +151,5 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, bool head_shared,
 }
 
 }  // namespace user_mask
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

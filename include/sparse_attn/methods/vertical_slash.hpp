@@ -26,6 +26,7 @@
 // O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
 // pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -36,7 +37,8 @@
 #include "sparse_attn/mask/block_mask.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
 
-namespace sparse_attn::methods {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
 
 struct VerticalSlashOptions {
   index_t vertical = 1000;     // V: columns kept (>= sink_columns), used when compression == 0
@@ -317,4 +319,5 @@ VerticalSlashExactMask select(const TensorView<QT>& q, const TensorView<KT>& k,
 }
 
 }  // namespace vertical_slash
-}  // namespace sparse_attn::methods
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

@@ -3,6 +3,7 @@
 // fp32 FMA per instruction and reading K/V without any widening. Q and the softmax probabilities
 // are rounded to bf16 (relative error 2^-9 per element, the same order as storing K/V in bf16).
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <cstdint>
 
 #include "sparse_attn/core/dtype.hpp"
@@ -14,7 +15,8 @@
 #define SPARSE_ATTN_HAS_BF16_DOT 0
 #endif
 
-namespace sparse_attn::kernel::mk {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kernel::mk {
 
 inline constexpr bool kHasBf16Dot = SPARSE_ATTN_HAS_BF16_DOT != 0;
 
@@ -60,4 +62,5 @@ inline void pv_bf16_pair(const bf16* vj, const bf16* vj1, std::int64_t c0, const
 }
 #endif
 
-}  // namespace sparse_attn::kernel::mk
+}  // namespace kernel::mk
+SPARSE_ATTN_NAMESPACE_END

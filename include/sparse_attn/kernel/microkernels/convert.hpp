@@ -1,12 +1,14 @@
 // Loading packets of storage types as fp32, and a 16-way transpose-reduce for dot products.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <type_traits>
 
 #include "sparse_attn/core/diagnostics.hpp"
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/kernel/microkernels/packet.hpp"
 
-namespace sparse_attn::kernel::mk {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kernel::mk {
 
 /// True when packets of T can be loaded and widened to fp32 in registers on this ISA.
 template <class T>
@@ -78,4 +80,5 @@ inline void hsum16(const Packet* a, float* out) {
 }
 SPARSE_ATTN_DIAGNOSTICS_POP
 
-}  // namespace sparse_attn::kernel::mk
+}  // namespace kernel::mk
+SPARSE_ATTN_NAMESPACE_END

@@ -6,12 +6,14 @@
 // is "broadcast one K or V element, multiply a vector of queries": no horizontal reductions, and
 // the online-softmax row max / row sum become vertical operations over key rows.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-namespace sparse_attn::kernel::mk {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kernel::mk {
 
 using Packet = Eigen::internal::packet_traits<float>::type;
 inline constexpr int kLanes = static_cast<int>(sizeof(Packet) / sizeof(float));
@@ -133,4 +135,5 @@ inline void for_each_tile(std::int64_t rows, F&& f) {
 #endif
 }
 
-}  // namespace sparse_attn::kernel::mk
+}  // namespace kernel::mk
+SPARSE_ATTN_NAMESPACE_END

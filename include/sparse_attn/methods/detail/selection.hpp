@@ -4,6 +4,7 @@
 // attention estimate from the last queries. Everything here is O(n) or O(n / block) memory per
 // head.
 #pragma once
+#include "sparse_attn/core/config.hpp"
 #include <omp.h>
 
 #include <algorithm>
@@ -19,7 +20,8 @@
 #include "sparse_attn/kernel/microkernels/packet.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
-namespace sparse_attn::methods::detail {
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods::detail {
 
 using kernel::aligned_vector;
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -303,4 +305,5 @@ void last_queries_mass(const QV& q, const KV& k, index_t h, index_t hk, index_t 
   }
 }
 
-}  // namespace sparse_attn::methods::detail
+}  // namespace methods::detail
+SPARSE_ATTN_NAMESPACE_END
