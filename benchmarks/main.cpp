@@ -20,6 +20,7 @@
 #endif
 
 #include "bench_common.hpp"
+#include "sparse_attn/arch/target.hpp"
 
 namespace sa_bench {
 
@@ -517,6 +518,8 @@ int main(int argc, char** argv) {
 #endif
   isa += Eigen::SimdInstructionSetsInUse();
   benchmark::AddCustomContext("sparse_attn_isa", isa);
+  // The kernels' run-time target (a portable build picks it from cpuid; SPARSE_ATTN_TARGET forces one).
+  benchmark::AddCustomContext("sparse_attn_cpu_target", sparse_attn::target_name(sparse_attn::cpu_target()));
 
   register_rooflines();  // first: later summaries divide by them
   register_prefill();    // dense before the other methods of each (n, dtype)

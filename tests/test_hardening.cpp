@@ -1,7 +1,9 @@
 // Hardening (GitHub issue 6, docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
 // case asserts sparse_attn::invalid_argument and a message that names the argument and what is
-// allowed), the NaN/Inf policy, long-context limits (64-bit pair counts, n >= 65536) and
-// bit-determinism of every method's selection + kernel for thread counts 1..4.
+// allowed), the NaN/Inf policy, long-context limits (64-bit pair counts, n >= 65536),
+// bit-determinism of every method's selection + kernel for thread counts 1..4, and custom
+// executors (an engine's threads give the same bits; a failure inside a parallel loop reaches the
+// caller with its own type and nothing changed; a broken executor is an invalid_argument).
 // The command-line tool's bad inputs are tested in test_tool.cpp.
 
 // GCC < 13 (PR 105593): the pragma has to cover Eigen's own lines (see core/diagnostics.hpp).
@@ -12,17 +14,21 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <random>
 #include <sparse_attn/pipeline.hpp>
 #include <sparse_attn/reference.hpp>
 #include <sparse_attn/sparse_attn.hpp>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -1255,5 +1261,396 @@ TEST(Determinism, DecodeEvictionSnapKVAdaSnapKVH2OStreaming) {
     so.snapkv.compression = so.ada_snapkv.compression = 4;
     so.h2o.compression = so.streaming.compression = 4;
     expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+  }
+}
+
+// =============================================================================================
+// Executors: an engine's own threads give the same bits; failures reach the caller intact
+// =============================================================================================
+
+namespace {
+
+// A team of std::threads per run(): items are taken from a shared counter, so which worker runs
+// which item changes from run to run.
+class ThreadTeamExecutor final : public Executor {
+ public:
+  explicit ThreadTeamExecutor(int threads) : threads_(threads) {}
+  int concurrency() const noexcept override { return threads_; }
+  void run(index_t n, ItemFunction body) override {
+    std::atomic<index_t> next{0};
+    auto work = [&](int worker) {
+      for (index_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(i, worker);
+    };
+    std::vector<std::thread> team;
+    for (int w = 1; w < threads_; ++w) team.emplace_back(work, w);
+    work(0);
+    for (std::thread& t : team) t.join();
+  }
+
+ private:
+  int threads_;
+};
+
+// Runs the items on the calling thread from last to first, cycling through its worker ids, so
+// every per-worker buffer is used and no loop runs in index order.
+class ReversedExecutor final : public Executor {
+ public:
+  explicit ReversedExecutor(int workers) : workers_(workers) {}
+  int concurrency() const noexcept override { return workers_; }
+  void run(index_t n, ItemFunction body) override {
+    for (index_t i = n - 1; i >= 0; --i) body(i, static_cast<int>(i % workers_));
+  }
+
+ private:
+  int workers_;
+};
+
+// Broken executors: no workers at all, or a worker id equal to concurrency() for the last item.
+class ZeroConcurrencyExecutor final : public Executor {
+ public:
+  int concurrency() const noexcept override { return 0; }
+  void run(index_t n, ItemFunction body) override {
+    for (index_t i = 0; i < n; ++i) body(i, 0);
+  }
+};
+class BadWorkerIdExecutor final : public Executor {
+ public:
+  int concurrency() const noexcept override { return 2; }
+  void run(index_t n, ItemFunction body) override {
+    for (index_t i = 0; i < n; ++i) body(i, i == n - 1 ? 2 : static_cast<int>(i % 2));
+  }
+};
+
+template <class T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(T) * want.size()), 0) << what;
+}
+
+// Everything a cache shows: sequence length, free pages, and per head its length, positions, K
+// and V rows and the key bounds of its pages (as floats: exact for every storage type).
+template <class Cache>
+std::vector<float> cache_state(const Cache& c) {
+  std::vector<float> s{static_cast<float>(c.sequence_length()), static_cast<float>(c.free_pages())};
+  const auto keys = c.keys();
+  const auto values = c.values();
+  for (index_t h = 0; h < c.kv_heads(); ++h) {
+    s.push_back(static_cast<float>(c.length(h)));
+    for (index_t i = 0; i < c.length(h); ++i) {
+      s.push_back(static_cast<float>(c.position(h, i)));
+      for (index_t x = 0; x < c.head_dim(); ++x) s.push_back(to_float(keys(h, i, x)));
+      for (index_t x = 0; x < c.value_dim(); ++x) s.push_back(to_float(values(h, i, x)));
+    }
+    for (index_t p = 0; c.has_key_bounds() && p < c.num_pages(h); ++p)
+      for (index_t x = 0; x < 2 * c.head_dim(); ++x) s.push_back(to_float(c.key_bounds(h, p)[x]));
+  }
+  return s;
+}
+
+// A key selection's scope and ranges, flattened.
+std::vector<index_t> selection_of(const KeySelection& keys) {
+  std::vector<index_t> r{static_cast<index_t>(keys.scope())};
+  if (keys.scope() == KeySelection::Scope::all) return r;
+  for (index_t u = 0; u < keys.units(); ++u) {
+    r.push_back(-1);
+    for (const KeyRange* x = keys.ranges_begin(u); x != keys.ranges_end(u); ++x) {
+      r.push_back(x->begin);
+      r.push_back(x->end);
+    }
+  }
+  return r;
+}
+
+std::vector<index_t> keep_of(const kv::EvictionPlan& plan) {
+  std::vector<index_t> r;
+  for (const auto& k : plan.keep) {
+    r.push_back(-1);
+    r.insert(r.end(), k.begin(), k.end());
+  }
+  return r;
+}
+
+struct SelectorFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// An eviction policy that evicts nothing, and throws from after_prefill / after_step when told to.
+template <class Cache>
+class FailingPolicy final : public EvictionPolicy<Cache, float> {
+ public:
+  bool fail_prefill = false, fail_step = false;
+  const char* name() const override { return "failing"; }
+  kv::EvictionPlan after_prefill(const TensorView<const float>&, Cache&) override {
+    if (fail_prefill) throw SelectorFailure("after_prefill");
+    return policies::no_eviction();
+  }
+  kv::EvictionPlan after_step(const TensorView<const float>&, Cache&) override {
+    if (fail_step) throw SelectorFailure("after_step");
+    return policies::no_eviction();
+  }
+};
+
+}  // namespace
+
+TEST(Executors, CustomExecutorsGiveTheDefaultBitsForPrefillSelections) {
+  const Det p;
+  ThreadTeamExecutor team(3);
+  ReversedExecutor reversed(5);
+  sm::BlockSparseOptions bo;
+  bo.block = 32;
+  bo.top_k = 5;  // 2 blocks beyond the forced 3 are ranked by score for most rows
+  sm::VerticalSlashOptions vo;
+  vo.block = 32;
+  vo.compression = 3;
+  vo.local_offsets = 16;
+  sm::FlexPrefillOptions fo;
+  fo.block = 32;
+  fo.min_budget = 32;
+  fo.last_queries = 64;
+  fo.gamma = 0.8;
+  fo.tau = 0.19;  // between the heads' JS distances: some heads query-aware, some not
+  auto flex_bits = [&](const sm::FlexPrefillOptions& o) {
+    const auto m = sm::flex_prefill::select(p.q.view(), p.k.view(), o);
+    std::vector<float> r = p.run_with_csr(m, 0);
+    r.insert(r.end(), m.js_distance.begin(), m.js_distance.end());
+    for (index_t h = 0; h < 4; ++h) {
+      r.push_back(m.query_aware[static_cast<std::size_t>(h)]);
+      r.push_back(static_cast<float>(m.vertical_blocks[static_cast<std::size_t>(h)]));
+      r.push_back(static_cast<float>(m.slash_blocks[static_cast<std::size_t>(h)]));
+    }
+    return r;
+  };
+  const auto bs = p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), bo), 0);
+  const auto vs_exact = p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo), 0);
+  const auto vs_tiled = p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo), 0);
+  const auto flex = flex_bits(fo);
+  const auto aware = sm::flex_prefill::select(p.q.view(), p.k.view(), fo).query_aware;
+  const int aware_heads = std::count(aware.begin(), aware.end(), 1);
+  ASSERT_TRUE(aware_heads > 0 && aware_heads < 4) << aware_heads << " query-aware heads";
+  for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
+    SCOPED_TRACE(ex == &team ? "std::thread team" : "reversed order");
+    bo.executor = vo.executor = fo.executor = ex;
+    expect_same_bits(p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), bo), 0), bs,
+                     "block_sparse");
+    expect_same_bits(
+        p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo), 0), vs_exact,
+        "vertical_slash exact");
+    expect_same_bits(
+        p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo), 0), vs_tiled,
+        "vertical_slash tiled");
+    expect_same_bits(flex_bits(fo), flex, "flex_prefill");
+    // The float64 oracle on the mask selected on this executor, and the pair count on it.
+    const auto mask = sm::block_sparse::select(p.q.view(), p.k.view(), bo);
+    EXPECT_EQ(count_pairs(mask, *ex), mask.pairs());
+    const auto oracle = reference::attention_masked(p.q.view(), p.k.view(), p.v.view(),
+                                                    1.0 / std::sqrt(32.0), mask, {ex});
+    const auto oracle_default = reference::attention_masked(p.q.view(), p.k.view(), p.v.view(),
+                                                            1.0 / std::sqrt(32.0), mask);
+    expect_same_bits(oracle.out, oracle_default.out, "oracle");
+  }
+}
+
+TEST(Executors, CustomExecutorsGiveTheDefaultBitsForDecodeMethods) {
+  ThreadTeamExecutor team(3);
+  ReversedExecutor reversed(4);
+  // Quest's page bounds run in parallel from 4096 (unit, page) pairs: 2 KV heads x 2100 pages of
+  // 1 token. The cache is filled by one parallel append.
+  const index_t n = 2100, d = 16;
+  const Tensor q(4, 40, d, 141), k(2, n, d, 142), v(2, n, d, 143);
+  kv::ContiguousCache<float> base(cache_options(2, d, n, 1));
+  base.append(k.view(), v.view());
+  const std::vector<float> base_state = cache_state(base);
+  sm::QuestOptions qo;
+  qo.compression = 8;
+  sm::SnapKVOptions so;
+  so.compression = 6;
+  sm::AdaSnapKVOptions ao;
+  ao.compression = 6;
+  sm::H2OOptions ho;
+  ho.compression = 5;
+  const auto q1 = q.view().slice_tokens(39, 1);
+  auto quest_bits = [&](const kv::ContiguousCache<float>& c, sm::QuestOptions o, bool per_q) {
+    o.per_query_head = per_q;
+    const sm::QuestPlan plan = sm::quest::select(q1, c, o);
+    std::vector<float> r = plan.bounds;
+    for (index_t x : selection_of(plan.keys)) r.push_back(static_cast<float>(x));
+    return r;
+  };
+  auto h2o_bits = [&](const kv::ContiguousCache<float>& c, const sm::H2OOptions& o) {
+    sm::h2o::State st;
+    st.reset(c, o);
+    st.observe(q.view(), c, true);  // 40 rows x 2 heads per group: the tiled column scores
+    std::vector<float> r;
+    for (index_t h = 0; h < 2; ++h) r.insert(r.end(), st.scores(h), st.scores(h) + n);
+    st.observe(q1, c);  // one row: the direct path
+    for (index_t h = 0; h < 2; ++h) r.insert(r.end(), st.scores(h), st.scores(h) + n);
+    for (index_t x : keep_of(st.select(c))) r.push_back(static_cast<float>(x));
+    return r;
+  };
+  const auto quest_kv = quest_bits(base, qo, false), quest_q = quest_bits(base, qo, true);
+  const kv::EvictionPlan snap = sm::snapkv::select(q.view(), base, so);
+  const kv::EvictionPlan ada = sm::ada_snapkv::select(q.view(), base, ao);
+  const auto h2o = h2o_bits(base, ho);
+  for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
+    SCOPED_TRACE(ex == &team ? "std::thread team" : "reversed order");
+    kv::ContiguousCache<float> c(cache_options(2, d, n, 1));
+    c.append(k.view(), v.view(), {ex});
+    expect_same_bits(cache_state(c), base_state, "cache append");
+    qo.executor = so.executor = ao.executor = ho.executor = ex;
+    expect_same_bits(quest_bits(c, qo, false), quest_kv, "quest per KV head");
+    expect_same_bits(quest_bits(c, qo, true), quest_q, "quest per query head");
+    const kv::EvictionPlan s = sm::snapkv::select(q.view(), c, so);
+    expect_same_bits(s.scores, snap.scores, "snapkv scores");
+    EXPECT_EQ(keep_of(s), keep_of(snap));
+    const kv::EvictionPlan a = sm::ada_snapkv::select(q.view(), c, ao);
+    expect_same_bits(a.scores, ada.scores, "ada_snapkv scores");
+    EXPECT_EQ(keep_of(a), keep_of(ada));
+    expect_same_bits(h2o_bits(c, ho), h2o, "h2o");
+  }
+  ASSERT_FALSE(snap.dense);
+  ASSERT_LT(ada.total_kept(), 2 * n);
+}
+
+TEST(Executors, ACustomExecutorInTheSessionGivesTheDefaultBits) {
+  ThreadTeamExecutor team(3);
+  ReversedExecutor reversed(4);
+  SessionOptions so;
+  so.decode = DecodeMethod::quest;
+  so.quest.compression = 4;
+  for (Eviction e : {Eviction::none, Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o,
+                     Eviction::streaming}) {
+    SCOPED_TRACE("eviction " + std::to_string(static_cast<int>(e)));
+    so.eviction = e;
+    so.snapkv.compression = so.ada_snapkv.compression = 4;
+    so.h2o.compression = so.streaming.compression = 4;
+    so.executor = nullptr;
+    const std::vector<float> want = decode_run(so, 0);
+    for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
+      so.executor = ex;
+      expect_same_bits(decode_run(so, 0), want, ex == &team ? "std::thread team" : "reversed");
+    }
+  }
+}
+
+TEST(Executors, AThrowingSelectorOrPolicyLeavesTheCacheAndTheOutputUnchanged) {
+  using Cache = kv::PagedCache<bf16>;
+  const index_t n = 104, d = 32, prompt = 100;
+  const Tensor q(4, n, d, 151), k(2, n, d, 152), v(2, n, d, 153);
+  ThreadTeamExecutor team(3);
+  SessionOptions so;
+  so.executor = &team;
+  so.decode = DecodeMethod::quest;
+  so.quest.compression = 3;
+  auto step_token = [&](DecodeSession<Cache>& s, index_t t, Out& out) {
+    return s.step(q.view().slice_tokens(t, 1), k.view().slice_tokens(t, 1),
+                  v.view().slice_tokens(t, 1), out.view());
+  };
+  auto start = [&](DecodeSession<Cache>& s) {
+    Out prompt_out(4, prompt, d);
+    s.prefill(q.view().slice_tokens(0, prompt), k.view().slice_tokens(0, prompt),
+              v.view().slice_tokens(0, prompt), prompt_out.view(), methods::dense(4, prompt, prompt));
+    Out out(4, 1, d);
+    step_token(s, prompt, out);
+  };
+  // The reference: the same steps, nothing failing.
+  Cache ref_cache(cache_options(2, d, 128, 16));
+  DecodeSession<Cache> ref(ref_cache, so);
+  ref.set_eviction(std::make_unique<FailingPolicy<Cache>>());
+  start(ref);
+  Out ref_out(4, 1, d);
+  step_token(ref, prompt + 1, ref_out);
+
+  Cache cache(cache_options(2, d, 128, 16));
+  DecodeSession<Cache> s(cache, so);
+  auto policy = std::make_unique<FailingPolicy<Cache>>();
+  FailingPolicy<Cache>& failing = *policy;
+  s.set_eviction(std::move(policy));
+  start(s);
+  const std::vector<float> before = cache_state(cache);
+  Out out(4, 1, d);
+  const std::vector<float> untouched = out.o;
+
+  // A selector whose own parallel loop fails on one item, on the session's executor.
+  s.set_selector([&](const TensorView<const float>&, const Cache&) {
+    run_items(team, 8, [](index_t i, int) {
+      if (i == 5) throw SelectorFailure("selector item 5");
+    });
+    return KeySelection::all();
+  });
+  EXPECT_THROW(step_token(s, prompt + 1, out), SelectorFailure);
+  expect_same_bits(cache_state(cache), before, "cache after the selector threw");
+  expect_same_bits(out.o, untouched, "out after the selector threw");
+
+  // The eviction policy throws after the kernel ran.
+  s.set_selector({});
+  failing.fail_step = true;
+  EXPECT_THROW(step_token(s, prompt + 1, out), SelectorFailure);
+  expect_same_bits(cache_state(cache), before, "cache after the policy threw");
+  expect_same_bits(out.o, untouched, "out after the policy threw");
+
+  // The same token again, nothing failing: exactly what the session that never failed computed.
+  failing.fail_step = false;
+  step_token(s, prompt + 1, out);
+  expect_same_bits(out.o, ref_out.o, "the retried step");
+  expect_same_bits(cache_state(cache), cache_state(ref_cache), "the cache after the retried step");
+
+  // ingest(): a policy that throws after the prompt was appended leaves the cache empty.
+  Cache empty(cache_options(2, d, 128, 16));
+  DecodeSession<Cache> s2(empty, so);
+  auto p2 = std::make_unique<FailingPolicy<Cache>>();
+  p2->fail_prefill = true;
+  s2.set_eviction(std::move(p2));
+  const std::vector<float> empty_state = cache_state(empty);
+  EXPECT_THROW(s2.ingest(q.view().slice_tokens(0, prompt), k.view().slice_tokens(0, prompt),
+                         v.view().slice_tokens(0, prompt)),
+               SelectorFailure);
+  expect_same_bits(cache_state(empty), empty_state, "cache after ingest threw");
+}
+
+TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
+  ZeroConcurrencyExecutor zero;
+  BadWorkerIdExecutor bad;
+  const Det p;
+  const index_t d = 16;
+  const Tensor q(4, 40, d, 161), k(2, 300, d, 162), v(2, 300, d, 163);
+  for (Executor* ex : {static_cast<Executor*>(&zero), static_cast<Executor*>(&bad)}) {
+    const bool is_zero = ex == &zero;
+    SCOPED_TRACE(is_zero ? "concurrency() 0" : "worker id == concurrency()");
+    const char* what = is_zero ? "concurrency() must be >= 1, got 0"
+                               : "worker id 2 outside [0, concurrency() = 2)";
+    sm::BlockSparseOptions bo;
+    bo.block = 32;
+    bo.executor = ex;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+    sm::VerticalSlashOptions vo;
+    vo.block = 32;
+    vo.compression = 3;
+    vo.executor = ex;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
+    sm::FlexPrefillOptions fo;
+    fo.block = 32;
+    fo.executor = ex;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
+    const auto dense = methods::dense(4, 300, 300);
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), count_pairs(dense, *ex));
+
+    // A parallel append (2 heads x 300 rows) fails and leaves the cache as it was.
+    kv::PagedCache<bf16> cache(cache_options(2, d, 640, 16));
+    cache.append(k.view().slice_tokens(0, 10), v.view().slice_tokens(0, 10));
+    const std::vector<float> before = cache_state(cache);
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), cache.append(k.view(), v.view(), {ex}));
+    expect_same_bits(cache_state(cache), before, "cache after the failed append");
+    cache.append(k.view().slice_tokens(10, 290), v.view().slice_tokens(10, 290));
+    sm::SnapKVOptions so;
+    so.executor = ex;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::snapkv::evict(q.view(), cache, so));
+    sm::h2o::State st;
+    sm::H2OOptions ho;
+    ho.executor = ex;
+    st.reset(cache, ho);
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), st.observe(q.view(), cache, true));
+    expect_same_bits(std::vector<float>(st.scores(0), st.scores(0) + 300),
+                     std::vector<float>(300, 0.0f), "H2O scores after the failed observe");
+    EXPECT_EQ(cache.length(0), 300);
   }
 }

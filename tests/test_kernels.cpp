@@ -2,6 +2,7 @@
 // stated invariants of the mask interface, merge_states and validation.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cmath>
 #include <random>
 #include <sparse_attn/reference.hpp>
@@ -544,4 +545,54 @@ TEST(Decode, Bf16DotProductsStayWithinBf16Rounding) {
                                            [&](index_t, index_t i, index_t j) { return j <= 900 - nq + i; });
     expect_close(out, want, 1e-2, "bf16_dot d=" + std::to_string(d));
   }
+}
+
+// ---------------------------------------------------------------- CPU targets (arch/)
+
+// Every target this program compiled and this CPU runs (all four in a portable x86-64-v2 build on
+// an AVX-512 BF16 machine) computes the same cases as the default within the same tolerances.
+TEST(Targets, EveryUsableTargetMatchesTheOracle) {
+  const std::vector<CpuTarget> targets = usable_cpu_targets();
+  ASSERT_FALSE(targets.empty());
+  EXPECT_EQ(targets.front(), CpuTarget::generic);
+  for (CpuTarget t : targets) {
+    set_cpu_target(t);
+    SCOPED_TRACE(target_name(t));
+    EXPECT_EQ(cpu_target(), t);
+    check_prefill<float>({4, 2, 131, 131, 64, true, 0, 0, false});
+    check_prefill<bf16>({4, 1, 100, 260, 128, true, 40, 3, true});
+    check_prefill<fp16>({2, 2, 77, 77, 37, false, 0, 0, false});
+    check_prefill<float>({2, 2, 200, 200, 64, true, 30, 4, false}, 48);
+    check_prefill<float>({2, 1, 131, 131, 64, true, 0, 0, false}, 128);
+    check_prefill<float>({2, 2, 70, 70, 64, true, 0, 0, false}, 16);
+    check_decode<float>(8, 2, 1000, 1, 128, KeySelection::Scope::all, 0);
+    check_decode<float>(2, 1, 77, 1, 37, KeySelection::Scope::all, 0);
+    check_decode<bf16>(8, 2, 700, 2, 64, KeySelection::Scope::per_kv_head, 0);
+    check_decode<fp16>(8, 2, 300, 1, 128, KeySelection::Scope::per_q_head, 1);
+    check_decode<bf16>(4, 1, 99, 3, 40, KeySelection::Scope::all, 0, true, true);
+    check_decode<float>(8, 2, 300, 5, 64, KeySelection::Scope::all, 0, /*causal=*/false);
+  }
+  reset_cpu_target();
+}
+
+TEST(Targets, ForcingAnUnusableOrUnknownTargetIsAClearError) {
+  for (int i = 0; i <= 3; ++i) {
+    const auto t = static_cast<CpuTarget>(i);
+    const bool usable = target_compiled(t) && cpu_supports(t);
+    if (usable) {
+      EXPECT_NO_THROW(set_cpu_target(t));
+    } else {
+      try {
+        set_cpu_target(t);
+        ADD_FAILURE() << target_name(t) << " accepted";
+      } catch (const sparse_attn::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("usable here: generic"), std::string::npos) << e.what();
+      }
+    }
+  }
+  reset_cpu_target();
+  EXPECT_THROW(parse_cpu_target("avx1024"), sparse_attn::invalid_argument);
+  EXPECT_EQ(parse_cpu_target("avx512_bf16"), CpuTarget::avx512_bf16);
+  EXPECT_EQ(cpu_target(), std::getenv("SPARSE_ATTN_TARGET") ? parse_cpu_target(std::getenv("SPARSE_ATTN_TARGET"))
+                                                             : best_cpu_target());
 }

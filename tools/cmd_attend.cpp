@@ -5,8 +5,6 @@
 // Queries are the last n_q positions of the n_k keys (chunked-prefill convention).
 // Selections read the K the kernel reads (after --kv-dtype rounding); their time is reported apart
 // from the kernel's (JSON select_ms and ms).
-#include <omp.h>
-
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -238,8 +236,8 @@ std::string tool_names(std::string msg) {
 }
 
 /// Checks the arrays against the geometry and builds the mask (head-shared when offsets has
-/// num_q_blocks + 1 entries and Hq > 1).
-BlockListMask<AllowAll> user_mask(const UserBsr& m, const MaskShape& shape) {
+/// num_q_blocks + 1 entries and Hq > 1); its pairs are counted on `pool`.
+BlockListMask<AllowAll> user_mask(const UserBsr& m, const MaskShape& shape, Executor& pool) {
   const index_t nqb = shape.num_q_blocks(), per_head = shape.heads * nqb + 1, shared = nqb + 1;
   check(m.offsets.size() == per_head || m.offsets.size() == shared, m.offsets.name, ": has ",
         m.offsets.size(), " entries; expected Hq x num_q_blocks + 1 = ", shape.heads, " x ", nqb,
@@ -264,7 +262,7 @@ BlockListMask<AllowAll> user_mask(const UserBsr& m, const MaskShape& shape) {
   csr.full = full;
   csr.head_shared = shape.heads > 1 && m.offsets.size() == shared;
   try {
-    return methods::user_mask::from_bsr(shape, csr);
+    return methods::user_mask::from_bsr(shape, csr, AllowAll{}, {&pool});
   } catch (const invalid_argument& e) {
     throw invalid_argument(m.source + ": invalid block mask: " + tool_names(e.what()));
   }
@@ -319,15 +317,16 @@ RunResult run_kernel(const AttendArgs& a, const Tensor3& q, const Tensor3& k, co
   TensorView<const TKV> kv(ks.data(), k.heads, k.tokens, k.dim);
   TensorView<const TKV> vv(vs.data(), v.heads, v.tokens, v.dim);
   TensorView<TO> ov(out.data(), q.heads, q.tokens, v.dim);
+  // One executor for the selection and the kernel; its threads start first (an empty item per
+  // worker), so neither time includes thread creation.
+  OpenMPExecutor pool(a.threads);
+  run_items(pool, pool.concurrency(), [](index_t, int) {});
   PrefillOptions opt;
   opt.scale = static_cast<float>(a.scale);
   opt.num_threads = a.threads;
+  opt.executor = &pool;
   if (!lse.empty()) opt.lse = LseView(lse.data(), q.tokens);
 
-  // Start the OpenMP thread pool first, so neither time includes thread creation.
-  const int team = a.threads > 0 ? a.threads : omp_get_max_threads();
-#pragma omp parallel num_threads(team)
-  {}
   RunResult r;
   auto execute = [&](const auto& mask) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -353,6 +352,7 @@ RunResult run_kernel(const AttendArgs& a, const Tensor3& q, const Tensor3& k, co
     o.compression = a.compression;
     o.block = block;
     o.num_threads = a.threads;
+    o.executor = &pool;
     const methods::BlockSparseMask mask =
         timed(r.select_ms, [&] { return methods::block_sparse::select(qv, kv, o); });
     r.target_compression = mask.target_compression;
@@ -369,6 +369,7 @@ RunResult run_kernel(const AttendArgs& a, const Tensor3& q, const Tensor3& k, co
     o.block = block;
     o.scale = static_cast<float>(a.scale);
     o.num_threads = a.threads;
+    o.executor = &pool;
     auto report = [&](const auto& mask) {
       r.target_compression = mask.target_compression;
       r.has_reachable = true;
@@ -398,6 +399,7 @@ RunResult run_kernel(const AttendArgs& a, const Tensor3& q, const Tensor3& k, co
     o.last_queries = effective_last_q(a);
     o.scale = static_cast<float>(a.scale);
     o.num_threads = a.threads;
+    o.executor = &pool;
     const methods::FlexPrefillMask mask =
         timed(r.select_ms, [&] { return methods::flex_prefill::select(qv, kv, o); });
     r.has_reachable = true;
@@ -412,7 +414,8 @@ RunResult run_kernel(const AttendArgs& a, const Tensor3& q, const Tensor3& k, co
     execute(static_cast<const BlockListMask<AllowAll>&>(mask));
   } else {  // user_mask
     const MaskShape shape{q.heads, q.tokens, k.tokens, block, block, a.causal};
-    const BlockListMask<AllowAll> mask = timed(r.select_ms, [&] { return user_mask(*bsr, shape); });
+    const BlockListMask<AllowAll> mask =
+        timed(r.select_ms, [&] { return user_mask(*bsr, shape, pool); });
     r.fields["mask_layout"] = mask.head_shared() ? "shared" : "per_head";
     r.fields["mask_blocks"] = static_cast<index_t>(mask.block_indices().size());
     r.fields["mask_full_flags"] = bsr->has_full;
@@ -477,7 +480,7 @@ void run_attend(const AttendArgs& a) {
   }
   j["block"] = effective_block(a);
   j["scale"] = std::isnan(a.scale) ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : a.scale;
-  j["threads"] = a.threads > 0 ? a.threads : omp_get_max_threads();
+  j["threads"] = OpenMPExecutor(a.threads).concurrency();
   for (auto it = r.fields.begin(); it != r.fields.end(); ++it) j[it.key()] = it.value();
   if (std::isnan(r.target_compression))
     j["target_compression"] = nullptr;

@@ -9,8 +9,6 @@
 //     selects keys (dense or Quest), attends with Q row n_q - T + t, and lets the method evict.
 // Output O [Hq, T, dv] float32: row t is step t's attention output. One JSON line on stdout with
 // the per-step keys read and achieved compression (vs dense attention over every position so far).
-#include <omp.h>
-
 // GCC < 13 (PR 105593): with several cache types in one -O3 TU, Eigen's pexp is emitted out of
 // line and warns inside its AVX-512 intrinsics; the pragma must cover Eigen's own lines.
 #include <sparse_attn/core/diagnostics.hpp>
@@ -138,13 +136,16 @@ Outcome run_session(const DecodeArgs& a, const std::vector<float>& qf, const Ten
   co.page_size = a.page;
   co.key_bounds = a.method == "quest";
   Cache cache(co);
-  DecodeSession<Cache> session(cache, session_options(a, prompt));
+  // One executor for every method, kernel and append; its threads start before timing (an empty
+  // item per worker).
+  OpenMPExecutor pool(a.threads);
+  run_items(pool, pool.concurrency(), [](index_t, int) {});
+  SessionOptions so = session_options(a, prompt);
+  so.executor = &pool;
+  DecodeSession<Cache> session(cache, so);
   TensorView<const float> qv(qf.data(), q.heads, q.tokens, q.dim);
   TensorView<const float> kv(kf.data(), k.heads, n, k.dim), vv(vf.data(), v.heads, n, v.dim);
 
-  const int team = a.threads > 0 ? a.threads : omp_get_max_threads();
-#pragma omp parallel num_threads(team)
-  {}  // start the OpenMP pool before timing
   Outcome r;
   const PrefillReport pr = session.ingest(qv.slice_tokens(0, nq_prompt), kv.slice_tokens(0, prompt),
                                           vv.slice_tokens(0, prompt));
@@ -228,7 +229,7 @@ void run_decode(const DecodeArgs& a) {
   else if (a.method != "dense" && (a.method != "streaming" || a.compression_opt->count()))
     j["target_compression"] = a.compression;
   j["scale"] = std::isnan(a.scale) ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : a.scale;
-  j["threads"] = a.threads > 0 ? a.threads : omp_get_max_threads();
+  j["threads"] = OpenMPExecutor(a.threads).concurrency();
   j["cache_tokens_after_prefill"] = r.cache_after_prefill;
   j["mean_achieved_compression"] = r.mean_compression;
   j["prefill_evict_ms"] = r.prefill_evict_ms;

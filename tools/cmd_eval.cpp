@@ -5,8 +5,6 @@
 // rows as decode steps (step t: the token at position n_k - R + t over the cache [0, n_k - R + t]
 // as the method left it; include/sparse_attn/eval/evaluate.hpp has the exact protocol).
 // Table on stdout, progress on stderr, JSON and PNG on request.
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -116,7 +114,7 @@ void run_eval(const EvalArgs& a) {
                   {"n_q", q.tokens}, {"n_k", k.tokens}, {"d", q.dim}, {"dv", v.dim}};
   doc["options"] = {{"phase", a.phase}, {"methods", a.methods}, {"compression", opt.compressions},
                     {"last_rows", a.last_rows}, {"lengths", lengths},
-                    {"threads", a.threads > 0 ? a.threads : omp_get_max_threads()}};
+                    {"threads", OpenMPExecutor(a.threads).concurrency()}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["panels"] = nlohmann::ordered_json::array();

@@ -7,8 +7,6 @@
 // Prints a table per dataset (synthetic at its full length; TinyLlama at 2048 averaged over layers
 // 3, 11, 21, layer 0 separately), the fits log(err) = a + b log(CR) + c log(n) per method and phase
 // and the CR where the error crosses 1% and 5%; writes frontier.json and frontier.png (--out-dir).
-#include <omp.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -149,7 +147,7 @@ void run_frontier(const FrontierArgs& a) {
     so.tokens = n;
     so.q_heads = 4;
     so.kv_heads = 1;
-    const eval::Problem p = eval::synthetic_problem(so);
+    const eval::Problem p = eval::synthetic_problem(so, "synthetic", {nullptr, a.threads});
     auto r = eval::evaluate(p, opt);
     recs.insert(recs.end(), r.begin(), r.end());
   }
@@ -216,7 +214,7 @@ void run_frontier(const FrontierArgs& a) {
   doc["options"] = {{"compression", opt.compressions}, {"real_compression", opt_real.compressions},
                     {"last_rows", a.last_rows},
                     {"synthetic_tokens", N}, {"data_dir", a.data_dir},
-                    {"threads", a.threads > 0 ? a.threads : omp_get_max_threads()}};
+                    {"threads", OpenMPExecutor(a.threads).concurrency()}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["tinyllama_l3_21_mean"] = nlohmann::ordered_json::array();

@@ -15,6 +15,13 @@
 // ada_snapkv / h2o / streaming, or set_eviction() with any EvictionPolicy.
 // Plan/run split for timing: select(q) returns the step's KeySelection (the plan) and
 // attend(q, keys, out) runs only the kernel; step() = append + select + attend + evict.
+// Threads: every method, the cache's appends and the kernels run on SessionOptions::executor (the
+// engine's), or on the default one for num_threads.
+// Failures: when a selector or an eviction policy throws (or anything else in step() or
+// ingest()), the exception reaches the caller unchanged and the step's append is undone, so the
+// cache and `out` are as they were. A custom policy that throws must leave the cache as it found
+// it, as the library's do (they validate before they evict). prefill() writes out before it
+// appends; if its policy throws, out holds the prompt's attention and the cache is unchanged.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <chrono>
@@ -24,7 +31,9 @@
 #include <memory>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/decode.hpp"
 #include "sparse_attn/kernel/prefill.hpp"
 #include "sparse_attn/kv/cache.hpp"
@@ -50,8 +59,10 @@ struct SessionOptions {
   methods::H2OOptions h2o;
   methods::StreamingOptions streaming;
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d); used by every method
-  int num_threads = 0;                                    // 0: OpenMP default; every method
-  index_t split = 512;                                    // decode kernel split-KV chunk
+  int num_threads = 0;  // threads of the default executor (0: OpenMP default); every method
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads; every method, kernel and cache append
+  index_t split = 512;           // decode kernel split-KV chunk
 };
 
 /// What prefill()/ingest() did.
@@ -244,9 +255,15 @@ class DecodeSession {
   PrefillReport ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) {
     PrefillReport r;
     r.tokens = k.tokens;
-    cache_.append(k, v);
+    cache_.append(k, v, executor());
     const auto t0 = clock::now();
-    if (policy_) r.eviction = policy_->after_prefill(q, cache_);
+    if (policy_) {
+      SPARSE_ATTN_TRY { r.eviction = policy_->after_prefill(q, cache_); }
+      SPARSE_ATTN_CATCH_ALL {
+        undo_append(k.tokens);
+        SPARSE_ATTN_RETHROW;
+      }
+    }
     r.evict_ms = elapsed_ms(t0);
     r.cache_tokens = cache_.total_length();
     return r;
@@ -275,29 +292,48 @@ class DecodeSession {
     DecodeOptions o;
     o.scale = opt_.scale;
     o.num_threads = opt_.num_threads;
+    o.executor = opt_.executor;
     o.split = opt_.split;
     kv::decode(q, cache_, out, keys, o);
   }
 
   /// One decode step: append k/v [Hkv, n_q, d|dv] of the new token(s), select, attend, evict.
+  /// If any of it throws, the cache and out are as they were.
   template <class TK, class TV, class TO>
   StepReport step(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
                   const TensorView<TO>& out) {
+    validate_view(out, "out", true);
+    // With an eviction policy the kernel writes to staging, copied to out once the policy has
+    // run: out [Hq, n_q, dv] is a few KB per step, and a policy that throws leaves it untouched.
+    std::vector<std::remove_const_t<TO>> staging(
+        policy_ ? static_cast<std::size_t>(out.heads * out.tokens * out.dim) : 0);
+    const TensorView<TO> target =
+        policy_ ? TensorView<TO>(staging.data(), out.heads, out.tokens, out.dim) : out;
     StepReport r;
-    cache_.append(k, v);
-    auto t0 = clock::now();
-    const KeySelection keys = select(q, &r.stats);
-    r.select_ms = elapsed_ms(t0);
-    t0 = clock::now();
-    attend(q, keys, out);
-    r.kernel_ms = elapsed_ms(t0);
-    const index_t held = cache_.total_length();
-    t0 = clock::now();
-    if (policy_) policy_->after_step(q, cache_);
-    r.evict_ms = elapsed_ms(t0);
+    cache_.append(k, v, executor());
+    SPARSE_ATTN_TRY {
+      auto t0 = clock::now();
+      const KeySelection keys = select(q, &r.stats);
+      r.select_ms = elapsed_ms(t0);
+      t0 = clock::now();
+      attend(q, keys, target);
+      r.kernel_ms = elapsed_ms(t0);
+      const index_t held = cache_.total_length();
+      t0 = clock::now();
+      if (policy_) policy_->after_step(q, cache_);
+      r.evict_ms = elapsed_ms(t0);
+      r.evicted = held - cache_.total_length();
+    }
+    SPARSE_ATTN_CATCH_ALL {
+      undo_append(k.tokens);
+      SPARSE_ATTN_RETHROW;
+    }
+    if (policy_)
+      for (index_t h = 0; h < out.heads; ++h)
+        for (index_t t = 0; t < out.tokens; ++t)
+          for (index_t c = 0; c < out.dim; ++c) out(h, t, c) = target(h, t, c);
     r.position = cache_.sequence_length() - 1;
     r.cache_tokens = cache_.total_length();
-    r.evicted = held - r.cache_tokens;
     return r;
   }
 
@@ -313,6 +349,15 @@ class DecodeSession {
   void propagate(O& o) {
     if (std::isnan(o.scale)) o.scale = opt_.scale;
     if (o.num_threads == 0) o.num_threads = opt_.num_threads;
+    if (o.executor == nullptr) o.executor = opt_.executor;
+  }
+  ExecutorChoice executor() const { return {opt_.executor, opt_.num_threads}; }
+  // After a failure past the append of m tokens: undoes it when the cache still ends with them
+  // (a policy that evicted before it threw leaves the cache as it left it). The failure, not
+  // this, is what the caller sees.
+  void undo_append(index_t m) noexcept {
+    SPARSE_ATTN_TRY { cache_.undo_append(m); }
+    SPARSE_ATTN_CATCH_ALL {}
   }
   template <class TK, class TV, class TO, class Mask>
   void run_prefill(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
@@ -320,6 +365,7 @@ class DecodeSession {
     PrefillOptions po;
     po.scale = opt_.scale;
     po.num_threads = opt_.num_threads;
+    po.executor = opt_.executor;
     sparse_attn::prefill(q, k, v, out, mask, po);
     r.pairs = mask.pairs();
     r.dense_pairs = mask.shape().dense_pairs();

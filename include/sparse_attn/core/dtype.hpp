@@ -12,9 +12,6 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 #include <string>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
@@ -43,34 +40,17 @@ inline T from_float(float x) {
   return static_cast<T>(x);
 }
 
-/// dst[i] = float(src[i * stride]) for i < n. stride is in elements; stride 1 takes SIMD paths.
+/// dst[i] = float(src[i * stride]) for i < n (exact). Plain C++ that compilers vectorise for the
+/// includer's -march; the kernels' hot loops widen whole packets in arch/ instead.
 template <class T>
 inline void load_row(const T* src, std::int64_t stride, float* dst, std::int64_t n) {
-  std::int64_t i = 0;
-  if (stride == 1) {
-    if constexpr (std::is_same_v<T, float>) {
-      std::memcpy(dst, src, sizeof(float) * static_cast<std::size_t>(n));
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      if (n > 0) std::memcpy(dst, src, sizeof(float) * static_cast<std::size_t>(n));
       return;
     }
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, bf16>) {
-      // bf16 is the upper half of an fp32: widen and shift left by 16.
-      for (; i + 16 <= n; i += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-        __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(w));
-      }
-    } else if constexpr (std::is_same_v<T, fp16>) {
-      for (; i + 16 <= n; i += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
-      }
-    }
-#endif
-    for (; i < n; ++i) dst[i] = to_float(src[i]);
-    return;
   }
-  for (; i < n; ++i) dst[i] = to_float(src[i * stride]);
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i * stride]);
 }
 
 /// dst[i * stride] = T(src[i]) for i < n (round to nearest even for bf16/fp16).

@@ -18,8 +18,6 @@
 // Speed-up = dense time / (selection + kernel time) of the same run.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -30,6 +28,7 @@
 #include "sparse_attn/eval/metrics.hpp"
 #include "sparse_attn/eval/problem.hpp"
 #include "sparse_attn/eval/registry.hpp"
+#include "sparse_attn/exec/default.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
@@ -55,7 +54,9 @@ struct EvalOptions {
   std::vector<double> compressions{2, 5, 10, 20};  // target CRs (dense is always added at CR 1)
   bool prefill = true, decode = true;
   index_t last_rows = 64;   // R: decode steps
-  int num_threads = 0;      // 0: OpenMP default
+  int num_threads = 0;      // threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads; every method, kernel and metric
   index_t h2o_prefill_queries = -1;  // see AdapterContext
   double min_time_ms = 30;  // prefill kernels faster than this are repeated (best of <= 5)
   std::vector<std::string> prefill_methods;  // empty: all
@@ -84,10 +85,12 @@ using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
-inline void warm_threads(int threads) {
-  const int team = threads > 0 ? threads : omp_get_max_threads();
-#pragma omp parallel num_threads(team)
-  {}
+// Runs one empty item per worker, so the first timed call does not pay for starting the threads
+// (an OpenMP team, an engine's pool).
+inline void warm_threads(const ExecutorChoice& exec) {
+  sparse_attn::detail::with_executor(exec, [](Executor& ex) {
+    run_items(ex, ex.concurrency(), [](index_t, int) {});
+  });
 }
 // Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
 template <class F>
@@ -118,12 +121,16 @@ inline std::string cr_label(double cr) {
 inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_prefill");
+  require(opt.num_threads >= 0, "eval::evaluate_prefill",
+          ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
   AttentionOptions kopt;
   kopt.scale = p.scale;
   kopt.num_threads = opt.num_threads;
-  AdapterContext ctx{opt.num_threads, opt.h2o_prefill_queries};
-  de::warm_threads(opt.num_threads);
+  kopt.executor = opt.executor;
+  const ExecutorChoice exec{opt.executor, opt.num_threads};
+  AdapterContext ctx{opt.num_threads, opt.h2o_prefill_queries, opt.executor};
+  de::warm_threads(exec);
 
   std::vector<float> dense_out(static_cast<std::size_t>(hq * nq * dv)), dense_lse(static_cast<std::size_t>(hq * nq));
   const TensorView<float> dense_view(dense_out.data(), hq, nq, dv);
@@ -134,7 +141,7 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
   if (opt.progress) opt.progress(p.name + " prefill: dense " + std::to_string(dense_ms) + " ms");
 
   const std::vector<index_t> rows = top1_rows(nq);
-  const std::vector<index_t> argmax = dense_argmax(p.q, p.k, rows);
+  const std::vector<index_t> argmax = dense_argmax(p.q, p.k, rows, true, exec);
 
   std::vector<Record> out;
   const Record dense = de::dense_record(p, "prefill", nq, static_cast<index_t>(rows.size()), dense_ms);
@@ -190,9 +197,10 @@ struct DecodeRun {
 };
 
 /// Runs the decode loop of a policy (see the header comment). argmax[h * R + t] is the dense
-/// argmax position of step t for query head h (or empty to skip top-1).
+/// argmax position of step t for query head h (or empty to skip top-1). The cache's appends and
+/// the kernel run on `exec`.
 inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol,
-                            const std::vector<index_t>& argmax, int threads) {
+                            const std::vector<index_t>& argmax, const ExecutorChoice& exec) {
   namespace de = detail_eval;
   const index_t hq = p.q.heads, hkv = p.k.heads, G = hq / hkv, nk = p.k.tokens, nq = p.q.tokens;
   const index_t dv = p.v.dim, n0 = nk - R;
@@ -204,7 +212,7 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
   co.page_size = pol.page_size;
   co.key_bounds = pol.key_bounds;
   EvalCache cache(co);
-  cache.append(p.k.slice_tokens(0, n0), p.v.slice_tokens(0, n0));
+  cache.append(p.k.slice_tokens(0, n0), p.v.slice_tokens(0, n0), exec);
   DecodeRun run;
   run.out.assign(static_cast<std::size_t>(hq * R * dv), 0.0f);
   run.lse.assign(static_cast<std::size_t>(hq * R), 0.0f);
@@ -215,7 +223,8 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
   }
   DecodeOptions dopt;
   dopt.scale = p.scale;
-  dopt.num_threads = threads;
+  dopt.num_threads = exec.num_threads;
+  dopt.executor = exec.executor;
   std::vector<KeyRange> ranges;
   // Is absolute position `pos` among the keys unit u of head hk reads under `keys`?
   auto reads = [&](const KeySelection& keys, index_t h, index_t pos) {
@@ -232,7 +241,7 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
   };
   for (index_t t = 0; t < R; ++t) {
     const index_t pos = n0 + t;
-    cache.append(p.k.slice_tokens(pos, 1), p.v.slice_tokens(pos, 1));
+    cache.append(p.k.slice_tokens(pos, 1), p.v.slice_tokens(pos, 1), exec);
     const TensorView<const float> q = p.q.slice_tokens(nq - R + t, 1);
     auto t0 = de::Clock::now();
     const KeySelection keys = pol.before_step ? pol.before_step(q, cache) : KeySelection::all();
@@ -270,20 +279,25 @@ inline constexpr index_t kSingleThreadDecodeKeys = 32768;
 inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_decode");
+  require(opt.num_threads >= 0, "eval::evaluate_decode",
+          ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t R = opt.last_rows, hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
   require(R >= 1 && R < nq, "eval::evaluate_decode", ": last_rows R=", R,
           " must be in [1, n_q) (the prompt keeps at least one query row), n_q=", nq);
   const int threads = opt.num_threads > 0 ? opt.num_threads
                       : p.k.tokens * p.k.heads <= kSingleThreadDecodeKeys ? 1 : 0;
-  AdapterContext ctx{threads, opt.h2o_prefill_queries};
+  // The caller's executor runs everything; the default one follows the small-cache rule above.
+  const ExecutorChoice exec{opt.executor, threads};
+  AdapterContext ctx{threads, opt.h2o_prefill_queries, opt.executor};
   const DecodeSetup setup{R, p.k.tokens};
-  de::warm_threads(opt.num_threads);
+  de::warm_threads({opt.executor, opt.num_threads});
 
   std::vector<index_t> step_rows(static_cast<std::size_t>(R));
   for (index_t t = 0; t < R; ++t) step_rows[static_cast<std::size_t>(t)] = nq - R + t;
-  const std::vector<index_t> argmax = dense_argmax(p.q, p.k, step_rows);  // [h][t]
+  const std::vector<index_t> argmax =
+      dense_argmax(p.q, p.k, step_rows, true, {opt.executor, opt.num_threads});  // [h][t]
 
-  const DecodeRun dense_run = run_decode(p, R, DecodePolicy{}, {}, threads);
+  const DecodeRun dense_run = run_decode(p, R, DecodePolicy{}, {}, exec);
   const double dense_ms = dense_run.ms_kernel;
   if (opt.progress) opt.progress(p.name + " decode: dense " + std::to_string(dense_ms) + " ms for " + std::to_string(R) + " steps");
   const TensorView<const float> dense_view(dense_run.out.data(), hq, R, dv);
@@ -299,7 +313,7 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
       r.method = m.name;
       r.target_cr = cr;
       const DecodePolicy pol = m.select(p, setup, cr, ctx);
-      const DecodeRun run = run_decode(p, R, pol, argmax, threads);
+      const DecodeRun run = run_decode(p, R, pol, argmax, exec);
       r.ms_select = run.ms_select;
       r.ms_kernel = run.ms_kernel;
       r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);

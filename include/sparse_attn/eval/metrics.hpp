@@ -12,8 +12,6 @@
 //                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <Eigen/Core>
 #include <Eigen/QR>
 #include <algorithm>
@@ -24,6 +22,7 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
@@ -52,10 +51,12 @@ inline std::vector<index_t> top1_rows(index_t n_q) {
 
 /// Dense argmax key of query rows `rows` of every query head: result[h * rows.size() + r] =
 /// argmax_{j <= position(rows[r])} q_h,r . k_{h/G},j (ties toward the lower j; the scale does not
-/// change the argmax). Queries are the last n_q of the n_k positions. Blocked Eigen GEMMs.
+/// change the argmax). Queries are the last n_q of the n_k positions. Blocked Eigen GEMMs, over
+/// (head, 64 rows) items on `exec`.
 inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
                                          const TensorView<const float>& k,
-                                         const std::vector<index_t>& rows, bool causal = true) {
+                                         const std::vector<index_t>& rows, bool causal = true,
+                                         const ExecutorChoice& exec = {}) {
   using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   require(q.heads % k.heads == 0 && q.dim == k.dim && q.tokens <= k.tokens, "eval::dense_argmax",
           "inconsistent Q/K shapes");
@@ -72,11 +73,15 @@ inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
     for (index_t j = 0; j < n_k; ++j)
       for (index_t c = 0; c < d; ++c) km(j, c) = k(hk, j, c);
   }
-#pragma omp parallel
-  {
-    Mat qc, s;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t item = 0; item < q.heads * chunks; ++item) {
+  sparse_attn::detail::with_executor(exec, [&](Executor& ex) {
+    // Per worker: a chunk of query rows and its logits against the visible keys.
+    struct Scratch {
+      Mat qc, s;
+    };
+    std::vector<Scratch> ws(static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+    run_items(ex, q.heads * chunks, [&](index_t item, int worker) {
+      Mat& qc = ws[static_cast<std::size_t>(worker)].qc;
+      Mat& s = ws[static_cast<std::size_t>(worker)].s;
       const index_t h = item / chunks, c0 = (item % chunks) * kChunk;
       const index_t m = std::min(kChunk, nr - c0);
       const index_t last_pos = causal ? rows[static_cast<std::size_t>(c0 + m - 1)] + off : n_k - 1;
@@ -96,8 +101,8 @@ inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
           }
         best[static_cast<std::size_t>(h * nr + c0 + r)] = arg;
       }
-    }
-  }
+    });
+  });
   return best;
 }
 

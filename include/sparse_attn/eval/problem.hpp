@@ -88,9 +88,10 @@ inline Problem make_problem(std::string name, std::vector<float> q, index_t hq, 
   return p;
 }
 
-/// The synthetic workload as a problem (needles = the planted needle keys).
-inline Problem synthetic_problem(const SyntheticOptions& opt, std::string name = "synthetic") {
-  auto data = std::make_shared<SyntheticData>(make_synthetic(opt));
+/// The synthetic workload as a problem (needles = the planted needle keys), generated on `exec`.
+inline Problem synthetic_problem(const SyntheticOptions& opt, std::string name = "synthetic",
+                                 const ExecutorChoice& exec = {}) {
+  auto data = std::make_shared<SyntheticData>(make_synthetic(opt, exec));
   Problem p;
   p.name = std::move(name);
   p.q = data->q_view();

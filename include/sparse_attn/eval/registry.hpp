@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "sparse_attn/eval/problem.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/decode.hpp"
 #include "sparse_attn/kernel/prefill.hpp"
 #include "sparse_attn/kv/cache.hpp"
@@ -45,11 +46,13 @@ namespace eval {
 
 /// Settings every adapter may read.
 struct AdapterContext {
-  int num_threads = 0;  // 0: OpenMP default
+  int num_threads = 0;  // threads of the default executor (0: OpenMP default)
   // H2O prompt queries that seed its scores: -1 = every prompt query up to kH2OExactTokens
   // tokens, the last kH2OSeedQueries above (the exact column sums cost O(n^2 d) per target CR);
   // 0 = always every query; k > 0 = the last k.
   index_t h2o_prefill_queries = -1;
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 inline constexpr index_t kH2OExactTokens = 8192;
 inline constexpr index_t kH2OSeedQueries = 2048;
@@ -139,6 +142,7 @@ inline PrefillSelection block_sparse_prefill(const Problem& p, double cr, const 
   methods::BlockSparseOptions o;
   o.compression = cr;
   o.num_threads = c.num_threads;
+  o.executor = c.executor;
   auto m = methods::block_sparse::select(p.q, p.k, o);
   const bool ok = m.reachable;
   const std::string det = detail_reg::str("k=", m.top_k, " blocks");
@@ -151,6 +155,7 @@ PrefillSelection vertical_slash_prefill(const Problem& p, double cr, const Adapt
   o.compression = cr;
   o.scale = p.scale;
   o.num_threads = c.num_threads;
+  o.executor = c.executor;
   if constexpr (Tiled) {
     auto t = methods::vertical_slash::select_tiled(p.q, p.k, o);
     const bool ok = t.reachable;
@@ -173,6 +178,7 @@ inline PrefillSelection flex_prefill_prefill(const Problem& p, double cr, const 
   methods::FlexPrefillOptions o;
   o.scale = p.scale;
   o.num_threads = c.num_threads;
+  o.executor = c.executor;
   if (cr <= 1.0) {
     o.gamma = 1.0;
     return wrap_mask(methods::flex_prefill::select(p.q, p.k, o), p, true, "gamma=1");
@@ -306,6 +312,7 @@ inline DecodePolicy quest_decode(const Problem& p, const DecodeSetup&, double cr
   o.compression = cr;
   o.scale = p.scale;
   o.num_threads = c.num_threads;
+  o.executor = c.executor;
   auto st = pol.status;
   st->detail = "P=16";
   pol.before_step = [=](const TensorView<const float>& q, EvalCache& cache) {
@@ -332,6 +339,7 @@ DecodePolicy snapkv_decode(const Problem& p, const DecodeSetup& s, double cr, co
     o.budget = budget;
     o.scale = p.scale;
     o.num_threads = c.num_threads;
+    o.executor = c.executor;
     if constexpr (Ada) st->reachable = methods::ada_snapkv::evict(qp, cache, o).reachable;
     else st->reachable = methods::snapkv::evict(qp, cache, o).reachable;
   };
@@ -351,6 +359,7 @@ inline DecodePolicy h2o_decode(const Problem& p, const DecodeSetup& s, double cr
   o.budget = budget;
   o.scale = p.scale;
   o.num_threads = c.num_threads;
+  o.executor = c.executor;
   o.prefill_queries = c.h2o_prefill_queries >= 0 ? c.h2o_prefill_queries
                       : s.tokens > kH2OExactTokens ? kH2OSeedQueries : 0;
   st->detail = detail_reg::str("H+R=", budget);

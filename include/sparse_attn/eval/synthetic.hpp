@@ -35,6 +35,7 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
@@ -100,8 +101,9 @@ inline HeadWeights head_weights(index_t h) {
 
 }  // namespace detail_syn
 
-/// Builds the workload. Throws sparse_attn::invalid_argument on inconsistent options.
-inline SyntheticData make_synthetic(const SyntheticOptions& o) {
+/// Builds the workload; the rows of Q, K and V are generated on `exec` (the data do not depend on
+/// it). Throws sparse_attn::invalid_argument on inconsistent options.
+inline SyntheticData make_synthetic(const SyntheticOptions& o, const ExecutorChoice& exec = {}) {
   namespace ds = detail_syn;
   constexpr const char* where = "eval::make_synthetic";
   require(o.q_heads >= 1 && o.kv_heads >= 1 && o.q_heads % o.kv_heads == 0, where,
@@ -207,8 +209,7 @@ inline SyntheticData make_synthetic(const SyntheticOptions& o) {
   };
 
   // Keys and values.
-#pragma omp parallel for schedule(static)
-  for (index_t t = 0; t < o.kv_heads * n; ++t) {
+  auto key_value_row = [&](index_t t) {
     const index_t j = t % n;
     const auto base = static_cast<std::uint64_t>(t * d);
     float* kr = s.k.data() + t * d;
@@ -230,7 +231,7 @@ inline SyntheticData make_synthetic(const SyntheticOptions& o) {
       kr[c] = static_cast<float>(kr[c] * store);
       vr[c] = static_cast<float>(ds::gauss(seed, ds::kValues, base + static_cast<std::uint64_t>(c)));
     }
-  }
+  };
 
   // Queries.
   std::vector<double> qre(static_cast<std::size_t>(o.q_heads * pairs)), qim(qre.size());
@@ -250,8 +251,7 @@ inline SyntheticData make_synthetic(const SyntheticOptions& o) {
   std::vector<double> needle_sum(static_cast<std::size_t>(needle_dims), 0.0);
   for (const auto& em : e)
     for (index_t c = 0; c < needle_dims; ++c) needle_sum[static_cast<std::size_t>(c)] += em[static_cast<std::size_t>(c)];
-#pragma omp parallel for schedule(static)
-  for (index_t t = 0; t < o.q_heads * n; ++t) {
+  auto query_row = [&](index_t t) {
     const index_t h = t / n, p = t % n;
     const auto w = ds::head_weights(h);
     const auto base = static_cast<std::uint64_t>(t * d);
@@ -272,7 +272,18 @@ inline SyntheticData make_synthetic(const SyntheticOptions& o) {
     for (index_t c = 0; c < content_dims; ++c)
       qr[content0 + c] = static_cast<float>(0.43 * w.content * ds::gauss(seed, ds::kQueryNoise, base + static_cast<std::uint64_t>(content0 + c)));
     for (index_t c = 0; c < d; ++c) qr[c] = static_cast<float>(qr[c] * store);
-  }
+  };
+  // Rows are cheap and uniform: about 4 chunks of rows per worker.
+  sparse_attn::detail::with_executor(exec, [&](Executor& ex) {
+    auto rows_on_workers = [&](index_t rows, auto&& row) {
+      const index_t grain = std::max<index_t>(1, rows / (4 * std::max(ex.concurrency(), 1)));
+      run_chunks(ex, rows, grain, [&](index_t t0, index_t t1, int) {
+        for (index_t t = t0; t < t1; ++t) row(t);
+      });
+    };
+    rows_on_workers(o.kv_heads * n, key_value_row);
+    rows_on_workers(o.q_heads * n, query_row);
+  });
   return s;
 }
 

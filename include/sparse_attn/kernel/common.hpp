@@ -1,8 +1,7 @@
-// Pieces shared by the prefill and decode kernels: argument validation, K/V row access for any
-// KV view type, aligned scratch, and a masked exponential.
+// Pieces shared by the prefill and decode kernels: options, argument validation, and (for the
+// selections) K/V row access for any KV view type, aligned scratch, a masked exponential.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
 
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <cmath>
@@ -12,23 +11,24 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/microkernels/packet.hpp"
+#include "sparse_attn/kernel/view_traits.hpp"
+#include "sparse_attn/kernel/workspace.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Options common to every kernel call.
 struct AttentionOptions {
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(head_dim)
-  int num_threads = 0;                                      // 0: OpenMP default
+  int num_threads = 0;  // threads of the default executor (0: OpenMP's default); see executor
+  Executor* executor = nullptr;  // the caller's executor (not owned); nullptr: the default
   LseView lse{};  // optional [Hq, n_q] log-sum-exp of the scaled logits (natural log)
+
+  ExecutorChoice executor_choice() const { return {executor, num_threads}; }
 };
 
 namespace kernel {
-
-template <class V>
-struct is_tensor_view : std::false_type {};
-template <class T>
-struct is_tensor_view<TensorView<T>> : std::true_type {};
 
 template <class T>
 using aligned_vector = std::vector<T, Eigen::aligned_allocator<T>>;
@@ -41,12 +41,23 @@ inline float resolve_scale(float scale, index_t d, const char* where) {
   return scale;
 }
 
-/// Validates Q/K/V/out shapes shared by prefill and decode; returns the GQA group size.
+/// Validates the shapes a plan is made for; returns the GQA group size Hq / Hkv.
+inline index_t validate_shape(const AttentionShape& s, const char* where) {
+  require(s.heads_kv >= 1, where, ": K and V need >= 1 head, got ", s.heads_kv);
+  require(s.head_dim >= 1 && s.head_dim_v >= 1, where, ": head_dim must be >= 1");
+  require(s.heads_q % s.heads_kv == 0, where, ": Hq=", s.heads_q, " is not a multiple of Hkv=",
+          s.heads_kv, " (GQA needs Hq % Hkv == 0)");
+  require(s.n_q <= s.n_k, where, ": n_q=", s.n_q, " > n_k=", s.n_k,
+          "; queries must be a suffix of the keys");
+  return s.heads_q / s.heads_kv;
+}
+
+/// Validates Q/K/V/out views shared by prefill and decode; returns the GQA group size.
 template <class QV, class KV, class VV, class OV>
 index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, const char* where) {
   validate_view(q, "q");
   validate_view(out, "out", true);
-  // K/V of other view types (kv::PagedView) come from a kv::Cache, which keeps them consistent.
+  // Other view types (kv::PagedView) validate themselves when built.
   if constexpr (is_tensor_view<KV>::value) validate_view(k, "k");
   if constexpr (is_tensor_view<VV>::value) validate_view(v, "v");
   require(k.heads >= 1 && v.heads >= 1, where, ": K and V need >= 1 head, got K ", k.heads,
@@ -56,15 +67,11 @@ index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, cons
           "]; K and V must have the same heads and tokens");
   require(q.dim == k.dim, where, ": head_dim of Q (", q.dim, ") differs from K (", k.dim,
           "); they must be equal");
-  require(q.dim >= 1 && v.dim >= 1, where, ": head_dim must be >= 1");
-  require(q.heads % k.heads == 0, where, ": Hq=", q.heads, " is not a multiple of Hkv=", k.heads,
-          " (GQA needs Hq % Hkv == 0)");
-  require(q.tokens <= k.tokens, where, ": n_q=", q.tokens, " > n_k=", k.tokens,
-          "; queries must be a suffix of the keys");
+  const index_t G = validate_shape(attention_shape(q, k, v), where);
   require(out.heads == q.heads && out.tokens == q.tokens && out.dim == v.dim, where,
           ": out is [", out.heads, ", ", out.tokens, ", ", out.dim, "], expected [", q.heads,
           ", ", q.tokens, ", ", v.dim, "]");
-  return q.heads / k.heads;
+  return G;
 }
 
 /// Rows [t0, t0 + n) of head h of a K or V view as fp32 rows with stride *ld. Returns a pointer
@@ -107,19 +114,6 @@ inline bool all_finite(const float* p, index_t n, index_t w, index_t ld) {
     for (; c < w; ++c) tail += r[c] * 0.0f;
   }
   return predux(acc) + tail == 0.0f;
-}
-
-/// Runs body() in an OpenMP parallel region with the requested thread count (0 = default).
-template <class F>
-void parallel_region(int num_threads, F&& body) {
-  require(num_threads >= 0, "AttentionOptions", "num_threads must be >= 0, got ", num_threads);
-  if (num_threads > 0) {
-#pragma omp parallel num_threads(num_threads)
-    body();
-  } else {
-#pragma omp parallel
-    body();
-  }
 }
 
 }  // namespace kernel

@@ -1,12 +1,23 @@
-// Tiled flash-attention prefill over any mask of the common interface (mask/block_mask.hpp).
+// Tiled flash-attention prefill over any mask of the common interface (mask/block_mask.hpp), as
+// plan + run.
 //
 // Work item = (KV head, query block): the G query heads of a GQA group are processed together so a
 // K/V block is converted once and reused by every head of the group (when the mask is the same for
 // all heads). For each visited key block: S = Q K^T * scale (micro-kernel), masked on partial
-// blocks, online softmax (running max m, running sum l, accumulator rescaled by e^{m_old - m_new}),
-// O += P V. Items are sorted by their block count and handed out dynamically, so causal and sparse
-// rows of unequal work stay balanced. Each item is computed by one thread in a fixed order, so the
-// output bits do not depend on the thread count.
+// blocks, online softmax (kernel/softmax_state.hpp), O += P V. The plan sorts the items by their
+// block count, heaviest first, so causal and sparse rows of unequal work stay balanced on any
+// executor. Each item is computed by one worker in a fixed order, so the output bits do not
+// depend on the executor or its thread count.
+//
+// Plan / run: plan_prefill(shape, mask, options) walks the mask once (O(listed blocks)), picks
+// the CPU target, and sizes the workspace: concurrency x one item's scratch (G x (d + dv + 2) x
+// block_q + block_k x (block_q + d + 2 dv) floats), plus, for masks whose allowed() may throw, the
+// partial blocks' element bits. run allocates nothing, and writes nothing before every check and
+// every call of the mask's predicate has passed: a predicate that is not noexcept is evaluated
+// into the workspace first, so an exception from it leaves out and LSE untouched.
+// A plan stays valid for any call with the same shape, the same mask (or one with the same block
+// lists, e.g. the same pattern in another layer), executor concurrency <= the plan's, and the same
+// target; rebuild it when any of those changes.
 //
 // Output: out[h, i] = softmax over allowed keys, or 0 for a row with no allowed key.
 // LSE (optional): lse[h, i] = log sum_{allowed j} exp(scale * q_i . k_j) (natural log), -inf for an
@@ -16,143 +27,140 @@
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
+#include <utility>
 #include <vector>
 
+#include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/kernel/softmax_state.hpp"
+#include "sparse_attn/kernel/workspace.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 using PrefillOptions = AttentionOptions;
 
-namespace kernel {
+class PrefillPlan;
+template <class Mask>
+PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const AttentionOptions& opt = {});
+template <class QV, class KV, class VV, class OV, class Mask>
+void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, const OV& out,
+             const Mask& mask, Workspace workspace, const AttentionOptions& opt = {});
 
-// Per-thread scratch for one work item (G heads x one query tile).
-struct PrefillScratch {
-  index_t ldq = 0;            // padded tile width (multiple of the micro-tile)
-  aligned_vector<float> qt;   // [G][d][ldq]   scaled, transposed queries
-  aligned_vector<float> ot;   // [G][dv][ldq]  transposed unnormalised output
-  aligned_vector<float> m;    // [G][ldq]      running max of logits
-  aligned_vector<float> l;    // [G][ldq]      running sum of e^{s - m}
-  aligned_vector<float> s;    // [bk][ldq]     logits, then probabilities
-  aligned_vector<float> kbuf, vbuf, row;
-  std::vector<float> vfix;    // [bk][dv] V block with non-finite elements zeroed (rarely used)
-  void reserve(index_t G, index_t d, index_t dv, index_t bq, index_t bk) {
-    ldq = (bq + mk::kTileQ - 1) / mk::kTileQ * mk::kTileQ;
-    qt.assign(G * d * ldq, 0.0f);
-    ot.assign(G * dv * ldq, 0.0f);
-    m.assign(G * ldq, 0.0f);
-    l.assign(G * ldq, 0.0f);
-    s.assign(bk * ldq, 0.0f);
-    kbuf.assign(bk * d, 0.0f);
-    vbuf.assign(bk * dv, 0.0f);
-    row.assign(std::max(d, dv), 0.0f);
-  }
+/// What plan_prefill() decided: the work items in execution order, the CPU target, and the
+/// workspace size. Cheap to copy; holds O(items + partial blocks) indices.
+class PrefillPlan {
+ public:
+  const AttentionShape& shape() const { return shape_; }
+  const MaskShape& mask_shape() const { return mask_shape_; }
+  CpuTarget target() const { return target_; }
+  /// Workers the workspace is sized for (the executor's concurrency at plan time).
+  int workers() const { return workers_; }
+  index_t num_items() const { return static_cast<index_t>(order_.size()); }
+  /// Bytes of workspace a run needs (64-byte aligned).
+  std::size_t workspace_bytes() const { return bits_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_); }
+
+ private:
+  template <class Mask>
+  friend PrefillPlan plan_prefill(const AttentionShape&, const Mask&, const AttentionOptions&);
+  template <class QV, class KV, class VV, class OV, class Mask>
+  friend void prefill(const PrefillPlan&, const QV&, const KV&, const VV&, const OV&, const Mask&,
+                      Workspace, const AttentionOptions&);
+  template <class Mask>
+  friend class PrecomputedMask;
+
+  AttentionShape shape_;
+  MaskShape mask_shape_;
+  bool head_shared_ = false;
+  CpuTarget target_ = CpuTarget::generic;
+  int workers_ = 1;
+  index_t ldq_ = 0, bk_ = 0;
+  std::vector<index_t> order_;  // items (hk * num_q_blocks + qb), heaviest first
+  std::size_t scratch_bytes_ = 0, bits_bytes_ = 0;
+  // Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
+  // element bits run() evaluates into the workspace before any output is written.
+  bool precompute_ = false;
+  index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
+  std::vector<index_t> partial_offsets_;
+  std::vector<std::int32_t> partial_blocks_;
 };
 
-// P V of a partial block whose V holds a NaN or inf (corrupt data only): a masked pair's 0 * NaN
-// must not reach rows that may not see the key. P V runs on a copy with those elements zeroed (the
-// same bits for every other row), then they are added to the rows allowed to see them.
-template <class Mask>
-SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index_t q0,
-                                             index_t rows, index_t k0, index_t nk, const float* vp,
-                                             index_t ldv, index_t dv, PrefillScratch& ws,
-                                             float* ot) {
-  const index_t ldq = ws.ldq;
-  const float* s = ws.s.data();
-  ws.vfix.resize(static_cast<std::size_t>(nk * dv));
-  for (index_t j = 0; j < nk; ++j)
-    for (index_t c = 0; c < dv; ++c) {
-      const float x = vp[j * ldv + c];
-      ws.vfix[static_cast<std::size_t>(j * dv + c)] = std::isfinite(x) ? x : 0.0f;
-    }
-  mk::for_each_tile(rows, [&](index_t t, auto vecs) {
-    mk::pv_block<decltype(vecs)::value>(s + t, ldq, static_cast<int>(nk), ws.vfix.data(), dv,
-                                        static_cast<int>(dv), ot + t, ldq);
-  });
-  for (index_t j = 0; j < nk; ++j)
-    for (index_t c = 0; c < dv; ++c)
-      if (!std::isfinite(vp[j * ldv + c]))
-        for (index_t i = 0; i < rows; ++i)
-          if (mask.allowed(mh, q0 + i, k0 + j))
-            ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
+namespace kernel {
+inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, index_t d, index_t dv,
+                                            index_t ldq, index_t bk) {
+  arch::PrefillScratch w;
+  w.ldq = ldq;
+  w.qt = c.take<float>(G * d * ldq);
+  w.ot = c.take<float>(G * dv * ldq);
+  w.m = c.take<float>(G * ldq);
+  w.l = c.take<float>(G * ldq);
+  w.s = c.take<float>(bk * ldq);
+  w.kbuf = c.take<float>(bk * d);
+  w.vbuf = c.take<float>(bk * dv);
+  w.vfix = c.take<float>(bk * dv);
+  w.row = c.take<float>(std::max(d, dv));
+  return w;
 }
 
-// One key block for one head's query tile: logits, mask, online softmax, P V. v_finite: the
-// block's V rows hold no NaN or inf (only needed for partial blocks).
 template <class Mask>
-inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
-                          index_t nk, bool full, const float* kp, index_t ldk, const float* vp,
-                          index_t ldv, bool v_finite, index_t d, index_t dv, PrefillScratch& ws,
-                          float* qt, float* ot, float* m, float* l) {
-  using namespace Eigen::internal;
-  using mk::Packet;
-  const index_t ldq = ws.ldq;
-  const index_t width = (rows + mk::kLanes - 1) / mk::kLanes * mk::kLanes;  // lanes computed
-  float* s = ws.s.data();
-  mk::for_each_tile(rows, [&](index_t t, auto vecs) {
-    mk::qk_block<decltype(vecs)::value>(qt + t, ldq, kp, ldk, static_cast<int>(nk),
-                                        static_cast<int>(d), s + t, ldq);
-  });
-  if (!full) {
-    for (index_t j = 0; j < nk; ++j)
-      for (index_t i = 0; i < rows; ++i)
-        if (!mask.allowed(mh, q0 + i, k0 + j)) s[j * ldq + i] = kNegInf;
-  }
-  const Packet neg_inf = pset1<Packet>(kNegInf), zero = pset1<Packet>(0.0f);
-  for (index_t i = 0; i < width; i += mk::kLanes) {
-    const Packet m_old = pload<Packet>(m + i);
-    Packet mx = m_old;
-    for (index_t j = 0; j < nk; ++j) mx = pmax(mx, pload<Packet>(s + j * ldq + i));
-    const Packet m_use = pselect(pcmp_eq(mx, neg_inf), zero, mx);  // all-masked so far: use 0
-    const Packet alpha = masked_exp(psub(m_old, m_use));
-    Packet sum = zero;
-    for (index_t j = 0; j < nk; ++j) {
-      // Full blocks hold finite logits <= m: plain e^x (below -88 it is ~1e-38, not 0: harmless
-      // beside the row's max term 1). Partial blocks hold -inf, which must give exactly 0.
-      const Packet x = psub(pload<Packet>(s + j * ldq + i), m_use);
-      const Packet p = full ? pexp(x) : masked_exp(x);
-      pstore(s + j * ldq + i, p);
-      sum = padd(sum, p);
-    }
-    pstore(l + i, pmadd(pload<Packet>(l + i), alpha, sum));
-    pstore(m + i, mx);
-    if (predux_min(alpha) != 1.0f)  // the running max moved for some row of this packet
-      for (index_t c = 0; c < dv; ++c) pstore(ot + c * ldq + i, pmul(pload<Packet>(ot + c * ldq + i), alpha));
-  }
-  if (full || v_finite) {
-    mk::for_each_tile(rows, [&](index_t t, auto vecs) {
-      mk::pv_block<decltype(vecs)::value>(s + t, ldq, static_cast<int>(nk), vp, ldv,
-                                          static_cast<int>(dv), ot + t, ldq);
-    });
-  } else {
-    pv_block_nonfinite(mask, mh, q0, rows, k0, nk, vp, ldv, dv, ws, ot);
-  }
-}
-
+inline constexpr bool kPredicateNoexcept =
+    noexcept(std::declval<const Mask&>().allowed(index_t{}, index_t{}, index_t{}));
 }  // namespace kernel
 
-/// Attention of q [Hq, n_q, d] against k, v [Hkv, n_k, d|dv] under `mask`, written to
-/// out [Hq, n_q, dv]. Q, K, V, out element types: float, bf16 or fp16 (accumulation in fp32).
-/// Queries are the last n_q positions of the n_k keys. Throws sparse_attn::invalid_argument on
-/// inconsistent shapes, mask geometry or options.
-template <class QV, class KV, class VV, class OV, class Mask>
-void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& mask,
-             const AttentionOptions& opt = {}) {
+/// A mask whose element predicate was evaluated into bits (PrefillPlan's partial blocks): the
+/// kernel reads bits instead of calling a predicate that may throw.
+template <class Mask>
+class PrecomputedMask {
+ public:
+  PrecomputedMask(const Mask& inner, const PrefillPlan& plan, const std::uint64_t* bits)
+      : inner_(inner), plan_(plan), bits_(bits) {}
+  const MaskShape& shape() const { return inner_.shape(); }
+  bool head_shared() const { return inner_.head_shared(); }
+  template <class F>
+  void for_each_block(index_t h, index_t qb, F&& f) const {
+    inner_.for_each_block(h, qb, std::forward<F>(f));
+  }
+  bool allowed(index_t h, index_t qi, index_t kj) const noexcept {
+    const MaskShape& s = plan_.mask_shape_;
+    const index_t row = (plan_.head_shared_ ? 0 : h) * s.num_q_blocks() + qi / s.block_q;
+    const auto kb = static_cast<std::int32_t>(kj / s.block_k);
+    const std::int32_t* b = plan_.partial_blocks_.data();
+    const std::int32_t* p = std::lower_bound(b + plan_.partial_offsets_[static_cast<std::size_t>(row)],
+                                             b + plan_.partial_offsets_[static_cast<std::size_t>(row) + 1], kb);
+    const index_t bit = (qi % s.block_q) * s.block_k + kj % s.block_k;
+    return (bits_[(p - b) * plan_.bit_words_ + bit / 64] >> (bit % 64)) & 1u;
+  }
+
+ private:
+  const Mask& inner_;
+  const PrefillPlan& plan_;
+  const std::uint64_t* bits_;
+};
+
+/// Plans a prefill of `shape` under `mask` (see the file comment). Throws invalid_argument on
+/// inconsistent shapes, mask geometry or options, or when the CPU target is unusable.
+/// Complexity O(Hkv x query blocks x listed blocks per row); allocates the plan's index arrays.
+template <class Mask>
+PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const AttentionOptions& opt) {
   constexpr const char* where = "prefill";
-  const index_t G = kernel::validate_qkvo(q, k, v, out, where);
+  const index_t G = kernel::validate_shape(shape, where);
   const MaskShape& ms = mask.shape();
-  require(ms.heads == q.heads && ms.n_q == q.tokens && ms.n_k == k.tokens, where,
+  require(ms.heads == shape.heads_q && ms.n_q == shape.n_q && ms.n_k == shape.n_k, where,
           ": mask geometry (heads=", ms.heads, ", n_q=", ms.n_q, ", n_k=", ms.n_k,
-          ") does not match Q/K (heads=", q.heads, ", n_q=", q.tokens, ", n_k=", k.tokens, ")");
-  const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+          ") does not match Q/K (heads=", shape.heads_q, ", n_q=", shape.n_q, ", n_k=", shape.n_k, ")");
   require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: OpenMP default), got ",
           opt.num_threads);  // checked even when there is nothing to compute
-  if (q.tokens == 0 || q.heads == 0) return;
-  const index_t Hkv = k.heads, d = q.dim, dv = v.dim;
-  const index_t nqb = ms.num_q_blocks(), bq = ms.block_q, bk = ms.block_k;
+  PrefillPlan plan;
+  plan.shape_ = shape;
+  plan.mask_shape_ = ms;
+  plan.head_shared_ = mask.head_shared();
+  plan.target_ = cpu_target();
+  plan.workers_ = detail::with_executor(opt.executor_choice(), [](Executor& e) { return e.concurrency(); });
+  require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
+  if (shape.n_q == 0 || shape.heads_q == 0) return plan;
+  const index_t Hkv = shape.heads_kv, nqb = ms.num_q_blocks();
   const bool shared = mask.head_shared();
 
   // Work items (KV head, query block), heaviest first; ties keep index order (deterministic).
@@ -165,79 +173,105 @@ void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& m
       mask.for_each_block(shared ? 0 : hk * G + g, qb, [&](index_t, bool) { ++c; });
     cost[static_cast<std::size_t>(it)] = shared ? c * G : c;
   }
-  std::vector<index_t> order(static_cast<std::size_t>(n_items));
-  std::iota(order.begin(), order.end(), index_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) {
+  plan.order_.resize(static_cast<std::size_t>(n_items));
+  std::iota(plan.order_.begin(), plan.order_.end(), index_t{0});
+  std::stable_sort(plan.order_.begin(), plan.order_.end(), [&](index_t a, index_t b) {
     return cost[static_cast<std::size_t>(a)] > cost[static_cast<std::size_t>(b)];
   });
 
-  kernel::parallel_region(opt.num_threads, [&] {
-    kernel::PrefillScratch ws;  // tiles never exceed the sequence, whatever the block sizes
-    ws.reserve(G, d, dv, std::min(bq, q.tokens), std::min(bk, std::max<index_t>(k.tokens, 1)));
-    const index_t ldq = ws.ldq;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t oi = 0; oi < n_items; ++oi) {
-      const index_t it = order[static_cast<std::size_t>(oi)];
-      const index_t hk = it / nqb, qb = it % nqb;
-      const index_t q0 = ms.q_begin(qb), rows = ms.q_end(qb) - q0;
-      // Load transposed, scaled queries; reset the softmax state.
-      std::fill(ws.qt.begin(), ws.qt.end(), 0.0f);
-      std::fill(ws.ot.begin(), ws.ot.end(), 0.0f);
-      std::fill(ws.m.begin(), ws.m.end(), kNegInf);
-      std::fill(ws.l.begin(), ws.l.end(), 0.0f);
-      for (index_t g = 0; g < G; ++g) {
-        float* qt = ws.qt.data() + g * d * ldq;
-        for (index_t i = 0; i < rows; ++i) {
-          load_row(q.row(hk * G + g, q0 + i), q.stride_dim, ws.row.data(), d);
-          for (index_t c = 0; c < d; ++c) qt[c * ldq + i] = ws.row[static_cast<std::size_t>(c)] * scale;
-        }
-      }
-      auto run_head = [&](index_t g, index_t mh, index_t kb, bool full, const float* kp,
-                          index_t ldk, const float* vp, index_t ldv, bool v_finite) {
-        kernel::prefill_block(mask, mh, q0, rows, ms.k_begin(kb), ms.k_end(kb) - ms.k_begin(kb),
-                              full, kp, ldk, vp, ldv, v_finite, d, dv, ws,
-                              ws.qt.data() + g * d * ldq, ws.ot.data() + g * dv * ldq,
-                              ws.m.data() + g * ldq, ws.l.data() + g * ldq);
-      };
-      // Converts (or points at) the block's K/V rows; partial blocks also check V is finite.
-      auto load_kv = [&](index_t kb, bool full, const float*& kp, index_t& ldk, const float*& vp,
-                         index_t& ldv) {
-        const index_t k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
-        kp = kernel::fp32_rows(k, hk, k0, nk, ws.kbuf.data(), ldk);
-        vp = kernel::fp32_rows(v, hk, k0, nk, ws.vbuf.data(), ldv);
-        return full || kernel::all_finite(vp, nk, dv, ldv);
-      };
-      if (shared) {  // one K/V conversion per block, reused by the G heads of the group
-        mask.for_each_block(0, qb, [&](index_t kb, bool full) {
-          const float *kp, *vp;
-          index_t ldk, ldv;
-          const bool v_finite = load_kv(kb, full, kp, ldk, vp, ldv);
-          for (index_t g = 0; g < G; ++g) run_head(g, 0, kb, full, kp, ldk, vp, ldv, v_finite);
+  if constexpr (!kernel::kPredicateNoexcept<Mask>) {
+    plan.precompute_ = true;
+    const index_t rows = (shared ? 1 : shape.heads_q) * nqb;
+    plan.partial_offsets_.assign(1, 0);
+    for (index_t r = 0; r < rows; ++r) {
+      mask.for_each_block(r / nqb, r % nqb, [&](index_t kb, bool full) {
+        if (!full) plan.partial_blocks_.push_back(static_cast<std::int32_t>(kb));
+      });
+      plan.partial_offsets_.push_back(static_cast<index_t>(plan.partial_blocks_.size()));
+    }
+    plan.bit_words_ = (ms.block_q * ms.block_k + 63) / 64;
+    plan.bits_bytes_ = (plan.partial_blocks_.size() * static_cast<std::size_t>(plan.bit_words_) * 8 + 63) / 64 * 64;
+  }
+  // Tiles never exceed the sequence, whatever the block sizes.
+  plan.ldq_ = (std::min(ms.block_q, shape.n_q) + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
+  plan.bk_ = std::min(ms.block_k, std::max<index_t>(shape.n_k, 1));
+  arch::Carver sizer;
+  kernel::carve_prefill_scratch(sizer, G, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_);
+  plan.scratch_bytes_ = sizer.bytes();
+  return plan;
+}
+
+/// Runs a planned prefill: attention of q [Hq, n_q, d] against k, v [Hkv, n_k, d|dv] under
+/// `mask` (the plan's), written to out [Hq, n_q, dv]; Q, K, V, out element types float, bf16 or
+/// fp16 (accumulation in fp32); queries are the last n_q positions of the n_k keys. Allocates
+/// nothing; `workspace` holds plan.workspace_bytes() bytes, 64-byte aligned. Thread safety:
+/// concurrent runs need distinct workspaces and outputs. Throws invalid_argument (views, options,
+/// workspace or executor not matching the plan) before writing anything, and rethrows an
+/// exception of the mask's predicate or of the executor with out and LSE untouched.
+template <class QV, class KV, class VV, class OV, class Mask>
+void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, const OV& out,
+             const Mask& mask, Workspace workspace, const AttentionOptions& opt) {
+  constexpr const char* where = "prefill";
+  const index_t G = kernel::validate_qkvo(q, k, v, out, where);
+  require(attention_shape(q, k, v) == plan.shape_, where,
+          ": the views do not have the shape the plan was made for");
+  const MaskShape& ms = mask.shape();
+  require(ms.heads == plan.mask_shape_.heads && ms.n_q == plan.mask_shape_.n_q &&
+              ms.n_k == plan.mask_shape_.n_k && ms.block_q == plan.mask_shape_.block_q &&
+              ms.block_k == plan.mask_shape_.block_k && mask.head_shared() == plan.head_shared_,
+          where, ": the mask's geometry differs from the plan's");
+  const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+  detail::check_workspace(workspace, plan.workspace_bytes(), where);
+  if (q.tokens == 0 || q.heads == 0) return;
+  detail::with_executor(opt.executor_choice(), [&](Executor& exec) {
+    require(exec.concurrency() <= plan.workers_, where, ": executor concurrency ",
+            exec.concurrency(), " exceeds the plan's ", plan.workers_, " workers");
+    auto* base = static_cast<unsigned char*>(workspace.data);
+    const index_t nqb = ms.num_q_blocks();
+    auto run_all = [&](const auto& m) {
+      run_items(exec, plan.num_items(), [&](index_t oi, int worker) {
+        arch::Carver c(base + plan.bits_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(worker));
+        const arch::PrefillScratch ws = kernel::carve_prefill_scratch(c, G, q.dim, v.dim, plan.ldq_, plan.bk_);
+        const index_t it = plan.order_[static_cast<std::size_t>(oi)];
+        arch::dispatch(plan.target_, [&](auto target) {
+          decltype(target)::prefill_item(m, q, k, v, out, opt.lse, scale, G, it / nqb, it % nqb, ws);
         });
-      } else {
-        for (index_t g = 0; g < G; ++g)
-          mask.for_each_block(hk * G + g, qb, [&](index_t kb, bool full) {
-            const float *kp, *vp;
-            index_t ldk, ldv;
-            const bool v_finite = load_kv(kb, full, kp, ldk, vp, ldv);
-            run_head(g, hk * G + g, kb, full, kp, ldk, vp, ldv, v_finite);
-          });
-      }
-      // Normalise and store.
-      for (index_t g = 0; g < G; ++g) {
-        const index_t h = hk * G + g;
-        const float* ot = ws.ot.data() + g * dv * ldq;
-        const float* m = ws.m.data() + g * ldq;
-        const float* l = ws.l.data() + g * ldq;
-        for (index_t i = 0; i < rows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
-          const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-          for (index_t c = 0; c < dv; ++c) ws.row[static_cast<std::size_t>(c)] = ot[c * ldq + i] * inv;
-          store_row(ws.row.data(), out.row(h, q0 + i), out.stride_dim, dv);
-          if (opt.lse) opt.lse(h, q0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : kNegInf;
+      });
+    };
+    if constexpr (kernel::kPredicateNoexcept<Mask>) {
+      run_all(mask);
+    } else {
+      // Evaluate every partial block's predicate first: an exception leaves out untouched.
+      auto* bits = reinterpret_cast<std::uint64_t*>(base);
+      const index_t rows = static_cast<index_t>(plan.partial_offsets_.size()) - 1;
+      run_items(exec, rows, [&](index_t r, int) {
+        const index_t h = r / nqb, qb = r % nqb, q0 = ms.q_begin(qb), q1 = ms.q_end(qb);
+        for (index_t p = plan.partial_offsets_[static_cast<std::size_t>(r)];
+             p < plan.partial_offsets_[static_cast<std::size_t>(r) + 1]; ++p) {
+          const index_t kb = plan.partial_blocks_[static_cast<std::size_t>(p)];
+          std::uint64_t* w = bits + p * plan.bit_words_;
+          std::fill(w, w + plan.bit_words_, std::uint64_t{0});
+          for (index_t i = q0; i < q1; ++i)
+            for (index_t j = ms.k_begin(kb); j < ms.k_end(kb); ++j)
+              if (mask.allowed(h, i, j)) {
+                const index_t bit = (i - q0) * ms.block_k + (j - ms.k_begin(kb));
+                w[bit / 64] |= std::uint64_t{1} << (bit % 64);
+              }
         }
-      }
+      });
+      run_all(PrecomputedMask<Mask>(mask, plan, bits));
     }
   });
+}
+
+/// One-call prefill: plan_prefill + a workspace allocated for this call + run (see both).
+template <class QV, class KV, class VV, class OV, class Mask>
+void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& mask,
+             const AttentionOptions& opt = {}) {
+  kernel::validate_qkvo(q, k, v, out, "prefill");
+  const PrefillPlan plan = plan_prefill(attention_shape(q, k, v), mask, opt);
+  const WorkspaceBuffer workspace(plan.workspace_bytes());
+  prefill(plan, q, k, v, out, mask, workspace.view(), opt);
 }
 
 SPARSE_ATTN_NAMESPACE_END

@@ -14,10 +14,10 @@
 // - Positions are never re-indexed: keys are stored after RoPE, so slot i of head h keeps the
 //   absolute position position(h, i) it was appended at; a new token gets position
 //   sequence_length() (tokens ever appended), whatever was evicted before it.
+// - Failures: an append or retain that throws leaves the cache as it was; undo_append(m) takes back
+//   the last append while nothing was evicted after it (a decode step whose selection failed).
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -26,6 +26,7 @@
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/kv/paged_view.hpp"
 #include "sparse_attn/mask/key_selection.hpp"
@@ -143,9 +144,11 @@ class Cache {
 
   /// Appends m tokens to every head: k [Hkv, m, d], v [Hkv, m, dv] in any storage type (rounded
   /// to T, nearest even). Head h's new tokens go to slots [length(h), length(h) + m) with
-  /// positions [sequence_length(), sequence_length() + m).
+  /// positions [sequence_length(), sequence_length() + m). Large appends copy the heads in
+  /// parallel on `exec` (the caller's executor, or the default for exec.num_threads). If it
+  /// throws, the cache is as it was (lengths, positions, pages, contents, key bounds).
   template <class UK, class UV>
-  void append(const TensorView<UK>& k, const TensorView<UV>& v) {
+  void append(const TensorView<UK>& k, const TensorView<UV>& v, const ExecutorChoice& exec = {}) {
     constexpr const char* where = "kv::Cache::append";
     validate_view(k, "append: k");
     validate_view(v, "append: v");
@@ -154,34 +157,115 @@ class Cache {
     require(k.dim == d_ && v.dim == dv_, where, ": k and v need dims ", d_, " and ", dv_, ", got ",
             k.dim, " and ", v.dim);
     require(k.tokens == v.tokens, where, ": k has ", k.tokens, " tokens but v has ", v.tokens);
+    require(exec.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
+            exec.num_threads);
     const index_t m = k.tokens;
     if (m == 0) return;
     require(max_length() + m <= cap_, where, ": appending ", m, " tokens to a head holding ",
             max_length(), " exceeds the capacity of ", cap_,
             " tokens; reserve more capacity or evict first");
-    if constexpr (paged) reserve_pages(m);
-#pragma omp parallel for schedule(static) if (m * H_ >= 256)
-    for (index_t h = 0; h < H_; ++h) {
-      std::vector<float> buf(static_cast<std::size_t>(std::max(d_, dv_)));
+    // Head h's new rows, converted through buf; then its key bounds (buf reused).
+    auto copy_head = [&](index_t h, float* buf) {
       const index_t l0 = length(h);
       index_t* pos = pos_.data() + h * cap_;
       for (index_t t = 0; t < m; ++t) {
-        load_row(v.row(h, t), v.stride_dim, buf.data(), dv_);
-        store_row(buf.data(), vrow(h, l0 + t), 1, dv_);
-        load_row(k.row(h, t), k.stride_dim, buf.data(), d_);
-        store_row(buf.data(), krow(h, l0 + t), 1, d_);
+        load_row(v.row(h, t), v.stride_dim, buf, dv_);
+        store_row(buf, vrow(h, l0 + t), 1, dv_);
+        load_row(k.row(h, t), k.stride_dim, buf, d_);
+        store_row(buf, krow(h, l0 + t), 1, d_);
         pos[l0 + t] = seq_ + t;
       }
-      if (opt_.key_bounds) update_bounds(h, l0 / P_, (l0 + m + P_ - 1) / P_, l0 + m);
-    }
+      if (opt_.key_bounds) update_bounds(h, l0 / P_, (l0 + m + P_ - 1) / P_, l0 + m, buf);
+    };
+    sparse_attn::detail::with_executor(exec, [&](Executor& ex) {
+      // Fewer rows than this copy faster on one thread than a team starts.
+      constexpr index_t kParallelRows = 256;
+      const bool parallel = m * H_ >= kParallelRows;
+      const std::size_t per_worker = scratch_floats();
+      // Every worker's buffer before anything changes (at least one: the rollback uses it).
+      std::vector<float> scratch(
+          per_worker * static_cast<std::size_t>(parallel ? std::max(ex.concurrency(), 1) : 1));
+      if constexpr (paged) reserve_pages(m);
+      if (!parallel) {
+        for (index_t h = 0; h < H_; ++h) copy_head(h, scratch.data());
+        return;
+      }
+      SPARSE_ATTN_TRY {
+        run_items(ex, H_, [&](index_t h, int worker) {
+          copy_head(h, scratch.data() + static_cast<std::size_t>(worker) * per_worker);
+        });
+      }
+      SPARSE_ATTN_CATCH_ALL {  // a failing executor: lengths are not counted yet
+        restore_tail(scratch.data());
+        SPARSE_ATTN_RETHROW;
+      }
+    });
     for (auto& l : len_) l += m;
     seq_ += m;
+  }
+
+  /// Drops the m tokens appended last, as if that append() had not happened: lengths, the
+  /// sequence length, pages and the key bounds of every head's pages are what they were before
+  /// it. They must still be the last m slots of every head (nothing evicted since; checked).
+  /// Used to roll back a decode step whose selection or eviction threw.
+  void undo_append(index_t m) {
+    constexpr const char* where = "kv::Cache::undo_append";
+    require(m >= 0 && m <= seq_, where, ": m must be in [0, sequence_length() = ", seq_,
+            "], got ", m);
+    if (m == 0) return;
+    // Positions of a head ascend and are < sequence_length(): its last m slots are exactly the
+    // last m tokens appended iff the first of them has position sequence_length() - m.
+    for (index_t h = 0; h < H_; ++h)
+      require(length(h) >= m && position(h, length(h) - m) == seq_ - m, where, ": head ", h,
+              " no longer ends with the last ", m,
+              " appended tokens (evicted since); only an append not followed by eviction can be "
+              "undone");
+    std::vector<float> scratch(scratch_floats());
+    for (auto& l : len_) l -= m;
+    seq_ -= m;
+    restore_tail(scratch.data());
   }
 
   /// Keeps slots[0..count) of head h (strictly increasing, within [0, length(h))) in that order
   /// and drops the rest, compacting in place. Key bounds of the rewritten pages are recomputed.
   void retain(index_t h, const index_t* slots, index_t count) {
     check_retain(h, slots, count);
+    std::vector<float> scratch(scratch_floats());  // before anything moves
+    retain_head(h, slots, count, scratch.data());
+  }
+  /// retain() for every head: keep[h] lists head h's kept slots.
+  void retain(const std::vector<std::vector<index_t>>& keep) {
+    require(static_cast<index_t>(keep.size()) == H_, "kv::Cache::retain", ": need ", H_,
+            " keep lists (one per KV head), got ", keep.size());
+    // Every list first: a bad list for a later head must not leave earlier heads compacted.
+    for (index_t h = 0; h < H_; ++h)
+      check_retain(h, keep[static_cast<std::size_t>(h)].data(),
+                   static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
+    std::vector<float> scratch(scratch_floats());
+    for (index_t h = 0; h < H_; ++h)
+      retain_head(h, keep[static_cast<std::size_t>(h)].data(),
+                  static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()), scratch.data());
+  }
+
+  /// Drops every token (capacity and pages stay reserved).
+  void clear() {
+    std::fill(len_.begin(), len_.end(), 0);
+    seq_ = 0;
+    if constexpr (paged) release_pages();
+  }
+
+  /// Physical pages not in use (paged layout).
+  index_t free_pages() const { return static_cast<index_t>(free_.size()); }
+  /// Bytes of K/V storage and key-bound metadata reserved.
+  std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
+
+ private:
+  // Floats of scratch a head's append, compaction or bounds update needs: one row of K or V, or
+  // the row, min and max of update_bounds().
+  std::size_t scratch_floats() const { return static_cast<std::size_t>(std::max(dv_, 3 * d_)); }
+
+  // retain(h, ...) after its check; scratch: scratch_floats().
+  void retain_head(index_t h, const index_t* slots, index_t count, float* scratch) {
     index_t first = count;  // first slot whose content changes
     for (index_t i = 0; i < count; ++i)
       if (slots[i] != i) {
@@ -200,37 +284,24 @@ class Cache {
     }
     len_[static_cast<std::size_t>(h)] = count;
     if (opt_.key_bounds && first < count)
-      update_bounds(h, first / P_, (count + P_ - 1) / P_, count, true);
+      update_bounds(h, first / P_, (count + P_ - 1) / P_, count, scratch, true);
     else if (opt_.key_bounds && count % P_ != 0)
-      update_bounds(h, count / P_, count / P_ + 1, count, true);
-    if constexpr (paged) release_pages();
-  }
-  /// retain() for every head: keep[h] lists head h's kept slots.
-  void retain(const std::vector<std::vector<index_t>>& keep) {
-    require(static_cast<index_t>(keep.size()) == H_, "kv::Cache::retain", ": need ", H_,
-            " keep lists (one per KV head), got ", keep.size());
-    // Every list first: a bad list for a later head must not leave earlier heads compacted.
-    for (index_t h = 0; h < H_; ++h)
-      check_retain(h, keep[static_cast<std::size_t>(h)].data(),
-                   static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
-    for (index_t h = 0; h < H_; ++h)
-      retain(h, keep[static_cast<std::size_t>(h)].data(),
-             static_cast<index_t>(keep[static_cast<std::size_t>(h)].size()));
-  }
-
-  /// Drops every token (capacity and pages stay reserved).
-  void clear() {
-    std::fill(len_.begin(), len_.end(), 0);
-    seq_ = 0;
+      update_bounds(h, count / P_, count / P_ + 1, count, scratch, true);
     if constexpr (paged) release_pages();
   }
 
-  /// Physical pages not in use (paged layout).
-  index_t free_pages() const { return static_cast<index_t>(free_.size()); }
-  /// Bytes of K/V storage and key-bound metadata reserved.
-  std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
+  // After rows past every head's length were written (an append that failed, or one undone):
+  // recomputes the key bounds of each head's last, partial page from its rows (min and max are
+  // exact and taken in slot order, so they equal the bounds before those rows came) and returns
+  // the pages no head needs. Rows and pages past the lengths are unreachable.
+  void restore_tail(float* scratch) {
+    if (opt_.key_bounds)
+      for (index_t h = 0; h < H_; ++h)
+        if (length(h) % P_ != 0)
+          update_bounds(h, length(h) / P_, length(h) / P_ + 1, length(h), scratch, true);
+    if constexpr (paged) release_pages();
+  }
 
- private:
   void check_retain(index_t h, const index_t* slots, index_t count) const {
     constexpr const char* where = "kv::Cache::retain";
     require(h >= 0 && h < H_, where, ": head ", h, " out of range [0, ", H_, ")");
@@ -286,31 +357,34 @@ class Cache {
 
   // Recomputes (or, for appends, extends) the key bounds of pages [p0, p1) of head h, whose
   // tokens are slots [p * P, min((p + 1) * P, len)). An append extends a partial first page from
-  // its stored bounds; a rewrite recomputes every page from its rows.
-  void update_bounds(index_t h, index_t p0, index_t p1, index_t len, bool rewrite = false) {
-    std::vector<float> row(static_cast<std::size_t>(d_)), mn(row.size()), mx(row.size());
+  // its stored bounds; a rewrite recomputes every page from its rows. scratch: 3d floats.
+  void update_bounds(index_t h, index_t p0, index_t p1, index_t len, float* scratch,
+                     bool rewrite = false) {
+    float* row = scratch;
+    float* mn = scratch + d_;
+    float* mx = scratch + 2 * d_;
     const index_t first_new = rewrite ? 0 : length(h);  // slots < first_new are already counted
     for (index_t p = p0; p < p1; ++p) {
       const index_t t0 = p * P_, t1 = std::min(len, t0 + P_);
       T* meta = meta_.data() + (h * max_pages_ + p) * 2 * d_;
       index_t t = std::max(t0, first_new);
       if (t > t0) {  // extend bounds of a partial page
-        load_row(meta, 1, mn.data(), d_);
-        load_row(meta + d_, 1, mx.data(), d_);
+        load_row(meta, 1, mn, d_);
+        load_row(meta + d_, 1, mx, d_);
       } else {
-        load_row(krow(h, t), 1, mn.data(), d_);
-        std::copy(mn.begin(), mn.end(), mx.begin());
+        load_row(krow(h, t), 1, mn, d_);
+        std::copy(mn, mn + d_, mx);
         ++t;
       }
       for (; t < t1; ++t) {
-        load_row(krow(h, t), 1, row.data(), d_);
-        for (std::size_t c = 0; c < row.size(); ++c) {
+        load_row(krow(h, t), 1, row, d_);
+        for (index_t c = 0; c < d_; ++c) {
           mn[c] = std::min(mn[c], row[c]);
           mx[c] = std::max(mx[c], row[c]);
         }
       }
-      store_row(mn.data(), meta, 1, d_);
-      store_row(mx.data(), meta + d_, 1, d_);
+      store_row(mn, meta, 1, d_);
+      store_row(mx, meta + d_, 1, d_);
     }
   }
 

@@ -6,8 +6,6 @@
 // apply() (or cache.retain(plan.keep)) compacts the cache in place.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <algorithm>
 #include <cmath>
@@ -20,6 +18,7 @@
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
 
 // Eigen's AVX-512 GEMM (the score pass) trips GCC PR 105593; see core/diagnostics.hpp.
@@ -168,11 +167,12 @@ void column_scores_direct(const QV& q, index_t row0, const KV& k, float scale, R
 /// Exact two-pass softmax in fp32 on the prefill micro-kernel with keys in the SIMD lanes (keys
 /// converted and transposed once per head, n x d floats): pass 1 gets each row's log-sum-exp,
 /// pass 2 accumulates the probabilities of each key tile over the rows, in row order, so results
-/// do not depend on the thread count. Efficient for one decode row as for a whole prompt.
-/// K may be any KV view type (TensorView, kv::PagedView).
+/// do not depend on the executor or its thread count. Efficient for one decode row as for a
+/// whole prompt (a few rows run on the calling thread). K may be any KV view type (TensorView,
+/// kv::PagedView).
 template <class QV, class KV>
 void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
-                             float mult, float* out, index_t stride, int threads) {
+                             float mult, float* out, index_t stride, Executor& executor) {
   namespace mk = kernel::mk;
   using namespace Eigen::internal;
   using mk::Packet;
@@ -194,6 +194,15 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
   std::vector<float> qf(static_cast<std::size_t>(rows * d));                  // [row][d], scaled
   kernel::aligned_vector<float> kt(static_cast<std::size_t>(tiles * d * T));  // [tile][d][T]
   std::vector<float> lse(static_cast<std::size_t>(rows));
+  // Per worker, allocated before any item runs: one key row, one tile of logits for a block of
+  // rows, and the running max and sum of that block's rows.
+  const int workers = std::max(executor.concurrency(), 0);
+  const auto slots = static_cast<std::size_t>(workers);
+  std::vector<float> key_rows(slots * static_cast<std::size_t>(d));
+  kernel::aligned_vector<float> tile_logits(slots * static_cast<std::size_t>(kRowBlock * T));
+  std::vector<float> row_max(slots * static_cast<std::size_t>(kRowBlock)), row_sum(row_max.size());
+  // Converting a tile is cheap: about 4 chunks of tiles per worker.
+  const index_t tile_grain = std::max<index_t>(1, tiles / (4 * std::max(workers, 1)));
   auto pos_of = [&](index_t r) { return off + row0 + r / G; };  // row r = i * G + g
   // s[r][j] = logits of rows [r0, r1) x keys of tile t, -inf where causality masks (or padding).
   auto logits = [&](index_t r0, index_t r1, index_t t, float* s) {
@@ -213,72 +222,78 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
       for (index_t c = 0; c < d; ++c) dst[c] *= scale;
     }
     float* o = out + hk * stride;
-    kernel::parallel_region(threads, [&] {
-      std::vector<float> row(static_cast<std::size_t>(d));
-      kernel::aligned_vector<float> s(static_cast<std::size_t>(kRowBlock * T));
-#pragma omp for schedule(static)
-      for (index_t t = 0; t < tiles; ++t) {  // keys, converted and transposed: kt[t][c][j]
+    // Keys, converted and transposed: kt[t][c][j].
+    run_chunks(executor, tiles, tile_grain, [&](index_t t0, index_t t1, int worker) {
+      float* row = key_rows.data() + worker * d;
+      for (index_t t = t0; t < t1; ++t) {
         float* dst = kt.data() + t * d * T;
         for (index_t j = 0; j < T; ++j) {
           if (t * T + j < n)
-            load_row(k.row(hk, t * T + j), k.stride_dim, row.data(), d);
+            load_row(k.row(hk, t * T + j), k.stride_dim, row, d);
           else
-            std::fill(row.begin(), row.end(), 0.0f);
-          for (index_t c = 0; c < d; ++c) dst[c * T + j] = row[static_cast<std::size_t>(c)];
+            std::fill(row, row + d, 0.0f);
+          for (index_t c = 0; c < d; ++c) dst[c * T + j] = row[c];
         }
-      }
-      // Pass 1: per-row log-sum-exp over the row's causal keys (online over key tiles).
-#pragma omp for schedule(dynamic, 1)
-      for (index_t b = 0; b < blocks; ++b) {
-        const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
-        std::vector<float> m(static_cast<std::size_t>(r1 - r0), kNegInf), l(m.size(), 0.0f);
-        for (index_t t = 0; t * T <= pos_of(r1 - 1); ++t) {
-          logits(r0, r1, t, s.data());
-          for (index_t r = 0; r < r1 - r0; ++r) {
-            const float* sr = s.data() + r * T;
-            Packet mx = pload<Packet>(sr);
-            for (index_t j = L; j < T; j += L) mx = pmax(mx, pload<Packet>(sr + j));
-            const float m_new = std::max(m[static_cast<std::size_t>(r)], predux_max(mx));
-            if (m_new == kNegInf) continue;
-            Packet sum = pset1<Packet>(0.0f);
-            for (index_t j = 0; j < T; j += L)
-              sum =
-                  padd(sum, kernel::masked_exp(psub(pload<Packet>(sr + j), pset1<Packet>(m_new))));
-            float& mr = m[static_cast<std::size_t>(r)];
-            float& lr = l[static_cast<std::size_t>(r)];
-            lr = (mr == kNegInf ? 0.0f : lr * std::exp(mr - m_new)) + predux(sum);
-            mr = m_new;
-          }
-        }
-        for (index_t r = r0; r < r1; ++r)
-          lse[static_cast<std::size_t>(r)] =
-              m[static_cast<std::size_t>(r - r0)] + std::log(l[static_cast<std::size_t>(r - r0)]);
-      }
-      // Pass 2: each key tile's probabilities exp(s - lse) (0 where masked), over rows in order.
-#pragma omp for schedule(dynamic, 1)
-      for (index_t t = 0; t < tiles; ++t) {
-        constexpr index_t V = T / L;
-        Packet acc[V];
-        for (auto& a : acc) a = pset1<Packet>(0.0f);
-        for (index_t b = 0; b < blocks; ++b) {
-          const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
-          if (pos_of(r1 - 1) < t * T) continue;  // no row of this block sees the tile
-          logits(r0, r1, t, s.data());
-          for (index_t r = 0; r < r1 - r0; ++r) {
-            const Packet ls = pset1<Packet>(lse[static_cast<std::size_t>(r0 + r)]);
-            for (index_t x = 0; x < V; ++x) {
-              const Packet p =
-                  kernel::masked_exp(psub(pload<Packet>(s.data() + r * T + x * L), ls));
-              acc[x] = red == Reduce::sum ? padd(acc[x], p) : pmax(acc[x], p);
-            }
-          }
-        }
-        alignas(64) float buf[T];
-        for (index_t x = 0; x < V; ++x) pstore(buf + x * L, acc[x]);
-        for (index_t j = t * T; j < std::min(n, (t + 1) * T); ++j) o[j] = mult * buf[j - t * T];
       }
     });
+    // Pass 1: per-row log-sum-exp over the row's causal keys (online over key tiles).
+    run_items(executor, blocks, [&](index_t b, int worker) {
+      float* s = tile_logits.data() + worker * kRowBlock * T;
+      float* m = row_max.data() + worker * kRowBlock;  // running max and sum of each row
+      float* l = row_sum.data() + worker * kRowBlock;
+      const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+      std::fill(m, m + (r1 - r0), kNegInf);
+      std::fill(l, l + (r1 - r0), 0.0f);
+      for (index_t t = 0; t * T <= pos_of(r1 - 1); ++t) {
+        logits(r0, r1, t, s);
+        for (index_t r = 0; r < r1 - r0; ++r) {
+          const float* sr = s + r * T;
+          Packet mx = pload<Packet>(sr);
+          for (index_t j = L; j < T; j += L) mx = pmax(mx, pload<Packet>(sr + j));
+          const float m_new = std::max(m[r], predux_max(mx));
+          if (m_new == kNegInf) continue;
+          Packet sum = pset1<Packet>(0.0f);
+          for (index_t j = 0; j < T; j += L)
+            sum = padd(sum, kernel::masked_exp(psub(pload<Packet>(sr + j), pset1<Packet>(m_new))));
+          l[r] = (m[r] == kNegInf ? 0.0f : l[r] * std::exp(m[r] - m_new)) + predux(sum);
+          m[r] = m_new;
+        }
+      }
+      for (index_t r = r0; r < r1; ++r)
+        lse[static_cast<std::size_t>(r)] = m[r - r0] + std::log(l[r - r0]);
+    });
+    // Pass 2: each key tile's probabilities exp(s - lse) (0 where masked), over rows in order.
+    run_items(executor, tiles, [&](index_t t, int worker) {
+      float* s = tile_logits.data() + worker * kRowBlock * T;
+      constexpr index_t V = T / L;
+      Packet acc[V];
+      for (auto& a : acc) a = pset1<Packet>(0.0f);
+      for (index_t b = 0; b < blocks; ++b) {
+        const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+        if (pos_of(r1 - 1) < t * T) continue;  // no row of this block sees the tile
+        logits(r0, r1, t, s);
+        for (index_t r = 0; r < r1 - r0; ++r) {
+          const Packet ls = pset1<Packet>(lse[static_cast<std::size_t>(r0 + r)]);
+          for (index_t x = 0; x < V; ++x) {
+            const Packet p = kernel::masked_exp(psub(pload<Packet>(s + r * T + x * L), ls));
+            acc[x] = red == Reduce::sum ? padd(acc[x], p) : pmax(acc[x], p);
+          }
+        }
+      }
+      alignas(64) float buf[T];
+      for (index_t x = 0; x < V; ++x) pstore(buf + x * L, acc[x]);
+      for (index_t j = t * T; j < std::min(n, (t + 1) * T); ++j) o[j] = mult * buf[j - t * T];
+    });
   }
+}
+
+/// attention_column_scores() on the caller's executor, or the default one for `exec.num_threads`.
+template <class QV, class KV>
+void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
+                             float mult, float* out, index_t stride, const ExecutorChoice& exec) {
+  sparse_attn::detail::with_executor(exec, [&](Executor& e) {
+    attention_column_scores(q, row0, k, scale, red, mult, out, stride, e);
+  });
 }
 
 }  // namespace detail

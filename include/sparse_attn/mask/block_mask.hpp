@@ -16,8 +16,6 @@
 // the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +25,7 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
@@ -73,35 +72,50 @@ inline double compression_ratio(index_t dense_pairs, index_t pairs) {
   return static_cast<double>(dense_pairs) / static_cast<double>(pairs);
 }
 
-/// Counts allowed pairs of any mask by walking its blocks (partial blocks element by element).
+/// Counts allowed pairs of any mask by walking its blocks (partial blocks element by element), on
+/// `executor`. An exception of the mask's predicate reaches the caller (after the loop).
 template <class Mask>
-index_t count_pairs(const Mask& m) {
+index_t count_pairs(const Mask& m, Executor& executor) {
   const MaskShape& s = m.shape();
   const index_t nh = m.head_shared() ? 1 : s.heads;
-  const index_t nqb = s.num_q_blocks();
+  const index_t nqb = s.num_q_blocks(), rows = nh * nqb;
+  // 4 rows (head, query block) per item: a row may be one cheap full block or many partial ones.
+  constexpr index_t kRowsPerItem = 4;
+  const index_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
+  std::vector<index_t> partial(static_cast<std::size_t>(items), 0);  // pairs of each item
+  run_chunks(executor, rows, kRowsPerItem, [&](index_t r0, index_t r1, int) {
+    index_t total = 0;
+    for (index_t row = r0; row < r1; ++row) {
+      const index_t h = row / nqb, qb = row % nqb;
+      const index_t q0 = s.q_begin(qb), q1 = s.q_end(qb);
+      m.for_each_block(h, qb, [&](index_t kb, bool full) {
+        const index_t k0 = s.k_begin(kb), k1 = s.k_end(kb);
+        if (full) {
+          total += (q1 - q0) * (k1 - k0);
+          return;
+        }
+        for (index_t i = q0; i < q1; ++i)
+          for (index_t j = k0; j < k1; ++j) total += m.allowed(h, i, j) ? 1 : 0;
+      });
+    }
+    partial[static_cast<std::size_t>(r0 / kRowsPerItem)] = total;
+  });
   index_t total = 0;
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : total)
-  for (index_t item = 0; item < nh * nqb; ++item) {
-    const index_t h = item / nqb, qb = item % nqb;
-    const index_t q0 = s.q_begin(qb), q1 = s.q_end(qb);
-    m.for_each_block(h, qb, [&](index_t kb, bool full) {
-      const index_t k0 = s.k_begin(kb), k1 = s.k_end(kb);
-      if (full) {
-        total += (q1 - q0) * (k1 - k0);
-        return;
-      }
-      for (index_t i = q0; i < q1; ++i)
-        for (index_t j = k0; j < k1; ++j) total += m.allowed(h, i, j) ? 1 : 0;
-    });
-  }
+  for (index_t p : partial) total += p;
   return m.head_shared() ? total * s.heads : total;
+}
+
+/// count_pairs() on the caller's executor, or the default one for `exec.num_threads`.
+template <class Mask>
+index_t count_pairs(const Mask& m, const ExecutorChoice& exec = {}) {
+  return sparse_attn::detail::with_executor(exec, [&](Executor& e) { return count_pairs(m, e); });
 }
 
 /// Element predicate that allows everything (block lists whose partial blocks differ from full
 /// ones only by causality).
 struct AllowAll {
   static constexpr bool trivial = true;
-  bool operator()(index_t, index_t, index_t) const { return true; }
+  bool operator()(index_t, index_t, index_t) const noexcept { return true; }
 };
 
 /// Index-list mask in block-CSR form: for each (head, query block) a sorted list of key blocks,
@@ -111,20 +125,21 @@ class BlockListMask {
  public:
   BlockListMask() = default;
   /// known_pairs >= 0: the caller's exact pair count (skips the O(listed blocks x b^2) count;
-  /// checked against count_pairs in debug builds); < 0: counted here.
+  /// checked against count_pairs in debug builds); < 0: counted here, on `exec`.
   BlockListMask(MaskShape shape, bool head_shared, std::vector<index_t> row_offsets,
                 std::vector<std::int32_t> blocks, std::vector<std::uint8_t> full, Pred pred = {},
-                index_t known_pairs = -1)
+                index_t known_pairs = -1, const ExecutorChoice& exec = {})
       : shape_(shape), shared_(head_shared), offsets_(std::move(row_offsets)),
         blocks_(std::move(blocks)), full_(std::move(full)), pred_(std::move(pred)) {
     if (known_pairs >= 0) {
       pairs_ = known_pairs;
 #ifndef NDEBUG
-      require(pairs_ == count_pairs(*this), "BlockListMask", "known_pairs ", known_pairs,
-              " differs from the mask's own count ", count_pairs(*this));
+      const index_t counted = count_pairs(*this, exec);
+      require(pairs_ == counted, "BlockListMask", "known_pairs ", known_pairs,
+              " differs from the mask's own count ", counted);
 #endif
     } else {
-      pairs_ = count_pairs(*this);
+      pairs_ = count_pairs(*this, exec);
     }
   }
 
@@ -141,7 +156,10 @@ class BlockListMask {
     const index_t row = (shared_ ? 0 : h) * shape_.num_q_blocks() + qb;
     return offsets_[row + 1] - offsets_[row];
   }
-  bool allowed(index_t h, index_t qi, index_t kj) const {
+  /// noexcept when the predicate is: the prefill kernel then calls it inline, else it evaluates
+  /// the partial blocks first so a throw leaves the outputs untouched.
+  bool allowed(index_t h, index_t qi, index_t kj) const
+      noexcept(noexcept(std::declval<const Pred&>()(index_t{}, index_t{}, index_t{}))) {
     if (shape_.causal && kj > qi + shape_.q_offset()) return false;
     return pred_(h, qi, kj);
   }
@@ -183,9 +201,10 @@ class BlockListBuilder {
     for (index_t kb : kbs) r.push_back({kb, full});
   }
 
-  /// known_pairs: see BlockListMask's constructor (< 0: count the pairs).
+  /// known_pairs: see BlockListMask's constructor (< 0: count the pairs, on `exec`).
   template <class Pred = AllowAll>
-  BlockListMask<Pred> build(Pred pred = {}, index_t known_pairs = -1) {
+  BlockListMask<Pred> build(Pred pred = {}, index_t known_pairs = -1,
+                            const ExecutorChoice& exec = {}) {
     const index_t nkb = shape_.num_k_blocks(), nqb = shape_.num_q_blocks();
     std::vector<index_t> offsets(rows_.size() + 1, 0);
     for (std::size_t r = 0; r < rows_.size(); ++r) {
@@ -221,7 +240,7 @@ class BlockListBuilder {
             (rows_[r][e].full && Pred::trivial) ? 1 : 0;
       }
     return BlockListMask<Pred>(shape_, shared_, std::move(offsets), std::move(idx), std::move(full),
-                               std::move(pred), known_pairs);
+                               std::move(pred), known_pairs, exec);
   }
 
  private:

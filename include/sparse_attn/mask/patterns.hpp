@@ -53,7 +53,7 @@ class IntervalMask {
     const index_t overlap = std::max<index_t>(0, std::min(r.a_end, r.b_end) - r.b_begin);
     return r.a_end + band - overlap;
   }
-  bool allowed(index_t, index_t qi, index_t kj) const {
+  bool allowed(index_t, index_t qi, index_t kj) const noexcept {
     const Row r = row(qi);
     return kj < r.a_end || (kj >= r.b_begin && kj < r.b_end);
   }

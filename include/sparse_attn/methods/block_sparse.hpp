@@ -15,7 +15,7 @@
 // A target above what the forced blocks allow clamps to the sparsest k and sets reachable = false.
 //
 // Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
-// selecting thread the pooled queries (ceil(n_q / b) x d) and one tile of block scores
+// selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
 // (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
 // block indices per (head, query block).
 #pragma once
@@ -35,7 +35,9 @@ struct BlockSparseOptions {
   double compression = 10.0;  // target CR (finite, >= 1); ignored when top_k > 0
   index_t top_k = 0;          // > 0: key blocks per query block (forced included), no CR search
   index_t block = 64;         // b: estimation unit = kernel tile (block_q = block_k = b)
-  int num_threads = 0;        // selection threads (0: OpenMP default)
+  int num_threads = 0;        // selection threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 /// The selected mask (pass it to prefill as is) and what was asked and reached.
@@ -50,6 +52,15 @@ struct BlockSparseMask : BlockListMask<AllowAll> {
 namespace block_sparse {
 
 namespace detail_bs {
+// One selecting worker's buffers: pooled queries of a head, a row buffer, the candidates and kept
+// blocks of one query block, and one tile of block scores.
+struct Scratch {
+  std::vector<float> pooled_q, row;
+  std::vector<std::int32_t> cand;
+  std::vector<index_t> keep;
+  methods::detail::PooledScratch scores;
+};
+
 // Geometry of query block qb: its diagonal key blocks [d0, d1] (one block unless the query suffix
 // is not block-aligned) and the number of forced blocks {0, d0 - 1, d0..d1}.
 struct RowGeometry {
@@ -116,56 +127,56 @@ BlockSparseMask select(const TensorView<QT>& q, const TensorView<KT>& k,
   bool any_scores = false;
   for (index_t qb = 0; qb < nqb && !any_scores; ++qb) any_scores = needs_scores(qb);
 
-  // Pooled keys, once per KV head.
   const index_t d = q.dim, Hkv = k.heads;
-  std::vector<float> pooled_k;
-  if (any_scores) {
-    pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
-    kernel::parallel_region(opt.num_threads, [&] {
-      std::vector<float> row;
-#pragma omp for schedule(dynamic, 1)
-      for (index_t hk = 0; hk < Hkv; ++hk)
-        methods::detail::mean_pool(k, hk, opt.block, pooled_k.data() + hk * nkb * d, row);
-    });
-  }
-
-  kernel::parallel_region(opt.num_threads, [&] {
-    std::vector<float> pooled_q, row;
-    std::vector<std::int32_t> cand;
-    std::vector<index_t> keep;
-    methods::detail::PooledScratch ws;
+  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
+    // One set of buffers per worker, sized before any item runs.
+    std::vector<detail_bs::Scratch> ws(static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+    for (detail_bs::Scratch& w : ws) {
+      w.row.resize(static_cast<std::size_t>(d));
+      if (any_scores) w.pooled_q.resize(static_cast<std::size_t>(nqb * d));
+      w.cand.reserve(static_cast<std::size_t>(nkb));
+      w.keep.reserve(static_cast<std::size_t>(nkb));
+    }
+    // Pooled keys, once per KV head.
+    std::vector<float> pooled_k;
+    if (any_scores) {
+      pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
+      run_items(ex, Hkv, [&](index_t hk, int worker) {
+        methods::detail::mean_pool(k, hk, opt.block, pooled_k.data() + hk * nkb * d,
+                                   ws[static_cast<std::size_t>(worker)].row);
+      });
+    }
     // scores[kb] for kb < d0 - 1 whenever the row needs_scores (else unused).
-    auto emit = [&](index_t h, index_t qb, const float* scores) {
+    auto emit = [&](detail_bs::Scratch& w, index_t h, index_t qb, const float* scores) {
       const auto g = detail_bs::row_geometry(shape, qb);
-      cand.clear();
-      for (index_t kb = 1; kb <= g.d0 - 2; ++kb) cand.push_back(static_cast<std::int32_t>(kb));
+      w.cand.clear();
+      for (index_t kb = 1; kb <= g.d0 - 2; ++kb) w.cand.push_back(static_cast<std::int32_t>(kb));
       if (needs_scores(qb))
-        methods::detail::keep_top_k(scores, cand, kk - g.forced);
+        methods::detail::keep_top_k(scores, w.cand, kk - g.forced);
       else if (kk <= g.forced)
-        cand.clear();
-      keep.clear();
-      keep.push_back(0);
-      for (std::int32_t kb : cand) keep.push_back(kb);
-      for (index_t kb = std::max<index_t>(1, g.d0 - 1); kb <= g.d1; ++kb) keep.push_back(kb);
-      builder.set_row(h, qb, keep, true);
+        w.cand.clear();
+      w.keep.clear();
+      w.keep.push_back(0);
+      for (std::int32_t kb : w.cand) w.keep.push_back(kb);
+      for (index_t kb = std::max<index_t>(1, g.d0 - 1); kb <= g.d1; ++kb) w.keep.push_back(kb);
+      builder.set_row(h, qb, w.keep, true);
     };
-#pragma omp for schedule(dynamic, 1)
-    for (index_t h = 0; h < q.heads; ++h) {
+    run_items(ex, q.heads, [&](index_t h, int worker) {
+      detail_bs::Scratch& w = ws[static_cast<std::size_t>(worker)];
       if (!any_scores) {
-        for (index_t qb = 0; qb < nqb; ++qb) emit(h, qb, nullptr);
-        continue;
+        for (index_t qb = 0; qb < nqb; ++qb) emit(w, h, qb, nullptr);
+        return;
       }
-      pooled_q.resize(static_cast<std::size_t>(nqb * d));
-      methods::detail::mean_pool(q, h, opt.block, pooled_q.data(), row);
+      methods::detail::mean_pool(q, h, opt.block, w.pooled_q.data(), w.row);
       methods::detail::pooled_scores(
-          pooled_q.data(), nqb, pooled_k.data() + (h / G) * nkb * d, nkb, d, 1.0f,
+          w.pooled_q.data(), nqb, pooled_k.data() + (h / G) * nkb * d, nkb, d, 1.0f,
           [&](index_t qb) {
             return needs_scores(qb) ? detail_bs::row_geometry(shape, qb).d0 - 1 : 0;
           },
-          ws, [&](index_t qb, const float* scores, index_t) { emit(h, qb, scores); });
-    }
+          w.scores, [&](index_t qb, const float* scores, index_t) { emit(w, h, qb, scores); });
+    });
+    static_cast<BlockListMask<AllowAll>&>(result) = builder.build(AllowAll{}, -1, {&ex});
   });
-  static_cast<BlockListMask<AllowAll>&>(result) = builder.build();
   return result;
 }
 

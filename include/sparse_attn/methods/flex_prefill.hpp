@@ -23,7 +23,7 @@
 // (target_compression is NaN, reachable is always true).
 //
 // Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
-// selecting thread, 512 bytes per key at w = 128), vertical and slash masses and their orders
+// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
 // (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
 // scores: O(n) per head, never O(n^2).
 #pragma once
@@ -49,7 +49,9 @@ struct FlexPrefillOptions {
   index_t block = 128;         // B: estimation unit and kernel tile (block_q = block_k)
   index_t last_queries = 128;  // w: estimate from the last min(w, n_q) queries
   float scale = std::numeric_limits<float>::quiet_NaN();  // softmax scale; NaN: 1/sqrt(d)
-  int num_threads = 0;                                    // selection threads (0: OpenMP default)
+  int num_threads = 0;           // selection threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 /// The selected mask (pass it to prefill as is) and the per-head decisions behind it.
@@ -65,6 +67,21 @@ struct FlexPrefillMask : BlockListMask<AllowAll> {
 };
 
 namespace flex_prefill {
+namespace detail_fp {
+// One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
+struct Scratch {
+  methods::detail::EstimateScratch estimate;
+  methods::detail::PooledScratch pooled;
+  std::vector<float> vertical, slash;  // [n_k]
+  std::vector<float> vb, sb, a;        // [nkb]
+  std::vector<float> qmean, row;       // [d]
+  std::vector<float> pooled_q;         // [nqb * d]
+  std::vector<std::int32_t> order;     // [n_k]
+  std::vector<std::int32_t> vsel, ssel;  // [nkb]
+  std::vector<std::uint8_t> mark;        // [nkb]
+  std::vector<index_t> keep;             // [nkb]
+};
+}  // namespace detail_fp
 
 /// Selects the FlexPrefill mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
 /// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes or options.
@@ -102,76 +119,89 @@ FlexPrefillMask select(const TensorView<QT>& q, const TensorView<KT>& k,
     d1 = (shape.q_end(qb) - 1 + shape.q_offset()) / B;
   };
 
-  std::vector<float> pooled_k;
-  if (!dense) {
-    pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
-    kernel::parallel_region(opt.num_threads, [&] {
-      std::vector<float> row;
-#pragma omp for schedule(dynamic, 1)
-      for (index_t hk = 0; hk < Hkv; ++hk)
-        sd::mean_pool(k, hk, B, pooled_k.data() + hk * nkb * d, row);
-    });
-  }
-
-  kernel::parallel_region(opt.num_threads, [&] {
-    sd::EstimateScratch est;
-    sd::PooledScratch ps;
-    std::vector<float> vertical, slash, vb, sb, a, qmean, row, pooled_q;
-    std::vector<std::int32_t> order, vsel, ssel;
-    std::vector<std::uint8_t> mark;
-    std::vector<index_t> keep;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t h = 0; h < Hq; ++h) {
+  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
+    // One set of buffers per worker, sized before any item runs.
+    std::vector<detail_fp::Scratch> buffers(
+        static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+    const auto keys = static_cast<std::size_t>(n_k), blocks = static_cast<std::size_t>(nkb);
+    for (detail_fp::Scratch& buf : buffers) {
+      buf.keep.reserve(blocks);
+      if (dense) continue;
+      buf.vertical.resize(keys);
+      buf.slash.resize(keys);
+      buf.order.reserve(keys);
+      buf.vb.reserve(blocks);
+      buf.sb.reserve(blocks);
+      buf.a.reserve(blocks);
+      buf.vsel.reserve(blocks);
+      buf.ssel.reserve(blocks);
+      buf.mark.reserve(blocks);
+      buf.qmean.reserve(static_cast<std::size_t>(d));
+      buf.row.reserve(static_cast<std::size_t>(d));
+      buf.pooled_q.reserve(static_cast<std::size_t>(nqb * d));
+    }
+    std::vector<float> pooled_k;
+    if (!dense) {
+      pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
+      run_items(ex, Hkv, [&](index_t hk, int worker) {
+        sd::mean_pool(k, hk, B, pooled_k.data() + hk * nkb * d,
+                      buffers[static_cast<std::size_t>(worker)].row);
+      });
+    }
+    run_items(ex, Hq, [&](index_t h, int worker) {
+      detail_fp::Scratch& buf = buffers[static_cast<std::size_t>(worker)];
       if (dense) {
         for (index_t qb = 0; qb < nqb; ++qb) {
           index_t d0, d1;
           diag(qb, d0, d1);
-          keep.clear();
-          for (index_t kb = 0; kb <= d1; ++kb) keep.push_back(kb);
-          builder.set_row(h, qb, keep, true);
+          buf.keep.clear();
+          for (index_t kb = 0; kb <= d1; ++kb) buf.keep.push_back(kb);
+          builder.set_row(h, qb, buf.keep, true);
         }
-        continue;
+        return;
       }
       const index_t hk = h / G;
       const float* pk = pooled_k.data() + hk * nkb * d;
       // 1. Estimate.
-      vertical.resize(static_cast<std::size_t>(n_k));
-      slash.resize(static_cast<std::size_t>(n_k));
-      sd::last_queries_mass(q, k, h, hk, w, scale, est, vertical.data(), slash.data());
+      buf.vertical.resize(static_cast<std::size_t>(n_k));
+      buf.slash.resize(static_cast<std::size_t>(n_k));
+      sd::last_queries_mass(q, k, h, hk, w, scale, buf.estimate, buf.vertical.data(),
+                            buf.slash.data());
       const float inv_w = 1.0f / static_cast<float>(w);
       for (index_t j = 0; j < n_k; ++j) {
-        vertical[static_cast<std::size_t>(j)] *= inv_w;
-        slash[static_cast<std::size_t>(j)] *= inv_w;
+        buf.vertical[static_cast<std::size_t>(j)] *= inv_w;
+        buf.slash[static_cast<std::size_t>(j)] *= inv_w;
       }
       // 2. Budgets by cumulative mass, in blocks.
-      sd::order_by_score(vertical.data(), n_k, order);
-      index_t nv = sd::cover_count(vertical.data(), order, opt.gamma) / B + 1;
-      sd::order_by_score(slash.data(), n_k, order);
-      index_t ns = sd::cover_count(slash.data(), order, opt.gamma) / B + 1;
+      sd::order_by_score(buf.vertical.data(), n_k, buf.order);
+      index_t nv = sd::cover_count(buf.vertical.data(), buf.order, opt.gamma) / B + 1;
+      sd::order_by_score(buf.slash.data(), n_k, buf.order);
+      index_t ns = sd::cover_count(buf.slash.data(), buf.order, opt.gamma) / B + 1;
       nv = std::clamp(nv, min_blocks, nkb);
       ns = std::clamp(ns, min_blocks, nkb);
-      vb.assign(static_cast<std::size_t>(nkb), 0.0f);
-      sb.assign(static_cast<std::size_t>(nkb), 0.0f);
+      buf.vb.assign(static_cast<std::size_t>(nkb), 0.0f);
+      buf.sb.assign(static_cast<std::size_t>(nkb), 0.0f);
       for (index_t j = 0; j < n_k; ++j) {
-        vb[static_cast<std::size_t>(j / B)] += vertical[static_cast<std::size_t>(j)];
-        sb[static_cast<std::size_t>(j / B)] += slash[static_cast<std::size_t>(j)];
+        buf.vb[static_cast<std::size_t>(j / B)] += buf.vertical[static_cast<std::size_t>(j)];
+        buf.sb[static_cast<std::size_t>(j / B)] += buf.slash[static_cast<std::size_t>(j)];
       }
       // 3. Query-aware test.
-      qmean.assign(static_cast<std::size_t>(d), 0.0f);
-      row.resize(static_cast<std::size_t>(d));
+      buf.qmean.assign(static_cast<std::size_t>(d), 0.0f);
+      buf.row.resize(static_cast<std::size_t>(d));
       for (index_t i = q.tokens - w; i < q.tokens; ++i) {
-        load_row(q.row(h, i), q.stride_dim, row.data(), d);
+        load_row(q.row(h, i), q.stride_dim, buf.row.data(), d);
         for (index_t c = 0; c < d; ++c)
-          qmean[static_cast<std::size_t>(c)] += row[static_cast<std::size_t>(c)];
+          buf.qmean[static_cast<std::size_t>(c)] += buf.row[static_cast<std::size_t>(c)];
       }
-      a.assign(static_cast<std::size_t>(nkb), 0.0f);
+      buf.a.assign(static_cast<std::size_t>(nkb), 0.0f);
       for (index_t kb = 0; kb < nkb; ++kb) {
         float dot = 0.0f;
-        for (index_t c = 0; c < d; ++c) dot += qmean[static_cast<std::size_t>(c)] * pk[kb * d + c];
-        a[static_cast<std::size_t>(kb)] = dot * inv_w * scale;
+        for (index_t c = 0; c < d; ++c)
+          dot += buf.qmean[static_cast<std::size_t>(c)] * pk[kb * d + c];
+        buf.a[static_cast<std::size_t>(kb)] = dot * inv_w * scale;
       }
-      sd::softmax(a.data(), nkb);
-      const double js = sd::sqrt_js_divergence(a.data(), vb.data(), nkb);
+      sd::softmax(buf.a.data(), nkb);
+      const double js = sd::sqrt_js_divergence(buf.a.data(), buf.vb.data(), nkb);
       const bool query_aware = js < opt.tau;
       if (query_aware) nv = ns = min_blocks;
       result.query_aware[static_cast<std::size_t>(h)] = query_aware ? 1 : 0;
@@ -179,56 +209,56 @@ FlexPrefillMask select(const TensorView<QT>& q, const TensorView<KT>& k,
       result.vertical_blocks[static_cast<std::size_t>(h)] = nv;
       result.slash_blocks[static_cast<std::size_t>(h)] = ns;
       // 4. Top vertical blocks and slash blocks (block 0 of each forced).
-      vb[0] = sb[0] = sd::kInf;
-      vsel.resize(static_cast<std::size_t>(nkb));
-      std::iota(vsel.begin(), vsel.end(), 0);
-      sd::keep_top_k(vb.data(), vsel, nv);
-      ssel.resize(static_cast<std::size_t>(nkb));
-      std::iota(ssel.begin(), ssel.end(), 0);
-      sd::keep_top_k(sb.data(), ssel, ns);
+      buf.vb[0] = buf.sb[0] = sd::kInf;
+      buf.vsel.resize(static_cast<std::size_t>(nkb));
+      std::iota(buf.vsel.begin(), buf.vsel.end(), 0);
+      sd::keep_top_k(buf.vb.data(), buf.vsel, nv);
+      buf.ssel.resize(static_cast<std::size_t>(nkb));
+      std::iota(buf.ssel.begin(), buf.ssel.end(), 0);
+      sd::keep_top_k(buf.sb.data(), buf.ssel, ns);
 
-      mark.assign(static_cast<std::size_t>(nkb), 0);
+      buf.mark.assign(static_cast<std::size_t>(nkb), 0);
       auto emit = [&](index_t qb, const float* scores, index_t n_scores) {
         index_t d0, d1;
         diag(qb, d0, d1);
-        for (std::int32_t v : vsel)
-          if (v <= d1) mark[static_cast<std::size_t>(v)] = 1;
-        for (std::int32_t s : ssel)
+        for (std::int32_t v : buf.vsel)
+          if (v <= d1) buf.mark[static_cast<std::size_t>(v)] = 1;
+        for (std::int32_t s : buf.ssel)
           for (index_t kb = std::max<index_t>(0, d0 - s); kb <= d1 - s; ++kb)
-            mark[static_cast<std::size_t>(kb)] = 1;
+            buf.mark[static_cast<std::size_t>(kb)] = 1;
         if (scores != nullptr) {  // query-aware: blocks covering gamma of the row's estimate
-          a.assign(scores, scores + n_scores);
-          sd::softmax(a.data(), n_scores);
-          sd::order_by_score(a.data(), n_scores, order);
-          const index_t c = sd::cover_count(a.data(), order, opt.gamma);
+          buf.a.assign(scores, scores + n_scores);
+          sd::softmax(buf.a.data(), n_scores);
+          sd::order_by_score(buf.a.data(), n_scores, buf.order);
+          const index_t c = sd::cover_count(buf.a.data(), buf.order, opt.gamma);
           for (index_t t = 0; t < c; ++t)
-            mark[static_cast<std::size_t>(order[static_cast<std::size_t>(t)])] = 1;
+            buf.mark[static_cast<std::size_t>(buf.order[static_cast<std::size_t>(t)])] = 1;
         }
-        keep.clear();
+        buf.keep.clear();
         for (index_t kb = 0; kb <= d1; ++kb)
-          if (mark[static_cast<std::size_t>(kb)]) {
-            keep.push_back(kb);
-            mark[static_cast<std::size_t>(kb)] = 0;
+          if (buf.mark[static_cast<std::size_t>(kb)]) {
+            buf.keep.push_back(kb);
+            buf.mark[static_cast<std::size_t>(kb)] = 0;
           }
-        builder.set_row(h, qb, keep, true);
+        builder.set_row(h, qb, buf.keep, true);
       };
       if (!query_aware) {
         for (index_t qb = 0; qb < nqb; ++qb) emit(qb, nullptr, 0);
-        continue;
+        return;
       }
-      pooled_q.resize(static_cast<std::size_t>(nqb * d));
-      sd::mean_pool(q, h, B, pooled_q.data(), row);
+      buf.pooled_q.resize(static_cast<std::size_t>(nqb * d));
+      sd::mean_pool(q, h, B, buf.pooled_q.data(), buf.row);
       sd::pooled_scores(
-          pooled_q.data(), nqb, pk, nkb, d, scale,
+          buf.pooled_q.data(), nqb, pk, nkb, d, scale,
           [&](index_t qb) {
             index_t d0, d1;
             diag(qb, d0, d1);
             return d1 + 1;
           },
-          ps, emit);
-    }
+          buf.pooled, emit);
+    });
+    static_cast<BlockListMask<AllowAll>&>(result) = builder.build(AllowAll{}, -1, {&ex});
   });
-  static_cast<BlockListMask<AllowAll>&>(result) = builder.build();
   return result;
 }
 

@@ -32,7 +32,9 @@ struct H2OOptions {
   index_t budget = 0;           // > 0 (and heavy + recent == 0): fixed H + R = budget
   index_t prefill_queries = 0;  // prompt queries that seed the scores (0: every query given)
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d)
-  int num_threads = 0;                                    // 0: OpenMP default
+  int num_threads = 0;           // threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 namespace h2o {
@@ -51,6 +53,8 @@ class State {
     require(opt.budget >= 0, where, ": budget must be >= 0 tokens, got ", opt.budget);
     require(opt.prefill_queries >= 0, where, ": prefill_queries must be >= 0, got ",
             opt.prefill_queries);
+    require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
+            opt.num_threads);
     opt_ = opt;
     cr_ = 0.0;
     if (opt.heavy + opt.recent > 0) {
@@ -91,17 +95,18 @@ class State {
     const index_t n = cache.max_length();
     require(q.tokens <= n, where, ": q has ", q.tokens, " queries but the cache ", n, " tokens");
     require(known_ <= n, where, ": the cache shrank behind the State's back; evict through it");
+    const index_t row0 = prompt && opt_.prefill_queries > 0
+                             ? std::max<index_t>(0, q.tokens - opt_.prefill_queries)
+                             : 0;
+    // The step's probabilities first: if that pass throws, the State is as it was.
+    tmp_.resize(static_cast<std::size_t>(cache.kv_heads() * n));
+    kv::detail::attention_column_scores(
+        q, row0, cache.keys(), kernel::resolve_scale(opt_.scale, q.dim, where),
+        kv::detail::Reduce::sum, 1.0f, tmp_.data(), n, {opt_.executor, opt_.num_threads});
     for (index_t h = 0; h < cache.kv_heads(); ++h)
       std::fill(scores_.begin() + h * stride_ + known_, scores_.begin() + h * stride_ + n, 0.0f);
     known_ = n;
     follow(cache);
-    const index_t row0 = prompt && opt_.prefill_queries > 0
-                             ? std::max<index_t>(0, q.tokens - opt_.prefill_queries)
-                             : 0;
-    tmp_.resize(static_cast<std::size_t>(cache.kv_heads() * n));
-    kv::detail::attention_column_scores(
-        q, row0, cache.keys(), kernel::resolve_scale(opt_.scale, q.dim, where),
-        kv::detail::Reduce::sum, 1.0f, tmp_.data(), n, opt_.num_threads);
     for (index_t h = 0; h < cache.kv_heads(); ++h)
       for (index_t j = 0; j < n; ++j)
         scores_[static_cast<std::size_t>(h * stride_ + j)] +=

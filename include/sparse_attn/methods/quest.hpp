@@ -18,13 +18,12 @@
 // been built with key_bounds = true.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/kernel/microkernels/convert.hpp"
 #include "sparse_attn/kv/cache.hpp"
@@ -40,7 +39,9 @@ struct QuestOptions {
   index_t budget = 0;           // > 0: tokens, B = budget / P pages besides the current page
   bool per_query_head = false;  // rank pages per query head instead of per KV head (group sum)
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d)
-  int num_threads = 0;                                    // 0: OpenMP default
+  int num_threads = 0;           // threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 /// A decode step's selection (the plan): run it with decode(q, cache.keys(), cache.values(),
@@ -109,6 +110,8 @@ void select(const TensorView<TQ>& q, const Cache& cache, const QuestOptions& opt
   if (opt.budget == 0)
     require(std::isfinite(opt.compression) && opt.compression >= 1.0, where,
             ": compression must be finite and >= 1, got ", opt.compression);
+  require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
+          opt.num_threads);
   const float scale = kernel::resolve_scale(opt.scale, d, where);
   const index_t G = q.heads / Hkv, n_q = q.tokens;
   for (index_t h = 0; h < Hkv; ++h)
@@ -153,10 +156,12 @@ void select(const TensorView<TQ>& q, const Cache& cache, const QuestOptions& opt
     std::vector<float> scratch(static_cast<std::size_t>(2 * d));
     for (index_t it = 0; it < units * chunks; ++it) bounds_of(it, scratch.data());
   } else {
-    kernel::parallel_region(opt.num_threads, [&] {
-      std::vector<float> scratch(static_cast<std::size_t>(2 * d));
-#pragma omp for schedule(dynamic, 1)
-      for (index_t it = 0; it < units * chunks; ++it) bounds_of(it, scratch.data());
+    sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
+      // 2d floats per worker (bounds of a page converted to fp32), allocated before any item.
+      const auto slots = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
+      std::vector<float> scratch(slots * static_cast<std::size_t>(2 * d));
+      run_items(ex, units * chunks,
+                [&](index_t it, int worker) { bounds_of(it, scratch.data() + worker * 2 * d); });
     });
   }
 

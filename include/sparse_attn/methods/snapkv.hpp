@@ -32,7 +32,9 @@ struct SnapKVOptions {
   index_t sinks = 4;          // first tokens always kept
   index_t pool_kernel = 7;    // average-pool kernel (odd, >= 1; 1 = no pooling)
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d)
-  int num_threads = 0;                                    // 0: OpenMP default
+  int num_threads = 0;           // threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 namespace snapkv {
@@ -64,6 +66,8 @@ Geometry geometry(const TensorView<TQ>& q, const Cache& cache, const SnapKVOptio
   if (opt.budget == 0)
     require(std::isfinite(opt.compression) && opt.compression >= 1.0, where,
             ": compression must be finite and >= 1, got ", opt.compression);
+  require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
+          opt.num_threads);
   Geometry g;
   g.n = cache.max_length();
   require(q.tokens <= g.n, where, ": q has ", q.tokens, " queries but the cache only ", g.n,
@@ -100,7 +104,7 @@ std::vector<float> scores(const TensorView<TQ>& q, const Cache& cache, const Geo
   // Queries: the last w of q; they sit at positions n - w .. n - 1.
   const TensorView<TQ> qw = q.slice_tokens(q.tokens - g.w, g.w);
   kv::detail::attention_column_scores(qw, 0, cache.keys(), scale, red, mult, raw.data(), n,
-                                      opt.num_threads);
+                                      {opt.executor, opt.num_threads});
   for (index_t h = 0; h < Hkv; ++h) {
     const float* r = raw.data() + h * n;
     float* o = out.data() + h * n;

@@ -24,6 +24,7 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
@@ -59,10 +60,12 @@ struct is_trivial_pred<P, std::void_t<decltype(P::trivial)>> : std::bool_constan
 }  // namespace detail_um
 
 /// Validates `csr` against `shape` and returns it as a BlockListMask<Pred> (the predicate decides
-/// elements of partial blocks). Throws sparse_attn::invalid_argument on any inconsistency.
+/// elements of partial blocks). Throws sparse_attn::invalid_argument on any inconsistency. The
+/// pairs are counted on `exec` (the predicate is called there; an exception of it reaches the
+/// caller).
 template <class Pred = AllowAll, class Offset, class Index>
 BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Index>& csr,
-                             Pred pred = {}) {
+                             Pred pred = {}, const ExecutorChoice& exec = {}) {
   static_assert(std::is_integral_v<Offset> && std::is_integral_v<Index>,
                 "row_offsets and col_indices must hold integers");
   constexpr const char* where = "methods::user_mask::from_bsr";
@@ -133,7 +136,7 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
     }
   }
   return BlockListMask<Pred>(shape, csr.head_shared, std::move(offsets), std::move(blocks),
-                             std::move(full), std::move(pred));
+                             std::move(full), std::move(pred), -1, exec);
 }
 
 /// Convenience: std::vector arrays (index_t offsets, int32 key blocks).
@@ -141,13 +144,14 @@ template <class Pred = AllowAll>
 BlockListMask<Pred> from_bsr(const MaskShape& shape, bool head_shared,
                              const std::vector<index_t>& row_offsets,
                              const std::vector<std::int32_t>& col_indices,
-                             const std::vector<std::uint8_t>& full = {}, Pred pred = {}) {
+                             const std::vector<std::uint8_t>& full = {}, Pred pred = {},
+                             const ExecutorChoice& exec = {}) {
   BlockCsr<index_t, std::int32_t> csr;
   csr.row_offsets = row_offsets;
   csr.col_indices = col_indices;
   csr.full = full;
   csr.head_shared = head_shared;
-  return from_bsr(shape, csr, std::move(pred));
+  return from_bsr(shape, csr, std::move(pred), exec);
 }
 
 }  // namespace user_mask

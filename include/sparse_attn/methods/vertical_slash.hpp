@@ -21,7 +21,7 @@
 // V = S = n_k is dense in both modes.
 //
 // Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
-// per key for columns, one per offset), and per selecting thread the estimate's logits
+// per key for columns, one per offset), and per selecting worker the estimate's logits
 // (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
 // O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
 // pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
@@ -50,7 +50,9 @@ struct VerticalSlashOptions {
   index_t block = 64;          // kernel tile (block_q = block_k)
   float scale =
       std::numeric_limits<float>::quiet_NaN();  // estimate's softmax scale; NaN: 1/sqrt(d)
-  int num_threads = 0;                          // selection threads (0: OpenMP default)
+  int num_threads = 0;           // selection threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+                                 // num_threads
 };
 
 /// Exact-mode element test: query qi (position p) sees key kj iff column kj is vertical or offset
@@ -66,7 +68,7 @@ struct VerticalSlashPredicate {
   bool is_offset(index_t h, index_t delta) const {
     return offsets[static_cast<std::size_t>(h * n_k + delta)] != 0;
   }
-  bool operator()(index_t h, index_t qi, index_t kj) const {
+  bool operator()(index_t h, index_t qi, index_t kj) const noexcept {
     const index_t delta = qi + q_offset - kj;
     return is_column(h, kj) || (delta >= 0 && is_offset(h, delta));
   }
@@ -94,30 +96,37 @@ struct Ranking {
   std::vector<std::int32_t> columns, offsets;  // [heads][n_k]
 };
 
+// One estimating worker's buffers: the estimate's logits, both score vectors and an order.
+struct RankScratch {
+  methods::detail::EstimateScratch estimate;
+  std::vector<float> vertical, slash;
+  std::vector<std::int32_t> order;
+};
+
 template <class QT, class KT>
 Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G,
-             const VerticalSlashOptions& opt, float scale) {
+             const VerticalSlashOptions& opt, float scale, Executor& ex) {
   Ranking r;
   r.n_k = k.tokens;
   const index_t n_k = k.tokens, w = std::min(opt.last_queries, q.tokens);
   r.columns.resize(static_cast<std::size_t>(q.heads * n_k));
   r.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
-  kernel::parallel_region(opt.num_threads, [&] {
-    methods::detail::EstimateScratch ws;
-    std::vector<float> vertical(static_cast<std::size_t>(n_k)),
-        slash(static_cast<std::size_t>(n_k));
-    std::vector<std::int32_t> order;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t h = 0; h < q.heads; ++h) {
-      methods::detail::last_queries_mass(q, k, h, h / G, w, scale, ws, vertical.data(),
-                                         slash.data());
-      std::fill_n(vertical.begin(), std::min(opt.sink_columns, n_k), methods::detail::kInf);
-      std::fill_n(slash.begin(), std::min(opt.local_offsets, n_k), methods::detail::kInf);
-      methods::detail::order_by_score(vertical.data(), n_k, order);
-      std::copy(order.begin(), order.end(), r.columns.begin() + h * n_k);
-      methods::detail::order_by_score(slash.data(), n_k, order);
-      std::copy(order.begin(), order.end(), r.offsets.begin() + h * n_k);
-    }
+  std::vector<RankScratch> ws(static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+  for (RankScratch& s : ws) {
+    s.vertical.resize(static_cast<std::size_t>(n_k));
+    s.slash.resize(static_cast<std::size_t>(n_k));
+    s.order.reserve(static_cast<std::size_t>(n_k));
+  }
+  run_items(ex, q.heads, [&](index_t h, int worker) {
+    RankScratch& s = ws[static_cast<std::size_t>(worker)];
+    methods::detail::last_queries_mass(q, k, h, h / G, w, scale, s.estimate, s.vertical.data(),
+                                       s.slash.data());
+    std::fill_n(s.vertical.begin(), std::min(opt.sink_columns, n_k), methods::detail::kInf);
+    std::fill_n(s.slash.begin(), std::min(opt.local_offsets, n_k), methods::detail::kInf);
+    methods::detail::order_by_score(s.vertical.data(), n_k, s.order);
+    std::copy(s.order.begin(), s.order.end(), r.columns.begin() + h * n_k);
+    methods::detail::order_by_score(s.slash.data(), n_k, s.order);
+    std::copy(s.order.begin(), s.order.end(), r.offsets.begin() + h * n_k);
   });
   return r;
 }
@@ -194,16 +203,15 @@ inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
+// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
 template <bool Tiled>
-index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns, int threads) {
+index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns, Executor& ex,
+                    std::vector<HeadSets>& sets) {
   std::vector<index_t> per_head(static_cast<std::size_t>(s.heads), 0);
-  kernel::parallel_region(threads, [&] {
-    HeadSets hs;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t h = 0; h < s.heads; ++h) {
-      hs.assign(r, h, nv, ns);
-      per_head[static_cast<std::size_t>(h)] = Tiled ? tiled_pairs(s, hs) : exact_pairs(s, hs);
-    }
+  run_items(ex, s.heads, [&](index_t h, int worker) {
+    HeadSets& hs = sets[static_cast<std::size_t>(worker)];
+    hs.assign(r, h, nv, ns);
+    per_head[static_cast<std::size_t>(h)] = Tiled ? tiled_pairs(s, hs) : exact_pairs(s, hs);
   });
   index_t total = 0;
   for (index_t p : per_head) total += p;
@@ -236,46 +244,57 @@ auto select(const TensorView<QT>& q, const TensorView<KT>& k, const VerticalSlas
   const index_t n_k = k.tokens;
   VerticalSlashMask<Pred> result;
   BlockListBuilder builder(shape, false);
-  if (q.tokens == 0) {
-    static_cast<BlockListMask<Pred>&>(result) = builder.build(Pred{});
+  if (q.tokens == 0) {  // no rows: nothing to estimate or count
+    static_cast<BlockListMask<Pred>&>(result) = builder.build(Pred{}, 0);
     return result;
   }
-  const Ranking ranking = rank(q, k, G, opt, scale);
-  index_t nv = std::min(opt.vertical, n_k), ns = std::min(opt.slash, n_k);
-  if (opt.compression > 0.0) {
-    // One budget x: V = max(sinks, x), S = max(local, x) (V = S once past the forced counts), so
-    // the sparsest legal point is the forced sets alone.
-    result.target_compression = opt.compression;
-    const index_t sinks = std::min(opt.sink_columns, n_k), local = std::min(opt.local_offsets, n_k);
-    auto budgets = [&](index_t x, index_t& v, index_t& s) {
-      v = std::max(sinks, x);
-      s = std::max(local, x);
-    };
-    const index_t x = methods::detail::budget_for_compression(
-        std::min(sinks, local), n_k, shape.dense_pairs(), opt.compression,
-        [&](index_t xx) {
-          index_t v, s;
-          budgets(xx, v, s);
-          return total_pairs<Tiled>(shape, ranking, v, s, opt.num_threads);
-        },
-        result.reachable);
-    budgets(x, nv, ns);
-  }
-  result.vertical = nv;
-  result.slash = ns;
+  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
+    const auto workers = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
+    // Per worker: the flags and prefix counts of one head, and one row's key blocks.
+    std::vector<HeadSets> sets(workers);
+    std::vector<std::vector<index_t>> rows(workers);
+    for (std::size_t wk = 0; wk < workers; ++wk) {
+      sets[wk].col.reserve(static_cast<std::size_t>(n_k));
+      sets[wk].off.reserve(static_cast<std::size_t>(n_k));
+      sets[wk].col_prefix.reserve(static_cast<std::size_t>(n_k + 1));
+      sets[wk].off_prefix.reserve(static_cast<std::size_t>(n_k + 1));
+      rows[wk].reserve(static_cast<std::size_t>(shape.num_k_blocks()));
+    }
+    const Ranking ranking = rank(q, k, G, opt, scale, ex);
+    index_t nv = std::min(opt.vertical, n_k), ns = std::min(opt.slash, n_k);
+    if (opt.compression > 0.0) {
+      // One budget x: V = max(sinks, x), S = max(local, x) (V = S once past the forced counts),
+      // so the sparsest legal point is the forced sets alone.
+      result.target_compression = opt.compression;
+      const index_t sinks = std::min(opt.sink_columns, n_k),
+                    local = std::min(opt.local_offsets, n_k);
+      auto budgets = [&](index_t x, index_t& v, index_t& s) {
+        v = std::max(sinks, x);
+        s = std::max(local, x);
+      };
+      const index_t x = methods::detail::budget_for_compression(
+          std::min(sinks, local), n_k, shape.dense_pairs(), opt.compression,
+          [&](index_t xx) {
+            index_t v, s;
+            budgets(xx, v, s);
+            return total_pairs<Tiled>(shape, ranking, v, s, ex, sets);
+          },
+          result.reachable);
+      budgets(x, nv, ns);
+    }
+    result.vertical = nv;
+    result.slash = ns;
 
-  Pred pred{};
-  if constexpr (!Tiled) {
-    pred.n_k = n_k;
-    pred.q_offset = shape.q_offset();
-    pred.columns.resize(static_cast<std::size_t>(q.heads * n_k));
-    pred.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
-  }
-  kernel::parallel_region(opt.num_threads, [&] {
-    HeadSets hs;
-    std::vector<index_t> row;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t h = 0; h < q.heads; ++h) {
+    Pred pred{};
+    if constexpr (!Tiled) {
+      pred.n_k = n_k;
+      pred.q_offset = shape.q_offset();
+      pred.columns.resize(static_cast<std::size_t>(q.heads * n_k));
+      pred.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
+    }
+    run_items(ex, q.heads, [&](index_t h, int worker) {
+      HeadSets& hs = sets[static_cast<std::size_t>(worker)];
+      std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
       hs.assign(ranking, h, nv, ns);
       if constexpr (!Tiled) {
         std::copy(hs.col.begin(), hs.col.end(), pred.columns.begin() + h * n_k);
@@ -286,11 +305,11 @@ auto select(const TensorView<QT>& q, const TensorView<KT>& k, const VerticalSlas
         for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
         builder.set_row(h, qb, row, true);
       }
-    }
+    });
+    // The exact mode's pair count has an O(n) closed form; counting elementwise costs O(n^2 / CR).
+    const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, ex, sets);
+    static_cast<BlockListMask<Pred>&>(result) = builder.build(std::move(pred), known, {&ex});
   });
-  // The exact mode's pair count has an O(n) closed form; counting elementwise costs O(n^2 / CR).
-  const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, opt.num_threads);
-  static_cast<BlockListMask<Pred>&>(result) = builder.build(std::move(pred), known);
   return result;
 }
 

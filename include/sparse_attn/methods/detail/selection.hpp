@@ -5,8 +5,6 @@
 // head.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -16,6 +14,7 @@
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/kernel/microkernels/packet.hpp"
 #include "sparse_attn/mask/block_mask.hpp"

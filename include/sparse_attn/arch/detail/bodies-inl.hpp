@@ -1,0 +1,717 @@
+// The arithmetic of every kernel, written once over a target's vector operations `Vec` (the
+// interface listed in arch/generic/vec.hpp). No include guard and no includes on purpose: this
+// file is included once per target, inside that target's namespace (arch::<target>) and, for the
+// x86 targets, inside its SPARSE_ATTN_TARGET_BEGIN region, so each target gets its own copy
+// compiled for its ISA (see arch/dispatch.hpp). Everything it needs is included before.
+//
+// Entry points (struct Target at the end): prefill_item() computes one prefill work item,
+// decode_item() one decode (row group, chunk) item, decode_merge_row() merges a row's chunks;
+// qk_block() and the row operations serve the selections.
+
+namespace body {
+
+// ---------------------------------------------------------------------------------------------
+// Register-blocked fp32 micro-kernels. Queries are kept transposed (Qt[c][i], i = query within
+// the tile), so every product is "broadcast one K or V element, multiply a vector of queries":
+// no horizontal reductions, and the online-softmax row max / row sum become vertical operations
+// over key rows.
+// ---------------------------------------------------------------------------------------------
+
+/// S[j][i] = sum_c K[j][c] * Qt[c][i] for j < NJ, i < VV * kLanes.
+/// qt: [d][ldq] (aligned), k: rows of length d with stride ldk, s: [NJ][lds] (aligned).
+template <class V, int NJ, int VV>
+inline void qk_tile(const float* qt, index_t ldq, const float* k, index_t ldk, index_t d, float* s,
+                    index_t lds) {
+  typename V::F acc[NJ][VV];
+  for (int j = 0; j < NJ; ++j)
+    for (int v = 0; v < VV; ++v) acc[j][v] = V::zero();
+  for (index_t c = 0; c < d; ++c) {
+    typename V::F qv[VV];
+    for (int v = 0; v < VV; ++v) qv[v] = V::load(qt + c * ldq + v * V::kLanes);
+    for (int j = 0; j < NJ; ++j) {
+      const typename V::F b = V::set1(k[j * ldk + c]);
+      for (int v = 0; v < VV; ++v) acc[j][v] = V::fmadd(qv[v], b, acc[j][v]);
+    }
+  }
+  for (int j = 0; j < NJ; ++j)
+    for (int v = 0; v < VV; ++v) V::store(s + j * lds + v * V::kLanes, acc[j][v]);
+}
+
+/// Ot[c][i] += sum_j V[j][c] * P[j][i] for c in [c0, c0 + NC), i < VV * kLanes, j < nk.
+template <class V, int NC, int VV>
+inline void pv_tile(const float* p, index_t ldp, index_t nk, const float* vmat, index_t ldv,
+                    index_t c0, float* ot, index_t ldo) {
+  typename V::F acc[NC][VV];
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < VV; ++v) acc[c][v] = V::load(ot + (c0 + c) * ldo + v * V::kLanes);
+  for (index_t j = 0; j < nk; ++j) {
+    typename V::F pv[VV];
+    for (int v = 0; v < VV; ++v) pv[v] = V::load(p + j * ldp + v * V::kLanes);
+    const float* vr = vmat + j * ldv + c0;
+    for (int c = 0; c < NC; ++c) {
+      const typename V::F b = V::set1(vr[c]);
+      for (int v = 0; v < VV; ++v) acc[c][v] = V::fmadd(pv[v], b, acc[c][v]);
+    }
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < VV; ++v) V::store(ot + (c0 + c) * ldo + v * V::kLanes, acc[c][v]);
+}
+
+/// S[j][i] for all nk keys (kTileRows at a time, the remainder by smaller tiles), i < VV lanes.
+template <class V, int VV>
+inline void qk_block(const float* qt, index_t ldq, const float* k, index_t ldk, index_t nk,
+                     index_t d, float* s, index_t lds) {
+  static_assert(V::kTileRows == 6, "remainder switch assumes 6 rows per tile");
+  index_t j = 0;
+  for (; j + 6 <= nk; j += 6) qk_tile<V, 6, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds);
+  switch (nk - j) {
+    case 5: qk_tile<V, 5, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds); break;
+    case 4: qk_tile<V, 4, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds); break;
+    case 3: qk_tile<V, 3, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds); break;
+    case 2: qk_tile<V, 2, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds); break;
+    case 1: qk_tile<V, 1, VV>(qt, ldq, k + j * ldk, ldk, d, s + j * lds, lds); break;
+    default: break;
+  }
+}
+
+/// Ot[c][i] += sum_j V[j][c] P[j][i] for all dv output dims, i < VV lanes.
+template <class V, int VV>
+inline void pv_block(const float* p, index_t ldp, index_t nk, const float* vmat, index_t ldv,
+                     index_t dv, float* ot, index_t ldo) {
+  index_t c = 0;
+  for (; c + 6 <= dv; c += 6) pv_tile<V, 6, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo);
+  switch (dv - c) {
+    case 5: pv_tile<V, 5, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo); break;
+    case 4: pv_tile<V, 4, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo); break;
+    case 3: pv_tile<V, 3, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo); break;
+    case 2: pv_tile<V, 2, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo); break;
+    case 1: pv_tile<V, 1, VV>(p, ldp, nk, vmat, ldv, c, ot, ldo); break;
+    default: break;
+  }
+}
+
+/// Covers `rows` transposed queries with micro-tiles: full tiles of kTileVecs packets, then the
+/// rest with the fewest packets that hold it. A lane's arithmetic does not depend on the tile
+/// width, so the bits are those of full tiles; short query blocks only skip padding lanes.
+template <class V, int VV = V::kTileVecs>
+struct Tiles {
+  static constexpr index_t kTileQ = V::kTileVecs * V::kLanes;
+  template <int W>
+  static void qk(const float* qt, index_t ldq, const float* k, index_t ldk, index_t nk, index_t d,
+                 float* s, index_t lds, index_t t) {
+    qk_block<V, W>(qt + t, ldq, k, ldk, nk, d, s + t, lds);
+  }
+  /// S = Q K^T for query lanes [0, rows) (rows <= ldq).
+  static void qk_rows(index_t rows, const float* qt, index_t ldq, const float* k, index_t ldk,
+                      index_t nk, index_t d, float* s, index_t lds) {
+    index_t t = 0;
+    for (; t + kTileQ <= rows; t += kTileQ) qk<V::kTileVecs>(qt, ldq, k, ldk, nk, d, s, lds, t);
+    if (t >= rows) return;
+    const index_t vecs = (rows - t + V::kLanes - 1) / V::kLanes;
+    if (vecs == 1) qk<1>(qt, ldq, k, ldk, nk, d, s, lds, t);
+    else if (vecs == 2 || V::kTileVecs == 2) qk<V::kTileVecs >= 2 ? 2 : 1>(qt, ldq, k, ldk, nk, d, s, lds, t);
+    else if (vecs == 3) qk<V::kTileVecs >= 3 ? 3 : 1>(qt, ldq, k, ldk, nk, d, s, lds, t);
+    else qk<V::kTileVecs>(qt, ldq, k, ldk, nk, d, s, lds, t);
+  }
+  template <int W>
+  static void pv(const float* p, index_t ldp, index_t nk, const float* vmat, index_t ldv,
+                 index_t dv, float* ot, index_t ldo, index_t t) {
+    pv_block<V, W>(p + t, ldp, nk, vmat, ldv, dv, ot + t, ldo);
+  }
+  /// Ot += V^T P for query lanes [0, rows).
+  static void pv_rows(index_t rows, const float* p, index_t ldp, index_t nk, const float* vmat,
+                      index_t ldv, index_t dv, float* ot, index_t ldo) {
+    index_t t = 0;
+    for (; t + kTileQ <= rows; t += kTileQ) pv<V::kTileVecs>(p, ldp, nk, vmat, ldv, dv, ot, ldo, t);
+    if (t >= rows) return;
+    const index_t vecs = (rows - t + V::kLanes - 1) / V::kLanes;
+    if (vecs == 1) pv<1>(p, ldp, nk, vmat, ldv, dv, ot, ldo, t);
+    else if (vecs == 2 || V::kTileVecs == 2) pv<V::kTileVecs >= 2 ? 2 : 1>(p, ldp, nk, vmat, ldv, dv, ot, ldo, t);
+    else if (vecs == 3) pv<V::kTileVecs >= 3 ? 3 : 1>(p, ldp, nk, vmat, ldv, dv, ot, ldo, t);
+    else pv<V::kTileVecs>(p, ldp, nk, vmat, ldv, dv, ot, ldo, t);
+  }
+};
+
+/// dst[i] = float(src[i * stride]) for i < n, widening whole packets where the target can.
+template <class V, class T>
+inline void load_row(const T* src, index_t stride, float* dst, index_t n) {
+  index_t i = 0;
+  if constexpr (!std::is_same_v<T, float> && V::kWidensHalf) {
+    if (stride == 1)
+      for (; i + V::kLanes <= n; i += V::kLanes) V::storeu(dst + i, V::load_as_float(src + i));
+  }
+  ::sparse_attn::load_row(src + i * stride, stride, dst + i, n - i);
+}
+
+/// True when n rows of w floats at p (row stride ld) are all finite: x * 0 is 0, or NaN for
+/// +-inf and NaN.
+template <class V>
+inline bool all_finite(const float* p, index_t n, index_t w, index_t ld) {
+  const typename V::F zero = V::zero();
+  typename V::F acc = zero;
+  float tail = 0.0f;
+  for (index_t j = 0; j < n; ++j) {
+    const float* r = p + j * ld;
+    index_t c = 0;
+    for (; c + V::kLanes <= w; c += V::kLanes) acc = V::add(acc, V::mul(V::loadu(r + c), zero));
+    for (; c < w; ++c) tail += r[c] * 0.0f;
+  }
+  return V::reduce_add(acc) + tail == 0.0f;
+}
+
+/// Rows [t0, t0 + n) of head h of a K or V view as fp32 rows with stride *ld: a pointer into the
+/// view when it already holds contiguous fp32 rows, else converted into buf.
+template <class V, class View>
+inline const float* fp32_rows(const View& view, index_t h, index_t t0, index_t n, float* buf,
+                              index_t& ld) {
+  using T = std::remove_const_t<typename View::value_type>;
+  if constexpr (std::is_same_v<T, float> && kernel::is_tensor_view<View>::value) {
+    if (view.stride_dim == 1) {
+      ld = view.stride_token;
+      return view.row(h, t0);
+    }
+  }
+  ld = view.dim;
+  for (index_t j = 0; j < n; ++j) load_row<V>(view.row(h, t0 + j), view.stride_dim, buf + j * ld, view.dim);
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill
+// ---------------------------------------------------------------------------------------------
+
+// P V of a partial block whose V holds a NaN or inf (corrupt data only): a masked pair's 0 * NaN
+// must not reach rows that may not see the key. P V runs on a copy with those elements zeroed (the
+// same bits for every other row), then they are added to the rows allowed to see them.
+template <class V, class Mask>
+SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index_t q0, index_t rows,
+                                             index_t k0, index_t nk, const float* vp, index_t ldv,
+                                             index_t dv, const PrefillScratch& ws, float* ot) {
+  const index_t ldq = ws.ldq;
+  const float* s = ws.s;
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c) {
+      const float x = vp[j * ldv + c];
+      ws.vfix[j * dv + c] = std::isfinite(x) ? x : 0.0f;
+    }
+  Tiles<V>::pv_rows(rows, s, ldq, nk, ws.vfix, dv, dv, ot, ldq);
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t c = 0; c < dv; ++c)
+      if (!std::isfinite(vp[j * ldv + c]))
+        for (index_t i = 0; i < rows; ++i)
+          if (mask.allowed(mh, q0 + i, k0 + j)) ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
+}
+
+// One key block for one head's query tile: logits, mask, online-softmax update (the
+// OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
+// v_finite: the block's V rows hold no NaN or inf (only needed for partial blocks).
+template <class V, class Mask>
+inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
+                          index_t nk, bool full, const float* kp, index_t ldk, const float* vp,
+                          index_t ldv, bool v_finite, index_t d, index_t dv,
+                          const PrefillScratch& ws, float* qt, float* ot, float* m, float* l) {
+  using F = typename V::F;
+  const index_t ldq = ws.ldq;
+  const index_t width = (rows + V::kLanes - 1) / V::kLanes * V::kLanes;  // lanes computed
+  float* s = ws.s;
+  Tiles<V>::qk_rows(rows, qt, ldq, kp, ldk, nk, d, s, ldq);
+  if (!full) {
+    for (index_t j = 0; j < nk; ++j)
+      for (index_t i = 0; i < rows; ++i)
+        if (!mask.allowed(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
+  }
+  for (index_t i = 0; i < width; i += V::kLanes) {
+    const F m_old = V::load(m + i);
+    F mx = m_old;
+    for (index_t j = 0; j < nk; ++j) mx = V::max(mx, V::load(s + j * ldq + i));
+    const F m_use = V::zero_if_neg_inf(mx);  // all masked so far: use 0
+    const F alpha = V::masked_exp(V::sub(m_old, m_use));
+    F sum = V::zero();
+    for (index_t j = 0; j < nk; ++j) {
+      // Full blocks hold finite logits <= m: plain e^x (below -88 it is ~1e-38, not 0: harmless
+      // beside the row's max term 1). Partial blocks hold -inf, which must give exactly 0.
+      const F x = V::sub(V::load(s + j * ldq + i), m_use);
+      const F p = full ? V::exp(x) : V::masked_exp(x);
+      V::store(s + j * ldq + i, p);
+      sum = V::add(sum, p);
+    }
+    V::store(l + i, V::fmadd(V::load(l + i), alpha, sum));
+    V::store(m + i, mx);
+    if (V::reduce_min(alpha) != 1.0f)  // the running max moved for some row of this packet
+      for (index_t c = 0; c < dv; ++c) V::store(ot + c * ldq + i, V::mul(V::load(ot + c * ldq + i), alpha));
+  }
+  if (full || v_finite) Tiles<V>::pv_rows(rows, s, ldq, nk, vp, ldv, dv, ot, ldq);
+  else pv_block_nonfinite<V>(mask, mh, q0, rows, k0, nk, vp, ldv, dv, ws, ot);
+}
+
+/// Visits one key block of a work item for every head that needs it (mask.for_each_block's
+/// callback): converts (or points at) the block's K/V rows once, then runs each head.
+template <class V, class Mask, class KV, class VV>
+struct PrefillBlockVisitor {
+  const Mask& mask;
+  const KV& k;
+  const VV& v;
+  const PrefillScratch& ws;
+  index_t hk, q0, rows, d, dv, g_begin, g_end, mh_of_g0;  // heads g in [g_begin, g_end)
+  bool per_head_mask;
+
+  void operator()(index_t kb, bool full) const {
+    const MaskShape& ms = mask.shape();
+    const index_t k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
+    index_t ldk = 0, ldv = 0;
+    const float* kp = fp32_rows<V>(k, hk, k0, nk, ws.kbuf, ldk);
+    const float* vp = fp32_rows<V>(v, hk, k0, nk, ws.vbuf, ldv);
+    const bool v_finite = full || all_finite<V>(vp, nk, dv, ldv);
+    const index_t ldq = ws.ldq;
+    for (index_t g = g_begin; g < g_end; ++g)
+      prefill_block<V>(mask, per_head_mask ? mh_of_g0 + g : 0, q0, rows, k0, nk, full, kp, ldk, vp,
+                       ldv, v_finite, d, dv, ws, ws.qt + g * d * ldq, ws.ot + g * dv * ldq,
+                       ws.m + g * ldq, ws.l + g * ldq);
+  }
+};
+
+/// Work item (KV head hk, query block qb): the G query heads of the group over the block's key
+/// blocks; writes their output rows (and LSE) when done.
+template <class V, class Mask, class QV, class KV, class VV, class OV>
+void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
+                  LseView lse, float scale, index_t G, index_t hk, index_t qb,
+                  const PrefillScratch& ws) {
+  const MaskShape& ms = mask.shape();
+  const index_t d = q.dim, dv = v.dim, ldq = ws.ldq;
+  const index_t q0 = ms.q_begin(qb), rows = ms.q_end(qb) - q0;
+  std::fill(ws.qt, ws.qt + G * d * ldq, 0.0f);
+  std::fill(ws.ot, ws.ot + G * dv * ldq, 0.0f);
+  std::fill(ws.m, ws.m + G * ldq, -INFINITY);
+  std::fill(ws.l, ws.l + G * ldq, 0.0f);
+  for (index_t g = 0; g < G; ++g) {  // transposed, scaled queries
+    float* qt = ws.qt + g * d * ldq;
+    for (index_t i = 0; i < rows; ++i) {
+      load_row<V>(q.row(hk * G + g, q0 + i), q.stride_dim, ws.row, d);
+      for (index_t c = 0; c < d; ++c) qt[c * ldq + i] = ws.row[c] * scale;
+    }
+  }
+  if (mask.head_shared()) {  // one K/V conversion per block, reused by the G heads of the group
+    const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false};
+    mask.for_each_block(0, qb, visit);
+  } else {
+    for (index_t g = 0; g < G; ++g) {
+      const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v,     ws,     hk, q0, rows, d,
+                                                       dv,   g, g + 1, hk * G, true};
+      mask.for_each_block(hk * G + g, qb, visit);
+    }
+  }
+  for (index_t g = 0; g < G; ++g) {  // normalise and store
+    const index_t h = hk * G + g;
+    const float* ot = ws.ot + g * dv * ldq;
+    const float* m = ws.m + g * ldq;
+    const float* l = ws.l + g * ldq;
+    for (index_t i = 0; i < rows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
+      const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+      for (index_t c = 0; c < dv; ++c) ws.row[c] = ot[c * ldq + i] * inv;
+      store_row(ws.row, out.row(h, q0 + i), out.stride_dim, dv);
+      if (lse) lse(h, q0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: split-KV items over a row group's key list
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr int kDecodeBlock = 64;  // keys per sub-block: one online-softmax update each
+
+/// Rows padded to the row block: KR = 4 rows share each key load (1 or 2 for tiny groups).
+inline index_t decode_padded_rows(index_t R) { return R >= 3 ? (R + 3) / 4 * 4 : R; }
+template <class V>
+inline index_t pad_lanes(index_t x) { return (x + V::kLanes - 1) / V::kLanes * V::kLanes; }
+
+// One item's decode state: the partial softmax state of a row group (the rows sharing a key list)
+// over a run of keys. Keys are processed kDecodeBlock at a time: logits by a register-blocked
+// dot-product tile (KJ keys x KR rows, reduced together by one 16-way transpose-reduce), one
+// vectorised online-softmax update, then P.V with each V row loaded once for the KR rows.
+template <class V, class QV, class KV, class VV>
+class DecodeItemRunner {
+ public:
+  using TK = std::remove_const_t<typename KV::value_type>;
+  using TV = std::remove_const_t<typename VV::value_type>;
+  static constexpr bool kLoadsK = std::is_same_v<TK, float> || V::kWidensHalf;
+  static constexpr bool kLoadsV = std::is_same_v<TV, float> || V::kWidensHalf;
+
+  DecodeItemRunner(const QV& q, const KV& k, const VV& v, float scale, bool causal, index_t R,
+                   bool bf16_dot, const DecodeScratch& ws)
+      : q_(q), k_(k), v_(v), d_(q.dim), dv_(v.dim), dp_(pad_lanes<V>(q.dim)),
+        dvp_(pad_lanes<V>(v.dim)), n_q_(q.tokens), n_k_(k.tokens), R_(R),
+        KR_(R >= 3 ? 4 : static_cast<int>(R)), Rp_(decode_padded_rows(R)), scale_(scale),
+        causal_(causal), ws_(ws) {
+    k_direct_ = kLoadsK && k.stride_dim == 1 && d_ % V::kLanes == 0;
+    v_direct_ = kLoadsV && v.stride_dim == 1 && dv_ % V::kLanes == 0;
+    if constexpr (V::kHasBf16Pairs && std::is_same_v<TK, bf16>) k_pairs_ = k_direct_ && d_ % 32 == 0;
+    if constexpr (V::kHasBf16Pairs && std::is_same_v<TV, bf16>) v_pairs_ = v_direct_ && dv_ % 32 == 0;
+    if constexpr (V::kHasBf16Dot && std::is_same_v<TK, bf16>) k_dot_ = bf16_dot && k_pairs_;
+    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) v_dot_ = bf16_dot && v_pairs_;
+    if (k_dot_) k_pairs_ = false;
+    if (v_dot_) v_pairs_ = false;
+    qs_ = ws.qs;
+    qb_ = static_cast<bf16*>(ws.qb);
+    kzero_ = static_cast<TK*>(ws.kzero);
+    vzero_ = static_cast<TV*>(ws.vzero);
+    vfix_ = static_cast<TV*>(ws.vfix);
+    std::fill(kzero_, kzero_ + dp_, TK(0.0f));
+    std::fill(vzero_, vzero_ + dvp_, TV(0.0f));
+  }
+
+  index_t padded_dv() const { return dvp_; }
+  /// Natural output dim of position c of a partial output row.
+  index_t out_dim(index_t c) const {
+    if (v_pairs_) return pair_dim(c / V::kLanes, c % V::kLanes);
+    if (v_dot_) return interleave_dim(c / V::kLanes, c % V::kLanes);
+    return c;
+  }
+
+  // Row r of the group starting at head h0: head h0 + r / n_q, token r % n_q. Reads keys
+  // [skip, skip + count) of the concatenated ranges [rb, re).
+  void run(index_t hk, index_t h0, const KeyRange* rb, const KeyRange* re, index_t skip,
+           index_t count, DecodePartial out) {
+    load_queries(h0);
+    std::fill(out.m, out.m + Rp_, -INFINITY);
+    std::fill(out.l, out.l + Rp_, 0.0f);
+    std::fill(out.o, out.o + Rp_ * dvp_, 0.0f);
+    const KeyRange* rg = rb;
+    while (rg != re && skip >= rg->end - rg->begin) {
+      skip -= rg->end - rg->begin;
+      ++rg;
+    }
+    index_t pos = rg != re ? rg->begin + skip : 0;
+    const index_t first_masked = n_k_ - n_q_ + 1;  // keys from here on may be causally masked
+    while (count > 0) {
+      int nj = 0;
+      while (nj < kDecodeBlock && count > 0) {
+        keys_[nj++] = pos++;
+        --count;
+        if (pos == rg->end && ++rg != re) pos = rg->begin;
+      }
+      gather(hk, nj);
+      const bool masked = causal_ && keys_[nj - 1] >= first_masked;
+      nbad_ = 0;
+      if (masked) isolate_nonfinite(hk, nj, first_masked);
+      switch (KR_) {
+        case 4: block<4>(nj, masked, out); break;
+        case 2: block<2>(nj, masked, out); break;
+        default: block<1>(nj, masked, out); break;
+      }
+      if (nbad_ > 0) add_nonfinite(out.o);
+    }
+  }
+
+ private:
+  void load_queries(index_t h0) {
+    for (index_t r = 0; r < Rp_; ++r) {
+      float* qr = qs_ + r * dp_;
+      std::fill(qr, qr + dp_, 0.0f);
+      if (r >= R_) continue;
+      load_row<V>(q_.row(h0 + r / n_q_, r % n_q_), q_.stride_dim, qr, d_);
+      for (index_t c = 0; c < d_; ++c) qr[c] *= scale_;
+      if (k_dot_)
+        for (index_t c = 0; c < d_; ++c) qb_[r * d_ + c] = bf16(qr[c]);
+      if (k_pairs_) {  // permute to the pair-packet order of the keys
+        std::copy(qr, qr + d_, ws_.tmp);
+        for (index_t c = 0; c < d_; ++c) qr[c] = ws_.tmp[pair_dim(c / V::kLanes, c % V::kLanes)];
+      }
+    }
+    if (k_dot_)
+      for (index_t r = R_; r < Rp_; ++r) std::fill(qb_ + r * d_, qb_ + (r + 1) * d_, bf16(0.0f));
+  }
+
+  // Row pointers of the block's keys (padding keys point at zero rows).
+  void gather(index_t hk, int nj) {
+    for (int jj = 0; jj < kDecodeBlock; ++jj) {
+      const bool real = jj < nj;
+      if (k_direct_) {
+        kraw_[jj] = real ? k_.row(hk, keys_[jj]) : kzero_;
+      } else {
+        float* dst = ws_.kbuf + jj * dp_;
+        if (real) load_row<V>(k_.row(hk, keys_[jj]), k_.stride_dim, dst, d_);
+        std::fill(dst + (real ? d_ : 0), dst + dp_, 0.0f);
+        kf_[jj] = dst;
+      }
+      if (v_direct_) {
+        vraw_[jj] = real ? v_.row(hk, keys_[jj]) : vzero_;
+      } else if (real) {
+        float* dst = ws_.vbuf + jj * dvp_;
+        load_row<V>(v_.row(hk, keys_[jj]), v_.stride_dim, dst, dv_);
+        std::fill(dst + dv_, dst + dvp_, 0.0f);
+        vf_[jj] = dst;
+      }
+    }
+  }
+
+  // Keys some row may not see (the newest n_q - 1) whose V row holds NaN or inf (corrupt data
+  // only): a masked pair's 0 * NaN must not reach those rows. P.V reads a copy with the
+  // non-finite elements zeroed (the same bits for every other row); add_nonfinite() then adds
+  // them to the rows allowed to see the key.
+  SPARSE_ATTN_NOINLINE void isolate_nonfinite(index_t hk, int nj, index_t first_masked) {
+    for (int jj = 0; jj < nj; ++jj) {
+      if (keys_[jj] < first_masked) continue;
+      load_row<V>(v_.row(hk, keys_[jj]), v_.stride_dim, ws_.tmp, dv_);
+      if (all_finite<V>(ws_.tmp, 1, dv_, dv_)) continue;
+      bad_[nbad_++] = jj;
+      if (v_direct_) {
+        TV* dst = vfix_ + jj * dvp_;
+        for (index_t c = 0; c < dv_; ++c) dst[c] = std::isfinite(ws_.tmp[c]) ? vraw_[jj][c] : TV(0.0f);
+        for (index_t c = dv_; c < dvp_; ++c) dst[c] = TV(0.0f);
+        vraw_[jj] = dst;
+      } else {
+        float* dst = ws_.vbuf + jj * dvp_;  // vf_[jj]: our converted copy
+        for (index_t c = 0; c < dv_; ++c)
+          if (!std::isfinite(dst[c])) dst[c] = 0.0f;
+      }
+    }
+    hk_ = hk;
+  }
+  // After block(): s still holds every row group's probabilities, [Rp / KR][block][KR].
+  SPARSE_ATTN_NOINLINE void add_nonfinite(float* o) {
+    const index_t KR = KR_;
+    for (int b = 0; b < nbad_; ++b) {
+      const int jj = bad_[b];
+      load_row<V>(v_.row(hk_, keys_[jj]), v_.stride_dim, ws_.tmp, dv_);
+      for (index_t r = 0; r < R_; ++r) {
+        if (keys_[jj] > n_k_ - n_q_ + r % n_q_) continue;  // row r may not see this key
+        const float p = ws_.s[r / KR * KR * kDecodeBlock + jj * KR + r % KR];
+        for (index_t c = 0; c < dvp_; ++c) {
+          const index_t dim = out_dim(c);
+          if (dim < dv_ && !std::isfinite(ws_.tmp[dim])) o[r * dvp_ + c] += p * ws_.tmp[dim];
+        }
+      }
+    }
+  }
+
+  template <int KR>
+  void block(int nj, bool masked, DecodePartial out) {
+    constexpr int KJ = 16 / KR;
+    const int nj_pad = (nj + KJ - 1) / KJ * KJ;
+    for (index_t r0 = 0; r0 < Rp_; r0 += KR) {
+      float* sg = ws_.s + r0 * kDecodeBlock;  // [key][KR] logits of this row group
+      for (int j0 = 0; j0 < nj_pad; j0 += KJ) logits<KR>(r0, j0, sg + j0 * KR);
+      for (int jj = nj; jj < nj_pad; ++jj)
+        for (int rr = 0; rr < KR; ++rr) sg[jj * KR + rr] = -INFINITY;
+      for (int rr = 0; rr < KR; ++rr) {
+        const index_t r = r0 + rr;
+        if (r >= R_) {
+          for (int jj = 0; jj < nj_pad; ++jj) sg[jj * KR + rr] = -INFINITY;
+        } else if (masked) {
+          const index_t p = n_k_ - n_q_ + r % n_q_;
+          for (int jj = 0; jj < nj; ++jj)
+            if (keys_[jj] > p) sg[jj * KR + rr] = -INFINITY;
+        }
+      }
+      if (!softmax<KR>(sg, nj_pad, out, r0)) continue;  // every logit masked so far
+      if (v_dot_) pv_dot<KR>(sg, nj, r0, out.o);
+      else if (v_pairs_) pv<KR, true>(sg, nj, r0, vraw_, out.o);
+      else if (v_direct_) pv<KR, false>(sg, nj, r0, vraw_, out.o);
+      else pv<KR, false>(sg, nj, r0, vf_, out.o);
+    }
+  }
+
+  // sg[jj * KR + rr] = q_{r0 + rr} . k_{j0 + jj} for KJ keys x KR rows.
+  template <int KR>
+  void logits(index_t r0, int j0, float* dst) {
+    constexpr int KJ = 16 / KR;
+    typename V::F acc[16];
+    if constexpr (V::kHasBf16Dot && std::is_same_v<TK, bf16>) {
+      if (k_dot_) {
+        V::template qk_bf16<KJ, KR>(kraw_ + j0, qb_ + r0 * d_, d_, d_, acc);
+        V::hsum16(acc, dst);
+        return;
+      }
+    }
+    if constexpr (kLoadsK) {
+      if (k_pairs_) return dots<KJ, KR, true>(kraw_ + j0, r0, acc, dst);
+      if (k_direct_) return dots<KJ, KR, false>(kraw_ + j0, r0, acc, dst);
+    }
+    dots<KJ, KR, false>(kf_ + j0, r0, acc, dst);
+  }
+
+  template <class ET, bool Pairs>
+  static typename V::F load_k(const ET* row, index_t x) {
+    if constexpr (Pairs && std::is_same_v<ET, bf16> && V::kHasBf16Pairs) return V::load_bf16_pair(row, x);
+    else return V::load_as_float(row + x * V::kLanes);
+  }
+
+  template <int KJ, int KR, bool Pairs, class ET>
+  void dots(const ET* const* kp, index_t r0, typename V::F* acc, float* dst) {
+    for (int i = 0; i < 16; ++i) acc[i] = V::zero();
+    for (index_t x = 0; x < dp_ / V::kLanes; ++x) {
+      typename V::F kv[KJ];
+      for (int jj = 0; jj < KJ; ++jj) kv[jj] = load_k<ET, Pairs>(kp[jj], x);
+      for (int rr = 0; rr < KR; ++rr) {
+        const typename V::F qv = V::load(qs_ + (r0 + rr) * dp_ + x * V::kLanes);
+        for (int jj = 0; jj < KJ; ++jj) acc[jj * KR + rr] = V::fmadd(qv, kv[jj], acc[jj * KR + rr]);
+      }
+    }
+    V::hsum16(acc, dst);
+  }
+
+  // Online-softmax update of rows r0..r0+KR over sg (nj_pad keys): sg becomes probabilities
+  // e^{s - m_new}, the output rows are rescaled by e^{m_old - m_new}. False if all masked.
+  template <int KR>
+  bool softmax(float* sg, int nj_pad, DecodePartial out, index_t r0) {
+    float* m = out.m + r0;
+    float* l = out.l + r0;
+    float alpha[KR];
+    if constexpr (V::kHasRowSoftmax) {
+      if (!V::template online_softmax_rows<KR>(sg, nj_pad * KR / 16, m, l, alpha)) return false;
+    } else {
+      bool any = false;
+      for (int rr = 0; rr < KR; ++rr) {
+        OnlineSoftmax st{m[rr], l[rr]};
+        const OnlineSoftmax::Step step = st.update(sg + rr, nj_pad, KR);
+        alpha[rr] = step.alpha;
+        any = any || step.live;
+        m[rr] = st.m;
+        l[rr] = st.l;
+      }
+      if (!any) return false;
+    }
+    for (int rr = 0; rr < KR; ++rr) {
+      if (alpha[rr] == 1.0f) continue;
+      float* o = out.o + (r0 + rr) * dvp_;
+      const typename V::F av = V::set1(alpha[rr]);
+      for (index_t c = 0; c < dvp_; c += V::kLanes) V::store(o + c, V::mul(V::load(o + c), av));
+    }
+    return true;
+  }
+
+  // o_r += sum_j p[r][j] v_j, each V packet loaded once for the KR rows.
+  template <int KR, bool Pairs, class ET>
+  void pv(const float* sg, int nj, index_t r0, const ET* const* vp, float* o) {
+    constexpr int NP = KR == 4 ? 4 : 8;  // KR x NP accumulators
+    index_t c0 = 0;
+    for (; c0 + NP * V::kLanes <= dvp_; c0 += NP * V::kLanes) pv_tile<KR, NP, Pairs>(sg, nj, r0, vp, c0, o);
+    for (; c0 < dvp_; c0 += V::kLanes) pv_tile<KR, 1, Pairs>(sg, nj, r0, vp, c0, o);
+  }
+  template <int KR, int NP, bool Pairs, class ET>
+  void pv_tile(const float* sg, int nj, index_t r0, const ET* const* vp, index_t c0, float* o) {
+    typename V::F acc[KR][NP];
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * V::kLanes);
+    for (int jj = 0; jj < nj; ++jj) {
+      typename V::F vv[NP];
+      for (int x = 0; x < NP; ++x) {
+        if constexpr (Pairs && std::is_same_v<ET, bf16> && V::kHasBf16Pairs)
+          vv[x] = V::load_bf16_pair(vp[jj], c0 / V::kLanes + x);
+        else if constexpr (std::is_same_v<ET, float> || V::kWidensHalf)
+          vv[x] = V::load_as_float(vp[jj] + c0 + x * V::kLanes);
+      }
+      for (int r = 0; r < KR; ++r) {
+        const typename V::F pr = V::set1(sg[jj * KR + r]);
+        for (int x = 0; x < NP; ++x) acc[r][x] = V::fmadd(pr, vv[x], acc[r][x]);
+      }
+    }
+    for (int r = 0; r < KR; ++r)
+      for (int x = 0; x < NP; ++x) V::store(o + (r0 + r) * dvp_ + c0 + x * V::kLanes, acc[r][x]);
+  }
+
+  // P.V with bf16 dot products over key pairs (j, j + 1).
+  template <int KR>
+  void pv_dot(const float* sg, int nj, index_t r0, float* o) {
+    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) {
+      // pt[(jj / 2) * KR + rr] = bf16 pair (p[rr][jj], p[rr][jj + 1]).
+      const int npairs = (nj + 1) / 2;
+      for (int jp = 0; jp < npairs; ++jp)
+        for (int rr = 0; rr < KR; ++rr) {
+          const float p0 = sg[2 * jp * KR + rr];
+          const float p1 = 2 * jp + 1 < nj ? sg[(2 * jp + 1) * KR + rr] : 0.0f;
+          ws_.pt[jp * KR + rr] =
+              static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p0))) |
+              (static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p1))) << 16);
+        }
+      constexpr int NP = KR == 4 ? 4 : 8;
+      index_t c0 = 0;
+      for (; c0 + NP * 16 <= dvp_; c0 += NP * 16) pv_dot_tile<KR, NP>(npairs, nj, r0, c0, o);
+      for (; c0 < dvp_; c0 += 32) pv_dot_tile<KR, 2>(npairs, nj, r0, c0, o);
+    } else {
+      static_cast<void>(sg), static_cast<void>(nj), static_cast<void>(r0), static_cast<void>(o);
+    }
+  }
+  template <int KR, int NP>
+  void pv_dot_tile(int npairs, int nj, index_t r0, index_t c0, float* o) {
+    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) {
+      typename V::F acc[KR][NP];
+      for (int r = 0; r < KR; ++r)
+        for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * 16);
+      for (int jp = 0; jp < npairs; ++jp) {
+        const bf16* a = vraw_[2 * jp];
+        const bf16* b = 2 * jp + 1 < nj ? vraw_[2 * jp + 1] : vzero_;
+        V::template pv_bf16_pair<KR, NP>(a, b, c0, ws_.pt + jp * KR, acc);
+      }
+      for (int r = 0; r < KR; ++r)
+        for (int x = 0; x < NP; ++x) V::store(o + (r0 + r) * dvp_ + c0 + x * 16, acc[r][x]);
+    } else {
+      static_cast<void>(npairs), static_cast<void>(nj), static_cast<void>(r0), static_cast<void>(c0),
+          static_cast<void>(o);
+    }
+  }
+
+  const QV& q_;
+  const KV& k_;
+  const VV& v_;
+  index_t d_, dv_, dp_, dvp_, n_q_, n_k_, R_;
+  int KR_;
+  index_t Rp_;
+  float scale_;
+  bool causal_;
+  DecodeScratch ws_;
+  bool k_direct_ = false, v_direct_ = false;  // rows read in place (contiguous, packet multiple)
+  bool k_pairs_ = false, v_pairs_ = false;    // bf16 rows read as pair packets (exact fp32 math)
+  bool k_dot_ = false, v_dot_ = false;        // bf16 dot products (DecodeOptions::bf16_dot)
+  float* qs_ = nullptr;
+  bf16* qb_ = nullptr;
+  TK* kzero_ = nullptr;
+  TV* vzero_ = nullptr;
+  TV* vfix_ = nullptr;
+  int nbad_ = 0, bad_[kDecodeBlock] = {};  // block keys whose V needs add_nonfinite()
+  index_t hk_ = 0;
+  index_t keys_[kDecodeBlock] = {};
+  const TK* kraw_[kDecodeBlock] = {};
+  const TV* vraw_[kDecodeBlock] = {};
+  const float* kf_[kDecodeBlock] = {};
+  const float* vf_[kDecodeBlock] = {};
+};
+
+}  // namespace body
+
+/// The entry points the kernel drivers call through arch::dispatch (one real call per work
+/// item; everything below it is compiled for this target).
+struct Target {
+  static constexpr index_t lanes() { return Vec::kLanes; }
+
+  template <class Mask, class QV, class KV, class VV, class OV>
+  static void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
+                           LseView lse, float scale, index_t G, index_t hk, index_t qb,
+                           const PrefillScratch& ws) {
+    body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, G, hk, qb, ws);
+  }
+
+  template <class QV, class KV, class VV>
+  static void decode_item(const QV& q, const KV& k, const VV& v, float scale, bool causal,
+                          index_t R, bool bf16_dot, const DecodeScratch& ws, index_t hk, index_t h0,
+                          const KeyRange* rb, const KeyRange* re, index_t skip, index_t count,
+                          DecodePartial out) {
+    body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, scale, causal, R, bf16_dot, ws);
+    runner.run(hk, h0, rb, re, skip, count, out);
+  }
+
+  /// map[c] = natural output dim of position c of a decode partial row (c < padded dv).
+  template <class QV, class KV, class VV>
+  static void decode_out_dims(const QV& q, const KV& k, const VV& v, bool bf16_dot,
+                              const DecodeScratch& ws, index_t* map) {
+    const body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, 1.0f, false, 1, bf16_dot, ws);
+    for (index_t c = 0; c < runner.padded_dv(); ++c) map[c] = runner.out_dim(c);
+  }
+
+  /// S[j][i] = sum_c K[j][c] Qt[c][i] for i < rows (queries transposed, ldq a multiple of 64).
+  static void qk_block(index_t rows, const float* qt, index_t ldq, const float* k, index_t ldk,
+                       index_t nk, index_t d, float* s, index_t lds) {
+    body::Tiles<Vec>::qk_rows(rows, qt, ldq, k, ldk, nk, d, s, lds);
+  }
+};

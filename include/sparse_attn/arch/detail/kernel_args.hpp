@@ -1,0 +1,99 @@
+// Plain data the kernel drivers (kernel/) hand to the per-target bodies (arch/detail/bodies-inl.hpp):
+// per-worker scratch carved from the caller's workspace, and decode partial states.
+#pragma once
+#include "sparse_attn/core/config.hpp"
+#include <cstddef>
+#include <cstdint>
+
+#include "sparse_attn/core/tensor.hpp"
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace arch {
+
+/// Largest lane count of any target: buffers padded to it suit every target.
+inline constexpr index_t kMaxLanes = 16;
+/// Queries of the widest prefill micro-tile of any target (4 x 16).
+inline constexpr index_t kMaxTileQ = 64;
+
+/// One worker's prefill scratch (G heads x one query tile), 64-byte aligned arrays.
+struct PrefillScratch {
+  index_t ldq = 0;      // padded tile width, a multiple of kMaxTileQ
+  float* qt = nullptr;  // [G][d][ldq]   scaled, transposed queries
+  float* ot = nullptr;  // [G][dv][ldq]  transposed unnormalised output
+  float* m = nullptr;   // [G][ldq]      running max of logits
+  float* l = nullptr;   // [G][ldq]      running sum of e^{s - m}
+  float* s = nullptr;   // [bk][ldq]     logits, then probabilities
+  float* kbuf = nullptr;  // [bk][d]     K block as fp32 (when not read in place)
+  float* vbuf = nullptr;  // [bk][dv]    V block as fp32
+  float* vfix = nullptr;  // [bk][dv]    V block with non-finite elements zeroed (corrupt data)
+  float* row = nullptr;   // [max(d, dv)]
+};
+
+/// Partial online-softmax state of one decode (row group, chunk) item.
+struct DecodePartial {
+  float* o;  // [Rp][dvp] unnormalised, in the runner's output dim order (see out_dim)
+  float* m;  // [Rp] running max of logits
+  float* l;  // [Rp] running sum of e^{s - m}
+};
+
+}  // namespace arch
+SPARSE_ATTN_NAMESPACE_END
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace arch {
+
+/// Cuts 64-byte aligned arrays out of a byte buffer in a fixed order; with a null base it only
+/// counts, so the same code sizes a workspace (plan) and carves it (run).
+class Carver {
+ public:
+  explicit Carver(unsigned char* base = nullptr) : base_(base) {}
+  template <class T>
+  T* take(index_t count) {
+    offset_ = (offset_ + 63) / 64 * 64;
+    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    offset_ += static_cast<std::size_t>(count) * sizeof(T);
+    return p;
+  }
+  std::size_t bytes() const { return (offset_ + 63) / 64 * 64; }
+
+ private:
+  unsigned char* base_;
+  std::size_t offset_ = 0;
+};
+
+/// One worker's decode scratch; element types of K and V are erased to bytes.
+struct DecodeScratch {
+  float* qs = nullptr;              // [Rp][dp] scaled queries (key dim order)
+  void* qb = nullptr;               // [Rp][d] bf16 queries (dot path)
+  float* kbuf = nullptr;            // [block][dp] converted key rows (non-direct layouts)
+  float* vbuf = nullptr;            // [block][dvp] converted value rows
+  float* s = nullptr;               // [Rp / KR][block][KR] logits, then probabilities
+  std::uint32_t* pt = nullptr;      // [Rp][block / 2] bf16 probability pairs (dot path)
+  void* kzero = nullptr;            // [dp] zero key row (padding keys)
+  void* vzero = nullptr;            // [dvp] zero value row
+  float* tmp = nullptr;             // [max(dp, dvp)]
+  void* vfix = nullptr;             // [block][dvp] V rows with non-finite elements zeroed
+  float* merge = nullptr;           // [dvp] merge accumulator
+
+  /// Lays out the arrays for Rp rows, key head dim d (padded dp), value dim padded dvp, K and V
+  /// element sizes.
+  static DecodeScratch carve(Carver& c, index_t Rp, index_t d, index_t dp, index_t dvp,
+                             std::size_t k_size, std::size_t v_size, index_t block) {
+    DecodeScratch w;
+    w.qs = c.take<float>(Rp * dp);
+    w.qb = c.take<std::uint16_t>(Rp * d);
+    w.kbuf = c.take<float>(block * dp);
+    w.vbuf = c.take<float>(block * dvp);
+    w.s = c.take<float>(Rp * block);
+    w.pt = c.take<std::uint32_t>(Rp * block / 2);
+    w.kzero = c.take<unsigned char>(dp * static_cast<index_t>(k_size));
+    w.vzero = c.take<unsigned char>(dvp * static_cast<index_t>(v_size));
+    w.tmp = c.take<float>(dp > dvp ? dp : dvp);
+    w.vfix = c.take<unsigned char>(block * dvp * static_cast<index_t>(v_size));
+    w.merge = c.take<float>(dvp);
+    return w;
+  }
+};
+
+}  // namespace arch
+SPARSE_ATTN_NAMESPACE_END

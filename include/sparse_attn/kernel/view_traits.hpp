@@ -1,0 +1,17 @@
+// Traits of the K/V view types the kernels accept (TensorView, kv::PagedView, ...).
+#pragma once
+#include "sparse_attn/core/config.hpp"
+#include <type_traits>
+
+#include "sparse_attn/core/tensor.hpp"
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace kernel {
+
+template <class V>
+struct is_tensor_view : std::false_type {};
+template <class T>
+struct is_tensor_view<TensorView<T>> : std::true_type {};
+
+}  // namespace kernel
+SPARSE_ATTN_NAMESPACE_END

@@ -1,0 +1,70 @@
+// Caller-provided memory for a kernel run, and the shape a plan is made for.
+#pragma once
+#include "sparse_attn/core/config.hpp"
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+
+/// A byte range the caller owns: the scratch of one kernel run (plan.workspace_bytes() bytes,
+/// 64-byte aligned). The run uses it and nothing else; it may be reused by the next run once this
+/// one has returned, but not shared by two runs at the same time.
+struct Workspace {
+  void* data = nullptr;
+  std::size_t bytes = 0;
+};
+
+/// An owned, 64-byte aligned workspace (for callers that do not manage their own memory).
+class WorkspaceBuffer {
+ public:
+  WorkspaceBuffer() = default;
+  /// Allocates `bytes` (throws std::bad_alloc on failure).
+  explicit WorkspaceBuffer(std::size_t bytes)
+      : data_(bytes > 0 ? static_cast<unsigned char*>(::operator new(bytes, std::align_val_t{64}))
+                        : nullptr),
+        bytes_(bytes) {}
+  Workspace view() const { return {data_.get(), bytes_}; }
+  operator Workspace() const { return view(); }  // NOLINT(google-explicit-constructor)
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<unsigned char, Free> data_;
+  std::size_t bytes_ = 0;
+};
+
+/// Shapes a plan is made for: Hq query heads of n_q tokens against Hkv K/V heads of n_k tokens,
+/// head dims d (Q, K) and dv (V, out).
+struct AttentionShape {
+  index_t heads_q = 0, heads_kv = 0, n_q = 0, n_k = 0, head_dim = 0, head_dim_v = 0;
+  bool operator==(const AttentionShape& o) const {
+    return heads_q == o.heads_q && heads_kv == o.heads_kv && n_q == o.n_q && n_k == o.n_k &&
+           head_dim == o.head_dim && head_dim_v == o.head_dim_v;
+  }
+  bool operator!=(const AttentionShape& o) const { return !(*this == o); }
+};
+
+/// The shape of q [Hq, n_q, d] against k [Hkv, n_k, d], v [Hkv, n_k, dv].
+template <class QV, class KV, class VV>
+AttentionShape attention_shape(const QV& q, const KV& k, const VV& v) {
+  return {q.heads, k.heads, q.tokens, k.tokens, q.dim, v.dim};
+}
+
+namespace detail {
+inline void check_workspace(const Workspace& ws, std::size_t needed, const char* where) {
+  require(ws.bytes >= needed, where, ": workspace holds ", ws.bytes, " bytes, the plan needs ",
+          needed, " (plan.workspace_bytes())");
+  require(needed == 0 || ws.data != nullptr, where, ": workspace data is null");
+  require(reinterpret_cast<std::uintptr_t>(ws.data) % 64 == 0, where,
+          ": workspace data must be 64-byte aligned");
+}
+}  // namespace detail
+
+SPARSE_ATTN_NAMESPACE_END
