@@ -1,5 +1,5 @@
 // Pieces shared by the prefill and decode kernels: options, argument validation, and (for the
-// selections) K/V row access for any KV view type, aligned scratch, a masked exponential.
+// selections) K/V row access for any KV view type and aligned scratch.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 
@@ -12,7 +12,6 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/exec/default.hpp"
-#include "sparse_attn/kernel/microkernels/packet.hpp"
 #include "sparse_attn/kernel/view_traits.hpp"
 #include "sparse_attn/kernel/workspace.hpp"
 
@@ -89,31 +88,6 @@ const float* fp32_rows(const View& view, index_t h, index_t t0, index_t n, float
   ld = view.dim;
   for (index_t j = 0; j < n; ++j) load_row(view.row(h, t0 + j), view.stride_dim, buf + j * ld, view.dim);
   return buf;
-}
-
-/// e^x with e^x = 0 exactly for x <= -87 (and for -inf), so masked logits never leak weight. NaN
-/// stays NaN: a corrupt logit poisons its row instead of vanishing (docs/ROBUSTNESS.md).
-inline mk::Packet masked_exp(const mk::Packet& x) {
-  using namespace Eigen::internal;
-  const mk::Packet lo = pset1<mk::Packet>(-87.0f);
-  return pandnot(pexp(pmax(x, lo)), pcmp_le(x, lo));  // pmax(NaN, lo) = NaN; NaN <= lo is false
-}
-
-/// True when n rows of w floats at p (row stride ld) are all finite: x * 0 is 0, or NaN for
-/// +-inf and NaN.
-inline bool all_finite(const float* p, index_t n, index_t w, index_t ld) {
-  using namespace Eigen::internal;
-  const mk::Packet zero = pset1<mk::Packet>(0.0f);
-  mk::Packet acc = zero;
-  float tail = 0.0f;
-  for (index_t j = 0; j < n; ++j) {
-    const float* r = p + j * ld;
-    index_t c = 0;
-    for (; c + mk::kLanes <= w; c += mk::kLanes)
-      acc = padd(acc, pmul(ploadu<mk::Packet>(r + c), zero));
-    for (; c < w; ++c) tail += r[c] * 0.0f;
-  }
-  return predux(acc) + tail == 0.0f;
 }
 
 }  // namespace kernel

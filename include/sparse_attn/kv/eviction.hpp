@@ -19,6 +19,7 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/exec/default.hpp"
+#include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/kernel/common.hpp"
 
 // Eigen's AVX-512 GEMM (the score pass) trips GCC PR 105593; see core/diagnostics.hpp.
@@ -101,63 +102,38 @@ enum class Reduce { sum, max };
 inline constexpr index_t kDirectRows = 16;  // at most this many query rows: direct path
 
 /// attention_column_scores() for a few query rows (rows <= kDirectRows): every logit of a head
-/// kept (rows x n floats), one exact softmax per row, serial.
+/// kept (rows x n floats), one exact softmax per row, serial, on the CPU target's routines.
 template <class QV, class KV>
 void column_scores_direct(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
                           float mult, float* out, index_t stride) {
-  namespace mk = kernel::mk;
-  using namespace Eigen::internal;
-  using mk::Packet;
-  constexpr index_t L = mk::kLanes;
+  constexpr index_t L = arch::kMaxLanes, kKeys = 64;  // keys converted per routine call
   const index_t Hkv = k.heads, G = q.heads / Hkv, n = k.tokens, d = q.dim;
   const index_t nq = q.tokens - row0, off = n - q.tokens, rows = nq * G;
-  const index_t dp = (d + L - 1) / L * L, np = (n + L - 1) / L * L;
-  kernel::aligned_vector<float> qf(static_cast<std::size_t>(rows * dp), 0.0f),
-      kr(static_cast<std::size_t>(dp), 0.0f);
-  kernel::aligned_vector<float> s(static_cast<std::size_t>(rows * np));
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (index_t hk = 0; hk < Hkv; ++hk) {
-    for (index_t r = 0; r < rows; ++r) {  // row r = i * G + g
-      float* dst = qf.data() + r * dp;
-      load_row(q.row(hk * G + r % G, row0 + r / G), q.stride_dim, dst, d);
-      for (index_t c = 0; c < d; ++c) dst[c] *= scale;
-    }
-    for (index_t j = 0; j < n; ++j) {
-      load_row(k.row(hk, j), k.stride_dim, kr.data(), d);
-      for (index_t r = 0; r < rows; ++r) {
-        Packet acc = pset1<Packet>(0.0f);
-        for (index_t c = 0; c < dp; c += L)
-          acc = pmadd(pload<Packet>(qf.data() + r * dp + c), pload<Packet>(kr.data() + c), acc);
-        s[static_cast<std::size_t>(r * np + j)] = off + row0 + r / G >= j ? predux(acc) : kNegInf;
+  const index_t np = (n + L - 1) / L * L;
+  std::vector<float> qf(static_cast<std::size_t>(rows * d)), kr(static_cast<std::size_t>(kKeys * d));
+  kernel::aligned_vector<float> s(static_cast<std::size_t>(rows * np)), col(static_cast<std::size_t>(np));
+  arch::dispatch(cpu_target(), [&](auto target) {
+    using T = decltype(target);
+    for (index_t hk = 0; hk < Hkv; ++hk) {
+      for (index_t r = 0; r < rows; ++r) {  // row r = i * G + g
+        float* dst = qf.data() + r * d;
+        load_row(q.row(hk * G + r % G, row0 + r / G), q.stride_dim, dst, d);
+        for (index_t c = 0; c < d; ++c) dst[c] *= scale;
       }
-    }
-    for (index_t r = 0; r < rows; ++r) {  // probabilities, in place
-      float* sr = s.data() + r * np;
-      std::fill(sr + n, sr + np, kNegInf);
-      Packet mx = pset1<Packet>(kNegInf);
-      for (index_t j = 0; j < np; j += L) mx = pmax(mx, pload<Packet>(sr + j));
-      const Packet m = pset1<Packet>(predux_max(mx));
-      Packet sum = pset1<Packet>(0.0f);
-      for (index_t j = 0; j < np; j += L) {
-        const Packet e = kernel::masked_exp(psub(pload<Packet>(sr + j), m));
-        pstore(sr + j, e);
-        sum = padd(sum, e);
+      for (index_t j0 = 0; j0 < n; j0 += kKeys) {
+        const index_t nk = std::min(kKeys, n - j0);
+        for (index_t j = 0; j < nk; ++j) load_row(k.row(hk, j0 + j), k.stride_dim, kr.data() + j * d, d);
+        T::row_dots(qf.data(), d, rows, kr.data(), d, nk, d, s.data() + j0, np);
       }
-      const Packet inv = pset1<Packet>(1.0f / predux(sum));
-      for (index_t j = 0; j < np; j += L) pstore(sr + j, pmul(pload<Packet>(sr + j), inv));
-    }
-    float* o = out + hk * stride;
-    for (index_t j = 0; j < n; j += L) {
-      Packet acc = pset1<Packet>(0.0f);
-      for (index_t r = 0; r < rows; ++r) {
-        const Packet p = pload<Packet>(s.data() + r * np + j);
-        acc = red == Reduce::sum ? padd(acc, p) : pmax(acc, p);
+      for (index_t r = 0; r < rows; ++r) {  // causal mask and padding, then probabilities
+        float* sr = s.data() + r * np;
+        std::fill(sr + std::min(n, off + row0 + r / G + 1), sr + np, -INFINITY);
       }
-      alignas(64) float buf[L];
-      pstore(buf, pmul(acc, pset1<Packet>(mult)));
-      std::copy(buf, buf + std::min(L, n - j), o + j);
+      T::softmax_rows(s.data(), np, rows, np);
+      T::reduce_columns(s.data(), np, rows, np, red == Reduce::max, mult, col.data());
+      std::copy(col.data(), col.data() + n, out + hk * stride);
     }
-  }
+  });
 }
 
 /// Attention-probability column scores. For each KV head hk and key j < n = k.tokens:
@@ -173,11 +149,7 @@ void column_scores_direct(const QV& q, index_t row0, const KV& k, float scale, R
 template <class QV, class KV>
 void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale, Reduce red,
                              float mult, float* out, index_t stride, Executor& executor) {
-  namespace mk = kernel::mk;
-  using namespace Eigen::internal;
-  using mk::Packet;
-  constexpr index_t T = mk::kTileQ;  // keys per tile: the micro-kernel's lanes
-  constexpr index_t L = mk::kLanes;
+  constexpr index_t T = arch::kMaxTileQ;  // keys per tile: the micro-kernel's query lanes
   constexpr index_t kRowBlock = 64;  // query rows per work item of pass 1
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const index_t Hkv = k.heads, G = q.heads / Hkv, n = k.tokens, d = q.dim;
@@ -205,9 +177,11 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
   const index_t tile_grain = std::max<index_t>(1, tiles / (4 * std::max(workers, 1)));
   auto pos_of = [&](index_t r) { return off + row0 + r / G; };  // row r = i * G + g
   // s[r][j] = logits of rows [r0, r1) x keys of tile t, -inf where causality masks (or padding).
+  const CpuTarget target = cpu_target();
   auto logits = [&](index_t r0, index_t r1, index_t t, float* s) {
-    mk::qk_block(kt.data() + t * d * T, T, qf.data() + r0 * d, d, static_cast<int>(r1 - r0),
-                 static_cast<int>(d), s, T);
+    arch::dispatch(target, [&](auto a) {
+      decltype(a)::qk_block(T, kt.data() + t * d * T, T, qf.data() + r0 * d, d, r1 - r0, d, s, T);
+    });
     const index_t j0 = t * T;
     for (index_t r = r0; r < r1; ++r) {
       const index_t first_masked = std::min(pos_of(r) + 1, n);
@@ -246,18 +220,7 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
       std::fill(l, l + (r1 - r0), 0.0f);
       for (index_t t = 0; t * T <= pos_of(r1 - 1); ++t) {
         logits(r0, r1, t, s);
-        for (index_t r = 0; r < r1 - r0; ++r) {
-          const float* sr = s + r * T;
-          Packet mx = pload<Packet>(sr);
-          for (index_t j = L; j < T; j += L) mx = pmax(mx, pload<Packet>(sr + j));
-          const float m_new = std::max(m[r], predux_max(mx));
-          if (m_new == kNegInf) continue;
-          Packet sum = pset1<Packet>(0.0f);
-          for (index_t j = 0; j < T; j += L)
-            sum = padd(sum, kernel::masked_exp(psub(pload<Packet>(sr + j), pset1<Packet>(m_new))));
-          l[r] = (m[r] == kNegInf ? 0.0f : l[r] * std::exp(m[r] - m_new)) + predux(sum);
-          m[r] = m_new;
-        }
+        arch::dispatch(target, [&](auto a) { decltype(a)::online_softmax_rows(s, T, r1 - r0, T, m, l); });
       }
       for (index_t r = r0; r < r1; ++r)
         lse[static_cast<std::size_t>(r)] = m[r - r0] + std::log(l[r - r0]);
@@ -265,24 +228,16 @@ void attention_column_scores(const QV& q, index_t row0, const KV& k, float scale
     // Pass 2: each key tile's probabilities exp(s - lse) (0 where masked), over rows in order.
     run_items(executor, tiles, [&](index_t t, int worker) {
       float* s = tile_logits.data() + worker * kRowBlock * T;
-      constexpr index_t V = T / L;
-      Packet acc[V];
-      for (auto& a : acc) a = pset1<Packet>(0.0f);
+      alignas(64) float acc[T] = {};
       for (index_t b = 0; b < blocks; ++b) {
         const index_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
         if (pos_of(r1 - 1) < t * T) continue;  // no row of this block sees the tile
         logits(r0, r1, t, s);
-        for (index_t r = 0; r < r1 - r0; ++r) {
-          const Packet ls = pset1<Packet>(lse[static_cast<std::size_t>(r0 + r)]);
-          for (index_t x = 0; x < V; ++x) {
-            const Packet p = kernel::masked_exp(psub(pload<Packet>(s + r * T + x * L), ls));
-            acc[x] = red == Reduce::sum ? padd(acc[x], p) : pmax(acc[x], p);
-          }
-        }
+        arch::dispatch(target, [&](auto a) {
+          decltype(a)::accumulate_probabilities(s, T, r1 - r0, T, lse.data() + r0, red == Reduce::max, acc);
+        });
       }
-      alignas(64) float buf[T];
-      for (index_t x = 0; x < V; ++x) pstore(buf + x * L, acc[x]);
-      for (index_t j = t * T; j < std::min(n, (t + 1) * T); ++j) o[j] = mult * buf[j - t * T];
+      for (index_t j = t * T; j < std::min(n, (t + 1) * T); ++j) o[j] = mult * acc[j - t * T];
     });
   }
 }

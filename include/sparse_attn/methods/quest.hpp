@@ -25,7 +25,7 @@
 
 #include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
-#include "sparse_attn/kernel/microkernels/convert.hpp"
+#include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/decode.hpp"
 #include "sparse_attn/kv/eviction.hpp"  // kv::detail::rank_key
@@ -61,33 +61,19 @@ struct QuestPlan {
 namespace quest {
 namespace detail {
 
-// U for pages [p0, p1) of KV head hk: out[p] = qp . max + qn . min (qp, qn already scaled).
+// U for pages [p0, p1) of KV head hk: out[p] = qp . max + qn . min (qp, qn already scaled),
+// on the CPU target's dot product (bounds read in their storage type).
 template <class T, class Cache>
 void page_bounds(const Cache& cache, index_t hk, const float* qp, const float* qn, index_t p0,
-                 index_t p1, float* out, float* scratch) {
-  using namespace Eigen::internal;
-  namespace mk = kernel::mk;
+                 index_t p1, float* out) {
   const index_t d = cache.head_dim();
-  constexpr int L = mk::kLanes;
-  const bool packets = mk::kPacketLoadable<T> && d % L == 0;
-  for (index_t p = p0; p < p1; ++p) {
-    const T* meta = cache.key_bounds(hk, p);
-    if (packets) {
-      mk::Packet a0 = pset1<mk::Packet>(0.0f), a1 = a0;
-      if constexpr (mk::kPacketLoadable<T>) {
-        for (index_t c = 0; c < d; c += L) {
-          a0 = pmadd(ploadu<mk::Packet>(qn + c), mk::load_packet(meta + c), a0);
-          a1 = pmadd(ploadu<mk::Packet>(qp + c), mk::load_packet(meta + d + c), a1);
-        }
-      }
-      out[p] = predux(padd(a0, a1));
-    } else {
-      load_row(meta, 1, scratch, 2 * d);
-      float acc = 0.0f;
-      for (index_t c = 0; c < d; ++c) acc += qn[c] * scratch[c] + qp[c] * scratch[d + c];
-      out[p] = acc;
+  arch::dispatch(cpu_target(), [&](auto a) {
+    using A = decltype(a);
+    for (index_t p = p0; p < p1; ++p) {
+      const T* meta = cache.key_bounds(hk, p);
+      out[p] = A::dot(qn, meta, d) + A::dot(qp, meta + d, d);
     }
-  }
+  });
 }
 
 }  // namespace detail
@@ -145,23 +131,17 @@ void select(const TensorView<TQ>& q, const Cache& cache, const QuestOptions& opt
   // Bounds, in page chunks over (unit, chunk) items.
   constexpr index_t kPagesPerItem = 256, kSerialPages = 4096;
   const index_t chunks = (max_pages + kPagesPerItem - 1) / kPagesPerItem;
-  auto bounds_of = [&](index_t it, float* scratch) {
+  auto bounds_of = [&](index_t it) {
     const index_t u = it / chunks, ch = it % chunks, hk = per_q ? u / G : u;
     const index_t p0 = ch * kPagesPerItem, p1 = std::min(cache.num_pages(hk), p0 + kPagesPerItem);
     const float* qp = qpn.data() + u * 2 * d;
-    detail::page_bounds<T>(cache, hk, qp, qp + d, p0, p1, plan.bounds.data() + u * max_pages,
-                           scratch);
+    detail::page_bounds<T>(cache, hk, qp, qp + d, p0, p1, plan.bounds.data() + u * max_pages);
   };
   if (units * max_pages < kSerialPages) {  // a small cache: a parallel region costs more
-    std::vector<float> scratch(static_cast<std::size_t>(2 * d));
-    for (index_t it = 0; it < units * chunks; ++it) bounds_of(it, scratch.data());
+    for (index_t it = 0; it < units * chunks; ++it) bounds_of(it);
   } else {
     sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
-      // 2d floats per worker (bounds of a page converted to fp32), allocated before any item.
-      const auto slots = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
-      std::vector<float> scratch(slots * static_cast<std::size_t>(2 * d));
-      run_items(ex, units * chunks,
-                [&](index_t it, int worker) { bounds_of(it, scratch.data() + worker * 2 * d); });
+      run_items(ex, units * chunks, [&](index_t it, int) { bounds_of(it); });
     });
   }
 

@@ -678,6 +678,140 @@ class DecodeItemRunner {
   const float* vf_[kDecodeBlock] = {};
 };
 
+// ---------------------------------------------------------------------------------------------
+// Row and column operations of the selections and eviction scoring (methods/, kv/eviction.hpp).
+// Matrices are row-major [rows][width] with row stride lds (a multiple of kMaxLanes, aligned).
+// ---------------------------------------------------------------------------------------------
+
+/// sum_c a[c] * b[c] (b of a storage type, widened exactly).
+template <class V, class T>
+inline float dot(const float* a, const T* b, index_t n) {
+  typename V::F acc0 = V::zero(), acc1 = V::zero();
+  index_t c = 0;
+  if constexpr (std::is_same_v<T, float> || V::kWidensHalf) {
+    for (; c + 2 * V::kLanes <= n; c += 2 * V::kLanes) {
+      acc0 = V::fmadd(V::loadu(a + c), V::load_as_float(b + c), acc0);
+      acc1 = V::fmadd(V::loadu(a + c + V::kLanes), V::load_as_float(b + c + V::kLanes), acc1);
+    }
+    for (; c + V::kLanes <= n; c += V::kLanes) acc0 = V::fmadd(V::loadu(a + c), V::load_as_float(b + c), acc0);
+  }
+  float tail = 0.0f;
+  for (; c < n; ++c) tail += a[c] * to_float(b[c]);
+  return V::reduce_add(V::add(acc0, acc1)) + tail;
+}
+
+/// s[r * lds + j] = q_r . k_j for rows r < rows (q rows of stride ldq) and keys j < nk (fp32 rows
+/// of stride ldk), over d dims.
+template <class V>
+inline void row_dots(const float* q, index_t ldq, index_t rows, const float* k, index_t ldk,
+                     index_t nk, index_t d, float* s, index_t lds) {
+  for (index_t j = 0; j < nk; ++j)
+    for (index_t r = 0; r < rows; ++r) s[r * lds + j] = dot<V>(q + r * ldq, k + j * ldk, d);
+}
+
+/// OnlineSoftmax update of every row r < rows over its `width` logits, without storing weights:
+/// m[r] <- max(m[r], max_j s[r][j]); l[r] <- l[r] e^{m_old - m_new} + sum_j e^{s[r][j] - m_new}.
+/// Rows still all -inf are left as they are. width: a multiple of kMaxLanes.
+template <class V>
+inline void online_softmax_rows(const float* s, index_t lds, index_t rows, index_t width, float* m,
+                                float* l) {
+  for (index_t r = 0; r < rows; ++r) {
+    const float* sr = s + r * lds;
+    typename V::F mx = V::load(sr);
+    for (index_t j = V::kLanes; j < width; j += V::kLanes) mx = V::max(mx, V::load(sr + j));
+    const float m_new = std::max(m[r], V::reduce_max(mx));
+    if (m_new == -INFINITY) continue;
+    const typename V::F mv = V::set1(m_new);
+    typename V::F sum = V::zero();
+    for (index_t j = 0; j < width; j += V::kLanes) sum = V::add(sum, V::masked_exp(V::sub(V::load(sr + j), mv)));
+    l[r] = (m[r] == -INFINITY ? 0.0f : l[r] * std::exp(m[r] - m_new)) + V::reduce_add(sum);
+    m[r] = m_new;
+  }
+}
+
+/// acc[j] <- acc[j] (+ or max) e^{s[r][j] - shift[r]} over rows r in order (0 where s = -inf):
+/// softmax probabilities of rows with known log-sum-exp, reduced over the rows per column.
+template <class V>
+inline void accumulate_probabilities(const float* s, index_t lds, index_t rows, index_t width,
+                                     const float* shift, bool take_max, float* acc) {
+  for (index_t j = 0; j < width; j += V::kLanes) {
+    typename V::F a = V::load(acc + j);
+    for (index_t r = 0; r < rows; ++r) {
+      const typename V::F p = V::masked_exp(V::sub(V::load(s + r * lds + j), V::set1(shift[r])));
+      a = take_max ? V::max(a, p) : V::add(a, p);
+    }
+    V::store(acc + j, a);
+  }
+}
+
+/// Column softmax of a key-major block: s is [keys][width] (width query lanes, padded lanes
+/// included), m[i] the max of column i. s <- e^{s - m} (0 for -inf), l[i] += the column sums.
+template <class V>
+inline void exp_columns(float* s, index_t lds, index_t keys, index_t width, const float* m, float* l) {
+  for (index_t j = 0; j < keys; ++j)
+    for (index_t i = 0; i < width; i += V::kLanes) {
+      const typename V::F p = V::masked_exp(V::sub(V::load(s + j * lds + i), V::load(m + i)));
+      V::store(s + j * lds + i, p);
+      V::store(l + i, V::add(V::load(l + i), p));
+    }
+}
+
+/// m[i] <- max(m[i], max_j s[j][i]) over keys j (key-major block).
+template <class V>
+inline void max_columns(const float* s, index_t lds, index_t keys, index_t width, float* m) {
+  for (index_t j = 0; j < keys; ++j)
+    for (index_t i = 0; i < width; i += V::kLanes) V::store(m + i, V::max(V::load(m + i), V::load(s + j * lds + i)));
+}
+
+/// s[j][i] <- s[j][i] * scale[i]; row_sum[j] = sum_i s[j][i] (key-major block).
+template <class V>
+inline void scale_columns(float* s, index_t lds, index_t keys, index_t width, const float* scale,
+                          float* row_sum) {
+  for (index_t j = 0; j < keys; ++j) {
+    typename V::F acc = V::zero();
+    for (index_t i = 0; i < width; i += V::kLanes) {
+      const typename V::F p = V::mul(V::load(s + j * lds + i), V::load(scale + i));
+      V::store(s + j * lds + i, p);
+      acc = V::add(acc, p);
+    }
+    row_sum[j] = V::reduce_add(acc);
+  }
+}
+
+/// Exact softmax of each row in place: s[r][j] <- e^{s - max_r} / sum (0 for -inf); width a
+/// multiple of kMaxLanes, padding -inf.
+template <class V>
+inline void softmax_rows(float* s, index_t lds, index_t rows, index_t width) {
+  for (index_t r = 0; r < rows; ++r) {
+    float* sr = s + r * lds;
+    typename V::F mx = V::set1(-INFINITY);
+    for (index_t j = 0; j < width; j += V::kLanes) mx = V::max(mx, V::load(sr + j));
+    const typename V::F m = V::set1(V::reduce_max(mx));
+    typename V::F sum = V::zero();
+    for (index_t j = 0; j < width; j += V::kLanes) {
+      const typename V::F e = V::masked_exp(V::sub(V::load(sr + j), m));
+      V::store(sr + j, e);
+      sum = V::add(sum, e);
+    }
+    const typename V::F inv = V::set1(1.0f / V::reduce_add(sum));
+    for (index_t j = 0; j < width; j += V::kLanes) V::store(sr + j, V::mul(V::load(sr + j), inv));
+  }
+}
+
+/// out[j] = mult * (sum or max over rows r of s[r][j]), j < width.
+template <class V>
+inline void reduce_columns(const float* s, index_t lds, index_t rows, index_t width, bool take_max,
+                           float mult, float* out) {
+  for (index_t j = 0; j < width; j += V::kLanes) {
+    typename V::F acc = V::zero();
+    for (index_t r = 0; r < rows; ++r) {
+      const typename V::F p = V::load(s + r * lds + j);
+      acc = take_max ? V::max(acc, p) : V::add(acc, p);
+    }
+    V::store(out + j, V::mul(acc, V::set1(mult)));
+  }
+}
+
 }  // namespace body
 
 /// The entry points the kernel drivers call through arch::dispatch (one real call per work
@@ -707,6 +841,36 @@ struct Target {
                               const DecodeScratch& ws, index_t* map) {
     const body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, 1.0f, false, 1, bf16_dot, ws);
     for (index_t c = 0; c < runner.padded_dv(); ++c) map[c] = runner.out_dim(c);
+  }
+
+  template <class T>
+  static float dot(const float* a, const T* b, index_t n) { return body::dot<Vec>(a, b, n); }
+  static void row_dots(const float* q, index_t ldq, index_t rows, const float* k, index_t ldk,
+                       index_t nk, index_t d, float* s, index_t lds) {
+    body::row_dots<Vec>(q, ldq, rows, k, ldk, nk, d, s, lds);
+  }
+  static void online_softmax_rows(const float* s, index_t lds, index_t rows, index_t width, float* m, float* l) {
+    body::online_softmax_rows<Vec>(s, lds, rows, width, m, l);
+  }
+  static void accumulate_probabilities(const float* s, index_t lds, index_t rows, index_t width,
+                                       const float* shift, bool take_max, float* acc) {
+    body::accumulate_probabilities<Vec>(s, lds, rows, width, shift, take_max, acc);
+  }
+  static void exp_columns(float* s, index_t lds, index_t keys, index_t width, const float* m, float* l) {
+    body::exp_columns<Vec>(s, lds, keys, width, m, l);
+  }
+  static void max_columns(const float* s, index_t lds, index_t keys, index_t width, float* m) {
+    body::max_columns<Vec>(s, lds, keys, width, m);
+  }
+  static void scale_columns(float* s, index_t lds, index_t keys, index_t width, const float* scale, float* row_sum) {
+    body::scale_columns<Vec>(s, lds, keys, width, scale, row_sum);
+  }
+  static void softmax_rows(float* s, index_t lds, index_t rows, index_t width) {
+    body::softmax_rows<Vec>(s, lds, rows, width);
+  }
+  static void reduce_columns(const float* s, index_t lds, index_t rows, index_t width, bool take_max,
+                             float mult, float* out) {
+    body::reduce_columns<Vec>(s, lds, rows, width, take_max, mult, out);
   }
 
   /// S[j][i] = sum_c K[j][c] Qt[c][i] for i < rows (queries transposed, ldq a multiple of 64).

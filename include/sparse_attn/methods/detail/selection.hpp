@@ -16,7 +16,7 @@
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/kernel/common.hpp"
-#include "sparse_attn/kernel/microkernels/packet.hpp"
+#include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
@@ -163,19 +163,20 @@ void mean_pool(const TensorView<T>& v, index_t h, index_t block, float* out,
   }
 }
 
-/// Scratch of pooled_scores: O(nk * kTileQ) floats.
+/// Scratch of pooled_scores: O(nk * 64) floats.
 struct PooledScratch {
   aligned_vector<float> qt, s;
   std::vector<float> col;
 };
 
 /// For every row r of pq ([nq][d]): scores[j] = scale * pq[r] . pk[j] for j < count(r) (pk:
-/// [nk][d]), handed to f(r, scores). Rows are processed kTileQ at a time with mk::qk_block.
+/// [nk][d]), handed to f(r, scores). Rows are processed 64 at a time by the CPU target's
+/// prefill micro-kernel (queries in the lanes).
 template <class Count, class F>
 void pooled_scores(const float* pq, index_t nq, const float* pk, index_t nk, index_t d, float scale,
                    Count&& count, PooledScratch& ws, F&& f) {
-  using kernel::mk::kTileQ;
-  const index_t ldq = kTileQ;
+  const index_t ldq = arch::kMaxTileQ;
+  const CpuTarget target = cpu_target();
   ws.qt.resize(static_cast<std::size_t>(d * ldq));
   ws.s.resize(static_cast<std::size_t>(std::max<index_t>(nk, 1) * ldq));
   ws.col.resize(static_cast<std::size_t>(std::max<index_t>(nk, 1)));
@@ -188,8 +189,9 @@ void pooled_scores(const float* pq, index_t nq, const float* pk, index_t nk, ind
       for (index_t i = 0; i < rows; ++i)
         for (index_t c = 0; c < d; ++c)
           ws.qt[static_cast<std::size_t>(c * ldq + i)] = pq[(r0 + i) * d + c] * scale;
-      kernel::mk::qk_block(ws.qt.data(), ldq, pk, d, static_cast<int>(width), static_cast<int>(d),
-                           ws.s.data(), ldq);
+      arch::dispatch(target, [&](auto a) {
+        decltype(a)::qk_block(rows, ws.qt.data(), ldq, pk, d, width, d, ws.s.data(), ldq);
+      });
     }
     for (index_t i = 0; i < rows; ++i) {
       const index_t n = std::min(nk, count(r0 + i));
@@ -228,8 +230,8 @@ inline double sqrt_js_divergence(const float* p, const float* q, index_t n) {
 // Attention estimate from the last queries (Vertical-Slash, FlexPrefill)
 // ---------------------------------------------------------------------------------------------
 
-/// Scratch of last_queries_mass: the logits of w queries against every key, n_k x roundup(w,
-/// kTileQ) floats (256 bytes per key at w = 64 with AVX-512), plus O(w * d) and a key chunk.
+/// Scratch of last_queries_mass: the logits of w queries against every key, n_k x roundup(w, 64)
+/// floats (256 bytes per key at w = 64), plus O(w * d) and a key chunk.
 struct EstimateScratch {
   aligned_vector<float> qt, s, m, inv_l, kbuf;
   std::vector<float> row;
@@ -241,17 +243,15 @@ struct EstimateScratch {
 template <class QV, class KV>
 void last_queries_mass(const QV& q, const KV& k, index_t h, index_t hk, index_t w, float scale,
                        EstimateScratch& ws, float* vertical, float* slash) {
-  using namespace Eigen::internal;
-  using kernel::mk::kLanes;
-  using kernel::mk::kTileQ;
-  using kernel::mk::Packet;
+  constexpr index_t kTileQ = arch::kMaxTileQ;
   const index_t n_k = k.tokens, d = q.dim;
   std::fill(vertical, vertical + n_k, 0.0f);
   std::fill(slash, slash + n_k, 0.0f);
   if (w <= 0 || n_k == 0) return;
   const index_t ldq = (w + kTileQ - 1) / kTileQ * kTileQ;
   const index_t p_first = n_k - w;  // absolute position of the first estimated query
-  constexpr index_t kChunk = 240;   // keys converted per step (a multiple of mk::kRows)
+  constexpr index_t kChunk = 240;   // keys converted per step (a multiple of the 6-row tile)
+  const CpuTarget target = cpu_target();
   ws.qt.assign(static_cast<std::size_t>(d * ldq), 0.0f);
   ws.s.resize(static_cast<std::size_t>(n_k * ldq));
   ws.m.assign(static_cast<std::size_t>(ldq), -kInf);
@@ -268,37 +268,23 @@ void last_queries_mass(const QV& q, const KV& k, index_t h, index_t hk, index_t 
     const index_t nk = std::min(kChunk, n_k - j0);
     index_t ldk = 0;
     const float* kp = kernel::fp32_rows(k, hk, j0, nk, ws.kbuf.data(), ldk);
-    for (index_t t = 0; t < ldq; t += kTileQ)
-      kernel::mk::qk_block(ws.qt.data() + t, ldq, kp, ldk, static_cast<int>(nk),
-                           static_cast<int>(d), s + j0 * ldq + t, ldq);
+    arch::dispatch(target, [&](auto a) {
+      decltype(a)::qk_block(ldq, ws.qt.data(), ldq, kp, ldk, nk, d, s + j0 * ldq, ldq);
+    });
   }
   // Causal corner: key j is in the future of queries i with p_first + i < j.
   for (index_t j = p_first + 1; j < n_k; ++j)
     for (index_t i = 0; i < j - p_first; ++i) s[j * ldq + i] = -kInf;
-  // Row max (vertical over keys), padded query lanes get m = +inf so they contribute e^{-inf} = 0.
+  // Column softmax over keys: padded query lanes get m = +inf so they contribute e^{-inf} = 0.
   float* m = ws.m.data();
-  for (index_t j = 0; j < n_k; ++j)
-    for (index_t i = 0; i < ldq; i += kLanes)
-      pstore(m + i, pmax(pload<Packet>(m + i), pload<Packet>(s + j * ldq + i)));
-  for (index_t i = w; i < ldq; ++i) m[i] = kInf;
   float* inv_l = ws.inv_l.data();
-  for (index_t j = 0; j < n_k; ++j)
-    for (index_t i = 0; i < ldq; i += kLanes) {
-      const Packet p =
-          kernel::masked_exp(psub(pload<Packet>(s + j * ldq + i), pload<Packet>(m + i)));
-      pstore(s + j * ldq + i, p);
-      pstore(inv_l + i, padd(pload<Packet>(inv_l + i), p));
-    }
+  arch::dispatch(target, [&](auto a) { decltype(a)::max_columns(s, ldq, n_k, ldq, m); });
+  for (index_t i = w; i < ldq; ++i) m[i] = kInf;
+  arch::dispatch(target, [&](auto a) { decltype(a)::exp_columns(s, ldq, n_k, ldq, m, inv_l); });
   for (index_t i = 0; i < ldq; ++i) inv_l[i] = inv_l[i] > 0.0f ? 1.0f / inv_l[i] : 0.0f;
+  arch::dispatch(target, [&](auto a) { decltype(a)::scale_columns(s, ldq, n_k, ldq, inv_l, vertical); });
   for (index_t j = 0; j < n_k; ++j) {
-    float* sj = s + j * ldq;
-    Packet acc = pset1<Packet>(0.0f);
-    for (index_t i = 0; i < ldq; i += kLanes) {
-      const Packet p = pmul(pload<Packet>(sj + i), pload<Packet>(inv_l + i));
-      pstore(sj + i, p);
-      acc = padd(acc, p);
-    }
-    vertical[j] = predux(acc);
+    const float* sj = s + j * ldq;
     // Query i sits at p_first + i, so it meets key j on offset p_first + i - j (>= 0 only).
     for (index_t i = std::max<index_t>(0, j - p_first); i < w; ++i) slash[p_first + i - j] += sj[i];
   }
