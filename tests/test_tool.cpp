@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
+#include <sparse_attn/arch/target.hpp>
 #include <sparse_attn/io/npy.hpp>
 #include <sstream>
 #include <string>
@@ -411,6 +412,25 @@ class Attend : public TempDirTest {
     return a;
   }
 };
+
+TEST_F(Attend, ReportsAndHonoursTheCpuTarget) {
+  const RunResult best = run(good_args());
+  ASSERT_EQ(best.rc, 0) << best.err;
+  EXPECT_EQ(parse_one_json_line(best.out)["cpu_target"], sparse_attn::target_name(sparse_attn::best_cpu_target()));
+  const std::vector<float> best_out = read_npy(path("o.npy")).values<float>();
+  ::setenv("SPARSE_ATTN_TARGET", "generic", 1);
+  const RunResult generic = run(good_args());
+  ::unsetenv("SPARSE_ATTN_TARGET");
+  ASSERT_EQ(generic.rc, 0) << generic.err;
+  EXPECT_EQ(parse_one_json_line(generic.out)["cpu_target"], "generic");
+  const std::vector<float> generic_out = read_npy(path("o.npy")).values<float>();
+  ASSERT_EQ(generic_out.size(), best_out.size());
+  for (std::size_t i = 0; i < best_out.size(); ++i) EXPECT_NEAR(generic_out[i], best_out[i], 1e-5);
+  fs::remove(path("o.npy"));
+  ::setenv("SPARSE_ATTN_TARGET", "avx1024", 1);
+  expect_rejected(good_args(), "unknown CPU target 'avx1024'; allowed: generic, avx2, avx512, avx512_bf16");
+  ::unsetenv("SPARSE_ATTN_TARGET");
+}
 
 TEST_F(Attend, DenseCausalMatchesNaiveReference) {
   Problem p;

@@ -481,6 +481,7 @@ void run_attend(const AttendArgs& a) {
   j["block"] = effective_block(a);
   j["scale"] = std::isnan(a.scale) ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : a.scale;
   j["threads"] = OpenMPExecutor(a.threads).concurrency();
+  j["cpu_target"] = target_name(cpu_target());
   for (auto it = r.fields.begin(); it != r.fields.end(); ++it) j[it.key()] = it.value();
   if (std::isnan(r.target_compression))
     j["target_compression"] = nullptr;

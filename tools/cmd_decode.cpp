@@ -230,6 +230,7 @@ void run_decode(const DecodeArgs& a) {
     j["target_compression"] = a.compression;
   j["scale"] = std::isnan(a.scale) ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : a.scale;
   j["threads"] = OpenMPExecutor(a.threads).concurrency();
+  j["cpu_target"] = target_name(cpu_target());
   j["cache_tokens_after_prefill"] = r.cache_after_prefill;
   j["mean_achieved_compression"] = r.mean_compression;
   j["prefill_evict_ms"] = r.prefill_evict_ms;

@@ -114,7 +114,8 @@ void run_eval(const EvalArgs& a) {
                   {"n_q", q.tokens}, {"n_k", k.tokens}, {"d", q.dim}, {"dv", v.dim}};
   doc["options"] = {{"phase", a.phase}, {"methods", a.methods}, {"compression", opt.compressions},
                     {"last_rows", a.last_rows}, {"lengths", lengths},
-                    {"threads", OpenMPExecutor(a.threads).concurrency()}};
+                    {"threads", OpenMPExecutor(a.threads).concurrency()},
+                    {"cpu_target", target_name(cpu_target())}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["panels"] = nlohmann::ordered_json::array();

@@ -117,6 +117,9 @@ void run_frontier(const FrontierArgs& a) {
     std::fprintf(stderr, "sparse-attn: frontier [%6.1fs] %s\n", sec, s.c_str());
   };
 
+  std::printf("sparse-attn frontier: kernels on CPU target %s, %d thread(s)\n",
+              target_name(cpu_target()), OpenMPExecutor(a.threads).concurrency());
+
   eval::EvalOptions opt_real = opt;  // finer near CR 1: where the error crosses 1% and 5%
   opt_real.compressions = report::parse_compressions(a.real_compression);
 
@@ -214,7 +217,8 @@ void run_frontier(const FrontierArgs& a) {
   doc["options"] = {{"compression", opt.compressions}, {"real_compression", opt_real.compressions},
                     {"last_rows", a.last_rows},
                     {"synthetic_tokens", N}, {"data_dir", a.data_dir},
-                    {"threads", OpenMPExecutor(a.threads).concurrency()}};
+                    {"threads", OpenMPExecutor(a.threads).concurrency()},
+                    {"cpu_target", target_name(cpu_target())}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["tinyllama_l3_21_mean"] = nlohmann::ordered_json::array();
