@@ -45,19 +45,20 @@ struct Vec {
   static F max(F a, F b) { return _mm512_max_ps(b, a); }
   /// x where x != -inf, else 0.
   static F zero_if_neg_inf(F x) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(-INFINITY), _CMP_NEQ_UQ), x);
+    return _mm512_maskz_mov_ps(_mm512_cmpneq_ps_mask(x, set1(-INFINITY)), x);
   }
   static float reduce_add(F x) { return _mm512_reduce_add_ps(x); }
   static float reduce_max(F x) { return _mm512_reduce_max_ps(x); }
   static float reduce_min(F x) { return _mm512_reduce_min_ps(x); }
 
-  /// e^x for x in [-88.37, 88.37] (clamped outside), relative error ~2 ulp; NaN stays NaN.
-  /// Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for e^r, then 2^n
-  /// built in the exponent field.
+  /// e^x for x in [-87.9, 88.37] (clamped outside; results below FLT_MIN flush to 0), relative
+  /// error ~2 ulp; NaN stays NaN. Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2 (n rounded
+  /// to nearest by the 1.5 * 2^23 shift), a degree-7 polynomial for e^r, then 2^n built in the
+  /// exponent field.
   static F exp(F x) {
-    x = _mm512_min_ps(set1(88.3762626647950f), _mm512_max_ps(set1(-88.3762626647949f), x));
-    const F n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, set1(1.44269504088896341f), set1(0.5f)),
-                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_min_ps(set1(88.3762626647950f), _mm512_max_ps(set1(-87.9f), x));
+    const F shift = set1(12582912.0f);
+    const F n = _mm512_sub_ps(_mm512_fmadd_ps(x, set1(1.44269504088896341f), shift), shift);
     F r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
     F y = set1(1.9875691500e-4f);
@@ -73,7 +74,7 @@ struct Vec {
   /// e^x with e^x = 0 exactly for x <= -87 and x = -inf (masked logits never leak weight); NaN
   /// stays NaN (a corrupt logit poisons its row instead of vanishing).
   static F masked_exp(F x) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(-87.0f), _CMP_NLE_UQ), exp(x));
+    return _mm512_maskz_mov_ps(_mm512_cmpnle_ps_mask(x, set1(-87.0f)), exp(x));
   }
 
   /// kLanes elements of T at p (unaligned) as fp32: exact for bf16 (a shift) and fp16.
@@ -130,12 +131,12 @@ struct Vec {
     for (int i = 0; i < np; ++i) {
       const F x = _mm512_loadu_ps(sg + 16 * i);
       mx = _mm512_max_ps(x, mx);  // NaN x: keeps mx, so m stays a number
-      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
+      nan = static_cast<__mmask16>(nan | _mm512_cmpunord_ps_mask(x, x));
     }
     mx = reduce_rows<KR, true>(mx);
     const F m_old = load_rows<KR>(m);
     const F m_new = _mm512_max_ps(m_old, mx);
-    const __mmask16 live = _mm512_cmp_ps_mask(m_new, set1(-INFINITY), _CMP_NEQ_OQ);
+    const __mmask16 live = _mm512_cmpneq_ps_mask(m_new, set1(-INFINITY));
     if (live == 0 && nan == 0) return false;
     const F m_use = _mm512_maskz_mov_ps(live, m_new);
     const F a = masked_exp(_mm512_sub_ps(m_old, m_use));

@@ -29,7 +29,7 @@ struct Vec : avx512::Vec {
                       F* acc) {
     for (int i = 0; i < KJ * KR; ++i) acc[i] = _mm512_setzero_ps();
     for (std::int64_t c = 0; c < d; c += 32) {
-      __m512i kv[KJ];
+      __m512i kv[static_cast<std::size_t>(KJ)];
       for (int jj = 0; jj < KJ; ++jj)
         kv[jj] = _mm512_loadu_si512(reinterpret_cast<const void*>(kp[jj] + c));
       for (int rr = 0; rr < KR; ++rr) {
@@ -45,8 +45,8 @@ struct Vec : avx512::Vec {
   /// holds the bf16 pair (p[r][j], p[r][j+1]) as one 32-bit word, a and b are v_j and v_{j+1}.
   template <int KR, int NP>
   static void pv_bf16_pair(const bf16* a, const bf16* b, std::int64_t c0, const std::uint32_t* pp,
-                           F (*acc)[NP]) {
-    __m512i lohi[NP];
+                           F (*acc)[static_cast<std::size_t>(NP)]) {
+    __m512i lohi[static_cast<std::size_t>(NP)];
     for (int x = 0; x < NP; x += 2) {
       const __m512i va = _mm512_loadu_si512(reinterpret_cast<const void*>(a + c0 + x * 16));
       const __m512i vb = _mm512_loadu_si512(reinterpret_cast<const void*>(b + c0 + x * 16));

@@ -10,6 +10,13 @@
 
 namespace body {
 
+// Register arrays of N (N x M) packets. The bound is converted explicitly: GCC's -Wsign-conversion
+// flags an int template parameter used as the bound of an array of vector type.
+template <class V, int N>
+using Packets = typename V::F[static_cast<std::size_t>(N)];
+template <class V, int N, int M>
+using Packets2 = typename V::F[static_cast<std::size_t>(N)][static_cast<std::size_t>(M)];
+
 // ---------------------------------------------------------------------------------------------
 // Register-blocked fp32 micro-kernels. Queries are kept transposed (Qt[c][i], i = query within
 // the tile), so every product is "broadcast one K or V element, multiply a vector of queries":
@@ -22,11 +29,11 @@ namespace body {
 template <class V, int NJ, int VV>
 inline void qk_tile(const float* qt, index_t ldq, const float* k, index_t ldk, index_t d, float* s,
                     index_t lds) {
-  typename V::F acc[NJ][VV];
+  Packets2<V, NJ, VV> acc;
   for (int j = 0; j < NJ; ++j)
     for (int v = 0; v < VV; ++v) acc[j][v] = V::zero();
   for (index_t c = 0; c < d; ++c) {
-    typename V::F qv[VV];
+    Packets<V, VV> qv;
     for (int v = 0; v < VV; ++v) qv[v] = V::load(qt + c * ldq + v * V::kLanes);
     for (int j = 0; j < NJ; ++j) {
       const typename V::F b = V::set1(k[j * ldk + c]);
@@ -41,11 +48,11 @@ inline void qk_tile(const float* qt, index_t ldq, const float* k, index_t ldk, i
 template <class V, int NC, int VV>
 inline void pv_tile(const float* p, index_t ldp, index_t nk, const float* vmat, index_t ldv,
                     index_t c0, float* ot, index_t ldo) {
-  typename V::F acc[NC][VV];
+  Packets2<V, NC, VV> acc;
   for (int c = 0; c < NC; ++c)
     for (int v = 0; v < VV; ++v) acc[c][v] = V::load(ot + (c0 + c) * ldo + v * V::kLanes);
   for (index_t j = 0; j < nk; ++j) {
-    typename V::F pv[VV];
+    Packets<V, VV> pv;
     for (int v = 0; v < VV; ++v) pv[v] = V::load(p + j * ldp + v * V::kLanes);
     const float* vr = vmat + j * ldv + c0;
     for (int c = 0; c < NC; ++c) {
@@ -516,7 +523,7 @@ class DecodeItemRunner {
   template <int KR>
   void logits(index_t r0, int j0, float* dst) {
     constexpr int KJ = 16 / KR;
-    typename V::F acc[16];
+    Packets<V, 16> acc;
     if constexpr (V::kHasBf16Dot && std::is_same_v<TK, bf16>) {
       if (k_dot_) {
         V::template qk_bf16<KJ, KR>(kraw_ + j0, qb_ + r0 * d_, d_, d_, acc);
@@ -541,7 +548,7 @@ class DecodeItemRunner {
   void dots(const ET* const* kp, index_t r0, typename V::F* acc, float* dst) {
     for (int i = 0; i < 16; ++i) acc[i] = V::zero();
     for (index_t x = 0; x < dp_ / V::kLanes; ++x) {
-      typename V::F kv[KJ];
+      Packets<V, KJ> kv;
       for (int jj = 0; jj < KJ; ++jj) kv[jj] = load_k<ET, Pairs>(kp[jj], x);
       for (int rr = 0; rr < KR; ++rr) {
         const typename V::F qv = V::load(qs_ + (r0 + rr) * dp_ + x * V::kLanes);
@@ -557,7 +564,7 @@ class DecodeItemRunner {
   bool softmax(float* sg, int nj_pad, DecodePartial out, index_t r0) {
     float* m = out.m + r0;
     float* l = out.l + r0;
-    float alpha[KR];
+    float alpha[static_cast<std::size_t>(KR)];
     if constexpr (V::kHasRowSoftmax) {
       if (!V::template online_softmax_rows<KR>(sg, nj_pad * KR / 16, m, l, alpha)) return false;
     } else {
@@ -591,11 +598,11 @@ class DecodeItemRunner {
   }
   template <int KR, int NP, bool Pairs, class ET>
   void pv_tile(const float* sg, int nj, index_t r0, const ET* const* vp, index_t c0, float* o) {
-    typename V::F acc[KR][NP];
+    Packets2<V, KR, NP> acc;
     for (int r = 0; r < KR; ++r)
       for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * V::kLanes);
     for (int jj = 0; jj < nj; ++jj) {
-      typename V::F vv[NP];
+      Packets<V, NP> vv;
       for (int x = 0; x < NP; ++x) {
         if constexpr (Pairs && std::is_same_v<ET, bf16> && V::kHasBf16Pairs)
           vv[x] = V::load_bf16_pair(vp[jj], c0 / V::kLanes + x);
@@ -636,7 +643,7 @@ class DecodeItemRunner {
   template <int KR, int NP>
   void pv_dot_tile(int npairs, int nj, index_t r0, index_t c0, float* o) {
     if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) {
-      typename V::F acc[KR][NP];
+      Packets2<V, KR, NP> acc;
       for (int r = 0; r < KR; ++r)
         for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * 16);
       for (int jp = 0; jp < npairs; ++jp) {
