@@ -6,6 +6,7 @@
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
 #include <cmath>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -29,8 +30,27 @@ struct AttentionOptions {
 
 namespace kernel {
 
+/// Allocates on 64-byte boundaries whatever the includer's -march: the dispatched AVX-512 code
+/// uses aligned 64-byte loads even in a portable build, where Eigen's aligned_allocator only
+/// guarantees 16 bytes.
 template <class T>
-using aligned_vector = std::vector<T, Eigen::aligned_allocator<T>>;
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const noexcept { return false; }
+};
+
+template <class T>
+using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
 
 /// Resolves and validates the softmax scale.
 inline float resolve_scale(float scale, index_t d, const char* where) {
