@@ -8,19 +8,19 @@
 # "aarch64_tests: SKIPPED" (ctest reports the test as skipped) when the cross compiler or
 # qemu-aarch64 is not installed (Debian: g++-aarch64-linux-gnu qemu-user).
 #
-# FILTER: a gtest filter. Under qemu every instruction is emulated (tens of times slower than
-# native), so the default runs only the prefill and decode checks against the double-precision
-# oracle (masks, dtypes, GQA, head dims, split-KV, token-major layouts) and skips the rest of
-# test_kernels: the Fidelity* sweeps over data files (minutes under emulation, no kernel path the
-# prefill/decode checks miss) and the validation and mask-bookkeeping tests, which have no
-# ISA-specific code. docs/ROBUSTNESS.md has the measured times. -DFILTER=* runs everything.
+# FILTER: a gtest filter. Under qemu every instruction is emulated, and test_kernels' Fidelity*
+# tests (eval/ accuracy sweeps over the bundled data files) had not finished after 17 minutes
+# while everything else (prefill and decode against the double-precision oracle for every mask
+# kind, dtype, GQA group, head dim, split and layout, merge_states, masks, CPU targets) takes about
+# 15 s; they add no kernel path the oracle checks miss. So the default skips Fidelity*;
+# -DFILTER=* runs everything.
 foreach(v SOURCE_DIR WORK_DIR)
   if(NOT DEFINED ${v})
     message(FATAL_ERROR "RunAarch64Tests: ${v} not set")
   endif()
 endforeach()
 if(NOT DEFINED FILTER)
-  set(FILTER "Prefill*:Decode*")
+  set(FILTER "-Fidelity*")
 endif()
 if(NOT DEFINED JOBS)
   set(JOBS 2)
@@ -46,8 +46,10 @@ if(NOT EXISTS ${EIGEN3_DIR}/Eigen3Config.cmake)
 endif()
 
 set(build ${WORK_DIR}/build)
-# The project's own flags for the target: armv8-a, not the host's -march.
-set(args -S ${SOURCE_DIR} -B ${build} -DCMAKE_BUILD_TYPE=Release
+# The project's own flags for the target: armv8-a, not the host's -march. -Wno-psabi: GCC notes
+# that std::pair<float, float> is passed as in GCC < 10.1 no more, which only matters when linking
+# objects of such old compilers.
+set(args -S ${SOURCE_DIR} -B ${build} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-Wno-psabi
          -DCMAKE_TOOLCHAIN_FILE=${SOURCE_DIR}/cmake/toolchains/aarch64-linux-gnu.cmake
          -DEigen3_DIR=${EIGEN3_DIR} -DSPARSE_ATTN_NATIVE=OFF -DSPARSE_ATTN_ARCH=armv8-a
          -DSPARSE_ATTN_BUILD_TOOLS=OFF -DSPARSE_ATTN_BUILD_BENCHMARKS=OFF

@@ -1,11 +1,15 @@
 # cmake -DSOURCE_DIR=... -DWORK_DIR=... [-DCXX_COMPILER=...] [-DGENERATOR=...] [-DTOOL=ON|OFF]
-#       [-DJOBS=...] -P RunPortableTests.cmake
+#       [-DTARGETS=auto;generic] [-DJOBS=...] -P RunPortableTests.cmake
 # Builds every library test (test_kernels, test_prefill_methods, test_decode_methods,
 # test_hardening; with TOOL=ON also the sparse-attn tool and test_tool) for the portable baseline
-# (-march=x86-64-v2: no AVX, generic Eigen packets, no AVX-512 paths) and runs them all, so every
-# ISA path the headers pick is tested by the whole suite, not only by the kernel tests.
-# TOOL defaults to OFF: the tool needs CLI11 and nlohmann_json, which a bare checkout may lack;
-# tests/CMakeLists.txt passes its own SPARSE_ATTN_BUILD_TOOLS.
+# -march=x86-64-v2 and runs them all once per CPU target in TARGETS. Such a build holds the generic
+# kernels (Eigen's SSE packets) and the run-time dispatched AVX2 / AVX-512 / AVX-512-BF16 ones
+# (arch/target.hpp): "auto" runs what the portable binary picks on this CPU (its best target, code
+# compiled by target attribute, not by -march as in the main build), "generic" forces the baseline
+# every x86-64 CPU runs (SPARSE_ATTN_TARGET=generic). The targets between the two are checked by
+# test_kernels' Targets.* tests in both runs. TOOL defaults to OFF: the tool needs CLI11 and
+# nlohmann_json, which a bare checkout may lack; tests/CMakeLists.txt passes its own
+# SPARSE_ATTN_BUILD_TOOLS.
 foreach(v SOURCE_DIR WORK_DIR)
   if(NOT DEFINED ${v})
     message(FATAL_ERROR "RunPortableTests: ${v} not set")
@@ -14,15 +18,17 @@ endforeach()
 if(NOT DEFINED TOOL)
   set(TOOL OFF)
 endif()
+if(NOT DEFINED TARGETS)
+  set(TARGETS auto generic)
+endif()
 if(NOT DEFINED JOBS)
   set(JOBS 2)
 endif()
 
-# Build type "Portable": -O1 for every target, the tool's -O3 and the tests' FAST_BUILD -O2 being
-# Release-only. This build exists to check results on the generic paths, not their speed, and the
-# nested compile of the header-only library in each translation unit dominates its cost (see
-# docs/ROBUSTNESS.md for the measured times). NDEBUG as in Release: the asserts run in the
-# sanitizer build already.
+# Build type "Portable": -O1 -DNDEBUG for every executable (Release would give the tests -O2 and
+# the tool -O3). This build checks results, not speed, and compiling the header-only library once
+# per translation unit is most of its cost: -O1 cuts that by a third (docs/ROBUSTNESS.md has the
+# times). NDEBUG as in Release: the sanitizer build runs the asserts.
 set(args -S ${SOURCE_DIR} -B ${WORK_DIR} -DCMAKE_BUILD_TYPE=Portable
          "-DCMAKE_CXX_FLAGS_PORTABLE=-O1 -DNDEBUG"
          -DSPARSE_ATTN_NATIVE=OFF -DSPARSE_ATTN_ARCH=
@@ -38,12 +44,10 @@ if(CXX_COMPILER)
   list(APPEND args -DCMAKE_CXX_COMPILER=${CXX_COMPILER})
 endif()
 
-set(targets test_kernels test_prefill_methods test_decode_methods test_hardening)
+set(tests test_kernels test_prefill_methods test_decode_methods test_hardening)
 if(TOOL)
-  list(APPEND targets test_tool)
+  list(APPEND tests test_tool)
 endif()
-# Two OpenMP threads: CI has two cores.
-set(env OMP_NUM_THREADS=2)
 
 function(run_step name)
   string(TIMESTAMP t0 "%s")
@@ -60,6 +64,14 @@ run_step(configure ${CMAKE_COMMAND} ${args})
 # "all" is exactly the test executables (and the tool test_tool runs) here, and unlike a --target
 # list it compiles them in parallel.
 run_step(build ${CMAKE_COMMAND} --build ${WORK_DIR} -j${JOBS})
-foreach(t ${targets})
-  run_step(${t} ${CMAKE_COMMAND} -E env ${env} ${WORK_DIR}/tests/${t} --gtest_brief=1)
+foreach(target IN LISTS TARGETS)
+  # Two OpenMP threads: CI has two cores. "auto": no override, even one from the caller's env.
+  if(target STREQUAL "auto")
+    set(env --unset=SPARSE_ATTN_TARGET OMP_NUM_THREADS=2)
+  else()
+    set(env SPARSE_ATTN_TARGET=${target} OMP_NUM_THREADS=2)
+  endif()
+  foreach(t IN LISTS tests)
+    run_step("${t} (${target})" ${CMAKE_COMMAND} -E env ${env} ${WORK_DIR}/tests/${t} --gtest_brief=1)
+  endforeach()
 endforeach()

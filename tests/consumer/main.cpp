@@ -27,7 +27,12 @@ int main() {
       }
   for (float x : o)
     if (!std::isfinite(x) || x < 0.0f || x > 4.0f) return 1;  // convex mix of V's values in [0, 4]
-  std::printf("consumer: ok (pairs=%lld, compression=%.2f)\n", static_cast<long long>(mask.pairs()),
-              mask.compression());
+#if defined(_OPENMP)
+  const char* openmp = "on";
+#else
+  const char* openmp = "off";  // what RunInstallConsumer.cmake checks without OpenMP
+#endif
+  std::printf("consumer: ok (pairs=%lld, compression=%.2f, OpenMP %s)\n",
+              static_cast<long long>(mask.pairs()), mask.compression(), openmp);
   return 0;
 }

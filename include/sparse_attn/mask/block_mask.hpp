@@ -149,11 +149,12 @@ class BlockListMask {
 
   template <class F>
   void for_each_block(index_t h, index_t qb, F&& f) const {
-    const index_t row = (shared_ ? 0 : h) * shape_.num_q_blocks() + qb;
-    for (index_t e = offsets_[row]; e < offsets_[row + 1]; ++e) f(index_t{blocks_[e]}, full_[e] != 0);
+    const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() + qb);
+    for (auto e = static_cast<std::size_t>(offsets_[row]); e < static_cast<std::size_t>(offsets_[row + 1]); ++e)
+      f(index_t{blocks_[e]}, full_[e] != 0);
   }
   index_t num_blocks(index_t h, index_t qb) const {
-    const index_t row = (shared_ ? 0 : h) * shape_.num_q_blocks() + qb;
+    const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() + qb);
     return offsets_[row + 1] - offsets_[row];
   }
   /// noexcept when the predicate is: the prefill kernel then calls it inline, else it evaluates
