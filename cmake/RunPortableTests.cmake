@@ -49,16 +49,8 @@ if(TOOL)
   list(APPEND tests test_tool)
 endif()
 
-function(run_step name)
-  string(TIMESTAMP t0 "%s")
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  string(TIMESTAMP t1 "%s")
-  math(EXPR dt "${t1} - ${t0}")
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "portable_tests: step '${name}' failed (${rc}) after ${dt} s")
-  endif()
-  message(STATUS "portable_tests: ${name} ok (${dt} s)")
-endfunction()
+set(RUN_STEP_JOB portable_tests)
+include(${CMAKE_CURRENT_LIST_DIR}/RunStep.cmake)
 
 run_step(configure ${CMAKE_COMMAND} ${args})
 # "all" is exactly the test executables (and the tool test_tool runs) here, and unlike a --target

@@ -42,16 +42,8 @@ set(env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_init_order=1
         UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
         OMP_NUM_THREADS=2)
 
-function(run_step name)
-  string(TIMESTAMP t0 "%s")
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  string(TIMESTAMP t1 "%s")
-  math(EXPR dt "${t1} - ${t0}")
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "sanitizer_tests: step '${name}' failed (${rc}) after ${dt} s")
-  endif()
-  message(STATUS "sanitizer_tests: ${name} ok (${dt} s)")
-endfunction()
+set(RUN_STEP_JOB sanitizer_tests)
+include(${CMAKE_CURRENT_LIST_DIR}/RunStep.cmake)
 
 run_step(configure ${CMAKE_COMMAND} ${args})
 # "all" is just the tests here (tools, benchmarks, examples off), and unlike a --target list it
