@@ -1,5 +1,6 @@
 // Shared pieces of sparse_attn_bench (main.cpp: presets, rooflines, summary; prefill.cpp and
-// decode.cpp: one small registration function per method). See docs/BENCHMARKS.md.
+// decode.cpp: one generic registration per phase over the methods registry,
+// sparse_attn/methods/registry.hpp, swept by the one table below). See docs/BENCHMARKS.md.
 //
 // Timing model: an iteration is what a caller pays for one call: the selection step (data-dependent
 // methods) plus the kernel. Google Benchmark reports its wall time as real_time; the counters are
@@ -33,6 +34,50 @@ inline const char* preset_name(Preset p) {
   return p == Preset::quick ? "quick" : p == Preset::full ? "full" : "core";
 }
 
+// ---------------------------------------------------------------------------------------------
+// The sweep table: sequence lengths per phase and CR targets per preset, for both phases
+// ---------------------------------------------------------------------------------------------
+
+enum class Phase { prefill, decode };
+
+/// The registry method every speedup_vs_dense divides by (registered first, at CR 1 only).
+inline constexpr const char* kBaselineMethod = "dense";
+/// The closed-form baseline of every sparse method, swept over more CRs than the others: the
+/// registry's prefill method of that name, and decode's in-place range case of the same name.
+inline constexpr const char* kWindowMethod = "sliding_window";
+
+/// Sequence lengths (prefill: n queries over n keys; decode: the cache length).
+inline std::vector<index_t> sweep_sizes(Phase phase) {
+  const bool pre = phase == Phase::prefill;
+  switch (config().preset) {
+    case Preset::quick:
+      return {pre ? index_t{1024} : index_t{4096}};
+    case Preset::core:
+      return pre ? std::vector<index_t>{4096, 16384} : std::vector<index_t>{131072};
+    case Preset::full:
+      return pre ? std::vector<index_t>{1024, 2048, 4096, 8192, 16384, 32768, 65536}
+                 : std::vector<index_t>{4096, 8192, 16384, 32768, 65536, 131072};
+  }
+  return {};
+}
+
+/// CR targets of `method` (the same in both phases): CR 1 for the baseline, the window sweep
+/// for sliding_window, the method sweep for every other method (a method new to the registry
+/// gets this one without a change here).
+inline std::vector<double> sweep_crs(const std::string& method) {
+  if (method == kBaselineMethod) return {1};
+  const bool window = method == kWindowMethod;
+  switch (config().preset) {
+    case Preset::quick:
+      return {5};
+    case Preset::core:
+      return window ? std::vector<double>{2, 5, 10, 20} : std::vector<double>{10};
+    case Preset::full:
+      return {1, 2, 5, 10, 20};
+  }
+  return {};
+}
+
 /// Measurements later benchmarks and the end-of-run summary need (filled as benchmarks finish).
 struct Results {
   double fma_gflops = 0.0;                      // roofline/fma_peak
@@ -54,7 +99,7 @@ inline std::string dense_key(const std::string& phase, index_t n, const std::str
   return phase + "/n:" + std::to_string(n) + "/" + dtype;
 }
 
-/// Formats a CR / gamma value for a benchmark name: 10 -> "10", 2.5 -> "2.5".
+/// Formats a CR for a benchmark name: 10 -> "10", 2.5 -> "2.5".
 inline std::string fmt_num(double x) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", x);

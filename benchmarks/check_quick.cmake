@@ -1,8 +1,10 @@
 # ctest bench_quick_smoke: runs `sparse_attn_bench --quick` once and checks its JSON output.
 #   cmake -DBENCH=<sparse_attn_bench> -DOUT=<file.json> -P check_quick.cmake
 # Checks (no timing assertions): the run exits 0; every roofline, prefill and decode family ran;
-# every counter of every benchmark is a finite number > 0; the only benchmark allowed to report an
-# error is roofline/bf16_dot_peak on a CPU or build without AVX512-BF16.
+# every prefill and decode benchmark is named <phase>/<method>/n:<N>/cr:<CR>/<dtype> (every
+# method, FlexPrefill included, is swept over target CRs); every counter of every benchmark is a
+# finite number > 0; the only benchmark allowed to report an error is roofline/bf16_dot_peak on a
+# CPU or build without AVX512-BF16.
 cmake_minimum_required(VERSION 3.19)  # string(JSON)
 
 if(NOT BENCH OR NOT OUT)
@@ -49,6 +51,10 @@ foreach(i RANGE ${last})
     endif()
     message(FATAL_ERROR "${name} reported an error: ${msg}")
   endif()
+  if(name MATCHES "^(prefill|decode)/" AND
+     NOT name MATCHES "^(prefill|decode)/[a-z0-9_]+/n:[0-9]+/cr:[0-9.]+/(fp32|bf16)$")
+    message(FATAL_ERROR "${name}: not named <phase>/<method>/n:<N>/cr:<CR>/<fp32|bf16>")
+  endif()
   # Family = the first two path components (roofline/fma_peak, prefill/dense, ...).
   string(REGEX MATCH "^[^/]+/[^/]+" family "${name}")
   list(APPEND seen "${family}")
@@ -82,7 +88,8 @@ foreach(i RANGE ${last})
 endforeach()
 
 foreach(family roofline/fma_peak roofline/stream_read roofline/eigen_gemm prefill/dense
-        prefill/sliding_window decode/dense decode/sliding_window)
+        prefill/sliding_window prefill/flex_prefill prefill/user_mask decode/dense
+        decode/sliding_window decode/h2o)
   if(NOT family IN_LIST seen)
     message(FATAL_ERROR "no ${family} benchmark ran")
   endif()

@@ -1,52 +1,40 @@
 // Decode benchmarks: decode/<method>/n:<N>/cr:<CR>/<dtype>, one new token, Hq = 32, Hkv = 8
-// (GQA group 4), d = 128, K/V cache fp32 or bf16, output fp32. One registration function per
-// method; methods whose header is not there yet are compiled out (__has_include).
+// (GQA group 4), d = 128, K/V cache fp32 or bf16, output fp32. One benchmark per method of the
+// registry (methods::decode_methods(), dense first), size, CR (bench_common.hpp's sweep table) and
+// dtype, all through one step harness driven by the method's DecodePolicy
+// (methods::make_decode_policy at Budget::compression(CR), as the pipeline runs it): a method added
+// to the registry appears here without a change. Two cases are not registry methods:
+// dense_bf16dot (dense with DecodeOptions::bf16_dot) and sliding_window (sinks + window read in
+// place through per-KV-head ranges: the sparse decode path with no selection cost).
 //
-// An iteration is one decode step: the per-step selection (Quest's page scoring) plus the kernel.
-// Eviction methods shrink the cache once after prefill; that one-off cost is evict_ms, outside the
-// iteration time, and the step is dense decode over the kept tokens.
+// Prepare (once per benchmark, untimed): a cache holding the n prompt tokens, then
+// after_prefill(the last 32 prompt queries) (timed as evict_ms: SnapKV's, Ada-SnapKV's,
+// StreamingLLM's and H2O's one-off eviction). An iteration is one steady-state decode step:
+// append the new token's K/V; keys = before_step (Quest's page selection, StreamingLLM's
+// eviction); the decode kernel over those keys (emitting each key's attention mass when the policy
+// wants_key_mass(): H2O); after_step (H2O's score update and eviction). select_ms = before_step +
+// after_step. A method whose cache grows with every step (no eviction per step: dense, Quest,
+// SnapKV, Ada-SnapKV) gets the appended token dropped again after the step (cache.undo_append,
+// outside the timed region), so every iteration measures the same cache length.
 //
-// Counters: GBps (bytes the step reads per second: K/V rows the kernel reads, plus selection
-// metadata such as Quest's page min/max), GFLOPs (4 * keys * d per query head), achieved_cr
-// (n * Hq / keys read over all query heads), select_ms, speedup_vs_dense.
+// Counters: GBps (bytes the step reads per second: K/V rows the kernel reads, plus the per-page key
+// min/max of a policy that needs_key_bounds(): Quest), GFLOPs (4 * keys * d per query head),
+// achieved_cr (sequence length * Hq / keys read over all query heads), select_ms, evict_ms,
+// speedup_vs_dense.
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <sparse_attn/kv/cache.hpp>
+#include <sparse_attn/kv/decode.hpp>
+#include <sparse_attn/methods/budget.hpp>
+#include <sparse_attn/methods/decode_policy.hpp>
+#include <sparse_attn/methods/registry.hpp>
 #include <sparse_attn/sparse_attn.hpp>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "bench_common.hpp"
-
-#if __has_include(<sparse_attn/kv/cache.hpp>) && __has_include(<sparse_attn/kv/decode.hpp>)
-#include <sparse_attn/kv/cache.hpp>
-#include <sparse_attn/kv/decode.hpp>
-#define SA_BENCH_KV_CACHE 1
-#endif
-#if __has_include(<sparse_attn/kv/eviction.hpp>)
-#include <sparse_attn/kv/eviction.hpp>  // before quest.hpp, which uses kv::detail::rank_key
-#endif
-#if defined(SA_BENCH_KV_CACHE) && __has_include(<sparse_attn/methods/quest.hpp>)
-#include <sparse_attn/methods/quest.hpp>
-#define SA_BENCH_QUEST 1
-#endif
-#if defined(SA_BENCH_KV_CACHE) && __has_include(<sparse_attn/methods/snapkv.hpp>)
-#include <sparse_attn/methods/snapkv.hpp>
-#define SA_BENCH_SNAPKV 1
-#endif
-#if defined(SA_BENCH_KV_CACHE) && __has_include(<sparse_attn/methods/ada_snapkv.hpp>)
-#include <sparse_attn/methods/ada_snapkv.hpp>
-#define SA_BENCH_ADA_SNAPKV 1
-#endif
-#if defined(SA_BENCH_KV_CACHE) && __has_include(<sparse_attn/methods/streaming.hpp>)
-#include <sparse_attn/methods/streaming.hpp>
-#define SA_BENCH_STREAMING 1
-#endif
-#if defined(SA_BENCH_KV_CACHE) && __has_include(<sparse_attn/methods/h2o.hpp>)
-#include <sparse_attn/methods/h2o.hpp>
-#define SA_BENCH_H2O 1
-#endif
 
 namespace sa_bench {
 namespace {
@@ -186,7 +174,7 @@ void set_counters(benchmark::State& st, const Case& c, const IterationTimer& t, 
   if (has_select) st.counters["select_ms"] = t.select / iters * 1e3;
   const std::string key = dense_key("decode", c.n, c.dtype);
   Results& r = results();
-  if (c.method == "dense") {
+  if (c.method == kBaselineMethod) {
     r.dense_seconds[key] = t.per_iter();
     r.decode_dense[key] = {c.n,          c.dtype,
                            t.per_iter(), 4.0 * w.q_head_keys * kDim * iters / t.total / 1e9,
@@ -233,58 +221,10 @@ void add_both_dtypes(const std::string& method, index_t n, const std::string& ta
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Sweeps per preset
-// ---------------------------------------------------------------------------------------------
-
-std::vector<index_t> sizes() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {4096};
-    case Preset::core:
-      return {131072};
-    case Preset::full:
-      return {4096, 8192, 16384, 32768, 65536, 131072};
-  }
-  return {};
-}
-std::vector<double> window_crs() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {5};
-    case Preset::core:
-      return {2, 5, 10, 20};
-    case Preset::full:
-      return {1, 2, 5, 10, 20};
-  }
-  return {};
-}
-std::vector<double> method_crs() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {5};
-    case Preset::core:
-      return {10};
-    case Preset::full:
-      return {1, 2, 5, 10, 20};
-  }
-  return {};
-}
-
-/// Tokens a method keeps per KV head for a target CR (at least the sinks, at most n).
+/// Tokens the sliding window keeps per KV head for a target CR (budget.hpp's one conversion; at
+/// least the sinks and one recent token).
 index_t budget_for_cr(index_t n, double cr) {
-  return std::clamp<index_t>(static_cast<index_t>(std::llround(static_cast<double>(n) / cr)),
-                             kSinks + 1, n);
-}
-
-// ---------------------------------------------------------------------------------------------
-// dense: every key, GQA-packed (each K/V byte read once per group)
-// ---------------------------------------------------------------------------------------------
-
-void add_dense(index_t n) {
-  add_both_dtypes("dense", n, "cr:1", [](benchmark::State& st, const Case& c, auto tag) {
-    run_fixed<decltype(tag)>(st, c, sa::KeySelection::all(), "");
-  });
+  return std::max<index_t>(sa::methods::count_for_compression(n, cr), std::min(n, kSinks + 1));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,30 +286,65 @@ void add_dense_bf16dot(index_t n) {
 #endif
 }
 
-#if defined(SA_BENCH_KV_CACHE)
 // ---------------------------------------------------------------------------------------------
-// Methods over a kv::Cache. The prepared cache (and any method state) of the running benchmark is
-// kept across Google Benchmark's repeated calls of one benchmark and freed when the next starts.
+// Every registry method over a kv::Cache, through its DecodePolicy. The prepared cache and policy
+// (with its state) of the running benchmark are kept across Google Benchmark's repeated calls of
+// one benchmark and freed when the next starts.
 // ---------------------------------------------------------------------------------------------
 
 template <class KT>
 using Cache = sa::kv::ContiguousCache<KT>;
+template <class KT>
+using Policy = sa::methods::DecodePolicy<Cache<KT>, float>;
+
+/// Parameter settings the bench gives every decode method that has a parameter of that name
+/// (checked against the method's parameters, methods::MethodInfo::params): the observation window
+/// / prompt-score rows are the 32 prompt queries the bench keeps (H2O's exact prompt scores
+/// would cost a dense prefill).
+const sa::methods::ParamSettings& bench_settings() {
+  static const sa::methods::ParamSettings s = {
+      {"window", std::to_string(kWindowQueries)},
+      {"prefill_queries", std::to_string(kWindowQueries)},
+  };
+  return s;
+}
+
+/// The bench's settings that `method` has a parameter for.
+sa::methods::ParamSettings settings_for(const std::string& method) {
+  sa::methods::ParamSettings out;
+  for (const sa::methods::MethodInfo& m : sa::methods::decode_methods()) {
+    if (m.name != method) continue;
+    for (const auto& kv : bench_settings())
+      for (const sa::methods::ParamInfo& p : m.params)
+        if (p.name == kv.first) out.push_back(kv);
+  }
+  return out;
+}
+
+/// The inputs of one decode step: the new token's queries, K/V row and output.
+struct StepInputs {
+  sa::TensorView<const float> q, kn, vn;
+  sa::TensorView<float> out;
+};
+
+StepInputs step_inputs(DecodeData& D) {
+  // The new token's K/V: the prompt's last row (values do not matter for timing).
+  const index_t n = D.n;
+  const auto last_row = [&](const std::vector<float>& x) {
+    return sa::TensorView<const float>(x.data() + (n - 1) * kDim, kHkv, 1, kDim, n * kDim, kDim);
+  };
+  return {D.q(), last_row(D.k), last_row(D.v), sa::TensorView<float>(D.out.data(), kHq, 1, kDim)};
+}
 
 template <class KT>
 struct Prepared {
   std::string key;
   std::unique_ptr<Cache<KT>> cache;
-  double evict_ms = 0.0;  // one-off eviction after prefill (SnapKV, Ada-SnapKV, StreamingLLM, H2O)
-  std::string label;
-#if defined(SA_BENCH_QUEST)
-  sa::methods::QuestPlan quest;
-#endif
-#if defined(SA_BENCH_H2O)
-  std::unique_ptr<sa::methods::h2o::State> h2o;
-#endif
-#if defined(SA_BENCH_STREAMING)
-  index_t window = 0;
-#endif
+  std::unique_ptr<Policy<KT>> policy;
+  double evict_ms = 0.0;     // after_prefill (when it evicted)
+  bool undo_growth = false;  // the cache grows every step: drop the new token after each
+  std::string settings;      // ", window=32" etc.: the bench's settings the method took
+  std::vector<float> mass;   // the kernel's per-key mass (wants_key_mass)
 };
 
 template <class KT>
@@ -390,13 +365,16 @@ Prepared<KT>& prepared(const std::string& key) {
   return p;
 }
 
-/// A cache holding the n prompt tokens (rounded to KT), room for `extra` more.
+/// Room the cache reserves past the prompt: the two calibration steps of prepare().
+constexpr index_t kStepRoom = 2;
+
+/// A cache holding the n prompt tokens (rounded to KT), room for kStepRoom more.
 template <class KT>
-std::unique_ptr<Cache<KT>> make_cache(const DecodeData& D, index_t extra, bool key_bounds) {
+std::unique_ptr<Cache<KT>> make_cache(const DecodeData& D, bool key_bounds) {
   sa::kv::CacheOptions o;
   o.kv_heads = kHkv;
   o.head_dim = kDim;
-  o.capacity = D.n + extra;
+  o.capacity = D.n + kStepRoom;
   o.page_size = 16;
   o.key_bounds = key_bounds;
   auto c = std::make_unique<Cache<KT>>(o);
@@ -405,278 +383,153 @@ std::unique_ptr<Cache<KT>> make_cache(const DecodeData& D, index_t extra, bool k
   return c;
 }
 
-/// The work of kv::decode() over `keys` on the cache, plus `extra_bytes` of selection reads.
+sa::AttentionOptions method_options() {
+  sa::AttentionOptions o;
+  o.num_threads = config().threads;
+  return o;
+}
+
+/// The work of decode(q, cache, ...) over `keys` (the cache as the kernel read it), plus the
+/// per-page key bounds when the policy reads them.
 template <class KT>
-StepWork cache_work(const sa::KeySelection& keys, const Cache<KT>& cache, double extra_bytes) {
+StepWork cache_work(const sa::KeySelection& keys, const Cache<KT>& cache, bool key_bounds) {
   const sa::kv::DecodeStats s = sa::kv::decode_stats(keys, cache, kHq, 1);
   StepWork w;
   w.q_head_keys = static_cast<double>(s.pairs);
-  w.bytes = static_cast<double>(s.kv_rows) * 2.0 * kDim * sizeof(KT) + extra_bytes;
+  w.bytes = static_cast<double>(s.kv_rows) * 2.0 * kDim * sizeof(KT);
+  if (key_bounds) {
+    double pages = 0.0;
+    for (index_t h = 0; h < kHkv; ++h) pages += static_cast<double>(cache.num_pages(h));
+    w.bytes += pages * 2.0 * kDim * sizeof(KT);  // per-page key min and max
+  }
   return w;
 }
 
-/// Counters of a cache-based step; CR against the sequence the step belongs to.
+/// What one step did, for the counters.
+struct StepResult {
+  double select_s = 0.0, total_s = 0.0;  // before_step + after_step; the whole step
+  StepWork work;                         // as the kernel executed it
+  index_t seq_len = 0;                   // the sequence the step belongs to
+};
+
+/// One steady-state decode step through the policy: append, before_step, kernel (+ key mass),
+/// after_step. The counters' bookkeeping between the kernel and after_step is not timed.
 template <class KT>
-void cache_counters(benchmark::State& st, const Case& c, const IterationTimer& t, const StepWork& w,
-                    bool per_step_select, const Prepared<KT>& p, index_t seq_len) {
-  set_counters(st, c, t, w, per_step_select, static_cast<double>(seq_len));
-  if (p.evict_ms > 0.0) st.counters["evict_ms"] = p.evict_ms;
-  if (!p.label.empty()) st.SetLabel(p.label);
+StepResult decode_step(Prepared<KT>& p, const StepInputs& in) {
+  Cache<KT>& cache = *p.cache;
+  Policy<KT>& policy = *p.policy;
+  const sa::AttentionOptions mo = method_options();
+  StepResult r;
+  Stopwatch sw;
+  cache.append(in.kn, in.vn);
+  const double t_append = sw.seconds();
+  const sa::KeySelection keys = policy.before_step(in.q, cache, mo);
+  const double t_before = sw.seconds();
+  sa::DecodeOptions opt;
+  opt.num_threads = config().threads;
+  float* mass = nullptr;
+  if (policy.wants_key_mass()) {
+    const index_t stride = cache.max_length();
+    p.mass.resize(static_cast<std::size_t>(kHkv * stride));
+    mass = p.mass.data();
+    opt.key_mass = {mass, stride, 0};
+  }
+  sa::decode(in.q, cache, in.out, keys, opt);
+  const double t_kernel = sw.seconds();
+  r.work = cache_work<KT>(keys, cache, policy.needs_key_bounds());
+  r.seq_len = cache.sequence_length();
+  Stopwatch sw_after;
+  policy.after_step(in.q, cache, mo, mass);
+  const double t_after = sw_after.seconds();
+  r.select_s = (t_before - t_append) + t_after;
+  r.total_s = t_kernel + t_after;
+  return r;
 }
-#endif
 
-// ---------------------------------------------------------------------------------------------
-// quest (METHODS.md 6): per step, page upper bounds from the cache's key min/max, top-B pages +
-// the current page, sparse decode over them. select_ms = the bounds + top-B; the bounds' reads
-// (2 x d values per page and KV head) count in GBps.
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_QUEST)
-void add_quest(index_t n, double cr) {
-  add_both_dtypes(
-      "quest", n, "cr:" + fmt_num(cr), [cr](benchmark::State& st, const Case& c, auto tag) {
-        using KT = decltype(tag);
-        DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-        Prepared<KT>& p = prepared<KT>("quest/" + std::to_string(c.n) + "/" + c.dtype);
-        if (!p.cache) p.cache = make_cache<KT>(D, 0, true);
-        const Cache<KT>& cache = *p.cache;
-        sa::methods::QuestOptions qo;
-        qo.compression = cr;
-        qo.num_threads = config().threads;
-        const sa::DecodeOptions opt = decode_options();
-        const sa::TensorView<const float> q = D.q();
-        const sa::TensorView<float> out(D.out.data(), kHq, 1, kDim);
-        sa::methods::quest::select(q, cache, qo, p.quest);
-        IterationTimer t;
-        for (auto _ : st) {
-          Stopwatch sw;
-          sa::methods::quest::select(q, cache, qo, p.quest);
-          const double sel = sw.seconds();
-          sa::kv::decode(q, cache, out, p.quest.keys, opt);
-          t.add(sel, sw.seconds());
-        }
-        benchmark::DoNotOptimize(D.out.data());
-        double pages = 0.0;
-        for (index_t h = 0; h < kHkv; ++h) pages += static_cast<double>(cache.num_pages(h));
-        const double meta_bytes = pages * 2.0 * kDim * sizeof(KT);  // per-page key min and max
-        p.label =
-            "B=" + std::to_string(p.quest.budget_pages.empty() ? 0 : p.quest.budget_pages[0]) +
-            " pages of " + std::to_string(cache.page_size()) +
-            (p.quest.reachable ? "" : ", target unreachable (clamped)");
-        cache_counters<KT>(st, c, t, cache_work<KT>(p.quest.keys, cache, meta_bytes), true, p,
-                           cache.sequence_length());
-      });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// snapkv / ada_snapkv (METHODS.md 7): evict once after prefill (evict_ms, from the last 32 prompt
-// queries), then every step is dense decode over the kept tokens (Ada-SnapKV: per-head lengths).
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_SNAPKV) || defined(SA_BENCH_ADA_SNAPKV)
-/// A step over an evicted cache: kv::decode over every head's kept tokens.
-template <class KT, class Evict>
-void run_evicted(benchmark::State& st, const Case& c, double cr, Evict evict) {
+/// Builds the cache and the policy of c.method at CR `cr` (untimed), runs after_prefill on the
+/// last 32 prompt queries (evict_ms), then two untimed calibration steps: a cache that grew by one
+/// token at each (no per-step eviction) gets its appended token dropped after every step.
+template <class KT>
+Prepared<KT>& prepare(const Case& c, double cr) {
   DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
   Prepared<KT>& p =
       prepared<KT>(c.method + "/" + std::to_string(c.n) + "/" + fmt_num(cr) + "/" + c.dtype);
-  if (!p.cache) {
-    p.cache = make_cache<KT>(D, 0, false);
-    Stopwatch sw;
-    const sa::kv::EvictionPlan plan = evict(D.window(kWindowQueries), *p.cache);
-    p.evict_ms = sw.seconds() * 1e3;
-    p.label = "kept " + std::to_string(plan.total_kept()) + " of " + std::to_string(kHkv * c.n) +
-              (plan.reachable ? "" : ", target unreachable (clamped)");
-  }
-  const Cache<KT>& cache = *p.cache;
-  const sa::DecodeOptions opt = decode_options();
-  const sa::TensorView<const float> q = D.q();
-  const sa::TensorView<float> out(D.out.data(), kHq, 1, kDim);
-  const sa::KeySelection all = sa::KeySelection::all();
-  IterationTimer t;
-  for (auto _ : st) {
-    Stopwatch sw;
-    sa::kv::decode(q, cache, out, all, opt);
-    t.add(0.0, sw.seconds());
-  }
-  benchmark::DoNotOptimize(D.out.data());
-  cache_counters<KT>(st, c, t, cache_work<KT>(all, cache, 0.0), false, p, cache.sequence_length());
-}
-#endif
+  if (p.cache) return p;
+  const sa::methods::ParamSettings settings = settings_for(c.method);
+  for (const auto& kv : settings) p.settings += ", " + kv.first + "=" + kv.second;
+  p.policy = sa::methods::make_decode_policy<Cache<KT>, float>(
+      c.method, settings, sa::methods::Budget::compression(cr));
+  p.cache = make_cache<KT>(D, p.policy->needs_key_bounds());
+  Stopwatch sw;
+  p.policy->after_prefill(D.window(kWindowQueries), *p.cache, method_options());
+  p.evict_ms = p.policy->last_eviction() ? sw.seconds() * 1e3 : 0.0;
 
-#if defined(SA_BENCH_SNAPKV)
-void add_snapkv(index_t n, double cr) {
-  add_both_dtypes("snapkv", n, "cr:" + fmt_num(cr),
-                  [cr](benchmark::State& st, const Case& c, auto tag) {
-                    run_evicted<decltype(tag)>(st, c, cr, [cr](const auto& qw, auto& cache) {
-                      sa::methods::SnapKVOptions o;
-                      o.compression = cr;
-                      o.window = kWindowQueries;
-                      o.num_threads = config().threads;
-                      return sa::methods::snapkv::evict(qw, cache, o);
-                    });
+  const StepInputs in = step_inputs(D);
+  // Growth in live tokens: H2O evicts lazily (the dead slot stays until a batched compaction).
+  const index_t held0 = p.policy->live_tokens(*p.cache);
+  for (index_t i = 0; i < kStepRoom; ++i) decode_step(p, in);
+  p.undo_growth = p.policy->live_tokens(*p.cache) == held0 + kStepRoom * kHkv;
+  // Nothing was evicted after those appends (the cache grew by each): they can be taken back.
+  if (p.undo_growth) p.cache->undo_append(kStepRoom);
+  return p;
+}
+
+/// The label: the latest selection's or eviction's resolved budget, what an eviction kept, the
+/// bench's parameter settings, and whether the target was reachable.
+template <class KT>
+std::string policy_label(const Prepared<KT>& p) {
+  const sa::methods::SelectionStats& s = p.policy->stats();
+  std::string label = s.detail;
+  if (const sa::kv::EvictionPlan* e = p.policy->last_eviction())
+    label += (label.empty() ? "" : ", ") + std::string("kept ") +
+             std::to_string(e->stats.pairs) + " of " + std::to_string(e->stats.dense_pairs);
+  label += p.settings;
+  if (!s.reachable) label += ", target unreachable";
+  if (!label.empty() && label.compare(0, 2, ", ") == 0) label.erase(0, 2);
+  return label;
+}
+
+void add_method(const std::string& method, index_t n, double cr) {
+  add_both_dtypes(method, n, "cr:" + fmt_num(cr),
+                  [cr](benchmark::State& st, const Case& c, auto kt) {
+                    using KT = decltype(kt);
+                    DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
+                    Prepared<KT>& p = prepare<KT>(c, cr);
+                    const StepInputs in = step_inputs(D);
+                    IterationTimer t;
+                    StepResult last;
+                    for (auto _ : st) {
+                      last = decode_step(p, in);
+                      t.add(last.select_s, last.total_s);
+                      if (p.undo_growth) {
+                        st.PauseTiming();
+                        p.cache->undo_append(1);
+                        st.ResumeTiming();
+                      }
+                    }
+                    benchmark::DoNotOptimize(D.out.data());
+                    if (t.iters == 0) return;
+                    set_counters(st, c, t, last.work, true, static_cast<double>(last.seq_len));
+                    if (p.evict_ms > 0.0) st.counters["evict_ms"] = p.evict_ms;
+                    const std::string label = policy_label(p);
+                    if (!label.empty()) st.SetLabel(label);
                   });
 }
-#endif
-
-#if defined(SA_BENCH_ADA_SNAPKV)
-void add_ada_snapkv(index_t n, double cr) {
-  add_both_dtypes("ada_snapkv", n, "cr:" + fmt_num(cr),
-                  [cr](benchmark::State& st, const Case& c, auto tag) {
-                    run_evicted<decltype(tag)>(st, c, cr, [cr](const auto& qw, auto& cache) {
-                      sa::methods::AdaSnapKVOptions o;
-                      o.compression = cr;
-                      o.window = kWindowQueries;
-                      o.num_threads = config().threads;
-                      return sa::methods::ada_snapkv::evict(qw, cache, o);
-                    });
-                  });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// streaming (METHODS.md 2, eviction form): evict to S + W after prefill, then the steady-state
-// step: append the new token, evict the oldest window token (select_ms: select + compaction),
-// dense decode over S + W.
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_STREAMING)
-void add_streaming(index_t n, double cr) {
-  add_both_dtypes(
-      "streaming", n, "cr:" + fmt_num(cr), [cr](benchmark::State& st, const Case& c, auto tag) {
-        using KT = decltype(tag);
-        DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-        Prepared<KT>& p =
-            prepared<KT>("streaming/" + std::to_string(c.n) + "/" + fmt_num(cr) + "/" + c.dtype);
-        sa::methods::StreamingOptions so;
-        so.sinks = kSinks;
-        so.compression = cr;
-        if (!p.cache) {
-          p.cache = make_cache<KT>(D, 1, false);
-          p.window = sa::methods::streaming::resolve_window(c.n, so);
-          Stopwatch sw;
-          sa::methods::streaming::evict(*p.cache, so.sinks, p.window);
-          p.evict_ms = sw.seconds() * 1e3;
-          p.label = "S=" + std::to_string(so.sinks) + " W=" + std::to_string(p.window);
-        }
-        Cache<KT>& cache = *p.cache;
-        const sa::DecodeOptions opt = decode_options();
-        const sa::TensorView<const float> q = D.q();
-        const sa::TensorView<float> out(D.out.data(), kHq, 1, kDim);
-        // The new token's K/V: the prompt's last row (values do not matter for timing).
-        const sa::TensorView<const float> kn(D.k.data() + (c.n - 1) * kDim, kHkv, 1, kDim,
-                                             c.n * kDim, kDim);
-        const sa::TensorView<const float> vn(D.v.data() + (c.n - 1) * kDim, kHkv, 1, kDim,
-                                             c.n * kDim, kDim);
-        const sa::KeySelection all = sa::KeySelection::all();
-        IterationTimer t;
-        for (auto _ : st) {
-          Stopwatch sw;
-          cache.append(kn, vn);
-          const double t_append = sw.seconds();
-          sa::methods::streaming::evict(cache, so.sinks, p.window);
-          const double t_evict = sw.seconds();
-          sa::kv::decode(q, cache, out, all, opt);
-          t.add(t_evict - t_append, sw.seconds());
-        }
-        benchmark::DoNotOptimize(D.out.data());
-        cache_counters<KT>(st, c, t, cache_work<KT>(all, cache, 0.0), true, p,
-                           cache.sequence_length());
-      });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// h2o (METHODS.md 8): scores seeded from the last 32 prompt queries (H2OOptions::prefill_queries:
-// exact column sums over the whole prompt cost a dense prefill), evict to H + R (evict_ms); then
-// the steady-state step: append, decode over H + R + 1 keys, observe the step's probabilities and
-// evict one token (select_ms: observe + select + compaction; observe re-reads the keys, counted
-// in GBps).
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_H2O)
-void add_h2o(index_t n, double cr) {
-  add_both_dtypes(
-      "h2o", n, "cr:" + fmt_num(cr), [cr](benchmark::State& st, const Case& c, auto tag) {
-        using KT = decltype(tag);
-        DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-        Prepared<KT>& p =
-            prepared<KT>("h2o/" + std::to_string(c.n) + "/" + fmt_num(cr) + "/" + c.dtype);
-        if (!p.cache) {
-          p.cache = make_cache<KT>(D, 1, false);
-          sa::methods::H2OOptions ho;
-          ho.compression = cr;
-          ho.prefill_queries = kWindowQueries;
-          ho.num_threads = config().threads;
-          p.h2o = std::make_unique<sa::methods::h2o::State>();
-          Stopwatch sw;
-          p.h2o->reset(*p.cache, ho);
-          p.h2o->observe(D.window(kWindowQueries), *p.cache, true);
-          p.h2o->apply(p.h2o->select(*p.cache), *p.cache);
-          p.evict_ms = sw.seconds() * 1e3;
-          p.label = "H=" + std::to_string(p.h2o->heavy()) +
-                    " R=" + std::to_string(p.h2o->recent()) + ", prompt scores from the last " +
-                    std::to_string(kWindowQueries) + " queries";
-        }
-        Cache<KT>& cache = *p.cache;
-        sa::methods::h2o::State& state = *p.h2o;
-        const sa::DecodeOptions opt = decode_options();
-        const sa::TensorView<const float> q = D.q();
-        const sa::TensorView<float> out(D.out.data(), kHq, 1, kDim);
-        const sa::TensorView<const float> kn(D.k.data() + (c.n - 1) * kDim, kHkv, 1, kDim,
-                                             c.n * kDim, kDim);
-        const sa::TensorView<const float> vn(D.v.data() + (c.n - 1) * kDim, kHkv, 1, kDim,
-                                             c.n * kDim, kDim);
-        const sa::KeySelection all = sa::KeySelection::all();
-        IterationTimer t;
-        StepWork w;
-        index_t seq = 0;
-        for (auto _ : st) {
-          Stopwatch sw;
-          cache.append(kn, vn);
-          sa::kv::decode(q, cache, out, all, opt);
-          const double t_kernel = sw.seconds();
-          w = cache_work<KT>(all, cache, 0.0);
-          seq = cache.sequence_length();
-          const double observe_bytes =
-              static_cast<double>(cache.total_length()) * kDim * sizeof(KT);
-          w.bytes += observe_bytes;
-          const double t0 = sw.seconds();
-          state.step(q, cache);
-          const double t1 = sw.seconds();
-          t.add(t1 - t0, t_kernel + (t1 - t0));  // the counters' bookkeeping excluded
-        }
-        benchmark::DoNotOptimize(D.out.data());
-        if (t.iters > 0) cache_counters<KT>(st, c, t, w, true, p, seq);
-      });
-}
-#endif
 
 }  // namespace
 
 void register_decode() {
-  for (index_t n : sizes()) {
-    add_dense(n);  // first: the speedup_vs_dense baseline of this n
-    add_dense_bf16dot(n);
-    for (double cr : window_crs()) add_sliding_window(n, cr);
-    for (double cr : method_crs()) {
-#if defined(SA_BENCH_QUEST)
-      add_quest(n, cr);
-#endif
-#if defined(SA_BENCH_SNAPKV)
-      add_snapkv(n, cr);
-#endif
-#if defined(SA_BENCH_ADA_SNAPKV)
-      add_ada_snapkv(n, cr);
-#endif
-#if defined(SA_BENCH_STREAMING)
-      add_streaming(n, cr);
-#endif
-#if defined(SA_BENCH_H2O)
-      add_h2o(n, cr);
-#endif
-      (void)cr;
+  // The registry's decode methods, the baseline first (its speedup_vs_dense divides the others).
+  std::vector<sa::methods::MethodInfo> methods = sa::methods::decode_methods();
+  std::stable_partition(methods.begin(), methods.end(),
+                        [](const sa::methods::MethodInfo& m) { return m.name == kBaselineMethod; });
+  for (index_t n : sweep_sizes(Phase::decode)) {
+    for (const sa::methods::MethodInfo& m : methods) {
+      for (double cr : sweep_crs(m.name)) add_method(m.name, n, cr);
+      if (m.name == kBaselineMethod) {
+        add_dense_bf16dot(n);
+        for (double cr : sweep_crs(kWindowMethod)) add_sliding_window(n, cr);
+      }
     }
   }
 }

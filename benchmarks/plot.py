@@ -34,7 +34,7 @@ TIME_UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def parse_name(name):
-    """'prefill/block_sparse/n:4096/cr:10/bf16' -> dict(phase, method, n, cr, gamma, dtype, tag)."""
+    """'prefill/block_sparse/n:4096/cr:10/bf16' -> dict(phase, method, n, cr, dtype, tag)."""
     parts = name.split("/")
     rec = {"phase": parts[0], "method": parts[1] if len(parts) > 1 else "", "dtype": None,
            "n": None, "tag": None}
@@ -240,10 +240,9 @@ def plot_fma_fraction(runs, outdir, written, cr_pick=10.0):
     fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 5.5), squeeze=False)
     for ax, dtype in zip(axes.flat, dtypes):
         for method, pts in sorted(by_dtype[dtype].items()):
-            tags = {p.get("tag") for p in pts}
             crs = sorted({p["cr"] for p in pts if isinstance(p.get("cr"), float)})
             if method == "dense" or not crs:
-                chosen = pts if method == "dense" else [p for p in pts if p.get("tag") == sorted(tags, key=str)[0]]
+                chosen = pts
             else:
                 cr = cr_pick if cr_pick in crs else crs[-1]
                 chosen = [p for p in pts if p.get("cr") == cr]

@@ -1,35 +1,23 @@
 // Prefill benchmarks: prefill/<method>/n:<N>/cr:<CR>/<dtype>, H = 8 query and KV heads, d = 128,
-// Q fp32, K/V fp32 or bf16, output fp32, causal. One registration function per method; methods
-// whose header is not there yet are compiled out (__has_include), so the bench always builds.
+// Q fp32, K/V fp32 or bf16, output fp32, causal. One benchmark per method of the registry
+// (methods::prefill_methods(), dense first), size, CR (bench_common.hpp's sweep table) and dtype:
+// each iteration calls the method's select(q, k, Budget::compression(CR), opt) and runs the
+// prefill kernel over the mask. A method added to the registry appears here without a change.
+// user_mask (a method that selects from the caller's mask) has its own case: a random layout.
 //
 // Counters: GFLOPs (useful FLOP/s: 4 * mask.pairs() * d over the iteration time, selection
-// included), achieved_cr (mask.compression()), select_ms (selection step per iteration; methods
-// with one), speedup_vs_dense (the dense benchmark of the same n and dtype, run earlier).
+// included), achieved_cr (mask.compression()), select_ms (the select() call per iteration),
+// speedup_vs_dense (the dense benchmark of the same n and dtype, run earlier).
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <sparse_attn/methods/registry.hpp>
 #include <sparse_attn/sparse_attn.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_common.hpp"
-
-#if __has_include(<sparse_attn/methods/block_sparse.hpp>)
-#include <sparse_attn/methods/block_sparse.hpp>
-#define SA_BENCH_BLOCK_SPARSE 1
-#endif
-#if __has_include(<sparse_attn/methods/vertical_slash.hpp>)
-#include <sparse_attn/methods/vertical_slash.hpp>
-#define SA_BENCH_VERTICAL_SLASH 1
-#endif
-#if __has_include(<sparse_attn/methods/flex_prefill.hpp>)
-#include <sparse_attn/methods/flex_prefill.hpp>
-#define SA_BENCH_FLEX_PREFILL 1
-#endif
-#if __has_include(<sparse_attn/methods/user_mask.hpp>)
-#include <sparse_attn/methods/user_mask.hpp>
-#define SA_BENCH_USER_MASK 1
-#endif
 
 namespace sa_bench {
 namespace {
@@ -38,7 +26,6 @@ namespace sa = sparse_attn;
 using sa::bf16;
 
 constexpr index_t kHeads = 8, kDim = 128;
-constexpr index_t kSinks = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs: one set per n (the previous n's set is freed), bf16 K/V converted on first use
@@ -95,12 +82,21 @@ struct Case {
   std::string method;
   index_t n = 0;
   std::string dtype;
+  double cr = 1.0;
 };
 
-/// Runs select(q, k, label) -> mask (timed every iteration when data_dependent, else once) and the
-/// prefill kernel over that mask; sets the counters.
+sa::AttentionOptions method_options() {
+  sa::AttentionOptions o;
+  o.num_threads = config().threads;
+  return o;
+}
+
+/// Runs select(q, k) -> PrefillSelection (timed every iteration: what a caller pays) and the
+/// prefill kernel over its mask; sets the counters. `label_prefix` goes before the selection's
+/// resolved budget in the label.
 template <class KT, class Select>
-void run_prefill(benchmark::State& st, const Case& c, bool data_dependent, Select select) {
+void run_prefill(benchmark::State& st, const Case& c, Select select,
+                 const std::string& label_prefix = "") {
   PrefillData& D = prefill_data(c.n, std::is_same_v<KT, bf16>);
   const sa::TensorView<const float> q(D.q.data(), kHeads, c.n, kDim);
   const sa::TensorView<const KT> k(kv_ptr<KT>(D, true), kHeads, c.n, kDim);
@@ -109,226 +105,75 @@ void run_prefill(benchmark::State& st, const Case& c, bool data_dependent, Selec
   sa::PrefillOptions opt;
   opt.num_threads = config().threads;
 
-  std::string label;
-  auto mask = select(q, k, label);  // validates and gives the pair count before timing
+  auto sel = select(q, k);  // validates and gives the pair count before timing
   IterationTimer t;
   for (auto _ : st) {
     Stopwatch sw;
-    double sel = 0.0;
-    if (data_dependent) {
-      mask = select(q, k, label);
-      sel = sw.seconds();
-    }
-    sa::prefill(q, k, v, out, mask, opt);
-    t.add(sel, sw.seconds());
+    sel = select(q, k);
+    const double s = sw.seconds();
+    sa::prefill(q, k, v, out, sel.mask, opt);
+    t.add(s, sw.seconds());
   }
   benchmark::DoNotOptimize(D.out.data());
 
   const double iters = static_cast<double>(t.iters);
-  const double flops = 4.0 * static_cast<double>(mask.pairs()) * static_cast<double>(kDim);
+  const double flops = 4.0 * static_cast<double>(sel.mask.pairs()) * static_cast<double>(kDim);
   st.counters["GFLOPs"] = flops * iters / t.total / 1e9;
-  st.counters["achieved_cr"] = mask.compression();
-  if (data_dependent) st.counters["select_ms"] = t.select / iters * 1e3;
+  st.counters["achieved_cr"] = sel.mask.compression();
+  st.counters["select_ms"] = t.select / iters * 1e3;
   const std::string key = dense_key("prefill", c.n, c.dtype);
   Results& r = results();
-  if (c.method == "dense") {
+  if (c.method == kBaselineMethod) {
     r.dense_seconds[key] = t.per_iter();
     r.prefill_dense[key] = {c.n, c.dtype, t.per_iter(), flops * iters / t.total / 1e9, 0.0, flops};
   }
   if (auto it = r.dense_seconds.find(key); it != r.dense_seconds.end())
     st.counters["speedup_vs_dense"] = it->second / t.per_iter();
+  const std::string label = label_prefix + sel.stats.detail +
+                            (sel.stats.reachable ? "" : ", target unreachable");
   if (!label.empty()) st.SetLabel(label);
 }
 
-/// Registers the fp32 and bf16 K/V variants of one (method, n, tag) benchmark. `tag` is
-/// "cr:<CR>" or another knob ("gamma:0.9"); make_select() builds the selection callable.
-template <class MakeSelect>
-void add_both_dtypes(const std::string& method, index_t n, const std::string& tag,
-                     bool data_dependent, MakeSelect make_select) {
+/// Registers the fp32 and bf16 K/V variants of prefill/<method>/n:<n>/cr:<cr>; run(st, c, kt)
+/// runs one (kt: a float or bf16 value naming the K/V type).
+template <class Run>
+void add_both_dtypes(const std::string& method, index_t n, double cr, Run run) {
   for (const std::string dtype : {"fp32", "bf16"}) {
     const std::string name =
-        "prefill/" + method + "/n:" + std::to_string(n) + "/" + tag + "/" + dtype;
-    const Case c{method, n, dtype};
-    add(name, [c, data_dependent, make_select](benchmark::State& st) {
+        "prefill/" + method + "/n:" + std::to_string(n) + "/cr:" + fmt_num(cr) + "/" + dtype;
+    const Case c{method, n, dtype, cr};
+    add(name, [c, run](benchmark::State& st) {
       if (c.dtype == "fp32")
-        run_prefill<float>(st, c, data_dependent, make_select());
+        run(st, c, float{});
       else
-        run_prefill<bf16>(st, c, data_dependent, make_select());
+        run(st, c, bf16{});
     });
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sweeps per preset
+// Every registry method, generically: its defaults, its own search for the CR
 // ---------------------------------------------------------------------------------------------
 
-std::vector<index_t> sizes() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {1024};
-    case Preset::core:
-      return {4096, 16384};
-    case Preset::full:
-      return {1024, 2048, 4096, 8192, 16384, 32768, 65536};
-  }
-  return {};
-}
-/// CR targets of sliding window (the closed-form baseline of every sparse method).
-std::vector<double> window_crs() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {5};
-    case Preset::core:
-      return {2, 5, 10, 20};
-    case Preset::full:
-      return {1, 2, 5, 10, 20};
-  }
-  return {};
-}
-/// CR targets of the data-dependent methods.
-std::vector<double> method_crs() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {5};
-    case Preset::core:
-      return {10};
-    case Preset::full:
-      return {1, 2, 5, 10, 20};
-  }
-  return {};
-}
-
-// ---------------------------------------------------------------------------------------------
-// dense (METHODS.md 1): the baseline every speedup_vs_dense divides
-// ---------------------------------------------------------------------------------------------
-
-void add_dense(index_t n) {
-  add_both_dtypes("dense", n, "cr:1", false, [n] {
-    return [n](const auto&, const auto&, std::string&) { return sa::methods::dense(kHeads, n, n); };
+void add_method(const std::string& method, index_t n, double cr) {
+  add_both_dtypes(method, n, cr, [](benchmark::State& st, const Case& c, auto kt) {
+    using KT = decltype(kt);
+    sa::methods::with_prefill_method(c.method, {}, [&](const auto& m) {
+      const sa::AttentionOptions o = method_options();
+      const sa::methods::Budget budget = sa::methods::Budget::compression(c.cr);
+      run_prefill<KT>(st, c,
+                      [&](const auto& q, const auto& k) { return m.select(q, k, budget, o); });
+    });
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// sliding_window (METHODS.md 2): W solved so the pair count gives the target CR, 4 sinks
+// user_mask: an engine's own block layout (block CSR) handed to the library as a methods::UserMask.
+// The layout is random but deterministic: per query block the sink block, the diagonal and random
+// earlier blocks, k per row (block-causal), k chosen for the target CR. select_ms = the UserMask's
+// validation of the layout + its select().
 // ---------------------------------------------------------------------------------------------
 
-/// The window whose sliding-window mask (4 sinks) has the pair count closest to dense / cr.
-index_t window_for_cr(index_t n, double cr) {
-  auto pairs = [n](index_t w) { return sa::masks::sliding_window(1, n, n, w, kSinks).pairs(); };
-  const double target = static_cast<double>(sa::methods::dense(1, n, n).pairs()) / cr;
-  index_t lo = 1, hi = n;  // pairs(w) is non-decreasing in w
-  while (lo < hi) {
-    const index_t mid = lo + (hi - lo) / 2;
-    if (static_cast<double>(pairs(mid)) < target)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  if (lo > 1 && std::abs(static_cast<double>(pairs(lo - 1)) - target) <
-                    std::abs(static_cast<double>(pairs(lo)) - target))
-    --lo;
-  return lo;
-}
-
-void add_sliding_window(index_t n, double cr) {
-  add_both_dtypes("sliding_window", n, "cr:" + fmt_num(cr), false, [n, cr] {
-    return [n, cr](const auto&, const auto&, std::string& label) {
-      sa::methods::SlidingWindowOptions o;
-      o.window = window_for_cr(n, cr);
-      o.sinks = kSinks;
-      label = "W=" + std::to_string(o.window) + " S=" + std::to_string(o.sinks);
-      return sa::methods::sliding_window(kHeads, n, n, o);
-    };
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// block_sparse (METHODS.md 3)
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_BLOCK_SPARSE)
-void add_block_sparse(index_t n, double cr) {
-  add_both_dtypes("block_sparse", n, "cr:" + fmt_num(cr), true, [cr] {
-    return [cr](const auto& q, const auto& k, std::string& label) {
-      sa::methods::BlockSparseOptions o;
-      o.compression = cr;
-      o.num_threads = config().threads;
-      auto m = sa::methods::block_sparse::select(q, k, o);
-      label =
-          "k=" + std::to_string(m.top_k) + (m.reachable ? "" : ", target unreachable (clamped)");
-      return m;
-    };
-  });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// vertical_slash (METHODS.md 4): exact (element predicate) and tiled (whole blocks) execution
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_VERTICAL_SLASH)
-template <bool Tiled>
-void add_vertical_slash(index_t n, double cr) {
-  add_both_dtypes(Tiled ? "vertical_slash_tiled" : "vertical_slash", n, "cr:" + fmt_num(cr), true,
-                  [cr] {
-                    return [cr](const auto& q, const auto& k, std::string& label) {
-                      sa::methods::VerticalSlashOptions o;
-                      o.compression = cr;
-                      o.num_threads = config().threads;
-                      auto m = [&] {
-                        if constexpr (Tiled)
-                          return sa::methods::vertical_slash::select_tiled(q, k, o);
-                        else
-                          return sa::methods::vertical_slash::select_exact(q, k, o);
-                      }();
-                      label = "V=S=" + std::to_string(m.vertical) +
-                              (m.reachable ? "" : ", target unreachable (clamped)");
-                      return m;
-                    };
-                  });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// flex_prefill (METHODS.md 5): no CR knob; gamma is swept and the CR is measured
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_FLEX_PREFILL)
-std::vector<double> flex_gammas() {
-  switch (config().preset) {
-    case Preset::quick:
-      return {0.9};
-    case Preset::core:
-      return {0.9};
-    case Preset::full:
-      return {0.8, 0.9, 0.95};
-  }
-  return {};
-}
-
-void add_flex_prefill(index_t n, double gamma) {
-  add_both_dtypes("flex_prefill", n, "gamma:" + fmt_num(gamma), true, [gamma] {
-    return [gamma](const auto& q, const auto& k, std::string& label) {
-      sa::methods::FlexPrefillOptions o;
-      o.gamma = gamma;
-      o.num_threads = config().threads;
-      auto m = sa::methods::flex_prefill::select(q, k, o);
-      index_t aware = 0;
-      for (auto a : m.query_aware) aware += a ? 1 : 0;
-      label = "query-aware heads " + std::to_string(aware) + "/" + std::to_string(kHeads);
-      return m;
-    };
-  });
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// user_mask: an engine's own block layout (block CSR) turned into the common mask. The layout is
-// random but deterministic: per query block the sink block, the diagonal and random earlier blocks,
-// k per row (block-causal), k chosen for the target CR. select_ms = from_bsr's validation + copy.
-// ---------------------------------------------------------------------------------------------
-
-#if defined(SA_BENCH_USER_MASK)
 struct RandomLayout {
   sa::MaskShape shape;
   std::vector<index_t> offsets;
@@ -391,37 +236,35 @@ RandomLayout random_layout(index_t n, double cr) {
 }
 
 void add_user_mask(index_t n, double cr) {
-  add_both_dtypes("user_mask", n, "cr:" + fmt_num(cr), true, [n, cr] {
-    auto layout = std::make_shared<RandomLayout>(random_layout(n, cr));
-    return [layout](const auto&, const auto&, std::string& label) {
-      label = "random block CSR, k=" + std::to_string(layout->k);
-      return sa::methods::user_mask::from_bsr(layout->shape, false, layout->offsets, layout->cols);
-    };
-  });
+  add_both_dtypes(sa::methods::UserMask::name, n, cr,
+                  [](benchmark::State& st, const Case& c, auto kt) {
+                    const RandomLayout layout = random_layout(c.n, c.cr);
+                    const sa::AttentionOptions o = method_options();
+                    const sa::methods::Budget budget = sa::methods::Budget::compression(c.cr);
+                    run_prefill<decltype(kt)>(
+                        st, c,
+                        [&](const auto& q, const auto& k) {
+                          const sa::methods::UserMask m(layout.shape, false, layout.offsets,
+                                                        layout.cols);
+                          return m.select(q, k, budget, o);
+                        },
+                        "random block CSR, k=" + std::to_string(layout.k) + ", ");
+                  });
 }
-#endif
 
 }  // namespace
 
 void register_prefill() {
-  for (index_t n : sizes()) {
-    add_dense(n);  // first: the speedup_vs_dense baseline of this n
-    for (double cr : window_crs()) add_sliding_window(n, cr);
-    for (double cr : method_crs()) {
-#if defined(SA_BENCH_BLOCK_SPARSE)
-      add_block_sparse(n, cr);
-#endif
-#if defined(SA_BENCH_VERTICAL_SLASH)
-      add_vertical_slash<false>(n, cr);
-      add_vertical_slash<true>(n, cr);
-#endif
-#if defined(SA_BENCH_USER_MASK)
-      add_user_mask(n, cr);
-#endif
+  // The registry's prefill methods, the baseline first (its speedup_vs_dense divides the others).
+  std::vector<sa::methods::MethodInfo> methods = sa::methods::prefill_methods();
+  std::stable_partition(methods.begin(), methods.end(),
+                        [](const sa::methods::MethodInfo& m) { return m.name == kBaselineMethod; });
+  for (index_t n : sweep_sizes(Phase::prefill)) {
+    for (const sa::methods::MethodInfo& m : methods) {
+      if (m.needs_user_mask) continue;  // below, with its own layout
+      for (double cr : sweep_crs(m.name)) add_method(m.name, n, cr);
     }
-#if defined(SA_BENCH_FLEX_PREFILL)
-    for (double g : flex_gammas()) add_flex_prefill(n, g);
-#endif
+    for (double cr : sweep_crs(sa::methods::UserMask::name)) add_user_mask(n, cr);
   }
 }
 

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   ThreadPoolExecutor pool(threads);
   AttentionOptions opt;
   opt.executor = &pool;
-  const IntervalMask mask = methods::sliding_window(Hq, n, n, {std::max<index_t>(64, n / 4), 4, 64});
+  const IntervalMask mask = masks::sliding_window(Hq, n, n, std::max<index_t>(64, n / 4), 4, 64);
   const PrefillPlan plan = plan_prefill(attention_shape(qv, cache_view(k, 0), cache_view(v, 0)), mask, opt);
   DecodeOptions dopt;
   dopt.executor = &pool;

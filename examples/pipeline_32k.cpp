@@ -1,6 +1,7 @@
 // The serving loop end to end on 32k tokens of synthetic data: a sliding-window prefill, then 8
 // decode steps with every decode method (dense, Quest, SnapKV, Ada-SnapKV, H2O, StreamingLLM) at
-// a target compression of 10. Each method prints the keys a step reads, its achieved CR (against
+// a target compression of 10, each plugged into the session as its DecodePolicy
+// (methods::make_policy(method, Budget::compression(10))). Each method prints the keys a step reads, its achieved CR (against
 // dense attention over every position so far), selection and kernel time, and the relative L2
 // error of its outputs against dense decoding.
 //
@@ -18,6 +19,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <sparse_attn/pipeline.hpp>
 #include <sparse_attn/sparse_attn.hpp>
@@ -81,17 +83,19 @@ struct MethodRun {
   index_t cache_tokens = 0;
 };
 
+// method: nullptr for dense decode.
 template <class Cache>
-MethodRun run_method(const std::string& name, const Workload& w, const SessionOptions& so,
+MethodRun run_method(const std::string& name, const Workload& w,
+                     std::unique_ptr<methods::DecodePolicy<Cache, float>> policy,
                      bool with_prefill, std::vector<float>* prefill_out = nullptr) {
   kv::CacheOptions co;
   co.kv_heads = Hkv;
   co.head_dim = d;
   co.capacity = total;
   co.page_size = 16;
-  co.key_bounds = so.decode == DecodeMethod::quest;
+  co.key_bounds = policy && policy->needs_key_bounds();
   Cache cache(co);
-  DecodeSession<Cache> session(cache, so);
+  DecodeSession<Cache> session(cache, std::move(policy));
   MethodRun r;
   r.name = name;
   const auto t0 = std::chrono::steady_clock::now();
@@ -99,12 +103,12 @@ MethodRun run_method(const std::string& name, const Workload& w, const SessionOp
              v = w.vv().slice_tokens(0, n);
   PrefillReport pr;
   if (with_prefill) {
-    // Any prefill method: a mask, or a callable (q, k) -> mask (block_sparse::select etc.).
+    // Any prefill mask, or a callable (q, k) -> mask (a method's select(q, k, budget).mask).
     prefill_out->assign(static_cast<std::size_t>(Hq * n * d), 0.0f);
     pr = session.prefill(
         q, k, v, TensorView<float>(prefill_out->data(), Hq, n, d),
         [](const TensorView<const float>& qq, const TensorView<const float>& kk) {
-          return methods::sliding_window(qq.heads, qq.tokens, kk.tokens, {1024, 4, 64});
+          return masks::sliding_window(qq.heads, qq.tokens, kk.tokens, 1024, 4, 64);
         });
     std::printf("prefill: sliding window W=1024 S=4, %lld pairs, CR %.1fx, %.0f ms\n",
                 static_cast<long long>(pr.pairs), pr.compression(), pr.prefill_ms);
@@ -148,28 +152,23 @@ int main() {
   std::vector<float> prefill_out;
   std::vector<MethodRun> runs;
 
-  runs.push_back(run_method<Contiguous>("dense", w, SessionOptions{}, true, &prefill_out));
-  SessionOptions so;
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 10;
-  runs.push_back(run_method<Paged>("quest (paged cache)", w, so, false));
-  so = SessionOptions{};
-  so.eviction = Eviction::snapkv;
-  so.snapkv.compression = 10;
-  runs.push_back(run_method<Contiguous>("snapkv", w, so, false));
-  so = SessionOptions{};
-  so.eviction = Eviction::ada_snapkv;
-  so.ada_snapkv.compression = 10;
-  runs.push_back(run_method<Paged>("ada_snapkv (paged)", w, so, false));
-  so = SessionOptions{};
-  so.eviction = Eviction::h2o;
-  so.h2o.compression = 10;
-  so.h2o.prefill_queries = 256;  // seed scores from the last 256 prompt queries (O(n^2) otherwise)
-  runs.push_back(run_method<Contiguous>("h2o", w, so, false));
-  so = SessionOptions{};
-  so.eviction = Eviction::streaming;
-  so.streaming.compression = 10;
-  runs.push_back(run_method<Contiguous>("streaming", w, so, false));
+  const methods::Budget cr10 = methods::Budget::compression(10);
+  runs.push_back(run_method<Contiguous>("dense", w, nullptr, true, &prefill_out));
+  runs.push_back(run_method<Paged>("quest (paged cache)", w,
+                                   methods::make_policy<Paged, float>(methods::Quest{}, cr10),
+                                   false));
+  runs.push_back(run_method<Contiguous>(
+      "snapkv", w, methods::make_policy<Contiguous, float>(methods::SnapKV{}, cr10), false));
+  runs.push_back(run_method<Paged>(
+      "ada_snapkv (paged)", w, methods::make_policy<Paged, float>(methods::AdaSnapKV{}, cr10),
+      false));
+  methods::H2O h2o;
+  h2o.prefill_queries = 256;  // seed scores from the last 256 prompt queries (O(n^2) otherwise)
+  runs.push_back(
+      run_method<Contiguous>("h2o", w, methods::make_policy<Contiguous, float>(h2o, cr10), false));
+  runs.push_back(run_method<Contiguous>(
+      "streaming", w, methods::make_policy<Contiguous, float>(methods::StreamingLLM{}, cr10),
+      false));
 
   std::printf(
       "\n%d prompt tokens, %d decode steps, Hq=%d Hkv=%d d=%d, bf16 cache; per step means:\n",

@@ -36,8 +36,8 @@ int main() {
     std::printf("%-26s %12lld %7.2fx %10.2f %14.3e\n", name, static_cast<long long>(mask.pairs()),
                 mask.compression(), ms, diff);
   };
-  run("dense (causal)", methods::dense(Hq, n, n), dense_out);
+  run("dense (causal)", masks::causal(Hq, n, n), dense_out);
   std::vector<float> sw_out(q.size());
-  run("sliding_window W=256 S=4", methods::sliding_window(Hq, n, n, {256, 4, 64}), sw_out);
+  run("sliding_window W=256 S=4", masks::sliding_window(Hq, n, n, 256, 4, 64), sw_out);
   return 0;
 }

@@ -454,6 +454,29 @@ enum PrefillKind {
   kUserMask, kPrefillKinds
 };
 
+// The options a selection runs with: the kernel call's scale, and its own thread count.
+AttentionOptions selection_options(FuzzedDataProvider& fdp, const PrefillProblem& p) {
+  AttentionOptions o;
+  o.scale = p.scale;
+  o.num_threads = pick_threads(fdp);
+  return o;
+}
+
+// A selection's statistics agree with its mask, and reachability follows the one rule for
+// compression targets (budget.hpp: within the tolerance, on either side).
+template <class Mask>
+void check_stats(const sm::SelectionStats& st, const Mask& m, const char* what) {
+  if (st.pairs != m.pairs() || st.dense_pairs != m.shape().dense_pairs())
+    fail(detail::concat(what, ": stats say ", st.pairs, " of ", st.dense_pairs,
+                        " pairs but the mask has ", m.pairs(), " of ", m.shape().dense_pairs()));
+  if (st.target.is_compression() && st.dense_pairs > 0 &&
+      st.reachable != sm::is_reachable(st.target, st.compression()))
+    fail(detail::concat(what, ": reachable=", st.reachable, " at CR ", st.compression(),
+                        " for target ", st.target.str()));
+  if (st.detail.empty() || !(st.select_ms >= 0.0))
+    fail(detail::concat(what, ": stats lack the resolved budget or the selection time"));
+}
+
 template <class TQ, class TKV, class TO>
 void prefill_case(FuzzedDataProvider& fdp, int kind) {
   PrefillProblem p{};
@@ -563,26 +586,38 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
     }
 #if FUZZ_BLOCK_SPARSE
     case kBlockSparse: {
-      sm::BlockSparseOptions o;
-      o.block = bq;
-      o.num_threads = pick_threads(fdp);
-      if (fdp.ConsumeBool()) o.top_k = fdp.ConsumeIntegralInRange<index_t>(1, 8);
-      else o.compression = fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0);
+      // The selection gets the kernel's options (scale, threads), as every method does.
+      AttentionOptions so = selection_options(fdp, p);
+      sm::BlockSparse method;
+      method.block = bq;
+      const bool by_count = fdp.ConsumeBool();
+      index_t top_k = by_count ? fdp.ConsumeIntegralInRange<index_t>(1, 8) : 0;
+      double cr = by_count ? 0.0 : fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0);
+      const bool by_mass = !by_count && fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+      const double mass = by_mass ? fdp.ConsumeFloatingPointInRange<double>(0.01, 1.0) : 0.0;
       const int corrupt = fdp.ConsumeIntegralInRange<int>(0, 15);
-      if (corrupt == 1) o.block = 0;
-      if (corrupt == 2) o.top_k = -1;
-      if (corrupt == 3) o.top_k = 0, o.compression = fdp.ConsumeBool() ? 0.5 : NAN;
-      if (corrupt == 4) o.num_threads = -2;
+      if (corrupt == 1) method.block = 0;
+      if (corrupt == 2) top_k = fdp.ConsumeBool() ? -1 : 0;
+      if (corrupt == 3) top_k = 0, cr = fdp.ConsumeBool() ? 0.5 : NAN;
+      if (corrupt == 4) so.num_threads = -2;
       const bool bad = corrupt >= 1 && corrupt <= 4;
-      note("block_sparse top_k=", o.top_k, " cr=", o.compression, " block=", o.block,
+      note("block_sparse top_k=", top_k, " cr=", cr, " mass=", mass, " block=", method.block,
            " corrupt=", corrupt);
       if (p.bad == Bad::mask_geometry) p.bad = Bad::none;  // the selection sets the geometry
       with_qk([&](const auto& q, const auto& k) {
-        sm::BlockSparseMask m;
-        if (!expect(bad, "block_sparse::select", [&] { m = sm::block_sparse::select(q, k, o); }))
+        sm::PrefillSelection<BlockListMask<AllowAll>> sel;
+        if (!expect(bad, "BlockSparse::select", [&] {
+              const sm::Budget budget = top_k != 0 || corrupt == 2 ? sm::Budget::count(top_k)
+                                        : by_mass && corrupt != 3 ? sm::Budget::mass(mass)
+                                                                  : sm::Budget::compression(cr);
+              sel = method.select(q, k, budget, so);
+            }))
           return;
-        if (m.top_k < 1) fail("block_sparse: top_k < 1");
-        go(m);
+        check_stats(sel.stats, sel.mask, "block_sparse");
+        if (top_k > 0 && q.tokens > 0 &&
+            sel.stats.reachable != (top_k >= sm::BlockSparse::max_forced(sel.mask.shape())))
+          fail("block_sparse: a count budget is reachable iff it covers the forced blocks");
+        go(sel.mask);
       });
       return;
     }
@@ -590,66 +625,95 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
 #if FUZZ_VERTICAL_SLASH
     case kVsExact:
     case kVsTiled: {
-      sm::VerticalSlashOptions o;
-      o.block = bq;
-      o.num_threads = pick_threads(fdp);
-      o.last_queries = fdp.ConsumeIntegralInRange<index_t>(1, 80);
-      o.sink_columns = fdp.ConsumeIntegralInRange<index_t>(0, 6);
-      o.local_offsets = fdp.ConsumeIntegralInRange<index_t>(0, 70);
-      if (fdp.ConsumeBool()) {
-        o.compression = fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0);
-      } else {
-        o.vertical = o.sink_columns + fdp.ConsumeIntegralInRange<index_t>(0, 100);
-        o.slash = o.local_offsets + fdp.ConsumeIntegralInRange<index_t>(0, 100);
-      }
+      AttentionOptions so = selection_options(fdp, p);
+      sm::VerticalSlash method;  // exact; the tiled one takes the same parameters
+      method.block = bq;
+      method.last_queries = fdp.ConsumeIntegralInRange<index_t>(1, 80);
+      method.sink_columns = fdp.ConsumeIntegralInRange<index_t>(0, 6);
+      method.local_offsets = fdp.ConsumeIntegralInRange<index_t>(0, 70);
+      method.vertical_share = fdp.ConsumeFloatingPointInRange<double>(0.0, 1.0);
+      // A count of lines (V + S, possibly below the forced ones: then unreachable) or a CR.
+      double cr = 0.0;
+      index_t lines = 0;
+      if (fdp.ConsumeBool())
+        cr = fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0);
+      else
+        lines = fdp.ConsumeIntegralInRange<index_t>(
+            1, method.sink_columns + method.local_offsets + 200);
       const int corrupt = fdp.ConsumeIntegralInRange<int>(0, 15);
-      if (corrupt == 1) o.block = 0;
-      if (corrupt == 2) o.last_queries = 0;
-      if (corrupt == 3) o.compression = 0.0, o.vertical = o.sink_columns - 1;
-      if (corrupt == 4) o.compression = fdp.ConsumeBool() ? 0.5 : INFINITY;
-      if (corrupt == 5) o.scale = -1.0f;
+      if (corrupt == 1) method.block = 0;
+      if (corrupt == 2) method.last_queries = 0;
+      if (corrupt == 3) method.vertical_share = fdp.ConsumeBool() ? 1.5 : NAN;
+      if (corrupt == 4) lines = 0, cr = fdp.ConsumeBool() ? 0.5 : INFINITY;
+      if (corrupt == 5) so.scale = -1.0f;
       const bool bad = corrupt >= 1 && corrupt <= 5;
-      note(kind == kVsExact ? "vs_exact" : "vs_tiled", " V=", o.vertical, " S=", o.slash,
-           " cr=", o.compression, " w=", o.last_queries, " sinks=", o.sink_columns,
-           " local=", o.local_offsets, " corrupt=", corrupt);
+      note(kind == kVsExact ? "vs_exact" : "vs_tiled", " lines=", lines, " share=",
+           method.vertical_share, " cr=", cr, " w=", method.last_queries,
+           " sinks=", method.sink_columns, " local=", method.local_offsets, " corrupt=", corrupt);
       if (p.bad == Bad::mask_geometry) p.bad = Bad::none;
+      auto budget = [&] {
+        return lines > 0 ? sm::Budget::count(lines) : sm::Budget::compression(cr);
+      };
+      // A count budget is reachable iff it covers the forced lines (clamped to n_k).
+      auto check_reachable = [&](const sm::SelectionStats& st, index_t n_q, index_t n_k) {
+        if (lines == 0 || n_q == 0) return;
+        const index_t forced =
+            std::min(method.sink_columns, n_k) + std::min(method.local_offsets, n_k);
+        if (st.reachable != (lines >= forced))
+          fail("vertical_slash: a count budget is reachable iff it covers the forced lines");
+      };
       with_qk([&](const auto& q, const auto& k) {
         if (kind == kVsExact) {
-          sm::VerticalSlashExactMask m;
-          if (!expect(bad, "vertical_slash::select_exact",
-                      [&] { m = sm::vertical_slash::select_exact(q, k, o); }))
+          sm::VerticalSlashSelection<sm::VerticalSlash::Mask> sel;
+          if (!expect(bad, "VerticalSlash::select", [&] { sel = method.select(q, k, budget(), so); }))
             return;
+          check_stats(sel.stats, sel.mask, "vertical_slash");
+          check_reachable(sel.stats, q.tokens, k.tokens);
           // Invariants: every query sees itself (local_offsets >= 1) and the sink columns.
+          const auto& m = sel.mask;
           const MaskShape& s = m.shape();
           for (index_t h = 0; h < s.heads; ++h) {
             const auto dm = to_dense(m, h);
             for (index_t i = 0; i < s.n_q; ++i) {
               const index_t pos = i + s.q_offset();
-              if (o.local_offsets >= 1 && !dm(i, pos)) fail("vertical_slash: query misses itself");
-              for (index_t j = 0; j < std::min(o.sink_columns, pos + 1); ++j)
+              if (method.local_offsets >= 1 && !dm(i, pos)) fail("vertical_slash: query misses itself");
+              for (index_t j = 0; j < std::min(method.sink_columns, pos + 1); ++j)
                 if (!dm(i, j)) fail("vertical_slash: query misses a sink column");
             }
           }
           go(m);
         } else {
-          sm::VerticalSlashTiledMask m;
-          if (!expect(bad, "vertical_slash::select_tiled",
-                      [&] { m = sm::vertical_slash::select_tiled(q, k, o); }))
+          sm::VerticalSlashTiled tiled;
+          tiled.block = method.block;
+          tiled.last_queries = method.last_queries;
+          tiled.sink_columns = method.sink_columns;
+          tiled.local_offsets = method.local_offsets;
+          tiled.vertical_share = method.vertical_share;
+          sm::VerticalSlashSelection<sm::VerticalSlashTiled::Mask> sel;
+          if (!expect(bad, "VerticalSlashTiled::select", [&] { sel = tiled.select(q, k, budget(), so); }))
             return;
-          // Tiled contains exact for the same V and S.
-          sm::VerticalSlashOptions oe = o;
-          oe.compression = 0.0;
-          oe.vertical = std::max(m.vertical, o.sink_columns);
-          oe.slash = std::max(m.slash, o.local_offsets);
-          const auto ex = sm::vertical_slash::select_exact(q, k, oe);
-          for (index_t h = 0; h < m.shape().heads; ++h) {
-            const auto dt = to_dense(m, h), de = to_dense(ex, h);
-            for (index_t i = 0; i < dt.rows(); ++i)
-              for (index_t j = 0; j < dt.cols(); ++j)
-                if (de(i, j) && !dt(i, j))
-                  fail(detail::concat("vertical_slash: tiled misses exact element (", i, ", ", j, ")"));
+          check_stats(sel.stats, sel.mask, "vertical_slash_tiled");
+          check_reachable(sel.stats, q.tokens, k.tokens);
+          // Tiled contains exact for the same V and S (V + S lines split V : S; the split only
+          // clamps to the forced lines, which V and S already cover).
+          const index_t v = sel.vertical, sl = sel.slash;
+          if (v + sl >= 1) {
+            sm::VerticalSlash exact = method;
+            exact.vertical_share = static_cast<double>(v) / static_cast<double>(v + sl);
+            const auto ex = exact.select(q, k, sm::Budget::count(v + sl), so);
+            if (ex.vertical != v || ex.slash != sl)
+              fail(detail::concat("vertical_slash: exact split V=", ex.vertical, " S=", ex.slash,
+                                  ", tiled V=", v, " S=", sl));
+            const auto& m = sel.mask;
+            for (index_t h = 0; h < m.shape().heads; ++h) {
+              const auto dt = to_dense(m, h), de = to_dense(ex.mask, h);
+              for (index_t i = 0; i < dt.rows(); ++i)
+                for (index_t j = 0; j < dt.cols(); ++j)
+                  if (de(i, j) && !dt(i, j))
+                    fail(detail::concat("vertical_slash: tiled misses exact element (", i, ", ", j, ")"));
+            }
           }
-          go(m);
+          go(sel.mask);
         }
       });
       return;
@@ -657,28 +721,38 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
 #endif
 #if FUZZ_FLEX_PREFILL
     case kFlex: {
-      sm::FlexPrefillOptions o;
-      o.block = bq;
-      o.num_threads = pick_threads(fdp);
-      o.gamma = fdp.ConsumeFloatingPointInRange<double>(0.05, 1.2);
-      o.tau = fdp.ConsumeFloatingPointInRange<double>(0.0, 1.0);
-      o.min_budget = fdp.ConsumeIntegralInRange<index_t>(0, 200);
-      o.last_queries = fdp.ConsumeIntegralInRange<index_t>(1, 140);
+      AttentionOptions so = selection_options(fdp, p);
+      sm::FlexPrefill method;
+      method.block = bq;
+      // gamma >= 1 is dense: the mass target p = 1.
+      double gamma = std::min(1.0, fdp.ConsumeFloatingPointInRange<double>(0.05, 1.2));
+      // A CR instead (FlexPrefill searches gamma for it), now and then: it runs 14 selections.
+      const double cr =
+          fdp.ConsumeIntegralInRange<int>(0, 3) == 0 ? fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0) : 0.0;
+      method.tau = fdp.ConsumeFloatingPointInRange<double>(0.0, 1.0);
+      method.min_budget = fdp.ConsumeIntegralInRange<index_t>(0, 200);
+      method.last_queries = fdp.ConsumeIntegralInRange<index_t>(1, 140);
       const int corrupt = fdp.ConsumeIntegralInRange<int>(0, 15);
-      if (corrupt == 1) o.gamma = fdp.ConsumeBool() ? 0.0 : NAN;
-      if (corrupt == 2) o.tau = fdp.ConsumeBool() ? -0.1 : NAN;
-      if (corrupt == 3) o.min_budget = -1;
-      if (corrupt == 4) o.block = 0;
-      if (corrupt == 5) o.last_queries = 0;
+      if (corrupt == 1) gamma = fdp.ConsumeBool() ? 0.0 : NAN;
+      if (corrupt == 2) method.tau = fdp.ConsumeBool() ? -0.1 : NAN;
+      if (corrupt == 3) method.min_budget = -1;
+      if (corrupt == 4) method.block = 0;
+      if (corrupt == 5) method.last_queries = 0;
       const bool bad = corrupt >= 1 && corrupt <= 5;
-      note("flex gamma=", o.gamma, " tau=", o.tau, " min_budget=", o.min_budget,
-           " w=", o.last_queries, " corrupt=", corrupt);
+      note("flex gamma=", gamma, " cr=", cr, " tau=", method.tau, " min_budget=", method.min_budget,
+           " w=", method.last_queries, " corrupt=", corrupt);
       if (p.bad == Bad::mask_geometry) p.bad = Bad::none;
       with_qk([&](const auto& q, const auto& k) {
-        sm::FlexPrefillMask m;
-        if (!expect(bad, "flex_prefill::select", [&] { m = sm::flex_prefill::select(q, k, o); }))
+        sm::FlexPrefillSelection sel;
+        if (!expect(bad, "FlexPrefill::select", [&] {
+              const sm::Budget budget = cr > 0.0 && corrupt != 1 ? sm::Budget::compression(cr)
+                                                                 : sm::Budget::mass(gamma);
+              sel = method.select(q, k, budget, so);
+            }))
           return;
+        check_stats(sel.stats, sel.mask, "flex_prefill");
         // Invariant: every query block keeps key block 0 and its diagonal block(s).
+        const auto& m = sel.mask;
         const MaskShape& s = m.shape();
         for (index_t h = 0; h < s.heads; ++h)
           for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
@@ -740,9 +814,10 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
            " narrow=", narrow, " corrupt=", corrupt, " corrupted=", corrupted);
       if (pred) {
         BlockListMask<HashPredicate> m;
-        if (expect(corrupted, "user_mask::from_bsr", [&] {
-              m = sm::user_mask::from_bsr(shape, shared, off, col, full,
-                                          HashPredicate{static_cast<std::uint32_t>(rng())});
+        if (expect(corrupted, "UserMask", [&] {
+              m = sm::BasicUserMask<HashPredicate>(shape, shared, off, col, full,
+                                                   HashPredicate{static_cast<std::uint32_t>(rng())})
+                      .mask;
             }))
           go(m);
       } else if (narrow) {  // int32 offsets, uint16 indices (wide values must not wrap to valid)
@@ -754,13 +829,12 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
         csr.full = full;
         csr.head_shared = shared;
         BlockListMask<AllowAll> m;
-        if (expect(corrupted, "user_mask::from_bsr",
-                   [&] { m = sm::user_mask::from_bsr(shape, csr); }))
+        if (expect(corrupted, "UserMask", [&] { m = sm::UserMask(shape, csr).mask; }))
           go(m);
       } else {
         BlockListMask<AllowAll> m;
-        if (expect(corrupted, "user_mask::from_bsr",
-                   [&] { m = sm::user_mask::from_bsr(shape, shared, off, col, full); }))
+        if (expect(corrupted, "UserMask",
+                   [&] { m = sm::UserMask(shape, shared, off, col, full).mask; }))
           go(m);
       }
       return;
@@ -976,21 +1050,31 @@ void cache_case(FuzzedDataProvider& fdp) {
     if (cache.length(0) != len || cache.sequence_length() != n_p || cache.free_pages() != free_pages)
       fail("kv::Cache::append: a rejected append changed the cache");
   }
+  // One budget for every method: a count of tokens (per KV head; Quest: tokens -> pages) or a CR.
+  const methods::Budget b =
+      budget > 0 ? methods::Budget::count(budget) : methods::Budget::compression(cr);
+  AttentionOptions mo;  // the methods' options (scale: the default, as the kernel's below)
+  mo.num_threads = threads;
+  // An eviction's statistics: pairs = tokens kept, reachability by the one rule for CR targets.
+  auto check_eviction = [&](const kv::EvictionPlan& plan, const char* what) {
+    if (plan.stats.pairs != cache.total_length() ||
+        plan.stats.dense_pairs != cache.sequence_length() * hkv)
+      fail(detail::concat(what, ": stats say ", plan.stats.pairs, " of ", plan.stats.dense_pairs,
+                          " tokens kept, the cache holds ", cache.total_length()));
+    if (b.is_compression() && plan.stats.reachable != methods::is_reachable(b, plan.stats.compression()))
+      fail(detail::concat(what, ": reachable=", plan.stats.reachable, " at CR ",
+                          plan.stats.compression(), " for ", b.str()));
+  };
+  // H2O's step uses the decode kernel's key mass (no second pass) when this is set.
+  const bool h2o_kernel_mass = fdp.ConsumeBool();
   // Eviction after the prompt, scored with the prompt's queries.
-  methods::h2o::State h2o;
-  methods::H2OOptions ho;
-  ho.num_threads = threads;
-  if (budget > 0) ho.budget = budget;
-  else ho.compression = cr;
+  methods::H2O::State h2o;
   {
-    methods::SnapKVOptions so;
-    so.num_threads = threads;
-    so.window = fdp.ConsumeIntegralInRange<index_t>(1, 40);
-    so.pool_kernel = 2 * fdp.ConsumeIntegralInRange<index_t>(0, 4) + 1;
-    if (budget > 0) so.budget = budget;
-    else so.compression = cr;
+    methods::SnapKV snap;
+    snap.window = fdp.ConsumeIntegralInRange<index_t>(1, 40);
+    snap.pool_kernel = 2 * fdp.ConsumeIntegralInRange<index_t>(0, 4) + 1;
     const bool bad = corrupt == 4 && (eviction == 1 || eviction == 2);
-    if (bad) so.window = 0;
+    if (bad) snap.window = 0;
     const auto qp = qs(0, n_p);
     // A rejected eviction must leave every head's slots (count and positions) as they were.
     auto slots = [&] {
@@ -1005,30 +1089,33 @@ void cache_case(FuzzedDataProvider& fdp) {
     auto rejected = [&](const char* what) {
       if (slots() != before) fail(detail::concat(what, ": a rejected eviction changed the cache"));
     };
+    kv::EvictionPlan plan;
     switch (eviction) {
       case 1:
-        if (!expect(bad, "snapkv::evict", [&] { methods::snapkv::evict(qp, cache, so); }))
-          return rejected("snapkv::evict");
+        if (!expect(bad, "SnapKV::evict", [&] { plan = sm::evict(snap, qp, cache, b, mo); }))
+          return rejected("SnapKV::evict");
+        check_eviction(plan, "SnapKV::evict");
         break;
       case 2: {
-        methods::AdaSnapKVOptions ao;
-        static_cast<methods::SnapKVOptions&>(ao) = so;
-        if (!expect(bad, "ada_snapkv::evict", [&] { methods::ada_snapkv::evict(qp, cache, ao); }))
-          return rejected("ada_snapkv::evict");
+        methods::AdaSnapKV ada;
+        ada.window = snap.window;
+        ada.pool_kernel = snap.pool_kernel;
+        if (!expect(bad, "AdaSnapKV::evict", [&] { plan = sm::evict(ada, qp, cache, b, mo); }))
+          return rejected("AdaSnapKV::evict");
+        check_eviction(plan, "AdaSnapKV::evict");
         break;
       }
       case 3:
-        h2o.reset(cache, ho);
-        h2o.observe(qp, cache, true);
-        h2o.apply(h2o.select(cache), cache);
+        h2o.reset(cache, b);
+        h2o.observe(qp, cache, mo, true);
+        plan = h2o.select(cache);
+        h2o.apply(plan, cache);
+        check_eviction(plan, "H2O");
         break;
       case 4: {
-        methods::StreamingOptions st;
+        methods::StreamingLLM st;
         st.sinks = fdp.ConsumeIntegralInRange<index_t>(0, 6);
-        if (budget > 0) st.budget = budget;
-        else st.compression = cr;
-        methods::streaming::evict(cache, st.sinks,
-                                  methods::streaming::resolve_window(cache.sequence_length(), st));
+        check_eviction(sm::evict(st, TensorView<const float>(), cache, b), "StreamingLLM");
         break;
       }
       default: break;
@@ -1042,21 +1129,19 @@ void cache_case(FuzzedDataProvider& fdp) {
     const auto q = qs(t0, n_new);
     KeySelection keys = KeySelection::all();
     if (quest) {
-      methods::QuestOptions qo;
-      qo.per_query_head = per_q;
-      qo.num_threads = threads;
-      if (budget > 0) qo.budget = budget;
-      else qo.compression = cr;
+      methods::Quest qm;
+      qm.per_query_head = per_q;
       const bool bad = corrupt == 2 || corrupt == 3;
-      if (corrupt == 2) qo.budget = 0, qo.compression = 0.5;
       std::vector<float> qbad;
       TensorView<const float> qq = q;
       if (corrupt == 3) {
         qbad.assign(static_cast<std::size_t>(hq * n_new * (d + 1)), 0.5f);
         qq = TensorView<const float>(qbad.data(), hq, n_new, d + 1);
       }
-      methods::QuestPlan plan;
-      if (!expect(bad, "quest::select", [&] { plan = methods::quest::select(qq, cache, qo); }))
+      methods::DecodeSelection plan;
+      if (!expect(bad, "Quest::select", [&] {
+            plan = qm.select(qq, cache, corrupt == 2 ? methods::Budget::compression(0.5) : b, mo);
+          }))
         return;
       keys = plan.keys;
       // The current page(s) are always attended.
@@ -1070,15 +1155,32 @@ void cache_case(FuzzedDataProvider& fdp) {
           if (covered != len - first_cur) fail("quest: current page not attended");
         }
       const auto st = kv::decode_stats(keys, cache, hq, n_new);
-      if (st.pairs != plan.stats.pairs) fail("quest: stats disagree with decode_stats");
+      if (st.pairs != plan.stats.pairs || st.dense_pairs != plan.stats.dense_pairs)
+        fail("quest: stats disagree with decode_stats");
+      if (b.is_compression() && plan.stats.reachable != methods::is_reachable(b, plan.stats.compression()))
+        fail(detail::concat("quest: reachable=", plan.stats.reachable, " at CR ",
+                            plan.stats.compression(), " for ", b.str()));
     }
     std::vector<float> out(static_cast<std::size_t>(hq * n_new * dv), -5.0f),
         out2(out.size(), -5.0f), lse(static_cast<std::size_t>(hq * n_new), -7.0f);
     DecodeOptions o;
     o.num_threads = threads;
     o.lse = LseView(lse.data(), n_new);
+    // H2O: the kernel's per-key mass in the same pass, [Hkv][max_length()].
+    const bool with_mass = eviction == 3 && h2o_kernel_mass;
+    std::vector<float> mass(with_mass ? static_cast<std::size_t>(hkv * cache.max_length()) : 0);
+    if (with_mass) o.key_mass = {mass.data(), cache.max_length(), 0};
     const TensorView<float> ov(out.data(), hq, n_new, dv);
-    kv::decode(q, cache, ov, keys, o);
+    decode(q, cache, ov, keys, o);
+    if (with_mass)  // every row's probabilities sum to 1: G x n_new per KV head
+      for (index_t hk = 0; hk < hkv; ++hk) {
+        double sum = 0.0;
+        for (index_t j = 0; j < cache.max_length(); ++j)
+          sum += mass[static_cast<std::size_t>(hk * cache.max_length() + j)];
+        const double want = static_cast<double>(G * n_new);
+        if (!(std::fabs(sum - want) <= 1e-4 * want))
+          fail(detail::concat("decode key mass: KV head ", hk, " sums to ", sum, ", expected ", want));
+      }
     // Oracle: each head's kept (selected) positions, causal by position.
     std::vector<std::vector<std::uint8_t>> allowed(static_cast<std::size_t>(hq),
                                                    std::vector<std::uint8_t>(static_cast<std::size_t>(total), 0));
@@ -1105,20 +1207,24 @@ void cache_case(FuzzedDataProvider& fdp) {
     Storage<float> os(hq, n_new, dv, Layout::head_major, -5.0f);
     os.buf = out;
     os.view.data = os.buf.data();
-    check_output(os, os.inside(), -5.0f, &lse, e, total, 0.0, "kv::decode");
+    check_output(os, os.inside(), -5.0f, &lse, e, total, 0.0, "decode(q, cache)");
     // Same bits at another thread count.
     DecodeOptions o2 = o;
     o2.num_threads = threads % 3 + 1;
     o2.lse = LseView();
-    kv::decode(q, cache, TensorView<float>(out2.data(), hq, n_new, dv), keys, o2);
+    o2.key_mass = KeyMassView{};
+    decode(q, cache, TensorView<float>(out2.data(), hq, n_new, dv), keys, o2);
     if (std::memcmp(out.data(), out2.data(), out.size() * sizeof(float)) != 0)
-      fail("kv::decode: output bits differ between thread counts");
-    if (eviction == 3) h2o.step(q, cache);
-    if (eviction == 4) {
-      methods::StreamingOptions st;
+      fail("decode(q, cache): output bits differ between thread counts");
+    if (eviction == 3)
+      check_eviction(with_mass ? h2o.step_mass(mass.data(), cache.max_length(), cache)
+                               : h2o.step(q, cache, mo),
+                     "H2O::State::step");
+    if (eviction == 4) {  // 2 sinks + a window of max(1, budget)
+      methods::StreamingLLM st;
       st.sinks = 2;
-      st.window = std::max<index_t>(1, budget);
-      methods::streaming::evict(cache, st.sinks, st.window);
+      sm::evict(st, TensorView<const float>(), cache,
+                methods::Budget::count(2 + std::max<index_t>(1, budget)));
     }
   }
 }

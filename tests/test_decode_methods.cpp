@@ -24,6 +24,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 
 using namespace sparse_attn;
 using kv::PageTable;
+using methods::Budget;
 
 namespace {
 
@@ -126,6 +127,17 @@ std::vector<std::vector<index_t>> selected_positions(const KeySelection& keys, c
   return sel;
 }
 
+// Positions of the tokens a session's cache holds for its policy: the live slots of a lazily
+// evicting H2O (its dead slots wait for a batched compaction), else every slot.
+template <class Cache>
+std::vector<std::vector<index_t>> held_positions(const DecodeSession<Cache>& s) {
+  if (s.num_policies() == 1) {
+    if (const auto* h = dynamic_cast<const methods::H2OPolicy<Cache, float>*>(&s.policy()))
+      return selected_positions(h->live_selection(s.cache()), s.cache());
+  }
+  return cache_positions(s.cache());
+}
+
 // max |got - want| / max(1, max |want|).
 double rel_err(const std::vector<float>& got, const reference::Result& want) {
   double scale = 1.0, err = 0.0;
@@ -151,8 +163,19 @@ template <class Cache>
 std::vector<float> run_decode(const Data& D, const Cache& c, index_t t0, index_t m,
                               const KeySelection& keys = KeySelection::all()) {
   std::vector<float> o(static_cast<std::size_t>(D.hq * m * D.d), -7.0f);
-  kv::decode(D.qs(t0, m), c, TensorView<float>(o.data(), D.hq, m, D.d), keys);
+  decode(D.qs(t0, m), c, TensorView<float>(o.data(), D.hq, m, D.d), keys);
   return o;
+}
+
+// Quest's selection and page bounds for q on c.
+template <class Cache>
+std::pair<methods::DecodeSelection, methods::QuestPages> quest_select(
+    const TensorView<const float>& q, const Cache& c, const Budget& b, bool per_q = false) {
+  methods::Quest m;
+  m.per_query_head = per_q;
+  std::pair<methods::DecodeSelection, methods::QuestPages> r;
+  m.select(q, c, b, {}, r.first, &r.second);
+  return r;
 }
 
 // Per-page key min/max of a cache equals the min/max of the rows it stores.
@@ -315,17 +338,16 @@ TEST(KvCache, PagedAndContiguousCachesGiveIdenticalOutputs) {
   fill(c);
   fill(ph);
   fill(ps);
-  methods::QuestOptions qo;
-  qo.compression = 4;
+  const Budget qb = Budget::compression(4);
   for (const bool quest : {false, true}) {
     const KeySelection keys =
-        quest ? methods::quest::select(D.qs(250, 1), c, qo).keys : KeySelection::all();
+        quest ? methods::Quest{}.select(D.qs(250, 1), c, qb).keys : KeySelection::all();
     const auto oc = run_decode(D, c, 250, 1, keys);
     EXPECT_EQ(oc, run_decode(D, ph, 250, 1, keys)) << "per-head page table, quest=" << quest;
     EXPECT_EQ(oc, run_decode(D, ps, 250, 1, keys)) << "shared page table, quest=" << quest;
     if (quest) {
-      EXPECT_EQ(methods::quest::select(D.qs(250, 1), ph, qo).bounds,
-                methods::quest::select(D.qs(250, 1), c, qo).bounds);
+      EXPECT_EQ(quest_select(D.qs(250, 1), ph, qb).second.bounds,
+                quest_select(D.qs(250, 1), c, qb).second.bounds);
     }
   }
   // Ragged (after an uneven eviction) and several new tokens.
@@ -352,9 +374,8 @@ TEST(Quest, PageBoundIsAtLeastEveryLogitInItsPage) {
   const index_t G = 4;
   const auto kv = c.keys();
   for (const bool per_q : {false, true}) {
-    methods::QuestOptions o;
-    o.per_query_head = per_q;
-    const methods::QuestPlan plan = methods::quest::select(D.qs(332, 1), c, o);
+    const methods::QuestPages plan =
+        quest_select(D.qs(332, 1), c, Budget::compression(10), per_q).second;
     for (index_t u = 0; u < (per_q ? 8 : 2); ++u)
       for (index_t p = 0; p < c.num_pages(u / (per_q ? G : 1)); ++p) {
         const double U = plan.bounds[static_cast<std::size_t>(u * plan.bound_stride + p)];
@@ -384,9 +405,7 @@ TEST(Quest, CurrentPageIsAlwaysAttended) {
     auto c = make_cache<kv::ContiguousCache<float>>(D, 200, 16);
     c.append(D.ks(0, 200), D.vs(0, 200));
     for (const index_t budget : {1, 16, 48}) {
-      methods::QuestOptions o;
-      o.budget = budget;
-      const auto plan = methods::quest::select(D.qs(200 - n_q, n_q), c, o);
+      const auto plan = methods::Quest{}.select(D.qs(200 - n_q, n_q), c, Budget::count(budget));
       const index_t first_cur = (200 - n_q) / 16;
       const auto sel = selected_positions(plan.keys, c);
       for (index_t u = 0; u < 2; ++u) {
@@ -410,11 +429,10 @@ TEST(Quest, SelectsTopBoundPagesWithTiesTowardTheLowerPage) {
       for (index_t dd = 0; dd < 32; ++dd) D.kat(h, t, dd) = D.kat(h, t % 16, dd);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 160, 16);
   c.append(D.ks(0, 160), D.vs(0, 160));
-  methods::QuestOptions o;
-  o.budget = 3 * 16;
-  const auto plan = methods::quest::select(D.qs(159, 1), c, o);
+  const auto [sel, pages] = quest_select(D.qs(159, 1), c, Budget::count(3 * 16));
+  const KeySelection& keys = sel.keys;
   for (index_t u = 0; u < 2; ++u) {
-    const float* U = plan.bounds.data() + u * plan.bound_stride;
+    const float* U = pages.bounds.data() + u * pages.bound_stride;
     // Expected: the three best of pages 0..8 (ties by index) among 0..8 vs page 9's bound.
     std::vector<index_t> order(9);
     std::iota(order.begin(), order.end(), index_t{0});
@@ -423,7 +441,7 @@ TEST(Quest, SelectsTopBoundPagesWithTiesTowardTheLowerPage) {
     std::sort(want.begin(), want.end());
     EXPECT_EQ(want, (std::vector<index_t>{0, 1, 2})) << "equal bounds keep the lowest pages";
     std::vector<index_t> got;
-    for (const KeyRange* r = plan.keys.ranges_begin(u); r != plan.keys.ranges_end(u); ++r)
+    for (const KeyRange* r = keys.ranges_begin(u); r != keys.ranges_end(u); ++r)
       for (index_t p = r->begin / 16; p * 16 < r->end; ++p) got.push_back(p);
     EXPECT_EQ(got, (std::vector<index_t>{0, 1, 2, 9}));
   }
@@ -434,15 +452,15 @@ TEST(Quest, CompressionOneIsDense) {
   auto c = make_cache<kv::PagedCache<bf16>>(D, 500);
   c.append(D.ks(0, 500), D.vs(0, 500));
   const auto dense = run_decode(D, c, 499, 1);
-  methods::QuestOptions o;
-  o.compression = 1.0;
-  const auto plan = methods::quest::select(D.qs(499, 1), c, o);
-  EXPECT_TRUE(plan.dense);
+  const auto [plan, pages] = quest_select(D.qs(499, 1), c, Budget::compression(1.0));
+  EXPECT_TRUE(pages.dense);
   EXPECT_EQ(plan.keys.scope(), KeySelection::Scope::all);
-  EXPECT_DOUBLE_EQ(plan.compression(), 1.0);
+  EXPECT_DOUBLE_EQ(plan.stats.compression(), 1.0);
+  EXPECT_TRUE(plan.stats.reachable);
   EXPECT_LE(rel_err(run_decode(D, c, 499, 1, plan.keys), dense), 1e-5);
-  o.budget = 10000;  // a budget covering the cache is dense as well
-  EXPECT_TRUE(methods::quest::select(D.qs(499, 1), c, o).dense);
+  // A budget covering the cache is dense as well.
+  EXPECT_TRUE(quest_select(D.qs(499, 1), c, Budget::count(10000)).second.dense);
+  EXPECT_TRUE(quest_select(D.qs(499, 1), c, Budget::mass(1.0)).second.dense);
   EXPECT_LE(rel_err(dense, oracle<bf16>(D, 499, 1, all_positions(2, 500))), kTol);
 }
 
@@ -451,10 +469,7 @@ TEST(Quest, OutputEqualsOracleOnSelectedPagesForBothScopes) {
   auto c = make_cache<kv::ContiguousCache<bf16>>(D, 400);
   c.append(D.ks(0, 400), D.vs(0, 400));
   for (const bool per_q : {false, true}) {
-    methods::QuestOptions o;
-    o.compression = 5;
-    o.per_query_head = per_q;
-    const auto plan = methods::quest::select(D.qs(399, 1), c, o);
+    const auto plan = quest_select(D.qs(399, 1), c, Budget::compression(5), per_q).first;
     EXPECT_EQ(plan.keys.scope(),
               per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head);
     EXPECT_EQ(plan.keys.units(), per_q ? 8 : 2);
@@ -478,18 +493,19 @@ TEST(Quest, ReportsKeysReadAndAchievedCompression) {
   auto c = make_cache<kv::ContiguousCache<float>>(D, 1000);
   c.append(D.ks(0, 1000), D.vs(0, 1000));
   for (const double target : {2.0, 4.0, 10.0}) {
-    methods::QuestOptions o;
-    o.compression = target;
-    const auto plan = methods::quest::select(D.qs(999, 1), c, o);
+    const auto [plan, pages] = quest_select(D.qs(999, 1), c, Budget::compression(target));
     index_t keys = 0;
     for (index_t u = 0; u < 2; ++u) keys += plan.keys.keys(u, 1000);
-    EXPECT_EQ(plan.stats.kv_rows, keys);
+    EXPECT_EQ(kv::decode_stats(plan.keys, c, 8, 1).kv_rows, keys);
     EXPECT_EQ(plan.stats.pairs, 4 * keys);  // G = 4 query heads share each list
     EXPECT_EQ(plan.stats.dense_pairs, 8 * 1000);
-    const index_t B = plan.budget_pages[0], cur = 1000 - 62 * 16;
+    const index_t B = pages.budget_pages[0], cur = 1000 - 62 * 16;
     EXPECT_EQ(keys / 2, B * 16 + cur);
-    EXPECT_LE(plan.compression(), target);  // the smallest B reaching the target from below
+    // The fewest pages not sparser than the target (count_for_compression, then whole pages).
+    EXPECT_LE(plan.stats.compression(), target);
     EXPECT_GT(1000.0 / static_cast<double>((B - 1) * 16 + cur), target);
+    EXPECT_TRUE(plan.stats.reachable) << "CR " << plan.stats.compression() << " for " << target;
+    EXPECT_EQ(plan.stats.target.target_compression(), target);
   }
 }
 
@@ -540,10 +556,13 @@ TEST(SnapKV, ScoresArePooledObservationWindowAttention) {
   c.append(D.ks(0, 300), D.vs(0, 300));
   for (const index_t w : {24, 3})  // 3 x G = 12 rows take the direct (untiled) score path
     for (const bool ada : {false, true}) {
-      methods::AdaSnapKVOptions o;
-      o.window = w;
-      const kv::EvictionPlan plan = ada ? methods::ada_snapkv::select(D.qs(250, 50), c, o)
-                                        : methods::snapkv::select(D.qs(250, 50), c, o);
+      methods::AdaSnapKV a;
+      a.window = w;
+      methods::SnapKV sk;
+      sk.window = w;
+      const Budget b = Budget::compression(10);
+      const kv::EvictionPlan plan =
+          ada ? a.select(D.qs(250, 50), c, b) : sk.select(D.qs(250, 50), c, b);
       const auto want = window_scores_oracle(D, 300, w, ada);
       ASSERT_EQ(plan.scores.size(), want.size());
       for (std::size_t i = 0; i < want.size(); ++i)
@@ -557,10 +576,10 @@ TEST(SnapKV, KeepsSinksAndObservationWindow) {
   for (const index_t budget : {40, 60, 100}) {
     auto c = make_cache<kv::PagedCache<bf16>>(D, 400);
     c.append(D.ks(0, 400), D.vs(0, 400));
-    methods::SnapKVOptions o;
-    o.budget = budget;
-    o.window = 32;
-    const auto plan = methods::snapkv::evict(D.qs(300, 100), c, o);
+    methods::SnapKV sk;
+    sk.window = 32;
+    const auto plan = methods::evict(sk, D.qs(300, 100), c, Budget::count(budget));
+    EXPECT_TRUE(plan.stats.reachable);  // 36 forced tokens fit every budget
     for (index_t h = 0; h < 2; ++h) {
       const std::set<index_t> kept(c.positions(h), c.positions(h) + c.length(h));
       for (index_t j = 0; j < 4; ++j) EXPECT_TRUE(kept.count(j)) << "sink " << j;
@@ -575,20 +594,19 @@ TEST(SnapKV, EveryHeadKeepsExactlyC) {
   for (const double cr : {1.5, 4.0, 10.0}) {
     auto c = make_cache<kv::ContiguousCache<bf16>>(D, 400);
     c.append(D.ks(0, 400), D.vs(0, 400));
-    methods::SnapKVOptions o;
-    o.compression = cr;
-    const auto plan = methods::snapkv::evict(D.qs(368, 32), c, o);
+    const auto plan = methods::evict(methods::SnapKV{}, D.qs(368, 32), c, Budget::compression(cr));
     const index_t want = static_cast<index_t>(std::ceil(400.0 / cr));
-    EXPECT_EQ(plan.budget, want);
+    EXPECT_EQ(plan.stats.detail, "c=" + std::to_string(want) + " per head");
+    EXPECT_EQ(plan.stats.pairs, 2 * want);
+    EXPECT_EQ(plan.stats.dense_pairs, 2 * 400);
+    EXPECT_TRUE(plan.stats.reachable) << "CR " << cr;
     for (index_t h = 0; h < 2; ++h) EXPECT_EQ(c.length(h), want) << "CR " << cr << " head " << h;
   }
   // A budget below the forced tokens is raised to them and flagged unreachable.
   auto c = make_cache<kv::ContiguousCache<bf16>>(D, 400);
   c.append(D.ks(0, 400), D.vs(0, 400));
-  methods::SnapKVOptions o;
-  o.budget = 10;
-  const auto plan = methods::snapkv::evict(D.qs(368, 32), c, o);
-  EXPECT_FALSE(plan.reachable);
+  const auto plan = methods::evict(methods::SnapKV{}, D.qs(368, 32), c, Budget::count(10));
+  EXPECT_FALSE(plan.stats.reachable);
   EXPECT_EQ(c.length(0), 36);
 }
 
@@ -596,9 +614,7 @@ TEST(SnapKV, KeepsTheTopScoredTokensInPositionOrder) {
   const Data D(8, 2, 400, 32, 67);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 400);
   c.append(D.ks(0, 400), D.vs(0, 400));
-  methods::SnapKVOptions o;
-  o.compression = 5;
-  const auto plan = methods::snapkv::select(D.qs(368, 32), c, o);
+  const auto plan = methods::SnapKV{}.select(D.qs(368, 32), c, Budget::compression(5));
   for (index_t h = 0; h < 2; ++h) {
     const auto& keep = plan.keep[static_cast<std::size_t>(h)];
     EXPECT_TRUE(std::is_sorted(keep.begin(), keep.end()));
@@ -618,9 +634,7 @@ TEST(SnapKV, CompressionOneIsDense) {
   const Data D(8, 2, 300, 32, 71);
   auto c = make_cache<kv::ContiguousCache<bf16>>(D, 310);
   c.append(D.ks(0, 299), D.vs(0, 299));
-  methods::SnapKVOptions o;
-  o.compression = 1.0;
-  const auto plan = methods::snapkv::evict(D.qs(267, 32), c, o);
+  const auto plan = methods::evict(methods::SnapKV{}, D.qs(267, 32), c, Budget::compression(1.0));
   EXPECT_TRUE(plan.dense);
   EXPECT_EQ(c.length(0), 299);
   c.append(D.ks(299, 1), D.vs(299, 1));
@@ -634,10 +648,9 @@ TEST(AdaSnapKV, TotalKeptIsExactlyCTimesHkv) {
   for (const index_t c_tok : {30, 45, 77, 150, 299}) {
     auto c = make_cache<kv::PagedCache<bf16>>(D, 300);
     c.append(D.ks(0, 300), D.vs(0, 300));
-    methods::AdaSnapKVOptions o;
-    o.budget = c_tok;
-    o.window = 16;
-    const auto plan = methods::ada_snapkv::evict(D.qs(284, 16), c, o);
+    methods::AdaSnapKV a;
+    a.window = 16;
+    const auto plan = methods::evict(a, D.qs(284, 16), c, Budget::count(c_tok));
     EXPECT_EQ(c.total_length(), c_tok * 4) << "c " << c_tok;
     EXPECT_EQ(plan.total_kept(), c_tok * 4);
     for (index_t h = 0; h < 4; ++h)
@@ -652,10 +665,9 @@ TEST(AdaSnapKV, KeepsForcedTokensInEveryHead) {
   const Data D(8, 4, 300, 32, 79);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 300);
   c.append(D.ks(0, 300), D.vs(0, 300));
-  methods::AdaSnapKVOptions o;
-  o.compression = 8;
-  o.window = 16;
-  methods::ada_snapkv::evict(D.qs(284, 16), c, o);
+  methods::AdaSnapKV a;
+  a.window = 16;
+  methods::evict(a, D.qs(284, 16), c, Budget::compression(8));
   for (index_t h = 0; h < 4; ++h) {
     const std::set<index_t> kept(c.positions(h), c.positions(h) + c.length(h));
     for (index_t j : {0, 1, 2, 3}) EXPECT_TRUE(kept.count(j)) << "head " << h << " sink " << j;
@@ -668,18 +680,14 @@ TEST(AdaSnapKV, DecodeAttendsEachHeadsOwnLength) {
   const Data D(8, 2, 320, 64, 83);
   auto c = make_cache<kv::PagedCache<bf16>>(D, 320);
   c.append(D.ks(0, 300), D.vs(0, 300));
-  methods::AdaSnapKVOptions o;
-  o.compression = 6;
-  methods::ada_snapkv::evict(D.qs(268, 32), c, o);
+  methods::evict(methods::AdaSnapKV{}, D.qs(268, 32), c, Budget::compression(6));
   ASSERT_FALSE(c.uniform());
   c.append(D.ks(300, 1), D.vs(300, 1));  // one token
   EXPECT_LE(rel_err(run_decode(D, c, 300, 1), oracle<bf16>(D, 300, 1, cache_positions(c))), kTol);
   c.append(D.ks(301, 3), D.vs(301, 3));  // three tokens at once: each sees its own causal prefix
   EXPECT_LE(rel_err(run_decode(D, c, 301, 3), oracle<bf16>(D, 301, 3, cache_positions(c))), kTol);
   // Quest over the uneven cache, too.
-  methods::QuestOptions qo;
-  qo.compression = 3;
-  const auto plan = methods::quest::select(D.qs(301, 3), c, qo);
+  const auto plan = methods::Quest{}.select(D.qs(301, 3), c, Budget::compression(3));
   ASSERT_NE(plan.keys.scope(), KeySelection::Scope::all);
   EXPECT_LE(rel_err(run_decode(D, c, 301, 3, plan.keys),
                     oracle<bf16>(D, 301, 3, selected_positions(plan.keys, c))),
@@ -719,12 +727,9 @@ TEST(H2O, PrefillScoresAreCausalAttentionColumnSums) {
   const Data D(4, 2, 200, 32, 89);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 200);
   c.append(D.ks(0, 200), D.vs(0, 200));
-  methods::H2OOptions o;
-  o.heavy = 1000;  // no eviction: compare every score
-  o.recent = 8;
-  methods::h2o::State st;
-  st.reset(c, o);
-  st.observe(D.qs(0, 200), c, true);
+  methods::H2O::State st;
+  st.reset(c, Budget::count(1008));  // no eviction: compare every score
+  st.observe(D.qs(0, 200), c, {}, true);
   const auto want = column_sums_oracle(D, 0, 200, all_positions(2, 200));
   for (index_t h = 0; h < 2; ++h)
     for (index_t j = 0; j < 200; ++j)
@@ -737,12 +742,9 @@ TEST(H2O, StepAddsTheStepsAttentionProbabilitiesAndDropsEvictedScores) {
   const Data D(4, 2, 260, 32, 97);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 260);
   c.append(D.ks(0, 200), D.vs(0, 200));
-  methods::H2OOptions o;
-  o.heavy = 20;
-  o.recent = 10;
-  methods::h2o::State st;
-  st.reset(c, o);
-  st.observe(D.qs(0, 200), c, true);
+  methods::H2O::State st;
+  st.reset(c, Budget::count(30));
+  st.observe(D.qs(0, 200), c, {}, true);
   st.apply(st.select(c), c);
   for (index_t t = 200; t < 210; ++t) {
     const auto before_pos = cache_positions(c);
@@ -774,26 +776,28 @@ TEST(H2O, KeepsRecentWindowAndHeavyHittersEveryStep) {
   const Data D(8, 2, 300, 32, 101);
   auto c = make_cache<kv::PagedCache<bf16>>(D, 300);
   c.append(D.ks(0, 250), D.vs(0, 250));
-  methods::H2OOptions o;
-  o.heavy = 12;
-  o.recent = 8;
-  methods::h2o::State st;
-  st.reset(c, o);
-  st.observe(D.qs(0, 250), c, true);
+  methods::H2O::State st;
+  st.reset(c, Budget::count(20));
+  ASSERT_EQ(st.heavy(), 10);  // H + R = 20, R the larger half
+  ASSERT_EQ(st.recent(), 10);
+  const index_t R = st.recent();
+  st.observe(D.qs(0, 250), c, {}, true);
   for (index_t t = 250; t <= 280; ++t) {
     if (t > 250) {
       c.append(D.ks(t - 1, 1), D.vs(t - 1, 1));
       st.observe(D.qs(t - 1, 1), c);
     }
     const kv::EvictionPlan plan = st.select(c);
+    EXPECT_TRUE(plan.stats.reachable);
+    EXPECT_EQ(plan.stats.pairs, 2 * 20);
     for (index_t h = 0; h < 2; ++h) {
       const index_t n = c.length(h);
       const std::set<index_t> kept(plan.keep[static_cast<std::size_t>(h)].begin(),
                                    plan.keep[static_cast<std::size_t>(h)].end());
       ASSERT_EQ(static_cast<index_t>(kept.size()), 20);
-      for (index_t s = n - 8; s < n; ++s) ASSERT_TRUE(kept.count(s)) << "recent slot " << s;
+      for (index_t s = n - R; s < n; ++s) ASSERT_TRUE(kept.count(s)) << "recent slot " << s;
       float worst_kept = INFINITY, best_dropped = -INFINITY;
-      for (index_t s = 0; s < n - 8; ++s) {
+      for (index_t s = 0; s < n - R; ++s) {
         if (kept.count(s))
           worst_kept = std::min(worst_kept, st.scores(h)[s]);
         else
@@ -805,20 +809,234 @@ TEST(H2O, KeepsRecentWindowAndHeavyHittersEveryStep) {
     ASSERT_EQ(c.length(0), 20);
     ASSERT_EQ(c.length(1), 20);
     for (index_t h = 0; h < 2; ++h)
-      for (index_t s = 12; s < 20; ++s) ASSERT_EQ(c.position(h, s), c.sequence_length() - 20 + s);
+      for (index_t s = 20 - R; s < 20; ++s)
+        ASSERT_EQ(c.position(h, s), c.sequence_length() - 20 + s);
   }
 }
 
+// The decode kernel's key mass (AttentionOptions::key_mass) is what the second pass computes:
+// the State fed either way holds the same scores, and the pipeline's H2O (kernel mass) keeps
+// the same tokens as a State stepping with its own pass.
+TEST(H2O, KernelKeyMassMatchesTheSecondPass) {
+  using Cache = kv::ContiguousCache<float>;
+  const Data D(8, 2, 260, 32, 109);
+  auto c = make_cache<Cache>(D, 260);
+  auto ref = make_cache<Cache>(D, 260);
+  const Budget b = Budget::count(48);
+  DecodeSession<Cache> s(c, methods::make_policy<Cache, float>(methods::H2O{}, b));
+  ASSERT_TRUE(s.policy().wants_key_mass());
+  s.ingest(D.qs(0, 200), D.ks(0, 200), D.vs(0, 200));
+  ref.append(D.ks(0, 200), D.vs(0, 200));
+  methods::H2O::State st;
+  st.reset(ref, b);
+  st.observe(D.qs(0, 200), ref, {}, true);
+  st.apply(st.select(ref), ref);
+  std::vector<float> o(static_cast<std::size_t>(8 * 32)), mass;
+  for (index_t t = 200; t < 260; ++t) {
+    // The mass alone, against the second pass on the same cache.
+    ref.append(D.ks(t, 1), D.vs(t, 1));
+    const index_t n = ref.max_length();
+    mass.assign(static_cast<std::size_t>(2 * n), -1.0f);
+    DecodeOptions mo;
+    mo.key_mass = {mass.data(), n, 0};
+    decode(D.qs(t, 1), ref, TensorView<float>(o.data(), 8, 1, 32), KeySelection::all(), mo);
+    std::vector<float> pass(mass.size());
+    kv::detail::attention_column_scores(D.qs(t, 1), 0, ref.keys(), static_cast<float>(D.scale()),
+                                        kv::detail::Reduce::sum, 1.0f, pass.data(), n,
+                                        ExecutorChoice{});
+    for (std::size_t i = 0; i < mass.size(); ++i)
+      ASSERT_NEAR(mass[i], pass[i], 1e-6 + 1e-5 * pass[i]) << "step " << t << " slot " << i;
+    st.step(D.qs(t, 1), ref, {});
+    s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1), TensorView<float>(o.data(), 8, 1, 32));
+    // The policy evicts lazily: its live slots hold the eager cache's tokens and scores.
+    ASSERT_EQ(held_positions(s), cache_positions(ref)) << "step " << t;
+    const auto* h2o =
+        dynamic_cast<const methods::H2OPolicy<Cache, float>*>(&s.policy());
+    ASSERT_NE(h2o, nullptr);
+    const KeySelection live = h2o->live_selection(c);
+    for (index_t h = 0; h < 2; ++h) {
+      std::vector<index_t> slots;
+      if (live.scope() == KeySelection::Scope::all)
+        for (index_t j = 0; j < c.length(h); ++j) slots.push_back(j);
+      else
+        for (const KeyRange* r = live.ranges_begin(h); r != live.ranges_end(h); ++r)
+          for (index_t j = r->begin; j < r->end; ++j) slots.push_back(j);
+      ASSERT_EQ(static_cast<index_t>(slots.size()), ref.length(h));
+      for (std::size_t i = 0; i < slots.size(); ++i)
+        ASSERT_NEAR(h2o->state().scores(h)[slots[i]], st.scores(h)[i],
+                    1e-5 * (1 + st.scores(h)[i]));
+    }
+  }
+  EXPECT_EQ(s.policy().live_tokens(c), 2 * 48);
+}
+
+// keep_heavy_recent's linear path (a few drops) against its general path (nth_element + sort)
+// and a full sort in the ranking order, on scores with many ties, NaN and infinities.
+TEST(H2O, LinearSelectEqualsTheGeneralSelect) {
+  std::mt19937 rng(151);
+  auto uni = [&](index_t lo, index_t hi) {
+    return std::uniform_int_distribution<index_t>(lo, hi)(rng);
+  };
+  index_t linear = 0;
+  for (int trial = 0; trial < 4000; ++trial) {
+    const index_t n = uni(1, 150);
+    std::vector<float> score(static_cast<std::size_t>(n));
+    for (float& x : score) {
+      const index_t r = uni(0, 11);
+      x = r == 0   ? NAN
+          : r == 1 ? -INFINITY
+          : r == 2 ? INFINITY
+                   : static_cast<float>(uni(-3, 3)) * 0.25f;  // few values: many ties
+    }
+    std::vector<index_t> slots;  // an ascending subset, like a live list
+    const double p = std::uniform_real_distribution<double>(0.3, 1.0)(rng);
+    for (index_t j = 0; j < n; ++j)
+      if (std::bernoulli_distribution(p)(rng)) slots.push_back(j);
+    const index_t m = static_cast<index_t>(slots.size());
+    const index_t recent = uni(0, m);
+    const index_t drops = trial % 4 == 0 ? uni(0, m) : uni(1, 10);
+    const index_t heavy = std::max<index_t>(0, m - recent - drops);
+    // The oracle: the old slots fully sorted in the ranking order, the first `heavy` kept.
+    std::vector<index_t> want(slots.begin(), slots.begin() + std::max<index_t>(0, m - recent));
+    if (m > heavy + recent) {
+      std::sort(want.begin(), want.end(), methods::detail::ScoreOrder{score.data()});
+      want.resize(static_cast<std::size_t>(heavy));
+      std::sort(want.begin(), want.end());
+      want.insert(want.end(), slots.end() - recent, slots.end());
+    } else {
+      want = slots;
+    }
+    std::vector<index_t> fast = slots, general = slots;
+    const index_t dropped = m > heavy + recent ? m - heavy - recent : 0;
+    EXPECT_EQ(methods::H2O::State::keep_heavy_recent(score.data(), fast, heavy, recent), dropped);
+    EXPECT_EQ(methods::H2O::State::keep_heavy_recent(score.data(), general, heavy, recent, 0),
+              dropped);
+    ASSERT_EQ(fast, want) << "trial " << trial << " m=" << m << " H=" << heavy << " R=" << recent;
+    ASSERT_EQ(general, want) << "trial " << trial;
+    linear += dropped >= 1 && dropped <= methods::H2O::State::kLinearDrops ? 1 : 0;
+  }
+  EXPECT_GT(linear, 1000);  // the linear path ran
+}
+
+// The policy evicts lazily (dead slots skipped by its selection, compacted in batches); an
+// eager State stepping on its own cache with the same kernel key mass is the reference: the
+// kept positions are identical every step and the outputs agree, across slack- and
+// capacity-triggered compactions, for fp32 and bf16, G = 1 and 4.
+template <class Cache>
+void lazy_policy_matches_eager(index_t G, const Budget& b, index_t prompt, index_t steps,
+                               index_t capacity, unsigned seed, bool by_capacity) {
+  using Policy = methods::H2OPolicy<Cache, float>;
+  const std::string what = std::string(dtype_name<typename Cache::value_type>()) +
+                           " G=" + std::to_string(G) + " " + b.str();
+  const index_t hkv = 2, hq = hkv * G, d = 32;
+  const Data D(hq, hkv, prompt + steps, d, seed);
+  auto c = make_cache<Cache>(D, capacity);
+  auto ref = make_cache<Cache>(D, capacity);
+  auto pol = methods::make_policy<Cache, float>(methods::H2O{}, b);
+  const auto* h2o = dynamic_cast<const Policy*>(pol.get());
+  ASSERT_NE(h2o, nullptr);
+  c.append(D.ks(0, prompt), D.vs(0, prompt));
+  pol->after_prefill(D.qs(0, prompt), c, {});
+  ref.append(D.ks(0, prompt), D.vs(0, prompt));
+  methods::H2O::State st;
+  st.reset(ref, b);
+  st.observe(D.qs(0, prompt), ref, {}, true);
+  st.apply(st.select(ref), ref);
+  ASSERT_EQ(cache_positions(c), cache_positions(ref)) << what;
+  std::vector<float> o(static_cast<std::size_t>(hq * d)), o_ref(o.size()), mass, mass_ref;
+  index_t compactions = 0, capacity_compactions = 0, most_dead = 0;
+  for (index_t t = prompt; t < prompt + steps; ++t) {
+    const index_t dead_before = c.max_length() - pol->live_tokens(c) / hkv;
+    if (t % 7 == 0) {  // a step that failed after before_step: its append is taken back
+      c.append(D.ks(t, 1), D.vs(t, 1));
+      (void)pol->before_step(D.qs(t, 1), c, {});
+      c.undo_append(1);
+      ASSERT_EQ(pol->live_tokens(c), ref.total_length()) << what;
+    }
+    c.append(D.ks(t, 1), D.vs(t, 1));
+    const KeySelection keys = pol->before_step(D.qs(t, 1), c, {});
+    mass.assign(static_cast<std::size_t>(hkv * c.max_length()), -1.0f);
+    DecodeOptions mo;
+    mo.key_mass = {mass.data(), c.max_length(), 0};
+    decode(D.qs(t, 1), c, TensorView<float>(o.data(), hq, 1, d), keys, mo);
+    pol->after_step(D.qs(t, 1), c, {}, mass.data());
+
+    ref.append(D.ks(t, 1), D.vs(t, 1));
+    mass_ref.assign(static_cast<std::size_t>(hkv * ref.max_length()), -1.0f);
+    mo.key_mass = {mass_ref.data(), ref.max_length(), 0};
+    decode(D.qs(t, 1), ref, TensorView<float>(o_ref.data(), hq, 1, d), KeySelection::all(), mo);
+    st.step_mass(mass_ref.data(), ref.max_length(), ref);
+
+    ASSERT_LE(rel_err(o, o_ref), 1e-6) << what << " step " << t;
+    ASSERT_EQ(selected_positions(h2o->live_selection(c), c), cache_positions(ref))
+        << what << " step " << t;
+    ASSERT_EQ(pol->live_tokens(c), ref.total_length()) << what;
+    ASSERT_EQ(pol->last_eviction()->stats.pairs, ref.total_length()) << what;
+    ASSERT_LE(c.max_length(), capacity) << what;
+    const index_t live = ref.length(0), dead = c.max_length() - live;
+    most_dead = std::max(most_dead, dead);
+    ASSERT_LE(dead, Policy::dead_slack(live)) << what << " step " << t;
+    if (dead == 0 && dead_before > 0) {
+      ++compactions;
+      if (dead_before + 1 <= Policy::dead_slack(live)) ++capacity_compactions;
+    }
+  }
+  EXPECT_GE(compactions, 2) << what;
+  EXPECT_GT(most_dead, 0) << what;  // it did evict lazily
+  if (by_capacity) {
+    EXPECT_GE(capacity_compactions, 1) << what;
+  }
+}
+
+TEST(H2O, LazyPolicyKeepsWhatEagerSteppingKeeps) {
+  // Slack-triggered compactions (dead > max(16, live / 8)); a budget that grows with the
+  // sequence (compression 5).
+  lazy_policy_matches_eager<kv::ContiguousCache<float>>(1, Budget::count(40), 200, 120, 400,
+                                                        211, false);
+  lazy_policy_matches_eager<kv::ContiguousCache<float>>(4, Budget::compression(5), 200, 120, 400,
+                                                        212, false);
+  lazy_policy_matches_eager<kv::ContiguousCache<bf16>>(4, Budget::count(40), 200, 120, 400, 213,
+                                                       false);
+  lazy_policy_matches_eager<kv::ContiguousCache<bf16>>(1, Budget::compression(5), 200, 120, 400,
+                                                       214, false);
+  // Capacity-triggered: 24 live slots in a cache of 40 (or 35) fill it before the slack.
+  lazy_policy_matches_eager<kv::ContiguousCache<float>>(4, Budget::count(24), 30, 100, 40, 215,
+                                                        true);
+  lazy_policy_matches_eager<kv::PagedCache<bf16>>(1, Budget::count(24), 30, 100, 35, 216, true);
+}
+
+// DecodeSession reports live tokens (the dead slots H2O has not compacted yet do not count).
+TEST(H2O, SessionReportsLiveTokens) {
+  using Cache = kv::ContiguousCache<float>;
+  const Data D(8, 2, 300, 32, 217);
+  auto c = make_cache<Cache>(D, 300);
+  DecodeSession<Cache> s(c, methods::make_policy<Cache, float>(methods::H2O{}, Budget::count(40)));
+  const PrefillReport pr = s.ingest(D.qs(0, 200), D.ks(0, 200), D.vs(0, 200));
+  EXPECT_EQ(pr.cache_tokens, 2 * 40);
+  std::vector<float> o(static_cast<std::size_t>(8 * 32));
+  bool saw_dead = false;
+  for (index_t t = 200; t < 260; ++t) {
+    const StepReport r =
+        s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1), TensorView<float>(o.data(), 8, 1, 32));
+    EXPECT_EQ(r.cache_tokens, 2 * 40) << "step " << t;
+    EXPECT_EQ(r.evicted, 2) << "step " << t;
+    EXPECT_EQ(r.stats.pairs, 8 * 41) << "the step read its live keys only (8 query heads)";
+    EXPECT_EQ(s.policy().stats().pairs, 2 * 40);
+    saw_dead = saw_dead || c.total_length() > r.cache_tokens;
+  }
+  EXPECT_TRUE(saw_dead);
+}
+
 TEST(StreamingLLM, KeepsSinksAndRecentWindowThroughDecode) {
+  using Cache = kv::ContiguousCache<bf16>;
   const Data D(4, 2, 300, 32, 103);
-  auto c = make_cache<kv::ContiguousCache<bf16>>(D, 300);
-  SessionOptions so;
-  so.eviction = Eviction::streaming;
-  so.streaming.sinks = 4;
-  so.streaming.window = 40;
-  DecodeSession<kv::ContiguousCache<bf16>> s(c, so);
+  auto c = make_cache<Cache>(D, 300);
+  methods::StreamingLLM m;
+  m.sinks = 4;
+  DecodeSession<Cache> s(c, methods::make_policy<Cache, float>(m, Budget::count(44)));
   const auto pr = s.ingest(D.qs(0, 200), D.ks(0, 200), D.vs(0, 200));
   EXPECT_NEAR(pr.cache_compression(2), 200.0 / 44.0, 1e-12);
+  EXPECT_EQ(pr.eviction.stats.detail, "S=4 W=40");
   std::vector<float> o(static_cast<std::size_t>(4 * 32));
   for (index_t t = 200; t < 230; ++t) {
     for (index_t h = 0; h < 2; ++h) {
@@ -828,51 +1046,83 @@ TEST(StreamingLLM, KeepsSinksAndRecentWindowThroughDecode) {
     }
     const StepReport r =
         s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1), TensorView<float>(o.data(), 4, 1, 32));
-    EXPECT_EQ(r.stats.pairs, 4 * 45);  // sinks + window + the new token
-    EXPECT_NEAR(r.compression(), static_cast<double>(t + 1) / 45.0, 1e-12);
+    // The step's token grows the cache past S + W: the oldest window token goes before the
+    // kernel, which reads exactly S + W = 44 keys (the new token among them).
+    EXPECT_EQ(r.stats.pairs, 4 * 44);
+    EXPECT_EQ(r.evicted, 2);
+    EXPECT_NEAR(r.compression(), static_cast<double>(t + 1) / 44.0, 1e-12);
+    EXPECT_EQ(c.position(0, c.length(0) - 1), t);
   }
+}
+
+TEST(StreamingLLM, CompressionFollowsTheSequenceAndReportsReachability) {
+  const Data D(4, 2, 400, 32, 104);
+  methods::StreamingLLM m;
+  // CR 10 on 400 tokens: S + W = 40, CR exactly 10.
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 400);
+  c.append(D.ks(0, 400), D.vs(0, 400));
+  const auto plan = methods::evict(m, TensorView<const float>(), c, Budget::compression(10));
+  EXPECT_EQ(c.length(0), 40);
+  EXPECT_DOUBLE_EQ(plan.stats.compression(), 10.0);
+  EXPECT_TRUE(plan.stats.reachable);
+  EXPECT_EQ(plan.stats.detail, "S=4 W=36");
+  // CR 10 on a 5-token cache keeps the newest token: CR 5, not within 10% of 10.
+  auto s5 = make_cache<kv::ContiguousCache<float>>(D, 400);
+  s5.append(D.ks(0, 5), D.vs(0, 5));
+  const auto short_plan = methods::evict(m, TensorView<const float>(), s5, Budget::compression(10));
+  EXPECT_EQ(s5.length(0), 1);
+  EXPECT_EQ(s5.position(0, 0), 4);
+  EXPECT_DOUBLE_EQ(short_plan.stats.compression(), 5.0);
+  EXPECT_FALSE(short_plan.stats.reachable);
+  // A count budget is always honoured.
+  EXPECT_TRUE(m.select(c, Budget::count(7)).stats.reachable);
+  EXPECT_THROW(m.select(c, Budget::mass(0.9)), sparse_attn::invalid_argument);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Eviction through the pipeline, against the oracle on the kept set
 
-template <class Cache>
-void check_session_against_oracle(const SessionOptions& so, const std::string& what,
+// Every step's output against the oracle on the tokens it attended: the cache before the step
+// plus the step's token, or (a method evicting before the step attends, StreamingLLM) the cache
+// after the step.
+template <class Cache, class Method>
+void check_session_against_oracle(const Method& m, const Budget& b, const std::string& what,
                                   index_t prompt = 256, index_t steps = 6) {
   using T = typename Cache::value_type;
+  const bool evicts_before_step = std::is_same_v<Method, methods::StreamingLLM>;
   const Data D(8, 2, prompt + steps, 64, 107);
   auto c = make_cache<Cache>(D, prompt + steps);
-  DecodeSession<Cache> s(c, so);
+  DecodeSession<Cache> s(c, methods::make_policy<Cache, float>(m, b));
   s.ingest(D.qs(0, prompt), D.ks(0, prompt), D.vs(0, prompt));
   std::vector<float> o(static_cast<std::size_t>(8 * 64));
   for (index_t t = prompt; t < prompt + steps; ++t) {
-    auto keep = cache_positions(c);
+    auto keep = held_positions(s);
     for (auto& k : keep) k.push_back(t);  // the step attends the cache plus its own token
     const StepReport r =
         s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1), TensorView<float>(o.data(), 8, 1, 64));
+    if (evicts_before_step) keep = cache_positions(c);
     index_t kept = 0;
     for (const auto& k : keep) kept += static_cast<index_t>(k.size());
-    if (so.decode == DecodeMethod::dense) {
-      ASSERT_LE(rel_err(o, oracle<T>(D, t, 1, keep)), kTol) << what << " step " << t;
-      EXPECT_EQ(r.stats.pairs, 4 * kept) << what;
-    }
+    ASSERT_LE(rel_err(o, oracle<T>(D, t, 1, keep)), kTol) << what << " step " << t;
+    EXPECT_EQ(r.stats.pairs, 4 * kept) << what;
     EXPECT_EQ(r.stats.dense_pairs, 8 * (t + 1)) << what;
   }
 }
 
+template <class Method>
+void check_session_both_caches(const Method& m, const Budget& b) {
+  const std::string name = std::string(Method::name) + " " + b.str();
+  check_session_against_oracle<kv::ContiguousCache<float>>(m, b, name + " contiguous fp32");
+  check_session_against_oracle<kv::PagedCache<bf16>>(m, b, name + " paged bf16");
+}
+
 TEST(Eviction, DecodeOverEvictedCacheEqualsOracleOnKeptTokens) {
-  SessionOptions so;
-  so.snapkv.compression = 4;
-  so.ada_snapkv.compression = 4;
-  so.h2o.compression = 4;
-  so.streaming.window = 50;
-  for (const Eviction e :
-       {Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o, Eviction::streaming}) {
-    so.eviction = e;
-    const std::string name = "eviction " + std::to_string(static_cast<int>(e));
-    check_session_against_oracle<kv::ContiguousCache<float>>(so, name + " contiguous fp32");
-    check_session_against_oracle<kv::PagedCache<bf16>>(so, name + " paged bf16");
-  }
+  const Budget cr4 = Budget::compression(4);
+  check_session_both_caches(methods::SnapKV{}, cr4);
+  check_session_both_caches(methods::AdaSnapKV{}, cr4);
+  check_session_both_caches(methods::H2O{}, cr4);
+  check_session_both_caches(methods::StreamingLLM{}, Budget::count(54));
+  check_session_both_caches(methods::StreamingLLM{}, cr4);
 }
 
 // Random appends (1..40 tokens), random per-head evictions and dense or Quest decodes of the newest
@@ -895,11 +1145,11 @@ void randomized_sequences(unsigned seed, int trials) {
       at += m;
       const index_t nq = std::min<index_t>(m, std::uniform_int_distribution<index_t>(1, 3)(rng));
       KeySelection keys = KeySelection::all();
-      if (std::bernoulli_distribution(0.5)(rng)) {
-        methods::QuestOptions qo;
-        qo.budget = std::uniform_int_distribution<index_t>(1, 64)(rng);
-        keys = methods::quest::select(D.qs(at - nq, nq), pc, qo).keys;
-      }
+      if (std::bernoulli_distribution(0.5)(rng))
+        keys = methods::Quest{}
+                   .select(D.qs(at - nq, nq), pc,
+                           Budget::count(std::uniform_int_distribution<index_t>(1, 64)(rng)))
+                   .keys;
       const auto got = run_decode(D, pc, at - nq, nq, keys);
       ASSERT_LE(rel_err(got, oracle<T>(D, at - nq, nq, selected_positions(keys, pc))), kTol)
           << dtype_name<T>() << " trial " << trial << " at " << at;
@@ -933,7 +1183,7 @@ TEST(KvCache, PrefillKernelReadsPagedViewsInPlace) {
   auto pc = make_cache<kv::PagedCache<bf16>>(D, 256, 16, PageTable::shared);
   pc.append(D.ks(0, 200), D.vs(0, 200));
   const std::vector<bf16> kr = rounded<bf16>(D.k), vr = rounded<bf16>(D.v);
-  const IntervalMask mask = methods::dense(8, 64, 200);  // the last 64 queries (chunked prefill)
+  const IntervalMask mask = masks::causal(8, 64, 200);  // the last 64 queries (chunked prefill)
   std::vector<float> a(static_cast<std::size_t>(8 * 64 * 64)), b(a.size());
   prefill(D.qs(136, 64), pc.keys(), pc.values(), TensorView<float>(a.data(), 8, 64, 64), mask);
   prefill(D.qs(136, 64), TensorView<const bf16>(kr.data(), 2, 200, 64),
@@ -946,9 +1196,7 @@ TEST(DecodeMethods, RejectBadArgumentsWithInvalidArgument) {
   const Data D(8, 2, 100, 32, 149);
   auto c = make_cache<kv::ContiguousCache<float>>(D, 100);
   c.append(D.ks(0, 100), D.vs(0, 100));
-  methods::QuestOptions qo;
-  qo.compression = 0.5;
-  EXPECT_THROW(methods::quest::select(D.qs(99, 1), c, qo), sparse_attn::invalid_argument);
+  EXPECT_THROW(Budget::compression(0.5), sparse_attn::invalid_argument);
   kv::CacheOptions co;
   co.kv_heads = 2;
   co.head_dim = 32;
@@ -956,32 +1204,152 @@ TEST(DecodeMethods, RejectBadArgumentsWithInvalidArgument) {
   co.key_bounds = false;
   kv::ContiguousCache<float> nb(co);
   nb.append(D.ks(0, 10), D.vs(0, 10));
-  EXPECT_THROW(methods::quest::select(D.qs(9, 1), nb, methods::QuestOptions{}),
+  EXPECT_THROW(methods::Quest{}.select(D.qs(9, 1), nb, Budget::compression(10)),
                sparse_attn::invalid_argument);
+  {
+    DecodeSession<kv::ContiguousCache<float>> s(nb);  // Quest needs key bounds
+    EXPECT_THROW(s.set_policy(methods::make_policy<kv::ContiguousCache<float>, float>(
+                     methods::Quest{}, Budget::compression(10))),
+                 sparse_attn::invalid_argument);
+  }
   const std::vector<std::vector<index_t>> keep{{0, 1, 2}, {0, 1}};
   auto ragged = c;
   ragged.retain(keep);
-  EXPECT_THROW(methods::snapkv::select(D.qs(99, 1), ragged), sparse_attn::invalid_argument);
-  methods::SnapKVOptions so;
-  so.pool_kernel = 4;
-  EXPECT_THROW(methods::snapkv::select(D.qs(68, 32), c, so), sparse_attn::invalid_argument);
+  EXPECT_THROW(methods::SnapKV{}.select(D.qs(99, 1), ragged, Budget::compression(10)),
+               sparse_attn::invalid_argument);
+  methods::SnapKV sk;
+  sk.pool_kernel = 4;
+  EXPECT_THROW(sk.select(D.qs(68, 32), c, Budget::compression(10)),
+               sparse_attn::invalid_argument);
+  // Budget kinds a method does not take.
+  EXPECT_THROW(methods::SnapKV{}.select(D.qs(68, 32), c, Budget::mass(0.9)),
+               sparse_attn::invalid_argument);
+  EXPECT_THROW(methods::AdaSnapKV{}.select(D.qs(68, 32), c, Budget::mass(0.9)),
+               sparse_attn::invalid_argument);
+  EXPECT_THROW((methods::make_policy<kv::ContiguousCache<float>, float>(methods::H2O{},
+                                                                         Budget::mass(0.9))),
+               sparse_attn::invalid_argument);
   EXPECT_THROW(c.retain(std::vector<std::vector<index_t>>{{3, 2}, {0}}),
                sparse_attn::invalid_argument);
   EXPECT_THROW(c.retain(std::vector<std::vector<index_t>>{{0}}), sparse_attn::invalid_argument);
   co.kv_heads = 0;
   EXPECT_THROW(kv::ContiguousCache<float>{co}, sparse_attn::invalid_argument);
-  methods::h2o::State st;
+  methods::H2O::State st;
   EXPECT_THROW(st.observe(D.qs(99, 1), c), sparse_attn::invalid_argument);  // reset() first
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reachability: every decode method says false for a target it cannot reach, true for one it can
+
+TEST(DecodeMethods, EveryMethodReportsWhetherItsTargetIsReachable) {
+  const Data D(8, 2, 400, 32, 151);
+  auto full = make_cache<kv::ContiguousCache<float>>(D, 400);
+  full.append(D.ks(0, 400), D.vs(0, 400));
+  auto tiny = make_cache<kv::ContiguousCache<float>>(D, 400);
+  tiny.append(D.ks(0, 20), D.vs(0, 20));
+  const Budget cr10 = Budget::compression(10);
+  // Quest: CR 5 at n = 400 reads 80 keys (4 pages + the current 16); CR 10 on 20 tokens: the
+  // current page alone is 4 keys of 20, CR 5.
+  EXPECT_TRUE(
+      methods::Quest{}.select(D.qs(399, 1), full, Budget::compression(5)).stats.reachable);
+  const auto qs = methods::Quest{}.select(D.qs(19, 1), tiny, cr10).stats;
+  EXPECT_DOUBLE_EQ(qs.compression(), 5.0);
+  EXPECT_FALSE(qs.reachable);
+  // SnapKV / Ada-SnapKV: window 32 + 4 sinks are forced; a count of 20 cannot be honoured, and
+  // neither can CR 40 (10 tokens); CR 10 (40 tokens) can.
+  for (const bool ada : {false, true}) {
+    auto sel = [&](const Budget& b) {
+      return ada ? methods::AdaSnapKV{}.select(D.qs(368, 32), full, b)
+                 : methods::SnapKV{}.select(D.qs(368, 32), full, b);
+    };
+    EXPECT_TRUE(sel(cr10).stats.reachable) << ada;
+    EXPECT_DOUBLE_EQ(sel(cr10).stats.compression(), 10.0) << ada;
+    EXPECT_TRUE(sel(Budget::count(100)).stats.reachable) << ada;
+    EXPECT_FALSE(sel(Budget::count(20)).stats.reachable) << ada;
+    EXPECT_FALSE(sel(Budget::compression(40)).stats.reachable) << ada;
+  }
+  // H2O: CR 10 on 400 tokens keeps 40; on 5 tokens it keeps 1 (CR 5).
+  EXPECT_TRUE(methods::H2O{}.select(D.qs(0, 400), full, cr10).stats.reachable);
+  auto five = make_cache<kv::ContiguousCache<float>>(D, 400);
+  five.append(D.ks(0, 5), D.vs(0, 5));
+  const auto h5 = methods::H2O{}.select(D.qs(0, 5), five, cr10).stats;
+  EXPECT_DOUBLE_EQ(h5.compression(), 5.0);
+  EXPECT_FALSE(h5.reachable);
+  EXPECT_TRUE(methods::H2O{}.select(D.qs(0, 5), five, Budget::count(1)).stats.reachable);
+  // StreamingLLM: see StreamingLLM.CompressionFollowsTheSequenceAndReportsReachability; through
+  // the policy, per step.
+  {
+    using Cache = kv::ContiguousCache<float>;
+    auto sc = make_cache<Cache>(D, 400);
+    DecodeSession<Cache> s(sc, methods::make_policy<Cache, float>(methods::StreamingLLM{}, cr10));
+    s.ingest(D.qs(0, 5), D.ks(0, 5), D.vs(0, 5));
+    EXPECT_FALSE(s.policy().stats().reachable);
+    std::vector<float> o(static_cast<std::size_t>(8 * 32));
+    for (index_t t = 5; t < 300; ++t)
+      s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1), TensorView<float>(o.data(), 8, 1, 32));
+    EXPECT_TRUE(s.policy().stats().reachable);  // 300 tokens: S + W = 30
+    EXPECT_DOUBLE_EQ(s.policy().stats().compression(), 10.0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quest's mass budget
+
+TEST(Quest, MassBudgetKeepsTheFewestPagesReachingTheEstimatedMass) {
+  const Data D(8, 2, 640, 32, 157);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const index_t P = 16, pages = 40, G = 4;
+  std::vector<index_t> prev(2, 0);
+  for (const double p : {0.3, 0.6, 0.9, 0.99}) {
+    const auto [sel, pg] = quest_select(D.qs(639, 1), c, Budget::mass(p));
+    EXPECT_TRUE(sel.stats.reachable);
+    for (index_t u = 0; u < 2; ++u) {
+      // The estimate from the bounds: softmax of U / G + log 16 over the 40 pages (all full).
+      const float* U = pg.bounds.data() + u * pg.bound_stride;
+      std::vector<double> e(static_cast<std::size_t>(pages));
+      double mx = -INFINITY, total = 0.0;
+      for (index_t q = 0; q < pages; ++q) mx = std::max(mx, double{U[q]} / G);
+      for (index_t q = 0; q < pages; ++q)
+        total += (e[static_cast<std::size_t>(q)] = std::exp(double{U[q]} / G - mx));
+      std::vector<index_t> chosen;
+      for (const KeyRange* r = sel.keys.ranges_begin(u); r != sel.keys.ranges_end(u); ++r)
+        for (index_t q = r->begin / P; q * P < r->end; ++q) chosen.push_back(q);
+      ASSERT_EQ(chosen.back(), pages - 1) << "the current page is always read";
+      double have = 0.0, worst = INFINITY;
+      for (index_t q : chosen) {
+        have += e[static_cast<std::size_t>(q)];
+        if (q != pages - 1) worst = std::min(worst, e[static_cast<std::size_t>(q)]);
+      }
+      EXPECT_GE(have / total, p * (1 - 1e-9)) << "p " << p << " unit " << u;
+      const index_t B = static_cast<index_t>(chosen.size()) - 1;
+      EXPECT_EQ(B, pg.budget_pages[static_cast<std::size_t>(u)]);
+      if (B > 0) {  // the fewest: without the weakest chosen page the mass falls short
+        EXPECT_LT((have - worst) / total, p) << "p " << p << " unit " << u;
+        for (index_t q = 0; q < pages - 1; ++q) {  // and the chosen pages are the top-B
+          if (std::find(chosen.begin(), chosen.end(), q) == chosen.end()) {
+            EXPECT_LE(e[static_cast<std::size_t>(q)], worst);
+          }
+        }
+      }
+      EXPECT_GE(B, prev[static_cast<std::size_t>(u)]) << "a larger p keeps at least as many";
+      prev[static_cast<std::size_t>(u)] = B;
+    }
+    EXPECT_LE(rel_err(run_decode(D, c, 639, 1, sel.keys),
+                      oracle<float>(D, 639, 1, selected_positions(sel.keys, c))),
+              kTol);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Every method at compression 1 is dense
 
 TEST(DecodeMethods, CompressionOneEqualsDenseForEveryMethod) {
+  using Cache = kv::PagedCache<bf16>;
   const Data D(8, 2, 300, 64, 127);
-  auto run = [&](const SessionOptions& so) {
-    auto c = make_cache<kv::PagedCache<bf16>>(D, 300);
-    DecodeSession<kv::PagedCache<bf16>> s(c, so);
+  auto run = [&](std::unique_ptr<methods::DecodePolicy<Cache, float>> policy) {
+    auto c = make_cache<Cache>(D, 300);
+    DecodeSession<Cache> s(c, std::move(policy));
     s.ingest(D.qs(0, 296), D.ks(0, 296), D.vs(0, 296));
     std::vector<float> o(static_cast<std::size_t>(8 * 4 * 64));
     for (index_t t = 296; t < 300; ++t) {
@@ -989,23 +1357,26 @@ TEST(DecodeMethods, CompressionOneEqualsDenseForEveryMethod) {
           s.step(D.qs(t, 1), D.ks(t, 1), D.vs(t, 1),
                  TensorView<float>(o.data() + (t - 296) * 64, 8, 1, 64, 4 * 64, 64, 1));
       EXPECT_DOUBLE_EQ(r.compression(), 1.0);
+      if (s.num_policies() > 0) {
+        EXPECT_TRUE(s.policy().stats().reachable);
+      }
     }
     return o;
   };
-  const auto dense = run(SessionOptions{});
-  SessionOptions so;
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 1;
-  EXPECT_LE(rel_err(run(so), dense), 1e-5) << "quest";
-  so = SessionOptions{};
-  so.snapkv.compression = so.ada_snapkv.compression = so.h2o.compression =
-      so.streaming.compression = 1;
-  for (const Eviction e : {Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o}) {
-    so.eviction = e;
-    EXPECT_LE(rel_err(run(so), dense), 1e-5) << "eviction " << static_cast<int>(e);
-  }
-  so.eviction = Eviction::streaming;
-  EXPECT_LE(rel_err(run(so), dense), 1e-5) << "streaming";
+  const auto dense = run(nullptr);
+  const Budget one = Budget::compression(1);
+  EXPECT_LE(rel_err(run(methods::make_policy<Cache, float>(methods::Quest{}, one)), dense), 1e-5)
+      << "quest";
+  EXPECT_LE(rel_err(run(methods::make_policy<Cache, float>(methods::SnapKV{}, one)), dense), 1e-5)
+      << "snapkv";
+  EXPECT_LE(rel_err(run(methods::make_policy<Cache, float>(methods::AdaSnapKV{}, one)), dense),
+            1e-5)
+      << "ada_snapkv";
+  EXPECT_LE(rel_err(run(methods::make_policy<Cache, float>(methods::H2O{}, one)), dense), 1e-5)
+      << "h2o";
+  EXPECT_LE(rel_err(run(methods::make_policy<Cache, float>(methods::StreamingLLM{}, one)), dense),
+            1e-5)
+      << "streaming";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1015,7 +1386,7 @@ TEST(Pipeline, PrefillAcceptsAMaskOrAMaskFactory) {
   const Data D(8, 2, 200, 32, 131);
   std::vector<float> direct(static_cast<std::size_t>(8 * 200 * 32)), a(direct.size()),
       b(direct.size());
-  const IntervalMask mask = methods::sliding_window(8, 200, 200, {48, 4, 32});
+  const IntervalMask mask = masks::sliding_window(8, 200, 200, 48, 4, 32);
   prefill(D.qv(), D.kv(), D.vv(), TensorView<float>(direct.data(), 8, 200, 32), mask);
   auto c1 = make_cache<kv::ContiguousCache<bf16>>(D, 220);
   auto c2 = make_cache<kv::ContiguousCache<bf16>>(D, 220);
@@ -1025,7 +1396,7 @@ TEST(Pipeline, PrefillAcceptsAMaskOrAMaskFactory) {
   const PrefillReport r2 =
       s2.prefill(D.qv(), D.kv(), D.vv(), TensorView<float>(b.data(), 8, 200, 32),
                  [](const TensorView<const float>& q, const TensorView<const float>& k) {
-                   return methods::sliding_window(q.heads, q.tokens, k.tokens, {48, 4, 32});
+                   return masks::sliding_window(q.heads, q.tokens, k.tokens, 48, 4, 32);
                  });
   EXPECT_EQ(a, direct);
   EXPECT_EQ(b, direct);
@@ -1038,14 +1409,14 @@ TEST(Pipeline, PrefillAcceptsAMaskOrAMaskFactory) {
 
 TEST(Pipeline, SelectThenAttendEqualsStep) {
   const Data D(8, 2, 300, 64, 137);
-  SessionOptions so;
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 6;
-  so.eviction = Eviction::snapkv;
-  so.snapkv.compression = 2;
-  auto c1 = make_cache<kv::PagedCache<bf16>>(D, 300);
-  auto c2 = make_cache<kv::PagedCache<bf16>>(D, 300);
-  DecodeSession<kv::PagedCache<bf16>> s1(c1, so), s2(c2, so);
+  using Cache = kv::PagedCache<bf16>;
+  auto c1 = make_cache<Cache>(D, 300);
+  auto c2 = make_cache<Cache>(D, 300);
+  DecodeSession<Cache> s1(c1), s2(c2);
+  for (auto* s : {&s1, &s2}) {  // SnapKV's eviction after the prompt, Quest's selection per step
+    s->add_policy(methods::make_policy<Cache, float>(methods::SnapKV{}, Budget::compression(2)));
+    s->add_policy(methods::make_policy<Cache, float>(methods::Quest{}, Budget::compression(6)));
+  }
   s1.ingest(D.qs(0, 290), D.ks(0, 290), D.vs(0, 290));
   s2.ingest(D.qs(0, 290), D.ks(0, 290), D.vs(0, 290));
   std::vector<float> a(static_cast<std::size_t>(8 * 64)), b(a.size());

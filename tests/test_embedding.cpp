@@ -130,7 +130,7 @@ struct Output {
 
 TEST(PlanRun, RunAllocatesNothingAndMatchesTheOneCallApi) {
   const Layer L(1);
-  const IntervalMask mask = methods::sliding_window(Layer::Hq, Layer::n, Layer::n, {100, 4, 64});
+  const IntervalMask mask = masks::sliding_window(Layer::Hq, Layer::n, Layer::n, 100, 4, 64);
   SerialExecutor serial;
   ThreadPoolExecutor pool(3);
   for (Executor* exec : {static_cast<Executor*>(&serial), static_cast<Executor*>(&pool), static_cast<Executor*>(nullptr)}) {
@@ -173,11 +173,29 @@ TEST(PlanRun, RunAllocatesNothingAndMatchesTheOneCallApi) {
     decode(L.last_q(2), L.kv(), L.vv(), dwant.view(), keys, done);
     EXPECT_EQ(dout.o, dwant.o);
     EXPECT_EQ(dout.lse, dwant.lse);
+
+    // The per-key attention mass output (H2O's scores) keeps both runs allocation-free too.
+    std::vector<float> pmass(static_cast<std::size_t>(Layer::Hkv * Layer::n));
+    std::vector<float> dmass(pmass.size());
+    opt.key_mass = KeyMassView{pmass.data(), Layer::n, Layer::n - 32};
+    dopt.key_mass = KeyMassView{dmass.data(), Layer::n, 0};
+    const PrefillPlan mplan = plan_prefill(attention_shape(L.qv(), L.kv(), L.vv()), mask, opt);
+    const DecodePlan mdplan =
+        plan_decode(attention_shape(L.last_q(2), L.kv(), L.vv()), keys, dopt);
+    WorkspaceBuffer mws(std::max(mplan.workspace_bytes(), mdplan.workspace_bytes()));
+    g_allocations = 0;
+    g_counting = true;
+    prefill(mplan, L.qv(), L.kv(), L.vv(), out.view(), mask, mws.view(), opt);
+    decode(mdplan, L.last_q(2), L.kv(), L.vv(), dout.view(), keys, mws.view(), dopt);
+    g_counting = false;
+    EXPECT_EQ(g_allocations.load(), 0) << "a run with key_mass allocated";
+    EXPECT_EQ(out.o, want.o);  // the mass output changes nothing else
+    EXPECT_EQ(dout.o, dwant.o);
   }
 }
 
 TEST(PlanRun, OnePlanAndWorkspaceServeEveryLayer) {
-  const IntervalMask mask = methods::dense(Layer::Hq, Layer::n, Layer::n);
+  const IntervalMask mask = masks::causal(Layer::Hq, Layer::n, Layer::n);
   const Layer first(10);
   const PrefillPlan plan = plan_prefill(attention_shape(first.qv(), first.kv(), first.vv()), mask);
   const DecodePlan dplan = plan_decode(attention_shape(first.last_q(1), first.kv(), first.vv()));
@@ -201,7 +219,7 @@ TEST(PlanRun, OnePlanAndWorkspaceServeEveryLayer) {
 
 TEST(PlanRun, WorkspaceShapeAndExecutorMismatchesAreRejectedBeforeAnyWrite) {
   const Layer L(20);
-  const IntervalMask mask = methods::dense(Layer::Hq, Layer::n, Layer::n);
+  const IntervalMask mask = masks::causal(Layer::Hq, Layer::n, Layer::n);
   SerialExecutor serial;
   AttentionOptions opt;
   opt.executor = &serial;
@@ -217,7 +235,7 @@ TEST(PlanRun, WorkspaceShapeAndExecutorMismatchesAreRejectedBeforeAnyWrite) {
   AttentionOptions wide = opt;
   wide.executor = &wider;
   EXPECT_THROW(prefill(plan, L.qv(), L.kv(), L.vv(), out.view(), mask, ws.view(), wide), sparse_attn::invalid_argument);
-  const IntervalMask other = methods::dense(Layer::Hq, Layer::n - 1, Layer::n - 1);
+  const IntervalMask other = masks::causal(Layer::Hq, Layer::n - 1, Layer::n - 1);
   EXPECT_THROW(prefill(plan, L.qv().slice_tokens(1, Layer::n - 1), L.kv().slice_tokens(1, Layer::n - 1),
                        L.vv().slice_tokens(1, Layer::n - 1), out.view().slice_tokens(1, Layer::n - 1), other, ws.view(), opt),
                sparse_attn::invalid_argument);
@@ -226,7 +244,7 @@ TEST(PlanRun, WorkspaceShapeAndExecutorMismatchesAreRejectedBeforeAnyWrite) {
 
 TEST(Executors, ThreadPoolAndSerialGiveTheBitsOfTheDefault) {
   const Layer L(30);
-  const IntervalMask mask = methods::sliding_window(Layer::Hq, Layer::n, Layer::n, {64, 4, 32});
+  const IntervalMask mask = masks::sliding_window(Layer::Hq, Layer::n, Layer::n, 64, 4, 32);
   Output base(Layer::Hq, Layer::n, Layer::d), dbase(Layer::Hq, 1, Layer::d);
   prefill(L.qv(), L.kv(), L.vv(), base.view(), mask);
   decode(L.last_q(1), L.kv(), L.vv(), dbase.view());
@@ -289,7 +307,7 @@ TEST(Exceptions, ThrowingMaskPredicateLeavesOutputAndLseUntouched) {
 
 TEST(Exceptions, FailedWorkspaceAllocationLeavesOutputsUntouched) {
   const Layer L(50);
-  const IntervalMask mask = methods::dense(Layer::Hq, Layer::n, Layer::n);
+  const IntervalMask mask = masks::causal(Layer::Hq, Layer::n, Layer::n);
   const PrefillPlan plan = plan_prefill(attention_shape(L.qv(), L.kv(), L.vv()), mask);
   const DecodePlan dplan = plan_decode(attention_shape(L.last_q(1), L.kv(), L.vv()));
   Output out(Layer::Hq, Layer::n, Layer::d), dout(Layer::Hq, 1, Layer::d);

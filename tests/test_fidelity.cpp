@@ -62,10 +62,10 @@ std::vector<Record> records(const std::string& dataset, const std::string& phase
 
 std::vector<std::pair<std::string, std::string>> all_methods() {
   std::vector<std::pair<std::string, std::string>> m;
-  for (const auto& p : prefill_methods())
-    if (std::string(p.name) != "dense") m.push_back({"prefill", p.name});
-  for (const auto& d : decode_methods())
-    if (std::string(d.name) != "dense") m.push_back({"decode", d.name});
+  for (const auto& p : methods::prefill_methods())
+    if (p.name != "dense" && !p.needs_user_mask) m.push_back({"prefill", p.name});
+  for (const auto& d : methods::decode_methods())
+    if (d.name != "dense") m.push_back({"decode", d.name});
   return m;
 }
 
@@ -135,8 +135,10 @@ TEST(Fidelity, MassRecallAtCompressionTwoIsHighOnLayers3To21) {
       ASSERT_NE(it, rs.end());
       EXPECT_GT(it->mass_mean, kBound) << phase << " " << method << " L" << L;
       EXPECT_LE(it->mass_mean, 1.0);
+      // Searches pick the budget nearest to the target (methods/budget.hpp), so the achieved CR
+      // may sit on either side of 2; past the 10% tolerance the point would be unreachable.
       EXPECT_GE(it->achieved_cr, 1.5) << phase << " " << method << " L" << L;
-      EXPECT_LE(it->achieved_cr, 2.0 + 1e-9) << phase << " " << method << " L" << L;
+      EXPECT_LE(it->achieved_cr, 2.0 * 1.1 + 1e-9) << phase << " " << method << " L" << L;
     }
 }
 
@@ -254,14 +256,16 @@ TEST(FidelityMetrics, MassRecallFromLseAndFit) {
 TEST(FidelityMetrics, MaskKeepsMatchesTheDenseExport) {
   const Problem& p = layer(3);
   const Problem small = prefix(p, 256);
-  AdapterContext ctx;
-  for (const auto& m : prefill_methods()) {
-    const PrefillSelection sel = m.select(small, 4.0, ctx);
+  AttentionOptions opt;
+  opt.scale = small.scale;
+  for (const auto& m : methods::prefill_methods()) {
+    if (m.needs_user_mask) continue;
+    const PrefillRun sel = select_prefill(m.name, {}, small, methods::Budget::compression(4.0), opt);
     // Pairs counted through keeps() equal the mask's own count.
     index_t pairs = 0;
     for (index_t h = 0; h < small.q.heads; ++h)
       for (index_t i = 0; i < small.q.tokens; ++i)
         for (index_t j = 0; j <= i; ++j) pairs += sel.keeps(h, i, j) ? 1 : 0;
-    EXPECT_EQ(pairs, sel.pairs) << m.name;
+    EXPECT_EQ(pairs, sel.stats.pairs) << m.name;
   }
 }

@@ -34,6 +34,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 
 using namespace sparse_attn;
 namespace sm = sparse_attn::methods;
+using sm::Budget;
 
 namespace {
 
@@ -116,7 +117,7 @@ using Parts = std::initializer_list<T>;
 struct Prefill {
   Tensor q{4, 40, 16, 1}, k{2, 40, 16, 2}, v{2, 40, 16, 3};
   Out out{4, 40, 16};
-  IntervalMask mask = methods::dense(4, 40, 40);
+  IntervalMask mask = masks::causal(4, 40, 40);
 };
 
 kv::CacheOptions cache_options(index_t hkv, index_t d, index_t capacity, index_t page = 16) {
@@ -183,12 +184,12 @@ TEST(BadShapes, QueryHeadsNotMultipleOfKvHeads) {
   const Tensor q1(4, 1, 16, 4);
   EXPECT_INVALID("decode", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3", "Hq % Hkv == 0"}),
                  decode(q1.view(), k3.view(), v3.view(), o1.view()));
-  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"Hq=4", "Hkv=3", "Hq % Hkv == 0"}),
-                 sm::block_sparse::select(p.q.view(), k3.view()));
+  EXPECT_INVALID("methods::BlockSparse::select", Parts<const char*>({"Hq=4", "Hkv=3", "Hq % Hkv == 0"}),
+                 sm::BlockSparse{}.select(p.q.view(), k3.view(), Budget::compression(10)));
   kv::ContiguousCache<float> cache(cache_options(3, 16, 64));
   cache.append(k3.view(), v3.view());
-  EXPECT_INVALID("quest::select", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3"}),
-                 sm::quest::select(q1.view(), cache, {}));
+  EXPECT_INVALID("methods::Quest::select", Parts<const char*>({"Hq=4 is not a multiple of Hkv=3"}),
+                 sm::Quest{}.select(q1.view(), cache, Budget::compression(10)));
 }
 
 TEST(BadShapes, MismatchedHeadDims) {
@@ -199,9 +200,9 @@ TEST(BadShapes, MismatchedHeadDims) {
   // V may have its own dim dv, but the output must then be [Hq, n_q, dv].
   EXPECT_INVALID("prefill", Parts<const char*>({"out is [4, 40, 16], expected [4, 40, 8]"}),
                  prefill(p.q.view(), p.k.view(), v8.view(), p.out.view(), p.mask));
-  EXPECT_INVALID("methods::vertical_slash::select_exact",
+  EXPECT_INVALID("methods::VerticalSlash::select",
                  Parts<const char*>({"head_dim of q (16) and k (8)", "must be equal and >= 1"}),
-                 sm::vertical_slash::select_exact(p.q.view(), k8.view()));
+                 sm::VerticalSlash{}.select(p.q.view(), k8.view(), Budget::count(7096)));
 }
 
 TEST(BadShapes, MismatchedKvHeadsOrTokens) {
@@ -224,19 +225,19 @@ TEST(BadShapes, MoreQueriesThanKeys) {
   const Tensor q(4, 41, 16, 1), k(2, 40, 16, 2), v(2, 40, 16, 3);
   Out out(4, 41, 16);
   EXPECT_INVALID("prefill", Parts<const char*>({"n_q=41 > n_k=40", "suffix of the keys"}),
-                 prefill(q.view(), k.view(), v.view(), out.view(), methods::dense(4, 40, 40)));
+                 prefill(q.view(), k.view(), v.view(), out.view(), masks::causal(4, 40, 40)));
   EXPECT_INVALID("decode", Parts<const char*>({"n_q=41 > n_k=40", "suffix of the keys"}),
                  decode(q.view(), k.view(), v.view(), out.view()));
   EXPECT_INVALID("IntervalMask", Parts<const char*>({"n_q=41 > n_k=40", "n_q <= n_k"}),
-                 methods::dense(4, 41, 40));
-  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"n_q=41 > n_k=40", "n_q <= n_k"}),
-                 sm::flex_prefill::select(q.view(), k.view()));
+                 masks::causal(4, 41, 40));
+  EXPECT_INVALID("methods::FlexPrefill::select", Parts<const char*>({"n_q=41 > n_k=40", "n_q <= n_k"}),
+                 sm::FlexPrefill{}.select(q.view(), k.view(), Budget::mass(0.9)));
 }
 
 TEST(BadShapes, MaskGeometryDiffersFromTensors) {
   Prefill p;
   EXPECT_INVALID("prefill", Parts<const char*>({"mask geometry (heads=2, n_q=40, n_k=40)", "does not match Q/K (heads=4"}),
-                 prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), methods::dense(2, 40, 40)));
+                 prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), masks::causal(2, 40, 40)));
 }
 
 TEST(ErrorModel, ACallThatThrowsWritesNoOutputOrLse) {
@@ -254,7 +255,7 @@ TEST(ErrorModel, ACallThatThrowsWritesNoOutputOrLse) {
       [&](AttentionOptions& o) { prefill(p.q.view(), k3.view(), v3.view(), p.out.view(), p.mask, o); },
       [&](AttentionOptions& o) { prefill(p.q.view(), p.k.view(), v39.view(), p.out.view(), p.mask, o); },
       [&](AttentionOptions& o) {
-        prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), methods::dense(2, 40, 40), o);
+        prefill(p.q.view(), p.k.view(), p.v.view(), p.out.view(), masks::causal(2, 40, 40), o);
       },
       [&](AttentionOptions& o) {
         o.scale = -1.0f;
@@ -299,14 +300,14 @@ TEST(BadShapes, ZeroLengthSequencesAreNoOps) {
   // n_q = 0 (nothing to compute) and n_q = n_k = 0 are valid and write nothing.
   const Tensor q0(4, 0, 16, 1), k(2, 40, 16, 2), v(2, 40, 16, 3), k0(2, 0, 16, 2), v0(2, 0, 16, 3);
   Out o0(4, 0, 16);
-  EXPECT_NO_THROW(prefill(q0.view(), k.view(), v.view(), o0.view(), methods::dense(4, 0, 40)));
-  EXPECT_NO_THROW(prefill(q0.view(), k0.view(), v0.view(), o0.view(), methods::dense(4, 0, 0)));
+  EXPECT_NO_THROW(prefill(q0.view(), k.view(), v.view(), o0.view(), masks::causal(4, 0, 40)));
+  EXPECT_NO_THROW(prefill(q0.view(), k0.view(), v0.view(), o0.view(), masks::causal(4, 0, 0)));
   EXPECT_NO_THROW(decode(q0.view(), k0.view(), v0.view(), o0.view()));
-  EXPECT_EQ(methods::dense(4, 0, 0).pairs(), 0);
-  EXPECT_DOUBLE_EQ(methods::dense(4, 0, 0).compression(), 1.0);
-  EXPECT_NO_THROW(sm::block_sparse::select(q0.view(), k.view()));
-  EXPECT_NO_THROW(sm::vertical_slash::select_exact(q0.view(), k0.view()));
-  EXPECT_NO_THROW(sm::flex_prefill::select(q0.view(), k.view()));
+  EXPECT_EQ(masks::causal(4, 0, 0).pairs(), 0);
+  EXPECT_DOUBLE_EQ(masks::causal(4, 0, 0).compression(), 1.0);
+  EXPECT_NO_THROW(sm::BlockSparse{}.select(q0.view(), k.view(), Budget::compression(10)));
+  EXPECT_NO_THROW(sm::VerticalSlash{}.select(q0.view(), k0.view(), Budget::count(7096)));
+  EXPECT_NO_THROW(sm::FlexPrefill{}.select(q0.view(), k.view(), Budget::mass(0.9)));
   // Decode over an empty key list: zero output, LSE -inf.
   const Tensor q1(4, 1, 16, 4);
   Out o1(4, 1, 16);
@@ -323,9 +324,9 @@ TEST(BadShapes, ZeroLengthSequencesAreNoOps) {
   Out out(4, 40, 16);
   const Tensor q(4, 40, 16, 1);
   EXPECT_INVALID("prefill", Parts<const char*>({"K and V need >= 1 head", "got K 0"}),
-                 prefill(q.view(), kh0.view(), kh0.view(), out.view(), methods::dense(4, 40, 40)));
+                 prefill(q.view(), kh0.view(), kh0.view(), out.view(), masks::causal(4, 40, 40)));
   EXPECT_INVALID("prefill", Parts<const char*>({"head_dim must be >= 1"}),
-                 prefill(qd0.view(), kd0.view(), v.view(), out.view(), methods::dense(4, 40, 40)));
+                 prefill(qd0.view(), kd0.view(), v.view(), out.view(), masks::causal(4, 40, 40)));
 }
 
 // =============================================================================================
@@ -363,7 +364,7 @@ TEST(BadViews, NullDataOfANonEmptyView) {
   // An empty view may have a null pointer.
   const TensorView<const float> q0(nullptr, 4, 0, 16), k0(nullptr, 2, 0, 16);
   const TensorView<float> o0(nullptr, 4, 0, 16);
-  EXPECT_NO_THROW(prefill(q0, k0, k0, o0, methods::dense(4, 0, 0)));
+  EXPECT_NO_THROW(prefill(q0, k0, k0, o0, masks::causal(4, 0, 0)));
 }
 
 TEST(BadViews, OverlappingOutputStrides) {
@@ -424,15 +425,16 @@ TEST(BadOptions, NegativeThreadCountEvenWithNothingToCompute) {
   const Tensor q0(4, 0, 16, 1);
   Out o0(4, 0, 16);
   EXPECT_INVALID("prefill", Parts<const char*>({"num_threads must be >= 0"}),
-                 prefill(q0.view(), p.k.view(), p.v.view(), o0.view(), methods::dense(4, 0, 40), opt));
+                 prefill(q0.view(), p.k.view(), p.v.view(), o0.view(), masks::causal(4, 0, 40), opt));
   DecodeOptions dopt;
   dopt.num_threads = -3;
   EXPECT_INVALID("decode", Parts<const char*>({"num_threads must be >= 0", "got -3"}),
                  decode(q0.view(), p.k.view(), p.v.view(), o0.view(), KeySelection::all(), dopt));
-  sm::BlockSparseOptions bo;
-  bo.num_threads = -1;
-  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"num_threads must be >= 0"}),
-                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
+  // Selections take the kernel's options (one AttentionOptions per call): the same check.
+  AttentionOptions sopt;
+  sopt.num_threads = -1;
+  EXPECT_INVALID("options", Parts<const char*>({"num_threads must be >= 0", "got -1"}),
+                 sm::BlockSparse{}.select(p.q.view(), p.k.view(), Budget::compression(10), sopt));
 }
 
 TEST(BadOptions, DecodeSplitBelowSixteen) {
@@ -444,66 +446,67 @@ TEST(BadOptions, DecodeSplitBelowSixteen) {
 }
 
 TEST(BadOptions, CompressionRatioBelowOneOrNotFinite) {
+  // Every method takes how much to keep as a methods::Budget: a bad target CR (or mass target,
+  // FlexPrefill's gamma) is rejected where the budget is made, with one message for every method.
+  for (double cr : {0.5, 0.0, -2.0, static_cast<double>(kNaN), static_cast<double>(kInf)}) {
+    SCOPED_TRACE("compression " + std::to_string(cr));
+    EXPECT_INVALID("Budget::compression", Parts<const char*>({"a compression budget needs a finite target CR >= 1", "got"}),
+                   Budget::compression(cr));
+  }
+  EXPECT_INVALID("Budget::compression", Parts<const char*>({"the CR tolerance must be in [0, 1)", "got 1.5"}),
+                 Budget::compression(2.0, 1.5));
+  for (double gamma : {static_cast<double>(kNaN), 0.0, -0.5, 1.5}) {
+    SCOPED_TRACE("mass " + std::to_string(gamma));
+    EXPECT_INVALID("Budget::mass", Parts<const char*>({"a mass budget needs p in (0, 1]", "got"}),
+                   Budget::mass(gamma));
+  }
+  // A valid budget of a kind the method does not take: the method names itself and what it takes.
   Prefill p;
   kv::ContiguousCache<float> cache(cache_options(2, 16, 64));
   cache.append(p.k.view(), p.v.view());
-  const auto q1 = p.q.view().slice_tokens(39, 1);
-  for (double cr : {0.5, 0.0, -2.0, static_cast<double>(kNaN), static_cast<double>(kInf)}) {
-    SCOPED_TRACE("compression " + std::to_string(cr));
-    sm::BlockSparseOptions bo;
-    bo.compression = cr;
-    EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"compression must be finite and >= 1"}),
-                   sm::block_sparse::select(p.q.view(), p.k.view(), bo));
-    sm::QuestOptions qo;
-    qo.compression = cr;
-    EXPECT_INVALID("quest::select", Parts<const char*>({"compression must be finite and >= 1"}),
-                   sm::quest::select(q1, cache, qo));
-    sm::SnapKVOptions so;
-    so.compression = cr;
-    EXPECT_INVALID("snapkv::select", Parts<const char*>({"compression must be finite and >= 1"}),
-                   sm::snapkv::select(p.q.view(), cache, so));
-    sm::H2OOptions ho;
-    ho.compression = cr;
-    sm::h2o::State st;
-    EXPECT_INVALID("h2o::State::reset", Parts<const char*>({"compression must be finite and >= 1"}),
-                   st.reset(cache, ho));
-    if (cr != 0.0) {  // 0 means "use window" for StreamingLLM and "use V and S" for Vertical-Slash
-      sm::StreamingOptions sto;
-      sto.compression = cr;
-      EXPECT_INVALID("streaming", Parts<const char*>({"compression must be finite and >= 1"}),
-                     sm::streaming::resolve_window(100, sto));
-      sm::VerticalSlashOptions vo;
-      vo.compression = cr;
-      EXPECT_INVALID("methods::vertical_slash::select_exact", Parts<const char*>({"finite and >= 1"}),
-                     sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
-    }
-  }
-  sm::FlexPrefillOptions fo;  // FlexPrefill has no CR: its gamma is checked instead
-  fo.gamma = kNaN;
-  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"gamma must be > 0"}),
-                 sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
+  const Parts<const char*> no_count{"a count budget is not supported", "takes compression"};
+  const Parts<const char*> no_mass{"a mass budget is not supported", "takes compression"};
+  EXPECT_INVALID("methods::Dense::select", no_count, sm::Dense{}.select(p.q.view(), p.k.view(), Budget::count(4)));
+  EXPECT_INVALID("methods::SlidingWindow::select", no_mass,
+                 sm::SlidingWindow{}.select(p.q.view(), p.k.view(), Budget::mass(0.9)));
+  EXPECT_INVALID("methods::VerticalSlash::select", no_mass,
+                 sm::VerticalSlash{}.select(p.q.view(), p.k.view(), Budget::mass(0.9)));
+  EXPECT_INVALID("methods::FlexPrefill::select", Parts<const char*>({"a count budget is not supported"}),
+                 sm::FlexPrefill{}.select(p.q.view(), p.k.view(), Budget::count(4)));
+  EXPECT_INVALID("methods::SnapKV::select", no_mass, sm::SnapKV{}.select(p.q.view(), cache, Budget::mass(0.9)));
+  EXPECT_INVALID("methods::AdaSnapKV::select", no_mass, sm::AdaSnapKV{}.select(p.q.view(), cache, Budget::mass(0.9)));
+  sm::H2O::State st;
+  EXPECT_INVALID("methods::H2O::State::reset", no_mass, st.reset(cache, Budget::mass(0.9)));
+  EXPECT_INVALID("streaming", no_mass, sm::StreamingLLM{}.select(cache, Budget::mass(0.9)));
 }
 
 TEST(BadOptions, NegativeBudgets) {
+  // Counts (tokens, blocks, pages, lines) are whole numbers >= 1, for every method alike.
+  for (index_t n : {index_t{-16}, index_t{-1}, index_t{0}}) {
+    const std::string got = "got " + std::to_string(n);
+    EXPECT_INVALID("Budget::count", Parts<const char*>({"a count budget needs a whole number of units >= 1", got.c_str()}),
+                   Budget::count(n));
+  }
+  // A count below what a method always keeps is no error but an unmet budget: the forced units
+  // are kept and the result says reachable = false.
   Prefill p;
+  // Vertical-Slash: 3 lines against 4 sink columns + 40 local offsets (all of n = 40).
+  const auto vs = sm::VerticalSlashTiled{}.select(p.q.view(), p.k.view(), Budget::count(3));
+  EXPECT_FALSE(vs.stats.reachable);
+  EXPECT_EQ(vs.vertical, 4);
+  EXPECT_EQ(vs.slash, 40);
+  EXPECT_TRUE(sm::VerticalSlashTiled{}.select(p.q.view(), p.k.view(), Budget::count(44)).stats.reachable);
+  // Block-sparse with blocks of 8: 1 block per row against up to 3 forced ones.
+  const sm::BlockSparse bs{8};
+  EXPECT_FALSE(bs.select(p.q.view(), p.k.view(), Budget::count(1)).stats.reachable);
+  EXPECT_TRUE(bs.select(p.q.view(), p.k.view(), Budget::count(3)).stats.reachable);
+  // SnapKV: 1 token per head against its 32-token window and 4 sinks.
   kv::ContiguousCache<float> cache(cache_options(2, 16, 64));
   cache.append(p.k.view(), p.v.view());
-  sm::QuestOptions qo;
-  qo.budget = -16;
-  EXPECT_INVALID("quest::select", Parts<const char*>({"budget must be >= 0 tokens", "got -16"}),
-                 sm::quest::select(p.q.view().slice_tokens(39, 1), cache, qo));
-  sm::SnapKVOptions so;
-  so.budget = -1;
-  EXPECT_INVALID("snapkv::select", Parts<const char*>({"budget must be >= 0 tokens"}),
-                 sm::snapkv::select(p.q.view(), cache, so));
-  sm::BlockSparseOptions bo;
-  bo.top_k = -1;
-  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"top_k must be >= 0"}),
-                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
-  sm::VerticalSlashOptions vo;
-  vo.vertical = 3;  // below the 4 forced sink columns
-  EXPECT_INVALID("methods::vertical_slash::select_tiled", Parts<const char*>({"vertical (V) must be >= sink_columns (4)", "got 3"}),
-                 sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo));
+  const kv::EvictionPlan snap = sm::SnapKV{}.select(p.q.view(), cache, Budget::count(1));
+  EXPECT_FALSE(snap.stats.reachable);
+  EXPECT_EQ(snap.kept(0), 36);
+  EXPECT_TRUE(sm::SnapKV{}.select(p.q.view(), cache, Budget::count(36)).stats.reachable);
 }
 
 // =============================================================================================
@@ -519,49 +522,39 @@ TEST(Budgets, LargerThanTheCacheClampToDense) {
   Out dense(4, 1, d), sparse(4, 1, d);
   decode(q1, k.view(), v.view(), dense.view());
   // Quest: a budget of 10 000 tokens over a 70-token cache selects everything.
-  sm::QuestOptions qo;
-  qo.budget = 10000;
-  const sm::QuestPlan plan = sm::quest::select(q1, cache, qo);
-  EXPECT_TRUE(plan.dense);
-  EXPECT_DOUBLE_EQ(plan.compression(), 1.0);
-  kv::decode(q1, cache, sparse.view(), plan.keys);
+  sm::DecodeSelection plan;
+  sm::QuestPages pages;
+  sm::Quest{}.select(q1, cache, Budget::count(10000), {}, plan, &pages);
+  EXPECT_TRUE(pages.dense);
+  EXPECT_TRUE(plan.stats.reachable);
+  EXPECT_DOUBLE_EQ(plan.stats.compression(), 1.0);
+  decode(q1, cache, sparse.view(), plan.keys);
   for (std::size_t i = 0; i < dense.o.size(); ++i) EXPECT_NEAR(sparse.o[i], dense.o[i], 1e-5);
   // Eviction budgets >= the cache keep every token.
-  sm::SnapKVOptions so;
-  so.budget = 1000;
-  EXPECT_TRUE(sm::snapkv::select(q.view(), cache, so).dense);
-  sm::AdaSnapKVOptions ao;
-  ao.budget = 1000;
-  const kv::EvictionPlan ada = sm::ada_snapkv::select(q.view(), cache, ao);
+  EXPECT_TRUE(sm::SnapKV{}.select(q.view(), cache, Budget::count(1000)).dense);
+  const kv::EvictionPlan ada = sm::AdaSnapKV{}.select(q.view(), cache, Budget::count(1000));
   EXPECT_TRUE(ada.dense);
   EXPECT_EQ(ada.total_kept(), 2 * n);
-  sm::H2OOptions ho;
-  ho.heavy = 500;
-  ho.recent = 500;
-  sm::h2o::State st;
-  st.reset(cache, ho);
-  st.observe(q.view(), cache, true);
+  sm::H2O::State st;
+  st.reset(cache, Budget::count(1000));  // H + R = 500 + 500
+  st.observe(q.view(), cache, {}, true);
   EXPECT_TRUE(st.select(cache).dense);
-  sm::StreamingOptions sto;
-  sto.budget = 1000;
-  EXPECT_TRUE(sm::streaming::select(cache, sto).dense);
-  // Prefill: top_k beyond the key blocks, V and S beyond n are exactly dense.
-  const IntervalMask causal = methods::dense(4, n, n, {true, 16});
-  sm::BlockSparseOptions bo;
-  bo.top_k = 1000;
-  bo.block = 16;
-  EXPECT_EQ(sm::block_sparse::select(q.view(), k.view(), bo).pairs(), causal.pairs());
-  sm::VerticalSlashOptions vo;
-  vo.vertical = vo.slash = 100000;
-  vo.block = 16;
-  EXPECT_EQ(sm::vertical_slash::select_exact(q.view(), k.view(), vo).pairs(), causal.pairs());
-  EXPECT_EQ(sm::vertical_slash::select_tiled(q.view(), k.view(), vo).pairs(), causal.pairs());
-  sm::FlexPrefillOptions fo;
-  fo.gamma = 1.0;
-  fo.block = 16;
-  EXPECT_EQ(sm::flex_prefill::select(q.view(), k.view(), fo).pairs(), causal.pairs());
+  EXPECT_TRUE(sm::StreamingLLM{}.select(cache, Budget::count(1000)).dense);
+  // Prefill: k beyond the key blocks, V and S beyond n are exactly dense.
+  const IntervalMask causal = masks::causal(4, n, n, 16);
+  EXPECT_EQ(sm::BlockSparse{16}.select(q.view(), k.view(), Budget::count(1000)).mask.pairs(),
+            causal.pairs());
+  sm::VerticalSlash vs;  // V = S = 100 000 (an even split of the lines)
+  vs.block = 16;
+  EXPECT_EQ(vs.select(q.view(), k.view(), Budget::count(200000)).mask.pairs(), causal.pairs());
+  sm::VerticalSlashTiled vst;
+  vst.block = 16;
+  EXPECT_EQ(vst.select(q.view(), k.view(), Budget::count(200000)).mask.pairs(), causal.pairs());
+  sm::FlexPrefill fp;
+  fp.block = 16;
+  EXPECT_EQ(fp.select(q.view(), k.view(), Budget::mass(1.0)).mask.pairs(), causal.pairs());
   // Sliding window wider than the sequence is the dense pattern.
-  EXPECT_EQ(methods::sliding_window(4, n, n, {1000, 4, 16}).pairs(), causal.pairs());
+  EXPECT_EQ(masks::sliding_window(4, n, n, 1000, 4, 16).pairs(), causal.pairs());
 }
 
 // =============================================================================================
@@ -571,21 +564,23 @@ TEST(Budgets, LargerThanTheCacheClampToDense) {
 TEST(BadBlocks, ZeroBlockOrPageSize) {
   Prefill p;
   EXPECT_INVALID("IntervalMask", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]", "block_q=0"}),
-                 methods::dense(4, 40, 40, {true, 0}));
+                 masks::causal(4, 40, 40, 0));
   EXPECT_INVALID("BlockListBuilder", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]", "block_k=0"}),
                  BlockListBuilder(MaskShape{4, 40, 40, 16, 0, true}, false));
-  sm::BlockSparseOptions bo;
-  bo.block = 0;
-  EXPECT_INVALID("methods::block_sparse::select", Parts<const char*>({"block must be >= 1", "got 0"}),
-                 sm::block_sparse::select(p.q.view(), p.k.view(), bo));
-  sm::VerticalSlashOptions vo;
-  vo.block = 0;
-  EXPECT_INVALID("methods::vertical_slash::select_exact", Parts<const char*>({"block must be >= 1"}),
-                 sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
-  sm::FlexPrefillOptions fo;
-  fo.block = 0;
-  EXPECT_INVALID("methods::flex_prefill::select", Parts<const char*>({"block must be >= 1"}),
-                 sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
+  EXPECT_INVALID("methods::BlockSparse::select", Parts<const char*>({"block must be >= 1", "got 0"}),
+                 sm::BlockSparse{0}.select(p.q.view(), p.k.view(), Budget::compression(10)));
+  sm::VerticalSlash vs;
+  vs.block = 0;
+  EXPECT_INVALID("methods::VerticalSlash::select", Parts<const char*>({"block must be >= 1"}),
+                 vs.select(p.q.view(), p.k.view(), Budget::count(7096)));
+  sm::FlexPrefill fp;
+  fp.block = 0;
+  EXPECT_INVALID("methods::FlexPrefill::select", Parts<const char*>({"block must be >= 1"}),
+                 fp.select(p.q.view(), p.k.view(), Budget::mass(0.9)));
+  sm::SlidingWindow sw;
+  sw.block = 0;
+  EXPECT_INVALID("methods::SlidingWindow::select", Parts<const char*>({"block must be >= 1"}),
+                 sw.select(p.q.view(), p.k.view(), Budget::count(16)));
   EXPECT_INVALID("kv::Cache", Parts<const char*>({"page_size must be >= 1", "got 0"}),
                  kv::ContiguousCache<float>(cache_options(2, 16, 64, 0)));
   EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"page_size must be >= 1"}),
@@ -618,10 +613,10 @@ TEST(BadBlocks, SizesThatDoNotDivideTheSequenceAreExact) {
   for (std::size_t i = 0; i < big.o.size(); ++i) ASSERT_NEAR(big.o[i], want.out[i], 2e-5);
   kv::PagedCache<float> cache(cache_options(1, d, n, 9));  // 77 = 8 x 9 + 5
   cache.append(k.view(), v.view());
-  sm::QuestOptions qo;
-  qo.budget = 27;
-  const auto plan = sm::quest::select(q.view().slice_tokens(n - 1, 1), cache, qo);
-  EXPECT_EQ(plan.stats.kv_rows, 3 * 9 + 5);  // three whole pages plus the partial current page
+  const auto q1 = q.view().slice_tokens(n - 1, 1);
+  const sm::DecodeSelection plan = sm::Quest{}.select(q1, cache, Budget::count(27));
+  // Three whole pages plus the partial current page.
+  EXPECT_EQ(kv::decode_stats(plan.keys, cache, q1.heads, q1.tokens).kv_rows, 3 * 9 + 5);
 }
 
 // =============================================================================================
@@ -652,17 +647,17 @@ TEST(BadBlockLists, UnsortedDuplicateOutOfRangeOrFutureBlocks) {
                  BlockListBuilder(s, false).add(0, 4, 0));
   // The same errors in an engine's block-CSR layout.
   auto bsr = [&](std::vector<index_t> off, std::vector<std::int32_t> col) {
-    return sm::user_mask::from_bsr(MaskShape{1, 128, 128, 32, 32, true}, true, off, col);
+    return sm::UserMask(MaskShape{1, 128, 128, 32, 32, true}, true, off, col).mask;
   };
-  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"must be sorted ascending"}),
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"must be sorted ascending"}),
                  bsr({0, 1, 2, 3, 5}, {0, 0, 1, 3, 2}));
-  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"repeats", "must be unique"}),
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"repeats", "must be unique"}),
                  bsr({0, 1, 2, 3, 5}, {0, 0, 1, 2, 2}));
-  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"out of range; key blocks are [0, 4)"}),
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"col_indices[3] = 7", "head 0, query block 3", "key block 7 out of range [0, 4)"}),
                  bsr({0, 1, 2, 3, 4}, {0, 0, 1, 7}));
-  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"a causal mask allows key blocks [0, 0]"}),
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"a causal mask allows key blocks [0, 0]"}),
                  bsr({0, 1, 2, 3, 4}, {1, 0, 1, 2}));
-  EXPECT_INVALID("methods::user_mask::from_bsr", Parts<const char*>({"row_offsets has 4 entries", "expected rows + 1 = 5"}),
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"row_offsets has 4 entries", "expected rows + 1 = 5"}),
                  bsr({0, 1, 2, 3}, {0, 0, 1}));
 }
 
@@ -776,35 +771,35 @@ TEST(BadMethodInputs, DecodeMethodsRejectInconsistentCachesAndQueries) {
   kv::ContiguousCache<float> plain(no_bounds), cache(cache_options(2, 16, 64));
   plain.append(k.view(), v.view());
   cache.append(k.view(), v.view());
-  EXPECT_INVALID("quest::select", Parts<const char*>({"keeps no key bounds", "key_bounds = true"}),
-                 sm::quest::select(q.view().slice_tokens(29, 1), plain, {}));
-  EXPECT_INVALID("quest::select", Parts<const char*>({"head_dim of q (8) differs from the cache (16)"}),
-                 sm::quest::select(q8.view(), cache, {}));
-  EXPECT_INVALID("quest::select", Parts<const char*>({"q needs >= 1 token"}),
-                 sm::quest::select(q.view().slice_tokens(0, 0), cache, {}));
-  sm::SnapKVOptions so;
-  so.pool_kernel = 4;
-  EXPECT_INVALID("snapkv::select", Parts<const char*>({"pool_kernel must be odd and >= 1", "got 4"}),
-                 sm::snapkv::select(q.view(), cache, so));
-  so.pool_kernel = 7;
-  so.window = 0;
-  EXPECT_INVALID("snapkv::select", Parts<const char*>({"window must be >= 1"}),
-                 sm::snapkv::select(q.view(), cache, so));
-  sm::AdaSnapKVOptions ao;
-  ao.floor_fraction = 1.5;
-  EXPECT_INVALID("ada_snapkv::select", Parts<const char*>({"floor_fraction must be in [0, 1]", "got 1.5"}),
-                 sm::ada_snapkv::select(q.view(), cache, ao));
-  sm::h2o::State st;
-  EXPECT_INVALID("h2o::State::observe", Parts<const char*>({"call reset(cache) first"}),
+  const Budget cr10 = Budget::compression(10);
+  EXPECT_INVALID("methods::Quest::select", Parts<const char*>({"keeps no key bounds", "key_bounds = true"}),
+                 sm::Quest{}.select(q.view().slice_tokens(29, 1), plain, cr10));
+  EXPECT_INVALID("methods::Quest::select", Parts<const char*>({"head_dim of q (8) differs from the cache (16)"}),
+                 sm::Quest{}.select(q8.view(), cache, cr10));
+  EXPECT_INVALID("methods::Quest::select", Parts<const char*>({"q needs >= 1 token"}),
+                 sm::Quest{}.select(q.view().slice_tokens(0, 0), cache, cr10));
+  sm::SnapKV snap;
+  snap.pool_kernel = 4;
+  EXPECT_INVALID("methods::SnapKV::select", Parts<const char*>({"pool_kernel must be odd and >= 1", "got 4"}),
+                 snap.select(q.view(), cache, cr10));
+  snap.pool_kernel = 7;
+  snap.window = 0;
+  EXPECT_INVALID("methods::SnapKV::select", Parts<const char*>({"window must be >= 1"}),
+                 snap.select(q.view(), cache, cr10));
+  sm::AdaSnapKV ada;
+  ada.floor_fraction = 1.5;
+  EXPECT_INVALID("methods::AdaSnapKV::select", Parts<const char*>({"floor_fraction must be in [0, 1]", "got 1.5"}),
+                 ada.select(q.view(), cache, cr10));
+  sm::H2O::State st;
+  EXPECT_INVALID("methods::H2O::State::observe", Parts<const char*>({"call reset(cache) first"}),
                  st.observe(q.view(), cache));
-  sm::H2OOptions ho;
-  ho.heavy = 4;
-  ho.recent = 0;
-  EXPECT_INVALID("h2o::State::reset", Parts<const char*>({"recent must be >= 1"}), st.reset(cache, ho));
-  sm::StreamingOptions sto;
-  sto.window = 0;
-  EXPECT_INVALID("streaming", Parts<const char*>({"window must be >= 1", "got 0"}),
-                 sm::streaming::select(cache, sto));
+  // H2O's budget is H + R (R the larger half, so R >= 1 for every count >= 1); its parameter:
+  EXPECT_INVALID("methods::H2O::State::reset", Parts<const char*>({"prefill_queries must be >= 0", "got -2"}),
+                 st.reset(cache, Budget::count(8), -2));
+  sm::StreamingLLM streaming;
+  streaming.sinks = -1;
+  EXPECT_INVALID("streaming", Parts<const char*>({"sinks must be >= 0", "got -1"}),
+                 streaming.select(cache, Budget::count(16)));
 }
 
 // =============================================================================================
@@ -819,7 +814,7 @@ Out run_causal_prefill(const Tensor& q, const Tensor& k, const Tensor& v) {
   Out out(q.h, q.n, v.d);
   AttentionOptions opt;
   opt.lse = out.lse_view();
-  prefill(q.view(), k.view(), v.view(), out.view(), methods::dense(q.h, q.n, k.n), opt);
+  prefill(q.view(), k.view(), v.view(), out.view(), masks::causal(q.h, q.n, k.n), opt);
   return out;
 }
 
@@ -870,7 +865,7 @@ TEST(NonFinite, NaNInAKeyPoisonsExactlyTheRowsThatSeeIt) {
   AttentionOptions o1, o2;
   o1.lse = base.lse_view();
   o2.lse = got.lse_view();
-  const IntervalMask w = methods::sliding_window(1, 100, 100, {16, 0, 64});
+  const IntervalMask w = masks::sliding_window(1, 100, 100, 16, 0, 64);
   prefill(q.view(), k.view(), v.view(), base.view(), w, o1);
   prefill(q.view(), kn.view(), v.view(), got.view(), w, o2);
   expect_poisoned(got, base, [](index_t i) { return i >= 20 && i < 36; }, false);
@@ -941,27 +936,22 @@ TEST(NonFinite, SelectionsOnNaNDataStillGiveValidMasks) {
     EXPECT_NO_THROW(prefill(q.view(), k.view(), v.view(), out.view(), mask));
     EXPECT_TRUE(out.row_finite(0, 10));  // before the bad key: untouched
   };
-  sm::BlockSparseOptions bo;
-  bo.block = 16;
-  bo.compression = 3;
-  run(sm::block_sparse::select(q.view(), k.view(), bo));
-  sm::VerticalSlashOptions vo;
-  vo.block = 16;
-  vo.compression = 3;
-  run(sm::vertical_slash::select_exact(q.view(), k.view(), vo));
-  run(sm::vertical_slash::select_tiled(q.view(), k.view(), vo));
-  sm::FlexPrefillOptions fo;
-  fo.block = 16;
-  fo.min_budget = 16;
-  run(sm::flex_prefill::select(q.view(), k.view(), fo));
+  const Budget cr3 = Budget::compression(3);
+  run(sm::BlockSparse{16}.select(q.view(), k.view(), cr3).mask);
+  sm::VerticalSlash vs;
+  vs.block = 16;
+  run(vs.select(q.view(), k.view(), cr3).mask);
+  sm::VerticalSlashTiled vst;
+  vst.block = 16;
+  run(vst.select(q.view(), k.view(), cr3).mask);
+  sm::FlexPrefill fp;
+  fp.block = 16;
+  fp.min_budget = 16;
+  run(fp.select(q.view(), k.view(), Budget::mass(0.9)).mask);
   kv::ContiguousCache<float> cache(cache_options(1, 16, 256));
   cache.append(k.view(), v.view());
-  sm::QuestOptions qo;
-  qo.compression = 4;
-  EXPECT_NO_THROW(sm::quest::select(q.view().slice_tokens(199, 1), cache, qo));
-  sm::SnapKVOptions so;
-  so.compression = 4;
-  const kv::EvictionPlan plan = sm::snapkv::select(q.view(), cache, so);
+  EXPECT_NO_THROW(sm::Quest{}.select(q.view().slice_tokens(199, 1), cache, Budget::compression(4)));
+  const kv::EvictionPlan plan = sm::SnapKV{}.select(q.view(), cache, Budget::compression(4));
   EXPECT_EQ(plan.kept(0), 50);  // ceil(200 / 4)
 }
 
@@ -989,17 +979,17 @@ TEST(LongContext, PairCountsPast2To31AreExactWithoutRunning) {
   EXPECT_EQ(all.row_offsets().back(), (n / 64) * (n / 64 + 1) / 2);
   // Block-sparse's closed form at the dense budget, and with 4 blocks per row.
   const MaskShape s{1, n, n, 64, 64, true};
-  EXPECT_EQ(sm::block_sparse::pairs_for_k(s, n / 64), dense);
-  EXPECT_EQ(sm::block_sparse::pairs_for_k(MaskShape{32, n, n, 64, 64, true}, n / 64), 32 * dense);
+  EXPECT_EQ(sm::BlockSparse::pairs_for_k(s, n / 64), dense);
+  EXPECT_EQ(sm::BlockSparse::pairs_for_k(MaskShape{32, n, n, 64, 64, true}, n / 64), 32 * dense);
   // k = 4: query block 0 keeps its diagonal (64 * 65 / 2 pairs), block 1 one more whole block,
   // block 2 two, every later one three whole blocks besides the diagonal.
-  EXPECT_EQ(sm::block_sparse::pairs_for_k(s, 4), 2080 + 6176 + 10272 + (n / 64 - 3) * 14368);
+  EXPECT_EQ(sm::BlockSparse::pairs_for_k(s, 4), 2080 + 6176 + 10272 + (n / 64 - 3) * 14368);
 }
 
 TEST(LongContext, SlidingWindowPrefillAt65536Tokens) {
   const index_t n = 65536, d = 16, W = 64;
   const Tensor q(1, n, d, 91), k(1, n, d, 92), v(1, n, d, 93);
-  const IntervalMask mask = methods::sliding_window(1, n, n, {W, 0, 64});
+  const IntervalMask mask = masks::sliding_window(1, n, n, W, 0, 64);
   EXPECT_EQ(mask.pairs(), W * (W + 1) / 2 + (n - W) * W);
   Out out(1, n, d);
   AttentionOptions opt;
@@ -1033,14 +1023,13 @@ TEST(LongContext, DecodeOverA131072TokenCache) {
   kv::ContiguousCache<bf16> cache(cache_options(1, d, n, 16));
   cache.append(k.view(), v.view());
   EXPECT_EQ(cache.num_pages(0), n / 16);
-  sm::QuestOptions qo;
-  qo.compression = 64;
-  const sm::QuestPlan plan = sm::quest::select(q.view(), cache, qo);
+  const sm::DecodeSelection plan = sm::Quest{}.select(q.view(), cache, Budget::compression(64));
   EXPECT_EQ(plan.stats.dense_pairs, 2 * n);
-  EXPECT_NEAR(plan.compression(), 64.0, 1.0);
+  EXPECT_NEAR(plan.stats.compression(), 64.0, 1.0);
+  EXPECT_TRUE(plan.stats.reachable);
   for (const KeySelection& keys : {KeySelection::all(), plan.keys}) {
     Out out(2, 1, d);
-    kv::decode(q.view(), cache, out.view(), keys);
+    decode(q.view(), cache, out.view(), keys);
     // Naive check over the selected keys (K/V as stored, bf16).
     const auto kc = cache.keys(), vc = cache.values();
     std::vector<std::uint8_t> sel(static_cast<std::size_t>(n), keys.scope() == KeySelection::Scope::all);
@@ -1117,49 +1106,52 @@ struct Det {
 
 TEST(Determinism, PrefillDenseAndSlidingWindow) {
   const Det p;
-  expect_same_bits_for_threads([&](int t) { return p.run(methods::dense(4, 300, 300), t); });
+  expect_same_bits_for_threads([&](int t) { return p.run(masks::causal(4, 300, 300), t); });
   expect_same_bits_for_threads([&](int t) {
-    return p.run(methods::sliding_window(4, 300, 300, {50, 4, 64}), t);
+    return p.run(masks::sliding_window(4, 300, 300, 50, 4, 64), t);
   });
 }
 
 TEST(Determinism, PrefillBlockSparse) {
   const Det p;
   expect_same_bits_for_threads([&](int t) {
-    sm::BlockSparseOptions o;
-    o.block = 32;
-    o.compression = 3;
+    AttentionOptions o;
     o.num_threads = t;
-    return p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), o), t);
+    return p.run_with_csr(
+        sm::BlockSparse{32}.select(p.q.view(), p.k.view(), Budget::compression(3), o).mask, t);
   });
 }
 
 TEST(Determinism, PrefillVerticalSlashExactAndTiled) {
   const Det p;
-  sm::VerticalSlashOptions o;
-  o.block = 32;
-  o.compression = 3;
-  o.local_offsets = 16;
+  sm::VerticalSlash exact;
+  exact.block = 32;
+  exact.local_offsets = 16;
+  sm::VerticalSlashTiled tiled;
+  tiled.block = 32;
+  tiled.local_offsets = 16;
+  AttentionOptions o;
   expect_same_bits_for_threads([&](int t) {
     o.num_threads = t;
-    return p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), o), t);
+    return p.run_with_csr(exact.select(p.q.view(), p.k.view(), Budget::compression(3), o).mask, t);
   });
   expect_same_bits_for_threads([&](int t) {
     o.num_threads = t;
-    return p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), o), t);
+    return p.run_with_csr(tiled.select(p.q.view(), p.k.view(), Budget::compression(3), o).mask, t);
   });
 }
 
 TEST(Determinism, PrefillFlexPrefill) {
   const Det p;
   expect_same_bits_for_threads([&](int t) {
-    sm::FlexPrefillOptions o;
-    o.block = 32;
-    o.min_budget = 32;
-    o.last_queries = 64;
+    sm::FlexPrefill fp;
+    fp.block = 32;
+    fp.min_budget = 32;
+    fp.last_queries = 64;
+    AttentionOptions o;
     o.num_threads = t;
-    const auto m = sm::flex_prefill::select(p.q.view(), p.k.view(), o);
-    std::vector<float> r = p.run_with_csr(m, t);
+    const auto m = fp.select(p.q.view(), p.k.view(), Budget::mass(0.9), o);
+    std::vector<float> r = p.run_with_csr(m.mask, t);
     r.insert(r.end(), m.js_distance.begin(), m.js_distance.end());
     return r;
   });
@@ -1189,7 +1181,7 @@ TEST(Determinism, PrefillUserMask) {
   for (bool flags : {false, true}) {
     SCOPED_TRACE(flags ? "with full flags" : "without full flags");
     const auto mask =
-        sm::user_mask::from_bsr(shape, false, off, col, flags ? full : std::vector<std::uint8_t>{});
+        sm::UserMask(shape, false, off, col, flags ? full : std::vector<std::uint8_t>{}).mask;
     ASSERT_GT(mask.compression(), 1.2);
     expect_same_bits_for_threads([&](int t) { return p.run_with_csr(mask, t); });
   }
@@ -1197,18 +1189,49 @@ TEST(Determinism, PrefillUserMask) {
 
 namespace {
 
-// Decode pipeline under `session options`: prompt of 200 tokens (eviction after it), then 6
-// single-token steps. Returns every step's output bits plus the kept positions.
-std::vector<float> decode_run(SessionOptions so, int threads) {
+using SessionCache = kv::PagedCache<bf16>;
+
+// The decode methods of a session, each at its compression target: an eviction method (or none)
+// and Quest's per-step selection (or dense decode). Policies hold per-sequence state, so every
+// session gets its own, made by add_to().
+enum class Evict { none, snapkv, ada_snapkv, h2o, streaming };
+struct SessionMethods {
+  Evict eviction = Evict::none;
+  double eviction_cr = 4;
+  bool quest = false;
+  bool quest_per_query_head = false;
+  double quest_cr = 4;
+
+  void add_to(DecodeSession<SessionCache>& s) const {
+    const Budget ecr = Budget::compression(eviction_cr);
+    switch (eviction) {  // evicting policies first, then the selecting one
+      case Evict::snapkv: s.add_policy(sm::make_policy<SessionCache, float>(sm::SnapKV{}, ecr)); break;
+      case Evict::ada_snapkv: s.add_policy(sm::make_policy<SessionCache, float>(sm::AdaSnapKV{}, ecr)); break;
+      case Evict::h2o: s.add_policy(sm::make_policy<SessionCache, float>(sm::H2O{}, ecr)); break;
+      case Evict::streaming: s.add_policy(sm::make_policy<SessionCache, float>(sm::StreamingLLM{}, ecr)); break;
+      case Evict::none: break;
+    }
+    if (quest) {
+      sm::Quest m;
+      m.per_query_head = quest_per_query_head;
+      s.add_policy(sm::make_policy<SessionCache, float>(m, Budget::compression(quest_cr)));
+    }
+  }
+};
+
+// Decode pipeline with `methods` under `session options`: prompt of 200 tokens (eviction after
+// it), then 6 single-token steps. Returns every step's output bits plus the kept positions.
+std::vector<float> decode_run(const SessionMethods& methods, SessionOptions so, int threads) {
   const index_t n = 206, d = 32;
   const Tensor q(4, n, d, 111), k(2, n, d, 112), v(2, n, d, 113);
   so.num_threads = threads;
-  kv::PagedCache<bf16> cache(cache_options(2, d, 256, 16));
-  DecodeSession<kv::PagedCache<bf16>> s(cache, so);
+  SessionCache cache(cache_options(2, d, 256, 16));
+  DecodeSession<SessionCache> s(cache, so);
+  methods.add_to(s);
   std::vector<float> bits;
   Out prompt_out(4, 200, d);
   s.prefill(q.view().slice_tokens(0, 200), k.view().slice_tokens(0, 200),
-            v.view().slice_tokens(0, 200), prompt_out.view(), methods::dense(4, 200, 200));
+            v.view().slice_tokens(0, 200), prompt_out.view(), masks::causal(4, 200, 200));
   for (index_t t = 200; t < n; ++t) {
     Out out(4, 1, d);
     s.step(q.view().slice_tokens(t, 1), k.view().slice_tokens(t, 1), v.view().slice_tokens(t, 1),
@@ -1223,13 +1246,14 @@ std::vector<float> decode_run(SessionOptions so, int threads) {
 }  // namespace
 
 TEST(Determinism, DecodeDenseAndQuest) {
-  SessionOptions so;
-  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 4;
-  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
-  so.quest.per_query_head = true;
-  expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+  const SessionOptions so;
+  SessionMethods m;
+  expect_same_bits_for_threads([&](int t) { return decode_run(m, so, t); });
+  m.quest = true;
+  m.quest_cr = 4;
+  expect_same_bits_for_threads([&](int t) { return decode_run(m, so, t); });
+  m.quest_per_query_head = true;
+  expect_same_bits_for_threads([&](int t) { return decode_run(m, so, t); });
 }
 
 TEST(Determinism, DecodeSlidingWindowWithSinksOnTheKernel) {
@@ -1254,13 +1278,13 @@ TEST(Determinism, DecodeSlidingWindowWithSinksOnTheKernel) {
 }
 
 TEST(Determinism, DecodeEvictionSnapKVAdaSnapKVH2OStreaming) {
-  for (Eviction e : {Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o, Eviction::streaming}) {
+  for (Evict e : {Evict::snapkv, Evict::ada_snapkv, Evict::h2o, Evict::streaming}) {
     SCOPED_TRACE("eviction " + std::to_string(static_cast<int>(e)));
-    SessionOptions so;
-    so.eviction = e;
-    so.snapkv.compression = so.ada_snapkv.compression = 4;
-    so.h2o.compression = so.streaming.compression = 4;
-    expect_same_bits_for_threads([&](int t) { return decode_run(so, t); });
+    const SessionOptions so;
+    SessionMethods m;
+    m.eviction = e;
+    m.eviction_cr = 4;
+    expect_same_bits_for_threads([&](int t) { return decode_run(m, so, t); });
   }
 }
 
@@ -1374,19 +1398,30 @@ struct SelectorFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// An eviction policy that evicts nothing, and throws from after_prefill / after_step when told to.
+// A decode policy that evicts nothing and selects every key, and fails when told to: in
+// after_prefill, in after_step (after the kernel), or in before_step inside its own parallel loop
+// on the session's executor (item 5 of 8 throws).
 template <class Cache>
-class FailingPolicy final : public EvictionPolicy<Cache, float> {
+class FailingPolicy final : public sm::DecodePolicy<Cache, float> {
  public:
-  bool fail_prefill = false, fail_step = false;
+  using QView = TensorView<const float>;
+  bool fail_prefill = false, fail_select = false, fail_step = false;
+  FailingPolicy() : sm::DecodePolicy<Cache, float>(Budget{}) {}
   const char* name() const override { return "failing"; }
-  kv::EvictionPlan after_prefill(const TensorView<const float>&, Cache&) override {
+  void after_prefill(const QView&, Cache&, const AttentionOptions&) override {
     if (fail_prefill) throw SelectorFailure("after_prefill");
-    return policies::no_eviction();
   }
-  kv::EvictionPlan after_step(const TensorView<const float>&, Cache&) override {
+  KeySelection before_step(const QView&, Cache&, const AttentionOptions& opt) override {
+    if (fail_select) {
+      if (opt.executor == nullptr) throw std::logic_error("the session passed no executor");
+      run_items(*opt.executor, 8, [](index_t i, int) {
+        if (i == 5) throw SelectorFailure("selector item 5");
+      });
+    }
+    return KeySelection::all();
+  }
+  void after_step(const QView&, Cache&, const AttentionOptions&, const float*) override {
     if (fail_step) throw SelectorFailure("after_step");
-    return policies::no_eviction();
   }
 };
 
@@ -1396,22 +1431,25 @@ TEST(Executors, CustomExecutorsGiveTheDefaultBitsForPrefillSelections) {
   const Det p;
   ThreadTeamExecutor team(3);
   ReversedExecutor reversed(5);
-  sm::BlockSparseOptions bo;
-  bo.block = 32;
-  bo.top_k = 5;  // 2 blocks beyond the forced 3 are ranked by score for most rows
-  sm::VerticalSlashOptions vo;
-  vo.block = 32;
-  vo.compression = 3;
-  vo.local_offsets = 16;
-  sm::FlexPrefillOptions fo;
-  fo.block = 32;
-  fo.min_budget = 32;
-  fo.last_queries = 64;
-  fo.gamma = 0.8;
-  fo.tau = 0.19;  // between the heads' JS distances: some heads query-aware, some not
-  auto flex_bits = [&](const sm::FlexPrefillOptions& o) {
-    const auto m = sm::flex_prefill::select(p.q.view(), p.k.view(), o);
-    std::vector<float> r = p.run_with_csr(m, 0);
+  const sm::BlockSparse bs{32};
+  const Budget k5 = Budget::count(5);  // 2 blocks beyond the forced 3 are ranked by score for most rows
+  sm::VerticalSlash vs;
+  vs.block = 32;
+  vs.local_offsets = 16;
+  sm::VerticalSlashTiled vst;
+  vst.block = 32;
+  vst.local_offsets = 16;
+  const Budget cr3 = Budget::compression(3);
+  sm::FlexPrefill fp;
+  fp.block = 32;
+  fp.min_budget = 32;
+  fp.last_queries = 64;
+  fp.tau = 0.19;  // between the heads' JS distances: some heads query-aware, some not
+  const Budget gamma = Budget::mass(0.8);
+  AttentionOptions o;  // the selections' options: the executor under test (none: the default)
+  auto flex_bits = [&] {
+    const auto m = fp.select(p.q.view(), p.k.view(), gamma, o);
+    std::vector<float> r = p.run_with_csr(m.mask, 0);
     r.insert(r.end(), m.js_distance.begin(), m.js_distance.end());
     for (index_t h = 0; h < 4; ++h) {
       r.push_back(m.query_aware[static_cast<std::size_t>(h)]);
@@ -1420,27 +1458,25 @@ TEST(Executors, CustomExecutorsGiveTheDefaultBitsForPrefillSelections) {
     }
     return r;
   };
-  const auto bs = p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), bo), 0);
-  const auto vs_exact = p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo), 0);
-  const auto vs_tiled = p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo), 0);
-  const auto flex = flex_bits(fo);
-  const auto aware = sm::flex_prefill::select(p.q.view(), p.k.view(), fo).query_aware;
+  const auto bs_bits = p.run_with_csr(bs.select(p.q.view(), p.k.view(), k5).mask, 0);
+  const auto vs_exact = p.run_with_csr(vs.select(p.q.view(), p.k.view(), cr3).mask, 0);
+  const auto vs_tiled = p.run_with_csr(vst.select(p.q.view(), p.k.view(), cr3).mask, 0);
+  const auto flex = flex_bits();
+  const auto aware = fp.select(p.q.view(), p.k.view(), gamma).query_aware;
   const int aware_heads = std::count(aware.begin(), aware.end(), 1);
   ASSERT_TRUE(aware_heads > 0 && aware_heads < 4) << aware_heads << " query-aware heads";
   for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
     SCOPED_TRACE(ex == &team ? "std::thread team" : "reversed order");
-    bo.executor = vo.executor = fo.executor = ex;
-    expect_same_bits(p.run_with_csr(sm::block_sparse::select(p.q.view(), p.k.view(), bo), 0), bs,
+    o.executor = ex;
+    expect_same_bits(p.run_with_csr(bs.select(p.q.view(), p.k.view(), k5, o).mask, 0), bs_bits,
                      "block_sparse");
-    expect_same_bits(
-        p.run_with_csr(sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo), 0), vs_exact,
-        "vertical_slash exact");
-    expect_same_bits(
-        p.run_with_csr(sm::vertical_slash::select_tiled(p.q.view(), p.k.view(), vo), 0), vs_tiled,
-        "vertical_slash tiled");
-    expect_same_bits(flex_bits(fo), flex, "flex_prefill");
+    expect_same_bits(p.run_with_csr(vs.select(p.q.view(), p.k.view(), cr3, o).mask, 0), vs_exact,
+                     "vertical_slash exact");
+    expect_same_bits(p.run_with_csr(vst.select(p.q.view(), p.k.view(), cr3, o).mask, 0), vs_tiled,
+                     "vertical_slash tiled");
+    expect_same_bits(flex_bits(), flex, "flex_prefill");
     // The float64 oracle on the mask selected on this executor, and the pair count on it.
-    const auto mask = sm::block_sparse::select(p.q.view(), p.k.view(), bo);
+    const auto mask = bs.select(p.q.view(), p.k.view(), k5, o).mask;
     EXPECT_EQ(count_pairs(mask, *ex), mask.pairs());
     const auto oracle = reference::attention_masked(p.q.view(), p.k.view(), p.v.view(),
                                                     1.0 / std::sqrt(32.0), mask, {ex});
@@ -1460,52 +1496,50 @@ TEST(Executors, CustomExecutorsGiveTheDefaultBitsForDecodeMethods) {
   kv::ContiguousCache<float> base(cache_options(2, d, n, 1));
   base.append(k.view(), v.view());
   const std::vector<float> base_state = cache_state(base);
-  sm::QuestOptions qo;
-  qo.compression = 8;
-  sm::SnapKVOptions so;
-  so.compression = 6;
-  sm::AdaSnapKVOptions ao;
-  ao.compression = 6;
-  sm::H2OOptions ho;
-  ho.compression = 5;
+  const Budget quest_cr = Budget::compression(8), snap_cr = Budget::compression(6),
+               h2o_cr = Budget::compression(5);
+  AttentionOptions o;  // the methods' options: the executor under test (none: the default)
   const auto q1 = q.view().slice_tokens(39, 1);
-  auto quest_bits = [&](const kv::ContiguousCache<float>& c, sm::QuestOptions o, bool per_q) {
-    o.per_query_head = per_q;
-    const sm::QuestPlan plan = sm::quest::select(q1, c, o);
-    std::vector<float> r = plan.bounds;
+  auto quest_bits = [&](const kv::ContiguousCache<float>& c, bool per_q) {
+    sm::Quest m;
+    m.per_query_head = per_q;
+    sm::DecodeSelection plan;
+    sm::QuestPages pages;
+    m.select(q1, c, quest_cr, o, plan, &pages);
+    std::vector<float> r = pages.bounds;
     for (index_t x : selection_of(plan.keys)) r.push_back(static_cast<float>(x));
     return r;
   };
-  auto h2o_bits = [&](const kv::ContiguousCache<float>& c, const sm::H2OOptions& o) {
-    sm::h2o::State st;
-    st.reset(c, o);
-    st.observe(q.view(), c, true);  // 40 rows x 2 heads per group: the tiled column scores
+  auto h2o_bits = [&](const kv::ContiguousCache<float>& c) {
+    sm::H2O::State st;
+    st.reset(c, h2o_cr);
+    st.observe(q.view(), c, o, true);  // 40 rows x 2 heads per group: the tiled column scores
     std::vector<float> r;
     for (index_t h = 0; h < 2; ++h) r.insert(r.end(), st.scores(h), st.scores(h) + n);
-    st.observe(q1, c);  // one row: the direct path
+    st.observe(q1, c, o);  // one row: the direct path
     for (index_t h = 0; h < 2; ++h) r.insert(r.end(), st.scores(h), st.scores(h) + n);
     for (index_t x : keep_of(st.select(c))) r.push_back(static_cast<float>(x));
     return r;
   };
-  const auto quest_kv = quest_bits(base, qo, false), quest_q = quest_bits(base, qo, true);
-  const kv::EvictionPlan snap = sm::snapkv::select(q.view(), base, so);
-  const kv::EvictionPlan ada = sm::ada_snapkv::select(q.view(), base, ao);
-  const auto h2o = h2o_bits(base, ho);
+  const auto quest_kv = quest_bits(base, false), quest_q = quest_bits(base, true);
+  const kv::EvictionPlan snap = sm::SnapKV{}.select(q.view(), base, snap_cr, o);
+  const kv::EvictionPlan ada = sm::AdaSnapKV{}.select(q.view(), base, snap_cr, o);
+  const auto h2o = h2o_bits(base);
   for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
     SCOPED_TRACE(ex == &team ? "std::thread team" : "reversed order");
     kv::ContiguousCache<float> c(cache_options(2, d, n, 1));
     c.append(k.view(), v.view(), {ex});
     expect_same_bits(cache_state(c), base_state, "cache append");
-    qo.executor = so.executor = ao.executor = ho.executor = ex;
-    expect_same_bits(quest_bits(c, qo, false), quest_kv, "quest per KV head");
-    expect_same_bits(quest_bits(c, qo, true), quest_q, "quest per query head");
-    const kv::EvictionPlan s = sm::snapkv::select(q.view(), c, so);
+    o.executor = ex;
+    expect_same_bits(quest_bits(c, false), quest_kv, "quest per KV head");
+    expect_same_bits(quest_bits(c, true), quest_q, "quest per query head");
+    const kv::EvictionPlan s = sm::SnapKV{}.select(q.view(), c, snap_cr, o);
     expect_same_bits(s.scores, snap.scores, "snapkv scores");
     EXPECT_EQ(keep_of(s), keep_of(snap));
-    const kv::EvictionPlan a = sm::ada_snapkv::select(q.view(), c, ao);
+    const kv::EvictionPlan a = sm::AdaSnapKV{}.select(q.view(), c, snap_cr, o);
     expect_same_bits(a.scores, ada.scores, "ada_snapkv scores");
     EXPECT_EQ(keep_of(a), keep_of(ada));
-    expect_same_bits(h2o_bits(c, ho), h2o, "h2o");
+    expect_same_bits(h2o_bits(c), h2o, "h2o");
   }
   ASSERT_FALSE(snap.dense);
   ASSERT_LT(ada.total_kept(), 2 * n);
@@ -1515,19 +1549,18 @@ TEST(Executors, ACustomExecutorInTheSessionGivesTheDefaultBits) {
   ThreadTeamExecutor team(3);
   ReversedExecutor reversed(4);
   SessionOptions so;
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 4;
-  for (Eviction e : {Eviction::none, Eviction::snapkv, Eviction::ada_snapkv, Eviction::h2o,
-                     Eviction::streaming}) {
+  SessionMethods m;
+  m.quest = true;
+  m.quest_cr = 4;
+  for (Evict e : {Evict::none, Evict::snapkv, Evict::ada_snapkv, Evict::h2o, Evict::streaming}) {
     SCOPED_TRACE("eviction " + std::to_string(static_cast<int>(e)));
-    so.eviction = e;
-    so.snapkv.compression = so.ada_snapkv.compression = 4;
-    so.h2o.compression = so.streaming.compression = 4;
+    m.eviction = e;
+    m.eviction_cr = 4;
     so.executor = nullptr;
-    const std::vector<float> want = decode_run(so, 0);
+    const std::vector<float> want = decode_run(m, so, 0);
     for (Executor* ex : {static_cast<Executor*>(&team), static_cast<Executor*>(&reversed)}) {
       so.executor = ex;
-      expect_same_bits(decode_run(so, 0), want, ex == &team ? "std::thread team" : "reversed");
+      expect_same_bits(decode_run(m, so, 0), want, ex == &team ? "std::thread team" : "reversed");
     }
   }
 }
@@ -1539,8 +1572,10 @@ TEST(Executors, AThrowingSelectorOrPolicyLeavesTheCacheAndTheOutputUnchanged) {
   ThreadTeamExecutor team(3);
   SessionOptions so;
   so.executor = &team;
-  so.decode = DecodeMethod::quest;
-  so.quest.compression = 3;
+  // Policies: the failing one (evicts nothing), then Quest's selection at CR 3.
+  auto add_quest = [](DecodeSession<Cache>& s) {
+    s.add_policy(sm::make_policy<Cache, float>(sm::Quest{}, Budget::compression(3)));
+  };
   auto step_token = [&](DecodeSession<Cache>& s, index_t t, Out& out) {
     return s.step(q.view().slice_tokens(t, 1), k.view().slice_tokens(t, 1),
                   v.view().slice_tokens(t, 1), out.view());
@@ -1548,14 +1583,15 @@ TEST(Executors, AThrowingSelectorOrPolicyLeavesTheCacheAndTheOutputUnchanged) {
   auto start = [&](DecodeSession<Cache>& s) {
     Out prompt_out(4, prompt, d);
     s.prefill(q.view().slice_tokens(0, prompt), k.view().slice_tokens(0, prompt),
-              v.view().slice_tokens(0, prompt), prompt_out.view(), methods::dense(4, prompt, prompt));
+              v.view().slice_tokens(0, prompt), prompt_out.view(), masks::causal(4, prompt, prompt));
     Out out(4, 1, d);
     step_token(s, prompt, out);
   };
   // The reference: the same steps, nothing failing.
   Cache ref_cache(cache_options(2, d, 128, 16));
   DecodeSession<Cache> ref(ref_cache, so);
-  ref.set_eviction(std::make_unique<FailingPolicy<Cache>>());
+  ref.add_policy(std::make_unique<FailingPolicy<Cache>>());
+  add_quest(ref);
   start(ref);
   Out ref_out(4, 1, d);
   step_token(ref, prompt + 1, ref_out);
@@ -1564,25 +1600,21 @@ TEST(Executors, AThrowingSelectorOrPolicyLeavesTheCacheAndTheOutputUnchanged) {
   DecodeSession<Cache> s(cache, so);
   auto policy = std::make_unique<FailingPolicy<Cache>>();
   FailingPolicy<Cache>& failing = *policy;
-  s.set_eviction(std::move(policy));
+  s.add_policy(std::move(policy));
+  add_quest(s);
   start(s);
   const std::vector<float> before = cache_state(cache);
   Out out(4, 1, d);
   const std::vector<float> untouched = out.o;
 
   // A selector whose own parallel loop fails on one item, on the session's executor.
-  s.set_selector([&](const TensorView<const float>&, const Cache&) {
-    run_items(team, 8, [](index_t i, int) {
-      if (i == 5) throw SelectorFailure("selector item 5");
-    });
-    return KeySelection::all();
-  });
+  failing.fail_select = true;
   EXPECT_THROW(step_token(s, prompt + 1, out), SelectorFailure);
   expect_same_bits(cache_state(cache), before, "cache after the selector threw");
   expect_same_bits(out.o, untouched, "out after the selector threw");
 
-  // The eviction policy throws after the kernel ran.
-  s.set_selector({});
+  // The policy throws after the kernel ran.
+  failing.fail_select = false;
   failing.fail_step = true;
   EXPECT_THROW(step_token(s, prompt + 1, out), SelectorFailure);
   expect_same_bits(cache_state(cache), before, "cache after the policy threw");
@@ -1599,7 +1631,7 @@ TEST(Executors, AThrowingSelectorOrPolicyLeavesTheCacheAndTheOutputUnchanged) {
   DecodeSession<Cache> s2(empty, so);
   auto p2 = std::make_unique<FailingPolicy<Cache>>();
   p2->fail_prefill = true;
-  s2.set_eviction(std::move(p2));
+  s2.add_policy(std::move(p2));
   const std::vector<float> empty_state = cache_state(empty);
   EXPECT_THROW(s2.ingest(q.view().slice_tokens(0, prompt), k.view().slice_tokens(0, prompt),
                          v.view().slice_tokens(0, prompt)),
@@ -1618,20 +1650,19 @@ TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
     SCOPED_TRACE(is_zero ? "concurrency() 0" : "worker id == concurrency()");
     const char* what = is_zero ? "concurrency() must be >= 1, got 0"
                                : "worker id 2 outside [0, concurrency() = 2)";
-    sm::BlockSparseOptions bo;
-    bo.block = 32;
-    bo.executor = ex;
-    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::block_sparse::select(p.q.view(), p.k.view(), bo));
-    sm::VerticalSlashOptions vo;
-    vo.block = 32;
-    vo.compression = 3;
-    vo.executor = ex;
-    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::vertical_slash::select_exact(p.q.view(), p.k.view(), vo));
-    sm::FlexPrefillOptions fo;
-    fo.block = 32;
-    fo.executor = ex;
-    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::flex_prefill::select(p.q.view(), p.k.view(), fo));
-    const auto dense = methods::dense(4, 300, 300);
+    AttentionOptions o;
+    o.executor = ex;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}),
+                   sm::BlockSparse{32}.select(p.q.view(), p.k.view(), Budget::compression(10), o));
+    sm::VerticalSlash vs;
+    vs.block = 32;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}),
+                   vs.select(p.q.view(), p.k.view(), Budget::compression(3), o));
+    sm::FlexPrefill fp;
+    fp.block = 32;
+    EXPECT_INVALID("Executor", Parts<const char*>({what}),
+                   fp.select(p.q.view(), p.k.view(), Budget::mass(0.9), o));
+    const auto dense = masks::causal(4, 300, 300);
     EXPECT_INVALID("Executor", Parts<const char*>({what}), count_pairs(dense, *ex));
 
     // A parallel append (2 heads x 300 rows) fails and leaves the cache as it was.
@@ -1641,14 +1672,11 @@ TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
     EXPECT_INVALID("Executor", Parts<const char*>({what}), cache.append(k.view(), v.view(), {ex}));
     expect_same_bits(cache_state(cache), before, "cache after the failed append");
     cache.append(k.view().slice_tokens(10, 290), v.view().slice_tokens(10, 290));
-    sm::SnapKVOptions so;
-    so.executor = ex;
-    EXPECT_INVALID("Executor", Parts<const char*>({what}), sm::snapkv::evict(q.view(), cache, so));
-    sm::h2o::State st;
-    sm::H2OOptions ho;
-    ho.executor = ex;
-    st.reset(cache, ho);
-    EXPECT_INVALID("Executor", Parts<const char*>({what}), st.observe(q.view(), cache, true));
+    EXPECT_INVALID("Executor", Parts<const char*>({what}),
+                   sm::evict(sm::SnapKV{}, q.view(), cache, Budget::compression(10), o));
+    sm::H2O::State st;
+    st.reset(cache, Budget::compression(10));
+    EXPECT_INVALID("Executor", Parts<const char*>({what}), st.observe(q.view(), cache, o, true));
     expect_same_bits(std::vector<float>(st.scores(0), st.scores(0) + 300),
                      std::vector<float>(300, 0.0f), "H2O scores after the failed observe");
     EXPECT_EQ(cache.length(0), 300);

@@ -77,7 +77,8 @@ void check_prefill(const PrefillCase& c, index_t block = 64, int threads = 0) {
   Tensor<TKV> k(c.hkv, c.n_k, c.d, rng, 1.0f, c.token_major), v(c.hkv, c.n_k, c.d, rng, 1.0f, c.token_major);
   const IntervalMask mask =
       c.window ? IntervalMask(MaskShape{c.hq, c.n_q, c.n_k, block, block, c.causal}, c.window, c.sinks)
-               : methods::dense(c.hq, c.n_q, c.n_k, {c.causal, block});
+               : (c.causal ? masks::causal(c.hq, c.n_q, c.n_k, block)
+                          : masks::full(c.hq, c.n_q, c.n_k, block));
   Out out(c.hq, c.n_q, c.d);
   AttentionOptions opt;
   opt.lse = out.lse_view();
@@ -114,8 +115,8 @@ TEST(Mask, CausalDenseHasCompressionOne) {
 }
 
 TEST(Mask, SlidingWindowBeyondLengthIsDense) {
-  const IntervalMask a = methods::sliding_window(1, 128, 128, {128, 4, 64});
-  const IntervalMask b = methods::dense(1, 128, 128);
+  const IntervalMask a = masks::sliding_window(1, 128, 128, 128, 4, 64);
+  const IntervalMask b = masks::causal(1, 128, 128);
   EXPECT_EQ(a.pairs(), b.pairs());
 }
 
@@ -261,7 +262,7 @@ TEST(Prefill, ThreadCountsGiveIdenticalBits) {
   const index_t n = 300, d = 64;
   Tensor<float> q(8, n, d, rng);
   Tensor<bf16> k(2, n, d, rng), v(2, n, d, rng);
-  const IntervalMask mask = methods::sliding_window(8, n, n, {100, 4, 64});
+  const IntervalMask mask = masks::sliding_window(8, n, n, 100, 4, 64);
   std::vector<std::vector<float>> outs;
   for (int t = 1; t <= 4; ++t) {
     Out out(8, n, d);
@@ -298,7 +299,7 @@ TEST(Prefill, HugeLogitsDoNotOverflow) {
   std::mt19937 rng(7);
   const index_t n = 130, d = 64;
   Tensor<float> q(2, n, d, rng, 30.0f), k(1, n, d, rng, 30.0f), v(1, n, d, rng);
-  const IntervalMask mask = methods::dense(2, n, n);
+  const IntervalMask mask = masks::causal(2, n, n);
   Out out(2, n, d);
   AttentionOptions opt;
   opt.lse = out.lse_view();
@@ -313,7 +314,7 @@ TEST(Prefill, HugeLogitsDoNotOverflow) {
 TEST(Prefill, ExplicitScale) {
   std::mt19937 rng(8);
   Tensor<float> q(2, 40, 32, rng), k(2, 40, 32, rng), v(2, 40, 32, rng);
-  const IntervalMask mask = methods::dense(2, 40, 40);
+  const IntervalMask mask = masks::causal(2, 40, 40);
   Out out(2, 40, 32);
   AttentionOptions opt;
   opt.scale = 0.37f;
@@ -326,13 +327,13 @@ TEST(Prefill, RejectsBadArguments) {
   std::mt19937 rng(9);
   Tensor<float> q(6, 10, 16, rng), k(4, 10, 16, rng), v(4, 10, 16, rng), k8(2, 8, 16, rng), v8(2, 8, 16, rng);
   Out out(6, 10, 16);
-  const IntervalMask m = methods::dense(6, 10, 10);
+  const IntervalMask m = masks::causal(6, 10, 10);
   EXPECT_THROW(prefill(q.view(), k.view(), v.view(), out.view(), m), sparse_attn::invalid_argument);  // 6 % 4
   Tensor<float> k2(2, 10, 16, rng), v2(2, 10, 16, rng), vbad(2, 9, 16, rng), kd(2, 10, 8, rng);
   EXPECT_THROW(prefill(q.view(), k8.view(), v8.view(), out.view(), m), sparse_attn::invalid_argument);  // n_q > n_k
   EXPECT_THROW(prefill(q.view(), k2.view(), vbad.view(), out.view(), m), sparse_attn::invalid_argument);
   EXPECT_THROW(prefill(q.view(), kd.view(), v2.view(), out.view(), m), sparse_attn::invalid_argument);
-  const IntervalMask wrong = methods::dense(6, 9, 10);
+  const IntervalMask wrong = masks::causal(6, 9, 10);
   EXPECT_THROW(prefill(q.view(), k2.view(), v2.view(), out.view(), wrong), sparse_attn::invalid_argument);
   for (float s : {INFINITY, -1.0f, 0.0f}) {
     AttentionOptions opt;
@@ -352,7 +353,7 @@ TEST(Prefill, EmptyQueriesAreANoOp) {
   std::mt19937 rng(10);
   Tensor<float> q(2, 0, 16, rng), k(2, 5, 16, rng), v(2, 5, 16, rng);
   Out out(2, 0, 16);
-  EXPECT_NO_THROW(prefill(q.view(), k.view(), v.view(), out.view(), methods::dense(2, 0, 5)));
+  EXPECT_NO_THROW(prefill(q.view(), k.view(), v.view(), out.view(), masks::causal(2, 0, 5)));
 }
 
 // ---------------------------------------------------------------- decode

@@ -411,6 +411,14 @@ class Attend : public TempDirTest {
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }
+
+  // The reachable flag's honesty: a compression target is reachable iff the achieved CR is within
+  // the default tolerance (10%) of it, on either side.
+  static void expect_honest(const nlohmann::json& j, double target) {
+    const double achieved = j.value("achieved_compression", 0.0);
+    EXPECT_EQ(j.value("reachable", false), std::fabs(achieved / target - 1.0) <= 0.1 + 1e-12)
+        << "target " << target << ": " << j.dump();
+  }
 };
 
 TEST_F(Attend, ReportsAndHonoursTheCpuTarget) {
@@ -456,6 +464,12 @@ TEST_F(Attend, DenseCausalMatchesNaiveReference) {
   EXPECT_FALSE(j.contains("window"));
   EXPECT_EQ(j["pairs"], ref.pairs);
   EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
+  // Dense's default budget is CR 1, which it reaches; --block is its block parameter.
+  EXPECT_EQ(j["budget"], "cr=1");
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 1.0);
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["params"]["block"], "8");
+  EXPECT_EQ(j["params"]["causal"], "true");
   EXPECT_GE(j["ms"].get<double>(), 0.0);
 
   const NpyArray o = read_npy(path("o.npy"));
@@ -473,16 +487,21 @@ TEST_F(Attend, SlidingWindowOnQuerySuffixMatchesNaiveReference) {
   p.n_k = 45;
   p.fill(8);
   auto args = write_inputs(p);
-  args.insert(args.end(), {"--method", "sliding_window", "--window", "6", "--sinks", "3", "--block",
-                           "8", "--threads", "2"});
+  // --budget counts the window W (tokens); the sinks are a parameter.
+  args.insert(args.end(), {"--method", "sliding_window", "--budget", "6", "--param", "sinks=3",
+                           "--block", "8", "--threads", "2"});
   const RunResult r = run(args);
   ASSERT_EQ(r.rc, 0) << r.err;
   const nlohmann::json j = parse_one_json_line(r.out);
   const Reference ref = naive_attention(p, true, 6, 3, 1.0 / std::sqrt(double(p.d)));
   const Reference dense = naive_attention(p, true, 0, 0, 1.0);
   EXPECT_EQ(j["method"], "sliding_window");
-  EXPECT_EQ(j["window"], 6);
-  EXPECT_EQ(j["sinks"], 3);
+  EXPECT_EQ(j["budget"], "count=6");
+  EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["params"]["sinks"], "3");
+  EXPECT_EQ(j["params"]["block"], "8");
+  EXPECT_NE(j["detail"].get<std::string>().find("W=6"), std::string::npos) << j["detail"];
   EXPECT_EQ(j["pairs"], ref.pairs);
   EXPECT_NEAR(j["achieved_compression"].get<double>(), double(dense.pairs) / double(ref.pairs),
               1e-9);
@@ -658,12 +677,14 @@ TEST_F(Attend, RejectsUnknownFlag) {
 }
 
 TEST_F(Attend, RejectsWindowBelowOne) {
-  expect_rejected(with(good_args(), {"--method", "sliding_window", "--window", "0"}),
-                  "--window must be >= 1");
+  expect_rejected(with(good_args(), {"--method", "sliding_window", "--budget", "0"}),
+                  "--budget must be a whole number >= 1 of tokens (--method sliding_window), got 0");
 }
 
-TEST_F(Attend, RejectsWindowWithoutSlidingWindowMethod) {
-  expect_rejected(with(good_args(), {"--window", "4"}), "--window/--sinks apply only");
+TEST_F(Attend, RejectsParameterOfAnotherMethod) {
+  // sinks is sliding_window's parameter: dense names its own.
+  expect_rejected(with(good_args(), {"--param", "sinks=4"}),
+                  "dense: unknown parameter 'sinks'; its parameters: causal, block");
 }
 
 TEST_F(Attend, RejectsNonCausalSlidingWindow) {
@@ -748,6 +769,9 @@ TEST_F(Decode, DenseStepsMatchNaiveCausalReference) {
   const nlohmann::json j = parse_one_json_line(r.out);
   EXPECT_EQ(j["steps"], 4);
   EXPECT_EQ(j["prompt_tokens"], 33);
+  EXPECT_EQ(j["budget"], "cr=1");  // dense's default budget
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
   ASSERT_EQ(j["per_step"].size(), 4u);
   EXPECT_DOUBLE_EQ(j["per_step"][3]["achieved_compression"].get<double>(), 1.0);
   const NpyArray o = read_npy(path("o.npy"));
@@ -759,12 +783,19 @@ TEST_F(Decode, DenseStepsMatchNaiveCausalReference) {
 TEST_F(Decode, StreamingEqualsSinksPlusSlidingWindow) {
   Problem p;
   p.fill(23);
-  // Each step attends the S sinks, the W most recent cached tokens and itself: window W + 1.
-  const RunResult r = run(with(decode_inputs(p, 5), {"--method", "streaming", "--window", "6", "--sinks", "2"}));
+  // Budget S + W = 9 tokens per KV head, S = 2: each step (its token appended, the cache cut to
+  // S + W before it attends) attends the 2 sinks and the 7 most recent positions, itself included.
+  const RunResult r = run(with(decode_inputs(p, 5),
+                               {"--method", "streaming", "--budget", "9", "--param", "sinks=2"}));
   ASSERT_EQ(r.rc, 0) << r.err;
   const nlohmann::json j = parse_one_json_line(r.out);
-  EXPECT_EQ(j["cache_tokens_after_prefill"], 2 * 8);
+  EXPECT_EQ(j["cache_tokens_after_prefill"], 2 * 9);
   EXPECT_NEAR(j["per_step"][0]["keys_read"].get<double>(), 9.0, 1e-12);
+  EXPECT_EQ(j["budget"], "count=9");
+  EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["params"]["sinks"], "2");
+  EXPECT_EQ(j["detail"], "S=2 W=7");
   const Reference ref = naive_attention(p, true, 7, 2, 1.0 / std::sqrt(double(p.d)));
   expect_close(read_npy(path("o.npy")).values<float>(), last_rows(p, ref.out, 5), 1e-5);
 }
@@ -773,10 +804,13 @@ TEST_F(Decode, SparseMethodsAtCompressionOneEqualDense) {
   Problem p;
   p.fill(24);
   const Reference ref = naive_attention(p, true, 0, 0, 1.0 / std::sqrt(double(p.d)));
-  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o"}) {
+  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o", "streaming"}) {
     const RunResult r = run(with(decode_inputs(p, 2), {"--method", m, "--compression", "1"}));
     ASSERT_EQ(r.rc, 0) << m << ": " << r.err;
-    EXPECT_DOUBLE_EQ(parse_one_json_line(r.out)["mean_achieved_compression"].get<double>(), 1.0) << m;
+    const nlohmann::json j = parse_one_json_line(r.out);
+    EXPECT_DOUBLE_EQ(j["mean_achieved_compression"].get<double>(), 1.0) << m;
+    EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0) << m;
+    EXPECT_EQ(j["reachable"], true) << m;
     expect_close(read_npy(path("o.npy")).values<float>(), last_rows(p, ref.out, 2), 1e-5);
   }
 }
@@ -785,17 +819,43 @@ TEST_F(Decode, SparseMethodsReportKeysReadAndCompression) {
   Problem p;
   p.n_q = p.n_k = 200;
   p.fill(25);
-  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o"}) {
+  for (const char* m : {"quest", "snapkv", "ada_snapkv", "h2o", "streaming"}) {
     const RunResult r = run(with(decode_inputs(p, 2), {"--method", m, "--compression", "4", "--page", "8",
                                                        "--kv-dtype", "bf16"}));
     ASSERT_EQ(r.rc, 0) << m << ": " << r.err;
     const nlohmann::json j = parse_one_json_line(r.out);
     EXPECT_EQ(j["target_compression"], 4.0);
+    EXPECT_FALSE(j["detail"].get<std::string>().empty()) << m;
+    expect_honest(j, 4.0);
     for (const auto& s : j["per_step"]) {
       EXPECT_GT(s["achieved_compression"].get<double>(), 2.0) << m;
       EXPECT_LT(s["keys_read"].get<double>(), 100.0) << m;
     }
   }
+}
+
+TEST_F(Decode, QuestPerQueryHeadIsAParameter) {
+  Problem p;
+  p.n_q = p.n_k = 200;
+  p.fill(27);
+  const RunResult r = run(with(decode_inputs(p, 2), {"--method", "quest", "--budget", "48",
+                                                     "--page", "8", "--param",
+                                                     "per_query_head=true"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const nlohmann::json j = parse_one_json_line(r.out);
+  EXPECT_EQ(j["params"]["per_query_head"], "true");
+  EXPECT_EQ(j["budget"], "count=48");
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_GT(j["achieved_compression"].get<double>(), 2.0);
+}
+
+TEST_F(Decode, DenseAtAnUnreachableCompressionRunsAndSaysSo) {
+  const RunResult r = run(with(good_decode_args(), {"--compression", "4"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const nlohmann::json j = parse_one_json_line(r.out);
+  EXPECT_EQ(j["reachable"], false);
+  EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 4.0);
 }
 
 TEST_F(Decode, RejectsStepsBeyondQueryRows) {
@@ -810,13 +870,14 @@ TEST_F(Decode, RejectsNonPositiveSteps) {
   expect_rejected(a, "--steps must be >= 1");
 }
 
-TEST_F(Decode, RejectsCompressionForDense) {
-  expect_rejected(with(good_decode_args(), {"--compression", "4"}), "do not apply to --method dense");
+TEST_F(Decode, RejectsCountBudgetForDense) {
+  expect_rejected(with(good_decode_args(), {"--budget", "8"}),
+                  "--budget does not apply to --method dense: it has no count unit");
 }
 
 TEST_F(Decode, RejectsCompressionTogetherWithBudget) {
   expect_rejected(with(good_decode_args(), {"--method", "quest", "--compression", "4", "--budget", "16"}),
-                  "--budget");
+                  "--compression, --budget and --mass are alternative budgets");
 }
 
 TEST_F(Decode, RejectsCompressionBelowOne) {
@@ -826,21 +887,23 @@ TEST_F(Decode, RejectsCompressionBelowOne) {
 
 TEST_F(Decode, RejectsNonPositiveBudget) {
   expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--budget", "0"}),
-                  "--budget must be >= 1");
+                  "--budget must be a whole number >= 1 of tokens (--method snapkv), got 0");
 }
 
 TEST_F(Decode, RejectsNonPositivePage) {
   expect_rejected(with(good_decode_args(), {"--method", "quest", "--page", "0"}), "--page must be >= 1");
 }
 
-TEST_F(Decode, RejectsWindowForQuest) {
-  expect_rejected(with(good_decode_args(), {"--method", "quest", "--window", "8"}),
-                  "--window/--sinks do not apply to --method quest");
+TEST_F(Decode, RejectsParameterOfAnotherMethod) {
+  expect_rejected(with(good_decode_args(), {"--method", "quest", "--param", "window=8"}),
+                  "quest: unknown parameter 'window'; its parameters: per_query_head");
+  expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--param", "pool_kernel=2"}),
+                  "pool_kernel must be odd");
 }
 
-TEST_F(Decode, RejectsStreamingWindowWithCompression) {
-  expect_rejected(with(good_decode_args(), {"--method", "streaming", "--window", "8", "--compression", "2"}),
-                  "not both");
+TEST_F(Decode, RejectsMassForMethodsWithoutIt) {
+  expect_rejected(with(good_decode_args(), {"--method", "streaming", "--mass", "0.9"}),
+                  "a mass budget is not supported");
 }
 
 TEST_F(Decode, RejectsSnapKVWithoutPromptQueries) {
@@ -924,6 +987,7 @@ TEST_F(Decode, RejectsQueryHeadsNotMultipleOfKvHeads) {
 // =============================================================================================
 #include <sparse_attn/methods/block_sparse.hpp>
 #include <sparse_attn/methods/flex_prefill.hpp>
+#include <sparse_attn/methods/registry.hpp>
 #include <sparse_attn/methods/vertical_slash.hpp>
 
 namespace {
@@ -1160,8 +1224,8 @@ class PrefillMethods : public Attend {
     if (r.rc != 0) return nlohmann::json::object();
     const nlohmann::json j = parse_one_json_line(r.out);
     EXPECT_EQ(j["method"], method);
-    for (const char* key :
-         {"target_compression", "achieved_compression", "pairs", "select_ms", "ms"})
+    for (const char* key : {"budget", "target_compression", "reachable", "achieved_compression",
+                            "pairs", "detail", "params", "select_ms", "ms"})
       EXPECT_TRUE(j.contains(key)) << key << " missing: " << r.out;
     EXPECT_GE(j.value("select_ms", -1.0), 0.0);
     EXPECT_GE(j.value("ms", -1.0), 0.0);
@@ -1177,8 +1241,8 @@ TEST_F(PrefillMethods, BlockSparseCompressionOneEqualsDense) {
   EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 1.0);
   EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
   EXPECT_EQ(j["reachable"], true);
-  EXPECT_EQ(j["k"], 16);  // every key block
-  EXPECT_EQ(j["block"], 8);
+  EXPECT_EQ(j["detail"], "k=16 blocks");  // every key block
+  EXPECT_EQ(j["params"]["block"], "8");
   const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
   EXPECT_EQ(j["pairs"], ref.pairs);
   expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
@@ -1189,19 +1253,18 @@ TEST_F(PrefillMethods, BlockSparseExecutesTheSelectedMask) {
   auto args = with(write_inputs(p), {"--method", "block_sparse", "--compression", "2.5", "--block",
                                      "8", "--lse", path("lse.npy"), "--threads", "2"});
   const nlohmann::json j = run_ok(args, "block_sparse");
-  sparse_attn::methods::BlockSparseOptions o;
-  o.compression = 2.5;
-  o.block = 8;
-  const auto mask = sparse_attn::methods::block_sparse::select(view(p.q, p.hq, p.n_q, p.d),
-                                                               view(p.k, p.hkv, p.n_k, p.d), o);
-  EXPECT_EQ(j["k"], mask.top_k);
-  EXPECT_EQ(j["pairs"], mask.pairs());
+  sparse_attn::methods::BlockSparse bs;
+  bs.block = 8;
+  const auto sel = bs.select(view(p.q, p.hq, p.n_q, p.d), view(p.k, p.hkv, p.n_k, p.d),
+                             sparse_attn::methods::Budget::compression(2.5));
+  EXPECT_EQ(j["detail"], sel.stats.detail);
+  EXPECT_EQ(j["pairs"], sel.mask.pairs());
   EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 2.5);
-  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["reachable"], sel.stats.reachable);
+  expect_honest(j, 2.5);
   EXPECT_GT(j["achieved_compression"].get<double>(), 1.5);
-  EXPECT_LE(j["achieved_compression"].get<double>(), 2.5);
-  const Reference ref = naive_over(p, allowed_of(mask), default_scale(p));
-  EXPECT_EQ(ref.pairs, mask.pairs());
+  const Reference ref = naive_over(p, allowed_of(sel.mask), default_scale(p));
+  EXPECT_EQ(ref.pairs, sel.mask.pairs());
   expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
   expect_close(read_npy(path("lse.npy")).values<float>(), ref.lse, 1e-4);
 }
@@ -1214,22 +1277,37 @@ TEST_F(PrefillMethods, BlockSparseReportsUnreachableTarget) {
   EXPECT_EQ(j["reachable"], false);
   EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 1000.0);
   EXPECT_LT(j["achieved_compression"].get<double>(), 1000.0);
-  EXPECT_EQ(j["k"], 3);  // the forced blocks alone
+  EXPECT_EQ(j["detail"], "k=3 blocks");  // the forced blocks alone
+}
+
+TEST_F(PrefillMethods, BlockSparseMassBudgetExecutesTheSelectedMask) {
+  Problem p = selection_problem(70);
+  const nlohmann::json j = run_ok(
+      with(write_inputs(p), {"--method", "block_sparse", "--mass", "0.6", "--block", "8"}),
+      "block_sparse");
+  sparse_attn::methods::BlockSparse bs;
+  bs.block = 8;
+  const auto sel = bs.select(view(p.q, p.hq, p.n_q, p.d), view(p.k, p.hkv, p.n_k, p.d),
+                             sparse_attn::methods::Budget::mass(0.6));
+  EXPECT_EQ(j["budget"], "mass=0.6");
+  EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_EQ(j["reachable"], true);
+  EXPECT_EQ(j["detail"], sel.stats.detail);
+  EXPECT_EQ(j["pairs"], sel.mask.pairs());
+  const Reference ref = naive_over(p, allowed_of(sel.mask), default_scale(p));
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
 }
 
 TEST_F(PrefillMethods, VerticalSlashCompressionOneEqualsDense) {
   Problem p = selection_problem(65);
   const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
-  for (const char* mode : {"exact", "tiled"}) {
-    const nlohmann::json j =
-        run_ok(with(write_inputs(p), {"--method", "vertical_slash", "--compression", "1",
-                                      "--vs-mode", mode, "--block", "16"}),
-               "vertical_slash");
-    EXPECT_EQ(j["vs_mode"], mode);
-    EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0) << mode;
-    EXPECT_EQ(j["pairs"], ref.pairs) << mode;
+  for (const char* method : {"vertical_slash", "vertical_slash_tiled"}) {
+    const nlohmann::json j = run_ok(
+        with(write_inputs(p), {"--method", method, "--compression", "1", "--block", "16"}), method);
+    EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0) << method;
+    EXPECT_EQ(j["pairs"], ref.pairs) << method;
     EXPECT_EQ(j["reachable"], true);
-    EXPECT_TRUE(j.contains("vertical") && j.contains("slash"));
+    EXPECT_FALSE(j["detail"].get<std::string>().empty());
     expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
   }
 }
@@ -1238,49 +1316,65 @@ TEST_F(PrefillMethods, VerticalSlashExecutesTheSelectedMaskInBothModes) {
   Problem p = selection_problem(66);
   p.n_q = p.n_k = 160;
   p.fill(66);
-  sparse_attn::methods::VerticalSlashOptions o;
-  o.vertical = 6;
-  o.slash = 70;
-  o.block = 16;
-  o.last_queries = 32;
+  // 76 lines with 8% columns: V = round(6.08) = 6 columns, S = 70 offsets.
   const auto qv = view(p.q, p.hq, p.n_q, p.d);
   const auto kv = view(p.k, p.hkv, p.n_k, p.d);
-  for (const char* mode : {"exact", "tiled"}) {
-    const nlohmann::json j =
-        run_ok(with(write_inputs(p), {"--method", "vertical_slash", "--vertical", "6", "--slash",
-                                      "70", "--vs-mode", mode, "--block", "16", "--last-q", "32"}),
-               "vertical_slash");
+  const auto budget = sparse_attn::methods::Budget::count(76);
+  for (const char* method : {"vertical_slash", "vertical_slash_tiled"}) {
+    const nlohmann::json j = run_ok(
+        with(write_inputs(p), {"--method", method, "--budget", "76", "--param",
+                               "vertical_share=0.08", "--block", "16", "--param",
+                               "last_queries=32"}),
+        method);
     EXPECT_TRUE(j["target_compression"].is_null());
-    EXPECT_EQ(j["vertical"], 6);
-    EXPECT_EQ(j["slash"], 70);
-    EXPECT_EQ(j["last_q"], 32);
+    EXPECT_EQ(j["budget"], "count=76");
+    EXPECT_EQ(j["reachable"], true);
+    EXPECT_EQ(j["params"]["last_queries"], "32");
+    EXPECT_EQ(j["params"]["vertical_share"], "0.08");
     std::vector<std::uint8_t> allowed;
     index_t pairs = 0;
-    if (std::string(mode) == "exact") {
-      const auto m = sparse_attn::methods::vertical_slash::select_exact(qv, kv, o);
-      allowed = allowed_of(m);
-      pairs = m.pairs();
+    std::string detail;
+    auto configure = [](auto& m) {
+      m.vertical_share = 0.08;
+      m.block = 16;
+      m.last_queries = 32;
+    };
+    if (std::string(method) == "vertical_slash") {
+      sparse_attn::methods::VerticalSlash vs;
+      configure(vs);
+      const auto sel = vs.select(qv, kv, budget);
+      EXPECT_EQ(sel.vertical, 6);
+      EXPECT_EQ(sel.slash, 70);
+      allowed = allowed_of(sel.mask);
+      pairs = sel.mask.pairs();
+      detail = sel.stats.detail;
     } else {
-      const auto m = sparse_attn::methods::vertical_slash::select_tiled(qv, kv, o);
-      allowed = allowed_of(m);
-      pairs = m.pairs();
+      sparse_attn::methods::VerticalSlashTiled vs;
+      configure(vs);
+      const auto sel = vs.select(qv, kv, budget);
+      allowed = allowed_of(sel.mask);
+      pairs = sel.mask.pairs();
+      detail = sel.stats.detail;
     }
-    EXPECT_EQ(j["pairs"], pairs) << mode;
-    EXPECT_GT(j["achieved_compression"].get<double>(), 1.0) << mode;
+    EXPECT_EQ(j["detail"], detail) << method;
+    EXPECT_EQ(j["pairs"], pairs) << method;
+    EXPECT_GT(j["achieved_compression"].get<double>(), 1.0) << method;
     const Reference ref = naive_over(p, allowed, default_scale(p));
-    EXPECT_EQ(ref.pairs, pairs) << mode;
+    EXPECT_EQ(ref.pairs, pairs) << method;
     expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
   }
 }
 
-TEST_F(PrefillMethods, FlexPrefillGammaOneEqualsDense) {
+TEST_F(PrefillMethods, FlexPrefillMassOneEqualsDense) {
   Problem p = selection_problem(67);
   const nlohmann::json j =
-      run_ok(with(write_inputs(p), {"--method", "flex_prefill", "--gamma", "1", "--block", "16"}),
+      run_ok(with(write_inputs(p), {"--method", "flex_prefill", "--mass", "1", "--block", "16"}),
              "flex_prefill");
   EXPECT_TRUE(j["target_compression"].is_null());
+  EXPECT_EQ(j["budget"], "mass=1");
   EXPECT_DOUBLE_EQ(j["achieved_compression"].get<double>(), 1.0);
-  EXPECT_EQ(j["query_aware_heads"], 0);
+  EXPECT_NE(j["detail"].get<std::string>().find("query-aware heads=0"), std::string::npos)
+      << j["detail"];
   const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
   EXPECT_EQ(j["pairs"], ref.pairs);
   expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
@@ -1293,40 +1387,46 @@ TEST_F(PrefillMethods, FlexPrefillExecutesTheSelectedMask) {
   // tau 0.8 (sqrt(JS) <= sqrt(ln 2) ~ 0.83) makes heads query-aware on random data; both paths
   // are covered by running tau 0 too.
   for (const char* tau : {"0", "0.8"}) {
-    const nlohmann::json j =
-        run_ok(with(write_inputs(p), {"--method", "flex_prefill", "--gamma", "0.5", "--tau", tau,
-                                      "--min-budget", "16", "--block", "16", "--last-q", "32"}),
-               "flex_prefill");
-    sparse_attn::methods::FlexPrefillOptions o;
-    o.gamma = 0.5;
-    o.tau = std::stod(tau);
-    o.min_budget = 16;
-    o.block = 16;
-    o.last_queries = 32;
-    const auto mask = sparse_attn::methods::flex_prefill::select(view(p.q, p.hq, p.n_q, p.d),
-                                                                 view(p.k, p.hkv, p.n_k, p.d), o);
+    const nlohmann::json j = run_ok(
+        with(write_inputs(p), {"--method", "flex_prefill", "--mass", "0.5", "--param",
+                               std::string("tau=") + tau, "--param", "min_budget=16", "--block",
+                               "16", "--param", "last_queries=32"}),
+        "flex_prefill");
+    sparse_attn::methods::FlexPrefill fp;
+    fp.tau = std::stod(tau);
+    fp.min_budget = 16;
+    fp.block = 16;
+    fp.last_queries = 32;
+    const auto sel = fp.select(view(p.q, p.hq, p.n_q, p.d), view(p.k, p.hkv, p.n_k, p.d),
+                               sparse_attn::methods::Budget::mass(0.5));
     index_t query_aware = 0;
-    for (auto qa : mask.query_aware) query_aware += qa;
-    EXPECT_EQ(j["query_aware_heads"], query_aware) << tau;
+    for (auto qa : sel.query_aware) query_aware += qa;
     if (std::string(tau) == "0") {
       EXPECT_EQ(query_aware, 0);
     }
-    EXPECT_EQ(j["block"], 16);
-    EXPECT_EQ(j["gamma"], 0.5);
-    EXPECT_EQ(j["pairs"], mask.pairs()) << tau;
+    EXPECT_EQ(j["detail"], sel.stats.detail) << tau;  // gamma, floor and query-aware heads
+    EXPECT_NE(j["detail"].get<std::string>().find("query-aware heads=" +
+                                                  std::to_string(query_aware)),
+              std::string::npos)
+        << j["detail"];
+    EXPECT_EQ(j["params"]["block"], "16");
+    EXPECT_EQ(j["params"]["tau"], tau);
+    EXPECT_EQ(j["pairs"], sel.mask.pairs()) << tau;
     EXPECT_GT(j["achieved_compression"].get<double>(), 1.0) << tau;
-    const Reference ref = naive_over(p, allowed_of(mask), default_scale(p));
+    const Reference ref = naive_over(p, allowed_of(sel.mask), default_scale(p));
     expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
   }
 }
 
-TEST_F(PrefillMethods, FlexPrefillDefaultsToBlock128AndLastQ128) {
+TEST_F(PrefillMethods, FlexPrefillDefaultsToBlock128AndLastQ128AndCompression10) {
   Problem p = selection_problem(69);
   const nlohmann::json j =
       run_ok(with(write_inputs(p), {"--method", "flex_prefill"}), "flex_prefill");
-  EXPECT_EQ(j["block"], 128);
-  EXPECT_EQ(j["last_q"], 128);
-  EXPECT_DOUBLE_EQ(j["gamma"].get<double>(), 0.9);
+  EXPECT_EQ(j["params"]["block"], "128");
+  EXPECT_EQ(j["params"]["last_queries"], "128");
+  EXPECT_EQ(j["budget"], "cr=10");
+  EXPECT_DOUBLE_EQ(j["target_compression"].get<double>(), 10.0);
+  expect_honest(j, 10.0);
 }
 
 TEST_F(PrefillMethods, UserMaskPerHeadMatchesNaiveReference) {
@@ -1337,7 +1437,7 @@ TEST_F(PrefillMethods, UserMaskPerHeadMatchesNaiveReference) {
   auto args = with(user_mask_args(p, b), {"--mask-full", path("full.npy")});
   const nlohmann::json j = run_ok(args, "user_mask");
   EXPECT_TRUE(j["target_compression"].is_null());
-  EXPECT_FALSE(j.contains("reachable"));
+  EXPECT_TRUE(j["reachable"].is_null());  // no budget given: nothing to reach
   EXPECT_EQ(j["mask_layout"], "per_head");
   EXPECT_EQ(j["mask_blocks"], b.indices.size());
   EXPECT_EQ(j["mask_full_flags"], true);
@@ -1395,11 +1495,19 @@ TEST_F(PrefillMethods, UserMaskNonCausalMayListFutureBlocks) {
   expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
 }
 
-TEST_F(PrefillMethods, HelpDocumentsMethodsAndMaskFormats) {
+TEST_F(PrefillMethods, HelpListsEveryRegistryMethodAndTheMaskFormats) {
   const RunResult r = run({"attend", "--help"});
   EXPECT_EQ(r.rc, 0);
-  for (const char* s : {"block_sparse", "vertical_slash", "flex_prefill", "user_mask", "--mask-bsr",
-                        "np.savez_compressed", "--vs-mode", "--min-budget"})
+  // The footer is generated from the registry: every method, its summary and its parameters.
+  for (const auto& m : sparse_attn::methods::prefill_methods()) {
+    EXPECT_NE(r.out.find("  " + m.name + " "), std::string::npos) << m.name;
+    EXPECT_NE(r.out.find(m.summary), std::string::npos) << m.summary;
+    for (const auto& prm : m.params)
+      EXPECT_NE(r.out.find("--param " + prm.name + "=" + prm.default_value), std::string::npos)
+          << m.name << " " << prm.name;
+  }
+  for (const char* s : {"--mask-bsr", "np.savez_compressed", "--compression", "--budget", "--mass",
+                        "--tolerance", "--param"})
     EXPECT_NE(r.out.find(s), std::string::npos) << s;
 }
 
@@ -1457,9 +1565,9 @@ TEST_F(PrefillMethods, RejectsOutOfRangeBsrIndex) {
   const Problem p = user_problem();
   Bsr b = user_bsr(p.hq, 5);
   b.indices.back() = 6;
-  expect_rejected(user_mask_args(p, b), "is out of range; key blocks are [0, 6)");
+  expect_rejected(user_mask_args(p, b), "indices[37] = 6, head 3, query block 4: key block 6 out of range [0, 6)");
   b.indices.back() = -1;
-  expect_rejected(user_mask_args(p, b), "is out of range; key blocks are [0, 6)");
+  expect_rejected(user_mask_args(p, b), "key block -1 out of range [0, 6)");
 }
 
 TEST_F(PrefillMethods, RejectsFutureBlockInCausalMask) {
@@ -1483,61 +1591,67 @@ TEST_F(PrefillMethods, RejectsFullFlagsOtherThanZeroOrOne) {
                   "flags; expected one per indices entry");
 }
 
-TEST_F(PrefillMethods, RejectsGammaWithBlockSparse) {
-  expect_rejected(with(good_args(), {"--method", "block_sparse", "--gamma", "0.9"}),
-                  "--gamma applies only to --method flex_prefill, not --method block_sparse");
+TEST_F(PrefillMethods, RejectsParameterTheMethodDoesNotHave) {
+  // The registry's message names the method's own parameters.
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--param", "gamma=0.9"}),
+                  "block_sparse: unknown parameter 'gamma'; its parameters: block");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--param", "window=8"}),
+                  "flex_prefill: unknown parameter 'window'; its parameters: tau, min_budget, "
+                  "block, last_queries");
 }
 
-TEST_F(PrefillMethods, RejectsFlagsOfOtherMethods) {
-  expect_rejected(with(good_args(), {"--compression", "4"}),
-                  "--compression applies only to --method block_sparse or vertical_slash, not "
-                  "--method dense");
-  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--compression", "4"}),
-                  "--compression does not apply to --method flex_prefill");
-  expect_rejected(with(good_args(), {"--method", "block_sparse", "--vertical", "8"}),
-                  "--vertical applies only to --method vertical_slash");
-  expect_rejected(with(good_args(), {"--method", "block_sparse", "--last-q", "8"}),
-                  "--last-q applies only to --method vertical_slash or flex_prefill");
-  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--tau", "0.1"}),
-                  "--tau applies only to --method flex_prefill");
+TEST_F(PrefillMethods, RejectsFlagsOfOtherMethodsAndBudgetMisuse) {
   expect_rejected(with(good_args(), {"--method", "dense", "--mask-offsets", path("q.npy")}),
                   "--mask-offsets applies only to --method user_mask, not --method dense");
-  expect_rejected(with(good_args(), {"--method", "user_mask", "--window", "4"}),
-                  "--window/--sinks apply only to --method sliding_window");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--compression", "4", "--budget",
+                                     "3"}),
+                  "--compression, --budget and --mass are alternative budgets; give at most one");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--mass", "0.9", "--budget", "3"}),
+                  "alternative budgets");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--tolerance", "0.2"}),
+                  "--tolerance applies only to a --compression budget");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--compression", "4",
+                                     "--tolerance", "1"}),
+                  "--tolerance must be in [0, 1)");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--budget", "2.5"}),
+                  "--budget must be a whole number >= 1 of blocks (--method block_sparse), got 2.5");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--budget", "3"}),
+                  "--budget does not apply to --method flex_prefill: it has no count unit");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--param", "block"}),
+                  "--param expects NAME=VALUE");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--param", "block=x"}),
+                  "block_sparse: parameter block=x is not a valid value");
+  // A budget kind the method does not take: the library's message, before any output.
+  expect_rejected(with(good_args(), {"--method", "sliding_window", "--mass", "0.9"}),
+                  "a mass budget is not supported");
 }
 
 TEST_F(PrefillMethods, RejectsNonCausalSelection) {
-  for (const char* m : {"block_sparse", "vertical_slash", "flex_prefill"})
+  for (const char* m :
+       {"sliding_window", "block_sparse", "vertical_slash", "vertical_slash_tiled", "flex_prefill"})
     expect_rejected(with(good_args(), {"--method", m, "--no-causal"}),
                     std::string("--method ") + m + " is causal only; drop --no-causal");
 }
 
-TEST_F(PrefillMethods, RejectsVerticalSlashBudgetMisuse) {
-  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vertical", "8"}),
-                  "--vertical and --slash go together");
-  expect_rejected(
-      with(good_args(), {"--method", "vertical_slash", "--vertical", "3", "--slash", "64"}),
-      "--vertical must be >= 4");
-  expect_rejected(
-      with(good_args(), {"--method", "vertical_slash", "--vertical", "4", "--slash", "63"}),
-      "--slash must be >= 64");
-  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vertical", "4", "--slash",
-                                     "64", "--compression", "2"}),
-                  "not both");
-  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--vs-mode", "fuzzy"}),
-                  "--vs-mode");
-  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--last-q", "0"}),
-                  "--last-q must be >= 1");
+TEST_F(PrefillMethods, RejectsVerticalSlashParametersOutOfRange) {
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--param", "last_queries=0"}),
+                  "last_queries");
+  expect_rejected(with(good_args(), {"--method", "vertical_slash", "--param",
+                                     "vertical_share=1.5"}),
+                  "vertical_share");
+}
+
+TEST_F(PrefillMethods, RejectsMassOutOfRange) {
+  for (const char* p : {"0", "nan", "inf", "1.5", "-0.5"})
+    expect_rejected(with(good_args(), {"--method", "flex_prefill", "--mass", p}),
+                    "--mass must be in (0, 1]");
 }
 
 TEST_F(PrefillMethods, RejectsFlexPrefillParametersOutOfRange) {
-  for (const char* g : {"0", "nan", "inf"})
-    expect_rejected(with(good_args(), {"--method", "flex_prefill", "--gamma", g}),
-                    "--gamma must be finite and > 0");
-  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--tau=-0.1"}),
-                  "--tau must be finite and >= 0");
-  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--min-budget=-1"}),
-                  "--min-budget must be >= 0");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--param", "tau=-0.1"}),
+                  "tau must be >= 0");
+  expect_rejected(with(good_args(), {"--method", "flex_prefill", "--param", "min_budget=-1"}),
+                  "min_budget must be >= 0");
 }
 
 TEST_F(PrefillMethods, RejectsUserMaskWithoutOrWithTwoMasks) {
@@ -1581,6 +1695,148 @@ TEST_F(PrefillMethods, RejectsCompressedOrCorruptNpz) {
   expect_rejected(a, "not a .npz (zip) archive");
   write_bytes(path("mask.npz"), zip.substr(0, zip.size() - 30));
   expect_rejected(a, "--mask-bsr " + path("mask.npz"));
+}
+
+}  // namespace
+
+// =============================================================================================
+// One selection contract (issue 12): every method of the registry takes `--compression C` in
+// attend and decode; a target it cannot reach is run (exit 0) and reported reachable = false, and
+// reachable is true exactly when the achieved CR is within the default tolerance (10%) of C.
+// =============================================================================================
+namespace {
+
+class Contract : public Decode {
+ protected:
+  // n = 4096 keys, 2 query heads on 1 KV head, d = 32: long enough for the CR searches to land
+  // near their targets, small enough for a quick test.
+  static Problem long_problem(index_t n_q) {
+    Problem p;
+    p.hq = 2;
+    p.hkv = 1;
+    p.n_q = n_q;
+    p.n_k = 4096;
+    p.d = 32;
+    p.fill(91);
+    return p;
+  }
+  nlohmann::json run_json(const std::vector<std::string>& args) {
+    const RunResult r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    if (r.rc != 0) return nlohmann::json::object();
+    return parse_one_json_line(r.out);
+  }
+};
+
+TEST_F(Contract, AttendTakesCompressionForEveryPrefillMethod) {
+  const Problem p = long_problem(4096);
+  const auto base = write_inputs(p);
+  for (const auto& m : sparse_attn::methods::prefill_methods()) {
+    if (m.needs_user_mask) continue;  // below, with a mask
+    const bool dense = m.name == "dense";
+    for (double cr : {2.0, 5.0, 10.0}) {
+      char text[16];
+      std::snprintf(text, sizeof text, "%g", cr);
+      const nlohmann::json j = run_json(with(base, {"--method", m.name, "--compression", text}));
+      SCOPED_TRACE(m.name + " CR " + text);
+      EXPECT_EQ(j["method"], m.name);
+      EXPECT_DOUBLE_EQ(j.value("target_compression", 0.0), cr);
+      expect_honest(j, cr);
+      if (dense) {
+        EXPECT_EQ(j["reachable"], false);
+        EXPECT_DOUBLE_EQ(j.value("achieved_compression", 0.0), 1.0);
+      }
+      if (!dense && cr == 2.0) {
+        EXPECT_EQ(j["reachable"], true);
+      }
+    }
+  }
+}
+
+TEST_F(Contract, AttendUnreachableCompressionExitsZeroAndSaysSo) {
+  Problem p = long_problem(1024);
+  p.n_k = 1024;
+  p.fill(92);
+  const auto base = write_inputs(p);
+  for (const auto& m : sparse_attn::methods::prefill_methods()) {
+    if (m.needs_user_mask) continue;
+    const nlohmann::json j = run_json(with(base, {"--method", m.name, "--compression", "1000"}));
+    EXPECT_EQ(j["reachable"], false) << m.name;
+    EXPECT_LT(j.value("achieved_compression", 1e9), 900.0) << m.name;
+    EXPECT_DOUBLE_EQ(j.value("target_compression", 0.0), 1000.0) << m.name;
+  }
+}
+
+TEST_F(PrefillMethods, UserMaskTakesACompressionTargetAndSaysWhetherItIsMet) {
+  // The mask is the caller's: without a budget nothing is asked (budget, target and reachable
+  // are null); with --compression C, reachable says whether the mask's CR is within 10% of C.
+  const nlohmann::json plain = run_ok(good_user_args(), "user_mask");
+  EXPECT_TRUE(plain["budget"].is_null());
+  EXPECT_TRUE(plain["target_compression"].is_null());
+  EXPECT_TRUE(plain["reachable"].is_null());
+  const double achieved = plain["achieved_compression"].get<double>();
+  ASSERT_GT(achieved, 1.2);
+  const std::string near = std::to_string(achieved * 1.05);
+  const nlohmann::json hit = run_ok(with(good_user_args(), {"--compression", near}), "user_mask");
+  EXPECT_EQ(hit["reachable"], true);
+  EXPECT_DOUBLE_EQ(hit["achieved_compression"].get<double>(), achieved);
+  const nlohmann::json miss =
+      run_ok(with(good_user_args(), {"--compression", "1000"}), "user_mask");
+  EXPECT_EQ(miss["reachable"], false);
+  EXPECT_DOUBLE_EQ(miss["target_compression"].get<double>(), 1000.0);
+  fs::remove(path("o.npy"));
+  expect_rejected(with(good_user_args(), {"--budget", "4"}),
+                  "--budget does not apply to --method user_mask: it has no count unit");
+}
+
+TEST_F(Contract, DecodeTakesCompressionForEveryDecodeMethod) {
+  const Problem p = long_problem(64);  // 64 query rows: 60 prompt queries for scoring, 4 steps
+  const auto base = decode_inputs(p, 4);
+  for (const auto& m : sparse_attn::methods::decode_methods()) {
+    const bool dense = m.name == "dense";
+    for (double cr : {2.0, 5.0, 10.0}) {
+      char text[16];
+      std::snprintf(text, sizeof text, "%g", cr);
+      const nlohmann::json j = run_json(with(base, {"--method", m.name, "--compression", text}));
+      SCOPED_TRACE(m.name + " CR " + text);
+      EXPECT_EQ(j["method"], m.name);
+      EXPECT_DOUBLE_EQ(j.value("target_compression", 0.0), cr);
+      expect_honest(j, cr);
+      EXPECT_EQ(j["reachable"], !dense);
+      if (dense) {
+        EXPECT_DOUBLE_EQ(j.value("achieved_compression", 0.0), 1.0);
+      }
+    }
+  }
+}
+
+TEST_F(Contract, DecodeUnreachableCompressionExitsZeroAndSaysSo) {
+  const Problem p = long_problem(64);
+  const auto base = decode_inputs(p, 2);
+  for (const auto& m : sparse_attn::methods::decode_methods()) {
+    const nlohmann::json j = run_json(with(base, {"--method", m.name, "--compression", "1000"}));
+    EXPECT_EQ(j["reachable"], false) << m.name;
+    EXPECT_DOUBLE_EQ(j.value("target_compression", 0.0), 1000.0) << m.name;
+  }
+}
+
+TEST_F(Contract, DecodeHelpListsEveryRegistryMethod) {
+  const RunResult r = run({"decode", "--help"});
+  EXPECT_EQ(r.rc, 0);
+  for (const auto& m : sparse_attn::methods::decode_methods()) {
+    EXPECT_NE(r.out.find("  " + m.name + " "), std::string::npos) << m.name;
+    EXPECT_NE(r.out.find(m.summary), std::string::npos) << m.summary;
+    for (const auto& prm : m.params)
+      EXPECT_NE(r.out.find("--param " + prm.name + "=" + prm.default_value), std::string::npos)
+          << m.name << " " << prm.name;
+  }
+}
+
+TEST_F(Contract, UnknownParameterNamesTheAllowedOnes) {
+  expect_rejected(with(good_args(), {"--method", "sliding_window", "--param", "window=8"}),
+                  "sliding_window: unknown parameter 'window'; its parameters: sinks, block");
+  expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--param", "budget=8"}),
+                  "snapkv: unknown parameter 'budget'; its parameters: window, sinks, pool_kernel");
 }
 
 }  // namespace

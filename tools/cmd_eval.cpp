@@ -27,9 +27,7 @@ struct EvalArgs {
   std::string compression = "2,5,10,20";
   std::string lengths;
   index_t last_rows = 64;
-  int threads = 0;
-  double scale = std::numeric_limits<double>::quiet_NaN();
-  CLI::Option* scale_opt = nullptr;
+  RunOptions run;
 };
 
 std::vector<index_t> parse_lengths(const std::string& s) {
@@ -55,16 +53,14 @@ void run_eval(const EvalArgs& a) {
   // Options first: nothing is read or computed before the command line is known to be sane.
   check(a.phase == "prefill" || a.phase == "decode" || a.phase == "both",
         "--phase must be prefill, decode or both, got '", a.phase, "'");
-  check(a.threads >= 0, "--threads must be >= 0 (0 = OpenMP default), got ", a.threads);
-  if (a.scale_opt->count())
-    check(std::isfinite(a.scale) && a.scale > 0, "--scale must be finite and > 0, got ", a.scale);
+  a.run.check_ranges();
   eval::EvalOptions opt;
   opt.compressions = report::parse_compressions(a.compression);
   report::parse_methods(a.methods, opt.prefill_methods, opt.decode_methods);
   opt.prefill = a.phase != "decode";
   opt.decode = a.phase != "prefill";
   opt.last_rows = a.last_rows;
-  opt.num_threads = a.threads;
+  opt.num_threads = a.run.threads;
   opt.progress = [](const std::string& s) { std::fprintf(stderr, "sparse-attn: eval: %s\n", s.c_str()); };
   if (opt.decode) check(a.last_rows >= 1, "--last-rows must be >= 1, got ", a.last_rows);
   check(a.json.empty() || a.json != a.plot, "--json and --plot name the same file ", a.json);
@@ -86,7 +82,7 @@ void run_eval(const EvalArgs& a) {
   std::string name = std::filesystem::path(a.q).stem().string();
   eval::Problem full = eval::make_problem(name, q.array.to_float(), q.heads, q.tokens, k.array.to_float(),
                                           v.array.to_float(), k.heads, k.tokens, q.dim, v.dim);
-  if (a.scale_opt->count()) full.scale = static_cast<float>(a.scale);
+  if (a.run.scale_opt->count()) full.scale = static_cast<float>(a.run.scale);
 
   std::vector<eval::Record> recs;
   for (index_t n : lengths) {
@@ -114,7 +110,7 @@ void run_eval(const EvalArgs& a) {
                   {"n_q", q.tokens}, {"n_k", k.tokens}, {"d", q.dim}, {"dv", v.dim}};
   doc["options"] = {{"phase", a.phase}, {"methods", a.methods}, {"compression", opt.compressions},
                     {"last_rows", a.last_rows}, {"lengths", lengths},
-                    {"threads", OpenMPExecutor(a.threads).concurrency()},
+                    {"threads", OpenMPExecutor(a.run.threads).concurrency()},
                     {"cpu_target", target_name(cpu_target())}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
@@ -163,8 +159,7 @@ Command add_eval_command(CLI::App& root) {
                   "log(err) = a + b log(CR) + c log(n); default: the full length only");
   sub->add_option("--json", a->json, "write every record, fit and panel as JSON");
   sub->add_option("--plot", a->plot, "write the frontier PNG (needs python3 with matplotlib)");
-  sub->add_option("--threads", a->threads, "OpenMP threads (0 = OpenMP default)")->capture_default_str();
-  a->scale_opt = sub->add_option("--scale", a->scale, "logit scale (default 1/sqrt(d))");
+  a->run.add_to(sub);
   return Command{sub, [a] { run_eval(*a); }};
 }
 

@@ -84,5 +84,53 @@ Result attention_masked(const QV& q, const KV& k, const VV& v, double scale, con
       exec);
 }
 
+/// Per-key attention mass in double (AttentionOptions::key_mass): mass[hk * n_k + j] = sum over
+/// the query heads h of group hk and the rows i >= row_begin of softmax_j(scale q_i . k_j over
+/// the keys with allowed(h, i, j)); 0 for keys no such row may see. Serial.
+template <class QV, class KV, class Allowed>
+std::vector<double> key_mass(const QV& q, const KV& k, double scale, Allowed&& allowed,
+                             index_t row_begin) {
+  std::vector<double> mass(static_cast<std::size_t>(k.heads * k.tokens), 0.0);
+  std::vector<double> s(static_cast<std::size_t>(k.tokens));
+  const index_t G = q.heads / k.heads;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (index_t h = 0; h < q.heads; ++h)
+    for (index_t i = row_begin; i < q.tokens; ++i) {
+      const index_t hk = h / G;
+      double mx = -kInf;
+      for (index_t j = 0; j < k.tokens; ++j) {
+        double& x = s[static_cast<std::size_t>(j)];
+        x = -kInf;
+        if (!allowed(h, i, j)) continue;
+        double acc = 0;
+        for (index_t c = 0; c < q.dim; ++c)
+          acc += static_cast<double>(to_float(q(h, i, c))) * static_cast<double>(to_float(k(hk, j, c)));
+        x = acc * scale;
+        mx = std::max(mx, x);
+      }
+      if (mx == -kInf) continue;
+      double sum = 0;
+      for (index_t j = 0; j < k.tokens; ++j) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      for (index_t j = 0; j < k.tokens; ++j)
+        mass[static_cast<std::size_t>(hk * k.tokens + j)] += std::exp(s[static_cast<std::size_t>(j)] - mx) / sum;
+    }
+  return mass;
+}
+
+/// key_mass() on any mask of the common interface, via its dense export.
+template <class QV, class KV, class Mask>
+std::vector<double> key_mass_masked(const QV& q, const KV& k, double scale, const Mask& mask,
+                                    index_t row_begin) {
+  std::vector<Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>> dense;
+  const index_t nh = mask.head_shared() ? 1 : q.heads;
+  for (index_t h = 0; h < nh; ++h) dense.push_back(to_dense(mask, h));
+  return key_mass(
+      q, k, scale,
+      [&](index_t h, index_t i, index_t j) {
+        return dense[static_cast<std::size_t>(mask.head_shared() ? 0 : h)](i, j);
+      },
+      row_begin);
+}
+
 }  // namespace reference
 SPARSE_ATTN_NAMESPACE_END

@@ -15,7 +15,7 @@ int main() {
   }
   TensorView<const float> qv(q.data(), H, n, d), kv(k.data(), H, n, d), vv(v.data(), H, n, d);
   TensorView<float> ov(o.data(), H, n, d);
-  const IntervalMask mask = methods::dense(H, n, n, methods::DenseOptions{true, 4});
+  const IntervalMask mask = masks::causal(H, n, n, 4);
   prefill(qv, kv, vv, ov, mask, PrefillOptions{});
   // Query 0 sees only key 0, so its output is V's first row.
   for (index_t h = 0; h < H; ++h)

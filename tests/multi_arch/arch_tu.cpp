@@ -50,7 +50,7 @@ double prefill_error(unsigned seed) {
   const TensorView<const float> qv(q.data(), Hq, n, d);
   const TensorView<const TKV> kv(k.data(), Hkv, n, d), vv(v.data(), Hkv, n, d);
   std::vector<float> out(q.size(), -7.0f);
-  const IntervalMask mask = methods::dense(Hq, n, n);  // causal
+  const IntervalMask mask = masks::causal(Hq, n, n);  // causal
   prefill(qv, kv, vv, TensorView<float>(out.data(), Hq, n, d), mask);
   return error(out, reference::attention_masked(qv, kv, vv, 1.0 / std::sqrt(double(d)), mask));
 }

@@ -28,7 +28,8 @@ std::vector<T> random_values(std::mt19937& rng, std::size_t size) {
   return x;
 }
 
-// Prefill over K/V of type T: dense causal, sliding window + sinks, block-sparse selection.
+// Prefill over K/V of type T: dense causal, sliding window + sinks (the bare pattern and the
+// method at a target CR), block-sparse selection.
 template <class T>
 float prefill_all(std::mt19937& rng) {
   const std::vector<float> q = random_values<float>(rng, count(Hq, n));
@@ -37,12 +38,13 @@ float prefill_all(std::mt19937& rng) {
   const TensorView<const T> kv(k.data(), Hkv, n, d), vv(v.data(), Hkv, n, d);
   std::vector<float> out(q.size());
   const TensorView<float> ov(out.data(), Hq, n, d);
-  prefill(qv, kv, vv, ov, methods::dense(Hq, n, n));
-  prefill(qv, kv, vv, ov, methods::sliding_window(Hq, n, n, {64, 4, 64}));
-  methods::BlockSparseOptions bs;
-  bs.compression = 2.0;
-  prefill(qv, kv, vv, ov, methods::block_sparse::select(qv, kv, bs));
-  return out[0];
+  prefill(qv, kv, vv, ov, masks::causal(Hq, n, n));
+  prefill(qv, kv, vv, ov, masks::sliding_window(Hq, n, n, 64, 4, 64));
+  const auto window = methods::SlidingWindow{}.select(qv, kv, methods::Budget::compression(2.0));
+  prefill(qv, kv, vv, ov, window.mask);
+  const auto bs = methods::BlockSparse{}.select(qv, kv, methods::Budget::compression(2.0));
+  prefill(qv, kv, vv, ov, bs.mask);
+  return out[0] + static_cast<float>(bs.stats.compression() + window.stats.compression());
 }
 
 // A decode step straight on K/V views, then through a paged bf16 KV cache: Quest's page selection,
@@ -63,18 +65,15 @@ float decode_all(std::mt19937& rng) {
   co.page_size = 16;
   kv::PagedCache<bf16> cache(co);
   cache.append(kv, vv);
-  methods::QuestOptions qo;
-  qo.compression = 4.0;
-  const methods::QuestPlan plan = methods::quest::select(qv, cache, qo);
-  kv::decode(qv, cache, ov, plan.keys);
+  const methods::Budget cr4 = methods::Budget::compression(4.0);
+  const methods::DecodeSelection plan = methods::Quest{}.select(qv, cache, cr4);
+  decode(qv, cache, ov, plan.keys);
 
   const std::vector<float> window = random_values<float>(rng, count(Hq, 32));
-  methods::SnapKVOptions so;
-  so.compression = 4.0;
   const kv::EvictionPlan evicted =
-      methods::snapkv::evict(TensorView<const float>(window.data(), Hq, 32, d), cache, so);
-  kv::decode(qv, cache, ov);
-  return out[0] + static_cast<float>(evicted.budget);
+      methods::evict(methods::SnapKV{}, TensorView<const float>(window.data(), Hq, 32, d), cache, cr4);
+  decode(qv, cache, ov);
+  return out[0] + static_cast<float>(evicted.stats.pairs);
 }
 
 }  // namespace

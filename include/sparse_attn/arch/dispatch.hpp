@@ -6,8 +6,10 @@
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "sparse_attn/arch/detail/kernel_args.hpp"

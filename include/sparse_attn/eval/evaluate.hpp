@@ -1,5 +1,8 @@
 // Fidelity-vs-compression evaluation of every registered method on one problem (METHODS.md 9-10).
 //
+// Every method comes from the registry (methods/registry.hpp) and is asked for
+// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
+//
 // Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
 // (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
 // (timed: kernel), and is compared with dense (metrics.hpp): achieved CR = dense causal pairs /
@@ -9,11 +12,14 @@
 //
 // Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position
 // p_t = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
-// gets the prompt keys [0, n_k - R), the method's after_prompt hook runs with the prompt's queries
-// (query rows [0, n_q - R)), then for each step: the step's key/value is appended, before_step
-// selects (or evicts) and returns the KeySelection, the core decode kernel runs (timed: kernel),
-// after_step runs. Dense decode is the same loop with no hooks: keys [0, p_t] exactly.
-// Achieved CR = sum_t Hq (p_t + 1) / pairs read; errors over the R x Hq output rows; mass recall
+// gets the prompt keys [0, n_k - R), the method's DecodePolicy (methods/decode_policy.hpp) runs
+// after_prefill with the prompt's queries (query rows [0, n_q - R)), then for each step: the
+// step's key/value is appended, before_step selects (or evicts) and returns the KeySelection, the
+// core decode kernel runs (timed: kernel; it also emits the per-key attention mass when the
+// policy wants it), after_step runs. Dense decode is the same loop with no policy: keys [0, p_t].
+// Budgets of eviction methods are relative to the sequence length when they evict.
+// Achieved CR = sum_t Hq (p_t + 1) / pairs read; reachable iff it is within the budget's
+// tolerance of the target (methods::is_reachable); errors over the R x Hq output rows; mass recall
 // from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
 // Speed-up = dense time / (selection + kernel time) of the same run.
 #pragma once
@@ -22,13 +28,18 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "sparse_attn/eval/metrics.hpp"
 #include "sparse_attn/eval/problem.hpp"
-#include "sparse_attn/eval/registry.hpp"
 #include "sparse_attn/exec/default.hpp"
+#include "sparse_attn/kernel/decode.hpp"
+#include "sparse_attn/kernel/prefill.hpp"
+#include "sparse_attn/kv/cache.hpp"
+#include "sparse_attn/kv/decode.hpp"
+#include "sparse_attn/methods/registry.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
@@ -57,7 +68,8 @@ struct EvalOptions {
   int num_threads = 0;      // threads of the default executor (0: OpenMP default)
   Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
                                  // num_threads; every method, kernel and metric
-  index_t h2o_prefill_queries = -1;  // see AdapterContext
+  /// Parameter settings per method name (methods/registry.hpp), applied over its defaults.
+  std::vector<std::pair<std::string, methods::ParamSettings>> params;
   double min_time_ms = 30;  // prefill kernels faster than this are repeated (best of <= 5)
   std::vector<std::string> prefill_methods;  // empty: all
   std::vector<std::string> decode_methods;   // empty: all
@@ -109,6 +121,12 @@ double time_best(F&& f, double min_ms) {
 inline bool wanted(const std::vector<std::string>& list, const char* name) {
   return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
 }
+// The settings EvalOptions::params gives method `name` (empty: its defaults).
+inline methods::ParamSettings params_for(const EvalOptions& opt, const std::string& name) {
+  for (const auto& [method, settings] : opt.params)
+    if (method == name) return settings;
+  return {};
+}
 inline std::string cr_label(double cr) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", cr);
@@ -116,6 +134,48 @@ inline std::string cr_label(double cr) {
 }
 
 }  // namespace detail_eval
+
+/// A prefill selection with its mask type erased: what the evaluator runs and inspects.
+struct PrefillRun {
+  methods::SelectionStats stats;
+  std::function<void(const TensorView<float>& out, const AttentionOptions& opt)> run;
+  std::function<bool(index_t h, index_t qi, index_t kj)> keeps;
+};
+
+/// Does `mask` compute pair (qi, kj) for query head h: its key block is listed for the query's
+/// block, and the block is full or the element test passes.
+template <class Mask>
+bool mask_keeps(const Mask& m, index_t h, index_t qi, index_t kj) {
+  const MaskShape& s = m.shape();
+  const index_t hh = m.head_shared() ? 0 : h, target = kj / s.block_k;
+  bool listed = false, full = false;
+  m.for_each_block(hh, qi / s.block_q, [&](index_t kb, bool f) {
+    if (kb == target) {
+      listed = true;
+      full = f;
+    }
+  });
+  return listed && (full || m.allowed(hh, qi, kj));
+}
+
+/// Selects with prefill method `name` (registry) on problem p at `budget`.
+inline PrefillRun select_prefill(const std::string& name, const methods::ParamSettings& settings,
+                                 const Problem& p, const methods::Budget& budget,
+                                 const AttentionOptions& opt) {
+  return methods::with_prefill_method(name, settings, [&](const auto& method) {
+    auto sel = method.select(p.q, p.k, budget, opt);
+    using Mask = decltype(sel.mask);
+    auto m = std::make_shared<const Mask>(std::move(sel.mask));
+    PrefillRun r;
+    r.stats = std::move(sel.stats);
+    const TensorView<const float> q = p.q, k = p.k, v = p.v;
+    r.run = [m, q, k, v](const TensorView<float>& out, const AttentionOptions& o) {
+      prefill(q, k, v, out, *m, o);
+    };
+    r.keeps = [m](index_t h, index_t qi, index_t kj) { return mask_keeps(*m, h, qi, kj); };
+    return r;
+  });
+}
 
 /// Prefill records of the selected methods (dense first) on problem p.
 inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
@@ -129,12 +189,11 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
   kopt.num_threads = opt.num_threads;
   kopt.executor = opt.executor;
   const ExecutorChoice exec{opt.executor, opt.num_threads};
-  AdapterContext ctx{opt.num_threads, opt.h2o_prefill_queries, opt.executor};
   de::warm_threads(exec);
 
   std::vector<float> dense_out(static_cast<std::size_t>(hq * nq * dv)), dense_lse(static_cast<std::size_t>(hq * nq));
   const TensorView<float> dense_view(dense_out.data(), hq, nq, dv);
-  const auto dense_mask = methods::dense(hq, nq, p.k.tokens);
+  const auto dense_mask = masks::causal(hq, nq, p.k.tokens);
   AttentionOptions dopt = kopt;
   dopt.lse = LseView(dense_lse.data(), nq);
   const double dense_ms = de::time_best([&] { prefill(p.q, p.k, p.v, dense_view, dense_mask, dopt); }, opt.min_time_ms);
@@ -149,21 +208,23 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
 
   std::vector<float> got(dense_out.size()), lse(dense_lse.size());
   const TensorView<float> got_view(got.data(), hq, nq, dv);
-  for (const PrefillMethod& m : prefill_methods()) {
-    if (std::string(m.name) == "dense" || !de::wanted(opt.prefill_methods, m.name)) continue;
+  for (const methods::MethodInfo& m : methods::prefill_methods()) {
+    if (m.name == "dense" || m.needs_user_mask || !de::wanted(opt.prefill_methods, m.name.c_str()))
+      continue;
     for (double cr : opt.compressions) {
       Record r = dense;
       r.method = m.name;
       r.target_cr = cr;
       auto t0 = de::Clock::now();
-      const PrefillSelection sel = m.select(p, cr, ctx);
+      const PrefillRun sel = select_prefill(m.name, de::params_for(opt, m.name), p,
+                                            methods::Budget::compression(cr), kopt);
       r.ms_select = de::ms_since(t0);
       AttentionOptions o = kopt;
       o.lse = LseView(lse.data(), nq);
       r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
-      r.achieved_cr = sel.compression();
-      r.reachable = sel.reachable;
-      r.detail = sel.detail;
+      r.achieved_cr = sel.stats.compression();
+      r.reachable = sel.stats.reachable;
+      r.detail = sel.stats.detail;
       const OutputError e = output_error(got_view, dense_view);
       r.err_layer = e.overall;
       r.err_median_head = e.median_head();
@@ -196,10 +257,13 @@ struct DecodeRun {
   index_t top1_hit = 0, needles_kept = 0;
 };
 
-/// Runs the decode loop of a policy (see the header comment). argmax[h * R + t] is the dense
-/// argmax position of step t for query head h (or empty to skip top-1). The cache's appends and
-/// the kernel run on `exec`.
-inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol,
+using EvalCache = kv::Cache<float>;
+using EvalPolicy = methods::DecodePolicy<EvalCache, float>;
+
+/// Runs the decode loop of a policy (nullptr: dense; see the header comment). argmax[h * R + t]
+/// is the dense argmax position of step t for query head h (or empty to skip top-1). The cache's
+/// appends and the kernel run on `exec`.
+inline DecodeRun run_decode(const Problem& p, index_t R, EvalPolicy* pol,
                             const std::vector<index_t>& argmax, const ExecutorChoice& exec) {
   namespace de = detail_eval;
   const index_t hq = p.q.heads, hkv = p.k.heads, G = hq / hkv, nk = p.k.tokens, nq = p.q.tokens;
@@ -209,23 +273,26 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
   co.head_dim = p.k.dim;
   co.value_dim = dv;
   co.capacity = nk;
-  co.page_size = pol.page_size;
-  co.key_bounds = pol.key_bounds;
+  co.page_size = 16;  // Quest's pages
+  co.key_bounds = pol != nullptr && pol->needs_key_bounds();
   EvalCache cache(co);
   cache.append(p.k.slice_tokens(0, n0), p.v.slice_tokens(0, n0), exec);
   DecodeRun run;
   run.out.assign(static_cast<std::size_t>(hq * R * dv), 0.0f);
   run.lse.assign(static_cast<std::size_t>(hq * R), 0.0f);
-  if (pol.after_prompt) {
-    const auto t0 = de::Clock::now();
-    pol.after_prompt(p.q.slice_tokens(0, nq - R), cache);
-    run.ms_select += de::ms_since(t0);
-  }
   DecodeOptions dopt;
   dopt.scale = p.scale;
   dopt.num_threads = exec.num_threads;
   dopt.executor = exec.executor;
-  std::vector<KeyRange> ranges;
+  if (pol != nullptr) {
+    const auto t0 = de::Clock::now();
+    pol->after_prefill(p.q.slice_tokens(0, nq - R), cache, dopt);
+    run.ms_select += de::ms_since(t0);
+  }
+  // Per-key attention mass of each step ([Hkv][max_length()]), emitted by the kernel for
+  // policies that score keys.
+  const bool wants_mass = pol != nullptr && pol->wants_key_mass();
+  std::vector<float> mass(wants_mass ? static_cast<std::size_t>(hkv * cache.capacity()) : 0);
   // Is absolute position `pos` among the keys unit u of head hk reads under `keys`?
   auto reads = [&](const KeySelection& keys, index_t h, index_t pos) {
     const index_t hk = h / G, len = cache.length(hk);
@@ -244,7 +311,7 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
     cache.append(p.k.slice_tokens(pos, 1), p.v.slice_tokens(pos, 1), exec);
     const TensorView<const float> q = p.q.slice_tokens(nq - R + t, 1);
     auto t0 = de::Clock::now();
-    const KeySelection keys = pol.before_step ? pol.before_step(q, cache) : KeySelection::all();
+    const KeySelection keys = pol != nullptr ? pol->before_step(q, cache, dopt) : KeySelection::all();
     run.ms_select += de::ms_since(t0);
     const kv::DecodeStats st = kv::decode_stats(keys, cache, hq, 1);
     run.pairs += st.pairs;
@@ -252,17 +319,18 @@ inline DecodeRun run_decode(const Problem& p, index_t R, const DecodePolicy& pol
     const TensorView<float> o(run.out.data() + t * dv, hq, 1, dv, R * dv, dv, 1);
     DecodeOptions step_opt = dopt;
     step_opt.lse = LseView(run.lse.data() + t, R, 1);
+    if (wants_mass) step_opt.key_mass = KeyMassView{mass.data(), cache.max_length(), 0};
     t0 = de::Clock::now();
-    kv::decode(q, cache, o, keys, step_opt);
+    decode(q, cache, o, keys, step_opt);
     run.ms_kernel += de::ms_since(t0);
     if (!argmax.empty())
       for (index_t h = 0; h < hq; ++h) run.top1_hit += reads(keys, h, argmax[static_cast<std::size_t>(h * R + t)]) ? 1 : 0;
     if (t == R - 1)
       for (index_t h = 0; h < hq; ++h)
         for (index_t j : p.needles) run.needles_kept += reads(keys, h, j) ? 1 : 0;
-    if (pol.after_step) {
+    if (pol != nullptr) {
       t0 = de::Clock::now();
-      pol.after_step(q, cache);
+      pol->after_step(q, cache, dopt, wants_mass ? mass.data() : nullptr);
       run.ms_select += de::ms_since(t0);
     }
   }
@@ -288,8 +356,6 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
                       : p.k.tokens * p.k.heads <= kSingleThreadDecodeKeys ? 1 : 0;
   // The caller's executor runs everything; the default one follows the small-cache rule above.
   const ExecutorChoice exec{opt.executor, threads};
-  AdapterContext ctx{threads, opt.h2o_prefill_queries, opt.executor};
-  const DecodeSetup setup{R, p.k.tokens};
   de::warm_threads({opt.executor, opt.num_threads});
 
   std::vector<index_t> step_rows(static_cast<std::size_t>(R));
@@ -297,7 +363,7 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
   const std::vector<index_t> argmax =
       dense_argmax(p.q, p.k, step_rows, true, {opt.executor, opt.num_threads});  // [h][t]
 
-  const DecodeRun dense_run = run_decode(p, R, DecodePolicy{}, {}, exec);
+  const DecodeRun dense_run = run_decode(p, R, nullptr, {}, exec);
   const double dense_ms = dense_run.ms_kernel;
   if (opt.progress) opt.progress(p.name + " decode: dense " + std::to_string(dense_ms) + " ms for " + std::to_string(R) + " steps");
   const TensorView<const float> dense_view(dense_run.out.data(), hq, R, dv);
@@ -306,19 +372,21 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
   const Record dense = de::dense_record(p, "decode", R, R, dense_ms);
   out.push_back(dense);
 
-  for (const DecodeMethod& m : decode_methods()) {
-    if (std::string(m.name) == "dense" || !de::wanted(opt.decode_methods, m.name)) continue;
+  for (const methods::MethodInfo& m : methods::decode_methods()) {
+    if (m.name == "dense" || !de::wanted(opt.decode_methods, m.name.c_str())) continue;
     for (double cr : opt.compressions) {
       Record r = dense;
       r.method = m.name;
       r.target_cr = cr;
-      const DecodePolicy pol = m.select(p, setup, cr, ctx);
-      const DecodeRun run = run_decode(p, R, pol, argmax, exec);
+      const methods::Budget budget = methods::Budget::compression(cr);
+      const auto pol = methods::make_decode_policy<EvalCache, float>(
+          m.name, de::params_for(opt, m.name), budget);
+      const DecodeRun run = run_decode(p, R, pol.get(), argmax, exec);
       r.ms_select = run.ms_select;
       r.ms_kernel = run.ms_kernel;
       r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
-      r.reachable = pol.status->reachable;
-      r.detail = pol.status->detail;
+      r.reachable = methods::is_reachable(budget, r.achieved_cr);
+      r.detail = pol->stats().detail;
       const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
       r.err_layer = e.overall;
       r.err_median_head = e.median_head();

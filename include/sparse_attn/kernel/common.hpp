@@ -18,12 +18,20 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
+/// Optional per-key attention mass: for KV head hk and key slot j of the K view,
+/// data[hk * stride + j] = sum over the query heads h of group hk (h / G == hk) and the query rows
+/// i >= row_begin of the final softmax probability P[h][i][j] (fp32); 0 for keys no selected row reads.
+struct KeyMassView { float* data = nullptr; index_t stride = 0; index_t row_begin = 0; };
+
 /// Options common to every kernel call.
 struct AttentionOptions {
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(head_dim)
   int num_threads = 0;  // threads of the default executor (0: OpenMP's default); see executor
   Executor* executor = nullptr;  // the caller's executor (not owned); nullptr: the default
   LseView lse{};  // optional [Hq, n_q] log-sum-exp of the scaled logits (natural log)
+  /// Optional [Hkv, n_k] attention mass per key (KeyMassView), computed in the same pass over K:
+  /// the plan sizes extra workspace for it only when data != nullptr (see docs/DESIGN.md).
+  KeyMassView key_mass{};
 
   ExecutorChoice executor_choice() const { return {executor, num_threads}; }
 };
@@ -91,6 +99,15 @@ index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, cons
           ": out is [", out.heads, ", ", out.tokens, ", ", out.dim, "], expected [", q.heads,
           ", ", q.tokens, ", ", v.dim, "]");
   return G;
+}
+
+/// Validates an optional key-mass view for a call of n_q query rows against n_k keys.
+inline void validate_key_mass(const KeyMassView& km, index_t n_q, index_t n_k, const char* where) {
+  if (km.data == nullptr) return;
+  require(km.stride >= n_k, where, ": key_mass.stride=", km.stride, " is less than n_k=", n_k,
+          "; each KV head's row needs n_k floats");
+  require(km.row_begin >= 0 && km.row_begin <= n_q, where, ": key_mass.row_begin=", km.row_begin,
+          " must be in [0, n_q=", n_q, "]");
 }
 
 /// Rows [t0, t0 + n) of head h of a K or V view as fp32 rows with stride *ld. Returns a pointer

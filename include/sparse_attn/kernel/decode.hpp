@@ -16,6 +16,12 @@
 // options and the executor's concurrency (<= the plan's) stay the same; a decode loop plans each
 // step (O(units + items), no K/V access) and may keep one workspace of the largest size.
 //
+// Key mass (options.key_mass, optional): each item also keeps its rows' logits (R x its keys,
+// sized by the plan only when requested); after the merge, a pass over them gives each key's
+// probability e^{s - m} / l summed over the rows of the unit, and the units of a KV head are
+// scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
+// re-read; O(R x keys) exps.
+//
 // Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
 // Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
 // makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
@@ -57,8 +63,10 @@ class DecodePlan {
   index_t num_items() const { return static_cast<index_t>(items_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
   std::size_t workspace_bytes() const {
-    return partial_bytes_ + map_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_);
+    return partial_bytes_ + map_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
   }
+  /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
+  bool key_mass() const { return key_mass_; }
 
  private:
   template <class QV, class KV, class VV, class OV>
@@ -73,13 +81,15 @@ class DecodePlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   KeySelection::Scope scope_ = KeySelection::Scope::all;
-  bool causal_ = true, bf16_dot_ = false;
+  bool causal_ = true, bf16_dot_ = false, key_mass_ = false;
   index_t split_ = 512;
   index_t units_ = 0, R_ = 0, Rp_ = 0, dp_ = 0, dvp_ = 0;
   std::vector<Item> items_;
   std::vector<index_t> first_item_;  // items of unit u: [first_item[u], first_item[u + 1])
   std::vector<index_t> unit_keys_;   // keys read by each unit
-  std::size_t partial_bytes_ = 0, map_bytes_ = 0, scratch_bytes_ = 0;
+  std::vector<index_t> item_logits_;  // key mass: offset (floats) of each item's [R][ld] logits
+  index_t mass_logits_ = 0;           // key mass: floats of all items' logits
+  std::size_t partial_bytes_ = 0, map_bytes_ = 0, scratch_bytes_ = 0, mass_bytes_ = 0;
 };
 
 namespace kernel {
@@ -101,6 +111,7 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
   keys.validate(shape.n_k, shape.heads_q, shape.heads_kv, where);
   require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: OpenMP default), got ",
           opt.num_threads);  // checked even when there is nothing to compute
+  kernel::validate_key_mass(opt.key_mass, shape.n_q, shape.n_k, where);
   DecodePlan plan;
   plan.shape_ = shape;
   plan.target_ = cpu_target();
@@ -110,6 +121,7 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
   plan.causal_ = opt.causal;
   plan.bf16_dot_ = opt.bf16_dot;
   plan.split_ = opt.split;
+  plan.key_mass_ = opt.key_mass.data != nullptr;
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
   const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
   plan.units_ = per_q ? shape.heads_q : shape.heads_kv;
@@ -137,6 +149,18 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
   arch::Carver sizer;
   kernel::carve_decode_scratch(sizer, plan.Rp_, shape.head_dim, shape.head_dim_v);
   plan.scratch_bytes_ = sizer.bytes();
+  if (plan.key_mass_) {  // every item's logits [R][ld], then each row's final max and 1 / sum
+    index_t& total = plan.mass_logits_;
+    for (const auto& it : plan.items_) {
+      plan.item_logits_.push_back(total);
+      total += plan.R_ * kernel::pad_to(it.count, arch::kMaxLanes);
+    }
+    arch::Carver mass;
+    mass.take<float>(total);
+    mass.take<float>(plan.units_ * plan.R_);
+    mass.take<float>(plan.units_ * plan.R_);
+    plan.mass_bytes_ = mass.bytes();
+  }
   return plan;
 }
 
@@ -157,12 +181,21 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
   require(opt.causal == plan.causal_ && opt.bf16_dot == plan.bf16_dot_ && opt.split == plan.split_,
           where, ": options (causal, bf16_dot, split) differ from the plan's");
   require(keys.scope() == plan.scope_, where, ": the key selection's scope differs from the plan's");
+  kernel::validate_key_mass(opt.key_mass, q.tokens, k.tokens, where);
+  const bool want_mass = opt.key_mass.data != nullptr;
+  require(!want_mass || plan.key_mass_, where,
+          ": key_mass is set but the plan was made without it (plan with the same options)");
   for (index_t u = 0; u < plan.units_; ++u)
     require((keys.scope() == KeySelection::Scope::all ? k.tokens : keys.keys(u, k.tokens)) ==
                 plan.unit_keys_[static_cast<std::size_t>(u)],
             where, ": the key selection of unit ", u, " differs in length from the plan's");
   detail::check_workspace(workspace, plan.workspace_bytes(), where);
-  if (q.tokens == 0 || q.heads == 0) return;
+  if (q.tokens == 0 || q.heads == 0) {
+    if (want_mass)  // no query rows: no key receives mass
+      for (index_t hk = 0; hk < k.heads; ++hk)
+        std::fill(opt.key_mass.data + hk * opt.key_mass.stride, opt.key_mass.data + hk * opt.key_mass.stride + k.tokens, 0.0f);
+    return;
+  }
   detail::with_executor(opt.executor_choice(), [&](Executor& exec) {
     require(exec.concurrency() <= plan.workers_, where, ": executor concurrency ",
             exec.concurrency(), " exceeds the plan's ", plan.workers_, " workers");
@@ -180,6 +213,14 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
                      plan.scratch_bytes_ * static_cast<std::size_t>(worker));
       return kernel::carve_decode_scratch(c, Rp, q.dim, dv);
     };
+    float *ml = nullptr, *mm = nullptr, *minv = nullptr;  // key mass: logits, row max, row 1 / sum
+    if (want_mass) {
+      arch::Carver mc(base + plan.partial_bytes_ + plan.map_bytes_ +
+                      plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_));
+      ml = mc.take<float>(plan.mass_logits_);
+      mm = mc.take<float>(plan.units_ * R);
+      minv = mc.take<float>(plan.units_ * R);
+    }
     arch::dispatch(plan.target_, [&](auto target) {
       decltype(target)::decode_out_dims(q, k, v, opt.bf16_dot, scratch(0), dims);
     });
@@ -190,7 +231,11 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
       const bool all = keys.scope() == KeySelection::Scope::all;
       const KeyRange* rb = all ? &everything : keys.ranges_begin(it.unit);
       const KeyRange* re = all ? &everything + 1 : keys.ranges_end(it.unit);
-      const arch::DecodePartial part{po + i * Rp * dvp, pm + i * Rp, pl + i * Rp};
+      arch::DecodePartial part{po + i * Rp * dvp, pm + i * Rp, pl + i * Rp};
+      if (want_mass) {
+        part.logits = ml + plan.item_logits_[static_cast<std::size_t>(i)];
+        part.ld = kernel::pad_to(it.count, arch::kMaxLanes);
+      }
       arch::dispatch(plan.target_, [&](auto target) {
         decltype(target)::decode_item(q, k, v, scale, opt.causal, R, opt.bf16_dot, scratch(worker),
                                       hk, h0, rb, re, it.skip, it.count, part);
@@ -218,6 +263,41 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
         for (index_t c = 0; c < dv; ++c) acc[c] *= inv;
         store_row(acc, out.row(h, t), out.stride_dim, dv);
         if (opt.lse) opt.lse(h, t) = state.lse();
+        if (want_mass) {
+          mm[ur] = state.m;
+          minv[ur] = t >= opt.key_mass.row_begin ? state.inv_sum() : 0.0f;
+        }
+      }
+    });
+    if (!want_mass) return;
+    // Key mass: each item's per-key sum over its rows (into its row 0), then per KV head the
+    // items of its units scattered in unit and chunk order (fixed: the bits do not depend on the
+    // executor).
+    run_items(exec, plan.num_items(), [&](index_t i, int) {
+      const auto& it = plan.items_[static_cast<std::size_t>(i)];
+      float* s = ml + plan.item_logits_[static_cast<std::size_t>(i)];
+      const index_t ld = kernel::pad_to(it.count, arch::kMaxLanes);
+      arch::dispatch(plan.target_, [&](auto target) {
+        decltype(target)::key_mass_rows(s, ld, R, ld, mm + it.unit * R, minv + it.unit * R, s);
+      });
+    });
+    run_items(exec, k.heads, [&](index_t hk, int) {
+      float* row = opt.key_mass.data + hk * opt.key_mass.stride;
+      std::fill(row, row + k.tokens, 0.0f);
+      const index_t u0 = per_q ? hk * G : hk, u1 = per_q ? u0 + G : hk + 1;
+      for (index_t u = u0; u < u1; ++u) {
+        const bool all = keys.scope() == KeySelection::Scope::all;
+        const KeyRange* rg = all ? &everything : keys.ranges_begin(u);
+        const KeyRange* re = all ? &everything + 1 : keys.ranges_end(u);
+        index_t pos = rg != re ? rg->begin : 0;
+        for (index_t i = plan.first_item_[static_cast<std::size_t>(u)];
+             i < plan.first_item_[static_cast<std::size_t>(u) + 1]; ++i) {
+          const float* sum = ml + plan.item_logits_[static_cast<std::size_t>(i)];
+          for (index_t x = 0; x < plan.items_[static_cast<std::size_t>(i)].count; ++x) {
+            row[pos++] += sum[x];
+            if (pos == rg->end && ++rg != re) pos = rg->begin;
+          }
+        }
       }
     });
   });

@@ -19,6 +19,12 @@
 // lists, e.g. the same pattern in another layer), executor concurrency <= the plan's, and the same
 // target; rebuild it when any of those changes.
 //
+// Key mass (options.key_mass, optional): an item whose query block holds rows >= row_begin also
+// keeps those rows' logits (per worker: G x n_k x min(block_q, n_q - row_begin) floats, sized by
+// the plan only when requested); when the item is done, their probabilities e^{s - m} / l are
+// summed per key and added to per-(KV head, key) sums in fixed point (2^-shift units, shift from
+// G x rows), so the result does not depend on which worker finished first; a last pass converts
+// them into key_mass [Hkv][n_k]. No K re-read.
 // Output: out[h, i] = softmax over allowed keys, or 0 for a row with no allowed key.
 // LSE (optional): lse[h, i] = log sum_{allowed j} exp(scale * q_i . k_j) (natural log), -inf for an
 // empty row.
@@ -27,7 +33,11 @@
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <new>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -60,7 +70,11 @@ class PrefillPlan {
   int workers() const { return workers_; }
   index_t num_items() const { return static_cast<index_t>(order_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
-  std::size_t workspace_bytes() const { return bits_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_); }
+  std::size_t workspace_bytes() const {
+    return bits_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
+  }
+  /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
+  bool key_mass() const { return key_mass_; }
 
  private:
   template <class Mask>
@@ -77,6 +91,9 @@ class PrefillPlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   index_t ldq_ = 0, bk_ = 0;
+  bool key_mass_ = false;
+  index_t mass_row_begin_ = 0, mass_ld_ = 0;  // key mass: first row counted, kept rows per tile (padded)
+  std::size_t mass_bytes_ = 0;                // key mass: the fixed-point sums [Hkv][n_k]
   std::vector<index_t> order_;  // items (hk * num_q_blocks + qb), heaviest first
   std::size_t scratch_bytes_ = 0, bits_bytes_ = 0;
   // Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
@@ -89,7 +106,8 @@ class PrefillPlan {
 
 namespace kernel {
 inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, index_t d, index_t dv,
-                                            index_t ldq, index_t bk) {
+                                            index_t ldq, index_t bk, index_t mass_ld = 0,
+                                            index_t n_k = 0, index_t nkb = 0) {
   arch::PrefillScratch w;
   w.ldq = ldq;
   w.qt = c.take<float>(G * d * ldq);
@@ -101,6 +119,15 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
   w.vbuf = c.take<float>(bk * dv);
   w.vfix = c.take<float>(bk * dv);
   w.row = c.take<float>(std::max(d, dv));
+  if (mass_ld > 0) {  // key mass
+    w.ks_ld = mass_ld;
+    w.ks_nk = n_k;
+    w.ks = c.take<float>(G * n_k * mass_ld);
+    w.ks_blocks = c.take<index_t>(G * nkb);
+    w.ks_state = c.take<index_t>(2 * G);
+    w.ks_col = c.take<float>(2 * mass_ld);
+    w.ks_sum = c.take<float>(bk);
+  }
   return w;
 }
 
@@ -152,8 +179,11 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
           ") does not match Q/K (heads=", shape.heads_q, ", n_q=", shape.n_q, ", n_k=", shape.n_k, ")");
   require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: OpenMP default), got ",
           opt.num_threads);  // checked even when there is nothing to compute
+  kernel::validate_key_mass(opt.key_mass, shape.n_q, shape.n_k, where);
   PrefillPlan plan;
   plan.shape_ = shape;
+  plan.key_mass_ = opt.key_mass.data != nullptr;
+  plan.mass_row_begin_ = opt.key_mass.row_begin;
   plan.mask_shape_ = ms;
   plan.head_shared_ = mask.head_shared();
   plan.target_ = cpu_target();
@@ -195,8 +225,16 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
   // Tiles never exceed the sequence, whatever the block sizes.
   plan.ldq_ = (std::min(ms.block_q, shape.n_q) + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
   plan.bk_ = std::min(ms.block_k, std::max<index_t>(shape.n_k, 1));
+  if (plan.key_mass_ && shape.n_q > opt.key_mass.row_begin) {
+    plan.mass_ld_ = (std::min(ms.block_q, shape.n_q - opt.key_mass.row_begin) + arch::kMaxLanes - 1) /
+                    arch::kMaxLanes * arch::kMaxLanes;
+    arch::Carver mass;
+    mass.take<std::atomic<std::int64_t>>(shape.heads_kv * shape.n_k);
+    plan.mass_bytes_ = mass.bytes();
+  }
   arch::Carver sizer;
-  kernel::carve_prefill_scratch(sizer, G, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_);
+  kernel::carve_prefill_scratch(sizer, G, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_,
+                                plan.mass_ld_, shape.n_k, ms.num_k_blocks());
   plan.scratch_bytes_ = sizer.bytes();
   return plan;
 }
@@ -221,20 +259,48 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
               ms.block_k == plan.mask_shape_.block_k && mask.head_shared() == plan.head_shared_,
           where, ": the mask's geometry differs from the plan's");
   const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+  kernel::validate_key_mass(opt.key_mass, q.tokens, k.tokens, where);
+  const KeyMassView& kmv = opt.key_mass;
+  const bool want_mass = kmv.data != nullptr;
+  require(!want_mass || (plan.key_mass_ && kmv.row_begin >= plan.mass_row_begin_), where,
+          ": key_mass is set but the plan was made without it or for an earlier row_begin (",
+          plan.mass_row_begin_, "); plan with the same options");
   detail::check_workspace(workspace, plan.workspace_bytes(), where);
-  if (q.tokens == 0 || q.heads == 0) return;
+  // No counted row (no query, or row_begin = n_q): every key gets 0.
+  const index_t mass_rows = want_mass ? q.heads * (q.tokens - kmv.row_begin) : 0;
+  auto zero_mass = [&] {
+    if (want_mass && mass_rows == 0)
+      for (index_t hk = 0; hk < k.heads; ++hk)
+        std::fill(kmv.data + hk * kmv.stride, kmv.data + hk * kmv.stride + k.tokens, 0.0f);
+  };
+  if (q.tokens == 0 || q.heads == 0) return zero_mass();
   detail::with_executor(opt.executor_choice(), [&](Executor& exec) {
     require(exec.concurrency() <= plan.workers_, where, ": executor concurrency ",
             exec.concurrency(), " exceeds the plan's ", plan.workers_, " workers");
+    zero_mass();
     auto* base = static_cast<unsigned char*>(workspace.data);
     const index_t nqb = ms.num_q_blocks();
+    arch::PrefillKeyMass km;  // fixed point: value x 2^shift, with rows x 2^shift < 2^62
+    if (mass_rows > 0) {
+      int bits = 0;
+      while (bits < 62 && (index_t{1} << bits) <= mass_rows) ++bits;
+      km.scale = std::ldexp(1.0, 62 - bits);
+      km.row_begin = kmv.row_begin;
+      km.acc = reinterpret_cast<std::atomic<std::int64_t>*>(
+          base + plan.bits_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_));
+      run_items(exec, k.heads, [&](index_t hk, int) {
+        for (index_t j = 0; j < k.tokens; ++j) new (km.acc + hk * k.tokens + j) std::atomic<std::int64_t>(0);
+      });
+    }
     auto run_all = [&](const auto& m) {
       run_items(exec, plan.num_items(), [&](index_t oi, int worker) {
         arch::Carver c(base + plan.bits_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(worker));
-        const arch::PrefillScratch ws = kernel::carve_prefill_scratch(c, G, q.dim, v.dim, plan.ldq_, plan.bk_);
+        const arch::PrefillScratch ws = kernel::carve_prefill_scratch(
+            c, G, q.dim, v.dim, plan.ldq_, plan.bk_, km.acc != nullptr ? plan.mass_ld_ : 0, k.tokens,
+            ms.num_k_blocks());
         const index_t it = plan.order_[static_cast<std::size_t>(oi)];
         arch::dispatch(plan.target_, [&](auto target) {
-          decltype(target)::prefill_item(m, q, k, v, out, opt.lse, scale, G, it / nqb, it % nqb, ws);
+          decltype(target)::prefill_item(m, q, k, v, out, opt.lse, scale, G, it / nqb, it % nqb, ws, km);
         });
       });
     };
@@ -261,6 +327,16 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
       });
       run_all(PrecomputedMask<Mask>(mask, plan, bits));
     }
+    if (km.acc == nullptr) return;
+    run_items(exec, k.heads, [&](index_t hk, int) {  // fixed point -> fp32 (bit 63: NaN)
+      const std::atomic<std::int64_t>* acc = km.acc + hk * k.tokens;
+      float* row = kmv.data + hk * kmv.stride;
+      for (index_t j = 0; j < k.tokens; ++j) {
+        const std::int64_t x = acc[j].load(std::memory_order_relaxed);
+        row[j] = x < 0 ? std::numeric_limits<float>::quiet_NaN()
+                       : static_cast<float>(static_cast<double>(x) / km.scale);
+      }
+    });
   });
 }
 

@@ -1,7 +1,9 @@
 // Decode against a kv::Cache with the core kernel, and the step's measured density.
 //
-// The newest n_q tokens (already appended) attend to the cache restricted to a KeySelection.
-// With equal head lengths this is one call of sparse_attn::decode() over the cache's views. After
+// decode(q, cache, out, keys, opt) is the cache form of the kernel's decode(q, k, v, out, keys,
+// opt) (kernel/decode.hpp): the newest n_q tokens (already appended) attend to the cache
+// restricted to a KeySelection. With equal head lengths this is one kernel call over the cache's
+// views, and every option (the LSE, the per-key mass output) passes through unchanged. After
 // an uneven eviction (Ada-SnapKV) head h holds length(h) tokens and its newest token sits at slot
 // length(h) - 1; a single token attends to [0, length(h)) of its head (cache.selection()), and
 // several tokens are run one at a time so each sees exactly its own head's causal prefix.
@@ -9,6 +11,8 @@
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "sparse_attn/kernel/decode.hpp"
@@ -76,9 +80,28 @@ DecodeStats decode_stats(const KeySelection& keys, const Cache& cache, index_t h
   return st;
 }
 
+namespace detail {
+template <class C, class = void>
+struct is_cache : std::false_type {};
+template <class C>
+struct is_cache<C, std::void_t<decltype(std::declval<const C&>().kv_heads()),
+                               decltype(std::declval<const C&>().keys()),
+                               decltype(std::declval<const C&>().values()),
+                               decltype(std::declval<const C&>().length(index_t{0}))>>
+    : std::true_type {};
+}  // namespace detail
+
+/// Does C look like a kv::Cache (kv_heads(), keys(), values(), length(h))?
+template <class C>
+inline constexpr bool is_cache_v = detail::is_cache<C>::value;
+
+}  // namespace kv
+
 /// Attention of q [Hq, n_q, d] (the newest n_q tokens, already in the cache) over `keys`
 /// (KeySelection::all() = every head's [0, length(h))), written to out [Hq, n_q, dv].
-template <class TQ, class Cache, class TO>
+/// The key mass output (when set) covers the K view's max_length() slots per KV head; with
+/// uneven head lengths and several new tokens the per-token calls add their masses up.
+template <class TQ, class Cache, class TO, class = std::enable_if_t<kv::is_cache_v<Cache>>>
 void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& out,
             const KeySelection& keys = KeySelection::all(), const DecodeOptions& opt = {}) {
   const auto k = cache.keys();
@@ -87,32 +110,51 @@ void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& o
     sparse_attn::decode(q, k, v, out, keys, opt);
     return;
   }
-  require(q.heads % cache.kv_heads() == 0, "kv::decode", ": Hq=", q.heads,
+  require(q.heads % cache.kv_heads() == 0, "decode(q, cache)", ": Hq=", q.heads,
           " is not a multiple of Hkv=", cache.kv_heads());
   const index_t G = q.heads / cache.kv_heads(), n_q = q.tokens;
   const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
   const index_t units = per_q ? q.heads : cache.kv_heads();
   if (keys.scope() != KeySelection::Scope::all)
-    keys.validate(k.tokens, q.heads, k.heads, "kv::decode");
+    keys.validate(k.tokens, q.heads, k.heads, "decode(q, cache)");
   for (index_t h = 0; h < cache.kv_heads(); ++h)
-    require(cache.length(h) >= n_q, "kv::decode", ": KV head ", h, " holds ", cache.length(h),
+    require(cache.length(h) >= n_q, "decode(q, cache)", ": KV head ", h, " holds ", cache.length(h),
             " tokens, fewer than the ", n_q, " new queries");
   std::vector<std::vector<KeyRange>> lists(static_cast<std::size_t>(units));
+  float* const mass = opt.key_mass.data;
+  const index_t mass_stride = opt.key_mass.stride;
+  std::vector<float> more(mass != nullptr && n_q > 1
+                              ? static_cast<std::size_t>(cache.kv_heads() * mass_stride)
+                              : 0);
+  bool wrote = false;
   for (index_t t = 0; t < n_q; ++t) {
     for (index_t u = 0; u < units; ++u) {
       const index_t len = cache.length(per_q ? u / G : u);
-      detail::clip_ranges(keys, u, len, len - n_q + t + 1, lists[static_cast<std::size_t>(u)]);
+      kv::detail::clip_ranges(keys, u, len, len - n_q + t + 1,
+                              lists[static_cast<std::size_t>(u)]);
     }
     DecodeOptions o = opt;
     o.causal = false;  // causality is in the clipped ranges
     if (opt.lse) o.lse = LseView(&opt.lse(0, t), opt.lse.stride_head, opt.lse.stride_token);
+    // Key mass: token t counts iff t >= row_begin; the first counted call writes the caller's
+    // buffer, later ones write `more` and are added (the kernel overwrites what it is given).
+    const bool counted = mass != nullptr && t >= opt.key_mass.row_begin;
+    if (mass != nullptr)
+      o.key_mass = {counted ? (wrote ? more.data() : mass) : nullptr, mass_stride, 0};
     sparse_attn::decode(
         q.slice_tokens(t, 1), k, v, out.slice_tokens(t, 1),
         KeySelection::from_ranges(
             per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head, lists),
         o);
+    if (counted && wrote)
+      for (index_t h = 0; h < cache.kv_heads(); ++h)
+        for (index_t j = 0; j < k.tokens; ++j)
+          mass[h * mass_stride + j] += more[static_cast<std::size_t>(h * mass_stride + j)];
+    wrote = wrote || counted;
   }
+  if (mass != nullptr && !wrote)  // no token counted: every key received 0
+    for (index_t h = 0; h < cache.kv_heads(); ++h)
+      std::fill(mass + h * mass_stride, mass + h * mass_stride + k.tokens, 0.0f);
 }
 
-}  // namespace kv
 SPARSE_ATTN_NAMESPACE_END

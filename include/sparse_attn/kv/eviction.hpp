@@ -1,6 +1,7 @@
 // What every eviction method shares: the plan it produces (kept slots per KV head, the scores
-// that chose them), deterministic "keep forced + top-k" selection, applying a plan to a cache, and
-// the attention-probability column scores that SnapKV, Ada-SnapKV and H2O rank tokens by.
+// that chose them, the selection statistics), deterministic "keep forced + top-k" selection,
+// applying a plan to a cache, and the attention-probability column scores that SnapKV,
+// Ada-SnapKV and H2O rank tokens by when no kernel-emitted key mass is at hand.
 //
 // Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
 // apply() (or cache.retain(plan.keep)) compacts the cache in place.
@@ -12,6 +13,8 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_attn/core/diagnostics.hpp"
@@ -21,6 +24,8 @@
 #include "sparse_attn/exec/default.hpp"
 #include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/kernel/common.hpp"
+#include "sparse_attn/methods/detail/ranking.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 // Eigen's AVX-512 GEMM (the score pass) trips GCC PR 105593; see core/diagnostics.hpp.
 SPARSE_ATTN_DIAGNOSTICS_PUSH
@@ -29,13 +34,16 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 namespace kv {
 
 /// The outcome of an eviction selection: which slots each KV head keeps.
+/// stats (methods::SelectionStats): pairs = tokens kept, summed over KV heads; dense_pairs = the
+/// tokens of the uncompressed sequence (sequence_length() x Hkv), so compression() is the cache
+/// compression against keeping everything ever appended; target, reachable, select_ms and
+/// detail (the resolved budget, e.g. "c=410 per head") as for every selection.
 struct EvictionPlan {
   std::vector<std::vector<index_t>> keep;  // per KV head: kept slots, ascending (position order)
   std::vector<float> scores;  // [Hkv][score_stride] method's score per slot (may be empty)
   index_t score_stride = 0;
-  index_t budget = 0;     // tokens per head (SnapKV, H2O, StreamingLLM) or per layer (Ada-SnapKV)
-  bool reachable = true;  // false when the forced tokens alone exceed the requested budget
-  bool dense = false;     // the budget covers the cache: nothing is evicted
+  bool dense = false;  // the budget covers the cache: nothing is evicted
+  methods::SelectionStats stats;
 
   const float* head_scores(index_t h) const { return scores.data() + h * score_stride; }
   index_t kept(index_t h) const {
@@ -51,14 +59,24 @@ struct EvictionPlan {
 /// Compacts the cache to the plan's kept slots (in place, positions kept, no reallocation).
 template <class Cache>
 void apply(const EvictionPlan& plan, Cache& cache) {
+  if (plan.dense) return;
   cache.retain(plan.keep);
 }
 
-namespace detail {
-
-inline float rank_key(float s) {
-  return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+/// Fills plan.stats once plan.keep is final: pairs = tokens kept, dense_pairs = the cache's
+/// sequence_length() x Hkv; reachable by the budget rule (`honoured`: a count budget the forced
+/// tokens did not exceed).
+template <class Cache>
+void finish_eviction_stats(EvictionPlan& plan, const Cache& cache, const methods::Budget& budget,
+                           bool honoured, std::string detail) {
+  plan.stats.target = budget;
+  plan.stats.pairs = plan.total_kept();
+  plan.stats.dense_pairs = cache.sequence_length() * cache.kv_heads();
+  plan.stats.detail = std::move(detail);
+  methods::finish_stats(plan.stats, honoured);
 }
+
+namespace detail {
 
 /// Slots of [0, len) to keep: every forced slot, then the best `c - forced` others by score
 /// (higher first, ties toward the lower slot; NaN ranks last), returned ascending.
@@ -68,12 +86,9 @@ std::vector<index_t> keep_top(const float* score, index_t len, index_t c, Forced
   for (index_t j = 0; j < len; ++j) (forced(j) ? keep : rest).push_back(j);
   const index_t extra = std::clamp<index_t>(c - static_cast<index_t>(keep.size()), 0,
                                             static_cast<index_t>(rest.size()));
-  auto better = [&](index_t a, index_t b) {
-    const float x = rank_key(score[a]), y = rank_key(score[b]);
-    return x > y || (x == y && a < b);
-  };
   if (extra < static_cast<index_t>(rest.size()))
-    std::nth_element(rest.begin(), rest.begin() + extra, rest.end(), better);
+    std::nth_element(rest.begin(), rest.begin() + extra, rest.end(),
+                     methods::detail::ScoreOrder{score});
   std::vector<std::uint8_t> kept(static_cast<std::size_t>(len),
                                  0);  // merge in position order, O(len)
   for (index_t j : keep) kept[static_cast<std::size_t>(j)] = 1;

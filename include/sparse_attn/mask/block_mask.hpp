@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -118,6 +119,40 @@ struct AllowAll {
   bool operator()(index_t, index_t, index_t) const noexcept { return true; }
 };
 
+namespace detail {
+/// The one check of a block-CSR entry (BlockListBuilder::build and methods::UserMask both call it):
+/// key block kb, at entry e of row (h, qb) whose previous key block is prev (-1: first entry),
+/// must be in [0, num_k_blocks), above prev (rows are strictly increasing: sorted, no duplicates)
+/// and, when causal, not start after the query block's last position. `array` names the caller's
+/// array in the message ("col_indices"), nullptr for none.
+inline void check_block_entry(const MaskShape& s, const char* where, const char* array, index_t e,
+                              index_t h, index_t qb, index_t prev, index_t kb) {
+  auto fail = [&](const auto&... what) {
+    raise_invalid_argument(detail::concat(where, ": ",
+                                          array != nullptr
+                                              ? detail::concat(array, "[", e, "] = ", kb, ", ")
+                                              : std::string(),
+                                          "head ", h, ", query block ", qb, ": ", what...));
+  };
+  const index_t nkb = s.num_k_blocks();
+  if (kb < 0 || kb >= nkb) fail("key block ", kb, " out of range [0, ", nkb, ")");
+  if (prev == kb)
+    fail("key block ", kb, " repeats the previous entry; key blocks of a row must be unique, ",
+         "strictly increasing (got ", prev, " then ", kb, ")");
+  if (prev > kb)
+    fail("key blocks of a row must be sorted ascending, strictly increasing (got ", prev, " then ",
+         kb, ")");
+  if (s.causal) {
+    const index_t last_pos = s.q_end(qb) - 1 + s.q_offset();
+    if (s.k_begin(kb) > last_pos)
+      fail("key block ", kb, " starts at key ", s.k_begin(kb),
+           " after the block's last query position ", last_pos,
+           "; a causal mask allows key blocks [0, ", last_pos / s.block_k,
+           "] and may not list future blocks");
+  }
+}
+}  // namespace detail
+
 /// Index-list mask in block-CSR form: for each (head, query block) a sorted list of key blocks,
 /// each flagged full or partial; partial blocks test causality (if causal) and `pred`.
 template <class Pred = AllowAll>
@@ -206,29 +241,19 @@ class BlockListBuilder {
   template <class Pred = AllowAll>
   BlockListMask<Pred> build(Pred pred = {}, index_t known_pairs = -1,
                             const ExecutorChoice& exec = {}) {
-    const index_t nkb = shape_.num_k_blocks(), nqb = shape_.num_q_blocks();
+    const index_t nqb = shape_.num_q_blocks();
     std::vector<index_t> offsets(rows_.size() + 1, 0);
     for (std::size_t r = 0; r < rows_.size(); ++r) {
       const index_t qb = static_cast<index_t>(r) % nqb, h = static_cast<index_t>(r) / nqb;
-      const index_t last_pos = shape_.q_end(qb) - 1 + shape_.q_offset();
       const index_t first_pos = shape_.q_begin(qb) + shape_.q_offset();
       auto& blocks = rows_[r];
       for (std::size_t e = 0; e < blocks.size(); ++e) {
         const index_t kb = blocks[e].kb;
-        require(kb >= 0 && kb < nkb, "BlockListBuilder::build", "head ", h, " query block ", qb,
-                ": key block ", kb, " out of range [0, ", nkb, ")");
-        if (e > 0)  // (the message reads blocks[e - 1]: never evaluate it for e == 0)
-          require(blocks[e - 1].kb < kb, "BlockListBuilder::build", "head ", h, " query block ",
-                  qb, ": key blocks must be strictly increasing (got ", blocks[e - 1].kb,
-                  " then ", kb, ")");
-        if (shape_.causal) {
-          require(shape_.k_begin(kb) <= last_pos, "BlockListBuilder::build", "head ", h,
-                  " query block ", qb, ": key block ", kb, " starts at key ", shape_.k_begin(kb),
-                  " after the block's last query position ", last_pos,
-                  "; a causal mask may not list future blocks");
-          // Causality cuts the block unless its last key precedes the first query position.
-          if (shape_.k_end(kb) - 1 > first_pos) blocks[e].full = false;
-        }
+        detail::check_block_entry(shape_, "BlockListBuilder::build", nullptr,
+                                  static_cast<index_t>(e), h, qb, e > 0 ? blocks[e - 1].kb : -1,
+                                  kb);
+        // Causality cuts the block unless its last key precedes the first query position.
+        if (shape_.causal && shape_.k_end(kb) - 1 > first_pos) blocks[e].full = false;
       }
       offsets[r + 1] = offsets[r] + static_cast<index_t>(blocks.size());
     }

@@ -6,59 +6,60 @@
 //   (the last partial block averages only its real rows); block score = pooled_q . pooled_k
 //   (no softmax, no scale: only the ranking matters).
 //   Query block qb (absolute positions P0..P1) may use key blocks 0..P1/b (block-causal) and always
-//   keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1. It keeps
-//   k blocks in total (forced ones included; ties toward the lower index), so rows with fewer
-//   legal blocks are dense; k >= number of key blocks is exactly dense.
+//   keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1.
 //   Token causality inside the diagonal block comes from the mask's causal flag.
-// CR -> k: pairs(k) does not depend on the scores (non-diagonal blocks are whole b x b squares),
-// so k is the smallest one whose exact pair count reaches dense / target (achieved CR <= target).
-// A target above what the forced blocks allow clamps to the sparsest k and sets reachable = false.
+// Budget (unit blocks = k, key blocks per query block):
+//   count(k)        every query block keeps k blocks in total (forced ones included; the best
+//                   others by score, ties toward the lower index, ranking.hpp), so rows with fewer
+//                   legal blocks are dense; k >= number of key blocks is exactly dense. Reachable
+//                   iff no row's forced blocks exceed k (k >= 3, or 4 where the query suffix is not
+//                   block-aligned and the diagonal spans two blocks).
+//   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on the
+//                   scores: non-diagonal blocks are whole b x b squares): the k whose CR is nearest
+//                   to c in log ratio; reachable iff that CR is within the tolerance of c (the
+//                   forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole blocks:
+//                   at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78 (k = 8)).
+//   mass(p)         per head and query block, the fewest key blocks, forced ones counted first,
+//                   whose estimated attention mass reaches p. The estimate of key block j is
+//                   softmax_j over the legal blocks of scale * pooled_q . pooled_k[j] + log(t_j),
+//                   t_j = the keys of block j a query row of the block sees on average (b for a
+//                   whole block): the softmax of the pooled logits, weighted by the block's keys.
+//                   Candidates enter best first; p = 1 keeps every legal block (dense). Always
+//                   reachable (p can always be covered); the mean k is reported in stats.detail.
 //
 // Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
 // selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
 // (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
-// block indices per (head, query block).
+// block indices per (head, query block) (mass budgets: the blocks each row needs).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/budget.hpp"
+#include "sparse_attn/methods/detail/ranking.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
-struct BlockSparseOptions {
-  double compression = 10.0;  // target CR (finite, >= 1); ignored when top_k > 0
-  index_t top_k = 0;          // > 0: key blocks per query block (forced included), no CR search
-  index_t block = 64;         // b: estimation unit = kernel tile (block_q = block_k = b)
-  int num_threads = 0;        // selection threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
-                                 // num_threads
-};
-
-/// The selected mask (pass it to prefill as is) and what was asked and reached.
-struct BlockSparseMask : BlockListMask<AllowAll> {
-  BlockSparseMask() = default;
-  explicit BlockSparseMask(BlockListMask<AllowAll> m) : BlockListMask<AllowAll>(std::move(m)) {}
-  double target_compression = detail::kNaN;  // requested CR (NaN when top_k was given)
-  bool reachable = true;  // false: target beyond the forced blocks' cap, clamped to the sparsest k
-  index_t top_k = 0;      // k used: each query block keeps min(legal, max(k, forced)) key blocks
-};
-
-namespace block_sparse {
-
 namespace detail_bs {
 // One selecting worker's buffers: pooled queries of a head, a row buffer, the candidates and kept
-// blocks of one query block, and one tile of block scores.
+// blocks of one query block, one tile of block scores, and (mass budgets) the block logits.
 struct Scratch {
-  std::vector<float> pooled_q, row;
+  std::vector<float> pooled_q, row, logit;
+  std::vector<double> prob;
   std::vector<std::int32_t> cand;
   std::vector<index_t> keep;
-  methods::detail::PooledScratch scores;
+  detail::PooledScratch scores;
 };
 
 // Geometry of query block qb: its diagonal key blocks [d0, d1] (one block unless the query suffix
@@ -77,109 +78,203 @@ inline RowGeometry row_geometry(const MaskShape& s, index_t qb) {
 }
 }  // namespace detail_bs
 
-/// Exact pairs the block-sparse mask keeps with k blocks per query block, over all heads.
-inline index_t pairs_for_k(const MaskShape& s, index_t k) {
-  index_t per_head = 0;
-  for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
-    const auto g = detail_bs::row_geometry(s, qb);
-    const index_t rows = s.q_end(qb) - s.q_begin(qb);
-    const index_t candidates = std::max<index_t>(0, g.d0 - 2);  // blocks 1 .. d0 - 2
-    const index_t extra = std::clamp<index_t>(k - g.forced, 0, candidates);
-    const index_t off_diag = g.forced - (g.d1 - g.d0 + 1) + extra;  // whole b x b blocks
-    per_head += methods::detail::causal_pairs(g.p0, g.p1, s.k_begin(g.d0), s.k_end(g.d1)) +
-                off_diag * rows * s.block_k;
+struct BlockSparse {
+  static constexpr const char* name = "block_sparse";
+  static constexpr const char* summary = "MInference block top-k, b = 64";
+  static constexpr BudgetUnit unit = BudgetUnit::blocks;
+
+  index_t block = 64;  // b: estimation unit = kernel tile (block_q = block_k = b)
+
+  template <class V>
+  void visit_params(V&& v) {
+    v("block", block, "b: estimation unit and kernel tile (block_q = block_k = b)");
   }
-  return per_head * s.heads;
-}
 
-/// Selects the block-sparse mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
-/// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes or options.
-template <class QT, class KT>
-BlockSparseMask select(const TensorView<QT>& q, const TensorView<KT>& k,
-                       const BlockSparseOptions& opt = {}) {
-  constexpr const char* where = "methods::block_sparse::select";
-  const index_t G = methods::detail::validate_qk(q, k, where);
-  require(opt.block >= 1, where, "block must be >= 1, got ", opt.block);
-  require(opt.top_k >= 0, where, "top_k must be >= 0 (0: derive k from compression), got ",
-          opt.top_k);
-  if (opt.top_k == 0) methods::detail::validate_compression(opt.compression, where, "compression");
-  require(opt.num_threads >= 0, where, "num_threads must be >= 0, got ", opt.num_threads);
-
-  const MaskShape shape{q.heads, q.tokens, k.tokens, opt.block, opt.block, true};
-  const index_t nkb = shape.num_k_blocks(), nqb = shape.num_q_blocks();
-  BlockSparseMask result;
-  index_t kk = std::max<index_t>(opt.top_k, 1);
-  if (opt.top_k == 0) {
-    result.target_compression = opt.compression;
-    const index_t lo = std::min<index_t>(3, std::max<index_t>(nkb, 1));
-    kk = methods::detail::budget_for_compression(
-        lo, std::max(nkb, lo), shape.dense_pairs(), opt.compression,
-        [&](index_t x) { return pairs_for_k(shape, x); }, result.reachable);
+  /// Exact pairs the block-sparse mask keeps with k blocks per query block, over all heads.
+  static index_t pairs_for_k(const MaskShape& s, index_t k) {
+    index_t per_head = 0;
+    for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
+      const auto g = detail_bs::row_geometry(s, qb);
+      const index_t rows = s.q_end(qb) - s.q_begin(qb);
+      const index_t candidates = std::max<index_t>(0, g.d0 - 2);  // blocks 1 .. d0 - 2
+      const index_t extra = std::clamp<index_t>(k - g.forced, 0, candidates);
+      const index_t off_diag = g.forced - (g.d1 - g.d0 + 1) + extra;  // whole b x b blocks
+      per_head += detail::causal_pairs(g.p0, g.p1, s.k_begin(g.d0), s.k_end(g.d1)) +
+                  off_diag * rows * s.block_k;
+    }
+    return per_head * s.heads;
   }
-  result.top_k = std::min(kk, std::max<index_t>(nkb, 1));
 
-  BlockListBuilder builder(shape, false);
-  // Key blocks 1 .. d0 - 2 compete for k - forced places; everything else is forced or illegal.
-  auto needs_scores = [&](index_t qb) {
-    const auto g = detail_bs::row_geometry(shape, qb);
-    return kk - g.forced > 0 && kk - g.forced < g.d0 - 2;
-  };
-  bool any_scores = false;
-  for (index_t qb = 0; qb < nqb && !any_scores; ++qb) any_scores = needs_scores(qb);
+  /// The most forced blocks of any query block (a count budget below it is not honoured).
+  static index_t max_forced(const MaskShape& s) {
+    index_t f = 0;
+    for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
+      f = std::max(f, detail_bs::row_geometry(s, qb).forced);
+    return f;
+  }
 
-  const index_t d = q.dim, Hkv = k.heads;
-  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
-    // One set of buffers per worker, sized before any item runs.
-    std::vector<detail_bs::Scratch> ws(static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
-    for (detail_bs::Scratch& w : ws) {
-      w.row.resize(static_cast<std::size_t>(d));
-      if (any_scores) w.pooled_q.resize(static_cast<std::size_t>(nqb * d));
-      w.cand.reserve(static_cast<std::size_t>(nkb));
-      w.keep.reserve(static_cast<std::size_t>(nkb));
+  /// Selects the block-sparse mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
+  /// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or budgets.
+  template <class QT, class KT>
+  PrefillSelection<BlockListMask<AllowAll>> select(const TensorView<QT>& q,
+                                                   const TensorView<KT>& k, const Budget& budget,
+                                                   const AttentionOptions& opt = {}) const {
+    constexpr const char* where = "methods::BlockSparse::select";
+    PrefillSelection<BlockListMask<AllowAll>> result;
+    SelectionTimer timer(result.stats);
+    require_budget_kind(budget, true, true, true, where);
+    const index_t G = detail::validate_qk(q, k, where);
+    require(block >= 1, where, "block must be >= 1, got ", block);
+    const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+
+    const MaskShape shape{q.heads, q.tokens, k.tokens, block, block, true};
+    const index_t nkb = shape.num_k_blocks(), nqb = shape.num_q_blocks();
+    const bool by_mass = budget.is_mass();
+    const double p = by_mass ? budget.mass_target() : 1.0;
+    index_t kk = nkb;  // k of count and compression budgets
+    bool honoured = true;
+    if (budget.is_count()) {
+      kk = budget.units();
+      honoured = kk >= max_forced(shape);
+    } else if (budget.is_compression()) {
+      const index_t lo = std::min<index_t>(3, std::max<index_t>(nkb, 1));
+      kk = nearest_budget(lo, std::max(nkb, lo), shape.dense_pairs(), budget.target_compression(),
+                          [&](index_t x) { return pairs_for_k(shape, x); });
     }
-    // Pooled keys, once per KV head.
-    std::vector<float> pooled_k;
-    if (any_scores) {
-      pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
-      run_items(ex, Hkv, [&](index_t hk, int worker) {
-        methods::detail::mean_pool(k, hk, opt.block, pooled_k.data() + hk * nkb * d,
-                                   ws[static_cast<std::size_t>(worker)].row);
-      });
-    }
-    // scores[kb] for kb < d0 - 1 whenever the row needs_scores (else unused).
-    auto emit = [&](detail_bs::Scratch& w, index_t h, index_t qb, const float* scores) {
+    kk = std::max<index_t>(1, std::min(kk, std::max<index_t>(nkb, 1)));
+
+    BlockListBuilder builder(shape, false);
+    // Count / compression: key blocks 1 .. d0 - 2 compete for k - forced places; everything else
+    // is forced or illegal. Mass: every legal block is scored (p < 1).
+    auto needs_scores = [&](index_t qb) {
       const auto g = detail_bs::row_geometry(shape, qb);
-      w.cand.clear();
-      for (index_t kb = 1; kb <= g.d0 - 2; ++kb) w.cand.push_back(static_cast<std::int32_t>(kb));
-      if (needs_scores(qb))
-        methods::detail::keep_top_k(scores, w.cand, kk - g.forced);
-      else if (kk <= g.forced)
-        w.cand.clear();
-      w.keep.clear();
-      w.keep.push_back(0);
-      for (std::int32_t kb : w.cand) w.keep.push_back(kb);
-      for (index_t kb = std::max<index_t>(1, g.d0 - 1); kb <= g.d1; ++kb) w.keep.push_back(kb);
-      builder.set_row(h, qb, w.keep, true);
+      if (by_mass) return p < 1.0 && g.d0 >= 3;
+      return kk - g.forced > 0 && kk - g.forced < g.d0 - 2;
     };
-    run_items(ex, q.heads, [&](index_t h, int worker) {
-      detail_bs::Scratch& w = ws[static_cast<std::size_t>(worker)];
-      if (!any_scores) {
-        for (index_t qb = 0; qb < nqb; ++qb) emit(w, h, qb, nullptr);
-        return;
-      }
-      methods::detail::mean_pool(q, h, opt.block, w.pooled_q.data(), w.row);
-      methods::detail::pooled_scores(
-          w.pooled_q.data(), nqb, pooled_k.data() + (h / G) * nkb * d, nkb, d, 1.0f,
-          [&](index_t qb) {
-            return needs_scores(qb) ? detail_bs::row_geometry(shape, qb).d0 - 1 : 0;
-          },
-          w.scores, [&](index_t qb, const float* scores, index_t) { emit(w, h, qb, scores); });
-    });
-    static_cast<BlockListMask<AllowAll>&>(result) = builder.build(AllowAll{}, -1, {&ex});
-  });
-  return result;
-}
+    bool any_scores = false;
+    for (index_t qb = 0; qb < nqb && !any_scores; ++qb) any_scores = needs_scores(qb);
 
-}  // namespace block_sparse
+    const index_t d = q.dim, Hkv = k.heads;
+    std::vector<index_t> kept_per_head(static_cast<std::size_t>(q.heads), 0);
+    sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
+      // One set of buffers per worker, sized before any item runs.
+      std::vector<detail_bs::Scratch> ws(static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+      for (detail_bs::Scratch& w : ws) {
+        w.row.resize(static_cast<std::size_t>(d));
+        if (any_scores) w.pooled_q.resize(static_cast<std::size_t>(nqb * d));
+        w.cand.reserve(static_cast<std::size_t>(nkb));
+        w.keep.reserve(static_cast<std::size_t>(nkb));
+        if (by_mass) {
+          w.logit.reserve(static_cast<std::size_t>(nkb));
+          w.prob.reserve(static_cast<std::size_t>(nkb));
+        }
+      }
+      // Pooled keys, once per KV head.
+      std::vector<float> pooled_k;
+      if (any_scores) {
+        pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
+        run_items(ex, Hkv, [&](index_t hk, int worker) {
+          detail::mean_pool(k, hk, block, pooled_k.data() + hk * nkb * d,
+                            ws[static_cast<std::size_t>(worker)].row);
+        });
+      }
+      // The optional key blocks of a row: 1 .. d0 - 2 (0, d0 - 1 and the diagonal are forced).
+      auto all_candidates = [](detail_bs::Scratch& w, const detail_bs::RowGeometry& g) {
+        w.cand.clear();
+        for (index_t kb = 1; kb <= g.d0 - 2; ++kb) w.cand.push_back(static_cast<std::int32_t>(kb));
+      };
+      // Mass budgets: the candidates 1 .. d0 - 2 that cover p after the forced blocks.
+      auto cover_mass = [&](detail_bs::Scratch& w, const detail_bs::RowGeometry& g,
+                            const float* scores) {
+        const index_t legal = g.d1 + 1;
+        w.logit.resize(static_cast<std::size_t>(legal));
+        w.prob.resize(static_cast<std::size_t>(legal));
+        double mx = -std::numeric_limits<double>::infinity();
+        for (index_t j = 0; j < legal; ++j) {
+          // t_j: keys of block j the block's rows see on average (causal cut on the diagonal).
+          const double t = static_cast<double>(detail::causal_pairs(
+                               g.p0, g.p1, shape.k_begin(j), shape.k_end(j))) /
+                           static_cast<double>(g.p1 - g.p0 + 1);
+          const double z = static_cast<double>(scores[j]) + std::log(t);
+          w.logit[static_cast<std::size_t>(j)] = static_cast<float>(z);
+          w.prob[static_cast<std::size_t>(j)] = z;
+          if (!std::isnan(z)) mx = std::max(mx, z);
+        }
+        all_candidates(w, g);
+        if (!std::isfinite(mx)) return;  // no usable estimate (corrupt input): keep them all
+        double sum = 0.0;
+        for (double& x : w.prob) {
+          x = std::isnan(x) ? 0.0 : std::exp(x - mx);  // NaN logits carry no mass
+          sum += x;
+        }
+        double acc = 0.0;
+        auto mass = [&](index_t j) { return w.prob[static_cast<std::size_t>(j)] / sum; };
+        acc += mass(0);
+        for (index_t j = std::max<index_t>(1, g.d0 - 1); j <= g.d1; ++j) acc += mass(j);
+        std::sort(w.cand.begin(), w.cand.end(), detail::ScoreOrder{w.logit.data()});
+        std::size_t take = 0;
+        while (take < w.cand.size() && acc < p) acc += mass(w.cand[take++]);
+        w.cand.resize(take);
+        std::sort(w.cand.begin(), w.cand.end());
+      };
+      // scores[kb] for the legal blocks the row needs (count: kb < d0 - 1; mass: kb <= d1).
+      auto emit = [&](detail_bs::Scratch& w, index_t h, index_t qb, const float* scores) {
+        const auto g = detail_bs::row_geometry(shape, qb);
+        if (by_mass) {
+          if (needs_scores(qb))
+            cover_mass(w, g, scores);
+          else  // p = 1 or no candidates: every legal block
+            all_candidates(w, g);
+        } else {
+          all_candidates(w, g);
+          if (needs_scores(qb))
+            detail::keep_top_k(scores, w.cand, kk - g.forced);
+          else if (kk <= g.forced)
+            w.cand.clear();
+        }
+        w.keep.clear();
+        w.keep.push_back(0);
+        for (std::int32_t kb : w.cand) w.keep.push_back(kb);
+        for (index_t kb = std::max<index_t>(1, g.d0 - 1); kb <= g.d1; ++kb) w.keep.push_back(kb);
+        kept_per_head[static_cast<std::size_t>(h)] += static_cast<index_t>(w.keep.size());
+        builder.set_row(h, qb, w.keep, true);
+      };
+      run_items(ex, q.heads, [&](index_t h, int worker) {
+        detail_bs::Scratch& w = ws[static_cast<std::size_t>(worker)];
+        if (!any_scores) {
+          for (index_t qb = 0; qb < nqb; ++qb) emit(w, h, qb, nullptr);
+          return;
+        }
+        detail::mean_pool(q, h, block, w.pooled_q.data(), w.row);
+        // Count budgets rank by the raw pooled dot product (a positive scale does not change the
+        // ranking); mass budgets need the scaled logits.
+        detail::pooled_scores(
+            w.pooled_q.data(), nqb, pooled_k.data() + (h / G) * nkb * d, nkb, d,
+            by_mass ? scale : 1.0f,
+            [&](index_t qb) {
+              if (!needs_scores(qb)) return index_t{0};
+              const auto g = detail_bs::row_geometry(shape, qb);
+              return by_mass ? g.d1 + 1 : g.d0 - 1;
+            },
+            w.scores, [&](index_t qb, const float* scores, index_t) { emit(w, h, qb, scores); });
+      });
+      const index_t known = by_mass ? -1 : pairs_for_k(shape, kk);
+      result.mask = builder.build(AllowAll{}, known, {&ex});
+    });
+    std::string det;
+    if (by_mass) {
+      index_t kept = 0;
+      for (index_t c : kept_per_head) kept += c;
+      const double rows = static_cast<double>(std::max<index_t>(1, q.heads * nqb));
+      det = sparse_attn::detail::concat("p=", p, ": mean k=", static_cast<double>(kept) / rows,
+                                        " blocks");
+    } else {
+      det = sparse_attn::detail::concat("k=", kk, " blocks");
+    }
+    detail::finish_prefill(result.stats, result.mask, budget, honoured, std::move(det));
+    return result;
+  }
+};
+
 }  // namespace methods
 SPARSE_ATTN_NAMESPACE_END

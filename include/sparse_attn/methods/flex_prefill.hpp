@@ -19,8 +19,17 @@
 //      forced) are kept by every query block that may see them; the top budget offset blocks by
 //      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
 //      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
-// gamma >= 1 is dense. The budgets adapt per head and per input: CR is measured, not set
-// (target_compression is NaN, reachable is always true).
+// gamma = 1 is dense. The budgets adapt per head and per input.
+// Budget:
+//   mass(p)         gamma = p (the method's own knob); always reachable.
+//   compression(c)  gamma searched so the measured CR is nearest to c: bisection on
+//                   x = -log10(1 - gamma) in [0.02, 4] (gamma in [0.045, 0.9999]), 12 steps,
+//                   keeping the bracket CR(x_lo) > c >= CR(x_hi) (the CR is monotone in gamma up
+//                   to the per-head query-aware decisions); of the two bracketing gammas the one
+//                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
+//                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
+//                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
+//                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
 //
 // Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
 // selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
@@ -37,36 +46,23 @@
 
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/budget.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
-struct FlexPrefillOptions {
-  double gamma = 0.9;          // attention mass to cover, > 0; >= 1: dense
-  double tau = 0.1;            // query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
-  index_t min_budget = 512;    // fewest tokens of a vertical / slash budget (rounded up to blocks)
-  index_t block = 128;         // B: estimation unit and kernel tile (block_q = block_k)
-  index_t last_queries = 128;  // w: estimate from the last min(w, n_q) queries
-  float scale = std::numeric_limits<float>::quiet_NaN();  // softmax scale; NaN: 1/sqrt(d)
-  int num_threads = 0;           // selection threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
-                                 // num_threads
-};
-
-/// The selected mask (pass it to prefill as is) and the per-head decisions behind it.
-struct FlexPrefillMask : BlockListMask<AllowAll> {
-  FlexPrefillMask() = default;
-  explicit FlexPrefillMask(BlockListMask<AllowAll> m) : BlockListMask<AllowAll>(std::move(m)) {}
-  double target_compression = detail::kNaN;  // FlexPrefill sets no CR: compression() is measured
-  bool reachable = true;
+/// A FlexPrefill selection: the mask, its statistics, and the per-head decisions behind it.
+struct FlexPrefillSelection : PrefillSelection<BlockListMask<AllowAll>> {
+  double gamma = 1.0;                     // the mass covered (given, or found for a CR)
+  index_t min_budget = 0;                 // the vertical / slash floor used, in tokens
   std::vector<std::uint8_t> query_aware;  // [Hq] 1: the head passed the JS test
   std::vector<float> js_distance;         // [Hq] sqrt(JS divergence) of the test (NaN if skipped)
   std::vector<index_t> vertical_blocks;   // [Hq] vertical budget in key blocks
   std::vector<index_t> slash_blocks;      // [Hq] slash budget in offset blocks
 };
 
-namespace flex_prefill {
 namespace detail_fp {
 // One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
 struct Scratch {
@@ -83,185 +79,260 @@ struct Scratch {
 };
 }  // namespace detail_fp
 
-/// Selects the FlexPrefill mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
-/// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes or options.
-template <class QT, class KT>
-FlexPrefillMask select(const TensorView<QT>& q, const TensorView<KT>& k,
-                       const FlexPrefillOptions& opt = {}) {
-  constexpr const char* where = "methods::flex_prefill::select";
-  namespace sd = methods::detail;
-  const index_t G = sd::validate_qk(q, k, where);
-  require(!std::isnan(opt.gamma) && opt.gamma > 0.0, where, "gamma must be > 0 (>= 1: dense), got ",
-          opt.gamma);
-  require(!std::isnan(opt.tau) && opt.tau >= 0.0, where, "tau must be >= 0, got ", opt.tau);
-  require(opt.min_budget >= 0, where, "min_budget must be >= 0 tokens, got ", opt.min_budget);
-  require(opt.block >= 1, where, "block must be >= 1, got ", opt.block);
-  require(opt.last_queries >= 1, where, "last_queries must be >= 1, got ", opt.last_queries);
-  require(opt.num_threads >= 0, where, "num_threads must be >= 0, got ", opt.num_threads);
-  const float scale = sd::resolve_scale(opt.scale, q.dim, where);
+struct FlexPrefill {
+  static constexpr const char* name = "flex_prefill";
+  static constexpr const char* summary = "FlexPrefill, gamma = mass target (or searched for a CR)";
+  static constexpr BudgetUnit unit = BudgetUnit::none;
 
-  const MaskShape shape{q.heads, q.tokens, k.tokens, opt.block, opt.block, true};
-  const index_t Hq = q.heads, Hkv = k.heads, d = q.dim, n_k = k.tokens, B = opt.block;
-  const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
-  const index_t w = std::min(opt.last_queries, q.tokens);
-  const bool dense = opt.gamma >= 1.0 || q.tokens == 0;
-  const index_t min_blocks = std::min(nkb, std::max<index_t>(1, (opt.min_budget + B - 1) / B));
+  double tau = 0.1;            // query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
+  index_t min_budget = 512;    // fewest tokens of a vertical / slash budget (rounded up to blocks)
+  index_t block = 128;         // B: estimation unit and kernel tile (block_q = block_k)
+  index_t last_queries = 128;  // w: estimate from the last min(w, n_q) queries
 
-  FlexPrefillMask result;
-  result.query_aware.assign(static_cast<std::size_t>(Hq), 0);
-  result.js_distance.assign(static_cast<std::size_t>(Hq), std::numeric_limits<float>::quiet_NaN());
-  result.vertical_blocks.assign(static_cast<std::size_t>(Hq), nkb);
-  result.slash_blocks.assign(static_cast<std::size_t>(Hq), nkb);
-  BlockListBuilder builder(shape, false);
+  template <class V>
+  void visit_params(V&& v) {
+    v("tau", tau, "query-aware threshold on sqrt(JS divergence) (0: never)");
+    v("min_budget", min_budget, "fewest tokens of a vertical / slash budget");
+    v("block", block, "B: estimation unit and kernel tile");
+    v("last_queries", last_queries, "w: estimate from the last min(w, n_q) queries");
+  }
 
-  auto diag = [&](index_t qb, index_t& d0, index_t& d1) {
-    d0 = (shape.q_begin(qb) + shape.q_offset()) / B;
-    d1 = (shape.q_end(qb) - 1 + shape.q_offset()) / B;
-  };
-
-  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
-    // One set of buffers per worker, sized before any item runs.
-    std::vector<detail_fp::Scratch> buffers(
-        static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
-    const auto keys = static_cast<std::size_t>(n_k), blocks = static_cast<std::size_t>(nkb);
-    for (detail_fp::Scratch& buf : buffers) {
-      buf.keep.reserve(blocks);
-      if (dense) continue;
-      buf.vertical.resize(keys);
-      buf.slash.resize(keys);
-      buf.order.reserve(keys);
-      buf.vb.reserve(blocks);
-      buf.sb.reserve(blocks);
-      buf.a.reserve(blocks);
-      buf.vsel.reserve(blocks);
-      buf.ssel.reserve(blocks);
-      buf.mark.reserve(blocks);
-      buf.qmean.reserve(static_cast<std::size_t>(d));
-      buf.row.reserve(static_cast<std::size_t>(d));
-      buf.pooled_q.reserve(static_cast<std::size_t>(nqb * d));
-    }
-    std::vector<float> pooled_k;
-    if (!dense) {
-      pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
-      run_items(ex, Hkv, [&](index_t hk, int worker) {
-        sd::mean_pool(k, hk, B, pooled_k.data() + hk * nkb * d,
-                      buffers[static_cast<std::size_t>(worker)].row);
-      });
-    }
-    run_items(ex, Hq, [&](index_t h, int worker) {
-      detail_fp::Scratch& buf = buffers[static_cast<std::size_t>(worker)];
-      if (dense) {
-        for (index_t qb = 0; qb < nqb; ++qb) {
-          index_t d0, d1;
-          diag(qb, d0, d1);
-          buf.keep.clear();
-          for (index_t kb = 0; kb <= d1; ++kb) buf.keep.push_back(kb);
-          builder.set_row(h, qb, buf.keep, true);
-        }
+  /// Selects the FlexPrefill mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
+  /// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or budgets.
+  template <class QT, class KT>
+  FlexPrefillSelection select(const TensorView<QT>& q, const TensorView<KT>& k,
+                              const Budget& budget, const AttentionOptions& opt = {}) const {
+    constexpr const char* where = "methods::FlexPrefill::select";
+    FlexPrefillSelection out;
+    SelectionTimer timer(out.stats);
+    require_budget_kind(budget, true, false, true, where);
+    methods::detail::validate_qk(q, k, where);
+    require(!std::isnan(tau) && tau >= 0.0, where, "tau must be >= 0, got ", tau);
+    require(min_budget >= 0, where, "min_budget must be >= 0 tokens, got ", min_budget);
+    require(block >= 1, where, "block must be >= 1, got ", block);
+    require(last_queries >= 1, where, "last_queries must be >= 1, got ", last_queries);
+    const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+    sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
+      if (budget.is_mass()) {
+        out = run(q, k, budget.mass_target(), min_budget, scale, ex);
         return;
       }
-      const index_t hk = h / G;
-      const float* pk = pooled_k.data() + hk * nkb * d;
-      // 1. Estimate.
-      buf.vertical.resize(static_cast<std::size_t>(n_k));
-      buf.slash.resize(static_cast<std::size_t>(n_k));
-      sd::last_queries_mass(q, k, h, hk, w, scale, buf.estimate, buf.vertical.data(),
-                            buf.slash.data());
-      const float inv_w = 1.0f / static_cast<float>(w);
-      for (index_t j = 0; j < n_k; ++j) {
-        buf.vertical[static_cast<std::size_t>(j)] *= inv_w;
-        buf.slash[static_cast<std::size_t>(j)] *= inv_w;
+      const double cr = budget.target_compression();
+      if (cr <= 1.0) {
+        out = run(q, k, 1.0, min_budget, scale, ex);
+        return;
       }
-      // 2. Budgets by cumulative mass, in blocks.
-      sd::order_by_score(buf.vertical.data(), n_k, buf.order);
-      index_t nv = sd::cover_count(buf.vertical.data(), buf.order, opt.gamma) / B + 1;
-      sd::order_by_score(buf.slash.data(), n_k, buf.order);
-      index_t ns = sd::cover_count(buf.slash.data(), buf.order, opt.gamma) / B + 1;
-      nv = std::clamp(nv, min_blocks, nkb);
-      ns = std::clamp(ns, min_blocks, nkb);
-      buf.vb.assign(static_cast<std::size_t>(nkb), 0.0f);
-      buf.sb.assign(static_cast<std::size_t>(nkb), 0.0f);
-      for (index_t j = 0; j < n_k; ++j) {
-        buf.vb[static_cast<std::size_t>(j / B)] += buf.vertical[static_cast<std::size_t>(j)];
-        buf.sb[static_cast<std::size_t>(j / B)] += buf.slash[static_cast<std::size_t>(j)];
-      }
-      // 3. Query-aware test.
-      buf.qmean.assign(static_cast<std::size_t>(d), 0.0f);
-      buf.row.resize(static_cast<std::size_t>(d));
-      for (index_t i = q.tokens - w; i < q.tokens; ++i) {
-        load_row(q.row(h, i), q.stride_dim, buf.row.data(), d);
-        for (index_t c = 0; c < d; ++c)
-          buf.qmean[static_cast<std::size_t>(c)] += buf.row[static_cast<std::size_t>(c)];
-      }
-      buf.a.assign(static_cast<std::size_t>(nkb), 0.0f);
-      for (index_t kb = 0; kb < nkb; ++kb) {
-        float dot = 0.0f;
-        for (index_t c = 0; c < d; ++c)
-          dot += buf.qmean[static_cast<std::size_t>(c)] * pk[kb * d + c];
-        buf.a[static_cast<std::size_t>(kb)] = dot * inv_w * scale;
-      }
-      sd::softmax(buf.a.data(), nkb);
-      const double js = sd::sqrt_js_divergence(buf.a.data(), buf.vb.data(), nkb);
-      const bool query_aware = js < opt.tau;
-      if (query_aware) nv = ns = min_blocks;
-      result.query_aware[static_cast<std::size_t>(h)] = query_aware ? 1 : 0;
-      result.js_distance[static_cast<std::size_t>(h)] = static_cast<float>(js);
-      result.vertical_blocks[static_cast<std::size_t>(h)] = nv;
-      result.slash_blocks[static_cast<std::size_t>(h)] = ns;
-      // 4. Top vertical blocks and slash blocks (block 0 of each forced).
-      buf.vb[0] = buf.sb[0] = sd::kInf;
-      buf.vsel.resize(static_cast<std::size_t>(nkb));
-      std::iota(buf.vsel.begin(), buf.vsel.end(), 0);
-      sd::keep_top_k(buf.vb.data(), buf.vsel, nv);
-      buf.ssel.resize(static_cast<std::size_t>(nkb));
-      std::iota(buf.ssel.begin(), buf.ssel.end(), 0);
-      sd::keep_top_k(buf.sb.data(), buf.ssel, ns);
-
-      buf.mark.assign(static_cast<std::size_t>(nkb), 0);
-      auto emit = [&](index_t qb, const float* scores, index_t n_scores) {
-        index_t d0, d1;
-        diag(qb, d0, d1);
-        for (std::int32_t v : buf.vsel)
-          if (v <= d1) buf.mark[static_cast<std::size_t>(v)] = 1;
-        for (std::int32_t s : buf.ssel)
-          for (index_t kb = std::max<index_t>(0, d0 - s); kb <= d1 - s; ++kb)
-            buf.mark[static_cast<std::size_t>(kb)] = 1;
-        if (scores != nullptr) {  // query-aware: blocks covering gamma of the row's estimate
-          buf.a.assign(scores, scores + n_scores);
-          sd::softmax(buf.a.data(), n_scores);
-          sd::order_by_score(buf.a.data(), n_scores, buf.order);
-          const index_t c = sd::cover_count(buf.a.data(), buf.order, opt.gamma);
-          for (index_t t = 0; t < c; ++t)
-            buf.mark[static_cast<std::size_t>(buf.order[static_cast<std::size_t>(t)])] = 1;
-        }
-        buf.keep.clear();
-        for (index_t kb = 0; kb <= d1; ++kb)
-          if (buf.mark[static_cast<std::size_t>(kb)]) {
-            buf.keep.push_back(kb);
-            buf.mark[static_cast<std::size_t>(kb)] = 0;
-          }
-        builder.set_row(h, qb, buf.keep, true);
+      const index_t floor_tokens = std::min(
+          min_budget,
+          std::max<index_t>(1, static_cast<index_t>(static_cast<double>(k.tokens) / (3.0 * cr))));
+      auto at = [&](double x) {
+        return run(q, k, 1.0 - std::pow(10.0, -x), floor_tokens, scale, ex);
       };
-      if (!query_aware) {
-        for (index_t qb = 0; qb < nqb; ++qb) emit(qb, nullptr, 0);
+      double lo = 0.02, hi = 4.0;  // CR(lo) high, CR(hi) near dense
+      FlexPrefillSelection sparse = at(lo);
+      if (sparse.mask.compression() < cr) {  // even the sparsest gamma is denser than asked
+        out = std::move(sparse);
         return;
       }
-      buf.pooled_q.resize(static_cast<std::size_t>(nqb * d));
-      sd::mean_pool(q, h, B, buf.pooled_q.data(), buf.row);
-      sd::pooled_scores(
-          buf.pooled_q.data(), nqb, pk, nkb, d, scale,
-          [&](index_t qb) {
+      FlexPrefillSelection dense = at(hi);
+      for (int it = 0; it < 12; ++it) {  // invariant: CR(lo) >= target > CR(hi) (or hi = start)
+        const double mid = 0.5 * (lo + hi);
+        FlexPrefillSelection m = at(mid);
+        if (m.mask.compression() > cr) {
+          lo = mid;
+          sparse = std::move(m);
+        } else {
+          hi = mid;
+          dense = std::move(m);
+        }
+      }
+      auto dist = [&](const FlexPrefillSelection& m) {
+        return std::fabs(std::log(m.mask.compression() / cr));
+      };
+      out = dist(sparse) < dist(dense) ? std::move(sparse) : std::move(dense);
+    });
+    index_t aware = 0;
+    for (auto a : out.query_aware) aware += a;
+    detail::finish_prefill(out.stats, out.mask, budget, true,
+                           sparse_attn::detail::concat("gamma=", out.gamma, " min_budget=",
+                                                       out.min_budget,
+                                                       " query-aware heads=", aware));
+    return out;
+  }
+
+ private:
+  // One selection at mass gamma with a vertical / slash floor of min_tokens tokens.
+  template <class QT, class KT>
+  FlexPrefillSelection run(const TensorView<QT>& q, const TensorView<KT>& k, double gamma,
+                           index_t min_tokens, float scale, Executor& ex) const {
+    namespace sd = methods::detail;
+    const index_t G = q.heads / k.heads;
+
+    const MaskShape shape{q.heads, q.tokens, k.tokens, block, block, true};
+    const index_t Hq = q.heads, Hkv = k.heads, d = q.dim, n_k = k.tokens, B = block;
+    const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
+    const index_t w = std::min(last_queries, q.tokens);
+    const bool dense = gamma >= 1.0 || q.tokens == 0;
+    const index_t min_blocks = std::min(nkb, std::max<index_t>(1, (min_tokens + B - 1) / B));
+
+    FlexPrefillSelection result;
+    result.gamma = gamma;
+    result.min_budget = min_tokens;
+    result.query_aware.assign(static_cast<std::size_t>(Hq), 0);
+    result.js_distance.assign(static_cast<std::size_t>(Hq),
+                              std::numeric_limits<float>::quiet_NaN());
+    result.vertical_blocks.assign(static_cast<std::size_t>(Hq), nkb);
+    result.slash_blocks.assign(static_cast<std::size_t>(Hq), nkb);
+    BlockListBuilder builder(shape, false);
+
+    auto diag = [&](index_t qb, index_t& d0, index_t& d1) {
+      d0 = (shape.q_begin(qb) + shape.q_offset()) / B;
+      d1 = (shape.q_end(qb) - 1 + shape.q_offset()) / B;
+    };
+
+    {
+      // One set of buffers per worker, sized before any item runs.
+      std::vector<detail_fp::Scratch> buffers(
+          static_cast<std::size_t>(std::max(ex.concurrency(), 0)));
+      const auto keys = static_cast<std::size_t>(n_k), blocks = static_cast<std::size_t>(nkb);
+      for (detail_fp::Scratch& buf : buffers) {
+        buf.keep.reserve(blocks);
+        if (dense) continue;
+        buf.vertical.resize(keys);
+        buf.slash.resize(keys);
+        buf.order.reserve(keys);
+        buf.vb.reserve(blocks);
+        buf.sb.reserve(blocks);
+        buf.a.reserve(blocks);
+        buf.vsel.reserve(blocks);
+        buf.ssel.reserve(blocks);
+        buf.mark.reserve(blocks);
+        buf.qmean.reserve(static_cast<std::size_t>(d));
+        buf.row.reserve(static_cast<std::size_t>(d));
+        buf.pooled_q.reserve(static_cast<std::size_t>(nqb * d));
+      }
+      std::vector<float> pooled_k;
+      if (!dense) {
+        pooled_k.resize(static_cast<std::size_t>(Hkv * nkb * d));
+        run_items(ex, Hkv, [&](index_t hk, int worker) {
+          sd::mean_pool(k, hk, B, pooled_k.data() + hk * nkb * d,
+                        buffers[static_cast<std::size_t>(worker)].row);
+        });
+      }
+      run_items(ex, Hq, [&](index_t h, int worker) {
+        detail_fp::Scratch& buf = buffers[static_cast<std::size_t>(worker)];
+        if (dense) {
+          for (index_t qb = 0; qb < nqb; ++qb) {
             index_t d0, d1;
             diag(qb, d0, d1);
-            return d1 + 1;
-          },
-          buf.pooled, emit);
-    });
-    static_cast<BlockListMask<AllowAll>&>(result) = builder.build(AllowAll{}, -1, {&ex});
-  });
-  return result;
-}
+            buf.keep.clear();
+            for (index_t kb = 0; kb <= d1; ++kb) buf.keep.push_back(kb);
+            builder.set_row(h, qb, buf.keep, true);
+          }
+          return;
+        }
+        const index_t hk = h / G;
+        const float* pk = pooled_k.data() + hk * nkb * d;
+        // 1. Estimate.
+        buf.vertical.resize(static_cast<std::size_t>(n_k));
+        buf.slash.resize(static_cast<std::size_t>(n_k));
+        sd::last_queries_mass(q, k, h, hk, w, scale, buf.estimate, buf.vertical.data(),
+                              buf.slash.data());
+        const float inv_w = 1.0f / static_cast<float>(w);
+        for (index_t j = 0; j < n_k; ++j) {
+          buf.vertical[static_cast<std::size_t>(j)] *= inv_w;
+          buf.slash[static_cast<std::size_t>(j)] *= inv_w;
+        }
+        // 2. Budgets by cumulative mass, in blocks.
+        sd::order_by_score(buf.vertical.data(), n_k, buf.order);
+        index_t nv = sd::cover_count(buf.vertical.data(), buf.order, gamma) / B + 1;
+        sd::order_by_score(buf.slash.data(), n_k, buf.order);
+        index_t ns = sd::cover_count(buf.slash.data(), buf.order, gamma) / B + 1;
+        nv = std::clamp(nv, min_blocks, nkb);
+        ns = std::clamp(ns, min_blocks, nkb);
+        buf.vb.assign(static_cast<std::size_t>(nkb), 0.0f);
+        buf.sb.assign(static_cast<std::size_t>(nkb), 0.0f);
+        for (index_t j = 0; j < n_k; ++j) {
+          buf.vb[static_cast<std::size_t>(j / B)] += buf.vertical[static_cast<std::size_t>(j)];
+          buf.sb[static_cast<std::size_t>(j / B)] += buf.slash[static_cast<std::size_t>(j)];
+        }
+        // 3. Query-aware test.
+        buf.qmean.assign(static_cast<std::size_t>(d), 0.0f);
+        buf.row.resize(static_cast<std::size_t>(d));
+        for (index_t i = q.tokens - w; i < q.tokens; ++i) {
+          load_row(q.row(h, i), q.stride_dim, buf.row.data(), d);
+          for (index_t c = 0; c < d; ++c)
+            buf.qmean[static_cast<std::size_t>(c)] += buf.row[static_cast<std::size_t>(c)];
+        }
+        buf.a.assign(static_cast<std::size_t>(nkb), 0.0f);
+        for (index_t kb = 0; kb < nkb; ++kb) {
+          float dot = 0.0f;
+          for (index_t c = 0; c < d; ++c)
+            dot += buf.qmean[static_cast<std::size_t>(c)] * pk[kb * d + c];
+          buf.a[static_cast<std::size_t>(kb)] = dot * inv_w * scale;
+        }
+        sd::softmax(buf.a.data(), nkb);
+        const double js = sd::sqrt_js_divergence(buf.a.data(), buf.vb.data(), nkb);
+        const bool query_aware = js < tau;
+        if (query_aware) nv = ns = min_blocks;
+        result.query_aware[static_cast<std::size_t>(h)] = query_aware ? 1 : 0;
+        result.js_distance[static_cast<std::size_t>(h)] = static_cast<float>(js);
+        result.vertical_blocks[static_cast<std::size_t>(h)] = nv;
+        result.slash_blocks[static_cast<std::size_t>(h)] = ns;
+        // 4. Top vertical blocks and slash blocks (block 0 of each forced).
+        buf.vb[0] = buf.sb[0] = sd::kInf;
+        buf.vsel.resize(static_cast<std::size_t>(nkb));
+        std::iota(buf.vsel.begin(), buf.vsel.end(), 0);
+        sd::keep_top_k(buf.vb.data(), buf.vsel, nv);
+        buf.ssel.resize(static_cast<std::size_t>(nkb));
+        std::iota(buf.ssel.begin(), buf.ssel.end(), 0);
+        sd::keep_top_k(buf.sb.data(), buf.ssel, ns);
 
-}  // namespace flex_prefill
+        buf.mark.assign(static_cast<std::size_t>(nkb), 0);
+        auto emit = [&](index_t qb, const float* scores, index_t n_scores) {
+          index_t d0, d1;
+          diag(qb, d0, d1);
+          for (std::int32_t v : buf.vsel)
+            if (v <= d1) buf.mark[static_cast<std::size_t>(v)] = 1;
+          for (std::int32_t s : buf.ssel)
+            for (index_t kb = std::max<index_t>(0, d0 - s); kb <= d1 - s; ++kb)
+              buf.mark[static_cast<std::size_t>(kb)] = 1;
+          if (scores != nullptr) {  // query-aware: blocks covering gamma of the row's estimate
+            buf.a.assign(scores, scores + n_scores);
+            sd::softmax(buf.a.data(), n_scores);
+            sd::order_by_score(buf.a.data(), n_scores, buf.order);
+            const index_t c = sd::cover_count(buf.a.data(), buf.order, gamma);
+            for (index_t t = 0; t < c; ++t)
+              buf.mark[static_cast<std::size_t>(buf.order[static_cast<std::size_t>(t)])] = 1;
+          }
+          buf.keep.clear();
+          for (index_t kb = 0; kb <= d1; ++kb)
+            if (buf.mark[static_cast<std::size_t>(kb)]) {
+              buf.keep.push_back(kb);
+              buf.mark[static_cast<std::size_t>(kb)] = 0;
+            }
+          builder.set_row(h, qb, buf.keep, true);
+        };
+        if (!query_aware) {
+          for (index_t qb = 0; qb < nqb; ++qb) emit(qb, nullptr, 0);
+          return;
+        }
+        buf.pooled_q.resize(static_cast<std::size_t>(nqb * d));
+        sd::mean_pool(q, h, B, buf.pooled_q.data(), buf.row);
+        sd::pooled_scores(
+            buf.pooled_q.data(), nqb, pk, nkb, d, scale,
+            [&](index_t qb) {
+              index_t d0, d1;
+              diag(qb, d0, d1);
+              return d1 + 1;
+            },
+            buf.pooled, emit);
+      });
+      result.mask = builder.build(AllowAll{}, -1, {&ex});
+    }
+    return result;
+  }
+};
+
 }  // namespace methods
 SPARSE_ATTN_NAMESPACE_END

@@ -1,78 +1,112 @@
 // Method 2, decode eviction form (METHODS.md): StreamingLLM. The cache keeps the first S tokens
 // (attention sinks) and the most recent W; everything else is evicted, at the end of prefill and
-// whenever a decode step grows a head past S + W. Positions are not re-indexed (keys are post-RoPE,
-// see kv/cache.hpp): the sinks keep positions 0..S-1 and the window its true positions.
-// CR = n / (S + W) for decode; S + W >= n keeps everything (dense). The prefill form (A-shape
+// whenever a decode step's token grows a head past S + W, before the step attends (so every step
+// reads exactly S + W keys). Positions are not re-indexed (keys are post-RoPE, see kv/cache.hpp):
+// the sinks keep positions 0..S-1 and the window its true positions. The prefill form (A-shape
 // mask) is methods/sliding_window.hpp. No scores: the plan's scores are empty.
+//
+// Budget (unit tokens per KV head, T = S + W): count(T), or compression(CR): T =
+// count_for_compression(sequence length, CR) at every eviction, so the CR holds as the sequence
+// grows. S = min(sinks, T - 1) and W = T - S (W >= 1: the newest token is always kept). Achieved
+// CR = sequence length / tokens kept; a compression target the cache cannot reach (CR 10 on a
+// cache of 5 tokens keeps 1 token: CR 5) reports reachable = false.
 #pragma once
 #include "sparse_attn/core/config.hpp"
-#include <cmath>
+#include <algorithm>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/eviction.hpp"
+#include "sparse_attn/methods/budget.hpp"
+#include "sparse_attn/methods/decode_policy.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
-struct StreamingOptions {
-  index_t sinks = 4;         // S
-  index_t window = 1024;     // W: recent tokens kept (when compression == 0 and budget == 0)
-  double compression = 0.0;  // > 0: S + W = ceil(sequence length / CR) at every eviction
-  index_t budget = 0;        // > 0: S + W = budget
+struct StreamingLLM {
+  static constexpr const char* name = "streaming";
+  static constexpr const char* summary = "StreamingLLM: 4 sinks + recent window";
+  static constexpr BudgetUnit unit = BudgetUnit::tokens;
+
+  index_t sinks = 4;  // S (at most T - 1)
+
+  template <class V>
+  void visit_params(V&& v) {
+    v("sinks", sinks, "first tokens always kept (attention sinks), at most budget - 1");
+  }
+
+  /// T = S + W for a sequence of n tokens so far.
+  index_t total_for(index_t n, const Budget& budget) const {
+    require_budget_kind(budget, true, true, false, name);
+    require(sinks >= 0, name, ": sinks must be >= 0, got ", sinks);
+    return budget.is_count()
+               ? budget.units()
+               : std::max<index_t>(1, count_for_compression(n, budget.target_compression()));
+  }
+
+  /// Keep the first S and the last W slots of every head (does not modify the cache).
+  template <class Cache>
+  kv::EvictionPlan select(const Cache& cache, const Budget& budget) const {
+    kv::EvictionPlan plan;
+    {
+      SelectionTimer timer(plan.stats);
+      const index_t total = total_for(cache.sequence_length(), budget);
+      const index_t S = std::min(sinks, total - 1), W = total - S;
+      plan.dense = true;
+      plan.keep.resize(static_cast<std::size_t>(cache.kv_heads()));
+      for (index_t h = 0; h < cache.kv_heads(); ++h) {
+        const index_t n = cache.length(h);
+        auto& k = plan.keep[static_cast<std::size_t>(h)];
+        k.reserve(static_cast<std::size_t>(std::min(n, total)));
+        for (index_t j = 0; j < n; ++j)
+          if (j < S || j >= n - W) k.push_back(j);
+        plan.dense = plan.dense && static_cast<index_t>(k.size()) == n;
+      }
+      kv::finish_eviction_stats(plan, cache, budget, true,
+                                "S=" + std::to_string(S) + " W=" + std::to_string(W));
+    }
+    return plan;
+  }
+  /// The selection contract's form (q is not read).
+  template <class TQ, class Cache>
+  kv::EvictionPlan select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
+                          const AttentionOptions& opt = {}) const {
+    (void)q, (void)opt;
+    return select(cache, budget);
+  }
+
+  template <class Cache, class TQ>
+  std::unique_ptr<DecodePolicy<Cache, TQ>> policy(const Budget& budget) const;
 };
 
-namespace streaming {
-
-/// W for a sequence of n tokens so far (W >= 1: the newest token is always kept).
-inline index_t resolve_window(index_t n, const StreamingOptions& opt) {
-  constexpr const char* where = "streaming";
-  require(opt.sinks >= 0, where, ": sinks must be >= 0, got ", opt.sinks);
-  require(opt.budget >= 0, where, ": budget must be >= 0 tokens, got ", opt.budget);
-  require(opt.compression == 0.0 || (std::isfinite(opt.compression) && opt.compression >= 1.0),
-          where, ": compression must be finite and >= 1 (0: use window), got ", opt.compression);
-  index_t total = opt.budget;
-  if (total == 0 && opt.compression > 0.0)
-    total = static_cast<index_t>(std::ceil(static_cast<double>(n) / opt.compression - 1e-9));
-  if (total == 0) {
-    require(opt.window >= 1, where, ": window must be >= 1, got ", opt.window);
-    return opt.window;
+/// StreamingLLM as a policy: evicts after the prompt and before every step attends.
+template <class Cache, class TQ>
+class StreamingPolicy final : public DecodePolicy<Cache, TQ> {
+ public:
+  using QView = TensorView<const TQ>;
+  StreamingPolicy(const StreamingLLM& m, const Budget& budget)
+      : DecodePolicy<Cache, TQ>(budget), method_(m) {}
+  const char* name() const override { return StreamingLLM::name; }
+  void after_prefill(const QView& q, Cache& cache, const AttentionOptions& opt) override {
+    this->record(evict(method_, q, cache, this->budget_, opt));
   }
-  return std::max<index_t>(1, total - opt.sinks);
-}
-
-/// Keep the first `sinks` and the last `window` slots of every head.
-template <class Cache>
-kv::EvictionPlan select(const Cache& cache, index_t sinks, index_t window) {
-  require(sinks >= 0 && window >= 1, "streaming::select", ": need sinks >= 0 and window >= 1, got ",
-          sinks, " and ", window);
-  kv::EvictionPlan plan;
-  plan.budget = sinks + window;
-  plan.dense = true;
-  plan.keep.resize(static_cast<std::size_t>(cache.kv_heads()));
-  for (index_t h = 0; h < cache.kv_heads(); ++h) {
-    const index_t n = cache.length(h);
-    auto& k = plan.keep[static_cast<std::size_t>(h)];
-    for (index_t j = 0; j < n; ++j)
-      if (j < sinks || j >= n - window) k.push_back(j);
-    plan.dense = plan.dense && static_cast<index_t>(k.size()) == n;
+  KeySelection before_step(const QView& q, Cache& cache, const AttentionOptions& opt) override {
+    this->record(evict(method_, q, cache, this->budget_, opt));
+    return KeySelection::all();
   }
-  return plan;
+
+ private:
+  StreamingLLM method_;
+};
+
+template <class Cache, class TQ>
+std::unique_ptr<DecodePolicy<Cache, TQ>> StreamingLLM::policy(const Budget& budget) const {
+  total_for(1, budget);  // validates the budget and the parameters
+  return std::make_unique<StreamingPolicy<Cache, TQ>>(*this, budget);
 }
 
-template <class Cache>
-kv::EvictionPlan select(const Cache& cache, const StreamingOptions& opt = {}) {
-  return select(cache, opt.sinks, resolve_window(cache.sequence_length(), opt));
-}
-
-/// select() then apply().
-template <class Cache>
-kv::EvictionPlan evict(Cache& cache, index_t sinks, index_t window) {
-  kv::EvictionPlan plan = select(cache, sinks, window);
-  if (!plan.dense) kv::apply(plan, cache);
-  return plan;
-}
-
-}  // namespace streaming
 }  // namespace methods
 SPARSE_ATTN_NAMESPACE_END

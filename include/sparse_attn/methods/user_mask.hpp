@@ -1,5 +1,8 @@
 // A block mask supplied by the caller (an inference engine's own block-sparse layout), validated
-// and turned into the common BlockListMask so the common prefill kernel executes it.
+// and turned into the common BlockListMask so the common prefill kernel executes it. As a method
+// (UserMask) it holds that mask; select() checks the Q/K shapes against it and returns it with
+// its statistics. It takes compression budgets only (the mask is fixed): reachable iff the mask's
+// CR is within the target's tolerance.
 //
 // Layout: block CSR over rows r = h * num_q_blocks + qb (a single head's rows when head_shared):
 // key blocks of row r are col_indices[row_offsets[r] .. row_offsets[r + 1]), strictly increasing.
@@ -11,8 +14,10 @@
 //
 // Validated (sparse_attn::invalid_argument naming the argument and the allowed range): geometry,
 // row_offsets size = rows + 1, starting at 0, non-decreasing, ending at col_indices' size; flags
-// empty or one per entry; key blocks in [0, num_k_blocks), strictly increasing per row (sorted, no
-// duplicates) and, when causal, not after the query block's last position.
+// empty or one per entry; every entry by the one block-list check of mask/block_mask.hpp
+// (detail::check_block_entry, shared with BlockListBuilder): key blocks in [0, num_k_blocks),
+// strictly increasing per row (sorted, no duplicates) and, when causal, not after the query
+// block's last position.
 //
 // Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
 #pragma once
@@ -25,7 +30,11 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/exec/default.hpp"
+#include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/budget.hpp"
+#include "sparse_attn/methods/detail/selection.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
@@ -51,24 +60,20 @@ struct BlockCsr {
   bool head_shared = false;      // one layout for every query head
 };
 
-namespace user_mask {
 namespace detail_um {
 template <class P, class = void>
 struct is_trivial_pred : std::false_type {};
 template <class P>
 struct is_trivial_pred<P, std::void_t<decltype(P::trivial)>> : std::bool_constant<P::trivial> {};
-}  // namespace detail_um
 
 /// Validates `csr` against `shape` and returns it as a BlockListMask<Pred> (the predicate decides
-/// elements of partial blocks). Throws sparse_attn::invalid_argument on any inconsistency. The
-/// pairs are counted on `exec` (the predicate is called there; an exception of it reaches the
-/// caller).
-template <class Pred = AllowAll, class Offset, class Index>
-BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Index>& csr,
-                             Pred pred = {}, const ExecutorChoice& exec = {}) {
+/// elements of partial blocks); the pairs are counted on `exec` (the predicate is called there;
+/// an exception of it reaches the caller).
+template <class Pred, class Offset, class Index>
+BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Index>& csr, Pred pred,
+                             const ExecutorChoice& exec, const char* where) {
   static_assert(std::is_integral_v<Offset> && std::is_integral_v<Index>,
                 "row_offsets and col_indices must hold integers");
-  constexpr const char* where = "methods::user_mask::from_bsr";
   require(shape.heads >= 1, where, "shape.heads must be >= 1, got ", shape.heads);
   require(shape.n_q >= 0 && shape.n_k >= 0 && shape.n_q <= shape.n_k, where,
           "shape needs 0 <= n_q <= n_k (queries are a suffix of the keys), got n_q=", shape.n_q,
@@ -76,7 +81,7 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
   require(shape.block_q >= 1 && shape.block_k >= 1, where,
           "shape block sizes must be >= 1, got block_q=", shape.block_q,
           ", block_k=", shape.block_k);
-  const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
+  const index_t nqb = shape.num_q_blocks();
   const index_t layout_heads = csr.head_shared ? 1 : shape.heads;
   const index_t rows = layout_heads * nqb;
   const auto& off = csr.row_offsets;
@@ -106,29 +111,16 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
   std::vector<index_t> offsets(static_cast<std::size_t>(rows + 1));
   std::vector<std::int32_t> blocks(static_cast<std::size_t>(col.size));
   std::vector<std::uint8_t> full(static_cast<std::size_t>(col.size));
-  constexpr bool default_full = detail_um::is_trivial_pred<Pred>::value;
+  constexpr bool default_full = is_trivial_pred<Pred>::value;
   for (index_t r = 0; r < rows; ++r) {
     const index_t h = r / nqb, qb = r % nqb;
     const index_t first_pos = shape.q_begin(qb) + shape.q_offset();
-    const index_t last_pos = shape.q_end(qb) - 1 + shape.q_offset();
     offsets[static_cast<std::size_t>(r + 1)] = static_cast<index_t>(off[r + 1]);
+    index_t prev = -1;
     for (index_t e = static_cast<index_t>(off[r]); e < static_cast<index_t>(off[r + 1]); ++e) {
       const index_t kb = static_cast<index_t>(col[e]);  // huge unsigned values wrap negative
-      require(kb >= 0 && kb < nkb, where, "col_indices[", e, "] = ", kb, " (head ", h,
-              ", query block ", qb, ") is out of range; key blocks are [0, ", nkb, ")");
-      if (e > static_cast<index_t>(off[r])) {
-        const index_t prev = static_cast<index_t>(col[e - 1]);
-        require(prev != kb, where, "col_indices[", e, "] = ", kb, " repeats col_indices[", e - 1,
-                "] (head ", h, ", query block ", qb, "); key blocks of a row must be unique");
-        require(prev < kb, where, "col_indices[", e, "] = ", kb, " follows col_indices[", e - 1,
-                "] = ", prev, " (head ", h, ", query block ", qb,
-                "); key blocks of a row must be sorted ascending");
-      }
-      if (shape.causal)
-        require(shape.k_begin(kb) <= last_pos, where, "col_indices[", e, "] = ", kb, " (head ", h,
-                ", query block ", qb, ") starts at key ", shape.k_begin(kb),
-                " after the block's last query position ", last_pos,
-                "; a causal mask allows key blocks [0, ", last_pos / shape.block_k, "]");
+      sparse_attn::detail::check_block_entry(shape, where, "col_indices", e, h, qb, prev, kb);
+      prev = kb;
       bool is_full = csr.full.size > 0 ? csr.full[e] != 0 : default_full;
       if (shape.causal && shape.k_end(kb) - 1 > first_pos) is_full = false;  // causality cuts it
       blocks[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(kb);
@@ -138,22 +130,78 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
   return BlockListMask<Pred>(shape, csr.head_shared, std::move(offsets), std::move(blocks),
                              std::move(full), std::move(pred), -1, exec);
 }
+}  // namespace detail_um
 
-/// Convenience: std::vector arrays (index_t offsets, int32 key blocks).
+/// A caller-supplied block mask as a method; Pred decides the elements of partial blocks (UserMask:
+/// none, every listed element allowed up to causality). Throws sparse_attn::invalid_argument
+/// (prefixed "methods::UserMask") on any inconsistency of the layout.
 template <class Pred = AllowAll>
-BlockListMask<Pred> from_bsr(const MaskShape& shape, bool head_shared,
-                             const std::vector<index_t>& row_offsets,
-                             const std::vector<std::int32_t>& col_indices,
-                             const std::vector<std::uint8_t>& full = {}, Pred pred = {},
-                             const ExecutorChoice& exec = {}) {
-  BlockCsr<index_t, std::int32_t> csr;
-  csr.row_offsets = row_offsets;
-  csr.col_indices = col_indices;
-  csr.full = full;
-  csr.head_shared = head_shared;
-  return from_bsr(shape, csr, std::move(pred), exec);
-}
+struct BasicUserMask {
+  static constexpr const char* name = "user_mask";
+  static constexpr const char* summary = "a caller-supplied block mask (block CSR)";
+  static constexpr BudgetUnit unit = BudgetUnit::none;
+  static constexpr bool takes_user_mask = true;  // selects from the caller's mask, not from Q/K
 
-}  // namespace user_mask
+  BlockListMask<Pred> mask;  // the validated mask
+
+  BasicUserMask() = default;
+  /// An already built mask (BlockListBuilder validated it).
+  explicit BasicUserMask(BlockListMask<Pred> m) : mask(std::move(m)) {}
+  /// Validates `csr` against `shape`; the pairs are counted on `exec`.
+  template <class Offset, class Index>
+  BasicUserMask(const MaskShape& shape, const BlockCsr<Offset, Index>& csr, Pred pred = {},
+           const ExecutorChoice& exec = {})
+      : mask(detail_um::from_bsr(shape, csr, std::move(pred), exec, "methods::UserMask")) {}
+  /// Convenience: std::vector arrays (index_t offsets, int32 key blocks).
+  BasicUserMask(const MaskShape& shape, bool head_shared, const std::vector<index_t>& row_offsets,
+                const std::vector<std::int32_t>& col_indices,
+                const std::vector<std::uint8_t>& full = {}, Pred pred = {},
+                const ExecutorChoice& exec = {})
+      : BasicUserMask(shape, csr_of(head_shared, row_offsets, col_indices, full), std::move(pred),
+                 exec) {}
+
+  template <class V>
+  void visit_params(V&&) {}  // no parameters: the mask is the method
+
+  /// The held mask for q [Hq, n_q, d] over k [Hkv, n_k, d], whose shapes must match it. Budget:
+  /// compression only; reachable iff the mask's CR is within the target's tolerance.
+  template <class QT, class KT>
+  PrefillSelection<BlockListMask<Pred>> select(const TensorView<QT>& q, const TensorView<KT>& k,
+                                               const Budget& budget = {},
+                                               const AttentionOptions& opt = {}) const {
+    constexpr const char* where = "methods::UserMask::select";
+    PrefillSelection<BlockListMask<Pred>> r;
+    SelectionTimer timer(r.stats);
+    require_budget_kind(budget, true, false, false, where);
+    detail::validate_qk(q, k, where);
+    (void)kernel::resolve_scale(opt.scale, q.dim, where);
+    const MaskShape& s = mask.shape();
+    require(q.heads == s.heads && q.tokens == s.n_q && k.tokens == s.n_k, where,
+            "q [Hq=", q.heads, ", n_q=", q.tokens, "] and k [n_k=", k.tokens,
+            "] do not match the mask's shape (heads=", s.heads, ", n_q=", s.n_q, ", n_k=", s.n_k,
+            ")");
+    r.mask = mask;
+    detail::finish_prefill(r.stats, r.mask, budget, true,
+                           sparse_attn::detail::concat(r.mask.block_indices().size(),
+                                                       " listed blocks"));
+    return r;
+  }
+
+ private:
+  static BlockCsr<index_t, std::int32_t> csr_of(bool head_shared, const std::vector<index_t>& off,
+                                                const std::vector<std::int32_t>& col,
+                                                const std::vector<std::uint8_t>& full) {
+    BlockCsr<index_t, std::int32_t> csr;
+    csr.row_offsets = off;
+    csr.col_indices = col;
+    csr.full = full;
+    csr.head_shared = head_shared;
+    return csr;
+  }
+};
+
+/// The user mask without an element predicate (the registry's "user_mask").
+using UserMask = BasicUserMask<>;
+
 }  // namespace methods
 SPARSE_ATTN_NAMESPACE_END

@@ -6,10 +6,17 @@
 // column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
 // sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
 // band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
-// index), V and S given, or found from a target CR: one budget x gives V = max(4, x) and
-// S = max(64, x) (so V = S past the forced counts), and x is the smallest whose executed mask's
-// pairs reach dense / target (achieved CR <= target). When even the forced sets alone (V = 4,
-// S = 64) are denser than the target, they are returned with reachable = false.
+// index, ranking.hpp).
+// Budget (unit lines = V + S):
+//   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
+//                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
+//                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
+//   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
+//                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
+//                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
+//                   S = 64) are denser than the target, they are returned with reachable = false.
+// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
+// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
 //
 // Execution, both from the same sets:
 //   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
@@ -28,6 +35,7 @@
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -35,25 +43,12 @@
 
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/budget.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
-
-struct VerticalSlashOptions {
-  index_t vertical = 1000;     // V: columns kept (>= sink_columns), used when compression == 0
-  index_t slash = 6096;        // S: offsets kept (>= local_offsets), used when compression == 0
-  double compression = 0.0;    // > 0: target CR (finite, >= 1); V, S found by binary search
-  index_t last_queries = 64;   // w: estimate from the last min(w, n_q) queries
-  index_t sink_columns = 4;    // forced columns 0 .. sink_columns - 1
-  index_t local_offsets = 64;  // forced offsets 0 .. local_offsets - 1
-  index_t block = 64;          // kernel tile (block_q = block_k)
-  float scale =
-      std::numeric_limits<float>::quiet_NaN();  // estimate's softmax scale; NaN: 1/sqrt(d)
-  int num_threads = 0;           // selection threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
-                                 // num_threads
-};
 
 /// Exact-mode element test: query qi (position p) sees key kj iff column kj is vertical or offset
 /// p - kj is a slash (causality is applied by the mask before this test).
@@ -74,20 +69,13 @@ struct VerticalSlashPredicate {
   }
 };
 
-/// The selected mask (pass it to prefill as is) and what was asked and reached.
-template <class Pred>
-struct VerticalSlashMask : BlockListMask<Pred> {
-  VerticalSlashMask() = default;
-  explicit VerticalSlashMask(BlockListMask<Pred> m) : BlockListMask<Pred>(std::move(m)) {}
-  double target_compression = detail::kNaN;  // requested CR (NaN when V and S were given)
-  bool reachable = true;  // false: target beyond the forced sets' cap, clamped to them
-  index_t vertical = 0;   // V used (every head), clamped to n_k
-  index_t slash = 0;      // S used (every head), clamped to n_k
+/// A Vertical-Slash selection: the mask, its statistics, and the V and S every head kept.
+template <class Mask>
+struct VerticalSlashSelection : PrefillSelection<Mask> {
+  index_t vertical = 0;  // V used (every head), clamped to n_k
+  index_t slash = 0;     // S used (every head), clamped to n_k
 };
-using VerticalSlashExactMask = VerticalSlashMask<VerticalSlashPredicate>;
-using VerticalSlashTiledMask = VerticalSlashMask<AllowAll>;
 
-namespace vertical_slash {
 namespace detail_vs {
 
 // Per head, every column and every offset ordered best first (forced ones on top).
@@ -103,9 +91,9 @@ struct RankScratch {
   std::vector<std::int32_t> order;
 };
 
-template <class QT, class KT>
-Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G,
-             const VerticalSlashOptions& opt, float scale, Executor& ex) {
+template <class QT, class KT, class Params>
+Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, const Params& opt,
+             float scale, Executor& ex) {
   Ranking r;
   r.n_k = k.tokens;
   const index_t n_k = k.tokens, w = std::min(opt.last_queries, q.tokens);
@@ -218,125 +206,150 @@ index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns
   return total;
 }
 
-template <bool Tiled, class QT, class KT>
-auto select(const TensorView<QT>& q, const TensorView<KT>& k, const VerticalSlashOptions& opt,
-            const char* where) {
-  using Pred = std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>;
-  const index_t G = methods::detail::validate_qk(q, k, where);
-  require(opt.block >= 1, where, "block must be >= 1, got ", opt.block);
-  require(opt.last_queries >= 1, where, "last_queries must be >= 1, got ", opt.last_queries);
-  require(opt.sink_columns >= 0 && opt.local_offsets >= 0, where,
-          "sink_columns and local_offsets must be >= 0, got ", opt.sink_columns, " and ",
-          opt.local_offsets);
-  require(opt.num_threads >= 0, where, "num_threads must be >= 0, got ", opt.num_threads);
-  require(opt.compression == 0.0 || (std::isfinite(opt.compression) && opt.compression >= 1.0),
-          where, "compression must be 0 (use vertical and slash) or finite and >= 1, got ",
-          opt.compression);
-  if (opt.compression == 0.0) {
-    require(opt.vertical >= opt.sink_columns, where, "vertical (V) must be >= sink_columns (",
-            opt.sink_columns, "), got ", opt.vertical);
-    require(opt.slash >= opt.local_offsets, where, "slash (S) must be >= local_offsets (",
-            opt.local_offsets, "), got ", opt.slash);
-  }
-  const float scale = methods::detail::resolve_scale(opt.scale, q.dim, where);
-
-  const MaskShape shape{q.heads, q.tokens, k.tokens, opt.block, opt.block, true};
-  const index_t n_k = k.tokens;
-  VerticalSlashMask<Pred> result;
-  BlockListBuilder builder(shape, false);
-  if (q.tokens == 0) {  // no rows: nothing to estimate or count
-    static_cast<BlockListMask<Pred>&>(result) = builder.build(Pred{}, 0);
-    return result;
-  }
-  sparse_attn::detail::with_executor({opt.executor, opt.num_threads}, [&](Executor& ex) {
-    const auto workers = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
-    // Per worker: the flags and prefix counts of one head, and one row's key blocks.
-    std::vector<HeadSets> sets(workers);
-    std::vector<std::vector<index_t>> rows(workers);
-    for (std::size_t wk = 0; wk < workers; ++wk) {
-      sets[wk].col.reserve(static_cast<std::size_t>(n_k));
-      sets[wk].off.reserve(static_cast<std::size_t>(n_k));
-      sets[wk].col_prefix.reserve(static_cast<std::size_t>(n_k + 1));
-      sets[wk].off_prefix.reserve(static_cast<std::size_t>(n_k + 1));
-      rows[wk].reserve(static_cast<std::size_t>(shape.num_k_blocks()));
-    }
-    const Ranking ranking = rank(q, k, G, opt, scale, ex);
-    index_t nv = std::min(opt.vertical, n_k), ns = std::min(opt.slash, n_k);
-    if (opt.compression > 0.0) {
-      // One budget x: V = max(sinks, x), S = max(local, x) (V = S once past the forced counts),
-      // so the sparsest legal point is the forced sets alone.
-      result.target_compression = opt.compression;
-      const index_t sinks = std::min(opt.sink_columns, n_k),
-                    local = std::min(opt.local_offsets, n_k);
-      auto budgets = [&](index_t x, index_t& v, index_t& s) {
-        v = std::max(sinks, x);
-        s = std::max(local, x);
-      };
-      const index_t x = methods::detail::budget_for_compression(
-          std::min(sinks, local), n_k, shape.dense_pairs(), opt.compression,
-          [&](index_t xx) {
-            index_t v, s;
-            budgets(xx, v, s);
-            return total_pairs<Tiled>(shape, ranking, v, s, ex, sets);
-          },
-          result.reachable);
-      budgets(x, nv, ns);
-    }
-    result.vertical = nv;
-    result.slash = ns;
-
-    Pred pred{};
-    if constexpr (!Tiled) {
-      pred.n_k = n_k;
-      pred.q_offset = shape.q_offset();
-      pred.columns.resize(static_cast<std::size_t>(q.heads * n_k));
-      pred.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
-    }
-    run_items(ex, q.heads, [&](index_t h, int worker) {
-      HeadSets& hs = sets[static_cast<std::size_t>(worker)];
-      std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
-      hs.assign(ranking, h, nv, ns);
-      if constexpr (!Tiled) {
-        std::copy(hs.col.begin(), hs.col.end(), pred.columns.begin() + h * n_k);
-        std::copy(hs.off.begin(), hs.off.end(), pred.offsets.begin() + h * n_k);
-      }
-      for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
-        row.clear();
-        for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
-        builder.set_row(h, qb, row, true);
-      }
-    });
-    // The exact mode's pair count has an O(n) closed form; counting elementwise costs O(n^2 / CR).
-    const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, ex, sets);
-    static_cast<BlockListMask<Pred>&>(result) = builder.build(std::move(pred), known, {&ex});
-  });
-  return result;
-}
-
 }  // namespace detail_vs
 
-/// Exact Vertical-Slash mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float, bf16
-/// or fp16). Throws sparse_attn::invalid_argument on bad shapes or options.
-template <class QT, class KT>
-VerticalSlashExactMask select_exact(const TensorView<QT>& q, const TensorView<KT>& k,
-                                    const VerticalSlashOptions& opt = {}) {
-  return detail_vs::select<false>(q, k, opt, "methods::vertical_slash::select_exact");
-}
+template <bool Tiled>
+struct BasicVerticalSlash {
+  static constexpr const char* name = Tiled ? "vertical_slash_tiled" : "vertical_slash";
+  static constexpr const char* summary =
+      Tiled ? "MInference V/S, whole blocks" : "MInference V/S, exact";
+  static constexpr BudgetUnit unit = BudgetUnit::lines;
+  /// The executed mask: exact = element predicate on the listed blocks; tiled = whole blocks.
+  using Mask = BlockListMask<std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>>;
 
-/// Tiled Vertical-Slash mask (whole blocks, superset of the exact mask for the same V and S).
-template <class QT, class KT>
-VerticalSlashTiledMask select_tiled(const TensorView<QT>& q, const TensorView<KT>& k,
-                                    const VerticalSlashOptions& opt = {}) {
-  return detail_vs::select<true>(q, k, opt, "methods::vertical_slash::select_tiled");
-}
+  index_t last_queries = 64;    // w: estimate from the last min(w, n_q) queries
+  index_t sink_columns = 4;     // forced columns 0 .. sink_columns - 1
+  index_t local_offsets = 64;   // forced offsets 0 .. local_offsets - 1
+  index_t block = 64;           // kernel tile (block_q = block_k)
+  double vertical_share = 0.5;  // fraction of a budget's lines that are columns, in [0, 1]
 
-/// The exact mode (METHODS.md's definition); select_tiled for the whole-block execution.
-template <class QT, class KT>
-VerticalSlashExactMask select(const TensorView<QT>& q, const TensorView<KT>& k,
-                              const VerticalSlashOptions& opt = {}) {
-  return select_exact(q, k, opt);
-}
+  template <class V>
+  void visit_params(V&& v) {
+    v("last_queries", last_queries, "w: estimate from the last min(w, n_q) queries");
+    v("sink_columns", sink_columns, "forced columns 0 .. sink_columns - 1");
+    v("local_offsets", local_offsets, "forced offsets 0 .. local_offsets - 1 (local band)");
+    v("block", block, "kernel tile size (query and key block)");
+    v("vertical_share", vertical_share, "fraction of the budget's lines that are columns");
+  }
 
-}  // namespace vertical_slash
+  /// (V, S) of L lines over n_k keys (see the budget rules above).
+  void split(index_t lines, index_t n_k, index_t& v, index_t& s) const {
+    const index_t sinks = std::min(sink_columns, n_k), local = std::min(local_offsets, n_k);
+    if (lines <= sinks + local) {
+      v = sinks;
+      s = local;
+    } else {
+      const auto wanted =
+          static_cast<index_t>(std::llround(static_cast<double>(lines) * vertical_share));
+      v = std::clamp(wanted, sinks, lines - local);
+      s = lines - v;
+    }
+    v = std::min(v, n_k);
+    s = std::min(s, n_k);
+  }
+
+  /// Selects the Vertical-Slash mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides;
+  /// float, bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or
+  /// budgets.
+  template <class QT, class KT>
+  VerticalSlashSelection<Mask> select(const TensorView<QT>& q, const TensorView<KT>& k,
+                                      const Budget& budget,
+                                      const AttentionOptions& opt = {}) const {
+    using namespace detail_vs;
+    using Pred = std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>;
+    constexpr const char* where =
+        Tiled ? "methods::VerticalSlashTiled::select" : "methods::VerticalSlash::select";
+    VerticalSlashSelection<Mask> result;
+    SelectionTimer timer(result.stats);
+    require_budget_kind(budget, true, true, false, where);
+    const index_t G = methods::detail::validate_qk(q, k, where);
+    require(block >= 1, where, "block must be >= 1, got ", block);
+    require(last_queries >= 1, where, "last_queries must be >= 1, got ", last_queries);
+    require(sink_columns >= 0 && local_offsets >= 0, where,
+            "sink_columns and local_offsets must be >= 0, got ", sink_columns, " and ",
+            local_offsets);
+    require(vertical_share >= 0.0 && vertical_share <= 1.0, where,
+            "vertical_share must be in [0, 1], got ", vertical_share);
+    const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
+
+    const MaskShape shape{q.heads, q.tokens, k.tokens, block, block, true};
+    const index_t n_k = k.tokens;
+    const index_t sinks = std::min(sink_columns, n_k), local = std::min(local_offsets, n_k);
+    BlockListBuilder builder(shape, false);
+    index_t lines = budget.is_count() ? budget.units() : 0;
+    if (q.tokens == 0) {  // no rows: nothing to estimate or count
+      result.mask = builder.build(Pred{}, 0);
+      detail::finish_prefill(result.stats, result.mask, budget, true, "V=0 S=0");
+      return result;
+    }
+    index_t nv = 0, ns = 0;
+    sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
+      const auto workers = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
+      // Per worker: the flags and prefix counts of one head, and one row's key blocks.
+      std::vector<HeadSets> sets(workers);
+      std::vector<std::vector<index_t>> rows(workers);
+      for (std::size_t wk = 0; wk < workers; ++wk) {
+        sets[wk].col.reserve(static_cast<std::size_t>(n_k));
+        sets[wk].off.reserve(static_cast<std::size_t>(n_k));
+        sets[wk].col_prefix.reserve(static_cast<std::size_t>(n_k + 1));
+        sets[wk].off_prefix.reserve(static_cast<std::size_t>(n_k + 1));
+        rows[wk].reserve(static_cast<std::size_t>(shape.num_k_blocks()));
+      }
+      const Ranking ranking = rank(q, k, G, *this, scale, ex);
+      if (budget.is_compression()) {
+        // Lines L from the forced sets alone (L = 0) to the point where both sets hold every key.
+        const double lean = std::min(vertical_share, 1.0 - vertical_share);
+        const index_t hi =
+            lean > 0.0 ? static_cast<index_t>(std::ceil(static_cast<double>(n_k) / lean)) + 2
+                       : n_k + sinks + local;
+        lines = nearest_budget(0, hi, shape.dense_pairs(), budget.target_compression(),
+                               [&](index_t x) {
+                                 index_t v, s;
+                                 split(x, n_k, v, s);
+                                 return total_pairs<Tiled>(shape, ranking, v, s, ex, sets);
+                               });
+      }
+      split(lines, n_k, nv, ns);
+
+      Pred pred{};
+      if constexpr (!Tiled) {
+        pred.n_k = n_k;
+        pred.q_offset = shape.q_offset();
+        pred.columns.resize(static_cast<std::size_t>(q.heads * n_k));
+        pred.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
+      }
+      run_items(ex, q.heads, [&](index_t h, int worker) {
+        HeadSets& hs = sets[static_cast<std::size_t>(worker)];
+        std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
+        hs.assign(ranking, h, nv, ns);
+        if constexpr (!Tiled) {
+          std::copy(hs.col.begin(), hs.col.end(), pred.columns.begin() + h * n_k);
+          std::copy(hs.off.begin(), hs.off.end(), pred.offsets.begin() + h * n_k);
+        }
+        for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
+          row.clear();
+          for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
+          builder.set_row(h, qb, row, true);
+        }
+      });
+      // The exact mode's pair count has an O(n) closed form; counting elementwise costs
+      // O(n^2 / CR).
+      const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, ex, sets);
+      result.mask = builder.build(std::move(pred), known, {&ex});
+    });
+    result.vertical = nv;
+    result.slash = ns;
+    const bool honoured = !budget.is_count() || lines >= sinks + local;
+    detail::finish_prefill(result.stats, result.mask, budget, honoured,
+                           sparse_attn::detail::concat("V=", nv, " S=", ns));
+    return result;
+  }
+};
+
+/// Exact Vertical-Slash (METHODS.md's definition).
+using VerticalSlash = BasicVerticalSlash<false>;
+/// Tiled Vertical-Slash: whole blocks, a superset of the exact mask for the same V and S.
+using VerticalSlashTiled = BasicVerticalSlash<true>;
+
 }  // namespace methods
 SPARSE_ATTN_NAMESPACE_END

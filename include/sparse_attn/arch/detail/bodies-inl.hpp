@@ -209,6 +209,23 @@ SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index
           if (mask.allowed(mh, q0 + i, k0 + j)) ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
 }
 
+// Key mass: where a head's key-mass rows [sel0, sel0 + nsel) of the tile keep their logits
+// (width: nsel padded to kMaxLanes; dst null: nothing to keep).
+struct MassRows {
+  float* dst = nullptr;
+  index_t sel0 = 0, nsel = 0, width = 0;
+};
+
+// Copies the block's (masked) logits of the key-mass rows: dst[j * ld + i], -inf in the padding.
+SPARSE_ATTN_NOINLINE inline void store_mass_logits(const float* s, index_t lds, index_t nk,
+                                                   const MassRows& mass, index_t ld) {
+  for (index_t j = 0; j < nk; ++j) {
+    float* dst = mass.dst + j * ld;
+    std::copy(s + j * lds + mass.sel0, s + j * lds + mass.sel0 + mass.nsel, dst);
+    std::fill(dst + mass.nsel, dst + mass.width, -INFINITY);
+  }
+}
+
 // One key block for one head's query tile: logits, mask, online-softmax update (the
 // OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
 // v_finite: the block's V rows hold no NaN or inf (only needed for partial blocks).
@@ -216,7 +233,8 @@ template <class V, class Mask>
 inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
                           index_t nk, bool full, const float* kp, index_t ldk, const float* vp,
                           index_t ldv, bool v_finite, index_t d, index_t dv,
-                          const PrefillScratch& ws, float* qt, float* ot, float* m, float* l) {
+                          const PrefillScratch& ws, float* qt, float* ot, float* m, float* l,
+                          const MassRows& mass) {
   using F = typename V::F;
   const index_t ldq = ws.ldq;
   const index_t width = (rows + V::kLanes - 1) / V::kLanes * V::kLanes;  // lanes computed
@@ -227,6 +245,7 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
       for (index_t i = 0; i < rows; ++i)
         if (!mask.allowed(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
   }
+  if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
   for (index_t i = 0; i < width; i += V::kLanes) {
     const F m_old = V::load(m + i);
     F mx = m_old;
@@ -261,6 +280,7 @@ struct PrefillBlockVisitor {
   const PrefillScratch& ws;
   index_t hk, q0, rows, d, dv, g_begin, g_end, mh_of_g0;  // heads g in [g_begin, g_end)
   bool per_head_mask;
+  index_t mass_sel0 = 0, mass_nsel = 0;  // key mass: the tile's rows kept (nsel 0: none)
 
   void operator()(index_t kb, bool full) const {
     const MaskShape& ms = mask.shape();
@@ -270,22 +290,94 @@ struct PrefillBlockVisitor {
     const float* vp = fp32_rows<V>(v, hk, k0, nk, ws.vbuf, ldv);
     const bool v_finite = full || all_finite<V>(vp, nk, dv, ldv);
     const index_t ldq = ws.ldq;
-    for (index_t g = g_begin; g < g_end; ++g)
+    for (index_t g = g_begin; g < g_end; ++g) {
+      MassRows mass;
+      if (mass_nsel > 0) {  // record the block and where its logits go
+        index_t* st = ws.ks_state + 2 * g;
+        ws.ks_blocks[g * ms.num_k_blocks() + st[0]++] = kb;
+        mass = {ws.ks + (g * ws.ks_nk + st[1]) * ws.ks_ld, mass_sel0, mass_nsel,
+                (mass_nsel + kMaxLanes - 1) / kMaxLanes * kMaxLanes};
+        st[1] += nk;
+      }
       prefill_block<V>(mask, per_head_mask ? mh_of_g0 + g : 0, q0, rows, k0, nk, full, kp, ldk, vp,
                        ldv, v_finite, d, dv, ws, ws.qt + g * d * ldq, ws.ot + g * dv * ldq,
-                       ws.m + g * ldq, ws.l + g * ldq);
+                       ws.m + g * ldq, ws.l + g * ldq, mass);
+    }
   }
 };
+
+/// Prefill key mass: out[j] = sum_i e^{s[j][i] - m[i]} inv[i] for keys j < keys, columns
+/// i < width (a multiple of kMaxLanes; uncounted columns hold -inf logits and m = inv = 0).
+template <class V>
+inline void key_mass_columns(const float* s, index_t lds, index_t keys, index_t width,
+                             const float* m, const float* inv, float* out) {
+  for (index_t j = 0; j < keys; ++j) {
+    typename V::F acc = V::zero();
+    for (index_t i = 0; i < width; i += V::kLanes)
+      acc = V::fmadd(V::masked_exp(V::sub(V::load(s + j * lds + i), V::load(m + i))), V::load(inv + i), acc);
+    out[j] = V::reduce_add(acc);
+  }
+}
+
+/// Adds x (>= 0) to a fixed-point key-mass sum; NaN or inf sets bit 63.
+inline void add_key_mass(const PrefillKeyMass& km, index_t idx, float x) {
+  if (x == 0.0f) return;
+  if (!(x <= 3.0e38f)) {
+    km.acc[idx].fetch_or(std::numeric_limits<std::int64_t>::min(), std::memory_order_relaxed);
+    return;
+  }
+  km.acc[idx].fetch_add(static_cast<std::int64_t>(std::llround(static_cast<double>(x) * km.scale)),
+                        std::memory_order_relaxed);
+}
+
+/// Key mass of a finished work item: for each head g, the probabilities e^{s - m} / l of its
+/// kept rows (final m, l), summed per key over the rows, added to the KV head's sums.
+template <class V>
+SPARSE_ATTN_NOINLINE void prefill_key_mass(const MaskShape& ms, index_t n_k, index_t G, index_t hk,
+                                           index_t sel0, index_t nsel, const PrefillScratch& ws,
+                                           const PrefillKeyMass& km) {
+  const index_t width = (nsel + kMaxLanes - 1) / kMaxLanes * kMaxLanes, nkb = ms.num_k_blocks();
+  float* mcol = ws.ks_col;
+  float* icol = ws.ks_col + ws.ks_ld;
+  for (index_t g = 0; g < G; ++g) {
+    const float* m = ws.m + g * ws.ldq + sel0;
+    const float* l = ws.l + g * ws.ldq + sel0;
+    bool poisoned = false;
+    for (index_t i = 0; i < width; ++i) {  // empty rows (l = 0), padding and poisoned rows count 0
+      const bool counted = i < nsel && l[i] != 0.0f && !std::isnan(l[i]);
+      poisoned = poisoned || (i < nsel && std::isnan(l[i]));
+      mcol[i] = counted ? m[i] : 0.0f;
+      icol[i] = counted ? 1.0f / l[i] : 0.0f;
+    }
+    const index_t* st = ws.ks_state + 2 * g;
+    index_t pos = 0;
+    for (index_t b = 0; b < st[0]; ++b) {
+      const index_t kb = ws.ks_blocks[g * nkb + b], k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
+      const float* s = ws.ks + (g * ws.ks_nk + pos) * ws.ks_ld;
+      key_mass_columns<V>(s, ws.ks_ld, nk, width, mcol, icol, ws.ks_sum);
+      if (poisoned)  // corrupt data only: a poisoned row makes NaN the keys it reads
+        for (index_t j = 0; j < nk; ++j)
+          for (index_t i = 0; i < nsel; ++i)
+            if (std::isnan(l[i]) && s[j * ws.ks_ld + i] != -INFINITY) ws.ks_sum[j] = std::numeric_limits<float>::quiet_NaN();
+      for (index_t j = 0; j < nk; ++j) add_key_mass(km, hk * n_k + k0 + j, ws.ks_sum[j]);
+      pos += nk;
+    }
+  }
+}
 
 /// Work item (KV head hk, query block qb): the G query heads of the group over the block's key
 /// blocks; writes their output rows (and LSE) when done.
 template <class V, class Mask, class QV, class KV, class VV, class OV>
 void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
                   LseView lse, float scale, index_t G, index_t hk, index_t qb,
-                  const PrefillScratch& ws) {
+                  const PrefillScratch& ws, const PrefillKeyMass& km) {
   const MaskShape& ms = mask.shape();
   const index_t d = q.dim, dv = v.dim, ldq = ws.ldq;
   const index_t q0 = ms.q_begin(qb), rows = ms.q_end(qb) - q0;
+  // Key mass: the tile's rows >= row_begin keep their logits (sel0, nsel).
+  const index_t sel0 = std::min(rows, std::max<index_t>(0, km.row_begin - q0));
+  const index_t nsel = km.acc != nullptr && ws.ks != nullptr ? rows - sel0 : 0;
+  if (nsel > 0) std::fill(ws.ks_state, ws.ks_state + 2 * G, index_t{0});
   std::fill(ws.qt, ws.qt + G * d * ldq, 0.0f);
   std::fill(ws.ot, ws.ot + G * dv * ldq, 0.0f);
   std::fill(ws.m, ws.m + G * ldq, -INFINITY);
@@ -298,15 +390,16 @@ void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const
     }
   }
   if (mask.head_shared()) {  // one K/V conversion per block, reused by the G heads of the group
-    const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false};
+    const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false, sel0, nsel};
     mask.for_each_block(0, qb, visit);
   } else {
     for (index_t g = 0; g < G; ++g) {
-      const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v,     ws,     hk, q0, rows, d,
-                                                       dv,   g, g + 1, hk * G, true};
+      const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v,     ws,     hk,   q0,  rows, d,
+                                                       dv,   g, g + 1, hk * G, true, sel0, nsel};
       mask.for_each_block(hk * G + g, qb, visit);
     }
   }
+  if (nsel > 0) prefill_key_mass<V>(ms, k.tokens, G, hk, sel0, nsel, ws, km);
   for (index_t g = 0; g < G; ++g) {  // normalise and store
     const index_t h = hk * G + g;
     const float* ot = ws.ot + g * dv * ldq;
@@ -390,6 +483,9 @@ class DecodeItemRunner {
     }
     index_t pos = rg != re ? rg->begin + skip : 0;
     const index_t first_masked = n_k_ - n_q_ + 1;  // keys from here on may be causally masked
+    if (out.logits != nullptr)  // key mass: padding keys of the stored logits count 0
+      for (index_t r = 0; r < R_; ++r) std::fill(out.logits + r * out.ld + count, out.logits + (r + 1) * out.ld, -INFINITY);
+    stored_ = 0;
     while (count > 0) {
       int nj = 0;
       while (nj < kDecodeBlock && count > 0) {
@@ -407,6 +503,7 @@ class DecodeItemRunner {
         default: block<1>(nj, masked, out); break;
       }
       if (nbad_ > 0) add_nonfinite(out.o);
+      stored_ += nj;
     }
   }
 
@@ -511,11 +608,21 @@ class DecodeItemRunner {
             if (keys_[jj] > p) sg[jj * KR + rr] = -INFINITY;
         }
       }
+      if (out.logits != nullptr) store_logits<KR>(sg, nj, r0, out);
       if (!softmax<KR>(sg, nj_pad, out, r0)) continue;  // every logit masked so far
       if (v_dot_) pv_dot<KR>(sg, nj, r0, out.o);
       else if (v_pairs_) pv<KR, true>(sg, nj, r0, vraw_, out.o);
       else if (v_direct_) pv<KR, false>(sg, nj, r0, vraw_, out.o);
       else pv<KR, false>(sg, nj, r0, vf_, out.o);
+    }
+  }
+
+  // Key mass: keeps the block's (masked) logits of rows r0..r0+KR for the pass after the merge.
+  template <int KR>
+  SPARSE_ATTN_NOINLINE void store_logits(const float* sg, int nj, index_t r0, const DecodePartial& out) {
+    for (int rr = 0; rr < KR && r0 + rr < R_; ++rr) {
+      float* dst = out.logits + (r0 + rr) * out.ld + stored_;
+      for (int jj = 0; jj < nj; ++jj) dst[jj] = sg[jj * KR + rr];
     }
   }
 
@@ -678,6 +785,7 @@ class DecodeItemRunner {
   TV* vfix_ = nullptr;
   int nbad_ = 0, bad_[kDecodeBlock] = {};  // block keys whose V needs add_nonfinite()
   index_t hk_ = 0;
+  index_t stored_ = 0;  // keys of the item done before this block (key-mass logits column)
   index_t keys_[kDecodeBlock] = {};
   const TK* kraw_[kDecodeBlock] = {};
   const TV* vraw_[kDecodeBlock] = {};
@@ -819,6 +927,34 @@ inline void reduce_columns(const float* s, index_t lds, index_t rows, index_t wi
   }
 }
 
+/// Decode key mass: out[j] = sum over rows r with inv[r] != 0 of e^{s[r][j] - m[r]} inv[r], in row
+/// order, for j < width (a multiple of kMaxLanes; rows aligned, stride lds). out may be row 0 of s.
+/// A poisoned row (inv NaN) makes NaN the keys it reads (s != -inf) and only those.
+template <class V>
+inline void key_mass_rows(const float* s, index_t lds, index_t rows, index_t width, const float* m,
+                          const float* inv, float* out) {
+  bool poisoned = false;
+  for (index_t r = 0; r < rows; ++r) poisoned = poisoned || std::isnan(inv[r]);
+  for (index_t j = 0; j < width; j += V::kLanes) {
+    typename V::F acc = V::zero();
+    for (index_t r = 0; r < rows; ++r) {
+      if (!(inv[r] != 0.0f && inv[r] == inv[r])) continue;  // empty, not counted, or poisoned
+      const typename V::F p = V::masked_exp(V::sub(V::load(s + r * lds + j), V::set1(m[r])));
+      acc = V::fmadd(p, V::set1(inv[r]), acc);
+    }
+    if (poisoned) {  // corrupt data only
+      float tmp[kMaxLanes];
+      V::storeu(tmp, acc);
+      for (index_t r = 0; r < rows; ++r)
+        if (std::isnan(inv[r]))
+          for (index_t x = 0; x < V::kLanes; ++x)
+            if (s[r * lds + j + x] != -INFINITY) tmp[x] = std::numeric_limits<float>::quiet_NaN();
+      acc = V::loadu(tmp);
+    }
+    V::store(out + j, acc);
+  }
+}
+
 }  // namespace body
 
 /// The entry points the kernel drivers call through arch::dispatch (one real call per work
@@ -829,8 +965,8 @@ struct Target {
   template <class Mask, class QV, class KV, class VV, class OV>
   static void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
                            LseView lse, float scale, index_t G, index_t hk, index_t qb,
-                           const PrefillScratch& ws) {
-    body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, G, hk, qb, ws);
+                           const PrefillScratch& ws, const PrefillKeyMass& km) {
+    body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, G, hk, qb, ws, km);
   }
 
   template <class QV, class KV, class VV>
@@ -848,6 +984,11 @@ struct Target {
                               const DecodeScratch& ws, index_t* map) {
     const body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, 1.0f, false, 1, bf16_dot, ws);
     for (index_t c = 0; c < runner.padded_dv(); ++c) map[c] = runner.out_dim(c);
+  }
+
+  static void key_mass_rows(const float* s, index_t lds, index_t rows, index_t width, const float* m,
+                            const float* inv, float* out) {
+    body::key_mass_rows<Vec>(s, lds, rows, width, m, inv, out);
   }
 
   template <class T>

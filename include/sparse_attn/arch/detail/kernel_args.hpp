@@ -2,6 +2,7 @@
 // per-worker scratch carved from the caller's workspace, and decode partial states.
 #pragma once
 #include "sparse_attn/core/config.hpp"
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -27,6 +28,23 @@ struct PrefillScratch {
   float* vbuf = nullptr;  // [bk][dv]    V block as fp32
   float* vfix = nullptr;  // [bk][dv]    V block with non-finite elements zeroed (corrupt data)
   float* row = nullptr;   // [max(d, dv)]
+  // Key mass (AttentionOptions::key_mass) only; null otherwise. The logits of the item's
+  // key-mass rows (those >= row_begin), per head g of the group, in the order the key blocks
+  // are visited: ks[(g * ks_nk + pos) * ks_ld + i].
+  float* ks = nullptr;           // [G][n_k][ks_ld]
+  index_t ks_ld = 0, ks_nk = 0;  // ks_ld: a multiple of kMaxLanes
+  index_t* ks_blocks = nullptr;  // [G][key blocks] visited key blocks, in visit order
+  index_t* ks_state = nullptr;   // [G][2] blocks visited, keys stored
+  float* ks_col = nullptr;       // [2][ks_ld] per row: final max, 1 / sum (0: not counted)
+  float* ks_sum = nullptr;       // [block_k] mass of one key block
+};
+
+/// Where a prefill item adds its key mass: fixed-point sums (value x 2^shift, bit 63 marks NaN),
+/// so the total does not depend on the order in which items finish.
+struct PrefillKeyMass {
+  std::atomic<std::int64_t>* acc = nullptr;  // [Hkv][n_k]; null: no key mass
+  double scale = 0.0;                        // 2^shift
+  index_t row_begin = 0;
 };
 
 /// Partial online-softmax state of one decode (row group, chunk) item.
@@ -34,6 +52,8 @@ struct DecodePartial {
   float* o;  // [Rp][dvp] unnormalised, in the runner's output dim order (see out_dim)
   float* m;  // [Rp] running max of logits
   float* l;  // [Rp] running sum of e^{s - m}
+  float* logits = nullptr;  // key mass only: [R][ld] the logits of the item's keys (-inf masked)
+  index_t ld = 0;
 };
 
 }  // namespace arch

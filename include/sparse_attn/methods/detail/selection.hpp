@@ -1,7 +1,8 @@
 // Pieces shared by the data-dependent prefill selections (block_sparse, vertical_slash,
-// flex_prefill): argument checks, deterministic top-k (ties toward the lower index),
-// cumulative-mass budgets, the CR -> budget search, block mean-pooling, pooled block scores and the
-// attention estimate from the last queries. Everything here is O(n) or O(n / block) memory per
+// flex_prefill): argument checks, deterministic top-k (the one ranking order of ranking.hpp),
+// cumulative-mass budgets, block mean-pooling, pooled block scores and the attention estimate from
+// the last queries. (Budgets, the CR search and reachability are methods/budget.hpp; the softmax
+// scale is kernel::resolve_scale.) Everything here is O(n) or O(n / block) memory per
 // head.
 #pragma once
 #include "sparse_attn/core/config.hpp"
@@ -10,6 +11,8 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_attn/core/error.hpp"
@@ -18,13 +21,14 @@
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/arch/dispatch.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/methods/detail/ranking.hpp"
+#include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods::detail {
 
 using kernel::aligned_vector;
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
-inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks
@@ -46,33 +50,24 @@ index_t validate_qk(const QV& q, const KV& k, const char* where) {
   return q.heads / k.heads;
 }
 
-/// A target compression ratio must be finite and >= 1.
-inline void validate_compression(double cr, const char* where, const char* name) {
-  require(std::isfinite(cr) && cr >= 1.0, where, name, " must be finite and >= 1, got ", cr);
-}
-
-/// Softmax scale: NaN means 1 / sqrt(d); otherwise finite and > 0.
-inline float resolve_scale(float scale, index_t d, const char* where) {
-  if (std::isnan(scale)) return 1.0f / std::sqrt(static_cast<float>(d));
-  require(std::isfinite(scale) && scale > 0.0f, where,
-          "scale must be finite and > 0 (NaN: ", "1/sqrt(head_dim)), got ", scale);
-  return scale;
+/// The prefill statistics of a selected mask: pairs and dense pairs from the mask, the target,
+/// reachability by the one rule (is_reachable; `honoured` for count and mass budgets) and the
+/// resolved budget in the method's terms. No queries (dense_pairs = 0): nothing to compute, so
+/// every target is met.
+template <class Mask>
+void finish_prefill(SelectionStats& s, const Mask& m, const Budget& target, bool honoured,
+                    std::string detail) {
+  s.pairs = m.pairs();
+  s.dense_pairs = m.shape().dense_pairs();
+  s.target = target;
+  s.detail = std::move(detail);
+  finish_stats(s, honoured);
+  if (s.dense_pairs == 0) s.reachable = honoured;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Ranking
 // ---------------------------------------------------------------------------------------------
-
-/// Strict total order "a ranks before b": higher score first, ties toward the lower index; NaN
-/// ranks as -inf, so corrupt scores never break the sort.
-struct ScoreOrder {
-  const float* score;
-  static float key(float s) { return std::isnan(s) ? -kInf : s; }
-  bool operator()(std::int32_t a, std::int32_t b) const {
-    const float x = key(score[a]), y = key(score[b]);
-    return x > y || (x == y && a < b);
-  }
-};
 
 /// order = every index of [0, n) by ScoreOrder (best first). Prefixes of it are nested top-k sets.
 inline void order_by_score(const float* score, index_t n, std::vector<std::int32_t>& order) {
@@ -104,28 +99,8 @@ inline index_t cover_count(const float* mass, const std::vector<std::int32_t>& o
 }
 
 // ---------------------------------------------------------------------------------------------
-// Budgets
+// Pair counts
 // ---------------------------------------------------------------------------------------------
-
-/// CR -> budget. pairs(x) must be non-decreasing on [lo, hi] with pairs(hi) = dense_pairs. Returns
-/// the smallest x whose pairs reach dense_pairs / target (achieved CR <= target: the sparsest mask
-/// that is not sparser than asked). When even the sparsest legal budget lo keeps more pairs than
-/// the target allows (CR(lo) < target) the target is unreachable: returns lo, reachable = false.
-template <class Pairs>
-index_t budget_for_compression(index_t lo, index_t hi, index_t dense_pairs, double target,
-                               Pairs&& pairs, bool& reachable) {
-  reachable = dense_pairs == 0 || compression_ratio(dense_pairs, pairs(lo)) >= target;
-  if (!reachable || dense_pairs == 0) return lo;
-  const double want = static_cast<double>(dense_pairs) / target;
-  while (lo < hi) {  // invariant: pairs(hi) >= want
-    const index_t mid = lo + (hi - lo) / 2;
-    if (static_cast<double>(pairs(mid)) >= want)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return lo;
-}
 
 /// Causal pairs of a rectangle: #{(p, j) : p in [p0, p1], j in [k0, k1), j <= p}.
 inline index_t causal_pairs(index_t p0, index_t p1, index_t k0, index_t k1) {

@@ -1,0 +1,204 @@
+// How much attention a method keeps: one Budget type for every method, the one conversion of a
+// target compression ratio (CR) to a count, the one budget search, and the one reachability rule.
+//
+// A Budget is one of
+//   compression(c)  a target CR c >= 1: dense pairs / kept pairs (prefill), dense (row, key) pairs
+//                   / read pairs (decode selection), or tokens / kept tokens (eviction).
+//                   The method picks the budget whose achieved CR is nearest to c.
+//   count(n)        n >= 1 units of the method's own unit (Method::unit: tokens, blocks, pages,
+//                   lines), used as given.
+//   mass(p)         p in (0, 1]: keep, per head (and per query block where the method selects per
+//                   query block), the fewest units whose *estimated* attention mass reaches p.
+//
+// Rounding, in one place:
+//   * A CR that converts to a count of interchangeable units (tokens of a cache, pages) uses
+//     count_for_compression(): c = ceil(total / CR), the fewest units not sparser than asked; the
+//     achieved CR total / c is in (CR * (1 - 1/c), CR].
+//   * A CR that needs a search over a budget whose pair count is not linear in it (sliding
+//     window's W, block-sparse's k, Vertical-Slash's V/S) uses nearest_budget(): of the two
+//     budgets around the target it returns the one whose CR is nearer in log ratio
+//     (|log(CR / target)|; ties toward the denser one).
+// Reachability, in one place (is_reachable): a compression target is reachable iff the achieved
+// CR is within the budget's tolerance (default 10%) of it, on either side; count and mass budgets
+// are reachable iff the method could keep what was asked (no forced units above the count, no
+// cap on the mass). Every selection result says so in SelectionStats::reachable.
+#pragma once
+#include "sparse_attn/core/config.hpp"
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/core/tensor.hpp"
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
+
+/// What a count budget counts, per method.
+enum class BudgetUnit {
+  none,    // the method takes no count (dense, user masks)
+  tokens,  // cache tokens (per KV head unless documented otherwise) or window tokens
+  blocks,  // key blocks per query block
+  pages,   // cache pages
+  lines,   // Vertical-Slash columns + diagonals
+};
+
+inline const char* to_string(BudgetUnit u) {
+  switch (u) {
+    case BudgetUnit::tokens: return "tokens";
+    case BudgetUnit::blocks: return "blocks";
+    case BudgetUnit::pages: return "pages";
+    case BudgetUnit::lines: return "lines";
+    default: return "none";
+  }
+}
+
+inline constexpr double kDefaultCompressionTolerance = 0.10;
+
+class Budget {
+ public:
+  enum class Kind { compression, count, mass };
+
+  /// Dense: compression(1).
+  Budget() = default;
+
+  /// A target CR (finite, >= 1); reachable within +-tolerance (relative, in [0, 1)).
+  static Budget compression(double cr, double tolerance = kDefaultCompressionTolerance) {
+    Budget b;
+    b.kind_ = Kind::compression;
+    b.value_ = cr;
+    b.tolerance_ = tolerance;
+    b.validate("Budget::compression");
+    return b;
+  }
+  /// n >= 1 units of the method's unit.
+  static Budget count(index_t n) {
+    Budget b;
+    b.kind_ = Kind::count;
+    b.value_ = static_cast<double>(n);
+    b.validate("Budget::count");
+    return b;
+  }
+  /// Attention-mass target p in (0, 1].
+  static Budget mass(double p) {
+    Budget b;
+    b.kind_ = Kind::mass;
+    b.value_ = p;
+    b.validate("Budget::mass");
+    return b;
+  }
+
+  Kind kind() const { return kind_; }
+  bool is_compression() const { return kind_ == Kind::compression; }
+  bool is_count() const { return kind_ == Kind::count; }
+  bool is_mass() const { return kind_ == Kind::mass; }
+  /// The target CR (compression budgets).
+  double target_compression() const { return value_; }
+  /// The count (count budgets).
+  index_t units() const { return static_cast<index_t>(value_); }
+  /// The mass target p (mass budgets).
+  double mass_target() const { return value_; }
+  double tolerance() const { return tolerance_; }
+
+  /// Throws invalid_argument naming `where` when the budget is malformed (a default or factory-made
+  /// Budget always passes; this guards values patched in by hand or parsed from text).
+  void validate(const char* where) const {
+    switch (kind_) {
+      case Kind::compression:
+        require(std::isfinite(value_) && value_ >= 1.0, where,
+                ": a compression budget needs a finite target CR >= 1, got ", value_);
+        require(std::isfinite(tolerance_) && tolerance_ >= 0.0 && tolerance_ < 1.0, where,
+                ": the CR tolerance must be in [0, 1), got ", tolerance_);
+        break;
+      case Kind::count:
+        require(value_ >= 1.0 && value_ == std::floor(value_) && value_ < 9.0e15, where,
+                ": a count budget needs a whole number of units >= 1, got ", value_);
+        break;
+      case Kind::mass:
+        require(value_ > 0.0 && value_ <= 1.0, where,
+                ": a mass budget needs p in (0, 1], got ", value_);
+        break;
+    }
+  }
+
+  /// "cr=10", "count=512", "mass=0.9".
+  std::string str() const {
+    std::ostringstream os;
+    os << (kind_ == Kind::compression ? "cr=" : kind_ == Kind::count ? "count=" : "mass=");
+    if (kind_ == Kind::count)
+      os << units();
+    else
+      os << value_;
+    return os.str();
+  }
+
+ private:
+  Kind kind_ = Kind::compression;
+  double value_ = 1.0;
+  double tolerance_ = kDefaultCompressionTolerance;
+};
+
+/// Throws invalid_argument unless `kind` is one the method `name` supports.
+inline void require_budget_kind(const Budget& b, bool compression, bool count, bool mass,
+                                const char* name) {
+  b.validate(name);
+  const bool ok = (b.is_compression() && compression) || (b.is_count() && count) ||
+                  (b.is_mass() && mass);
+  std::string kinds;
+  for (const auto& [takes, kind] : {std::pair<bool, const char*>{compression, "compression"},
+                                    {count, "count"}, {mass, "mass"}})
+    if (takes) kinds += (kinds.empty() ? "" : " or ") + std::string(kind);
+  require(ok, name, ": ", b.is_compression() ? "a compression" : b.is_count() ? "a count" : "a mass",
+          " budget is not supported; this method takes ", kinds, " budgets");
+}
+
+/// The one CR -> count conversion: c = ceil(total / cr) clamped to [min(1, total), total]
+/// (total = 0 gives 0). The 1e-9 guard keeps exact quotients (total = c * cr) at c.
+inline index_t count_for_compression(index_t total, double cr) {
+  if (total <= 0) return 0;
+  const double c = std::ceil(static_cast<double>(total) / cr - 1e-9);
+  if (!(c >= 1.0)) return 1;
+  return c >= static_cast<double>(total) ? total : static_cast<index_t>(c);
+}
+
+/// dense / kept, with 0 kept = +inf unless dense is 0 too (then 1).
+inline double compression_of(index_t dense, index_t kept) {
+  if (kept == 0) return dense == 0 ? 1.0 : std::numeric_limits<double>::infinity();
+  return static_cast<double>(dense) / static_cast<double>(kept);
+}
+
+/// Is the achieved CR within the compression budget's tolerance (either side)? Count and mass
+/// budgets: `honoured` (the method kept what was asked).
+inline bool is_reachable(const Budget& b, double achieved_cr, bool honoured = true) {
+  if (!b.is_compression()) return honoured;
+  if (!std::isfinite(achieved_cr)) return false;
+  return std::fabs(achieved_cr / b.target_compression() - 1.0) <= b.tolerance() + 1e-12;
+}
+
+/// The budget search: pairs(x) non-decreasing on [lo, hi] (x = a window, a block count, ...).
+/// Returns the x whose CR dense_pairs / pairs(x) is nearest to `target` in log ratio: the
+/// smallest x whose CR does not exceed the target, or the one before it when that one is nearer
+/// (ties toward the denser x). dense_pairs = 0 returns lo. O(log(hi - lo)) calls of pairs().
+template <class Pairs>
+index_t nearest_budget(index_t lo, index_t hi, index_t dense_pairs, double target, Pairs&& pairs) {
+  if (dense_pairs == 0 || hi <= lo) return lo;
+  const double want = static_cast<double>(dense_pairs) / target;
+  index_t a = lo, b = hi;
+  while (a < b) {  // invariant: pairs(b) >= want or b == hi
+    const index_t mid = a + (b - a) / 2;
+    if (static_cast<double>(pairs(mid)) >= want)
+      b = mid;
+    else
+      a = mid + 1;
+  }
+  if (a == lo) return a;
+  auto dist = [&](index_t x) {
+    return std::fabs(std::log(compression_of(dense_pairs, pairs(x)) / target));
+  };
+  return dist(a - 1) < dist(a) ? a - 1 : a;
+}
+
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END

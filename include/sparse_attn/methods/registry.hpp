@@ -1,0 +1,236 @@
+// The one registry of methods: names, summaries, budget units and parameters (with defaults) of
+// every prefill and decode method, and the only place where a method name becomes a method. The
+// tool (attend, decode, eval, frontier), the evaluator, the pipeline's users and the benchmarks
+// all go through it.
+//
+// A method is a struct of the selection contract (methods/selector.hpp). The registry is two
+// compile-time lists of those types; with_prefill_method(name, settings, f) finds the type whose
+// `name` matches, default-constructs it, applies the "key=value" settings through its
+// visit_params(), and calls f(method) with the concrete type, so the caller's code is instantiated
+// for every method and nothing is type-erased. Adding a method: one file under methods/, its type
+// in one of the lists below, its tests (docs/METHODS.md "Adding a method").
+#pragma once
+#include "sparse_attn/core/config.hpp"
+#include <cerrno>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "sparse_attn/core/error.hpp"
+#include "sparse_attn/methods/ada_snapkv.hpp"
+#include "sparse_attn/methods/block_sparse.hpp"
+#include "sparse_attn/methods/budget.hpp"
+#include "sparse_attn/methods/decode_policy.hpp"
+#include "sparse_attn/methods/dense.hpp"
+#include "sparse_attn/methods/flex_prefill.hpp"
+#include "sparse_attn/methods/h2o.hpp"
+#include "sparse_attn/methods/quest.hpp"
+#include "sparse_attn/methods/sliding_window.hpp"
+#include "sparse_attn/methods/snapkv.hpp"
+#include "sparse_attn/methods/streaming.hpp"
+#include "sparse_attn/methods/user_mask.hpp"
+#include "sparse_attn/methods/vertical_slash.hpp"
+
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace methods {
+
+template <class... M>
+struct MethodList {};
+
+/// Every prefill method, dense first (the evaluator's and the frontier's order).
+using PrefillMethods = MethodList<Dense, SlidingWindow, BlockSparse, VerticalSlash,
+                                  VerticalSlashTiled, FlexPrefill, UserMask>;
+/// Every decode method, dense first.
+using DecodeMethods = MethodList<Dense, StreamingLLM, Quest, SnapKV, AdaSnapKV, H2O>;
+
+/// "key=value" parameter settings, applied in order.
+using ParamSettings = std::vector<std::pair<std::string, std::string>>;
+
+struct ParamInfo {
+  std::string name, default_value, help;
+};
+struct MethodInfo {
+  std::string name, summary;
+  BudgetUnit unit = BudgetUnit::none;
+  std::vector<ParamInfo> params;
+  bool needs_user_mask = false;  // selects from a mask the caller supplies (user_mask), not from Q/K
+};
+
+namespace detail_registry {
+
+template <class T>
+std::string to_text(const T& v) {
+  std::ostringstream os;
+  if constexpr (std::is_same_v<T, bool>)
+    os << (v ? "true" : "false");
+  else
+    os << v;
+  return os.str();
+}
+
+// Parses `text` into v (index_t / int / double / float / bool), the whole string or nothing.
+template <class T>
+bool parse(const std::string& text, T& v) {
+  if (text.empty()) return false;
+  if constexpr (std::is_same_v<T, bool>) {
+    if (text == "true" || text == "1") return v = true, true;
+    if (text == "false" || text == "0") return v = false, true;
+    return false;
+  } else if constexpr (std::is_integral_v<T>) {
+    errno = 0;
+    char* end = nullptr;
+    const long long x = std::strtoll(text.c_str(), &end, 10);
+    if (errno != 0 || *end != '\0' || x < static_cast<long long>(std::numeric_limits<T>::min()) ||
+        x > static_cast<long long>(std::numeric_limits<T>::max()))
+      return false;
+    v = static_cast<T>(x);
+    return true;
+  } else {
+    errno = 0;
+    char* end = nullptr;
+    const double x = std::strtod(text.c_str(), &end);
+    if (errno != 0 || *end != '\0') return false;
+    v = static_cast<T>(x);
+    return true;
+  }
+}
+
+template <class M, class = void>
+struct takes_user_mask : std::false_type {};
+template <class M>
+struct takes_user_mask<M, std::void_t<decltype(M::takes_user_mask)>>
+    : std::bool_constant<M::takes_user_mask> {};
+
+template <class M>
+MethodInfo info() {
+  MethodInfo mi;
+  mi.name = M::name;
+  mi.summary = M::summary;
+  mi.unit = M::unit;
+  if constexpr (takes_user_mask<M>::value) mi.needs_user_mask = true;
+  M m;
+  m.visit_params([&](const char* name, auto& value, const char* help) {
+    mi.params.push_back({name, to_text(value), help});
+  });
+  return mi;
+}
+
+template <class... M>
+std::vector<MethodInfo> infos(MethodList<M...>) {
+  return {info<M>()...};
+}
+
+template <class... M>
+std::string names(MethodList<M...>) {
+  std::string s;
+  ((s += (s.empty() ? "" : ", "), s += M::name), ...);
+  return s;
+}
+
+template <class F, class All, class First, class... Rest>
+decltype(auto) find_in(std::string_view name, F&& f, const char* what, All all,
+                       MethodList<First, Rest...>) {
+  if (name == First::name) return f(static_cast<First*>(nullptr));
+  if constexpr (sizeof...(Rest) > 0) {
+    return find_in(name, std::forward<F>(f), what, all, MethodList<Rest...>{});
+  } else {
+    require(false, "methods registry", ": unknown ", what, " method '", std::string(name),
+            "'; known: ", names(all));
+    return f(static_cast<First*>(nullptr));  // not reached; keeps the return type
+  }
+}
+
+template <class F, class... M>
+decltype(auto) find(std::string_view name, F&& f, const char* what, MethodList<M...> all) {
+  return find_in(name, std::forward<F>(f), what, all, all);
+}
+
+}  // namespace detail_registry
+
+/// Applies "key=value" settings to method m's parameters. Unknown keys and unparsable values are
+/// sparse_attn::invalid_argument naming the method, the key and its allowed parameters.
+template <class M>
+void set_params(M& m, const ParamSettings& settings) {
+  for (const auto& setting : settings) {
+    const std::string& key = setting.first;  // (not structured bindings: C++17 lambdas cannot
+    const std::string& text = setting.second;  // capture those)
+    bool found = false, ok = false;
+    std::string known;
+    m.visit_params([&](const char* name, auto& value, const char*) {
+      known += known.empty() ? name : std::string(", ") + name;
+      if (key == name) {
+        found = true;
+        ok = detail_registry::parse(text, value);
+      }
+    });
+    require(found, M::name, ": unknown parameter '", key, "'; its parameters: ",
+            known.empty() ? std::string("none") : known);
+    require(ok, M::name, ": parameter ", key, "=", text, " is not a valid ",
+            "value (numbers for counts and ratios, true/false for switches)");
+  }
+}
+
+/// Every prefill / decode method with its summary, budget unit and parameters (defaults).
+inline std::vector<MethodInfo> prefill_methods() { return detail_registry::infos(PrefillMethods{}); }
+inline std::vector<MethodInfo> decode_methods() { return detail_registry::infos(DecodeMethods{}); }
+
+namespace detail_registry {
+template <class List, class F>
+decltype(auto) with_method(List list, const char* what, std::string_view name,
+                           const ParamSettings& settings, F&& f) {
+  return find(
+      name,
+      [&](auto* tag) -> decltype(auto) {
+        std::remove_pointer_t<decltype(tag)> m;
+        set_params(m, settings);
+        return f(m);
+      },
+      what, list);
+}
+}  // namespace detail_registry
+
+/// Calls f(method) with the prefill method registered as `name`, default-constructed and then
+/// configured by `settings`; returns what f returns (the same type for every method).
+template <class F>
+decltype(auto) with_prefill_method(std::string_view name, const ParamSettings& settings, F&& f) {
+  return detail_registry::with_method(PrefillMethods{}, "prefill", name, settings,
+                                      std::forward<F>(f));
+}
+
+/// The same for decode methods.
+template <class F>
+decltype(auto) with_decode_method(std::string_view name, const ParamSettings& settings, F&& f) {
+  return detail_registry::with_method(DecodeMethods{}, "decode", name, settings,
+                                      std::forward<F>(f));
+}
+
+/// The decode policy (methods/decode_policy.hpp) of method `name` at `budget`, for a cache type
+/// and query dtype: what the pipeline, the evaluator and the tool run.
+template <class Cache, class TQ>
+std::unique_ptr<DecodePolicy<Cache, TQ>> make_decode_policy(std::string_view name,
+                                                            const ParamSettings& settings,
+                                                            const Budget& budget) {
+  return with_decode_method(name, settings, [&](const auto& m) {
+    return make_policy<Cache, TQ>(m, budget);
+  });
+}
+
+inline bool is_prefill_method(std::string_view name) {
+  for (const MethodInfo& m : prefill_methods())
+    if (m.name == name) return true;
+  return false;
+}
+inline bool is_decode_method(std::string_view name) {
+  for (const MethodInfo& m : decode_methods())
+    if (m.name == name) return true;
+  return false;
+}
+
+}  // namespace methods
+SPARSE_ATTN_NAMESPACE_END
