@@ -14,10 +14,14 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <sparse_attn/core/dtype.hpp>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace sa_bench {
+
+namespace sa = sparse_attn;
 
 using index_t = std::int64_t;
 
@@ -112,6 +116,33 @@ benchmark::internal::Benchmark* add(const std::string& name,
                                     std::function<void(benchmark::State&)> fn);
 
 /// Steady-clock stopwatch.
+/// K and V in fp32 and, on first request, as bf16 (round to nearest even): the inputs of both
+/// sweeps.
+struct KVStore {
+  std::vector<float> k, v;
+  std::vector<sa::bf16> k16, v16;
+
+  void ensure_bf16() {
+    if (!k16.empty()) return;
+    k16.resize(k.size());
+    v16.resize(v.size());
+    const auto sz = static_cast<std::int64_t>(k.size());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < sz; ++i) {
+      k16[static_cast<std::size_t>(i)] = sa::bf16(k[static_cast<std::size_t>(i)]);
+      v16[static_cast<std::size_t>(i)] = sa::bf16(v[static_cast<std::size_t>(i)]);
+    }
+  }
+  /// K (key = true) or V in storage type KT (float or bf16).
+  template <class KT>
+  const KT* data(bool key) const {
+    if constexpr (std::is_same_v<KT, float>)
+      return key ? k.data() : v.data();
+    else
+      return key ? k16.data() : v16.data();
+  }
+};
+
 class Stopwatch {
  public:
   Stopwatch() : t0_(std::chrono::steady_clock::now()) {}

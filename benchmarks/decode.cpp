@@ -39,7 +39,6 @@
 namespace sa_bench {
 namespace {
 
-namespace sa = sparse_attn;
 using sa::bf16;
 
 constexpr index_t kHq = 32, kHkv = 8, kDim = 128;
@@ -50,11 +49,10 @@ constexpr index_t kWindowQueries = 32;  // prompt queries kept for SnapKV's obse
 // Inputs: one cache per n (fp32 and, on first use, bf16), the new token's queries
 // ---------------------------------------------------------------------------------------------
 
-struct DecodeData {
+struct DecodeData : KVStore {
   index_t n = 0;
   std::vector<float> qw;  // [Hq, 32, d]: the last 32 prompt queries; the new token is the last
-  std::vector<float> k, v, out;
-  std::vector<bf16> k16, v16;
+  std::vector<float> out;
   /// The queries of the last w tokens (positions n - w .. n - 1).
   sa::TensorView<const float> window(index_t w) const {
     return sa::TensorView<const float>(qw.data(), kHq, kWindowQueries, kDim)
@@ -83,26 +81,10 @@ DecodeData& decode_data(index_t n, bool bf16_kv) {
     fill_rope(cur->qw.data(), kHq, kWindowQueries, kDim, n - kWindowQueries,
               static_cast<int>(kHq / kHkv), 1, 101, 0.7f);
   }
-  if (bf16_kv && cur->k16.empty()) {
-    cur->k16.resize(cur->k.size());
-    cur->v16.resize(cur->v.size());
-    const auto sz = static_cast<std::int64_t>(cur->k.size());
-#pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < sz; ++i) {
-      cur->k16[static_cast<std::size_t>(i)] = bf16(cur->k[static_cast<std::size_t>(i)]);
-      cur->v16[static_cast<std::size_t>(i)] = bf16(cur->v[static_cast<std::size_t>(i)]);
-    }
-  }
+  if (bf16_kv) cur->ensure_bf16();
   return *cur;
 }
 
-template <class KT>
-const KT* kv_ptr(const DecodeData& d, bool key) {
-  if constexpr (std::is_same_v<KT, float>)
-    return key ? d.k.data() : d.v.data();
-  else
-    return key ? d.k16.data() : d.v16.data();
-}
 
 template <class KT>
 struct Views {
@@ -114,8 +96,8 @@ struct Views {
 template <class KT>
 Views<KT> views(DecodeData& D) {
   const index_t n = D.n;
-  return {D.q(), sa::TensorView<const KT>(kv_ptr<KT>(D, true), kHkv, n, kDim),
-          sa::TensorView<const KT>(kv_ptr<KT>(D, false), kHkv, n, kDim),
+  return {D.q(), sa::TensorView<const KT>(D.data<KT>(true), kHkv, n, kDim),
+          sa::TensorView<const KT>(D.data<KT>(false), kHkv, n, kDim),
           sa::TensorView<float>(D.out.data(), kHq, 1, kDim)};
 }
 

@@ -22,7 +22,6 @@
 namespace sa_bench {
 namespace {
 
-namespace sa = sparse_attn;
 using sa::bf16;
 
 constexpr index_t kHeads = 8, kDim = 128;
@@ -31,10 +30,9 @@ constexpr index_t kHeads = 8, kDim = 128;
 // Inputs: one set per n (the previous n's set is freed), bf16 K/V converted on first use
 // ---------------------------------------------------------------------------------------------
 
-struct PrefillData {
+struct PrefillData : KVStore {
   index_t n = 0;
-  std::vector<float> q, k, v, out;
-  std::vector<bf16> k16, v16;
+  std::vector<float> q, out;
 };
 
 PrefillData& prefill_data(index_t n, bool bf16_kv) {
@@ -53,26 +51,10 @@ PrefillData& prefill_data(index_t n, bool bf16_kv) {
     fill_rope(cur->k.data(), kHeads, n, kDim, 0, 1, 1, 202, 0.7f);
     fill_uniform(cur->v.data(), sz, 303);
   }
-  if (bf16_kv && cur->k16.empty()) {
-    cur->k16.resize(cur->k.size());
-    cur->v16.resize(cur->v.size());
-    const auto sz = static_cast<std::int64_t>(cur->k.size());
-#pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < sz; ++i) {
-      cur->k16[static_cast<std::size_t>(i)] = bf16(cur->k[static_cast<std::size_t>(i)]);
-      cur->v16[static_cast<std::size_t>(i)] = bf16(cur->v[static_cast<std::size_t>(i)]);
-    }
-  }
+  if (bf16_kv) cur->ensure_bf16();
   return *cur;
 }
 
-template <class KT>
-const KT* kv_ptr(const PrefillData& d, bool key) {
-  if constexpr (std::is_same_v<KT, float>)
-    return key ? d.k.data() : d.v.data();
-  else
-    return key ? d.k16.data() : d.v16.data();
-}
 
 // ---------------------------------------------------------------------------------------------
 // The common runner
@@ -99,8 +81,8 @@ void run_prefill(benchmark::State& st, const Case& c, Select select,
                  const std::string& label_prefix = "") {
   PrefillData& D = prefill_data(c.n, std::is_same_v<KT, bf16>);
   const sa::TensorView<const float> q(D.q.data(), kHeads, c.n, kDim);
-  const sa::TensorView<const KT> k(kv_ptr<KT>(D, true), kHeads, c.n, kDim);
-  const sa::TensorView<const KT> v(kv_ptr<KT>(D, false), kHeads, c.n, kDim);
+  const sa::TensorView<const KT> k(D.data<KT>(true), kHeads, c.n, kDim);
+  const sa::TensorView<const KT> v(D.data<KT>(false), kHeads, c.n, kDim);
   const sa::TensorView<float> out(D.out.data(), kHeads, c.n, kDim);
   sa::PrefillOptions opt;
   opt.num_threads = config().threads;
