@@ -325,11 +325,8 @@ struct MethodArgs {
 /// The resolved parameters of a configured method: name -> value as text.
 template <class M>
 nlohmann::ordered_json params_json(const M& configured) {
-  M m = configured;  // visit_params hands out references; visit a copy
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
-  m.visit_params([&](const char* name, auto& value, const char*) {
-    j[name] = methods::detail_registry::to_text(value);
-  });
+  for (const auto& [name, value] : methods::param_values(configured)) j[name] = value;
   return j;
 }
 

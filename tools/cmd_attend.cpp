@@ -305,7 +305,7 @@ RunResult run_kernel(const AttendArgs& a, const Plan& plan, const Tensor3& q, co
         using M = std::decay_t<decltype(method)>;
         RunResult res;
         auto t0 = std::chrono::steady_clock::now();
-        if constexpr (methods::detail_registry::takes_user_mask<M>::value) {
+        if constexpr (methods::takes_user_mask_v<M>) {
           // The caller's mask: validated against the problem's geometry, then handed over.
           const MaskShape shape{q.heads, q.tokens, k.tokens, plan.bsr_block, plan.bsr_block,
                                 a.causal};

@@ -176,6 +176,21 @@ void set_params(M& m, const ParamSettings& settings) {
   }
 }
 
+/// The parameters of a configured method, in declaration order: (name, value as text).
+template <class M>
+ParamSettings param_values(const M& configured) {
+  M m = configured;  // visit_params hands out references: visit a copy
+  ParamSettings out;
+  m.visit_params([&](const char* name, auto& value, const char*) {
+    out.emplace_back(name, detail_registry::to_text(value));
+  });
+  return out;
+}
+
+/// Does method type M select from a mask the caller supplies (user_mask) rather than from Q/K?
+template <class M>
+inline constexpr bool takes_user_mask_v = detail_registry::takes_user_mask<M>::value;
+
 /// Every prefill / decode method with its summary, budget unit and parameters (defaults).
 inline std::vector<MethodInfo> prefill_methods() { return detail_registry::infos(PrefillMethods{}); }
 inline std::vector<MethodInfo> decode_methods() { return detail_registry::infos(DecodeMethods{}); }
