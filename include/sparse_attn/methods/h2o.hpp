@@ -18,7 +18,8 @@
 // The prompt's column sums cost O(n^2 d) like a dense prefill; H2O::prefill_queries = k > 0 seeds
 // them from the last k prompt queries only (a cheaper approximation), 0 from every prompt query
 // (the method as specified), and -1 (the default) chooses: every query up to kExactPromptTokens
-// cached prompt tokens, the last kSeedQueries above. Positions are not re-indexed (keys are post-RoPE): see kv/cache.hpp.
+// cached prompt tokens, the last kSeedQueries above. Positions are not re-indexed (keys are
+// post-RoPE): see kv/cache.hpp.
 //
 // Two ways to run it. H2O::State is eager: step()/apply() compact the cache to the kept slots at
 // once (what select()/evict() and direct users get). H2OPolicy (the pipeline's, the evaluator's
