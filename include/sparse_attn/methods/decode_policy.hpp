@@ -161,9 +161,7 @@ class PrefillEvictionPolicy final : public DecodePolicy<Cache, TQ> {
       : DecodePolicy<Cache, TQ>(budget), method_(m) {}
   const char* name() const override { return Method::name; }
   void after_prefill(const QView& q, Cache& cache, const AttentionOptions& opt) override {
-    kv::EvictionPlan plan = method_.select(q, static_cast<const Cache&>(cache), this->budget_, opt);
-    kv::apply(plan, cache);
-    this->record(std::move(plan));
+    this->record(evict(method_, q, cache, this->budget_, opt));
   }
 
  private:
