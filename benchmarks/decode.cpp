@@ -1,11 +1,13 @@
 // Decode benchmarks: decode/<method>/n:<N>/cr:<CR>/<dtype>, one new token, Hq = 32, Hkv = 8
-// (GQA group 4), d = 128, K/V cache fp32 or bf16, output fp32. One benchmark per method of the
+// (GQA group 4), d = 128, output fp32. dtype: fp32 (q and the K/V cache fp32), bf16 (q, K and V
+// bf16: bf16 products by default, Precision::automatic), bf16kv (q fp32, K/V bf16: exact fp32
+// products of the widened values). One benchmark per method of the
 // registry (methods::decode_methods(), dense first), size, CR (bench_common.hpp's sweep table) and
 // dtype, all through one step harness driven by the method's DecodePolicy
 // (methods::make_decode_policy at Budget::compression(CR), as the pipeline runs it): a method added
-// to the registry appears here without a change. Two cases are not registry methods:
-// dense_bf16dot (dense with DecodeOptions::bf16_dot) and sliding_window (sinks + window read in
-// place through per-KV-head ranges: the sparse decode path with no selection cost).
+// to the registry appears here without a change. One case is not a registry method:
+// sliding_window (sinks + window read in place through per-KV-head ranges: the sparse decode path
+// with no selection cost).
 //
 // Prepare (once per benchmark, untimed): a cache holding the n prompt tokens, then
 // after_prefill(the last 32 prompt queries) (timed as evict_ms: SnapKV's, Ada-SnapKV's,
@@ -52,14 +54,19 @@ constexpr index_t kWindowQueries = 32;  // prompt queries kept for SnapKV's obse
 struct DecodeData : KVStore {
   index_t n = 0;
   std::vector<float> qw;  // [Hq, 32, d]: the last 32 prompt queries; the new token is the last
+  std::vector<bf16> qw16;  // qw rounded to bf16 (the bf16 dtype), filled with the bf16 K/V
   std::vector<float> out;
-  /// The queries of the last w tokens (positions n - w .. n - 1).
-  sa::TensorView<const float> window(index_t w) const {
-    return sa::TensorView<const float>(qw.data(), kHq, kWindowQueries, kDim)
-        .slice_tokens(kWindowQueries - w, w);
+  /// The queries of the last w tokens (positions n - w .. n - 1), as QT (float or bf16).
+  template <class QT = float>
+  sa::TensorView<const QT> window(index_t w) const {
+    const QT* base;
+    if constexpr (std::is_same_v<QT, float>) base = qw.data();
+    else base = qw16.data();
+    return sa::TensorView<const QT>(base, kHq, kWindowQueries, kDim).slice_tokens(kWindowQueries - w, w);
   }
   /// The new token's queries [Hq, 1, d] (position n - 1).
-  sa::TensorView<const float> q() const { return window(1); }
+  template <class QT = float>
+  sa::TensorView<const QT> q() const { return window<QT>(1); }
 };
 
 DecodeData& decode_data(index_t n, bool bf16_kv) {
@@ -81,22 +88,26 @@ DecodeData& decode_data(index_t n, bool bf16_kv) {
     fill_rope(cur->qw.data(), kHq, kWindowQueries, kDim, n - kWindowQueries,
               static_cast<int>(kHq / kHkv), 1, 101, 0.7f);
   }
-  if (bf16_kv) cur->ensure_bf16();
+  if (bf16_kv) {
+    cur->ensure_bf16();
+    if (cur->qw16.empty())
+      for (float x : cur->qw) cur->qw16.push_back(bf16(x));
+  }
   return *cur;
 }
 
 
-template <class KT>
+template <class KT, class QT>
 struct Views {
-  sa::TensorView<const float> q;
+  sa::TensorView<const QT> q;
   sa::TensorView<const KT> k, v;
   sa::TensorView<float> out;
 };
 
-template <class KT>
-Views<KT> views(DecodeData& D) {
+template <class KT, class QT>
+Views<KT, QT> views(DecodeData& D) {
   const index_t n = D.n;
-  return {D.q(), sa::TensorView<const KT>(D.data<KT>(true), kHkv, n, kDim),
+  return {D.q<QT>(), sa::TensorView<const KT>(D.data<KT>(true), kHkv, n, kDim),
           sa::TensorView<const KT>(D.data<KT>(false), kHkv, n, kDim),
           sa::TensorView<float>(D.out.data(), kHq, 1, kDim)};
 }
@@ -173,11 +184,11 @@ sa::DecodeOptions decode_options() {
 }
 
 /// A step over a fixed key selection (no per-step selection).
-template <class KT>
+template <class KT, class QT>
 void run_fixed(benchmark::State& st, const Case& c, const sa::KeySelection& sel,
                const std::string& label, const sa::DecodeOptions& opt = decode_options()) {
   DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-  const Views<KT> x = views<KT>(D);
+  const Views<KT, QT> x = views<KT, QT>(D);
   IterationTimer t;
   for (auto _ : st) {
     Stopwatch sw;
@@ -189,16 +200,20 @@ void run_fixed(benchmark::State& st, const Case& c, const sa::KeySelection& sel,
   if (!label.empty()) st.SetLabel(label);
 }
 
+/// Registers the three dtypes of one benchmark: fn(st, c, KT{}, QT{}) with K/V type KT and query
+/// type QT: fp32 (float, float), bf16 (bf16, bf16), bf16kv (bf16, float).
 template <class Fn>
-void add_both_dtypes(const std::string& method, index_t n, const std::string& tag, Fn fn) {
-  for (const std::string dtype : {"fp32", "bf16"}) {
+void add_dtypes(const std::string& method, index_t n, const std::string& tag, Fn fn) {
+  for (const std::string dtype : {"fp32", "bf16", "bf16kv"}) {
     const Case c{method, n, dtype};
     add("decode/" + method + "/n:" + std::to_string(n) + "/" + tag + "/" + dtype,
         [c, fn](benchmark::State& st) {
           if (c.dtype == "fp32")
-            fn(st, c, float{});
+            fn(st, c, float{}, float{});
+          else if (c.dtype == "bf16")
+            fn(st, c, bf16{}, bf16{});
           else
-            fn(st, c, bf16{});
+            fn(st, c, bf16{}, float{});
         });
   }
 }
@@ -215,57 +230,21 @@ index_t budget_for_cr(index_t n, double cr) {
 // ---------------------------------------------------------------------------------------------
 
 void add_sliding_window(index_t n, double cr) {
-  add_both_dtypes("sliding_window", n, "cr:" + fmt_num(cr),
-                  [cr](benchmark::State& st, const Case& c, auto tag) {
-                    const index_t keep = budget_for_cr(c.n, cr);
-                    const index_t w = keep - kSinks;
-                    std::vector<sa::KeyRange> r;
-                    if (c.n - w <= kSinks)
-                      r.push_back({0, c.n});
-                    else
-                      r = {{0, kSinks}, {c.n - w, c.n}};
-                    const auto sel = sa::KeySelection::from_ranges(
-                        sa::KeySelection::Scope::per_kv_head,
-                        std::vector<std::vector<sa::KeyRange>>(kHkv, r));
-                    run_fixed<decltype(tag)>(
-                        st, c, sel, "W=" + std::to_string(w) + " S=" + std::to_string(kSinks));
-                  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// dense_bf16dot: dense over a bf16 cache with DecodeOptions::bf16_dot (vdpbf16ps for q.k and p.v),
-// registered only when the option exists and the build has AVX512-BF16
-// ---------------------------------------------------------------------------------------------
-
-template <class O, class = void>
-struct has_bf16_dot : std::false_type {};
-template <class O>
-struct has_bf16_dot<O, std::void_t<decltype(std::declval<O&>().bf16_dot)>> : std::true_type {};
-
-template <class O>
-bool enable_bf16_dot(O& o) {
-  if constexpr (has_bf16_dot<O>::value) {
-    o.bf16_dot = true;
-    return true;
-  } else {
-    (void)o;
-    return false;
-  }
-}
-
-void add_dense_bf16dot(index_t n) {
-#if defined(__AVX512BF16__)
-  sa::DecodeOptions probe;
-  if (!enable_bf16_dot(probe)) return;
-  const Case c{"dense_bf16dot", n, "bf16"};
-  add("decode/dense_bf16dot/n:" + std::to_string(n) + "/cr:1/bf16", [c](benchmark::State& st) {
-    sa::DecodeOptions o = decode_options();
-    enable_bf16_dot(o);
-    run_fixed<bf16>(st, c, sa::KeySelection::all(), "DecodeOptions::bf16_dot", o);
-  });
-#else
-  (void)n;
-#endif
+  add_dtypes("sliding_window", n, "cr:" + fmt_num(cr),
+             [cr](benchmark::State& st, const Case& c, auto kt, auto qt) {
+               const index_t keep = budget_for_cr(c.n, cr);
+               const index_t w = keep - kSinks;
+               std::vector<sa::KeyRange> r;
+               if (c.n - w <= kSinks)
+                 r.push_back({0, c.n});
+               else
+                 r = {{0, kSinks}, {c.n - w, c.n}};
+               const auto sel = sa::KeySelection::from_ranges(
+                   sa::KeySelection::Scope::per_kv_head,
+                   std::vector<std::vector<sa::KeyRange>>(kHkv, r));
+               run_fixed<decltype(kt), decltype(qt)>(
+                   st, c, sel, "W=" + std::to_string(w) + " S=" + std::to_string(kSinks));
+             });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,8 +255,8 @@ void add_dense_bf16dot(index_t n) {
 
 template <class KT>
 using Cache = sa::kv::ContiguousCache<KT>;
-template <class KT>
-using Policy = sa::methods::DecodePolicy<Cache<KT>, float>;
+template <class KT, class QT>
+using Policy = sa::methods::DecodePolicy<Cache<KT>, QT>;
 
 /// Parameter settings the bench gives every decode method that has a parameter of that name
 /// (checked against the method's parameters, methods::MethodInfo::params): the observation window
@@ -304,44 +283,48 @@ sa::methods::ParamSettings settings_for(const std::string& method) {
 }
 
 /// The inputs of one decode step: the new token's queries, K/V row and output.
+template <class QT>
 struct StepInputs {
-  sa::TensorView<const float> q, kn, vn;
+  sa::TensorView<const QT> q;
+  sa::TensorView<const float> kn, vn;
   sa::TensorView<float> out;
 };
 
-StepInputs step_inputs(DecodeData& D) {
+template <class QT>
+StepInputs<QT> step_inputs(DecodeData& D) {
   // The new token's K/V: the prompt's last row (values do not matter for timing).
   const index_t n = D.n;
   const auto last_row = [&](const std::vector<float>& x) {
     return sa::TensorView<const float>(x.data() + (n - 1) * kDim, kHkv, 1, kDim, n * kDim, kDim);
   };
-  return {D.q(), last_row(D.k), last_row(D.v), sa::TensorView<float>(D.out.data(), kHq, 1, kDim)};
+  return {D.q<QT>(), last_row(D.k), last_row(D.v), sa::TensorView<float>(D.out.data(), kHq, 1, kDim)};
 }
 
-template <class KT>
+template <class KT, class QT>
 struct Prepared {
   std::string key;
   std::unique_ptr<Cache<KT>> cache;
-  std::unique_ptr<Policy<KT>> policy;
+  std::unique_ptr<Policy<KT, QT>> policy;
   double evict_ms = 0.0;     // after_prefill (when it evicted)
   bool undo_growth = false;  // the cache grows every step: drop the new token after each
   std::string settings;      // ", window=32" etc.: the bench's settings the method took
   std::vector<float> mass;   // the kernel's per-key mass (wants_key_mass)
 };
 
-template <class KT>
-Prepared<KT>& prepared_slot() {
-  static Prepared<KT> p;
+template <class KT, class QT>
+Prepared<KT, QT>& prepared_slot() {
+  static Prepared<KT, QT> p;
   return p;
 }
 
 /// The prepared state for `key`, empty (cache == nullptr) when it must be built; frees any other.
-template <class KT>
-Prepared<KT>& prepared(const std::string& key) {
-  Prepared<KT>& p = prepared_slot<KT>();
+template <class KT, class QT>
+Prepared<KT, QT>& prepared(const std::string& key) {
+  Prepared<KT, QT>& p = prepared_slot<KT, QT>();
   if (p.key != key) {
-    prepared_slot<float>() = Prepared<float>{};
-    prepared_slot<bf16>() = Prepared<bf16>{};
+    prepared_slot<float, float>() = Prepared<float, float>{};
+    prepared_slot<bf16, bf16>() = Prepared<bf16, bf16>{};
+    prepared_slot<bf16, float>() = Prepared<bf16, float>{};
     p.key = key;
   }
   return p;
@@ -396,10 +379,10 @@ struct StepResult {
 
 /// One steady-state decode step through the policy: append, before_step, kernel (+ key mass),
 /// after_step. The counters' bookkeeping between the kernel and after_step is not timed.
-template <class KT>
-StepResult decode_step(Prepared<KT>& p, const StepInputs& in) {
+template <class KT, class QT>
+StepResult decode_step(Prepared<KT, QT>& p, const StepInputs<QT>& in) {
   Cache<KT>& cache = *p.cache;
-  Policy<KT>& policy = *p.policy;
+  Policy<KT, QT>& policy = *p.policy;
   const sa::AttentionOptions mo = method_options();
   StepResult r;
   Stopwatch sw;
@@ -431,22 +414,22 @@ StepResult decode_step(Prepared<KT>& p, const StepInputs& in) {
 /// Builds the cache and the policy of c.method at CR `cr` (untimed), runs after_prefill on the
 /// last 32 prompt queries (evict_ms), then two untimed calibration steps: a cache that grew by one
 /// token at each (no per-step eviction) gets its appended token dropped after every step.
-template <class KT>
-Prepared<KT>& prepare(const Case& c, double cr) {
+template <class KT, class QT>
+Prepared<KT, QT>& prepare(const Case& c, double cr) {
   DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-  Prepared<KT>& p =
-      prepared<KT>(c.method + "/" + std::to_string(c.n) + "/" + fmt_num(cr) + "/" + c.dtype);
+  Prepared<KT, QT>& p =
+      prepared<KT, QT>(c.method + "/" + std::to_string(c.n) + "/" + fmt_num(cr) + "/" + c.dtype);
   if (p.cache) return p;
   const sa::methods::ParamSettings settings = settings_for(c.method);
   for (const auto& kv : settings) p.settings += ", " + kv.first + "=" + kv.second;
-  p.policy = sa::methods::make_decode_policy<Cache<KT>, float>(
+  p.policy = sa::methods::make_decode_policy<Cache<KT>, QT>(
       c.method, settings, sa::methods::Budget::compression(cr));
   p.cache = make_cache<KT>(D, p.policy->needs_key_bounds());
   Stopwatch sw;
-  p.policy->after_prefill(D.window(kWindowQueries), *p.cache, method_options());
+  p.policy->after_prefill(D.window<QT>(kWindowQueries), *p.cache, method_options());
   p.evict_ms = p.policy->last_eviction() ? sw.seconds() * 1e3 : 0.0;
 
-  const StepInputs in = step_inputs(D);
+  const StepInputs<QT> in = step_inputs<QT>(D);
   // Growth in live tokens: H2O evicts lazily (the dead slot stays until a batched compaction).
   const index_t held0 = p.policy->live_tokens(*p.cache);
   for (index_t i = 0; i < kStepRoom; ++i) decode_step(p, in);
@@ -458,8 +441,8 @@ Prepared<KT>& prepare(const Case& c, double cr) {
 
 /// The label: the latest selection's or eviction's resolved budget, what an eviction kept, the
 /// bench's parameter settings, and whether the target was reachable.
-template <class KT>
-std::string policy_label(const Prepared<KT>& p) {
+template <class KT, class QT>
+std::string policy_label(const Prepared<KT, QT>& p) {
   const sa::methods::SelectionStats& s = p.policy->stats();
   std::string label = s.detail;
   if (const sa::kv::EvictionPlan* e = p.policy->last_eviction())
@@ -472,30 +455,31 @@ std::string policy_label(const Prepared<KT>& p) {
 }
 
 void add_method(const std::string& method, index_t n, double cr) {
-  add_both_dtypes(method, n, "cr:" + fmt_num(cr),
-                  [cr](benchmark::State& st, const Case& c, auto kt) {
-                    using KT = decltype(kt);
-                    DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
-                    Prepared<KT>& p = prepare<KT>(c, cr);
-                    const StepInputs in = step_inputs(D);
-                    IterationTimer t;
-                    StepResult last;
-                    for (auto _ : st) {
-                      last = decode_step(p, in);
-                      t.add(last.select_s, last.total_s);
-                      if (p.undo_growth) {
-                        st.PauseTiming();
-                        p.cache->undo_append(1);
-                        st.ResumeTiming();
-                      }
-                    }
-                    benchmark::DoNotOptimize(D.out.data());
-                    if (t.iters == 0) return;
-                    set_counters(st, c, t, last.work, true, static_cast<double>(last.seq_len));
-                    if (p.evict_ms > 0.0) st.counters["evict_ms"] = p.evict_ms;
-                    const std::string label = policy_label(p);
-                    if (!label.empty()) st.SetLabel(label);
-                  });
+  add_dtypes(method, n, "cr:" + fmt_num(cr),
+             [cr](benchmark::State& st, const Case& c, auto kt, auto qt) {
+               using KT = decltype(kt);
+               using QT = decltype(qt);
+               DecodeData& D = decode_data(c.n, std::is_same_v<KT, bf16>);
+               Prepared<KT, QT>& p = prepare<KT, QT>(c, cr);
+               const StepInputs<QT> in = step_inputs<QT>(D);
+               IterationTimer t;
+               StepResult last;
+               for (auto _ : st) {
+                 last = decode_step(p, in);
+                 t.add(last.select_s, last.total_s);
+                 if (p.undo_growth) {
+                   st.PauseTiming();
+                   p.cache->undo_append(1);
+                   st.ResumeTiming();
+                 }
+               }
+               benchmark::DoNotOptimize(D.out.data());
+               if (t.iters == 0) return;
+               set_counters(st, c, t, last.work, true, static_cast<double>(last.seq_len));
+               if (p.evict_ms > 0.0) st.counters["evict_ms"] = p.evict_ms;
+               const std::string label = policy_label(p);
+               if (!label.empty()) st.SetLabel(label);
+             });
 }
 
 }  // namespace
@@ -508,10 +492,8 @@ void register_decode() {
   for (index_t n : sweep_sizes(Phase::decode)) {
     for (const sa::methods::MethodInfo& m : methods) {
       for (double cr : sweep_crs(m.name)) add_method(m.name, n, cr);
-      if (m.name == kBaselineMethod) {
-        add_dense_bf16dot(n);
+      if (m.name == kBaselineMethod)
         for (double cr : sweep_crs(kWindowMethod)) add_sliding_window(n, cr);
-      }
     }
   }
 }

@@ -418,15 +418,18 @@ void print_summary() {
   }
   for (const auto& [key, e] : r.decode_dense) {
     if (have_decode && key != decode_target) continue;
+    // The bf16 dtype computes bf16 products (vdpbf16ps): its compute roof is bf16_dot_peak.
+    const bool bf16_products = e.dtype == "bf16";
+    const double peak = bf16_products ? r.bf16_gflops : r.fma_gflops;
     const double t_bw = r.stream_gbps > 0 ? e.bytes / (r.stream_gbps * 1e9) : 0.0;
-    const double t_fl = r.fma_gflops > 0 ? e.flops / (r.fma_gflops * 1e9) : 0.0;
+    const double t_fl = peak > 0 ? e.flops / (peak * 1e9) : 0.0;
     const double roof = (t_bw > 0 && t_fl > 0) ? std::max(t_bw, t_fl) : 0.0;
     std::fprintf(stderr,
                  "decode dense %s n=%lld: %s vs roofline %s = max(bytes/stream_read %s, "
-                 "flops/fma_peak %s): %s roofline time%s\n",
+                 "flops/%s %s): %s of roofline (roofline time / time)%s\n",
                  e.dtype.c_str(), static_cast<long long>(e.n), ms(e.seconds).c_str(),
-                 ms(roof).c_str(), ms(t_bw).c_str(), ms(t_fl).c_str(),
-                 ratio(e.seconds, roof, "%.2fx").c_str(),
+                 ms(roof).c_str(), ms(t_bw).c_str(), bf16_products ? "bf16_dot_peak" : "fma_peak",
+                 ms(t_fl).c_str(), ratio(roof, e.seconds, "%.2f").c_str(),
                  key == decode_target ? "   <- target shape" : "");
   }
   if (!have_prefill || !have_decode)

@@ -1,5 +1,7 @@
 // Prefill benchmarks: prefill/<method>/n:<N>/cr:<CR>/<dtype>, H = 8 query and KV heads, d = 128,
-// Q fp32, K/V fp32 or bf16, output fp32, causal. One benchmark per method of the registry
+// causal. dtype: fp32 (Q, K, V, out fp32), bf16 (Q, K, V, out bf16: bf16 products, the default
+// precision for all-bf16 inputs), bf16kv (Q and out fp32, K/V bf16: exact fp32 products).
+// One benchmark per method of the registry
 // (methods::prefill_methods(), dense first), size, CR (bench_common.hpp's sweep table) and dtype:
 // each iteration calls the method's select(q, k, Budget::compression(CR), opt) and runs the
 // prefill kernel over the mask. A method added to the registry appears here without a change.
@@ -33,9 +35,21 @@ constexpr index_t kHeads = 8, kDim = 128;
 struct PrefillData : KVStore {
   index_t n = 0;
   std::vector<float> q, out;
+  std::vector<bf16> q16, out16;  // the bf16 dtype's Q and output (made on first use)
+
+  template <class T>
+  const T* query() const {
+    if constexpr (std::is_same_v<T, bf16>) return q16.data();
+    else return q.data();
+  }
+  template <class T>
+  T* output() {
+    if constexpr (std::is_same_v<T, bf16>) return out16.data();
+    else return out.data();
+  }
 };
 
-PrefillData& prefill_data(index_t n, bool bf16_kv) {
+PrefillData& prefill_data(index_t n, bool bf16_kv, bool bf16_q) {
   static std::unique_ptr<PrefillData> cur;
   if (!cur || cur->n != n) {
     cur.reset();
@@ -52,6 +66,11 @@ PrefillData& prefill_data(index_t n, bool bf16_kv) {
     fill_uniform(cur->v.data(), sz, 303);
   }
   if (bf16_kv) cur->ensure_bf16();
+  if (bf16_q && cur->q16.empty()) {
+    cur->q16.resize(cur->q.size());
+    std::transform(cur->q.begin(), cur->q.end(), cur->q16.begin(), [](float x) { return bf16(x); });
+    cur->out16.assign(cur->q.size(), bf16(0.0f));
+  }
   return *cur;
 }
 
@@ -76,14 +95,14 @@ sa::AttentionOptions method_options() {
 /// Runs select(q, k) -> PrefillSelection (timed every iteration: what a caller pays) and the
 /// prefill kernel over its mask; sets the counters. `label_prefix` goes before the selection's
 /// resolved budget in the label.
-template <class KT, class Select>
+template <class QT, class KT, class Select>
 void run_prefill(benchmark::State& st, const Case& c, Select select,
                  const std::string& label_prefix = "") {
-  PrefillData& D = prefill_data(c.n, std::is_same_v<KT, bf16>);
-  const sa::TensorView<const float> q(D.q.data(), kHeads, c.n, kDim);
+  PrefillData& D = prefill_data(c.n, std::is_same_v<KT, bf16>, std::is_same_v<QT, bf16>);
+  const sa::TensorView<const QT> q(D.query<QT>(), kHeads, c.n, kDim);
   const sa::TensorView<const KT> k(D.data<KT>(true), kHeads, c.n, kDim);
   const sa::TensorView<const KT> v(D.data<KT>(false), kHeads, c.n, kDim);
-  const sa::TensorView<float> out(D.out.data(), kHeads, c.n, kDim);
+  const sa::TensorView<QT> out(D.output<QT>(), kHeads, c.n, kDim);
   sa::PrefillOptions opt;
   opt.num_threads = config().threads;
 
@@ -96,7 +115,7 @@ void run_prefill(benchmark::State& st, const Case& c, Select select,
     sa::prefill(q, k, v, out, sel.mask, opt);
     t.add(s, sw.seconds());
   }
-  benchmark::DoNotOptimize(D.out.data());
+  benchmark::DoNotOptimize(D.output<QT>());
 
   const double iters = static_cast<double>(t.iters);
   const double flops = 4.0 * static_cast<double>(sel.mask.pairs()) * static_cast<double>(kDim);
@@ -116,19 +135,28 @@ void run_prefill(benchmark::State& st, const Case& c, Select select,
   if (!label.empty()) st.SetLabel(label);
 }
 
-/// Registers the fp32 and bf16 K/V variants of prefill/<method>/n:<n>/cr:<cr>; run(st, c, kt)
-/// runs one (kt: a float or bf16 value naming the K/V type).
+/// The element types of a dtype suffix: Q (and the output) and K/V.
+template <class Q, class K>
+struct Types {
+  using QT = Q;
+  using KT = K;
+};
+
+/// Registers the fp32, bf16 and bf16kv variants of prefill/<method>/n:<n>/cr:<cr>; run(st, c, t)
+/// runs one (t: a Types value naming the element types).
 template <class Run>
-void add_both_dtypes(const std::string& method, index_t n, double cr, Run run) {
-  for (const std::string dtype : {"fp32", "bf16"}) {
+void add_dtypes(const std::string& method, index_t n, double cr, Run run) {
+  for (const std::string dtype : {"fp32", "bf16", "bf16kv"}) {
     const std::string name =
         "prefill/" + method + "/n:" + std::to_string(n) + "/cr:" + fmt_num(cr) + "/" + dtype;
     const Case c{method, n, dtype, cr};
     add(name, [c, run](benchmark::State& st) {
       if (c.dtype == "fp32")
-        run(st, c, float{});
+        run(st, c, Types<float, float>{});
+      else if (c.dtype == "bf16")
+        run(st, c, Types<bf16, bf16>{});
       else
-        run(st, c, bf16{});
+        run(st, c, Types<float, bf16>{});
     });
   }
 }
@@ -138,12 +166,12 @@ void add_both_dtypes(const std::string& method, index_t n, double cr, Run run) {
 // ---------------------------------------------------------------------------------------------
 
 void add_method(const std::string& method, index_t n, double cr) {
-  add_both_dtypes(method, n, cr, [](benchmark::State& st, const Case& c, auto kt) {
-    using KT = decltype(kt);
+  add_dtypes(method, n, cr, [](benchmark::State& st, const Case& c, auto types) {
+    using T = decltype(types);
     sa::methods::with_prefill_method(c.method, {}, [&](const auto& m) {
       const sa::AttentionOptions o = method_options();
       const sa::methods::Budget budget = sa::methods::Budget::compression(c.cr);
-      run_prefill<KT>(st, c,
+      run_prefill<typename T::QT, typename T::KT>(st, c,
                       [&](const auto& q, const auto& k) { return m.select(q, k, budget, o); });
     });
   });
@@ -218,12 +246,13 @@ RandomLayout random_layout(index_t n, double cr) {
 }
 
 void add_user_mask(index_t n, double cr) {
-  add_both_dtypes(sa::methods::UserMask::name, n, cr,
-                  [](benchmark::State& st, const Case& c, auto kt) {
+  add_dtypes(sa::methods::UserMask::name, n, cr,
+                  [](benchmark::State& st, const Case& c, auto types) {
+                    using T = decltype(types);
                     const RandomLayout layout = random_layout(c.n, c.cr);
                     const sa::AttentionOptions o = method_options();
                     const sa::methods::Budget budget = sa::methods::Budget::compression(c.cr);
-                    run_prefill<decltype(kt)>(
+                    run_prefill<typename T::QT, typename T::KT>(
                         st, c,
                         [&](const auto& q, const auto& k) {
                           const sa::methods::UserMask m(layout.shape, false, layout.offsets,

@@ -860,7 +860,8 @@ void decode_case(FuzzedDataProvider& fdp) {
   opt.causal = fdp.ConsumeIntegralInRange<int>(0, 3) != 0;
   const index_t splits[] = {16, 17, 33, 64, 100, 512};
   opt.split = fdp.PickValueInArray(splits);
-  opt.bf16_dot = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  const Precision precisions[] = {Precision::automatic, Precision::float32, Precision::bfloat16};
+  opt.precision = fdp.PickValueInArray(precisions);
   opt.num_threads = pick_threads(fdp);
   const bool with_lse = fdp.ConsumeBool();
   // Selection: 0 all, 1 tokens, 2 pages, 3 ranges; scope per KV head or per query head.
@@ -879,7 +880,7 @@ void decode_case(FuzzedDataProvider& fdp) {
   const auto scope = per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head;
   const index_t units = per_q ? hq : hkv;
   note("| decode hq=", hq, " hkv=", hkv, " n_q=", n_q, " n_k=", n_k, " d=", d, " dv=", dv,
-       " causal=", opt.causal, " split=", opt.split, " bf16_dot=", opt.bf16_dot, " threads=",
+       " causal=", opt.causal, " split=", opt.split, " precision=", precision_name(opt.precision), " threads=",
        opt.num_threads, " sel=", sel_kind, " per_q=", per_q, " page=", page, " density=", density,
        " corrupt=", corrupt, " types=", dtype_name<TQ>(), "/", dtype_name<TKV>(), "/",
        dtype_name<TO>(), " layouts=", layout_name(lq), ",", layout_name(lk), ",",
@@ -932,6 +933,12 @@ void decode_case(FuzzedDataProvider& fdp) {
   if (corrupt == 6) opt.split = 15, bad = true;
   const index_t v_tokens = corrupt == 7 ? n_k + 1 : n_k;
   if (corrupt == 7) bad = true;
+  // bf16 products: Precision::bfloat16 (needs bf16 K and V, else an error) or automatic with
+  // q, K and V all bf16.
+  constexpr bool all_bf16 = std::is_same_v<TQ, bf16> && std::is_same_v<TKV, bf16>;
+  if (opt.precision == Precision::bfloat16 && !std::is_same_v<TKV, bf16>) bad = true;
+  const bool bf16_products = std::is_same_v<TKV, bf16> &&
+                             (opt.precision == Precision::bfloat16 || (opt.precision == Precision::automatic && all_bf16));
 
   Storage<TQ> q(hq, n_q, d, lq, TQ(NAN));
   Storage<TKV> k(hkv, n_k, d, lk, TKV(NAN)), v(hkv, v_tokens, dv, lv, TKV(NAN));
@@ -947,7 +954,7 @@ void decode_case(FuzzedDataProvider& fdp) {
     return;
   }
   const double scale = static_cast<double>(1.0f / std::sqrt(static_cast<float>(d)));
-  const bool dot = opt.bf16_dot && std::is_same_v<TKV, bf16>;
+  const bool dot = bf16_products;
   const Expected e = oracle(
       q.cview(), k.cview(), v.cview(), scale,
       [&](index_t h, index_t i, index_t j) {

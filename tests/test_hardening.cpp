@@ -1258,19 +1258,25 @@ TEST(Determinism, DecodeDenseAndQuest) {
 
 TEST(Determinism, DecodeSlidingWindowWithSinksOnTheKernel) {
   // Sinks + window as key ranges per KV head (2 KV heads, GQA 2), 3 new tokens, small split so
-  // several chunks are merged; fp32 and the bf16-dot path (ignored where the CPU lacks it).
+  // several chunks are merged; fp32 K/V, and bf16 K/V with bf16 products (vdpbf16ps where the CPU
+  // has it, else emulated).
   const Tensor q(4, 3, 64, 121), k(2, 700, 64, 122), v(2, 700, 64, 123);
+  const std::vector<bf16> k16(k.data.begin(), k.data.end()), v16(v.data.begin(), v.data.end());
+  const TensorView<const bf16> kb(k16.data(), 2, 700, 64), vb(v16.data(), 2, 700, 64);
   const auto keys = KeySelection::from_ranges(KeySelection::Scope::per_kv_head,
                                               {{{0, 4}, {500, 700}}, {{0, 4}, {451, 700}}});
-  for (bool dot : {false, true}) {
+  for (bool bf16_products : {false, true}) {
     expect_same_bits_for_threads([&](int t) {
       Out out(4, 3, 64);
       DecodeOptions o;
       o.num_threads = t;
       o.split = 32;
-      o.bf16_dot = dot;
+      o.precision = bf16_products ? Precision::bfloat16 : Precision::float32;
       o.lse = out.lse_view();
-      decode(q.view(), k.view(), v.view(), out.view(), keys, o);
+      if (bf16_products)
+        decode(q.view(), kb, vb, out.view(), keys, o);
+      else
+        decode(q.view(), k.view(), v.view(), out.view(), keys, o);
       out.o.insert(out.o.end(), out.lse.begin(), out.lse.end());
       return out.o;
     });

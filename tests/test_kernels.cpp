@@ -8,6 +8,7 @@
 #include <sparse_attn/reference.hpp>
 #include <sparse_attn/sparse_attn.hpp>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace sparse_attn;
@@ -530,22 +531,155 @@ TEST(Decode, RowGroupsOfOneTwoThreeFourRows) {
   }
 }
 
-TEST(Decode, Bf16DotProductsStayWithinBf16Rounding) {
-  // DecodeOptions::bf16_dot rounds q and p to bf16 (2^-9 relative): the output stays within a few
-  // 1e-3 of the exact result. Without AVX512-BF16 the option is ignored and the result is exact.
-  std::mt19937 rng(15);
-  for (auto [hq, nq, d] : std::vector<std::tuple<index_t, index_t, index_t>>{{32, 1, 128}, {8, 2, 64}, {2, 1, 96}, {4, 1, 256}}) {
-    Tensor<float> q(hq, nq, d, rng);
-    Tensor<bf16> k(hq >= 8 ? hq / 4 : hq, 900, d, rng, 0.5f), v(hq >= 8 ? hq / 4 : hq, 900, d, rng);
-    Out out(hq, nq, d);
-    DecodeOptions opt;
-    opt.bf16_dot = true;
-    opt.lse = out.lse_view();
-    decode(q.view(), k.view(), v.view(), out.view(), KeySelection::all(), opt);
-    const auto want = reference::attention(q.view(), k.view(), v.view(), 1.0 / std::sqrt(double(d)),
-                                           [&](index_t, index_t i, index_t j) { return j <= 900 - nq + i; });
-    expect_close(out, want, 1e-2, "bf16_dot d=" + std::to_string(d));
+namespace {
+
+// Precision::bfloat16 decode against the float64 oracle on the unrounded inputs. The bound
+// follows from the mode's roundings (u = 2^-8, the unit roundoff of bf16's 8-bit significand):
+//  - logits: q is rounded to bf16 (exact when q is bf16) and the products q~_c k_c are exact in
+//    fp32, summed in fp32 (error <= d 2^-24 of the sum of magnitudes, order-independent bound):
+//    |s~_j - s_j| <= eps = (u_q + d 2^-24) * scale * max_j sum_c |q_c k_jc|, u_q = u or 0;
+//  - the softmax weights a_j = e^{s_j} / sum_i e^{s_i} then move by a factor within
+//    [e^{-2 eps}, e^{2 eps}];
+//  - P is rounded to bf16 before P.V while the sum l uses the unrounded P: one more factor
+//    within [1 - u, 1 + u] on each weight of the numerator;
+//  - so |o~ - o| <= sum_j |a~_j - a_j| |v_j| <= ((1 + u) e^{2 eps} - 1) max_j |v_j| per row, plus
+//    the fp32 P.V accumulation and final scaling (<= 64 * 2^-24 max|v| for these key counts: the
+//    exact part of that term is below 1e-5 max|v|, which we add);
+//  - LSE = m + log l with l unrounded: |dLSE| <= eps + 1e-6 |LSE|.
+struct Bf16DecodeCase {
+  index_t hq, hkv, n_q, d, n_k;
+};
+
+template <class TQ>
+void check_bf16_decode(const Bf16DecodeCase& c, std::vector<float>* out_bits = nullptr) {
+  std::mt19937 rng(static_cast<unsigned>(c.hq * 7 + c.n_q * 3 + c.d));
+  Tensor<TQ> q(c.hq, c.n_q, c.d, rng);
+  Tensor<bf16> k(c.hkv, c.n_k, c.d, rng, 0.5f), v(c.hkv, c.n_k, c.d, rng);
+  Out out(c.hq, c.n_q, c.d);
+  DecodeOptions opt;
+  opt.precision = Precision::bfloat16;
+  opt.lse = out.lse_view();
+  opt.split = 256;  // several chunks per row
+  decode(q.view(), k.view(), v.view(), out.view(), KeySelection::all(), opt);
+  const double scale = 1.0 / std::sqrt(double(c.d));
+  const auto allowed = [&](index_t, index_t i, index_t j) { return j <= c.n_k - c.n_q + i; };
+  const auto want = reference::attention(q.view(), k.view(), v.view(), scale, allowed);
+  const double u = std::ldexp(1.0, -8);
+  const double u_q = std::is_same_v<TQ, bf16> ? 0.0 : u;
+  const index_t G = c.hq / c.hkv;
+  double max_v = 0.0;
+  for (const bf16& x : v.data) max_v = std::max(max_v, std::abs(double(float(x))));
+  const std::string what = std::string("q ") + dtype_name<TQ>() + " hq=" + std::to_string(c.hq) +
+                           " hkv=" + std::to_string(c.hkv) + " n_q=" + std::to_string(c.n_q) +
+                           " d=" + std::to_string(c.d);
+  for (index_t h = 0; h < c.hq; ++h)
+    for (index_t i = 0; i < c.n_q; ++i) {
+      double mag = 0.0;  // max_j scale * sum_c |q_c k_jc| over the row's keys
+      for (index_t j = 0; j < c.n_k; ++j) {
+        if (!allowed(h, i, j)) continue;
+        double a = 0.0;
+        for (index_t cc = 0; cc < c.d; ++cc)
+          a += std::abs(double(float(q.view()(h, i, cc))) * double(float(k.view()(h / G, j, cc))));
+        mag = std::max(mag, a * scale);
+      }
+      const double eps = (u_q + double(c.d) * std::ldexp(1.0, -24)) * mag;
+      const double bound = ((1.0 + u) * std::exp(2.0 * eps) - 1.0 + 1e-5) * max_v;
+      double err = 0.0;
+      for (index_t cc = 0; cc < c.d; ++cc)
+        err = std::max(err, std::abs(double(out.o[static_cast<std::size_t>((h * c.n_q + i) * c.d + cc)]) - want(h, i, cc)));
+      EXPECT_LE(err, bound) << what << " row " << h << "," << i << " eps=" << eps;
+      const double lse = out.lse[static_cast<std::size_t>(h * c.n_q + i)];
+      EXPECT_LE(std::abs(lse - want.lse_at(h, i)), eps + 1e-6 * std::abs(want.lse_at(h, i))) << what << " lse row " << h << "," << i;
+    }
+  if (out_bits != nullptr) *out_bits = out.o;
+}
+
+void check_bf16_decode_cases() {
+  // GQA groups 1, 4 and 8 (two row groups of 4 rows), causal n_q > 1; d = 64 and 128 take
+  // vdpbf16ps on AVX512-BF16, d = 80 (not a multiple of 32) the emulation on every target.
+  const std::vector<Bf16DecodeCase> cases = {
+      {4, 4, 1, 64, 700}, {8, 2, 1, 128, 900}, {8, 1, 1, 80, 600}, {8, 2, 3, 128, 700}, {4, 2, 2, 80, 333}};
+  for (const Bf16DecodeCase& c : cases) {
+    check_bf16_decode<float>(c);
+    check_bf16_decode<bf16>(c);
   }
+}
+
+}  // namespace
+
+TEST(Decode, Bf16ProductsWithinTheirRoundingBound) {
+  // On every usable CPU target: vdpbf16ps where the target has it, the emulation elsewhere.
+  for (CpuTarget t : usable_cpu_targets()) {
+    set_cpu_target(t);
+    SCOPED_TRACE(target_name(t));
+    check_bf16_decode_cases();
+  }
+  reset_cpu_target();
+}
+
+TEST(Decode, Bf16ProductsAgreeAcrossTargets) {
+  // Every target computes the same roundings: the results differ only through the order of the
+  // fp32 sums (and a probability whose bf16 rounding that order flips), far inside the bound.
+  const Bf16DecodeCase c{8, 2, 2, 128, 500};
+  std::vector<float> first, got;
+  for (CpuTarget t : usable_cpu_targets()) {
+    set_cpu_target(t);
+    SCOPED_TRACE(target_name(t));
+    check_bf16_decode<float>(c, first.empty() ? &first : &got);
+    if (got.empty()) continue;
+    double err = 0.0;
+    for (std::size_t i = 0; i < got.size(); ++i) err = std::max(err, double(std::abs(got[i] - first[i])));
+    EXPECT_LE(err, 2e-3);
+  }
+  reset_cpu_target();
+}
+
+TEST(Decode, PrecisionModesAndTheirErrors) {
+  std::mt19937 rng(15);
+  Tensor<float> qf(8, 2, 64, rng);
+  Tensor<bf16> qb(8, 2, 64, rng), kb(2, 300, 64, rng), vb(2, 300, 64, rng);
+  Tensor<float> kf(2, 300, 64, rng), vf(2, 300, 64, rng);
+  auto run = [](const auto& q, const auto& k, const auto& v, Precision p) {
+    Out out(8, 2, 64);
+    DecodeOptions opt;
+    opt.precision = p;
+    decode(q.view(), k.view(), v.view(), out.view(), KeySelection::all(), opt);
+    return out.o;
+  };
+  // automatic: bf16 products iff q, K and V are all bf16.
+  EXPECT_EQ(run(qb, kb, vb, Precision::automatic), run(qb, kb, vb, Precision::bfloat16));
+  EXPECT_NE(run(qb, kb, vb, Precision::automatic), run(qb, kb, vb, Precision::float32));
+  EXPECT_EQ(run(qf, kb, vb, Precision::automatic), run(qf, kb, vb, Precision::float32));
+  EXPECT_EQ(run(qf, kf, vf, Precision::automatic), run(qf, kf, vf, Precision::float32));
+  // bf16 products need bf16 K and V: the error names the types, at plan time and in the one call.
+  for (bool one_call : {false, true}) {
+    try {
+      DecodeOptions opt;
+      opt.precision = Precision::bfloat16;
+      Out out(8, 2, 64);
+      if (one_call)
+        decode(qf.view(), kf.view(), vb.view(), out.view(), KeySelection::all(), opt);
+      else
+        plan_decode(attention_shape(qf.view(), kf.view(), vb.view()), KeySelection::all(), opt);
+      ADD_FAILURE() << "precision bf16 with fp32 K accepted";
+    } catch (const sparse_attn::invalid_argument& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("got K fp32, V bf16"), std::string::npos) << msg;
+    }
+  }
+  // The plan records the precision; a run with another one is refused before any write.
+  DecodeOptions planned;
+  planned.precision = Precision::float32;
+  const DecodePlan plan = plan_decode(attention_shape(qb.view(), kb.view(), vb.view()), KeySelection::all(), planned);
+  EXPECT_FALSE(plan.bf16_products());
+  const WorkspaceBuffer ws(plan.workspace_bytes());
+  Out out(8, 2, 64);
+  DecodeOptions other = planned;
+  other.precision = Precision::automatic;
+  EXPECT_THROW(decode(plan, qb.view(), kb.view(), vb.view(), out.view(), KeySelection::all(), ws.view(), other),
+               sparse_attn::invalid_argument);
+  for (float x : out.o) EXPECT_EQ(x, -7.0f);
+  EXPECT_TRUE(plan_decode(attention_shape(qb.view(), kb.view(), vb.view())).bf16_products());
 }
 
 // ---------------------------------------------------------------- CPU targets (arch/)
@@ -594,6 +728,7 @@ TEST(Targets, ForcingAnUnusableOrUnknownTargetIsAClearError) {
   reset_cpu_target();
   EXPECT_THROW(parse_cpu_target("avx1024"), sparse_attn::invalid_argument);
   EXPECT_EQ(parse_cpu_target("avx512_bf16"), CpuTarget::avx512_bf16);
+  EXPECT_EQ(parse_cpu_target("amx"), CpuTarget::amx);
   EXPECT_EQ(cpu_target(), std::getenv("SPARSE_ATTN_TARGET") ? parse_cpu_target(std::getenv("SPARSE_ATTN_TARGET"))
                                                              : best_cpu_target());
 }

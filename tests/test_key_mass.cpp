@@ -105,7 +105,7 @@ Result run_decode(const Store<float>& q, const Store<TKV>& k, const Store<TKV>& 
 struct DecodeCase {
   index_t hkv, G, n_q, n_k, d;
   Sel sel;
-  bool bf16_kv, bf16_dot;
+  bool bf16_kv, bf16_products;  // bf16_products: Precision::bfloat16 (bf16 K/V)
 };
 
 template <class TKV>
@@ -113,7 +113,7 @@ void check_decode(const DecodeCase& c) {
   const std::string what = "hkv=" + std::to_string(c.hkv) + " G=" + std::to_string(c.G) +
                            " n_q=" + std::to_string(c.n_q) + " n_k=" + std::to_string(c.n_k) +
                            " sel=" + std::to_string(static_cast<int>(c.sel)) +
-                           (c.bf16_kv ? " bf16" : " fp32") + (c.bf16_dot ? " dot" : "");
+                           (c.bf16_kv ? " bf16" : " fp32") + (c.bf16_products ? " bf16 products" : "");
   std::mt19937 rng(static_cast<unsigned>(c.n_k * 7 + c.G * 3 + c.n_q + static_cast<int>(c.sel)));
   const index_t hq = c.hkv * c.G;
   const Store<float> q(hq, c.n_q, c.d, rng, 1.5f);
@@ -121,7 +121,7 @@ void check_decode(const DecodeCase& c) {
   const KeySelection keys = make_selection(c.sel, hq, c.hkv, c.n_k, rng);
   DecodeOptions opt;
   opt.split = 128;  // several chunks per unit
-  opt.bf16_dot = c.bf16_dot;
+  opt.precision = c.bf16_products ? Precision::bfloat16 : Precision::float32;
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
   for (index_t row_begin : {index_t{0}, c.n_q - 1}) {
     const Result got = run_decode(q, k, v, keys, opt, true, row_begin);
@@ -132,8 +132,8 @@ void check_decode(const DecodeCase& c) {
           return j <= c.n_k - c.n_q + i && selected(keys, unit, j);
         },
         row_begin);
-    // bf16_dot rounds q to bf16 for q.k: logits differ from the oracle's by ~1e-2 x |logit|.
-    const double rel = c.bf16_dot ? 5e-2 : 2e-5;
+    // bf16 products round q to bf16 for q.k: logits differ from the oracle's by ~1e-2 x |logit|.
+    const double rel = c.bf16_products ? 5e-2 : 2e-5;
     expect_mass(got.mass, c.n_k + 3, want, c.hkv, c.n_k, rel, rel * 1e-2, what + " row_begin=" + std::to_string(row_begin));
     for (index_t hk = 0; hk < c.hkv; ++hk)  // the padding between rows is not written
       for (index_t j = c.n_k; j < c.n_k + 3; ++j) EXPECT_EQ(got.mass[static_cast<std::size_t>(hk * (c.n_k + 3) + j)], -7.0f);
@@ -162,7 +162,7 @@ TEST(KeyMass, DecodeMatchesOracle) {
       }
 }
 
-TEST(KeyMass, DecodeBf16Dot) {
+TEST(KeyMass, DecodeBf16Products) {
   for (index_t G : {1, 4})
     for (Sel sel : {Sel::all, Sel::per_q}) check_decode<bf16>({2, G, 3, 700, 64, sel, true, true});
 }

@@ -438,7 +438,7 @@ TEST_F(Attend, ReportsAndHonoursTheCpuTarget) {
   for (std::size_t i = 0; i < best_out.size(); ++i) EXPECT_NEAR(generic_out[i], best_out[i], 1e-5);
   fs::remove(path("o.npy"));
   ::setenv("SPARSE_ATTN_TARGET", "avx1024", 1);
-  expect_rejected(good_args(), "unknown CPU target 'avx1024'; allowed: generic, avx2, avx512, avx512_bf16");
+  expect_rejected(good_args(), "unknown CPU target 'avx1024'; allowed: generic, avx2, avx512, avx512_bf16, amx");
   if (restore.empty()) ::unsetenv("SPARSE_ATTN_TARGET");
   else ::setenv("SPARSE_ATTN_TARGET", restore.c_str(), 1);
 }
@@ -546,6 +546,31 @@ TEST_F(Attend, Bf16KvDtypeRoundsKeysAndValuesToNearestEven) {
   for (std::size_t i = 0; i < got.size(); ++i)
     worst = std::max(worst, std::abs(got[i] - exact.out[i]));
   EXPECT_GT(worst, 1e-4);
+}
+
+TEST_F(Attend, Bf16PrecisionRoundsQueriesAndProbabilities) {
+  // --precision bfloat16 over a bf16 cache: Q and P rounded to bf16 (docs/PRECISION.md). Against
+  // the oracle on the rounded Q, K, V only the P rounding remains: <= 2^-7 max|v|.
+  Problem p;
+  p.fill(12);
+  auto args = write_inputs(p);
+  args.insert(args.end(), {"--kv-dtype", "bf16", "--precision", "bfloat16"});
+  const RunResult r = run(args);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(parse_one_json_line(r.out)["precision"], "bfloat16");
+  Problem rounded = p;
+  double vmax = 0;
+  for (auto* vec : {&rounded.q, &rounded.k, &rounded.v})
+    for (float& x : *vec) x = static_cast<float>(bf16(x));
+  for (float x : rounded.v) vmax = std::max(vmax, std::abs(double(x)));
+  expect_close(read_npy(path("o.npy")).values<float>(),
+               naive_attention(rounded, true, 0, 0, 1.0 / std::sqrt(double(p.d))).out,
+               std::ldexp(vmax, -7) + 1e-5);
+  // bf16 products need a bf16 cache.
+  fs::remove(path("o.npy"));
+  std::vector<std::string> bad = write_inputs(p);
+  bad.insert(bad.end(), {"--precision", "bfloat16"});
+  expect_rejected(bad, "precision bfloat16 needs bf16 K and V");
 }
 
 TEST_F(Attend, Fp16InputsAreUsedAsStoredAndFp16OutputIsWritten) {

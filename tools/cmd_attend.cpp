@@ -37,6 +37,7 @@ struct AttendArgs {
   MethodArgs m;
   std::string kv_dtype = "auto";
   std::string out_dtype = "fp32";
+  std::string precision = "automatic";  // --precision: AttentionOptions::precision
   index_t block = 64;  // --block: the method's block parameter, and user_mask's BSR block
   // user_mask
   std::string mask_bsr, mask_offsets, mask_indices, mask_full;
@@ -296,7 +297,10 @@ RunResult run_kernel(const AttendArgs& a, const Plan& plan, const Tensor3& q, co
   // includes thread creation. The selection gets the kernel's options (scale, executor).
   OpenMPExecutor pool(a.run.threads);
   warm_up(pool);
-  const AttentionOptions sel_opt = a.run.attention(pool);
+  AttentionOptions sel_opt = a.run.attention(pool);
+  sel_opt.precision = a.precision == "bfloat16" ? Precision::bfloat16
+                      : a.precision == "float32" ? Precision::float32
+                                                 : Precision::automatic;
   PrefillOptions opt = sel_opt;
   if (!lse.empty()) opt.lse = LseView(lse.data(), q.tokens);
 
@@ -359,6 +363,7 @@ void run_attend(const AttendArgs& a) {
 
   nlohmann::ordered_json j = problem_json(plan.info->name, files, kv_dtype);
   j["out_dtype"] = a.out_dtype;
+  j["precision"] = a.precision;
   // A method's own causal parameter (set by --no-causal or --param causal=...) is what ran.
   j["causal"] = r.params.contains("causal") ? r.params["causal"] == "true" : a.causal;
   add_run_json(j, a.run, q.dim);
@@ -413,6 +418,11 @@ Command add_attend_command(CLI::App& root) {
   add_kv_dtype_option(sub, a->kv_dtype);
   sub->add_option("--out-dtype", a->out_dtype, "output dtype")
       ->check(CLI::IsMember({"fp32", "fp16"}))
+      ->capture_default_str();
+  sub->add_option("--precision", a->precision,
+                  "products of Q K^T and P V: automatic (Q is float32 here: fp32 products), "
+                  "float32, bfloat16 (bf16 products with fp32 accumulation; needs --kv-dtype bf16)")
+      ->check(CLI::IsMember({"automatic", "float32", "bfloat16"}))
       ->capture_default_str();
   a->block_opt = sub->add_option("--block", a->block,
                                  "--param block=B for methods with a block parameter (kernel tile "

@@ -33,6 +33,9 @@
 #if SPARSE_ATTN_TARGET_AVX512_BF16
 #include "sparse_attn/arch/avx512_bf16/vec.hpp"
 #endif
+#if SPARSE_ATTN_TARGET_AMX
+#include "sparse_attn/arch/amx/vec.hpp"
+#endif
 
 SPARSE_ATTN_DIAGNOSTICS_PUSH
 
@@ -72,16 +75,48 @@ SPARSE_ATTN_NAMESPACE_END
 SPARSE_ATTN_TARGET_END
 #endif
 
+#if SPARSE_ATTN_TARGET_AMX
+SPARSE_ATTN_TARGET_BEGIN(SPARSE_ATTN_AVX512_ISA ",avx512bf16,amx-tile,amx-bf16")
+SPARSE_ATTN_NAMESPACE_BEGIN
+namespace arch::amx {
+#include "sparse_attn/arch/detail/bodies-inl.hpp"
+
+/// The amx target's entry points: avx512_bf16's, except the prefill's bf16 products (AMX tiles),
+/// so the rest is compiled once for both targets.
+struct Entry : avx512_bf16::Target {
+  template <class Mask, class QV, class KV, class VV, class OV>
+  static void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
+                           LseView lse, float scale, bool bf16_products, index_t G, index_t hk,
+                           index_t qb, index_t tiles, const PrefillScratch& ws, const PrefillKeyMass& km) {
+    if (bf16_products)
+      amx::Target::prefill_item(mask, q, k, v, out, lse, scale, true, G, hk, qb, tiles, ws, km);
+    else
+      avx512_bf16::Target::prefill_item(mask, q, k, v, out, lse, scale, false, G, hk, qb, tiles, ws, km);
+  }
+  template <class VV>
+  static bool pack_v_pairs(const VV& v, index_t d, index_t hk, index_t k0, index_t nk,
+                           const PrefillScratch& ws, std::uint32_t* dst) {
+    return amx::Target::pack_v_pairs(v, d, hk, k0, nk, ws, dst);
+  }
+};
+}  // namespace arch::amx
+SPARSE_ATTN_NAMESPACE_END
+SPARSE_ATTN_TARGET_END
+#endif
+
 SPARSE_ATTN_DIAGNOSTICS_POP
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace arch {
 
-/// Calls f(T{}) where T is target t's entry struct (arch::<t>::Target); t must be usable (plans
-/// check it). Returns f's result.
+/// Calls f(T{}) where T is target t's entry struct (arch::<t>::Target; arch::amx::Entry); t must
+/// be usable (plans check it). Returns f's result.
 template <class F>
 decltype(auto) dispatch(CpuTarget t, F&& f) {
   switch (t) {
+#if SPARSE_ATTN_TARGET_AMX
+    case CpuTarget::amx: return f(amx::Entry{});
+#endif
 #if SPARSE_ATTN_TARGET_AVX512_BF16
     case CpuTarget::avx512_bf16: return f(avx512_bf16::Target{});
 #endif

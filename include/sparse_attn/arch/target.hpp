@@ -1,13 +1,17 @@
 // Which instruction-set target the kernels run on, decided once at run time.
 //
 // Targets, lowest first: generic (Eigen packets of the includer's -march; always there, the only
-// one off x86), avx2 (AVX2 + FMA + F16C), avx512 (F/BW/DQ/VL), avx512_bf16 (+ AVX512-BF16). A
-// translation unit compiles generic plus every x86 target at or above its own -march level (a
-// portable -march=x86-64-v2 build: all four, picked at run time; a -march=native build on an
-// AVX-512 machine: generic and its native target only, so the native path is compiled directly).
+// one off x86), avx2 (AVX2 + FMA + F16C), avx512 (F/BW/DQ/VL), avx512_bf16 (+ AVX512-BF16), amx
+// (+ AMX-TILE and AMX-BF16: the prefill's bf16 products on tiles, everything else as
+// avx512_bf16). A translation unit compiles generic plus every x86 target at or above its own
+// -march level, and always avx512_bf16 and amx (a portable -march=x86-64-v2 build: all five,
+// picked at run time; a -march=native build on an AVX-512 BF16 machine: generic, avx512_bf16 and
+// amx, so the native path is compiled directly and an AMX CPU refused the tiles by its OS falls
+// back to avx512_bf16).
 // The choice: the best compiled target that the CPU (cpuid) and the OS (XCR0: the OS saves the
-// AVX / AVX-512 register state) support, unless overridden by the environment variable
-// SPARSE_ATTN_TARGET=generic|avx2|avx512|avx512_bf16 (read at the first call) or by
+// AVX / AVX-512 / tile register state; on Linux the process must also ask for the tile state,
+// which the first cpu_target() call does once) support, unless overridden by the environment
+// variable SPARSE_ATTN_TARGET=generic|avx2|avx512|avx512_bf16|amx (read at the first call) or by
 // set_cpu_target(). Forcing a target the CPU lacks, or one not compiled into the program, is an
 // error (sparse_attn::invalid_argument naming the supported ones).
 #pragma once
@@ -22,6 +26,10 @@
 
 #if SPARSE_ATTN_X86_TARGETS
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 // Compiled targets (see above): x86 targets at or above the includer's level.
@@ -36,6 +44,7 @@
 #endif
 #endif
 #define SPARSE_ATTN_TARGET_AVX512_BF16 1
+#define SPARSE_ATTN_TARGET_AMX 1
 #endif
 #ifndef SPARSE_ATTN_TARGET_AVX2
 #define SPARSE_ATTN_TARGET_AVX2 0
@@ -46,10 +55,14 @@
 #ifndef SPARSE_ATTN_TARGET_AVX512_BF16
 #define SPARSE_ATTN_TARGET_AVX512_BF16 0
 #endif
+#ifndef SPARSE_ATTN_TARGET_AMX
+#define SPARSE_ATTN_TARGET_AMX 0
+#endif
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
-enum class CpuTarget { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+enum class CpuTarget { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
+inline constexpr int kNumCpuTargets = 5;
 
 inline const char* target_name(CpuTarget t) {
   switch (t) {
@@ -57,6 +70,7 @@ inline const char* target_name(CpuTarget t) {
     case CpuTarget::avx2: return "avx2";
     case CpuTarget::avx512: return "avx512";
     case CpuTarget::avx512_bf16: return "avx512_bf16";
+    case CpuTarget::amx: return "amx";
   }
   return "unknown";
 }
@@ -68,6 +82,7 @@ inline bool target_compiled(CpuTarget t) {
     case CpuTarget::avx2: return SPARSE_ATTN_TARGET_AVX2 != 0;
     case CpuTarget::avx512: return SPARSE_ATTN_TARGET_AVX512 != 0;
     case CpuTarget::avx512_bf16: return SPARSE_ATTN_TARGET_AVX512_BF16 != 0;
+    case CpuTarget::amx: return SPARSE_ATTN_TARGET_AMX != 0;
   }
   return false;
 }
@@ -75,8 +90,21 @@ inline bool target_compiled(CpuTarget t) {
 namespace detail {
 #if SPARSE_ATTN_X86_TARGETS
 struct CpuFeatures {
-  bool avx2 = false, avx512 = false, avx512_bf16 = false;
+  bool avx2 = false, avx512 = false, avx512_bf16 = false, amx = false;
 };
+
+/// Asks Linux for the AMX tile-data state (XFEATURE_XTILEDATA, 18) for this process: since 5.16
+/// a process's first tile instruction faults until it asked with arch_prctl(ARCH_REQ_XCOMP_PERM)
+/// (the state enlarges every signal frame by 8 KiB). Process-wide; false when refused (kernel
+/// without AMX support, sigaltstack too small) and off Linux.
+inline bool request_tile_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 inline CpuFeatures detect_cpu_features() {
   CpuFeatures f;
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -96,6 +124,13 @@ inline CpuFeatures detect_cpu_features() {
   f.avx2 = os_avx && avx2 && fma && f16c && bmi2;
   f.avx512 = f.avx2 && os_avx512 && f512 && dq && bw && vl;
   f.avx512_bf16 = f.avx512 && bf16;
+  // AMX: cpuid leaf 7 EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), the Linux permission, then XCR0
+  // bits 17-18 (XTILECFG, XTILEDATA: the OS saves the tile state), read after the request.
+  const bool amx_bf16 = (d7 >> 22) & 1u, amx_tile = (d7 >> 24) & 1u;
+  if (f.avx512_bf16 && amx_bf16 && amx_tile && request_tile_permission()) {
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0u));
+    f.amx = (xcr0_lo & 0x60000u) == 0x60000u;
+  }
   return f;
 }
 #endif
@@ -108,6 +143,7 @@ inline bool cpu_supports_impl(CpuTarget t) {
     case CpuTarget::avx2: return f.avx2;
     case CpuTarget::avx512: return f.avx512;
     case CpuTarget::avx512_bf16: return f.avx512_bf16;
+    case CpuTarget::amx: return f.amx;
   }
   return false;
 #else
@@ -117,7 +153,7 @@ inline bool cpu_supports_impl(CpuTarget t) {
 
 inline std::string usable_targets() {
   std::string s;
-  for (int i = 0; i <= 3; ++i) {
+  for (int i = 0; i < kNumCpuTargets; ++i) {
     const auto t = static_cast<CpuTarget>(i);
     if (target_compiled(t) && cpu_supports_impl(t)) s += (s.empty() ? "" : ", ") + std::string(target_name(t));
   }
@@ -143,17 +179,18 @@ inline std::atomic<int>& forced_target() {
 /// True when the CPU and the OS support target t (independent of what is compiled).
 inline bool cpu_supports(CpuTarget t) { return detail::cpu_supports_impl(t); }
 
-/// Parses a target name (generic, avx2, avx512, avx512_bf16); throws invalid_argument otherwise.
+/// Parses a target name (generic, avx2, avx512, avx512_bf16, amx); throws invalid_argument
+/// otherwise.
 inline CpuTarget parse_cpu_target(const std::string& name) {
-  for (int i = 0; i <= 3; ++i)
+  for (int i = 0; i < kNumCpuTargets; ++i)
     if (name == target_name(static_cast<CpuTarget>(i))) return static_cast<CpuTarget>(i);
   raise_invalid_argument("unknown CPU target '" + name +
-                         "'; allowed: generic, avx2, avx512, avx512_bf16");
+                         "'; allowed: generic, avx2, avx512, avx512_bf16, amx");
 }
 
 /// The best target that is compiled in and supported by this CPU and OS.
 inline CpuTarget best_cpu_target() {
-  for (int i = 3; i > 0; --i) {
+  for (int i = kNumCpuTargets - 1; i > 0; --i) {
     const auto t = static_cast<CpuTarget>(i);
     if (target_compiled(t) && detail::cpu_supports_impl(t)) return t;
   }
@@ -188,7 +225,7 @@ inline void reset_cpu_target() { detail::forced_target().store(-1, std::memory_o
 /// The targets usable in this program on this CPU, lowest first.
 inline std::vector<CpuTarget> usable_cpu_targets() {
   std::vector<CpuTarget> v;
-  for (int i = 0; i <= 3; ++i) {
+  for (int i = 0; i < kNumCpuTargets; ++i) {
     const auto t = static_cast<CpuTarget>(i);
     if (target_compiled(t) && detail::cpu_supports_impl(t)) v.push_back(t);
   }

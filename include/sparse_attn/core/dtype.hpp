@@ -22,6 +22,26 @@ template <class T>
 inline constexpr bool is_storage_type_v =
     std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
 
+/// A storage type as a value (plans record the element types they were made for).
+enum class DType { float32, bfloat16, float16 };
+
+template <class T>
+constexpr DType dtype_of() {
+  static_assert(is_storage_type_v<std::remove_const_t<T>>, "storage types: float, bf16, fp16");
+  if constexpr (std::is_same_v<std::remove_const_t<T>, bf16>) return DType::bfloat16;
+  else if constexpr (std::is_same_v<std::remove_const_t<T>, fp16>) return DType::float16;
+  else return DType::float32;
+}
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::float32: return "fp32";
+    case DType::bfloat16: return "bf16";
+    case DType::float16: return "fp16";
+  }
+  return "unknown";
+}
+
 template <class T>
 constexpr const char* dtype_name() {
   if constexpr (std::is_same_v<T, float>) return "fp32";

@@ -23,6 +23,33 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 /// i >= row_begin of the final softmax probability P[h][i][j] (fp32); 0 for keys no selected row reads.
 struct KeyMassView { float* data = nullptr; index_t stride = 0; index_t row_begin = 0; };
 
+/// Precision of the products in Q K^T and P V; accumulation and the softmax statistics (running
+/// max, sum, LSE) are fp32 in every mode.
+enum class Precision {
+  /// bf16 products when Q, K and V are all bf16 (what engines serving bf16 models and PyTorch's
+  /// bf16 SDPA compute), fp32 products otherwise.
+  automatic,
+  /// fp32 products: bf16 and fp16 inputs are widened to fp32 exactly, so only the fp32
+  /// accumulation rounds (error ~1e-6 relative). fp16 inputs always take this mode: the product
+  /// of two fp16 values is exact in fp32, so it is fp16 products with fp32 accumulation.
+  float32,
+  /// bf16 products, fp32 accumulation (needs bf16 K and V): an fp32 Q and the probabilities P are
+  /// rounded to bf16 (nearest even) before the products, and the softmax scale multiplies the
+  /// fp32 sum q . k, as PyTorch and FlashAttention do. Each rounding is within 2^-8 relative;
+  /// docs/PRECISION.md gives the measured error of each mode. Computed with vdpbf16ps (AVX512-BF16)
+  /// or AMX tiles where the CPU has them, else emulated with the same roundings and fp32 FMAs.
+  bfloat16,
+};
+
+inline const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::automatic: return "automatic";
+    case Precision::float32: return "float32";
+    case Precision::bfloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
 /// Options common to every kernel call.
 struct AttentionOptions {
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(head_dim)
@@ -32,6 +59,7 @@ struct AttentionOptions {
   /// Optional [Hkv, n_k] attention mass per key (KeyMassView), computed in the same pass over K:
   /// the plan sizes extra workspace for it only when data != nullptr (see docs/DESIGN.md).
   KeyMassView key_mass{};
+  Precision precision = Precision::automatic;  // of the Q K^T and P V products (see Precision)
 
   ExecutorChoice executor_choice() const { return {executor, num_threads}; }
 };
@@ -99,6 +127,25 @@ index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, cons
           ": out is [", out.heads, ", ", out.tokens, ", ", out.dim, "], expected [", q.heads,
           ", ", q.tokens, ", ", v.dim, "]");
   return G;
+}
+
+/// Whether a call with element types Q, K, V under `precision` uses bf16 products (see
+/// Precision). Throws invalid_argument for Precision::bfloat16 with K or V not bf16.
+inline bool bf16_products(Precision precision, DType q, DType k, DType v, const char* where) {
+  const bool kv_bf16 = k == DType::bfloat16 && v == DType::bfloat16;
+  switch (precision) {
+    case Precision::float32: return false;
+    case Precision::automatic: return kv_bf16 && q == DType::bfloat16;
+    case Precision::bfloat16:
+      require(kv_bf16, where, ": precision bfloat16 needs bf16 K and V, got K ", dtype_name(k), ", V ",
+              dtype_name(v), "; use precision float32 or automatic for other types");
+      return true;
+  }
+  raise_invalid_argument(std::string(where) + ": unknown precision value " +
+                         std::to_string(static_cast<int>(precision)) + "; allowed: automatic, float32, bfloat16");
+}
+inline bool bf16_products(Precision precision, const AttentionShape& s, const char* where) {
+  return bf16_products(precision, s.q_type, s.k_type, s.v_type, where);
 }
 
 /// Validates an optional key-mass view for a call of n_q query rows against n_k keys.

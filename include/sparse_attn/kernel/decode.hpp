@@ -22,6 +22,11 @@
 // scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
 // re-read; O(R x keys) exps.
 //
+// Products (AttentionOptions::precision, kernel/common.hpp): fp32, or bf16 (the default when q, K
+// and V are all bf16): q and P rounded to bf16, the scale applied to the fp32 sum q . k; vdpbf16ps
+// on AVX512-BF16 for contiguous rows with head dims a multiple of 32, the same roundings emulated
+// with fp32 FMAs elsewhere (arch/detail/decode_body-inl.hpp). The plan records the precision.
+//
 // Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
 // Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
 // makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
@@ -39,14 +44,11 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
+/// Decode options; AttentionOptions::precision picks the products (bf16 ones by default when q, K
+/// and V are all bf16: vdpbf16ps on AVX512-BF16 CPUs, the same roundings emulated elsewhere).
 struct DecodeOptions : AttentionOptions {
   bool causal = true;
   index_t split = 512;  // keys per split-KV chunk (>= 16)
-  /// bf16 caches only, on CPU targets with AVX512-BF16 (else ignored): compute q.k and p.v with
-  /// bf16 dot products (vdpbf16ps), rounding q and the probabilities to bf16. About twice the
-  /// arithmetic throughput; relative error ~1e-3 instead of ~1e-6. Head dims must be multiples
-  /// of 32.
-  bool bf16_dot = false;
 };
 
 class DecodePlan;
@@ -67,6 +69,8 @@ class DecodePlan {
   }
   /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
   bool key_mass() const { return key_mass_; }
+  /// Whether q.k and p.v use bf16 products (AttentionOptions::precision and the element types).
+  bool bf16_products() const { return bf16_; }
 
  private:
   template <class QV, class KV, class VV, class OV>
@@ -81,7 +85,9 @@ class DecodePlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   KeySelection::Scope scope_ = KeySelection::Scope::all;
-  bool causal_ = true, bf16_dot_ = false, key_mass_ = false;
+  bool causal_ = true, key_mass_ = false;
+  Precision precision_ = Precision::automatic;
+  bool bf16_ = false;
   index_t split_ = 512;
   index_t units_ = 0, R_ = 0, Rp_ = 0, dp_ = 0, dvp_ = 0;
   std::vector<Item> items_;
@@ -119,7 +125,8 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
   require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
   plan.scope_ = keys.scope();
   plan.causal_ = opt.causal;
-  plan.bf16_dot_ = opt.bf16_dot;
+  plan.precision_ = opt.precision;
+  plan.bf16_ = kernel::bf16_products(opt.precision, shape, where);
   plan.split_ = opt.split;
   plan.key_mass_ = opt.key_mass.data != nullptr;
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
@@ -178,8 +185,11 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
   require(attention_shape(q, k, v) == plan.shape_, where,
           ": the views do not have the shape the plan was made for");
   const float scale = kernel::resolve_scale(opt.scale, q.dim, where);
-  require(opt.causal == plan.causal_ && opt.bf16_dot == plan.bf16_dot_ && opt.split == plan.split_,
-          where, ": options (causal, bf16_dot, split) differ from the plan's");
+  require(opt.causal == plan.causal_ && opt.split == plan.split_, where,
+          ": options (causal, split) differ from the plan's");
+  require(opt.precision == plan.precision_, where, ": precision ", precision_name(opt.precision),
+          " differs from the plan's (", precision_name(plan.precision_), "); plan with the same options");
+  const bool bf16_mode = plan.bf16_;
   require(keys.scope() == plan.scope_, where, ": the key selection's scope differs from the plan's");
   kernel::validate_key_mass(opt.key_mass, q.tokens, k.tokens, where);
   const bool want_mass = opt.key_mass.data != nullptr;
@@ -222,7 +232,7 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
       minv = mc.take<float>(plan.units_ * R);
     }
     arch::dispatch(plan.target_, [&](auto target) {
-      decltype(target)::decode_out_dims(q, k, v, opt.bf16_dot, scratch(0), dims);
+      decltype(target)::decode_out_dims(q, k, v, bf16_mode, scratch(0), dims);
     });
     run_items(exec, plan.num_items(), [&](index_t i, int worker) {
       const auto& it = plan.items_[static_cast<std::size_t>(i)];
@@ -237,7 +247,7 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
         part.ld = kernel::pad_to(it.count, arch::kMaxLanes);
       }
       arch::dispatch(plan.target_, [&](auto target) {
-        decltype(target)::decode_item(q, k, v, scale, opt.causal, R, opt.bf16_dot, scratch(worker),
+        decltype(target)::decode_item(q, k, v, scale, opt.causal, R, bf16_mode, scratch(worker),
                                       hk, h0, rb, re, it.skip, it.count, part);
       });
     });

@@ -71,8 +71,10 @@ class PrefillPlan {
   index_t num_items() const { return static_cast<index_t>(order_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
   std::size_t workspace_bytes() const {
-    return bits_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
+    return bits_bytes_ + pack_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
   }
+  /// Whether Q K^T and P V use bf16 products (AttentionOptions::precision and the element types).
+  bool bf16_products() const { return bf16_; }
   /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
   bool key_mass() const { return key_mass_; }
 
@@ -91,10 +93,17 @@ class PrefillPlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   index_t ldq_ = 0, bk_ = 0;
+  index_t tiles_ = 1;  // query blocks per work item (see plan_prefill)
   bool key_mass_ = false;
+  Precision precision_ = Precision::automatic;
+  bool bf16_ = false;
+  // bf16 products with native dot products: V packed as pairs once per call, per (KV head, key
+  // block): pack_words_ 32-bit words each, then one non-finite flag byte per block.
+  index_t pack_words_ = 0;
+  std::size_t pack_bytes_ = 0;
   index_t mass_row_begin_ = 0, mass_ld_ = 0;  // key mass: first row counted, kept rows per tile (padded)
   std::size_t mass_bytes_ = 0;                // key mass: the fixed-point sums [Hkv][n_k]
-  std::vector<index_t> order_;  // items (hk * num_q_blocks + qb), heaviest first
+  std::vector<index_t> order_;  // items (hk * groups + query block group), heaviest first
   std::size_t scratch_bytes_ = 0, bits_bytes_ = 0;
   // Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
   // element bits run() evaluates into the workspace before any output is written.
@@ -105,20 +114,32 @@ class PrefillPlan {
 };
 
 namespace kernel {
-inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, index_t d, index_t dv,
-                                            index_t ldq, index_t bk, index_t mass_ld = 0,
-                                            index_t n_k = 0, index_t nkb = 0) {
+/// Lays out one worker's scratch for items of `tiles` query blocks of the G heads.
+inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, index_t tiles, index_t d,
+                                                  index_t dv, index_t ldq, index_t bk, index_t nkb,
+                                                  index_t mass_ld = 0, index_t n_k = 0) {
   arch::PrefillScratch w;
+  const index_t T = G * tiles;
   w.ldq = ldq;
-  w.qt = c.take<float>(G * d * ldq);
-  w.ot = c.take<float>(G * dv * ldq);
-  w.m = c.take<float>(G * ldq);
-  w.l = c.take<float>(G * ldq);
-  w.s = c.take<float>(bk * ldq);
+  w.qt = c.take<float>(T * d * ldq);
+  w.ot = c.take<float>(T * dv * ldq);
+  w.m = c.take<float>(T * ldq);
+  w.l = c.take<float>(T * ldq);
+  if (tiles > 1) w.tile_blocks = c.take<index_t>(tiles * (nkb + 2));
+  w.dp = (d + 31) / 32 * 32;
+  w.dvp = (dv + 15) / 16 * 16;
+  w.bkp = (bk + 31) / 32 * 32;
+  w.s = c.take<float>(w.bkp * ldq);
   w.kbuf = c.take<float>(bk * d);
   w.vbuf = c.take<float>(bk * dv);
   w.vfix = c.take<float>(bk * dv);
   w.row = c.take<float>(std::max(d, dv));
+  w.qp = c.take<std::uint32_t>(T * w.dp / 2 * ldq);
+  w.pp = c.take<std::uint32_t>(w.bkp / 2 * ldq);
+  w.kb = c.take<bf16>(w.bkp * w.dp);
+  w.vp = c.take<std::uint32_t>(w.bkp / 2 * w.dvp);
+  w.vt = c.take<std::uint32_t>(w.dvp * w.bkp / 2);
+  w.vrow = c.take<bf16>(2 * w.dvp);
   if (mass_ld > 0) {  // key mass
     w.ks_ld = mass_ld;
     w.ks_nk = n_k;
@@ -187,20 +208,34 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
   plan.mask_shape_ = ms;
   plan.head_shared_ = mask.head_shared();
   plan.target_ = cpu_target();
+  plan.precision_ = opt.precision;
+  plan.bf16_ = kernel::bf16_products(opt.precision, shape, where);
   plan.workers_ = detail::with_executor(opt.executor_choice(), [](Executor& e) { return e.concurrency(); });
   require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
   const index_t Hkv = shape.heads_kv, nqb = ms.num_q_blocks();
   const bool shared = mask.head_shared();
 
-  // Work items (KV head, query block), heaviest first; ties keep index order (deterministic).
-  const index_t n_items = Hkv * nqb;
+  // Query blocks per work item: a head-shared mask lets one item run several consecutive query
+  // blocks over one merged pass of their key blocks, so each K/V block is read (and converted)
+  // once for up to 8 head tiles of up to 256 queries instead of once per query block: the
+  // K/V traffic of long prefills drops by that factor. Kept at 1 for key mass (per-tile logits)
+  // and per-head masks, and lowered while there are fewer than 4 items per worker.
+  if (shared && !plan.key_mass_) {
+    plan.tiles_ = std::max<index_t>(1, std::min<index_t>({256 / std::max<index_t>(ms.block_q, 1), 8 / G, nqb}));
+    while (plan.tiles_ > 1 && Hkv * ((nqb + plan.tiles_ - 1) / plan.tiles_) < 4 * plan.workers_) --plan.tiles_;
+  }
+  const index_t tiles = plan.tiles_, groups = (nqb + tiles - 1) / tiles;
+
+  // Work items (KV head, query block group), heaviest first; ties keep index order.
+  const index_t n_items = Hkv * groups;
   std::vector<index_t> cost(static_cast<std::size_t>(n_items), 0);
   for (index_t it = 0; it < n_items; ++it) {
-    const index_t hk = it / nqb, qb = it % nqb;
+    const index_t hk = it / groups;
     index_t c = 0;
-    for (index_t g = 0; g < (shared ? 1 : G); ++g)
-      mask.for_each_block(shared ? 0 : hk * G + g, qb, [&](index_t, bool) { ++c; });
+    for (index_t qb = it % groups * tiles; qb < std::min(nqb, (it % groups + 1) * tiles); ++qb)
+      for (index_t g = 0; g < (shared ? 1 : G); ++g)
+        mask.for_each_block(shared ? 0 : hk * G + g, qb, [&](index_t, bool) { ++c; });
     cost[static_cast<std::size_t>(it)] = shared ? c * G : c;
   }
   plan.order_.resize(static_cast<std::size_t>(n_items));
@@ -233,9 +268,17 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
     plan.mass_bytes_ = mass.bytes();
   }
   arch::Carver sizer;
-  kernel::carve_prefill_scratch(sizer, G, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_,
-                                plan.mass_ld_, shape.n_k, ms.num_k_blocks());
+  const arch::PrefillScratch ws = kernel::carve_prefill_scratch(
+      sizer, G, tiles, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_, ms.num_k_blocks(),
+      plan.mass_ld_, shape.n_k);
   plan.scratch_bytes_ = sizer.bytes();
+  if (plan.bf16_ && arch::dispatch(plan.target_, [](auto t) { return decltype(t)::bf16_dot(); })) {
+    plan.pack_words_ = ws.bkp / 2 * ws.dvp;
+    arch::Carver pack;
+    pack.take<std::uint32_t>(Hkv * ms.num_k_blocks() * plan.pack_words_);
+    pack.take<std::uint8_t>(Hkv * ms.num_k_blocks());
+    plan.pack_bytes_ = pack.bytes();
+  }
   return plan;
 }
 
@@ -251,8 +294,11 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
              const Mask& mask, Workspace workspace, const AttentionOptions& opt) {
   constexpr const char* where = "prefill";
   const index_t G = kernel::validate_qkvo(q, k, v, out, where);
-  require(attention_shape(q, k, v) == plan.shape_, where,
-          ": the views do not have the shape the plan was made for");
+  if (attention_shape(q, k, v) != plan.shape_)  // (the message is built only on failure)
+    raise_invalid_argument(std::string(where) + ": the views have shape " + describe(attention_shape(q, k, v)) +
+                           " but the plan was made for " + describe(plan.shape_));
+  require(opt.precision == plan.precision_, where, ": precision ", precision_name(opt.precision),
+          " differs from the plan's (", precision_name(plan.precision_), "); plan with the same options");
   const MaskShape& ms = mask.shape();
   require(ms.heads == plan.mask_shape_.heads && ms.n_q == plan.mask_shape_.n_q &&
               ms.n_k == plan.mask_shape_.n_k && ms.block_q == plan.mask_shape_.block_q &&
@@ -279,7 +325,7 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
             exec.concurrency(), " exceeds the plan's ", plan.workers_, " workers");
     zero_mass();
     auto* base = static_cast<unsigned char*>(workspace.data);
-    const index_t nqb = ms.num_q_blocks();
+    const index_t nqb = ms.num_q_blocks(), groups = (nqb + plan.tiles_ - 1) / plan.tiles_;
     arch::PrefillKeyMass km;  // fixed point: value x 2^shift, with rows x 2^shift < 2^62
     if (mass_rows > 0) {
       int bits = 0;
@@ -287,20 +333,45 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
       km.scale = std::ldexp(1.0, 62 - bits);
       km.row_begin = kmv.row_begin;
       km.acc = reinterpret_cast<std::atomic<std::int64_t>*>(
-          base + plan.bits_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_));
+          base + plan.bits_bytes_ + plan.pack_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_));
       run_items(exec, k.heads, [&](index_t hk, int) {
         for (index_t j = 0; j < k.tokens; ++j) new (km.acc + hk * k.tokens + j) std::atomic<std::int64_t>(0);
       });
     }
+    // bf16 products: V of every (KV head, key block) as pairs, once for all heads and query
+    // blocks that read it.
+    const index_t nkb = ms.num_k_blocks();
+    auto* pack = reinterpret_cast<std::uint32_t*>(base + plan.bits_bytes_);
+    auto* pack_bad = reinterpret_cast<std::uint8_t*>(pack + k.heads * nkb * plan.pack_words_);
+    auto carve = [&](int worker) {
+      arch::Carver c(base + plan.bits_bytes_ + plan.pack_bytes_ +
+                     plan.scratch_bytes_ * static_cast<std::size_t>(worker));
+      arch::PrefillScratch ws = kernel::carve_prefill_scratch(
+          c, G, plan.tiles_, q.dim, v.dim, plan.ldq_, plan.bk_, nkb, km.acc != nullptr ? plan.mass_ld_ : 0,
+          k.tokens);
+      if (plan.pack_bytes_ > 0) {
+        ws.vpack = pack;
+        ws.vpack_bad = pack_bad;
+        ws.vpack_words = plan.pack_words_;
+        ws.vpack_nkb = nkb;
+      }
+      return ws;
+    };
+    if (plan.pack_bytes_ > 0)
+      run_items(exec, k.heads * nkb, [&](index_t b, int worker) {
+        const arch::PrefillScratch ws = carve(worker);
+        const index_t k0 = ms.k_begin(b % nkb), nk = ms.k_end(b % nkb) - k0;
+        arch::dispatch(plan.target_, [&](auto target) {
+          pack_bad[b] = decltype(target)::pack_v_pairs(v, q.dim, b / nkb, k0, nk, ws, pack + b * plan.pack_words_);
+        });
+      });
     auto run_all = [&](const auto& m) {
       run_items(exec, plan.num_items(), [&](index_t oi, int worker) {
-        arch::Carver c(base + plan.bits_bytes_ + plan.scratch_bytes_ * static_cast<std::size_t>(worker));
-        const arch::PrefillScratch ws = kernel::carve_prefill_scratch(
-            c, G, q.dim, v.dim, plan.ldq_, plan.bk_, km.acc != nullptr ? plan.mass_ld_ : 0, k.tokens,
-            ms.num_k_blocks());
+        const arch::PrefillScratch ws = carve(worker);
         const index_t it = plan.order_[static_cast<std::size_t>(oi)];
         arch::dispatch(plan.target_, [&](auto target) {
-          decltype(target)::prefill_item(m, q, k, v, out, opt.lse, scale, G, it / nqb, it % nqb, ws, km);
+          decltype(target)::prefill_item(m, q, k, v, out, opt.lse, scale, plan.bf16_, G, it / groups,
+                                         it % groups * plan.tiles_, plan.tiles_, ws, km);
         });
       });
     };

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <string>
 
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
@@ -41,12 +42,15 @@ class WorkspaceBuffer {
 };
 
 /// Shapes a plan is made for: Hq query heads of n_q tokens against Hkv K/V heads of n_k tokens,
-/// head dims d (Q, K) and dv (V, out).
+/// head dims d (Q, K) and dv (V, out), and the element types of Q, K and V (they decide the
+/// precision mode and what the plan packs, see Precision).
 struct AttentionShape {
   index_t heads_q = 0, heads_kv = 0, n_q = 0, n_k = 0, head_dim = 0, head_dim_v = 0;
+  DType q_type = DType::float32, k_type = DType::float32, v_type = DType::float32;
   bool operator==(const AttentionShape& o) const {
     return heads_q == o.heads_q && heads_kv == o.heads_kv && n_q == o.n_q && n_k == o.n_k &&
-           head_dim == o.head_dim && head_dim_v == o.head_dim_v;
+           head_dim == o.head_dim && head_dim_v == o.head_dim_v && q_type == o.q_type &&
+           k_type == o.k_type && v_type == o.v_type;
   }
   bool operator!=(const AttentionShape& o) const { return !(*this == o); }
 };
@@ -54,7 +58,23 @@ struct AttentionShape {
 /// The shape of q [Hq, n_q, d] against k [Hkv, n_k, d], v [Hkv, n_k, dv].
 template <class QV, class KV, class VV>
 AttentionShape attention_shape(const QV& q, const KV& k, const VV& v) {
-  return {q.heads, k.heads, q.tokens, k.tokens, q.dim, v.dim};
+  return {q.heads,
+          k.heads,
+          q.tokens,
+          k.tokens,
+          q.dim,
+          v.dim,
+          dtype_of<typename QV::value_type>(),
+          dtype_of<typename KV::value_type>(),
+          dtype_of<typename VV::value_type>()};
+}
+
+/// "[Hq=.., Hkv=.., n_q=.., n_k=.., d=.., dv=.., q fp32, k bf16, v bf16]" for error messages.
+inline std::string describe(const AttentionShape& s) {
+  return "[Hq=" + std::to_string(s.heads_q) + ", Hkv=" + std::to_string(s.heads_kv) +
+         ", n_q=" + std::to_string(s.n_q) + ", n_k=" + std::to_string(s.n_k) +
+         ", d=" + std::to_string(s.head_dim) + ", dv=" + std::to_string(s.head_dim_v) + ", q " +
+         dtype_name(s.q_type) + ", k " + dtype_name(s.k_type) + ", v " + dtype_name(s.v_type) + "]";
 }
 
 namespace detail {

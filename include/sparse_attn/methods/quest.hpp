@@ -25,10 +25,21 @@
 //                   row's bound. Always honoured.
 // B >= the pages before the current one is dense (the selection is the whole cache). The cache
 // must have been built with key_bounds = true.
+//
+// Cost per step: the bounds are streamed once (1/P of the keys' bytes per KV head: 1/16 of a
+// 16-token-page cache's K), one fp32 dot product of the page's 2d bound values (min, max) with
+// [Q^-, Q^+] per page, at memory speed; the top B is found in O(pages) (a radix select on the
+// bounds' order keys, then one pass in page order emits the ranges), never a sort (except for
+// the mass budget). With one thread each unit's bounds are ranked while they are in cache. The
+// step's scratch lives in the QuestPages passed (or the calling thread's own): no allocation per
+// step once grown, besides the KeySelection itself.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -47,6 +58,17 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+namespace quest_detail {
+/// Storage a Quest step reuses across steps (kept in QuestPages; see Quest::select).
+struct Workspace {
+  std::vector<float> qpn;                    // [units][2d]: Q^- then Q^+ (as min, max)
+  std::vector<float> row;                    // one query row as fp32
+  std::vector<std::vector<KeyRange>> lists;  // per unit: the selected key ranges
+  std::vector<std::uint64_t> words;          // [workers][max_pages]: ranking scratch
+  std::vector<std::uint32_t> keys;           // [workers][max_pages]: order_key of each bound
+};
+}  // namespace quest_detail
+
 /// What a Quest step computed besides its selection: the page bounds and the budget per unit.
 /// Pass one to Quest::select to read them (or to reuse its storage across steps).
 struct QuestPages {
@@ -55,6 +77,7 @@ struct QuestPages {
   std::vector<float> bounds;          // [units][bound_stride] U per page (scaled logits)
   index_t bound_stride = 0;
   bool dense = false;  // every page selected
+  quest_detail::Workspace work;  // scratch of the step (no allocation once grown)
 };
 
 struct Quest {
@@ -71,7 +94,8 @@ struct Quest {
   }
 
   /// The step's selection for q [Hq, n_q, d] (the newest n_q tokens, already appended) on
-  /// `cache`; sel (and pages, when given) are reused as storage across steps.
+  /// `cache`; sel (and pages, when given) are reused as storage across steps. Without `pages`,
+  /// the calling thread's own QuestPages (thread_local) is reused instead.
   template <class TQ, class Cache>
   void select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
               const AttentionOptions& opt, DecodeSelection& sel, QuestPages* pages = nullptr) const;
@@ -87,19 +111,88 @@ struct Quest {
 
 namespace quest_detail {
 
-// U for pages [p0, p1) of KV head hk: out[p] = qp . max + qn . min (qp, qn already scaled),
-// on the CPU target's dot product (bounds read in their storage type).
+// U for pages [p0, p1) of KV head hk: out[p] = qpn . bounds(p) over the page's 2d bound values
+// (min then max: qpn = [Q^-, Q^+], already scaled), one dot product per page on the CPU target
+// (bounds widened from their storage type, fp32 products and sums).
 template <class T, class Cache>
-void page_bounds(const Cache& cache, index_t hk, const float* qp, const float* qn, index_t p0,
-                 index_t p1, float* out) {
-  const index_t d = cache.head_dim();
+void page_bounds(const Cache& cache, index_t hk, const float* qpn, index_t p0, index_t p1,
+                 float* out) {
+  const index_t d2 = 2 * cache.head_dim();
   arch::dispatch(cpu_target(), [&](auto a) {
     using A = decltype(a);
-    for (index_t p = p0; p < p1; ++p) {
-      const T* meta = cache.key_bounds(hk, p);
-      out[p] = A::dot(qn, meta, d) + A::dot(qp, meta + d, d);
-    }
+    for (index_t p = p0; p < p1; ++p) out[p] = A::dot(qpn, cache.key_bounds(hk, p), d2);
   });
+}
+
+/// An unsigned key that orders bounds as the ranking does (methods/detail/ranking.hpp): larger
+/// ranks first, NaN as -inf, -0 equal to +0. Branch-free (vectorises over pages).
+inline std::uint32_t order_key(float s) {
+  const float x = s + 0.0f;  // -0 -> +0
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  b = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0xFF800000u : b;  // NaN -> -inf
+  return b ^ (static_cast<std::uint32_t>(static_cast<std::int32_t>(b) >> 31) | 0x80000000u);
+}
+
+/// The rank of page p with key k as one word: a larger word ranks first, ties toward the lower
+/// page (p < 2^32).
+inline std::uint64_t rank_word(std::uint32_t k, index_t p) {
+  return (std::uint64_t{k} << 32) | (0xFFFFFFFFu - static_cast<std::uint32_t>(p));
+}
+
+/// The page a rank word names.
+inline index_t word_page(std::uint64_t w) {
+  return static_cast<index_t>(0xFFFFFFFFu - static_cast<std::uint32_t>(w));
+}
+
+/// The B-th largest rank word of pages [0, n) with keys key[0, n) (0 < B < n): page p is among
+/// the top B iff rank_word(key[p], p) >= the result. O(n): radix histograms of the keys (11, 11,
+/// 10 bits) narrow the candidates to the bucket holding the B-th; the few left go through
+/// nth_element. cand: n words of scratch.
+inline std::uint64_t top_threshold(const std::uint32_t* key, index_t n, index_t B,
+                                   std::uint64_t* cand) {
+  constexpr int kTopBits = 11;
+  constexpr std::size_t kBuckets = std::size_t{1} << kTopBits;
+  constexpr index_t kFew = 64;  // candidates left to nth_element
+  // Two interleaved histograms: runs of equal buckets do not wait on one counter.
+  std::uint32_t hist[2][kBuckets];
+  std::fill(&hist[0][0], &hist[0][0] + 2 * kBuckets, 0u);
+  index_t p = 0;
+  for (; p + 2 <= n; p += 2) {
+    ++hist[0][key[p] >> (32 - kTopBits)];
+    ++hist[1][key[p + 1] >> (32 - kTopBits)];
+  }
+  if (p < n) ++hist[0][key[p] >> (32 - kTopBits)];
+  index_t need = B;  // rank wanted within the current bucket (1-based)
+  std::uint32_t b = kBuckets - 1;
+  for (;; --b) {
+    const index_t c = static_cast<index_t>(hist[0][b]) + static_cast<index_t>(hist[1][b]);
+    if (c >= need) break;
+    need -= c;
+  }
+  index_t m = 0;  // candidates: the bucket's pages (stored branch-free)
+  for (p = 0; p < n; ++p) {
+    cand[m] = rank_word(key[p], p);
+    m += (key[p] >> (32 - kTopBits)) == b;
+  }
+  // Narrow further on the next 11, then 10 key bits while many candidates are left.
+  for (const int shift : {10, 0}) {
+    if (m <= kFew) break;
+    const std::uint32_t mask = shift == 0 ? 0x3FFu : 0x7FFu;
+    std::fill(hist[0], hist[0] + mask + 1, 0u);
+    for (index_t i = 0; i < m; ++i) ++hist[0][(cand[i] >> (32 + shift)) & mask];
+    b = mask;
+    while (static_cast<index_t>(hist[0][b]) < need) need -= static_cast<index_t>(hist[0][b--]);
+    index_t k = 0;
+    for (index_t i = 0; i < m; ++i) {
+      const std::uint64_t w = cand[i];
+      cand[k] = w;
+      k += ((w >> (32 + shift)) & mask) == b;
+    }
+    m = k;
+  }
+  std::nth_element(cand, cand + (need - 1), cand + m, std::greater<std::uint64_t>());
+  return cand[need - 1];
 }
 
 }  // namespace quest_detail
@@ -128,64 +221,57 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
   for (index_t h = 0; h < Hkv; ++h)
     require(cache.length(h) >= n_q, where, ": KV head ", h, " holds ", cache.length(h),
             " tokens, fewer than the ", n_q, " new queries (append them first)");
-  QuestPages local;
-  QuestPages& pg = pages_out ? *pages_out : local;
+  // Storage reused across steps: the caller's, else this thread's own.
+  static thread_local QuestPages own;
+  QuestPages& pg = pages_out ? *pages_out : own;
+  quest_detail::Workspace& ws = pg.work;
   const bool per_q = per_query_head;
   const index_t units = per_q ? q.heads : Hkv;
   index_t max_pages = 0;
   for (index_t h = 0; h < Hkv; ++h) max_pages = std::max(max_pages, cache.num_pages(h));
+  require(max_pages <= index_t{0xFFFFFFFF}, where, ": ", max_pages, " pages exceed 2^32 - 1");
   pg.page_size = P;
   pg.bound_stride = max_pages;
   pg.bounds.resize(static_cast<std::size_t>(units * max_pages));
   pg.budget_pages.assign(static_cast<std::size_t>(units), 0);
 
-  // Per unit: Q^+ and Q^- (scaled, summed over the unit's query rows).
-  std::vector<float> qpn(static_cast<std::size_t>(units * 2 * d), 0.0f);
-  {
-    std::vector<float> row(static_cast<std::size_t>(d));
-    for (index_t h = 0; h < q.heads; ++h)
-      for (index_t t = 0; t < n_q; ++t) {
-        load_row(q.row(h, t), q.stride_dim, row.data(), d);
-        float* qp = qpn.data() + (per_q ? h : h / G) * 2 * d;
-        for (index_t c = 0; c < d; ++c) {
-          const float x = row[static_cast<std::size_t>(c)] * scale;
-          qp[c] += std::max(x, 0.0f);
-          qp[d + c] += std::min(x, 0.0f);
-        }
+  // Per unit: Q^- and Q^+ (scaled, summed over the unit's query rows), in the order of the
+  // bounds (min, max).
+  ws.qpn.assign(static_cast<std::size_t>(units * 2 * d), 0.0f);
+  ws.row.resize(static_cast<std::size_t>(d));
+  for (index_t h = 0; h < q.heads; ++h)
+    for (index_t t = 0; t < n_q; ++t) {
+      load_row(q.row(h, t), q.stride_dim, ws.row.data(), d);
+      float* qn = ws.qpn.data() + (per_q ? h : h / G) * 2 * d;
+      for (index_t c = 0; c < d; ++c) {
+        const float x = ws.row[static_cast<std::size_t>(c)] * scale;
+        qn[c] += std::min(x, 0.0f);
+        qn[d + c] += std::max(x, 0.0f);
       }
-  }
+    }
+  ws.lists.resize(static_cast<std::size_t>(units));  // inner lists keep their capacity
 
-  // Bounds, in page chunks over (unit, chunk) items.
+  // Bounds of (unit, page chunk) items.
   constexpr index_t kPagesPerItem = 256, kSerialPages = 4096;
   const index_t chunks = (max_pages + kPagesPerItem - 1) / kPagesPerItem;
   auto bounds_of = [&](index_t it) {
     const index_t u = it / chunks, ch = it % chunks, hk = per_q ? u / G : u;
     const index_t p0 = ch * kPagesPerItem, p1 = std::min(cache.num_pages(hk), p0 + kPagesPerItem);
-    const float* qp = qpn.data() + u * 2 * d;
-    quest_detail::page_bounds<T>(cache, hk, qp, qp + d, p0, p1, pg.bounds.data() + u * max_pages);
+    quest_detail::page_bounds<T>(cache, hk, ws.qpn.data() + u * 2 * d, p0, p1,
+                                 pg.bounds.data() + u * max_pages);
   };
-  if (units * max_pages < kSerialPages) {  // a small cache: a parallel region costs more
-    for (index_t it = 0; it < units * chunks; ++it) bounds_of(it);
-  } else {
-    sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
-      run_items(ex, units * chunks, [&](index_t it, int) { bounds_of(it); });
-    });
-  }
 
-  // Top-B per unit among the pages before the current one(s); current pages always.
-  std::vector<std::vector<KeyRange>> lists(static_cast<std::size_t>(units));
-  std::vector<index_t> order;
-  bool all_dense = true;
+  // Top-B of unit u among the pages before the current one(s), plus the current pages, as key
+  // ranges in ws.lists[u]; words, key: max_pages words and keys of scratch.
   const double rows = static_cast<double>(per_q ? n_q : G * n_q);
-  for (index_t u = 0; u < units; ++u) {
+  auto rank_unit = [&](index_t u, std::uint64_t* words, std::uint32_t* key) {
     const index_t hk = per_q ? u / G : u, len = cache.length(hk);
     const index_t first_cur = (len - n_q) / P;  // first page holding a new token
     const index_t cur_keys = len - first_cur * P;
     const float* U = pg.bounds.data() + u * max_pages;
-    order.resize(static_cast<std::size_t>(first_cur));
-    for (index_t p = 0; p < first_cur; ++p) order[static_cast<std::size_t>(p)] = p;
-    const detail::ScoreOrder better{U};
+    for (index_t p = 0; p < first_cur; ++p) key[p] = quest_detail::order_key(U[p]);
     index_t B = 0;
+    std::uint64_t threshold = 0;  // page p < first_cur is selected iff its rank word >= this
     if (budget.is_count()) {
       B = budget.units() / P;
     } else if (budget.is_compression()) {
@@ -208,37 +294,69 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
         total += e;
         if (p >= first_cur) have += e;
       }
-      std::sort(order.begin(), order.end(), better);
+      for (index_t p = 0; p < first_cur; ++p) words[p] = quest_detail::rank_word(key[p], p);
+      std::sort(words, words + first_cur, std::greater<std::uint64_t>());
       const double want = budget.mass_target() * total;
       while (B < first_cur && have < want * (1.0 - 1e-12)) {
-        const index_t p = order[static_cast<std::size_t>(B)];
+        const index_t p = quest_detail::word_page(words[B]);
         have += std::isfinite(mx) ? std::exp(logit(p) - mx) : 1.0;
         ++B;
       }
+      if (B > 0) threshold = words[B - 1];
     }
     B = std::min(B, first_cur);
     pg.budget_pages[static_cast<std::size_t>(u)] = B;
-    all_dense = all_dense && B == first_cur;
-    if (B < first_cur && !budget.is_mass())
-      std::nth_element(order.begin(), order.begin() + B, order.end(), better);
-    order.resize(static_cast<std::size_t>(B));
-    std::sort(order.begin(), order.end());
-    auto& l = lists[static_cast<std::size_t>(u)];
+    if (B > 0 && B < first_cur && !budget.is_mass())
+      threshold = quest_detail::top_threshold(key, first_cur, B, words);
+    auto& l = ws.lists[static_cast<std::size_t>(u)];
+    l.clear();
     auto add = [&](index_t b, index_t e) {
       if (!l.empty() && l.back().end == b)
         l.back().end = e;
       else
         l.push_back({b, e});
     };
-    for (index_t p : order) add(p * P, std::min(len, (p + 1) * P));
+    if (B == first_cur) {
+      if (first_cur > 0) add(0, first_cur * P);
+    } else if (B > 0) {
+      for (index_t p = 0; p < first_cur; ++p)
+        if (quest_detail::rank_word(key[p], p) >= threshold) add(p * P, (p + 1) * P);
+    }
     if (len > 0) add(first_cur * P, len);
+  };
+
+  ws.words.resize(static_cast<std::size_t>(max_pages));
+  ws.keys.resize(static_cast<std::size_t>(max_pages));
+  if (units * max_pages < kSerialPages || (opt.executor == nullptr && opt.num_threads == 1)) {
+    // One thread: each unit's bounds, then its ranking while they are in cache.
+    for (index_t u = 0; u < units; ++u) {
+      for (index_t ch = 0; ch < chunks; ++ch) bounds_of(u * chunks + ch);
+      rank_unit(u, ws.words.data(), ws.keys.data());
+    }
+  } else {
+    sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
+      run_items(ex, units * chunks, [&](index_t it, int) { bounds_of(it); });
+      const index_t workers = ex.concurrency();
+      ws.words.resize(static_cast<std::size_t>(max_pages * workers));
+      ws.keys.resize(static_cast<std::size_t>(max_pages * workers));
+      run_items(ex, units, [&](index_t u, int worker) {
+        const index_t off = static_cast<index_t>(worker) * max_pages;
+        rank_unit(u, ws.words.data() + off, ws.keys.data() + off);
+      });
+    });
+  }
+  bool all_dense = true;
+  for (index_t u = 0; u < units; ++u) {
+    const index_t hk = per_q ? u / G : u;
+    all_dense = all_dense &&
+                pg.budget_pages[static_cast<std::size_t>(u)] == (cache.length(hk) - n_q) / P;
   }
   pg.dense = all_dense;
   if (all_dense && cache.uniform())
     sel.keys = KeySelection::all();
   else
     sel.keys = KeySelection::from_ranges(
-        per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head, lists);
+        per_q ? KeySelection::Scope::per_q_head : KeySelection::Scope::per_kv_head, ws.lists);
   const kv::DecodeStats ds = kv::decode_stats(sel.keys, cache, q.heads, n_q);
   stats.pairs = ds.pairs;
   stats.dense_pairs = ds.dense_pairs;

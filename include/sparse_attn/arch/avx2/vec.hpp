@@ -27,6 +27,7 @@ struct Vec {
   static constexpr bool kHasBf16Pairs = false;
   static constexpr bool kHasRowSoftmax = false;
   static constexpr bool kHasBf16Dot = false;
+  static constexpr bool kHasAmx = false;
 
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float x) { return _mm256_set1_ps(x); }

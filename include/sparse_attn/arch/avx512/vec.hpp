@@ -30,6 +30,7 @@ struct Vec {
   static constexpr bool kHasBf16Pairs = true;  // load_bf16_pair()
   static constexpr bool kHasRowSoftmax = true;  // online_softmax_rows()
   static constexpr bool kHasBf16Dot = false;
+  static constexpr bool kHasAmx = false;
 
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }

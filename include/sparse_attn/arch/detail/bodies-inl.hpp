@@ -226,20 +226,184 @@ SPARSE_ATTN_NOINLINE inline void store_mass_logits(const float* s, index_t lds, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 products (Precision::bfloat16): queries and probabilities as bf16 pairs, see the pair tiles
+// of arch/avx512_bf16/vec.hpp. Targets without bf16 dot products emulate the mode: the same
+// roundings (Q and P to bf16, the scale after the product) with the fp32 tiles.
+// ---------------------------------------------------------------------------------------------
+
+/// How a work item computes Q K^T and P V.
+enum class Products {
+  fp32,           // fp32 products; Q pre-scaled
+  bf16_emulated,  // bf16-rounded Q and P through the fp32 tiles; scale applied to S
+  bf16_pairs,     // vdpbf16ps pair tiles
+  bf16_amx,       // AMX tiles (amx target, amx_shapes)
+};
+
+/// Head dims the AMX tiles take: d a multiple of 32 (one A row of K), dv of 16 (one C tile).
+inline bool amx_shapes(index_t d, index_t dv) { return d % 32 == 0 && dv % 16 == 0; }
+inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
+
+inline float round_bf16(float x) { return static_cast<float>(bf16(x)); }
+
+inline std::uint32_t bf16_bits(float x) {
+  return Eigen::numext::bit_cast<std::uint16_t>(bf16(x));
+}
+
+/// Covers `rows` query lanes with pair tiles, like Tiles (same widths, same remainder rule).
+template <class V>
+struct PairTiles {
+  static constexpr index_t kTileQ = V::kTileVecs * V::kLanes;
+  template <int W>
+  static void qk(const std::uint32_t* qp, index_t ldq, const bf16* k, index_t ldk, index_t nk,
+                 index_t d2, float scale, float* s) {
+    index_t j = 0;
+    for (; j + 6 <= nk; j += 6) V::template qk_pairs_tile<6, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq);
+    switch (nk - j) {
+      case 5: V::template qk_pairs_tile<5, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq); break;
+      case 4: V::template qk_pairs_tile<4, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq); break;
+      case 3: V::template qk_pairs_tile<3, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq); break;
+      case 2: V::template qk_pairs_tile<2, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq); break;
+      case 1: V::template qk_pairs_tile<1, W>(qp, ldq, k + j * ldk, ldk, d2, scale, s + j * ldq, ldq); break;
+      default: break;
+    }
+  }
+  template <int W>
+  static void pv(const std::uint32_t* pp, index_t ldq, index_t np, const std::uint32_t* vp,
+                 index_t ldvp, index_t dv, float* ot) {
+    index_t c = 0;
+    for (; c + 6 <= dv; c += 6) V::template pv_pairs_tile<6, W>(pp, ldq, np, vp, ldvp, c, ot, ldq);
+    switch (dv - c) {
+      case 5: V::template pv_pairs_tile<5, W>(pp, ldq, np, vp, ldvp, c, ot, ldq); break;
+      case 4: V::template pv_pairs_tile<4, W>(pp, ldq, np, vp, ldvp, c, ot, ldq); break;
+      case 3: V::template pv_pairs_tile<3, W>(pp, ldq, np, vp, ldvp, c, ot, ldq); break;
+      case 2: V::template pv_pairs_tile<2, W>(pp, ldq, np, vp, ldvp, c, ot, ldq); break;
+      case 1: V::template pv_pairs_tile<1, W>(pp, ldq, np, vp, ldvp, c, ot, ldq); break;
+      default: break;
+    }
+  }
+  /// Calls f(integral_constant<W>, t) over the query lanes [0, rows): full tiles, then the rest
+  /// with the fewest packets that hold it.
+  template <class Fn>
+  static void over_rows(index_t rows, Fn&& f) {
+    index_t t = 0;
+    for (; t + kTileQ <= rows; t += kTileQ) f(std::integral_constant<int, V::kTileVecs>{}, t);
+    if (t >= rows) return;
+    const index_t vecs = (rows - t + V::kLanes - 1) / V::kLanes;
+    if (vecs == 1) f(std::integral_constant<int, 1>{}, t);
+    else if (vecs == 2) f(std::integral_constant<int, 2>{}, t);
+    else if (vecs == 3) f(std::integral_constant<int, 3>{}, t);
+    else f(std::integral_constant<int, V::kTileVecs>{}, t);
+  }
+  /// S[j][i] = scale * q_i . k_j for j < nk, i < rows.
+  static void qk_rows(index_t rows, const std::uint32_t* qp, index_t ldq, const bf16* k, index_t ldk,
+                      index_t nk, index_t d2, float scale, float* s) {
+    over_rows(rows, [&](auto w, index_t t) { qk<decltype(w)::value>(qp + t, ldq, k, ldk, nk, d2, scale, s + t); });
+  }
+  /// Ot[c][i] += sum_j V[j][c] P[j][i] for c < dv, i < rows, over np key pairs.
+  static void pv_rows(index_t rows, const std::uint32_t* pp, index_t ldq, index_t np,
+                      const std::uint32_t* vp, index_t ldvp, index_t dv, float* ot) {
+    over_rows(rows, [&](auto w, index_t t) { pv<decltype(w)::value>(pp + t, ldq, np, vp, ldvp, dv, ot + t); });
+  }
+};
+
+/// The K/V operands of one key block, prepared once for every head of the group.
+struct BlockOperands {
+  const float* k = nullptr;  // fp32 products: fp32 rows (stride ldk, ldv)
+  const float* v = nullptr;
+  index_t ldk = 0, ldv = 0;
+  const bf16* kb = nullptr;           // bf16 pairs: K rows as bf16 (stride ldk)
+  const std::uint32_t* vp = nullptr;  // bf16 pairs: V as pairs (stride ws.dvp)
+  bool v_finite = true;  // no NaN or inf in the block's V (checked on partial blocks only)
+};
+
+/// Packs V rows [k0, k0 + nk) of KV head hk as pairs: dst[j2 * dvp + c] = (V[2 j2][c],
+/// V[2 j2 + 1][c]) for j2 < bkp / 2 (keys beyond nk and dims beyond dv: 0). True when a value
+/// is inf or NaN. row_buf: [2][dvp] for strided views.
+template <class V, class VV>
+bool pack_v_pairs(const VV& v, index_t hk, index_t k0, index_t nk, index_t dvp, index_t bkp,
+                  bf16* row_buf, std::uint32_t* dst) {
+  bool bad = false;
+  if constexpr (std::is_same_v<std::remove_const_t<typename VV::value_type>, bf16> && V::kHasBf16Dot) {
+    const index_t dv = v.dim;
+    auto row = [&](index_t j, bf16* buf) -> const bf16* {  // V row j of the block, contiguous
+      const bf16* src = v.row(hk, k0 + j);
+      if (v.stride_dim == 1) return src;
+      for (index_t c = 0; c < dv; ++c) buf[c] = src[c * v.stride_dim];
+      return buf;
+    };
+    for (index_t j2 = 0; j2 < bkp / 2; ++j2) {
+      std::uint32_t* out = dst + j2 * dvp;
+      if (2 * j2 < nk) {
+        const bf16* a = row(2 * j2, row_buf);
+        const bf16* b = 2 * j2 + 1 < nk ? row(2 * j2 + 1, row_buf + dvp) : nullptr;
+        bad = V::interleave_rows(a, b, dv, out) || bad;
+        std::fill(out + dv, out + dvp, 0u);
+      } else {
+        std::fill(out, out + dvp, 0u);
+      }
+    }
+  } else {
+    static_cast<void>(v), static_cast<void>(hk), static_cast<void>(k0), static_cast<void>(nk),
+        static_cast<void>(dvp), static_cast<void>(bkp), static_cast<void>(row_buf), static_cast<void>(dst);
+  }
+  return bad;
+}
+
+/// One key block of V for the bf16 products, in the layout the work items read: pairs, or
+/// pairs transposed when the item uses AMX tiles (see Target::pack_v_pairs).
+template <class V, class VV>
+bool pack_v(const VV& v, index_t d, index_t hk, index_t k0, index_t nk, const PrefillScratch& ws,
+            std::uint32_t* dst) {
+  if constexpr (V::kHasAmx) {
+    if (amx_shapes(d, v.dim)) {
+      const bool bad = pack_v_pairs<V>(v, hk, k0, nk, ws.dvp, ws.bkp, ws.vrow, ws.vp);
+      V::transpose_pairs(ws.vp, ws.dvp, ws.bkp / 2, ws.dvp, dst, ws.bkp / 2);
+      return bad;
+    }
+  }
+  static_cast<void>(d);
+  return pack_v_pairs<V>(v, hk, k0, nk, ws.dvp, ws.bkp, ws.vrow, dst);
+}
+
+/// One head's state in a work item: its queries (transposed; pairs for bf16 products), the
+/// transposed unnormalised output, running max and sum.
+struct HeadTile {
+  float* qt;
+  std::uint32_t* qp;
+  float* ot;
+  float* m;
+  float* l;
+};
+
+/// True when the bf16 value's exponent is all ones (inf or NaN).
+inline bool bf16_nonfinite(bf16 x) { return (Eigen::numext::bit_cast<std::uint16_t>(x) & 0x7F80u) == 0x7F80u; }
+
 // One key block for one head's query tile: logits, mask, online-softmax update (the
 // OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
-// v_finite: the block's V rows hold no NaN or inf (only needed for partial blocks).
 template <class V, class Mask>
 inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
-                          index_t nk, bool full, const float* kp, index_t ldk, const float* vp,
-                          index_t ldv, bool v_finite, index_t d, index_t dv,
-                          const PrefillScratch& ws, float* qt, float* ot, float* m, float* l,
-                          const MassRows& mass) {
+                          index_t nk, bool full, const BlockOperands& b, Products mode,
+                          float scale, index_t d, index_t dv, const PrefillScratch& ws,
+                          const HeadTile& h, const MassRows& mass) {
   using F = typename V::F;
   const index_t ldq = ws.ldq;
   const index_t width = (rows + V::kLanes - 1) / V::kLanes * V::kLanes;  // lanes computed
   float* s = ws.s;
-  Tiles<V>::qk_rows(rows, qt, ldq, kp, ldk, nk, d, s, ldq);
+  float* ot = h.ot;
+  float* m = h.m;
+  float* l = h.l;
+  if (mode == Products::bf16_amx) {
+    if constexpr (V::kHasAmx) V::qk_tiles(b.kb, b.ldk, round_up(nk, 16), h.qp, ldq, d, width, scale, s, ldq);
+  } else if (mode == Products::bf16_pairs) {
+    if constexpr (V::kHasBf16Dot) PairTiles<V>::qk_rows(rows, h.qp, ldq, b.kb, b.ldk, nk, (d + 1) / 2, scale, s);
+  } else {
+    Tiles<V>::qk_rows(rows, h.qt, ldq, b.k, b.ldk, nk, d, s, ldq);
+    if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
+      for (index_t j = 0; j < nk; ++j)
+        for (index_t i = 0; i < width; i += V::kLanes)
+          V::store(s + j * ldq + i, V::mul(V::load(s + j * ldq + i), V::set1(scale)));
+  }
   if (!full) {
     for (index_t j = 0; j < nk; ++j)
       for (index_t i = 0; i < rows; ++i)
@@ -248,12 +412,37 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
   if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
   for (index_t i = 0; i < width; i += V::kLanes) {
     const F m_old = V::load(m + i);
-    F mx = m_old;
-    for (index_t j = 0; j < nk; ++j) mx = V::max(mx, V::load(s + j * ldq + i));
+    // Four independent running maxima: one chain of nk dependent max operations would take
+    // nk x (max latency) cycles, as long as all the products of a small block.
+    F mx = m_old, mx1 = m_old, mx2 = m_old, mx3 = m_old;
+    index_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+      mx = V::max(mx, V::load(s + j * ldq + i));
+      mx1 = V::max(mx1, V::load(s + (j + 1) * ldq + i));
+      mx2 = V::max(mx2, V::load(s + (j + 2) * ldq + i));
+      mx3 = V::max(mx3, V::load(s + (j + 3) * ldq + i));
+    }
+    for (; j < nk; ++j) mx = V::max(mx, V::load(s + j * ldq + i));
+    mx = V::max(V::max(mx, mx1), V::max(mx2, mx3));
     const F m_use = V::zero_if_neg_inf(mx);  // all masked so far: use 0
     const F alpha = V::masked_exp(V::sub(m_old, m_use));
     F sum = V::zero();
-    for (index_t j = 0; j < nk; ++j) {
+    if constexpr (V::kHasBf16Dot) {
+      if (mode != Products::fp32 && mode != Products::bf16_emulated) {  // P straight to bf16 pairs
+        for (index_t j = 0; j < nk; j += 2) {  // an odd block's last key pairs with P = 0
+          const F x0 = V::sub(V::load(s + j * ldq + i), m_use);
+          const F p0 = full ? V::exp_fast(x0) : V::masked_exp_fast(x0);
+          F p1 = V::zero();
+          if (j + 1 < nk) {
+            const F x1 = V::sub(V::load(s + (j + 1) * ldq + i), m_use);
+            p1 = full ? V::exp_fast(x1) : V::masked_exp_fast(x1);
+          }
+          V::store_pairs(ws.pp + j / 2 * ldq + i, p0, p1);
+          sum = V::add(sum, V::add(p0, p1));
+        }
+      }
+    }
+    for (index_t j = 0; j < nk && (mode == Products::fp32 || mode == Products::bf16_emulated); ++j) {
       // Full blocks hold finite logits <= m: plain e^x (below -88 it is ~1e-38, not 0: harmless
       // beside the row's max term 1). Partial blocks hold -inf, which must give exactly 0.
       const F x = V::sub(V::load(s + j * ldq + i), m_use);
@@ -266,12 +455,26 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
     if (V::reduce_min(alpha) != 1.0f)  // the running max moved for some row of this packet
       for (index_t c = 0; c < dv; ++c) V::store(ot + c * ldq + i, V::mul(V::load(ot + c * ldq + i), alpha));
   }
-  if (full || v_finite) Tiles<V>::pv_rows(rows, s, ldq, nk, vp, ldv, dv, ot, ldq);
-  else pv_block_nonfinite<V>(mask, mh, q0, rows, k0, nk, vp, ldv, dv, ws, ot);
+  if (mode == Products::bf16_amx) {
+    if constexpr (V::kHasAmx) {  // the tiles take 32 keys at a time: zero pairs up to there
+      const index_t nk32 = round_up(nk, 32);
+      for (index_t j2 = (nk + 1) / 2; j2 < nk32 / 2; ++j2) std::fill(ws.pp + j2 * ldq, ws.pp + j2 * ldq + width, 0u);
+      V::pv_tiles(b.vp, ws.bkp / 2, nk32, ws.pp, ldq, dv, width, ot, ldq);
+    }
+  } else if (mode == Products::bf16_pairs) {
+    if constexpr (V::kHasBf16Dot) PairTiles<V>::pv_rows(rows, ws.pp, ldq, (nk + 1) / 2, b.vp, ws.dvp, dv, ot);
+  } else {
+    if (mode == Products::bf16_emulated)
+      for (index_t j = 0; j < nk; ++j)
+        for (index_t i = 0; i < width; ++i) s[j * ldq + i] = round_bf16(s[j * ldq + i]);
+    if (full || b.v_finite) Tiles<V>::pv_rows(rows, s, ldq, nk, b.v, b.ldv, dv, ot, ldq);
+    else pv_block_nonfinite<V>(mask, mh, q0, rows, k0, nk, b.v, b.ldv, dv, ws, ot);
+  }
 }
 
 /// Visits one key block of a work item for every head that needs it (mask.for_each_block's
-/// callback): converts (or points at) the block's K/V rows once, then runs each head.
+/// callback): converts (or points at) the block's K/V rows once (operands()), then runs each
+/// head of a query tile (run()). Head g of query tile t uses the item's scratch tile t * G + g.
 template <class V, class Mask, class KV, class VV>
 struct PrefillBlockVisitor {
   const Mask& mask;
@@ -281,14 +484,133 @@ struct PrefillBlockVisitor {
   index_t hk, q0, rows, d, dv, g_begin, g_end, mh_of_g0;  // heads g in [g_begin, g_end)
   bool per_head_mask;
   index_t mass_sel0 = 0, mass_nsel = 0;  // key mass: the tile's rows kept (nsel 0: none)
+  Products mode = Products::fp32;
+  float scale = 1.0f;  // applied to S (bf16 products); fp32 products pre-scale Q
 
-  void operator()(index_t kb, bool full) const {
+  using TK = std::remove_const_t<typename KV::value_type>;
+  using TV = std::remove_const_t<typename VV::value_type>;
+
+  // bf16 pairs: K rows as bf16 (in place when contiguous with an even d), V as pairs.
+  void bf16_operands(index_t kb, index_t k0, index_t nk, bool full, BlockOperands& b) const {
+    if constexpr (std::is_same_v<TK, bf16> && std::is_same_v<TV, bf16> && V::kHasBf16Dot) {
+      // The AMX tiles read K 16 rows at a time: a block of another length is copied, zero-padded.
+      const bool amx = mode == Products::bf16_amx;
+      bool in_place = false;
+      if constexpr (kernel::is_tensor_view<KV>::value) {
+        in_place = k.stride_dim == 1 && d % 2 == 0 && (!amx || nk % 16 == 0);
+        if (in_place) {
+          b.kb = k.row(hk, k0);
+          b.ldk = k.stride_token;
+        }
+      }
+      if (!in_place) {
+        const index_t d2 = (d + 1) / 2 * 2;
+        for (index_t j = 0; j < nk; ++j) {
+          bf16* dst = ws.kb + j * d2;
+          const bf16* src = k.row(hk, k0 + j);
+          for (index_t c = 0; c < d; ++c) dst[c] = src[c * k.stride_dim];
+          if (d2 > d) dst[d] = bf16(0.0f);
+        }
+        if (amx) std::fill(ws.kb + nk * d2, ws.kb + round_up(nk, 16) * d2, bf16(0.0f));
+        b.kb = ws.kb;
+        b.ldk = d2;
+      }
+      // V: the call's packed pairs; a partial block whose V holds a NaN or inf gets pairs with
+      // those elements zeroed (add_nonfinite adds them back to the rows that may see them).
+      const index_t blk = hk * ws.vpack_nkb + kb;
+      b.vp = ws.vpack + blk * ws.vpack_words;
+      b.v_finite = full || ws.vpack_bad[blk] == 0;
+      if (!b.v_finite) {
+        auto row = [&](index_t j, bf16* buf) -> const bf16* {
+          const bf16* src = v.row(hk, k0 + j);
+          for (index_t c = 0; c < dv; ++c) {
+            const bf16 x = src[c * v.stride_dim];
+            buf[c] = bf16_nonfinite(x) ? bf16(0.0f) : x;
+          }
+          return buf;
+        };
+        for (index_t j2 = 0; 2 * j2 < nk; ++j2) {
+          const bf16* a = row(2 * j2, ws.vrow);
+          const bf16* c = 2 * j2 + 1 < nk ? row(2 * j2 + 1, ws.vrow + ws.dvp) : nullptr;
+          V::interleave_rows(a, c, dv, ws.vp + j2 * ws.dvp);
+        }
+        b.vp = ws.vp;
+        if constexpr (V::kHasAmx) {
+          if (amx) {  // the tiles' layout: pairs transposed, zero beyond the block
+            std::fill(ws.vp + (nk + 1) / 2 * ws.dvp, ws.vp + ws.bkp / 2 * ws.dvp, 0u);
+            V::transpose_pairs(ws.vp, ws.dvp, ws.bkp / 2, ws.dvp, ws.vt, ws.bkp / 2);
+            b.vp = ws.vt;
+          }
+        }
+      }
+    } else {
+      static_cast<void>(kb), static_cast<void>(k0), static_cast<void>(nk), static_cast<void>(full),
+          static_cast<void>(b);
+    }
+  }
+
+  // P V of the non-finite V elements a partial block's pairs left out: each allowed row adds
+  // its bf16 probability (from the pairs) times the element (corrupt data only).
+  SPARSE_ATTN_NOINLINE void add_nonfinite(index_t mh, index_t tq0, index_t trows, index_t k0, index_t nk,
+                                          float* ot) const {
+    const index_t ldq = ws.ldq;
+    for (index_t j = 0; j < nk; ++j)
+      for (index_t c = 0; c < dv; ++c) {
+        const float x = to_float(v.row(hk, k0 + j)[c * v.stride_dim]);
+        if (std::isfinite(x)) continue;
+        for (index_t i = 0; i < trows; ++i) {
+          if (!mask.allowed(mh, tq0 + i, k0 + j)) continue;
+          const std::uint32_t pair = ws.pp[j / 2 * ldq + i];
+          const auto bits = static_cast<std::uint16_t>(j % 2 == 0 ? pair & 0xFFFFu : pair >> 16);
+          ot[c * ldq + i] += static_cast<float>(Eigen::numext::bit_cast<bf16>(bits)) * x;
+        }
+      }
+  }
+
+  // Starts loading the next key block's K rows and V (rows, or the packed pairs) while this block
+  // computes (the usual next visit: kb + 1): a head's K/V are streamed once per work item from
+  // L2 or beyond.
+  void prefetch_block(index_t kb1, index_t k1, index_t nk) const {
+    const index_t end = std::min(k1 + nk, k.tokens);
+    const index_t kbytes = d * static_cast<index_t>(sizeof(TK)), vbytes = dv * static_cast<index_t>(sizeof(TV));
+    const bool packed = (mode == Products::bf16_pairs || mode == Products::bf16_amx) && kb1 < ws.vpack_nkb;
+    for (index_t j = k1; j < end; ++j) {
+      const char* kr = reinterpret_cast<const char*>(k.row(hk, j));
+      for (index_t b = 0; b < kbytes; b += 64) __builtin_prefetch(kr + b);
+      if (packed) continue;
+      const char* vr = reinterpret_cast<const char*>(v.row(hk, j));
+      for (index_t b = 0; b < vbytes; b += 64) __builtin_prefetch(vr + b);
+    }
+    if (packed) {
+      const char* p = reinterpret_cast<const char*>(ws.vpack + (hk * ws.vpack_nkb + kb1) * ws.vpack_words);
+      const index_t bytes = ws.vpack_words * 4;
+      for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+    }
+  }
+
+  /// The block's K/V operands; full: the block is full for every tile that will run it.
+  BlockOperands operands(index_t kb, bool full) const {
     const MaskShape& ms = mask.shape();
     const index_t k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
-    index_t ldk = 0, ldv = 0;
-    const float* kp = fp32_rows<V>(k, hk, k0, nk, ws.kbuf, ldk);
-    const float* vp = fp32_rows<V>(v, hk, k0, nk, ws.vbuf, ldv);
-    const bool v_finite = full || all_finite<V>(vp, nk, dv, ldv);
+    BlockOperands b;
+    if (k.stride_dim == 1 && v.stride_dim == 1) prefetch_block(kb + 1, k0 + nk, nk);
+    if (mode == Products::bf16_pairs || mode == Products::bf16_amx) {
+      bf16_operands(kb, k0, nk, full, b);
+    } else {
+      b.k = fp32_rows<V>(k, hk, k0, nk, ws.kbuf, b.ldk);
+      b.v = fp32_rows<V>(v, hk, k0, nk, ws.vbuf, b.ldv);
+      b.v_finite = full || all_finite<V>(b.v, nk, dv, b.ldv);
+    }
+    return b;
+  }
+
+  void operator()(index_t kb, bool full) const { run(operands(kb, full), kb, full, q0, rows, 0); }
+
+  /// Runs key block kb for the heads of the query tile at rows [tq0, tq0 + trows) (scratch tiles
+  /// tile0 + g).
+  void run(const BlockOperands& b, index_t kb, bool full, index_t tq0, index_t trows, index_t tile0) const {
+    const MaskShape& ms = mask.shape();
+    const index_t k0 = ms.k_begin(kb), nk = ms.k_end(kb) - k0;
     const index_t ldq = ws.ldq;
     for (index_t g = g_begin; g < g_end; ++g) {
       MassRows mass;
@@ -299,9 +621,12 @@ struct PrefillBlockVisitor {
                 (mass_nsel + kMaxLanes - 1) / kMaxLanes * kMaxLanes};
         st[1] += nk;
       }
-      prefill_block<V>(mask, per_head_mask ? mh_of_g0 + g : 0, q0, rows, k0, nk, full, kp, ldk, vp,
-                       ldv, v_finite, d, dv, ws, ws.qt + g * d * ldq, ws.ot + g * dv * ldq,
-                       ws.m + g * ldq, ws.l + g * ldq, mass);
+      const index_t mh = per_head_mask ? mh_of_g0 + g : 0, u = tile0 + g;
+      const HeadTile h{ws.qt + u * d * ldq, ws.qp + u * (ws.dp / 2) * ldq, ws.ot + u * dv * ldq,
+                       ws.m + u * ldq, ws.l + u * ldq};
+      prefill_block<V>(mask, mh, tq0, trows, k0, nk, full, b, mode, scale, d, dv, ws, h, mass);
+      if (!b.v_finite && (mode == Products::bf16_pairs || mode == Products::bf16_amx))
+        add_nonfinite(mh, tq0, trows, k0, nk, h.ot);
     }
   }
 };
@@ -365,433 +690,116 @@ SPARSE_ATTN_NOINLINE void prefill_key_mass(const MaskShape& ms, index_t n_k, ind
   }
 }
 
-/// Work item (KV head hk, query block qb): the G query heads of the group over the block's key
-/// blocks; writes their output rows (and LSE) when done.
+/// Work item (KV head hk, query blocks [qb0, qb0 + tiles)): the G query heads of the group over
+/// the blocks' key blocks; writes their output rows (and LSE) when done. Several query blocks
+/// (tiles > 1: head-shared masks without key mass, see PrefillPlan) visit their key blocks in
+/// one merged pass, so each K/V block is prepared and read once for all of them; each query
+/// block still visits its own blocks in its own order, so the bits do not depend on tiles.
+/// bf16_products: Precision::bfloat16 (kernel/common.hpp), native or emulated per target.
 template <class V, class Mask, class QV, class KV, class VV, class OV>
 void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
-                  LseView lse, float scale, index_t G, index_t hk, index_t qb,
-                  const PrefillScratch& ws, const PrefillKeyMass& km) {
+                  LseView lse, float scale, bool bf16_products, index_t G, index_t hk, index_t qb0,
+                  index_t tiles, const PrefillScratch& ws, const PrefillKeyMass& km) {
+  const Products mode = !bf16_products                        ? Products::fp32
+                        : V::kHasAmx && amx_shapes(q.dim, v.dim) ? Products::bf16_amx
+                        : V::kHasBf16Dot                        ? Products::bf16_pairs
+                                                                : Products::bf16_emulated;
+  const bool pairs = mode == Products::bf16_pairs || mode == Products::bf16_amx;
   const MaskShape& ms = mask.shape();
   const index_t d = q.dim, dv = v.dim, ldq = ws.ldq;
-  const index_t q0 = ms.q_begin(qb), rows = ms.q_end(qb) - q0;
-  // Key mass: the tile's rows >= row_begin keep their logits (sel0, nsel).
+  tiles = std::min(tiles, ms.num_q_blocks() - qb0);
+  const index_t T = tiles * G;  // scratch tiles: (query tile t, head g) -> t * G + g
+  const index_t q0 = ms.q_begin(qb0), rows = ms.q_end(qb0) - q0;
+  // Key mass (one query tile per item): the tile's rows >= row_begin keep their logits.
   const index_t sel0 = std::min(rows, std::max<index_t>(0, km.row_begin - q0));
   const index_t nsel = km.acc != nullptr && ws.ks != nullptr ? rows - sel0 : 0;
   if (nsel > 0) std::fill(ws.ks_state, ws.ks_state + 2 * G, index_t{0});
-  std::fill(ws.qt, ws.qt + G * d * ldq, 0.0f);
-  std::fill(ws.ot, ws.ot + G * dv * ldq, 0.0f);
-  std::fill(ws.m, ws.m + G * ldq, -INFINITY);
-  std::fill(ws.l, ws.l + G * ldq, 0.0f);
-  for (index_t g = 0; g < G; ++g) {  // transposed, scaled queries
-    float* qt = ws.qt + g * d * ldq;
-    for (index_t i = 0; i < rows; ++i) {
-      load_row<V>(q.row(hk * G + g, q0 + i), q.stride_dim, ws.row, d);
-      for (index_t c = 0; c < d; ++c) qt[c * ldq + i] = ws.row[c] * scale;
+  const index_t dp2 = ws.dp / 2;  // pair rows of the bf16 queries
+  if (pairs) std::fill(ws.qp, ws.qp + T * dp2 * ldq, 0u);
+  else std::fill(ws.qt, ws.qt + T * d * ldq, 0.0f);
+  std::fill(ws.ot, ws.ot + T * dv * ldq, 0.0f);
+  std::fill(ws.m, ws.m + T * ldq, -INFINITY);
+  std::fill(ws.l, ws.l + T * ldq, 0.0f);
+  for (index_t u = 0; u < T; ++u) {  // transposed queries: fp32 scaled, or bf16 (pairs)
+    const index_t g = u % G, tq0 = ms.q_begin(qb0 + u / G), trows = ms.q_end(qb0 + u / G) - tq0;
+    float* qt = ws.qt + u * d * ldq;
+    std::uint32_t* qp = ws.qp + u * dp2 * ldq;
+    for (index_t i = 0; i < trows; ++i) {
+      load_row<V>(q.row(hk * G + g, tq0 + i), q.stride_dim, ws.row, d);
+      if (pairs)
+        for (index_t c = 0; c < d; c += 2)
+          qp[c / 2 * ldq + i] = bf16_bits(ws.row[c]) | (c + 1 < d ? bf16_bits(ws.row[c + 1]) << 16 : 0u);
+      else if (mode == Products::bf16_emulated)
+        for (index_t c = 0; c < d; ++c) qt[c * ldq + i] = round_bf16(ws.row[c]);
+      else
+        for (index_t c = 0; c < d; ++c) qt[c * ldq + i] = ws.row[c] * scale;
     }
   }
-  if (mask.head_shared()) {  // one K/V conversion per block, reused by the G heads of the group
-    const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false, sel0, nsel};
-    mask.for_each_block(0, qb, visit);
-  } else {
-    for (index_t g = 0; g < G; ++g) {
-      const PrefillBlockVisitor<V, Mask, KV, VV> visit{mask, k, v,     ws,     hk,   q0,  rows, d,
-                                                       dv,   g, g + 1, hk * G, true, sel0, nsel};
-      mask.for_each_block(hk * G + g, qb, visit);
+  using Visitor = PrefillBlockVisitor<V, Mask, KV, VV>;
+  auto visit_blocks = [&] {
+    if (tiles > 1) {  // head-shared mask: merge the tiles' block lists (ws.tile_blocks)
+      const Visitor visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false, 0, 0, mode, scale};
+      const index_t nkb = ms.num_k_blocks();
+      index_t* lists = ws.tile_blocks;  // [tiles][nkb]: 2 kb + full
+      index_t* count = ws.tile_blocks + tiles * nkb;
+      index_t* pos = count + tiles;
+      for (index_t t = 0; t < tiles; ++t) {
+        count[t] = 0;
+        pos[t] = 0;
+        mask.for_each_block(0, qb0 + t, [&](index_t kb, bool full) { lists[t * nkb + count[t]++] = 2 * kb + (full ? 1 : 0); });
+      }
+      for (;;) {
+        index_t kb = -1;
+        bool all_full = true;
+        for (index_t t = 0; t < tiles; ++t)
+          if (pos[t] < count[t] && (kb < 0 || lists[t * nkb + pos[t]] / 2 < kb)) kb = lists[t * nkb + pos[t]] / 2;
+        if (kb < 0) break;
+        for (index_t t = 0; t < tiles; ++t)
+          if (pos[t] < count[t] && lists[t * nkb + pos[t]] / 2 == kb) all_full = all_full && (lists[t * nkb + pos[t]] & 1);
+        const BlockOperands b = visit.operands(kb, all_full);
+        for (index_t t = 0; t < tiles; ++t) {
+          if (pos[t] >= count[t] || lists[t * nkb + pos[t]] / 2 != kb) continue;
+          const index_t tq0 = ms.q_begin(qb0 + t);
+          visit.run(b, kb, (lists[t * nkb + pos[t]] & 1) != 0, tq0, ms.q_end(qb0 + t) - tq0, t * G);
+          ++pos[t];
+        }
+      }
+    } else if (mask.head_shared()) {  // one K/V conversion per block, reused by the G heads
+      const Visitor visit{mask, k, v, ws, hk, q0, rows, d, dv, 0, G, 0, false, sel0, nsel, mode, scale};
+      mask.for_each_block(0, qb0, visit);
+    } else {
+      for (index_t g = 0; g < G; ++g) {
+        const Visitor visit{mask, k, v, ws, hk, q0, rows, d, dv, g, g + 1, hk * G, true, sel0, nsel, mode, scale};
+        mask.for_each_block(hk * G + g, qb0, visit);
+      }
     }
+  };
+  if constexpr (V::kHasAmx) {
+    if (mode == Products::bf16_amx) {
+      const typename V::TileScope tile_config;  // this thread's tile configuration for the item
+      visit_blocks();
+    } else {
+      visit_blocks();
+    }
+  } else {
+    visit_blocks();
   }
   if (nsel > 0) prefill_key_mass<V>(ms, k.tokens, G, hk, sel0, nsel, ws, km);
-  for (index_t g = 0; g < G; ++g) {  // normalise and store
-    const index_t h = hk * G + g;
-    const float* ot = ws.ot + g * dv * ldq;
-    const float* m = ws.m + g * ldq;
-    const float* l = ws.l + g * ldq;
-    for (index_t i = 0; i < rows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
+  for (index_t u = 0; u < T; ++u) {  // normalise and store
+    const index_t h = hk * G + u % G, tq0 = ms.q_begin(qb0 + u / G), trows = ms.q_end(qb0 + u / G) - tq0;
+    const float* ot = ws.ot + u * dv * ldq;
+    const float* m = ws.m + u * ldq;
+    const float* l = ws.l + u * ldq;
+    for (index_t i = 0; i < trows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
       const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
       for (index_t c = 0; c < dv; ++c) ws.row[c] = ot[c * ldq + i] * inv;
-      store_row(ws.row, out.row(h, q0 + i), out.stride_dim, dv);
-      if (lse) lse(h, q0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+      store_row(ws.row, out.row(h, tq0 + i), out.stride_dim, dv);
+      if (lse) lse(h, tq0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
     }
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Decode: split-KV items over a row group's key list
-// ---------------------------------------------------------------------------------------------
-
-inline constexpr int kDecodeBlock = 64;  // keys per sub-block: one online-softmax update each
-
-/// Rows padded to the row block: KR = 4 rows share each key load (1 or 2 for tiny groups).
-inline index_t decode_padded_rows(index_t R) { return R >= 3 ? (R + 3) / 4 * 4 : R; }
-template <class V>
-inline index_t pad_lanes(index_t x) { return (x + V::kLanes - 1) / V::kLanes * V::kLanes; }
-
-// One item's decode state: the partial softmax state of a row group (the rows sharing a key list)
-// over a run of keys. Keys are processed kDecodeBlock at a time: logits by a register-blocked
-// dot-product tile (KJ keys x KR rows, reduced together by one 16-way transpose-reduce), one
-// vectorised online-softmax update, then P.V with each V row loaded once for the KR rows.
-template <class V, class QV, class KV, class VV>
-class DecodeItemRunner {
- public:
-  using TK = std::remove_const_t<typename KV::value_type>;
-  using TV = std::remove_const_t<typename VV::value_type>;
-  static constexpr bool kLoadsK = std::is_same_v<TK, float> || V::kWidensHalf;
-  static constexpr bool kLoadsV = std::is_same_v<TV, float> || V::kWidensHalf;
-
-  DecodeItemRunner(const QV& q, const KV& k, const VV& v, float scale, bool causal, index_t R,
-                   bool bf16_dot, const DecodeScratch& ws)
-      : q_(q), k_(k), v_(v), d_(q.dim), dv_(v.dim), dp_(pad_lanes<V>(q.dim)),
-        dvp_(pad_lanes<V>(v.dim)), n_q_(q.tokens), n_k_(k.tokens), R_(R),
-        KR_(R >= 3 ? 4 : static_cast<int>(R)), Rp_(decode_padded_rows(R)), scale_(scale),
-        causal_(causal), ws_(ws) {
-    k_direct_ = kLoadsK && k.stride_dim == 1 && d_ % V::kLanes == 0;
-    v_direct_ = kLoadsV && v.stride_dim == 1 && dv_ % V::kLanes == 0;
-    if constexpr (V::kHasBf16Pairs && std::is_same_v<TK, bf16>) k_pairs_ = k_direct_ && d_ % 32 == 0;
-    if constexpr (V::kHasBf16Pairs && std::is_same_v<TV, bf16>) v_pairs_ = v_direct_ && dv_ % 32 == 0;
-    if constexpr (V::kHasBf16Dot && std::is_same_v<TK, bf16>) k_dot_ = bf16_dot && k_pairs_;
-    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) v_dot_ = bf16_dot && v_pairs_;
-    if (k_dot_) k_pairs_ = false;
-    if (v_dot_) v_pairs_ = false;
-    qs_ = ws.qs;
-    qb_ = static_cast<bf16*>(ws.qb);
-    kzero_ = static_cast<TK*>(ws.kzero);
-    vzero_ = static_cast<TV*>(ws.vzero);
-    vfix_ = static_cast<TV*>(ws.vfix);
-    std::fill(kzero_, kzero_ + dp_, TK(0.0f));
-    std::fill(vzero_, vzero_ + dvp_, TV(0.0f));
-  }
-
-  index_t padded_dv() const { return dvp_; }
-  /// Natural output dim of position c of a partial output row.
-  index_t out_dim(index_t c) const {
-    if (v_pairs_) return pair_dim(c / V::kLanes, c % V::kLanes);
-    if (v_dot_) return interleave_dim(c / V::kLanes, c % V::kLanes);
-    return c;
-  }
-
-  // Row r of the group starting at head h0: head h0 + r / n_q, token r % n_q. Reads keys
-  // [skip, skip + count) of the concatenated ranges [rb, re).
-  void run(index_t hk, index_t h0, const KeyRange* rb, const KeyRange* re, index_t skip,
-           index_t count, DecodePartial out) {
-    load_queries(h0);
-    std::fill(out.m, out.m + Rp_, -INFINITY);
-    std::fill(out.l, out.l + Rp_, 0.0f);
-    std::fill(out.o, out.o + Rp_ * dvp_, 0.0f);
-    const KeyRange* rg = rb;
-    while (rg != re && skip >= rg->end - rg->begin) {
-      skip -= rg->end - rg->begin;
-      ++rg;
-    }
-    index_t pos = rg != re ? rg->begin + skip : 0;
-    const index_t first_masked = n_k_ - n_q_ + 1;  // keys from here on may be causally masked
-    if (out.logits != nullptr)  // key mass: padding keys of the stored logits count 0
-      for (index_t r = 0; r < R_; ++r) std::fill(out.logits + r * out.ld + count, out.logits + (r + 1) * out.ld, -INFINITY);
-    stored_ = 0;
-    while (count > 0) {
-      int nj = 0;
-      while (nj < kDecodeBlock && count > 0) {
-        keys_[nj++] = pos++;
-        --count;
-        if (pos == rg->end && ++rg != re) pos = rg->begin;
-      }
-      gather(hk, nj);
-      const bool masked = causal_ && keys_[nj - 1] >= first_masked;
-      nbad_ = 0;
-      if (masked) isolate_nonfinite(hk, nj, first_masked);
-      switch (KR_) {
-        case 4: block<4>(nj, masked, out); break;
-        case 2: block<2>(nj, masked, out); break;
-        default: block<1>(nj, masked, out); break;
-      }
-      if (nbad_ > 0) add_nonfinite(out.o);
-      stored_ += nj;
-    }
-  }
-
- private:
-  void load_queries(index_t h0) {
-    for (index_t r = 0; r < Rp_; ++r) {
-      float* qr = qs_ + r * dp_;
-      std::fill(qr, qr + dp_, 0.0f);
-      if (r >= R_) continue;
-      load_row<V>(q_.row(h0 + r / n_q_, r % n_q_), q_.stride_dim, qr, d_);
-      for (index_t c = 0; c < d_; ++c) qr[c] *= scale_;
-      if (k_dot_)
-        for (index_t c = 0; c < d_; ++c) qb_[r * d_ + c] = bf16(qr[c]);
-      if (k_pairs_) {  // permute to the pair-packet order of the keys
-        std::copy(qr, qr + d_, ws_.tmp);
-        for (index_t c = 0; c < d_; ++c) qr[c] = ws_.tmp[pair_dim(c / V::kLanes, c % V::kLanes)];
-      }
-    }
-    if (k_dot_)
-      for (index_t r = R_; r < Rp_; ++r) std::fill(qb_ + r * d_, qb_ + (r + 1) * d_, bf16(0.0f));
-  }
-
-  // Row pointers of the block's keys (padding keys point at zero rows).
-  void gather(index_t hk, int nj) {
-    for (int jj = 0; jj < kDecodeBlock; ++jj) {
-      const bool real = jj < nj;
-      if (k_direct_) {
-        kraw_[jj] = real ? k_.row(hk, keys_[jj]) : kzero_;
-      } else {
-        float* dst = ws_.kbuf + jj * dp_;
-        if (real) load_row<V>(k_.row(hk, keys_[jj]), k_.stride_dim, dst, d_);
-        std::fill(dst + (real ? d_ : 0), dst + dp_, 0.0f);
-        kf_[jj] = dst;
-      }
-      if (v_direct_) {
-        vraw_[jj] = real ? v_.row(hk, keys_[jj]) : vzero_;
-      } else if (real) {
-        float* dst = ws_.vbuf + jj * dvp_;
-        load_row<V>(v_.row(hk, keys_[jj]), v_.stride_dim, dst, dv_);
-        std::fill(dst + dv_, dst + dvp_, 0.0f);
-        vf_[jj] = dst;
-      }
-    }
-  }
-
-  // Keys some row may not see (the newest n_q - 1) whose V row holds NaN or inf (corrupt data
-  // only): a masked pair's 0 * NaN must not reach those rows. P.V reads a copy with the
-  // non-finite elements zeroed (the same bits for every other row); add_nonfinite() then adds
-  // them to the rows allowed to see the key.
-  SPARSE_ATTN_NOINLINE void isolate_nonfinite(index_t hk, int nj, index_t first_masked) {
-    for (int jj = 0; jj < nj; ++jj) {
-      if (keys_[jj] < first_masked) continue;
-      load_row<V>(v_.row(hk, keys_[jj]), v_.stride_dim, ws_.tmp, dv_);
-      if (all_finite<V>(ws_.tmp, 1, dv_, dv_)) continue;
-      bad_[nbad_++] = jj;
-      if (v_direct_) {
-        TV* dst = vfix_ + jj * dvp_;
-        for (index_t c = 0; c < dv_; ++c) dst[c] = std::isfinite(ws_.tmp[c]) ? vraw_[jj][c] : TV(0.0f);
-        for (index_t c = dv_; c < dvp_; ++c) dst[c] = TV(0.0f);
-        vraw_[jj] = dst;
-      } else {
-        float* dst = ws_.vbuf + jj * dvp_;  // vf_[jj]: our converted copy
-        for (index_t c = 0; c < dv_; ++c)
-          if (!std::isfinite(dst[c])) dst[c] = 0.0f;
-      }
-    }
-    hk_ = hk;
-  }
-  // After block(): s still holds every row group's probabilities, [Rp / KR][block][KR].
-  SPARSE_ATTN_NOINLINE void add_nonfinite(float* o) {
-    const index_t KR = KR_;
-    for (int b = 0; b < nbad_; ++b) {
-      const int jj = bad_[b];
-      load_row<V>(v_.row(hk_, keys_[jj]), v_.stride_dim, ws_.tmp, dv_);
-      for (index_t r = 0; r < R_; ++r) {
-        if (keys_[jj] > n_k_ - n_q_ + r % n_q_) continue;  // row r may not see this key
-        const float p = ws_.s[r / KR * KR * kDecodeBlock + jj * KR + r % KR];
-        for (index_t c = 0; c < dvp_; ++c) {
-          const index_t dim = out_dim(c);
-          if (dim < dv_ && !std::isfinite(ws_.tmp[dim])) o[r * dvp_ + c] += p * ws_.tmp[dim];
-        }
-      }
-    }
-  }
-
-  template <int KR>
-  void block(int nj, bool masked, DecodePartial out) {
-    constexpr int KJ = 16 / KR;
-    const int nj_pad = (nj + KJ - 1) / KJ * KJ;
-    for (index_t r0 = 0; r0 < Rp_; r0 += KR) {
-      float* sg = ws_.s + r0 * kDecodeBlock;  // [key][KR] logits of this row group
-      for (int j0 = 0; j0 < nj_pad; j0 += KJ) logits<KR>(r0, j0, sg + j0 * KR);
-      for (int jj = nj; jj < nj_pad; ++jj)
-        for (int rr = 0; rr < KR; ++rr) sg[jj * KR + rr] = -INFINITY;
-      for (int rr = 0; rr < KR; ++rr) {
-        const index_t r = r0 + rr;
-        if (r >= R_) {
-          for (int jj = 0; jj < nj_pad; ++jj) sg[jj * KR + rr] = -INFINITY;
-        } else if (masked) {
-          const index_t p = n_k_ - n_q_ + r % n_q_;
-          for (int jj = 0; jj < nj; ++jj)
-            if (keys_[jj] > p) sg[jj * KR + rr] = -INFINITY;
-        }
-      }
-      if (out.logits != nullptr) store_logits<KR>(sg, nj, r0, out);
-      if (!softmax<KR>(sg, nj_pad, out, r0)) continue;  // every logit masked so far
-      if (v_dot_) pv_dot<KR>(sg, nj, r0, out.o);
-      else if (v_pairs_) pv<KR, true>(sg, nj, r0, vraw_, out.o);
-      else if (v_direct_) pv<KR, false>(sg, nj, r0, vraw_, out.o);
-      else pv<KR, false>(sg, nj, r0, vf_, out.o);
-    }
-  }
-
-  // Key mass: keeps the block's (masked) logits of rows r0..r0+KR for the pass after the merge.
-  template <int KR>
-  SPARSE_ATTN_NOINLINE void store_logits(const float* sg, int nj, index_t r0, const DecodePartial& out) {
-    for (int rr = 0; rr < KR && r0 + rr < R_; ++rr) {
-      float* dst = out.logits + (r0 + rr) * out.ld + stored_;
-      for (int jj = 0; jj < nj; ++jj) dst[jj] = sg[jj * KR + rr];
-    }
-  }
-
-  // sg[jj * KR + rr] = q_{r0 + rr} . k_{j0 + jj} for KJ keys x KR rows.
-  template <int KR>
-  void logits(index_t r0, int j0, float* dst) {
-    constexpr int KJ = 16 / KR;
-    Packets<V, 16> acc;
-    if constexpr (V::kHasBf16Dot && std::is_same_v<TK, bf16>) {
-      if (k_dot_) {
-        V::template qk_bf16<KJ, KR>(kraw_ + j0, qb_ + r0 * d_, d_, d_, acc);
-        V::hsum16(acc, dst);
-        return;
-      }
-    }
-    if constexpr (kLoadsK) {
-      if (k_pairs_) return dots<KJ, KR, true>(kraw_ + j0, r0, acc, dst);
-      if (k_direct_) return dots<KJ, KR, false>(kraw_ + j0, r0, acc, dst);
-    }
-    dots<KJ, KR, false>(kf_ + j0, r0, acc, dst);
-  }
-
-  template <class ET, bool Pairs>
-  static typename V::F load_k(const ET* row, index_t x) {
-    if constexpr (Pairs && std::is_same_v<ET, bf16> && V::kHasBf16Pairs) return V::load_bf16_pair(row, x);
-    else return V::load_as_float(row + x * V::kLanes);
-  }
-
-  template <int KJ, int KR, bool Pairs, class ET>
-  void dots(const ET* const* kp, index_t r0, typename V::F* acc, float* dst) {
-    for (int i = 0; i < 16; ++i) acc[i] = V::zero();
-    for (index_t x = 0; x < dp_ / V::kLanes; ++x) {
-      Packets<V, KJ> kv;
-      for (int jj = 0; jj < KJ; ++jj) kv[jj] = load_k<ET, Pairs>(kp[jj], x);
-      for (int rr = 0; rr < KR; ++rr) {
-        const typename V::F qv = V::load(qs_ + (r0 + rr) * dp_ + x * V::kLanes);
-        for (int jj = 0; jj < KJ; ++jj) acc[jj * KR + rr] = V::fmadd(qv, kv[jj], acc[jj * KR + rr]);
-      }
-    }
-    V::hsum16(acc, dst);
-  }
-
-  // Online-softmax update of rows r0..r0+KR over sg (nj_pad keys): sg becomes probabilities
-  // e^{s - m_new}, the output rows are rescaled by e^{m_old - m_new}. False if all masked.
-  template <int KR>
-  bool softmax(float* sg, int nj_pad, DecodePartial out, index_t r0) {
-    float* m = out.m + r0;
-    float* l = out.l + r0;
-    float alpha[static_cast<std::size_t>(KR)];
-    if constexpr (V::kHasRowSoftmax) {
-      if (!V::template online_softmax_rows<KR>(sg, nj_pad * KR / 16, m, l, alpha)) return false;
-    } else {
-      bool any = false;
-      for (int rr = 0; rr < KR; ++rr) {
-        OnlineSoftmax st{m[rr], l[rr]};
-        const OnlineSoftmax::Step step = st.update(sg + rr, nj_pad, KR);
-        alpha[rr] = step.alpha;
-        any = any || step.live;
-        m[rr] = st.m;
-        l[rr] = st.l;
-      }
-      if (!any) return false;
-    }
-    for (int rr = 0; rr < KR; ++rr) {
-      if (alpha[rr] == 1.0f) continue;
-      float* o = out.o + (r0 + rr) * dvp_;
-      const typename V::F av = V::set1(alpha[rr]);
-      for (index_t c = 0; c < dvp_; c += V::kLanes) V::store(o + c, V::mul(V::load(o + c), av));
-    }
-    return true;
-  }
-
-  // o_r += sum_j p[r][j] v_j, each V packet loaded once for the KR rows.
-  template <int KR, bool Pairs, class ET>
-  void pv(const float* sg, int nj, index_t r0, const ET* const* vp, float* o) {
-    constexpr int NP = KR == 4 ? 4 : 8;  // KR x NP accumulators
-    index_t c0 = 0;
-    for (; c0 + NP * V::kLanes <= dvp_; c0 += NP * V::kLanes) pv_tile<KR, NP, Pairs>(sg, nj, r0, vp, c0, o);
-    for (; c0 < dvp_; c0 += V::kLanes) pv_tile<KR, 1, Pairs>(sg, nj, r0, vp, c0, o);
-  }
-  template <int KR, int NP, bool Pairs, class ET>
-  void pv_tile(const float* sg, int nj, index_t r0, const ET* const* vp, index_t c0, float* o) {
-    Packets2<V, KR, NP> acc;
-    for (int r = 0; r < KR; ++r)
-      for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * V::kLanes);
-    for (int jj = 0; jj < nj; ++jj) {
-      Packets<V, NP> vv;
-      for (int x = 0; x < NP; ++x) {
-        if constexpr (Pairs && std::is_same_v<ET, bf16> && V::kHasBf16Pairs)
-          vv[x] = V::load_bf16_pair(vp[jj], c0 / V::kLanes + x);
-        else if constexpr (std::is_same_v<ET, float> || V::kWidensHalf)
-          vv[x] = V::load_as_float(vp[jj] + c0 + x * V::kLanes);
-      }
-      for (int r = 0; r < KR; ++r) {
-        const typename V::F pr = V::set1(sg[jj * KR + r]);
-        for (int x = 0; x < NP; ++x) acc[r][x] = V::fmadd(pr, vv[x], acc[r][x]);
-      }
-    }
-    for (int r = 0; r < KR; ++r)
-      for (int x = 0; x < NP; ++x) V::store(o + (r0 + r) * dvp_ + c0 + x * V::kLanes, acc[r][x]);
-  }
-
-  // P.V with bf16 dot products over key pairs (j, j + 1).
-  template <int KR>
-  void pv_dot(const float* sg, int nj, index_t r0, float* o) {
-    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) {
-      // pt[(jj / 2) * KR + rr] = bf16 pair (p[rr][jj], p[rr][jj + 1]).
-      const int npairs = (nj + 1) / 2;
-      for (int jp = 0; jp < npairs; ++jp)
-        for (int rr = 0; rr < KR; ++rr) {
-          const float p0 = sg[2 * jp * KR + rr];
-          const float p1 = 2 * jp + 1 < nj ? sg[(2 * jp + 1) * KR + rr] : 0.0f;
-          ws_.pt[jp * KR + rr] =
-              static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p0))) |
-              (static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(bf16(p1))) << 16);
-        }
-      constexpr int NP = KR == 4 ? 4 : 8;
-      index_t c0 = 0;
-      for (; c0 + NP * 16 <= dvp_; c0 += NP * 16) pv_dot_tile<KR, NP>(npairs, nj, r0, c0, o);
-      for (; c0 < dvp_; c0 += 32) pv_dot_tile<KR, 2>(npairs, nj, r0, c0, o);
-    } else {
-      static_cast<void>(sg), static_cast<void>(nj), static_cast<void>(r0), static_cast<void>(o);
-    }
-  }
-  template <int KR, int NP>
-  void pv_dot_tile(int npairs, int nj, index_t r0, index_t c0, float* o) {
-    if constexpr (V::kHasBf16Dot && std::is_same_v<TV, bf16>) {
-      Packets2<V, KR, NP> acc;
-      for (int r = 0; r < KR; ++r)
-        for (int x = 0; x < NP; ++x) acc[r][x] = V::load(o + (r0 + r) * dvp_ + c0 + x * 16);
-      for (int jp = 0; jp < npairs; ++jp) {
-        const bf16* a = vraw_[2 * jp];
-        const bf16* b = 2 * jp + 1 < nj ? vraw_[2 * jp + 1] : vzero_;
-        V::template pv_bf16_pair<KR, NP>(a, b, c0, ws_.pt + jp * KR, acc);
-      }
-      for (int r = 0; r < KR; ++r)
-        for (int x = 0; x < NP; ++x) V::store(o + (r0 + r) * dvp_ + c0 + x * 16, acc[r][x]);
-    } else {
-      static_cast<void>(npairs), static_cast<void>(nj), static_cast<void>(r0), static_cast<void>(c0),
-          static_cast<void>(o);
-    }
-  }
-
-  const QV& q_;
-  const KV& k_;
-  const VV& v_;
-  index_t d_, dv_, dp_, dvp_, n_q_, n_k_, R_;
-  int KR_;
-  index_t Rp_;
-  float scale_;
-  bool causal_;
-  DecodeScratch ws_;
-  bool k_direct_ = false, v_direct_ = false;  // rows read in place (contiguous, packet multiple)
-  bool k_pairs_ = false, v_pairs_ = false;    // bf16 rows read as pair packets (exact fp32 math)
-  bool k_dot_ = false, v_dot_ = false;        // bf16 dot products (DecodeOptions::bf16_dot)
-  float* qs_ = nullptr;
-  bf16* qb_ = nullptr;
-  TK* kzero_ = nullptr;
-  TV* vzero_ = nullptr;
-  TV* vfix_ = nullptr;
-  int nbad_ = 0, bad_[kDecodeBlock] = {};  // block keys whose V needs add_nonfinite()
-  index_t hk_ = 0;
-  index_t stored_ = 0;  // keys of the item done before this block (key-mass logits column)
-  index_t keys_[kDecodeBlock] = {};
-  const TK* kraw_[kDecodeBlock] = {};
-  const TV* vraw_[kDecodeBlock] = {};
-  const float* kf_[kDecodeBlock] = {};
-  const float* vf_[kDecodeBlock] = {};
-};
+#include "sparse_attn/arch/detail/decode_body-inl.hpp"
 
 // ---------------------------------------------------------------------------------------------
 // Row and column operations of the selections and eviction scoring (methods/, kv/eviction.hpp).
@@ -964,25 +972,37 @@ struct Target {
 
   template <class Mask, class QV, class KV, class VV, class OV>
   static void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const OV& out,
-                           LseView lse, float scale, index_t G, index_t hk, index_t qb,
-                           const PrefillScratch& ws, const PrefillKeyMass& km) {
-    body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, G, hk, qb, ws, km);
+                           LseView lse, float scale, bool bf16_products, index_t G, index_t hk,
+                           index_t qb, index_t tiles, const PrefillScratch& ws, const PrefillKeyMass& km) {
+    body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, bf16_products, G, hk, qb, tiles, ws, km);
+  }
+
+  /// Whether this target computes bf16 products natively (else Precision::bfloat16 is emulated).
+  static constexpr bool bf16_dot() { return Vec::kHasBf16Dot; }
+
+  /// Packs one key block of V for the prefill's bf16 products (head dim d of Q and K): pairs
+  /// (body::pack_v_pairs), transposed for the AMX tiles where the item will use them. True
+  /// when the block holds an inf or NaN. ws: the calling worker's scratch.
+  template <class VV>
+  static bool pack_v_pairs(const VV& v, index_t d, index_t hk, index_t k0, index_t nk,
+                           const PrefillScratch& ws, std::uint32_t* dst) {
+    return body::pack_v<Vec>(v, d, hk, k0, nk, ws, dst);
   }
 
   template <class QV, class KV, class VV>
   static void decode_item(const QV& q, const KV& k, const VV& v, float scale, bool causal,
-                          index_t R, bool bf16_dot, const DecodeScratch& ws, index_t hk, index_t h0,
+                          index_t R, bool bf16_products, const DecodeScratch& ws, index_t hk, index_t h0,
                           const KeyRange* rb, const KeyRange* re, index_t skip, index_t count,
                           DecodePartial out) {
-    body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, scale, causal, R, bf16_dot, ws);
+    body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, scale, causal, R, bf16_products, ws);
     runner.run(hk, h0, rb, re, skip, count, out);
   }
 
   /// map[c] = natural output dim of position c of a decode partial row (c < padded dv).
   template <class QV, class KV, class VV>
-  static void decode_out_dims(const QV& q, const KV& k, const VV& v, bool bf16_dot,
+  static void decode_out_dims(const QV& q, const KV& k, const VV& v, bool bf16_products,
                               const DecodeScratch& ws, index_t* map) {
-    const body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, 1.0f, false, 1, bf16_dot, ws);
+    const body::DecodeItemRunner<Vec, QV, KV, VV> runner(q, k, v, 1.0f, false, 1, bf16_products, ws);
     for (index_t c = 0; c < runner.padded_dv(); ++c) map[c] = runner.out_dim(c);
   }
 

@@ -16,18 +16,35 @@ inline constexpr index_t kMaxLanes = 16;
 /// Queries of the widest prefill micro-tile of any target (4 x 16).
 inline constexpr index_t kMaxTileQ = 64;
 
-/// One worker's prefill scratch (G heads x one query tile), 64-byte aligned arrays.
+/// One worker's prefill scratch (T = tiles x G head tiles: G heads x the item's query tiles),
+/// 64-byte aligned arrays.
 struct PrefillScratch {
   index_t ldq = 0;      // padded tile width, a multiple of kMaxTileQ
-  float* qt = nullptr;  // [G][d][ldq]   scaled, transposed queries
-  float* ot = nullptr;  // [G][dv][ldq]  transposed unnormalised output
-  float* m = nullptr;   // [G][ldq]      running max of logits
-  float* l = nullptr;   // [G][ldq]      running sum of e^{s - m}
-  float* s = nullptr;   // [bk][ldq]     logits, then probabilities
+  float* qt = nullptr;  // [T][d][ldq]   scaled, transposed queries
+  float* ot = nullptr;  // [T][dv][ldq]  transposed unnormalised output
+  float* m = nullptr;   // [T][ldq]      running max of logits
+  float* l = nullptr;   // [T][ldq]      running sum of e^{s - m}
+  index_t* tile_blocks = nullptr;  // tiles > 1: [tiles][key blocks] lists, [tiles] counts, [tiles] positions
+  float* s = nullptr;   // [bkp][ldq]    logits, then probabilities
   float* kbuf = nullptr;  // [bk][d]     K block as fp32 (when not read in place)
   float* vbuf = nullptr;  // [bk][dv]    V block as fp32
   float* vfix = nullptr;  // [bk][dv]    V block with non-finite elements zeroed (corrupt data)
   float* row = nullptr;   // [max(d, dv)]
+  // bf16 products (Precision::bfloat16) on targets with bf16 dot products; dp = d and bkp = bk padded
+  // to 32, dvp = dv padded to 16 (the AMX tile shapes).
+  index_t dp = 0, dvp = 0, bkp = 0;
+  std::uint32_t* qp = nullptr;  // [T][dp / 2][ldq] queries as bf16 pairs (Q[i][2c], Q[i][2c+1])
+  std::uint32_t* pp = nullptr;  // [bkp / 2][ldq]   probabilities as bf16 pairs (P[2j][i], P[2j+1][i])
+  bf16* kb = nullptr;           // [bkp][dp]        K block as bf16 (when not read in place)
+  std::uint32_t* vp = nullptr;  // [bkp / 2][dvp]   V block as pairs (V[2j][c], V[2j+1][c])
+  std::uint32_t* vt = nullptr;  // [dvp][bkp / 2]   the pairs transposed (AMX's A operand)
+  bf16* vrow = nullptr;         // [2][dvp]         V rows with non-finite elements zeroed
+  // V of every (KV head, key block) packed once per call by the plan's pass (shared, read-only):
+  // block (hk, kb) at vpack + (hk * vpack_nkb + kb) * vpack_words, laid out like vp;
+  // vpack_bad[hk * vpack_nkb + kb] != 0 when the block's V holds a NaN or inf.
+  const std::uint32_t* vpack = nullptr;
+  const std::uint8_t* vpack_bad = nullptr;
+  index_t vpack_words = 0, vpack_nkb = 0;
   // Key mass (AttentionOptions::key_mass) only; null otherwise. The logits of the item's
   // key-mass rows (those >= row_begin), per head g of the group, in the order the key blocks
   // are visited: ks[(g * ks_nk + pos) * ks_ld + i].

@@ -13,7 +13,8 @@
 //   hsum16(a, out)              out[i] = sum of the lanes of a[i], i < 16
 //
 // and optional ones announced by flags: kHasBf16Pairs (load_bf16_pair), kHasRowSoftmax
-// (online_softmax_rows), kHasBf16Dot (qk_bf16, pv_bf16_pair). This is the only file besides the
+// (online_softmax_rows), kHasBf16Dot (qk_bf16, pv_bf16_pair, the bf16 pair tiles), kHasAmx (AMX
+// tiles for the prefill products, arch/amx/tiles.hpp). This is the only file besides the
 // x86 targets that touches Eigen::internal.
 #pragma once
 #include "sparse_attn/core/config.hpp"
@@ -36,6 +37,7 @@ struct Vec {
   static constexpr bool kHasBf16Pairs = false;
   static constexpr bool kHasRowSoftmax = false;
   static constexpr bool kHasBf16Dot = false;
+  static constexpr bool kHasAmx = false;
 
   static F zero() { return Eigen::internal::pset1<F>(0.0f); }
   static F set1(float x) { return Eigen::internal::pset1<F>(x); }
