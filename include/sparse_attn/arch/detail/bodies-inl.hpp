@@ -415,14 +415,14 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
     // Four independent running maxima: one chain of nk dependent max operations would take
     // nk x (max latency) cycles, as long as all the products of a small block.
     F mx = m_old, mx1 = m_old, mx2 = m_old, mx3 = m_old;
-    index_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-      mx = V::max(mx, V::load(s + j * ldq + i));
-      mx1 = V::max(mx1, V::load(s + (j + 1) * ldq + i));
-      mx2 = V::max(mx2, V::load(s + (j + 2) * ldq + i));
-      mx3 = V::max(mx3, V::load(s + (j + 3) * ldq + i));
+    index_t jm = 0;
+    for (; jm + 4 <= nk; jm += 4) {
+      mx = V::max(mx, V::load(s + jm * ldq + i));
+      mx1 = V::max(mx1, V::load(s + (jm + 1) * ldq + i));
+      mx2 = V::max(mx2, V::load(s + (jm + 2) * ldq + i));
+      mx3 = V::max(mx3, V::load(s + (jm + 3) * ldq + i));
     }
-    for (; j < nk; ++j) mx = V::max(mx, V::load(s + j * ldq + i));
+    for (; jm < nk; ++jm) mx = V::max(mx, V::load(s + jm * ldq + i));
     mx = V::max(V::max(mx, mx1), V::max(mx2, mx3));
     const F m_use = V::zero_if_neg_inf(mx);  // all masked so far: use 0
     const F alpha = V::masked_exp(V::sub(m_old, m_use));
