@@ -52,8 +52,8 @@ foreach(i RANGE ${last})
     message(FATAL_ERROR "${name} reported an error: ${msg}")
   endif()
   if(name MATCHES "^(prefill|decode)/" AND
-     NOT name MATCHES "^(prefill|decode)/[a-z0-9_]+/n:[0-9]+/cr:[0-9.]+/(fp32|bf16)$")
-    message(FATAL_ERROR "${name}: not named <phase>/<method>/n:<N>/cr:<CR>/<fp32|bf16>")
+     NOT name MATCHES "^(prefill|decode)/[a-z0-9_]+/n:[0-9]+/cr:[0-9.]+/(fp32|bf16|bf16kv)$")
+    message(FATAL_ERROR "${name}: not named <phase>/<method>/n:<N>/cr:<CR>/<fp32|bf16|bf16kv>")
   endif()
   # Family = the first two path components (roofline/fma_peak, prefill/dense, ...).
   string(REGEX MATCH "^[^/]+/[^/]+" family "${name}")

@@ -388,6 +388,12 @@ void run_prefill(FuzzedDataProvider& fdp, const PrefillProblem& p, const Mask& m
   opt.num_threads = p.threads;
   opt.scale = p.scale;
   if (p.lse) opt.lse = LseView(lse.data(), n_q);
+  // Precision: automatic (bf16 products for all-bf16 inputs), or forced either way over a bf16 cache.
+  if (std::is_same_v<TKV, bf16>) {
+    const Precision modes[] = {Precision::automatic, Precision::float32, Precision::bfloat16};
+    opt.precision = fdp.PickValueInArray(modes);
+  }
+  const bool dot = kernel::bf16_products(opt.precision, dtype_of<TQ>(), dtype_of<TKV>(), dtype_of<TKV>(), "fuzz");
   TensorView<const TQ> qv = q.cview();
   TensorView<const TKV> kv = k.cview(), vv = v.cview();
   TensorView<TO> ov = out.view;
@@ -406,7 +412,7 @@ void run_prefill(FuzzedDataProvider& fdp, const PrefillProblem& p, const Mask& m
   note("| prefill hq=", hq, " hkv=", hkv, " n_q=", n_q, " n_k=", n_k, " d=", d, " dv=", dv,
        " causal=", p.causal, " threads=", opt.num_threads, " scale=", opt.scale, " lse=", p.lse,
        " bad=", static_cast<int>(p.bad), " types=", dtype_name<TQ>(), "/", dtype_name<TKV>(), "/",
-       dtype_name<TO>(), " layouts=", layout_name(lq), ",", layout_name(lk), ",", layout_name(lv),
+       dtype_name<TO>(), " precision=", precision_name(opt.precision), " layouts=", layout_name(lq), ",", layout_name(lk), ",", layout_name(lv),
        ",", layout_name(lo), " block=", mask.shape().block_q, "x", mask.shape().block_k,
        " pairs=", mask.pairs());
   const bool invalid = p.bad != Bad::none;
@@ -420,10 +426,11 @@ void run_prefill(FuzzedDataProvider& fdp, const PrefillProblem& p, const Mask& m
   // The oracle reads the mask's dense export (check_mask verified it against the block lists).
   std::vector<Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>> dense;
   for (index_t h = 0; h < (mask.head_shared() ? 1 : hq); ++h) dense.push_back(to_dense(mask, h));
+  // bf16 products: Q rounded (2^-8 of each |q k| term, the logit bound's extra_rel) and P rounded.
   const Expected e = oracle(q.cview(), k.cview(), v.cview(), scale, [&](index_t h, index_t i, index_t j) {
     return dense[static_cast<std::size_t>(mask.head_shared() ? 0 : h)](i, j);
-  });
-  check_output(out, out.inside(), sentinel, p.lse ? &lse : nullptr, e, n_k, 0.0, "prefill");
+  }, dot ? 1.0 / 128 : 0.0);
+  check_output(out, out.inside(), sentinel, p.lse ? &lse : nullptr, e, n_k, dot ? 1.0 / 128 : 0.0, "prefill");
 
   // Same bits at another thread count.
   Storage<TO> out2(out_heads, n_q, out_dim, lo, sentinel);
@@ -883,7 +890,7 @@ void decode_case(FuzzedDataProvider& fdp) {
        " causal=", opt.causal, " split=", opt.split, " precision=", precision_name(opt.precision), " threads=",
        opt.num_threads, " sel=", sel_kind, " per_q=", per_q, " page=", page, " density=", density,
        " corrupt=", corrupt, " types=", dtype_name<TQ>(), "/", dtype_name<TKV>(), "/",
-       dtype_name<TO>(), " layouts=", layout_name(lq), ",", layout_name(lk), ",",
+       dtype_name<TO>(), " precision=", precision_name(opt.precision), " layouts=", layout_name(lq), ",", layout_name(lk), ",",
        layout_name(lv), ",", layout_name(lo));
 
   bool bad = false;
