@@ -1688,3 +1688,332 @@ TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
     EXPECT_EQ(cache.length(0), 300);
   }
 }
+
+// =============================================================================================
+// Robustness round 2: mask queries agree with the kernel, raw public constructors validate,
+// hostile sizes are refused (docs/ROBUSTNESS.md, "Public entry points").
+
+namespace {
+
+// The pairs the kernel computes for `mask`, read back from the kernel itself: with Q = 0 every
+// logit is 0, so row i's weights are 1 / count on exactly the keys it computes; V is one-hot
+// (v[hk, j, c] = [c == j], dv = n_k), so out[h, i, j] > 0 iff the kernel computed (i, j).
+template <class Mask>
+std::vector<std::uint8_t> kernel_pairs(const Mask& mask, index_t hkv, index_t d) {
+  const MaskShape& s = mask.shape();
+  std::vector<float> q(static_cast<std::size_t>(s.heads * s.n_q * d), 0.0f);
+  Tensor k(hkv, s.n_k, d, 77);
+  std::vector<float> v(static_cast<std::size_t>(hkv * s.n_k * s.n_k), 0.0f);
+  for (index_t h = 0; h < hkv; ++h)
+    for (index_t j = 0; j < s.n_k; ++j) v[static_cast<std::size_t>((h * s.n_k + j) * s.n_k + j)] = 1.0f;
+  Out out(s.heads, s.n_q, s.n_k);
+  AttentionOptions opt;
+  opt.precision = Precision::float32;
+  prefill(TensorView<const float>(q.data(), s.heads, s.n_q, d), k.view(),
+          TensorView<const float>(v.data(), hkv, s.n_k, s.n_k), out.view(), mask, opt);
+  std::vector<std::uint8_t> r(out.o.size());
+  for (std::size_t e = 0; e < r.size(); ++e) r[e] = out.o[e] > 0.0f ? 1 : 0;
+  return r;
+}
+
+// allowed(), to_dense() and pairs() against the kernel's own pairs, for every head.
+template <class Mask>
+void expect_queries_match_kernel(const Mask& mask, index_t hkv, index_t d) {
+  const MaskShape& s = mask.shape();
+  const std::vector<std::uint8_t> kp = kernel_pairs(mask, hkv, d);
+  index_t total = 0, mismatches = 0;
+  for (index_t h = 0; h < s.heads; ++h) {
+    const auto dense = to_dense(mask, h);
+    for (index_t i = 0; i < s.n_q; ++i)
+      for (index_t j = 0; j < s.n_k; ++j) {
+        const bool k_ = kp[static_cast<std::size_t>((h * s.n_q + i) * s.n_k + j)] != 0;
+        total += k_ ? 1 : 0;
+        if (k_ != mask.allowed(h, i, j) || k_ != dense(i, j)) {
+          if (++mismatches <= 5)
+            ADD_FAILURE() << "pair (h=" << h << ", i=" << i << ", j=" << j << "): kernel " << k_
+                          << ", allowed " << mask.allowed(h, i, j) << ", to_dense " << dense(i, j);
+        }
+      }
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_EQ(mask.pairs(), total);
+  EXPECT_EQ(count_pairs(mask), total);
+  // Outside the geometry nothing is allowed.
+  EXPECT_FALSE(mask.allowed(-1, 0, 0));
+  EXPECT_FALSE(mask.allowed(s.heads, 0, 0));
+  EXPECT_FALSE(mask.allowed(0, s.n_q, 0));
+  EXPECT_FALSE(mask.allowed(0, 0, s.n_k));
+  EXPECT_FALSE(mask.allowed(0, 0, -1));
+}
+
+// A predicate with a hole pattern: forbids pairs with (i + 2 j) % 5 == 0 on odd heads.
+struct Holes {
+  static constexpr bool trivial = false;
+  bool operator()(index_t h, index_t i, index_t j) const noexcept {
+    return h % 2 == 0 || (i + 2 * j) % 5 != 0;
+  }
+};
+
+}  // namespace
+
+TEST(MaskQueries, EveryPrefillMethodAnswersExactlyThePairsTheKernelComputes) {
+  // Hq = 4 over Hkv = 2; odd lengths (no block divides them); a full prefill and a chunk
+  // (n_q < n_k); every registered method at two budgets.
+  for (const auto& [nq, nk] : {std::pair<index_t, index_t>{150, 150}, {90, 170}}) {
+    const Tensor q(4, nq, 16, 11), k(2, nk, 16, 12);
+    for (const sm::MethodInfo& info : sm::prefill_methods()) {
+      for (double cr : {2.0, 6.0}) {
+        SCOPED_TRACE(info.name + " n_q=" + std::to_string(nq) + " n_k=" + std::to_string(nk) +
+                     " cr=" + std::to_string(cr));
+        sm::with_prefill_method(info.name, {}, [&](const auto& method) {
+          using M = std::decay_t<decltype(method)>;
+          if constexpr (sm::takes_user_mask_v<M>) {
+            return;  // needs the caller's mask: UserMaskWith* below
+          } else {
+            const Budget b = info.unit == sm::BudgetUnit::none ? Budget{} : Budget::compression(cr);
+            const auto sel = method.select(q.view(), k.view(), b);
+            expect_queries_match_kernel(sel.mask, 2, 16);
+          }
+        });
+      }
+    }
+  }
+}
+
+TEST(MaskQueries, IntervalMasksAndBlockListsWithPredicatesAndFullFlags) {
+  expect_queries_match_kernel(masks::causal(2, 70, 101, 16), 1, 8);
+  expect_queries_match_kernel(masks::full(2, 33, 33, 8), 2, 8);
+  expect_queries_match_kernel(masks::sliding_window(2, 101, 101, 20, 3, 16), 1, 8);
+  // A sparse block list (blocks 0 and the diagonal), with a predicate on partial blocks: blocks
+  // not listed must read false even where the predicate says true.
+  const MaskShape shape{2, 77, 77, 16, 16, true};
+  BlockListBuilder b(shape, false);
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
+      b.add(h, qb, 0, false);
+      if (qb > 1) b.add(h, qb, qb, false);
+    }
+  expect_queries_match_kernel(b.build(Holes{}), 1, 8);
+  BlockListBuilder b2(shape, true);
+  for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) b2.add(0, qb, qb / 2);
+  expect_queries_match_kernel(b2.build(), 2, 8);
+}
+
+TEST(MaskQueries, UserMaskWithFullFlagsAndAPredicate) {
+  // Non-causal, per head; full flags on some entries (a full flag skips the predicate), causal
+  // variant with full flags on diagonal blocks (downgraded: causality still applies).
+  for (bool causal : {false, true}) {
+    const MaskShape shape{2, 50, 50, 16, 16, causal};
+    std::vector<index_t> off{0};
+    std::vector<std::int32_t> col;
+    std::vector<std::uint8_t> full;
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t qb = 0; qb < 4; ++qb) {
+        for (index_t kb = 0; kb < 4; ++kb)
+          if ((kb + qb + h) % 2 == 0 && (!causal || kb <= qb)) {
+            col.push_back(static_cast<std::int32_t>(kb));
+            full.push_back(kb % 3 == 0 ? 1 : 0);
+          }
+        off.push_back(static_cast<index_t>(col.size()));
+      }
+    SCOPED_TRACE(causal ? "causal" : "non-causal");
+    expect_queries_match_kernel(sm::BasicUserMask<Holes>(shape, false, off, col, full).mask, 1, 8);
+    expect_queries_match_kernel(sm::UserMask(shape, false, off, col).mask, 2, 8);
+  }
+}
+
+TEST(RawConstructors, BlockListMaskValidatesItsCsrArrays) {
+  const MaskShape s{2, 40, 40, 16, 16, true};  // 3 query blocks, 3 key blocks, 2 heads -> 6 rows
+  using V64 = std::vector<index_t>;
+  using V32 = std::vector<std::int32_t>;
+  using V8 = std::vector<std::uint8_t>;
+  auto make = [&](V64 off, V32 col, V8 full, bool shared = false, MaskShape shape = {2, 40, 40, 16, 16, true}) {
+    return BlockListMask<>(shape, shared, std::move(off), std::move(col), std::move(full));
+  };
+  // A short row-offset array read past its end before this check (heap overflow under ASan).
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"row_offsets has 2 entries", "expected rows + 1 = 7"}),
+                 make({0, 1}, {0}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"row_offsets has 0 entries"}), make({}, {}, {}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"row_offsets[0] must be 0"}),
+                 make({1, 1, 1, 1, 1, 1, 1}, {0}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"non-decreasing"}),
+                 make({0, 2, 1, 2, 2, 2, 2}, {0, 0}, {1, 1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"must equal the size of blocks"}),
+                 make({0, 1, 2, 3, 4, 5, 9}, {0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"full has 1 flags", "one per blocks entry (2)"}),
+                 make({0, 1, 2, 2, 2, 2, 2}, {0, 0}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"key block 3 out of range [0, 3)"}),
+                 make({0, 1, 1, 1, 1, 1, 1}, {3}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"key block -1 out of range"}),
+                 make({0, 1, 1, 1, 1, 1, 1}, {-1}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"sorted ascending"}),
+                 make({0, 0, 2, 2, 2, 2, 2}, {1, 0}, {1, 1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"repeats the previous entry"}),
+                 make({0, 0, 2, 2, 2, 2, 2}, {0, 0}, {1, 1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"may not list future blocks"}),
+                 make({0, 1, 1, 1, 1, 1, 1}, {1}, {1}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"block sizes must be in [1, 2^31 - 1]"}),
+                 make({0, 0}, {}, {}, true, MaskShape{1, 4, 4, 0, 16, true}));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"known_pairs must be >= 0"}),
+                 BlockListMask<>(s, true, {0, 0, 0, 0}, {}, {}, {}, -2));
+  // Valid raw arrays: a full flag on a block causality cuts is downgraded, so the kernel and
+  // the queries agree (row 0's block 0 crosses the diagonal).
+  const auto m = make({0, 1, 2, 4, 5, 6, 8}, {0, 1, 0, 2, 0, 0, 1, 2}, {1, 1, 1, 1, 1, 1, 1, 1});
+  EXPECT_EQ(m.full_flags()[0], 0);
+  expect_queries_match_kernel(m, 1, 8);
+}
+
+TEST(RawConstructors, UserMaskRefusesNullArraysAndHugeIndices) {
+  const MaskShape s{1, 32, 32, 16, 16, true};
+  sm::BlockCsr<index_t, std::int32_t> csr;
+  std::vector<index_t> off{0, 1, 3};
+  std::vector<std::int32_t> col{0, 0, 1};
+  csr.row_offsets = {off.data(), 3};
+  csr.col_indices = {nullptr, 3};
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"col_indices is null"}), sm::UserMask(s, csr));
+  csr.col_indices = {col.data(), 3};
+  csr.row_offsets = {nullptr, 3};
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"row_offsets is null"}), sm::UserMask(s, csr));
+  // uint64 indices beyond int64 wrap negative and are refused as out of range, never truncated.
+  std::vector<std::uint64_t> col64{0, 0, (std::uint64_t{1} << 63) + 1};
+  std::vector<std::uint64_t> off64{0, 1, 3};
+  sm::BlockCsr<std::uint64_t, std::uint64_t> c64;
+  c64.row_offsets = off64;
+  c64.col_indices = col64;
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"col_indices[2]", "out of range"}),
+                 sm::UserMask(s, c64));
+  std::vector<std::int64_t> col_big{0, 0, std::int64_t{1} << 32};  // 1 after int32 truncation
+  sm::BlockCsr<index_t, std::int64_t> cbig;
+  cbig.row_offsets = off;
+  cbig.col_indices = col_big;
+  EXPECT_INVALID("methods::UserMask", Parts<const char*>({"key block 4294967296 out of range"}),
+                 sm::UserMask(s, cbig));
+}
+
+TEST(RawConstructors, HandBuiltPagedViewsAreValidatedByEveryKernel) {
+  // K/V [1 head, 40 tokens, d 8] in 3 physical pages of 16 rows, the table naming pages 2, 0, 1.
+  const index_t d = 8, P = 16, n = 40;
+  std::vector<float> pool(static_cast<std::size_t>(3 * P * d));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (float& x : pool) x = nd(rng);
+  std::vector<index_t> table{2, 0, 1};
+  kv::PagedView<const float> pv;
+  pv.pool = pool.data();
+  pv.table = table.data();
+  pv.heads = 1;
+  pv.tokens = n;
+  pv.dim = d;
+  pv.page_size = P;
+  pv.page_stride = P * d;
+  pv.row_stride = d;
+  pv.pool_pages = 3;
+  Tensor q(2, 1, d, 6);
+  Out out(2, 1, d);
+  // Valid: equals the same keys laid out contiguously.
+  std::vector<float> flat(static_cast<std::size_t>(n * d));
+  for (index_t t = 0; t < n; ++t) std::copy(pv.row(0, t), pv.row(0, t) + d, flat.begin() + t * d);
+  const TensorView<const float> kf(flat.data(), 1, n, d);
+  Out ref(2, 1, d);
+  decode(q.view(), kf, kf, ref.view());
+  decode(q.view(), pv, pv, out.view());
+  EXPECT_EQ(out.o, ref.o);
+  Tensor qp(2, n, d, 7);
+  Out outp(2, n, d), refp(2, n, d);
+  prefill(qp.view(), kf, kf, refp.view(), masks::causal(2, n, n, 16));
+  prefill(qp.view(), pv, pv, outp.view(), masks::causal(2, n, n, 16));
+  EXPECT_EQ(outp.o, refp.o);
+  auto expect_refused = [&](kv::PagedView<const float> bad, std::initializer_list<const char*> parts) {
+    Out o2(2, 1, d);
+    EXPECT_INVALID("k", parts, decode(q.view(), bad, pv, o2.view()));
+    EXPECT_INVALID("v", parts, decode(q.view(), pv, bad, o2.view()));
+    Out o3(2, n, d);
+    EXPECT_INVALID("k", parts, prefill(qp.view(), bad, pv, o3.view(), masks::causal(2, n, n, 16)));
+    EXPECT_EQ(o2.o, Out(2, 1, d).o);  // nothing written
+  };
+  std::vector<index_t> t_out{2, 3, 1}, t_neg{2, -1, 1};
+  auto v1 = pv;
+  v1.table = t_out.data();
+  expect_refused(v1, {"page table entry 1 of head 0 is 3", "[0, 3)"});
+  v1.table = t_neg.data();
+  expect_refused(v1, {"page table entry 1 of head 0 is -1"});
+  auto v2 = pv;
+  v2.pool = nullptr;
+  expect_refused(v2, {"pool pointer is null"});
+  auto v3 = pv;
+  v3.table = nullptr;
+  expect_refused(v3, {"page table pointer is null"});
+  auto v4 = pv;
+  v4.page_size = 0;
+  expect_refused(v4, {"page_size must be in [1, 2^31 - 1]"});
+  auto v5 = pv;
+  v5.pool_pages = 0;
+  expect_refused(v5, {"pool_pages must be >= 1"});
+  auto v6 = pv;
+  v6.row_stride = 0;
+  expect_refused(v6, {"row_stride >= 1"});
+  auto v7 = pv;
+  v7.tokens = -1;
+  expect_refused(v7, {"negative extent"});
+}
+
+TEST(RawConstructors, DecodeStatsValidatesLikeTheDecodeItDescribes) {
+  kv::Cache<float> cache(cache_options(4, 8, 32));
+  Tensor kv_(4, 10, 8, 3);
+  cache.append(kv_.view(), kv_.view());
+  // Hq < Hkv made the GQA group 0 and divided by it.
+  EXPECT_INVALID("kv::decode_stats", Parts<const char*>({"Hq=2 is not a positive multiple of Hkv=4"}),
+                 kv::decode_stats(KeySelection::all(), cache, 2, 1));
+  EXPECT_INVALID("kv::decode_stats", Parts<const char*>({"Hq=0"}),
+                 kv::decode_stats(KeySelection::all(), cache, 0, 1));
+  EXPECT_INVALID("kv::decode_stats", Parts<const char*>({"n_q=11"}),
+                 kv::decode_stats(KeySelection::all(), cache, 8, 11));
+  EXPECT_INVALID("kv::decode_stats", Parts<const char*>({"n_q=-1"}),
+                 kv::decode_stats(KeySelection::all(), cache, 8, -1));
+  const KeySelection two = KeySelection::from_tokens(KeySelection::Scope::per_kv_head, {{0}, {1}});
+  EXPECT_INVALID("kv::decode_stats", Parts<const char*>({"key selection has 2 lists", "needs 4"}),
+                 kv::decode_stats(two, cache, 8, 1));
+  EXPECT_EQ(kv::decode_stats(KeySelection::all(), cache, 8, 1).pairs, 8 * 10);
+}
+
+TEST(HostileSizes, PairCountsTensorsAndWorkspacesBeyondTheLimitsAreInvalidArgument) {
+  const index_t big = index_t{1} << 32;
+  // n_q x n_k beyond 2^63 pairs: the mask shape refuses (its pair counts are int64).
+  EXPECT_INVALID("IntervalMask", Parts<const char*>({"pairs exceed 2^63 - 1"}),
+                 masks::causal(4, big, big));
+  EXPECT_INVALID("BlockListBuilder", Parts<const char*>({"pairs exceed 2^63 - 1"}),
+                 BlockListBuilder(MaskShape{3, index_t{1} << 31, index_t{1} << 31, 64, 64, true}, true));
+  EXPECT_INVALID("BlockListMask", Parts<const char*>({"pairs exceed 2^63 - 1"}),
+                 BlockListMask<>(MaskShape{1, big, big, 64, 64, true}, true, {0}, {}, {}));
+  // A plan for shapes no memory can hold: tensors beyond 2^56 elements, pairs beyond 2^63.
+  AttentionShape s{8, 8, index_t{1} << 20, index_t{1} << 40, index_t{1} << 20, index_t{1} << 20};
+  EXPECT_INVALID("decode", Parts<const char*>({"more than 2^56 elements"}), plan_decode(s));
+  s = {1, 1, big, big, 1, 1};  // 2^64 pairs, small tensors
+  EXPECT_INVALID("decode", Parts<const char*>({"pairs exceed 2^63 - 1"}), plan_decode(s));
+  s = {-1, 1, 4, 4, 8, 8};
+  EXPECT_INVALID("decode", Parts<const char*>({"extents must be >= 0"}), plan_decode(s));
+  // Valid shapes whose prefill scratch (block_q x block_k logits per worker) passes 2^62 bytes.
+  // (2 empty rows of 2^31 - 1 queries: nothing to compute, but the plan sizes the scratch.)
+  const index_t n = index_t{1} << 31;
+  const BlockListMask<> huge_blocks(MaskShape{1, n, n, n - 1, n - 1, true}, true, {0, 0, 0}, {}, {});
+  EXPECT_INVALID("prefill", Parts<const char*>({"would exceed 2^62 bytes"}),
+                 plan_prefill(AttentionShape{1, 1, n, n, 1, 1}, huge_blocks, AttentionOptions{}));
+  // Decode partials (output rows x split chunks): 2^21 query rows x 2^16 chunks of 16 keys.
+  s = {index_t{1} << 21, 1, index_t{1} << 20, index_t{1} << 20, 1, 1};
+  DecodeOptions split16;
+  split16.split = 16;
+  EXPECT_INVALID("decode", Parts<const char*>({"would exceed 2^62 bytes"}),
+                 plan_decode(s, KeySelection::all(), split16));
+  // Views: element counts and strides whose reach wraps.
+  float x = 0.0f;
+  Out o(1, 1, 1);
+  const TensorView<const float> huge(&x, big, big, 2, 0, 0, 1);
+  EXPECT_INVALID("k", Parts<const char*>({"at most 2^56"}),
+                 decode(TensorView<const float>(&x, 1, 1, 1), huge, huge, o.view()));
+  const TensorView<const float> far(&x, 1, 3, 1, 0, index_t{1} << 62, 1);
+  EXPECT_INVALID("k", Parts<const char*>({"beyond 2^62 elements"}),
+                 decode(TensorView<const float>(&x, 1, 1, 1), far, far, o.view()));
+  const TensorView<const float> minstride(&x, 1, 2, 1, 0, std::numeric_limits<index_t>::min(), 1);
+  EXPECT_INVALID("k", Parts<const char*>({"beyond 2^62 elements"}),
+                 decode(TensorView<const float>(&x, 1, 1, 1), minstride, minstride, o.view()));
+}

@@ -8,6 +8,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <utility>
 #include <type_traits>
 
 #include "sparse_attn/core/dtype.hpp"
@@ -16,6 +19,30 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 using index_t = std::int64_t;
+
+/// Size limits every entry point enforces (sparse_attn::invalid_argument beyond them), so that no
+/// count, offset or byte size the library forms can wrap: a tensor (view, cache) holds at most
+/// 2^56 elements (2^58 bytes of fp32, beyond any machine's address space), a workspace or buffer
+/// at most 2^62 bytes, and pair counts (heads x n_q x n_k) stay below 2^63.
+inline constexpr index_t kMaxElements = index_t{1} << 56;
+inline constexpr index_t kMaxBytes = index_t{1} << 62;
+
+namespace detail {
+/// The product of non-negative factors, or -1 when it exceeds `limit` (computed without
+/// overflow: each step checks against limit / factor first).
+inline index_t bounded_product(index_t limit, std::initializer_list<index_t> factors) {
+  for (index_t f : factors)
+    if (f < 0) return -1;
+  for (index_t f : factors)
+    if (f == 0) return 0;
+  index_t p = 1;
+  for (index_t f : factors) {
+    if (p > limit / f) return -1;
+    p *= f;
+  }
+  return p;
+}
+}  // namespace detail
 
 /// A 3-D strided view: element (h, t, c) lives at data[h*stride_head + t*stride_token + c*stride_dim].
 template <class T>
@@ -88,7 +115,21 @@ void validate_view(const TensorView<T>& v, const char* name, bool is_output = fa
   require(v.heads >= 0 && v.tokens >= 0 && v.dim >= 0, name,
           " has a negative extent (heads=", v.heads, ", tokens=", v.tokens, ", dim=", v.dim,
           "); extents must be >= 0");
+  require(detail::bounded_product(kMaxElements, {v.heads, v.tokens, v.dim}) >= 0, name,
+          " has ", v.heads, "x", v.tokens, "x", v.dim, " elements; a view holds at most 2^56");
   if (v.empty()) return;
+  // The farthest element offset, sum |stride| x (extent - 1), must be addressable (no wrap).
+  index_t reach = 0;
+  for (auto [stride, extent] : {std::pair<index_t, index_t>{v.stride_head, v.heads},
+                                {v.stride_token, v.tokens}, {v.stride_dim, v.dim}}) {
+    const index_t r = stride == std::numeric_limits<index_t>::min()
+                          ? -1
+                          : detail::bounded_product(kMaxBytes, {std::abs(stride), extent - 1});
+    require(r >= 0 && reach <= kMaxBytes - r, name, " has strides (head ", v.stride_head,
+            ", token ", v.stride_token, ", dim ", v.stride_dim,
+            ") reaching beyond 2^62 elements from its data pointer");
+    reach += r;
+  }
   require(v.data != nullptr, name, " is non-empty (", v.heads, "x", v.tokens, "x", v.dim,
           ") but its data pointer is null");
   require(v.stride_dim != 0, name, " has stride_dim 0; strides must be non-zero");

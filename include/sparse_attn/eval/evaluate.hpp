@@ -142,22 +142,6 @@ struct PrefillRun {
   std::function<bool(index_t h, index_t qi, index_t kj)> keeps;
 };
 
-/// Does `mask` compute pair (qi, kj) for query head h: its key block is listed for the query's
-/// block, and the block is full or the element test passes.
-template <class Mask>
-bool mask_keeps(const Mask& m, index_t h, index_t qi, index_t kj) {
-  const MaskShape& s = m.shape();
-  const index_t hh = m.head_shared() ? 0 : h, target = kj / s.block_k;
-  bool listed = false, full = false;
-  m.for_each_block(hh, qi / s.block_q, [&](index_t kb, bool f) {
-    if (kb == target) {
-      listed = true;
-      full = f;
-    }
-  });
-  return listed && (full || m.allowed(hh, qi, kj));
-}
-
 /// Selects with prefill method `name` (registry) on problem p at `budget`.
 inline PrefillRun select_prefill(const std::string& name, const methods::ParamSettings& settings,
                                  const Problem& p, const methods::Budget& budget,
@@ -172,7 +156,7 @@ inline PrefillRun select_prefill(const std::string& name, const methods::ParamSe
     r.run = [m, q, k, v](const TensorView<float>& out, const AttentionOptions& o) {
       prefill(q, k, v, out, *m, o);
     };
-    r.keeps = [m](index_t h, index_t qi, index_t kj) { return mask_keeps(*m, h, qi, kj); };
+    r.keeps = [m](index_t h, index_t qi, index_t kj) { return m->allowed(h, qi, kj); };
     return r;
   });
 }

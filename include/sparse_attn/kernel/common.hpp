@@ -4,7 +4,9 @@
 #include "sparse_attn/core/config.hpp"
 
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -97,9 +99,21 @@ inline float resolve_scale(float scale, index_t d, const char* where) {
 }
 
 /// Validates the shapes a plan is made for; returns the GQA group size Hq / Hkv.
+/// Bounds (kMaxElements, pair counts < 2^63) keep every product a plan forms inside int64.
 inline index_t validate_shape(const AttentionShape& s, const char* where) {
   require(s.heads_kv >= 1, where, ": K and V need >= 1 head, got ", s.heads_kv);
   require(s.head_dim >= 1 && s.head_dim_v >= 1, where, ": head_dim must be >= 1");
+  require(s.heads_q >= 0 && s.n_q >= 0 && s.n_k >= 0, where, ": extents must be >= 0, got Hq=",
+          s.heads_q, ", n_q=", s.n_q, ", n_k=", s.n_k);
+  const index_t dmax = std::max(s.head_dim, s.head_dim_v);
+  require(detail::bounded_product(kMaxElements, {s.heads_q, s.n_q, dmax}) >= 0 &&
+              detail::bounded_product(kMaxElements, {s.heads_kv, s.n_k, dmax}) >= 0,
+          where, ": Hq=", s.heads_q, ", Hkv=", s.heads_kv, ", n_q=", s.n_q, ", n_k=", s.n_k,
+          ", d=", s.head_dim, ", dv=", s.head_dim_v,
+          " gives a tensor of more than 2^56 elements (the limit)");
+  require(detail::bounded_product(std::numeric_limits<index_t>::max(), {s.heads_q, s.n_q, s.n_k}) >= 0,
+          where, ": Hq x n_q x n_k = ", s.heads_q, " x ", s.n_q, " x ", s.n_k,
+          " pairs exceed 2^63 - 1 (pair counts are int64)");
   require(s.heads_q % s.heads_kv == 0, where, ": Hq=", s.heads_q, " is not a multiple of Hkv=",
           s.heads_kv, " (GQA needs Hq % Hkv == 0)");
   require(s.n_q <= s.n_k, where, ": n_q=", s.n_q, " > n_k=", s.n_k,
@@ -107,14 +121,33 @@ inline index_t validate_shape(const AttentionShape& s, const char* where) {
   return s.heads_q / s.heads_kv;
 }
 
+/// Refuses a plan whose workspace, `shared` bytes plus `per_worker` bytes for each of `workers`,
+/// would exceed kMaxBytes (parts are sized by Carvers, which report SIZE_MAX instead of wrapping).
+inline void require_workspace_fits(std::initializer_list<std::size_t> shared, std::size_t per_worker,
+                                   int workers, const AttentionShape& s, const char* where) {
+  constexpr auto kMax = static_cast<std::size_t>(kMaxBytes);
+  std::size_t total = 0;
+  bool fits = per_worker <= kMax && per_worker <= kMax / static_cast<std::size_t>(std::max(workers, 1));
+  if (fits) total = per_worker * static_cast<std::size_t>(std::max(workers, 1));
+  for (std::size_t part : shared) {
+    fits = fits && part <= kMax - total;
+    if (fits) total += part;
+  }
+  if (!fits)  // (describe() allocates: only on the failure path)
+    raise_invalid_argument(detail::concat(where, ": the workspace for ", describe(s), " on ", workers,
+                                          " workers would exceed 2^62 bytes; use smaller blocks or "
+                                          "fewer tokens per call"));
+}
+
 /// Validates Q/K/V/out views shared by prefill and decode; returns the GQA group size.
 template <class QV, class KV, class VV, class OV>
 index_t validate_qkvo(const QV& q, const KV& k, const VV& v, const OV& out, const char* where) {
   validate_view(q, "q");
   validate_view(out, "out", true);
-  // Other view types (kv::PagedView) validate themselves when built.
-  if constexpr (is_tensor_view<KV>::value) validate_view(k, "k");
-  if constexpr (is_tensor_view<VV>::value) validate_view(v, "v");
+  // Every K/V view type has its validate_view (found by argument-dependent lookup):
+  // TensorView (core/tensor.hpp), kv::PagedView (kv/paged_view.hpp).
+  validate_view(k, "k");
+  validate_view(v, "v");
   require(k.heads >= 1 && v.heads >= 1, where, ": K and V need >= 1 head, got K ", k.heads,
           ", V ", v.heads);
   require(k.heads == v.heads && k.tokens == v.tokens, where, ": K is [", k.heads, ", ", k.tokens,

@@ -145,10 +145,10 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
       plan.items_.push_back({u, s0, std::min(opt.split, L - s0)});
     plan.first_item_.push_back(static_cast<index_t>(plan.items_.size()));
   }
-  arch::Carver partials;  // the same takes as run()'s: o, m, l of every item
-  partials.take<float>(plan.num_items() * plan.Rp_ * plan.dvp_);
-  partials.take<float>(plan.num_items() * plan.Rp_);
-  partials.take<float>(plan.num_items() * plan.Rp_);
+  arch::Carver partials;  // the same takes as run()'s: o, m, l of every item (-1: too large)
+  partials.take<float>(detail::bounded_product(kMaxBytes, {plan.num_items(), plan.Rp_, plan.dvp_}));
+  partials.take<float>(detail::bounded_product(kMaxBytes, {plan.num_items(), plan.Rp_}));
+  partials.take<float>(detail::bounded_product(kMaxBytes, {plan.num_items(), plan.Rp_}));
   plan.partial_bytes_ = partials.bytes();
   arch::Carver map;
   map.take<index_t>(plan.dvp_);
@@ -160,14 +160,18 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
     index_t& total = plan.mass_logits_;
     for (const auto& it : plan.items_) {
       plan.item_logits_.push_back(total);
-      total += plan.R_ * kernel::pad_to(it.count, arch::kMaxLanes);
+      const index_t n = detail::bounded_product(kMaxBytes, {plan.R_, kernel::pad_to(it.count, arch::kMaxLanes)});
+      total = n < 0 || total > kMaxBytes - n ? -1 : total + n;
+      if (total < 0) break;
     }
     arch::Carver mass;
     mass.take<float>(total);
-    mass.take<float>(plan.units_ * plan.R_);
-    mass.take<float>(plan.units_ * plan.R_);
+    mass.take<float>(detail::bounded_product(kMaxBytes, {plan.units_, plan.R_}));
+    mass.take<float>(detail::bounded_product(kMaxBytes, {plan.units_, plan.R_}));
     plan.mass_bytes_ = mass.bytes();
   }
+  kernel::require_workspace_fits({plan.partial_bytes_, plan.map_bytes_, plan.mass_bytes_},
+                                 plan.scratch_bytes_, plan.workers_, shape, where);
   return plan;
 }
 

@@ -11,7 +11,7 @@
 //
 // Plan / run: plan_prefill(shape, mask, options) walks the mask once (O(listed blocks)), picks
 // the CPU target, and sizes the workspace: concurrency x one item's scratch (G x (d + dv + 2) x
-// block_q + block_k x (block_q + d + 2 dv) floats), plus, for masks whose allowed() may throw, the
+// block_q + block_k x (block_q + d + 2 dv) floats), plus, for masks whose allowed_in_block() may throw, the
 // partial blocks' element bits. run allocates nothing, and writes nothing before every check and
 // every call of the mask's predicate has passed: a predicate that is not noexcept is evaluated
 // into the workspace first, so an exception from it leaves out and LSE untouched.
@@ -154,7 +154,7 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
 
 template <class Mask>
 inline constexpr bool kPredicateNoexcept =
-    noexcept(std::declval<const Mask&>().allowed(index_t{}, index_t{}, index_t{}));
+    noexcept(std::declval<const Mask&>().allowed_in_block(index_t{}, index_t{}, index_t{}));
 }  // namespace kernel
 
 /// A mask whose element predicate was evaluated into bits (PrefillPlan's partial blocks): the
@@ -170,7 +170,7 @@ class PrecomputedMask {
   void for_each_block(index_t h, index_t qb, F&& f) const {
     inner_.for_each_block(h, qb, std::forward<F>(f));
   }
-  bool allowed(index_t h, index_t qi, index_t kj) const noexcept {
+  bool allowed_in_block(index_t h, index_t qi, index_t kj) const noexcept {
     const MaskShape& s = plan_.mask_shape_;
     const index_t row = (plan_.head_shared_ ? 0 : h) * s.num_q_blocks() + qi / s.block_q;
     const auto kb = static_cast<std::int32_t>(kj / s.block_k);
@@ -255,7 +255,9 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
       plan.partial_offsets_.push_back(static_cast<index_t>(plan.partial_blocks_.size()));
     }
     plan.bit_words_ = (ms.block_q * ms.block_k + 63) / 64;
-    plan.bits_bytes_ = (plan.partial_blocks_.size() * static_cast<std::size_t>(plan.bit_words_) * 8 + 63) / 64 * 64;
+    const index_t bits = detail::bounded_product(
+        kMaxBytes - 64, {static_cast<index_t>(plan.partial_blocks_.size()), plan.bit_words_, 8});
+    plan.bits_bytes_ = bits < 0 ? SIZE_MAX : static_cast<std::size_t>(bits + 63) / 64 * 64;
   }
   // Tiles never exceed the sequence, whatever the block sizes.
   plan.ldq_ = (std::min(ms.block_q, shape.n_q) + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
@@ -279,6 +281,8 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
     pack.take<std::uint8_t>(Hkv * ms.num_k_blocks());
     plan.pack_bytes_ = pack.bytes();
   }
+  kernel::require_workspace_fits({plan.bits_bytes_, plan.pack_bytes_, plan.mass_bytes_},
+                                 plan.scratch_bytes_, plan.workers_, shape, where);
   return plan;
 }
 
@@ -390,7 +394,7 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           std::fill(w, w + plan.bit_words_, std::uint64_t{0});
           for (index_t i = q0; i < q1; ++i)
             for (index_t j = ms.k_begin(kb); j < ms.k_end(kb); ++j)
-              if (mask.allowed(h, i, j)) {
+              if (mask.allowed_in_block(h, i, j)) {
                 const index_t bit = (i - q0) * ms.block_k + (j - ms.k_begin(kb));
                 w[bit / 64] |= std::uint64_t{1} << (bit % 64);
               }

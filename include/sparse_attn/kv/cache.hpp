@@ -326,6 +326,7 @@ class Cache {
       pv.page_stride = page_elems;
       pv.head_stride = shared_ ? P_ * dim : 0;
       pv.row_stride = dim;
+      pv.pool_pages = null_page_ + 1;  // the allocatable pages and the all-zero page
       return pv;
     } else {
       (void)page_elems;

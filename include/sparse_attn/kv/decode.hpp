@@ -59,10 +59,20 @@ inline index_t count_keys(const std::vector<KeyRange>& r) {
 }  // namespace detail
 
 /// Pairs a decode of n_q new tokens of hq query heads computes under `keys` on this cache.
+/// Validates like the decode call it describes (sparse_attn::invalid_argument): hq >= 1 and a
+/// multiple of the cache's KV heads, 0 <= n_q <= the sequence length, `keys` one list per unit
+/// within the cache.
 template <class Cache>
 DecodeStats decode_stats(const KeySelection& keys, const Cache& cache, index_t hq, index_t n_q) {
+  constexpr const char* where = "kv::decode_stats";
+  const index_t hkv = cache.kv_heads(), seq = cache.sequence_length();
+  require(hq >= 1 && hq % hkv == 0, where, ": Hq=", hq, " is not a positive multiple of Hkv=",
+          hkv, " (GQA needs Hq % Hkv == 0)");
+  require(n_q >= 0 && n_q <= seq, where, ": n_q=", n_q, " new tokens, but the cache holds ", seq,
+          "; need 0 <= n_q <= sequence length");
+  keys.validate(cache.max_length(), hq, hkv, where);  // ranges index slots, not positions
   DecodeStats st;
-  const index_t hkv = cache.kv_heads(), G = hq / hkv, seq = cache.sequence_length();
+  const index_t G = hq / hkv;
   for (index_t t = 0; t < n_q; ++t) st.dense_pairs += hq * (seq - n_q + t + 1);
   const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
   const index_t units = per_q ? hq : hkv;

@@ -9,9 +9,16 @@
 //   bool head_shared() const;                  // same pattern for every query head
 //   template <class F> void for_each_block(index_t h, index_t qb, F&& f) const;
 //                                              // f(index_t kb, bool full), kb ascending
+//   bool allowed_in_block(index_t h, index_t qi, index_t kj) const;
+//                                              // element test the kernel evaluates inside a
+//                                              // listed partial block (only asked there)
 //   bool allowed(index_t h, index_t qi, index_t kj) const;
-//                                              // element test, evaluated inside partial blocks
+//                                              // exact query: does the kernel compute the pair
+//                                              // (listed block, and full or allowed_in_block)
 //   index_t pairs() const;                     // allowed (query, key) pairs over all heads
+// allowed() answers for exactly the pairs the kernel computes (so a mask dumped through it, or
+// through to_dense, is the mask that runs); allowed_in_block() may answer true for pairs of
+// blocks that are not listed, it is never asked about them.
 // Query index qi is in [0, n_q); its absolute position is qi + n_k - n_q (queries are a suffix of
 // the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
 #pragma once
@@ -64,6 +71,10 @@ struct MaskShape {
     constexpr index_t kMaxBlock = (index_t{1} << 31) - 1;
     require(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock, where,
             ": block sizes must be in [1, 2^31 - 1], got block_q=", block_q, ", block_k=", block_k);
+    // pairs() and dense_pairs() are int64: heads x n_q x n_k must not wrap.
+    require(detail::bounded_product(std::numeric_limits<index_t>::max(), {heads, n_q, n_k}) >= 0,
+            where, ": heads x n_q x n_k = ", heads, " x ", n_q, " x ", n_k,
+            " pairs exceed 2^63 - 1 (pair counts are int64)");
   }
 };
 
@@ -96,7 +107,7 @@ index_t count_pairs(const Mask& m, Executor& executor) {
           return;
         }
         for (index_t i = q0; i < q1; ++i)
-          for (index_t j = k0; j < k1; ++j) total += m.allowed(h, i, j) ? 1 : 0;
+          for (index_t j = k0; j < k1; ++j) total += m.allowed_in_block(h, i, j) ? 1 : 0;
       });
     }
     partial[static_cast<std::size_t>(r0 / kRowsPerItem)] = total;
@@ -151,6 +162,50 @@ inline void check_block_entry(const MaskShape& s, const char* where, const char*
            "] and may not list future blocks");
   }
 }
+
+/// The one check of a whole block-CSR layout (BlockListMask's constructor and methods::UserMask
+/// call it before they read an entry): row_offsets has rows + 1 entries (rows = num_q_blocks x
+/// (head_shared ? 1 : heads)), starts at 0, never decreases and ends at the number of key-block
+/// entries; `full_size` is 0 or one flag per entry (`full_optional`; else exactly one per entry);
+/// every entry passes check_block_entry. `off` and `col` are indexable (std::vector, ArrayRef) of
+/// any integer type; a value beyond int64 wraps negative and is rejected as such.
+template <class Off, class Col>
+void validate_block_csr(const MaskShape& s, bool head_shared, const Off& off, index_t off_size,
+                        const Col& col, index_t col_size, index_t full_size, bool full_optional,
+                        const char* where, const char* col_name) {
+  s.validate(where);
+  const index_t nqb = s.num_q_blocks(), layout_heads = head_shared ? 1 : s.heads;
+  // rows + 1 cannot overflow: nqb <= n_q < 2^63 and the product is checked by division.
+  require(nqb == 0 || layout_heads <= (std::numeric_limits<index_t>::max() - 1) / nqb, where,
+          ": ", layout_heads, " heads x ", nqb, " query blocks overflow int64");
+  const index_t rows = layout_heads * nqb;
+  require(off_size == rows + 1, where, ": row_offsets has ", off_size,
+          " entries; expected rows + 1 = ", rows + 1, " (", layout_heads,
+          head_shared ? " shared head" : " heads", " x ", nqb, " query blocks of ", s.block_q,
+          " + 1)");
+  require(col_size >= 0, where, ": ", col_name, " has negative size ", col_size);
+  require(static_cast<index_t>(off[0]) == 0, where, ": row_offsets[0] must be 0, got ",
+          static_cast<index_t>(off[0]));
+  for (index_t r = 0; r < rows; ++r)
+    require(static_cast<index_t>(off[r + 1]) >= static_cast<index_t>(off[r]), where,
+            ": row_offsets must be non-decreasing, but row_offsets[", r + 1, "] = ",
+            static_cast<index_t>(off[r + 1]), " < row_offsets[", r, "] = ",
+            static_cast<index_t>(off[r]));
+  require(static_cast<index_t>(off[rows]) == col_size, where, ": row_offsets[", rows, "] = ",
+          static_cast<index_t>(off[rows]), " must equal the size of ", col_name, " (", col_size,
+          ")");
+  require(full_size == col_size || (full_optional && full_size == 0), where, ": full has ",
+          full_size, " flags; expected ", full_optional ? "none or " : "", "one per ", col_name,
+          " entry (", col_size, ")");
+  for (index_t r = 0; r < rows; ++r) {
+    index_t prev = -1;
+    for (index_t e = static_cast<index_t>(off[r]); e < static_cast<index_t>(off[r + 1]); ++e) {
+      const index_t kb = static_cast<index_t>(col[e]);  // huge unsigned values wrap negative
+      check_block_entry(s, where, col_name, e, r / nqb, r % nqb, prev, kb);
+      prev = kb;
+    }
+  }
+}
 }  // namespace detail
 
 /// Index-list mask in block-CSR form: for each (head, query block) a sorted list of key blocks,
@@ -159,6 +214,12 @@ template <class Pred = AllowAll>
 class BlockListMask {
  public:
   BlockListMask() = default;
+  /// Takes block-CSR arrays (row r = h * num_q_blocks + qb; one head's rows when head_shared):
+  /// key blocks of row r are blocks[row_offsets[r] .. row_offsets[r + 1]), strictly increasing,
+  /// with one flag per entry (1 = full: every element computed, no element test). Everything is
+  /// validated (detail::validate_block_csr; sparse_attn::invalid_argument prefixed
+  /// "BlockListMask"); a full flag on a block that causality cuts is downgraded to partial (the
+  /// kernel then tests causality and the predicate), as BlockListBuilder does.
   /// known_pairs >= 0: the caller's exact pair count (skips the O(listed blocks x b^2) count;
   /// checked against count_pairs in debug builds); < 0: counted here, on `exec`.
   BlockListMask(MaskShape shape, bool head_shared, std::vector<index_t> row_offsets,
@@ -166,6 +227,20 @@ class BlockListMask {
                 index_t known_pairs = -1, const ExecutorChoice& exec = {})
       : shape_(shape), shared_(head_shared), offsets_(std::move(row_offsets)),
         blocks_(std::move(blocks)), full_(std::move(full)), pred_(std::move(pred)) {
+    detail::validate_block_csr(shape_, shared_, offsets_, static_cast<index_t>(offsets_.size()),
+                               blocks_, static_cast<index_t>(blocks_.size()),
+                               static_cast<index_t>(full_.size()), false, "BlockListMask",
+                               "blocks");
+    if (shape_.causal) {
+      const index_t nqb = shape_.num_q_blocks();
+      for (std::size_t r = 0; r + 1 < offsets_.size(); ++r) {
+        const index_t first_pos = shape_.q_begin(static_cast<index_t>(r) % nqb) + shape_.q_offset();
+        for (auto e = static_cast<std::size_t>(offsets_[r]); e < static_cast<std::size_t>(offsets_[r + 1]); ++e)
+          if (shape_.k_end(blocks_[e]) - 1 > first_pos) full_[e] = 0;  // causality cuts the block
+      }
+    }
+    require(known_pairs >= -1, "BlockListMask", ": known_pairs must be >= 0 (or -1 = count), got ",
+            known_pairs);
     if (known_pairs >= 0) {
       pairs_ = known_pairs;
 #ifndef NDEBUG
@@ -192,12 +267,30 @@ class BlockListMask {
     const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() + qb);
     return offsets_[row + 1] - offsets_[row];
   }
-  /// noexcept when the predicate is: the prefill kernel then calls it inline, else it evaluates
-  /// the partial blocks first so a throw leaves the outputs untouched.
-  bool allowed(index_t h, index_t qi, index_t kj) const
+  /// The element test of a listed partial block: causality, then the predicate. noexcept when
+  /// the predicate is: the prefill kernel then calls it inline, else it evaluates the partial
+  /// blocks first so a throw leaves the outputs untouched.
+  bool allowed_in_block(index_t h, index_t qi, index_t kj) const
       noexcept(noexcept(std::declval<const Pred&>()(index_t{}, index_t{}, index_t{}))) {
     if (shape_.causal && kj > qi + shape_.q_offset()) return false;
     return pred_(h, qi, kj);
+  }
+  /// Does the kernel compute pair (qi, kj) of query head h: kj's key block is listed for qi's
+  /// query block (binary search, O(log listed blocks)) and is full or passes allowed_in_block.
+  /// false for indices outside the mask's geometry.
+  bool allowed(index_t h, index_t qi, index_t kj) const
+      noexcept(noexcept(std::declval<const Pred&>()(index_t{}, index_t{}, index_t{}))) {
+    if (h < 0 || h >= shape_.heads || qi < 0 || qi >= shape_.n_q || kj < 0 || kj >= shape_.n_k)
+      return false;
+    const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() +
+                                              qi / shape_.block_q);
+    const std::int32_t* b = blocks_.data();
+    const std::int32_t* first = b + offsets_[row];
+    const std::int32_t* last = b + offsets_[row + 1];
+    const auto kb = static_cast<std::int32_t>(kj / shape_.block_k);
+    const std::int32_t* p = std::lower_bound(first, last, kb);
+    if (p == last || *p != kb) return false;
+    return full_[static_cast<std::size_t>(p - b)] != 0 || allowed_in_block(h, qi, kj);
   }
   index_t pairs() const { return pairs_; }
   double compression() const { return compression_ratio(shape_.dense_pairs(), pairs_); }
@@ -297,7 +390,8 @@ Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> to_dense(const Mask& m, inde
   for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
     m.for_each_block(hh, qb, [&](index_t kb, bool full) {
       for (index_t i = s.q_begin(qb); i < s.q_end(qb); ++i)
-        for (index_t j = s.k_begin(kb); j < s.k_end(kb); ++j) d(i, j) = full || m.allowed(hh, i, j);
+        for (index_t j = s.k_begin(kb); j < s.k_end(kb); ++j)
+          d(i, j) = full || m.allowed_in_block(hh, i, j);
     });
   return d;
 }

@@ -53,9 +53,14 @@ class IntervalMask {
     const index_t overlap = std::max<index_t>(0, std::min(r.a_end, r.b_end) - r.b_begin);
     return r.a_end + band - overlap;
   }
-  bool allowed(index_t, index_t qi, index_t kj) const noexcept {
+  /// Exact (closed form): the kernel computes exactly these pairs. False outside the geometry.
+  bool allowed(index_t h, index_t qi, index_t kj) const noexcept {
+    if (h < 0 || h >= shape_.heads || qi < 0 || qi >= shape_.n_q || kj < 0) return false;
     const Row r = row(qi);
     return kj < r.a_end || (kj >= r.b_begin && kj < r.b_end);
+  }
+  bool allowed_in_block(index_t h, index_t qi, index_t kj) const noexcept {
+    return allowed(h, qi, kj);
   }
 
   template <class F>

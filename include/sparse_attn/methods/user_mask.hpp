@@ -12,12 +12,12 @@
 // otherwise. Causality cuts are applied by the mask itself: a full block that crosses the diagonal
 // is downgraded to partial.
 //
-// Validated (sparse_attn::invalid_argument naming the argument and the allowed range): geometry,
-// row_offsets size = rows + 1, starting at 0, non-decreasing, ending at col_indices' size; flags
-// empty or one per entry; every entry by the one block-list check of mask/block_mask.hpp
-// (detail::check_block_entry, shared with BlockListBuilder): key blocks in [0, num_k_blocks),
+// Validated (sparse_attn::invalid_argument naming the argument and the allowed range) by the one
+// block-CSR check of mask/block_mask.hpp (detail::validate_block_csr, which BlockListMask's own
+// constructor also runs): geometry, row_offsets size = rows + 1, starting at 0, non-decreasing,
+// ending at col_indices' size; flags empty or one per entry; key blocks in [0, num_k_blocks),
 // strictly increasing per row (sorted, no duplicates) and, when causal, not after the query
-// block's last position.
+// block's last position. Null arrays of non-zero size are refused.
 //
 // Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
 #pragma once
@@ -74,58 +74,27 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
                              const ExecutorChoice& exec, const char* where) {
   static_assert(std::is_integral_v<Offset> && std::is_integral_v<Index>,
                 "row_offsets and col_indices must hold integers");
-  require(shape.heads >= 1, where, "shape.heads must be >= 1, got ", shape.heads);
-  require(shape.n_q >= 0 && shape.n_k >= 0 && shape.n_q <= shape.n_k, where,
-          "shape needs 0 <= n_q <= n_k (queries are a suffix of the keys), got n_q=", shape.n_q,
-          ", n_k=", shape.n_k);
-  require(shape.block_q >= 1 && shape.block_k >= 1, where,
-          "shape block sizes must be >= 1, got block_q=", shape.block_q,
-          ", block_k=", shape.block_k);
-  const index_t nqb = shape.num_q_blocks();
-  const index_t layout_heads = csr.head_shared ? 1 : shape.heads;
-  const index_t rows = layout_heads * nqb;
   const auto& off = csr.row_offsets;
   const auto& col = csr.col_indices;
-  require(off.size == rows + 1, where, "row_offsets has ", off.size,
-          " entries; expected rows + 1 = ", rows + 1, " (", layout_heads,
-          csr.head_shared ? " shared head" : " heads", " x ", nqb, " query blocks of ",
-          shape.block_q, " + 1)");
-  require(off.data != nullptr, where, "row_offsets is null");
-  require(col.size >= 0 && (col.size == 0 || col.data != nullptr), where,
-          "col_indices is null but has size ", col.size);
-  require(static_cast<index_t>(off[0]) == 0, where, "row_offsets[0] must be 0, got ",
-          static_cast<index_t>(off[0]));
-  for (index_t r = 0; r < rows; ++r)
-    require(static_cast<index_t>(off[r + 1]) >= static_cast<index_t>(off[r]), where,
-            "row_offsets must be non-decreasing, but row_offsets[", r + 1,
-            "] = ", static_cast<index_t>(off[r + 1]), " < row_offsets[", r,
-            "] = ", static_cast<index_t>(off[r]));
-  require(static_cast<index_t>(off[rows]) == col.size, where, "row_offsets[", rows,
-          "] = ", static_cast<index_t>(off[rows]), " must equal the size of col_indices (",
-          col.size, ")");
-  require(csr.full.size == 0 || csr.full.size == col.size, where, "full has ", csr.full.size,
-          " flags; expected none or one per col_indices entry (", col.size, ")");
-  require(csr.full.size == 0 || csr.full.data != nullptr, where, "full is null but has size ",
+  require(off.size == 0 || off.data != nullptr, where, "row_offsets is null but has size ",
+          off.size);
+  require(col.size <= 0 || col.data != nullptr, where, "col_indices is null but has size ",
+          col.size);
+  require(csr.full.size <= 0 || csr.full.data != nullptr, where, "full is null but has size ",
           csr.full.size);
-
-  std::vector<index_t> offsets(static_cast<std::size_t>(rows + 1));
+  sparse_attn::detail::validate_block_csr(shape, csr.head_shared, off, off.size, col, col.size,
+                                          csr.full.size, true, where, "col_indices");
+  // Validated: offsets fit the arrays and every key block is in [0, num_k_blocks) (fits int32).
+  const std::size_t rows = static_cast<std::size_t>(off.size) - 1;
+  std::vector<index_t> offsets(rows + 1);
+  for (std::size_t r = 0; r <= rows; ++r)
+    offsets[r] = static_cast<index_t>(off[static_cast<index_t>(r)]);
   std::vector<std::int32_t> blocks(static_cast<std::size_t>(col.size));
   std::vector<std::uint8_t> full(static_cast<std::size_t>(col.size));
   constexpr bool default_full = is_trivial_pred<Pred>::value;
-  for (index_t r = 0; r < rows; ++r) {
-    const index_t h = r / nqb, qb = r % nqb;
-    const index_t first_pos = shape.q_begin(qb) + shape.q_offset();
-    offsets[static_cast<std::size_t>(r + 1)] = static_cast<index_t>(off[r + 1]);
-    index_t prev = -1;
-    for (index_t e = static_cast<index_t>(off[r]); e < static_cast<index_t>(off[r + 1]); ++e) {
-      const index_t kb = static_cast<index_t>(col[e]);  // huge unsigned values wrap negative
-      sparse_attn::detail::check_block_entry(shape, where, "col_indices", e, h, qb, prev, kb);
-      prev = kb;
-      bool is_full = csr.full.size > 0 ? csr.full[e] != 0 : default_full;
-      if (shape.causal && shape.k_end(kb) - 1 > first_pos) is_full = false;  // causality cuts it
-      blocks[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(kb);
-      full[static_cast<std::size_t>(e)] = is_full ? 1 : 0;
-    }
+  for (index_t e = 0; e < col.size; ++e) {
+    blocks[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(col[e]);
+    full[static_cast<std::size_t>(e)] = (csr.full.size > 0 ? csr.full[e] != 0 : default_full) ? 1 : 0;
   }
   return BlockListMask<Pred>(shape, csr.head_shared, std::move(offsets), std::move(blocks),
                              std::move(full), std::move(pred), -1, exec);

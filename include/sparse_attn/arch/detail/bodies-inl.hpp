@@ -206,7 +206,7 @@ SPARSE_ATTN_NOINLINE void pv_block_nonfinite(const Mask& mask, index_t mh, index
     for (index_t c = 0; c < dv; ++c)
       if (!std::isfinite(vp[j * ldv + c]))
         for (index_t i = 0; i < rows; ++i)
-          if (mask.allowed(mh, q0 + i, k0 + j)) ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
+          if (mask.allowed_in_block(mh, q0 + i, k0 + j)) ot[c * ldq + i] += s[j * ldq + i] * vp[j * ldv + c];
 }
 
 // Key mass: where a head's key-mass rows [sel0, sel0 + nsel) of the tile keep their logits
@@ -407,7 +407,7 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
   if (!full) {
     for (index_t j = 0; j < nk; ++j)
       for (index_t i = 0; i < rows; ++i)
-        if (!mask.allowed(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
+        if (!mask.allowed_in_block(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
   }
   if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
   for (index_t i = 0; i < width; i += V::kLanes) {
@@ -559,7 +559,7 @@ struct PrefillBlockVisitor {
         const float x = to_float(v.row(hk, k0 + j)[c * v.stride_dim]);
         if (std::isfinite(x)) continue;
         for (index_t i = 0; i < trows; ++i) {
-          if (!mask.allowed(mh, tq0 + i, k0 + j)) continue;
+          if (!mask.allowed_in_block(mh, tq0 + i, k0 + j)) continue;
           const std::uint32_t pair = ws.pp[j / 2 * ldq + i];
           const auto bits = static_cast<std::uint16_t>(j % 2 == 0 ? pair & 0xFFFFu : pair >> 16);
           ot[c * ldq + i] += static_cast<float>(Eigen::numext::bit_cast<bf16>(bits)) * x;

@@ -84,18 +84,25 @@ namespace arch {
 class Carver {
  public:
   explicit Carver(unsigned char* base = nullptr) : base_(base) {}
+  // Sizing never wraps: a request beyond kMaxBytes in all (or a negative count) marks the carver
+  // exhausted, bytes() then reports SIZE_MAX and plans refuse the shape. Carving real memory
+  // repeats the takes of a sizing that succeeded, so it never gets there.
   template <class T>
   T* take(index_t count) {
     offset_ = (offset_ + 63) / 64 * 64;
-    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
-    offset_ += static_cast<std::size_t>(count) * sizeof(T);
+    T* p = base_ != nullptr && !exhausted_ ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    const auto room = static_cast<std::size_t>(kMaxBytes) - std::min(offset_, static_cast<std::size_t>(kMaxBytes));
+    if (count < 0 || static_cast<std::size_t>(count) > room / sizeof(T)) exhausted_ = true;
+    else offset_ += static_cast<std::size_t>(count) * sizeof(T);
     return p;
   }
-  std::size_t bytes() const { return (offset_ + 63) / 64 * 64; }
+  std::size_t bytes() const { return exhausted_ ? SIZE_MAX : (offset_ + 63) / 64 * 64; }
+  bool exhausted() const { return exhausted_; }
 
  private:
   unsigned char* base_;
   std::size_t offset_ = 0;
+  bool exhausted_ = false;
 };
 
 /// One worker's decode scratch; element types of K and V are erased to bytes.
