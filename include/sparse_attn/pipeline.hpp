@@ -27,10 +27,13 @@
 // attend + after_step.
 // Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor (the
 // engine's), or on the default one for num_threads; the softmax scale is SessionOptions::scale.
-// Failures: when a policy throws (or anything else in step() or ingest()), the exception reaches
-// the caller unchanged and the step's append is undone, so the cache and `out` are as they were
-// (step() checks the shapes before any hook runs; only an eviction a before_step hook made
-// before the kernel itself failed, e.g. on a failing executor, stays).
+// Failures: step() runs every check before it appends (shapes, the kernel's options, the cache's
+// append checks, each policy's check_step()), so an invalid argument changes nothing. When a
+// policy throws later (or anything else in step() or ingest()), the exception reaches the caller
+// unchanged and the step's append is undone, so the cache and `out` are as they were (only an
+// eviction a before_step hook made before the kernel itself failed, e.g. on a failing executor
+// or std::bad_alloc, stays). add_policy refuses a second selecting policy and an eviction policy
+// after a selecting one (DecodePolicy::selects_keys / evicts_before_step).
 // A custom policy that throws must leave the cache as it found it, as the library's do (they
 // validate before they evict). prefill() writes out before it appends; if a policy throws, out
 // holds the prompt's attention and the cache is unchanged.

@@ -15,7 +15,10 @@
 //   absolute position position(h, i) it was appended at; a new token gets position
 //   sequence_length() (tokens ever appended), whatever was evicted before it.
 // - Failures: an append or retain that throws leaves the cache as it was; undo_append(m) takes back
-//   the last append while nothing was evicted after it (a decode step whose selection failed).
+//   the last append while nothing was evicted after it (a decode step whose selection failed),
+//   pages included (the free list is as before the append). Sizes are checked: a cache whose
+//   arrays overflow int64 or a vector throws invalid_argument; one too large to allocate,
+//   std::bad_alloc.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
