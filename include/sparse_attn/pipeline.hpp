@@ -27,10 +27,13 @@
 // attend + after_step.
 // Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor (the
 // engine's), or on the default one for num_threads; the softmax scale is SessionOptions::scale.
-// Failures: when a policy throws (or anything else in step() or ingest()), the exception reaches
-// the caller unchanged and the step's append is undone, so the cache and `out` are as they were
-// (step() checks the shapes before any hook runs; only an eviction a before_step hook made
-// before the kernel itself failed, e.g. on a failing executor, stays).
+// Failures: step() runs every check before it appends (shapes, the kernel's options, the cache's
+// append checks, each policy's check_step()), so an invalid argument changes nothing. When a
+// policy throws later (or anything else in step() or ingest()), the exception reaches the caller
+// unchanged and the step's append is undone, so the cache and `out` are as they were (only an
+// eviction a before_step hook made before the kernel itself failed, e.g. on a failing executor
+// or std::bad_alloc, stays). add_policy refuses a second selecting policy and an eviction policy
+// after a selecting one (DecodePolicy::selects_keys / evicts_before_step).
 // A custom policy that throws must leave the cache as it found it, as the library's do (they
 // validate before they evict). prefill() writes out before it appends; if a policy throws, out
 // holds the prompt's attention and the cache is unchanged.
@@ -113,15 +116,21 @@ class DecodeSession {
   const SessionOptions& options() const { return opt_; }
 
   /// Replaces every policy by `p` (nullptr: none, dense decode over the whole cache).
+  /// If it throws (see add_policy), the policies are as they were.
   void set_policy(std::unique_ptr<Policy> p) {
-    policies_.clear();
-    add_policy(std::move(p));
+    std::vector<std::unique_ptr<Policy>> next;
+    if (p) {
+      check_policy(*p, {});
+      next.push_back(std::move(p));
+    }
+    policies_.swap(next);
   }
-  /// Adds a policy after the others (its hooks run after theirs).
+  /// Adds a policy after the others (its hooks run after theirs). Throws (adding nothing) when
+  /// the policy needs key bounds the cache lacks, when it selects keys and another policy does,
+  /// or when it evicts in before_step after a policy that selects keys.
   void add_policy(std::unique_ptr<Policy> p) {
     if (!p) return;
-    require(!p->needs_key_bounds() || cache_.has_key_bounds(), "DecodeSession", ": method ",
-            p->name(), " needs a cache with key bounds (kv::CacheOptions::key_bounds = true)");
+    check_policy(*p, policies_);
     policies_.push_back(std::move(p));
   }
   index_t num_policies() const { return static_cast<index_t>(policies_.size()); }
@@ -136,6 +145,7 @@ class DecodeSession {
                         const TensorView<TO>& out, MaskOrFn&& mask_or_fn) {
     require(cache_.sequence_length() == 0, "DecodeSession::prefill",
             ": the cache must be empty (prefill starts a sequence; use ingest() to extend one)");
+    check_ingest(q, k, v);  // before out is written
     const auto t0 = clock::now();
     PrefillReport r;
     if constexpr (std::is_invocable_v<MaskOrFn&, const QView&, const TensorView<TK>&>) {
@@ -156,6 +166,7 @@ class DecodeSession {
   /// output). q: the prompt's queries, or at least its last rows (what the policies score with).
   template <class TK, class TV>
   PrefillReport ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) {
+    check_ingest(q, k, v);
     PrefillReport r;
     r.tokens = k.tokens;
     cache_.append(k, v, executor());
@@ -206,28 +217,22 @@ class DecodeSession {
   }
 
   /// One decode step: append k/v [Hkv, n_q, d|dv] of the new token(s), select, attend, then the
-  /// policies' after_step. If any of it throws, the cache and out are as they were.
+  /// policies' after_step. If any of it throws, the cache and out are as they were. Every check
+  /// runs before the append: the shapes, the kernel's options, the cache's append checks and
+  /// each policy's check_step().
   template <class TK, class TV, class TO>
   StepReport step(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
                   const TensorView<TO>& out) {
-    validate_view(out, "out", true);
-    // Shapes first: a before_step hook may evict (StreamingLLM), which undo_append cannot take
-    // back if the kernel then rejected q.
-    validate_view(q, "q");
-    require(q.heads >= 1 && q.heads % cache_.kv_heads() == 0 && q.dim == cache_.head_dim() &&
-                q.tokens == k.tokens && out.heads == q.heads && out.tokens == q.tokens &&
-                out.dim == cache_.value_dim(),
-            "DecodeSession::step", ": q [", q.heads, ", ", q.tokens, ", ", q.dim, "], k/v of ",
-            k.tokens, " tokens and out [", out.heads, ", ", out.tokens, ", ", out.dim,
-            "] do not match the cache (Hkv=", cache_.kv_heads(), ", d=", cache_.head_dim(),
-            ", dv=", cache_.value_dim(), ")");
-    // With policies the kernel writes to staging, copied to out once they have run: out
-    // [Hq, n_q, dv] is a few KB per step, and a policy that throws leaves it untouched.
+    check_step(q, k, v, out);
+    // Allocations before the append too: staging for out and the key-mass buffer (at most the
+    // cache after the append; an eviction before the kernel only shrinks it).
     const bool staged = !policies_.empty();
     std::vector<std::remove_const_t<TO>> staging(
         staged ? static_cast<std::size_t>(out.heads * out.tokens * out.dim) : 0);
     const TensorView<TO> target =
         staged ? TensorView<TO>(staging.data(), out.heads, out.tokens, out.dim) : out;
+    const bool want_mass = wants_key_mass();
+    if (want_mass) mass_.reserve(static_cast<std::size_t>(cache_.kv_heads() * (cache_.max_length() + k.tokens)));
     StepReport r;
     cache_.append(k, v, executor());
     SPARSE_ATTN_TRY {
@@ -238,9 +243,9 @@ class DecodeSession {
       // The kernel's per-key mass, when a policy uses it: [Hkv][max_length()].
       DecodeOptions ko = kernel_options();
       const float* mass = nullptr;
-      if (wants_key_mass()) {
+      if (want_mass) {
         const index_t stride = cache_.max_length();
-        mass_.resize(static_cast<std::size_t>(cache_.kv_heads() * stride));
+        mass_.resize(static_cast<std::size_t>(cache_.kv_heads() * stride));  // within capacity
         ko.key_mass = {mass_.data(), stride, 0};
         mass = mass_.data();
       }
@@ -270,12 +275,69 @@ class DecodeSession {
     return r;
   }
 
+  /// The checks step(q, k, v, out) makes before it changes anything, in its order.
+  template <class TK, class TV, class TO>
+  void check_step(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
+                  const TensorView<TO>& out) const {
+    validate_view(out, "out", true);
+    // Shapes first: a before_step hook may evict (StreamingLLM), which undo_append cannot take
+    // back if the kernel then rejected q.
+    validate_view(q, "q");
+    require(q.heads >= 1 && q.heads % cache_.kv_heads() == 0 && q.dim == cache_.head_dim() &&
+                q.tokens == k.tokens && out.heads == q.heads && out.tokens == q.tokens &&
+                out.dim == cache_.value_dim(),
+            "DecodeSession::step", ": q [", q.heads, ", ", q.tokens, ", ", q.dim, "], k/v of ",
+            k.tokens, " tokens and out [", out.heads, ", ", out.tokens, ", ", out.dim,
+            "] do not match the cache (Hkv=", cache_.kv_heads(), ", d=", cache_.head_dim(),
+            ", dv=", cache_.value_dim(), ")");
+    check_options("DecodeSession::step");
+    cache_.check_append(k, v, executor());
+    const AttentionOptions o = method_options();
+    const bool mass = wants_key_mass();
+    for (const auto& p : policies_) p->check_step(q, cache_, o, mass);
+  }
+
  private:
   using clock = std::chrono::steady_clock;
   static double elapsed_ms(clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(clock::now() - t0).count();
   }
   ExecutorChoice executor() const { return {opt_.executor, opt_.num_threads}; }
+  // The options every kernel and policy checks: scale, threads, split, the executor.
+  void check_options(const char* where) const {
+    kernel::resolve_scale(opt_.scale, cache_.head_dim(), where);
+    require(opt_.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
+            opt_.num_threads);
+    require(opt_.split >= 16, where, ": split must be >= 16, got ", opt_.split);
+    require(opt_.executor == nullptr || opt_.executor->concurrency() >= 1, where,
+            ": executor concurrency() must be >= 1, got ",
+            opt_.executor ? opt_.executor->concurrency() : 0);
+  }
+  // ingest()'s checks before the append: q against the cache, the options, the append's own.
+  template <class TK, class TV>
+  void check_ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) const {
+    cache_.check_append(k, v, executor());
+    if (policies_.empty()) return;  // q and the options are only read by the policies
+    check_options("DecodeSession::ingest");
+    validate_view(q, "q");
+    require(q.heads >= 1 && q.heads % cache_.kv_heads() == 0 && q.dim == cache_.head_dim() &&
+                q.tokens <= cache_.max_length() + k.tokens,
+            "DecodeSession::ingest", ": q [", q.heads, ", ", q.tokens, ", ", q.dim,
+            "] does not match the cache (Hkv=", cache_.kv_heads(), ", d=", cache_.head_dim(),
+            ") and the ", cache_.max_length() + k.tokens, " tokens it holds after the append");
+  }
+  void check_policy(const Policy& p, const std::vector<std::unique_ptr<Policy>>& before) const {
+    require(!p.needs_key_bounds() || cache_.has_key_bounds(), "DecodeSession", ": method ",
+            p.name(), " needs a cache with key bounds (kv::CacheOptions::key_bounds = true)");
+    for (const auto& o : before) {
+      require(!(p.selects_keys() && o->selects_keys()), "DecodeSession", ": policy ", p.name(),
+              " selects keys, but policy ", o->name(),
+              " already does; one selection per step");
+      require(!(p.evicts_before_step() && o->selects_keys()), "DecodeSession", ": policy ",
+              p.name(), " evicts before the step, after policy ", o->name(),
+              " selected its keys; add eviction policies before selection policies");
+    }
+  }
   AttentionOptions method_options() const {
     AttentionOptions o;
     o.scale = opt_.scale;

@@ -15,11 +15,17 @@
 //   absolute position position(h, i) it was appended at; a new token gets position
 //   sequence_length() (tokens ever appended), whatever was evicted before it.
 // - Failures: an append or retain that throws leaves the cache as it was; undo_append(m) takes back
-//   the last append while nothing was evicted after it (a decode step whose selection failed).
+//   the last append while nothing was evicted after it (a decode step whose selection failed),
+//   pages included (the free list is as before the append). Sizes are checked: a cache whose
+//   arrays overflow int64 or a vector throws invalid_argument; one too large to allocate,
+//   std::bad_alloc.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -69,27 +75,43 @@ class Cache {
     dv_ = opt_.value_dim;
     cap_ = opt_.capacity;
     P_ = opt_.page_size;
-    max_pages_ = (cap_ + P_ - 1) / P_;
-    len_.assign(static_cast<std::size_t>(H_), 0);
-    pos_.assign(static_cast<std::size_t>(H_ * cap_), 0);
-    if (opt_.key_bounds) meta_.assign(static_cast<std::size_t>(H_ * max_pages_ * 2 * d_), T(0.0f));
+    max_pages_ = (cap_ - 1) / P_ + 1;  // ceil(cap / P) without overflow
+    // Every size in elements, checked before anything is allocated: a product that overflows
+    // int64, or an array larger than a std::vector can hold, is an invalid argument (never a
+    // wrapped size, never std::length_error); a size that fits but cannot be allocated throws
+    // std::bad_alloc. The largest arrays are allocated first.
+    shared_ = paged && opt_.page_table == PageTable::shared;
+    const index_t tables = shared_ ? 1 : H_;
+    std::size_t k_elems = 0, v_elems = 0, phys = 0;
     if constexpr (paged) {
-      shared_ = opt_.page_table == PageTable::shared;
-      const index_t tables = shared_ ? 1 : H_;
-      const index_t phys = tables * max_pages_;
-      null_page_ = phys;  // an all-zero page: the target of unallocated table entries
       const index_t heads_per_page = shared_ ? H_ : 1;
-      kpage_ = heads_per_page * P_ * d_;
-      vpage_ = heads_per_page * P_ * dv_;
-      k_.assign(static_cast<std::size_t>((phys + 1) * kpage_), T(0.0f));
-      v_.assign(static_cast<std::size_t>((phys + 1) * vpage_), T(0.0f));
-      table_.assign(static_cast<std::size_t>(tables * max_pages_), null_page_);
-      used_.assign(static_cast<std::size_t>(tables), 0);
-      free_.reserve(static_cast<std::size_t>(phys));
-      for (index_t p = phys - 1; p >= 0; --p) free_.push_back(p);  // pop order 0, 1, 2, ...
+      phys = size_of<index_t>({{"page tables", tables}, {"pages per table", max_pages_}});
+      kpage_ = static_cast<index_t>(
+          size_of<T>({{"heads per page", heads_per_page}, {"page_size", P_}, {"head_dim", d_}}));
+      vpage_ = static_cast<index_t>(size_of<T>(
+          {{"heads per page", heads_per_page}, {"page_size", P_}, {"value_dim", dv_}}));
+      k_elems = size_of<T>({{"pages + 1", static_cast<index_t>(phys) + 1}, {"key page", kpage_}});
+      v_elems = size_of<T>({{"pages + 1", static_cast<index_t>(phys) + 1}, {"value page", vpage_}});
     } else {
-      k_.assign(static_cast<std::size_t>(H_ * cap_ * d_), T(0.0f));
-      v_.assign(static_cast<std::size_t>(H_ * cap_ * dv_), T(0.0f));
+      k_elems = size_of<T>({{"kv_heads", H_}, {"capacity", cap_}, {"head_dim", d_}});
+      v_elems = size_of<T>({{"kv_heads", H_}, {"capacity", cap_}, {"value_dim", dv_}});
+    }
+    const std::size_t pos_elems = size_of<index_t>({{"kv_heads", H_}, {"capacity", cap_}});
+    const std::size_t meta_elems =
+        opt_.key_bounds
+            ? size_of<T>({{"kv_heads", H_}, {"pages", max_pages_}, {"2", 2}, {"head_dim", d_}})
+            : 0;
+    k_.assign(k_elems, T(0.0f));
+    v_.assign(v_elems, T(0.0f));
+    pos_.assign(pos_elems, 0);
+    meta_.assign(meta_elems, T(0.0f));
+    len_.assign(static_cast<std::size_t>(H_), 0);
+    if constexpr (paged) {
+      null_page_ = static_cast<index_t>(phys);  // an all-zero page: target of unallocated entries
+      table_.assign(phys, null_page_);
+      used_.assign(static_cast<std::size_t>(tables), 0);
+      free_.reserve(phys);
+      for (index_t p = null_page_ - 1; p >= 0; --p) free_.push_back(p);  // pop order 0, 1, 2, ...
     }
   }
 
@@ -149,6 +171,16 @@ class Cache {
   /// throws, the cache is as it was (lengths, positions, pages, contents, key bounds).
   template <class UK, class UV>
   void append(const TensorView<UK>& k, const TensorView<UV>& v, const ExecutorChoice& exec = {}) {
+    check_append(k, v, exec);
+    const index_t m = k.tokens;
+    if (m == 0) return;
+    append_checked(k, v, exec);
+  }
+
+  /// The checks append(k, v, exec) makes, in its order, without changing anything.
+  template <class UK, class UV>
+  void check_append(const TensorView<UK>& k, const TensorView<UV>& v,
+                    const ExecutorChoice& exec = {}) const {
     constexpr const char* where = "kv::Cache::append";
     validate_view(k, "append: k");
     validate_view(v, "append: v");
@@ -161,9 +193,17 @@ class Cache {
             exec.num_threads);
     const index_t m = k.tokens;
     if (m == 0) return;
-    require(max_length() + m <= cap_, where, ": appending ", m, " tokens to a head holding ",
+    require(m <= cap_ - max_length(), where, ": appending ", m, " tokens to a head holding ",
             max_length(), " exceeds the capacity of ", cap_,
             " tokens; reserve more capacity or evict first");
+    require(m <= std::numeric_limits<index_t>::max() - seq_, where, ": appending ", m,
+            " tokens after ", seq_, " overflows the positions; at most 2^63 - 1 tokens per sequence");
+  }
+
+ private:
+  template <class UK, class UV>
+  void append_checked(const TensorView<UK>& k, const TensorView<UV>& v, const ExecutorChoice& exec) {
+    const index_t m = k.tokens;
     // Head h's new rows, converted through buf; then its key bounds (buf reused).
     auto copy_head = [&](index_t h, float* buf) {
       const index_t l0 = length(h);
@@ -204,6 +244,7 @@ class Cache {
     seq_ += m;
   }
 
+ public:
   /// Drops the m tokens appended last, as if that append() had not happened: lengths, the
   /// sequence length, pages and the key bounds of every head's pages are what they were before
   /// it. They must still be the last m slots of every head (nothing evicted since; checked).
@@ -229,6 +270,8 @@ class Cache {
   /// Keeps slots[0..count) of head h (strictly increasing, within [0, length(h))) in that order
   /// and drops the rest, compacting in place. Key bounds of the rewritten pages are recomputed.
   void retain(index_t h, const index_t* slots, index_t count) {
+    require(slots != nullptr || count <= 0, "kv::Cache::retain", ": head ", h, " keeps ", count,
+            " slots but the slot list is null");
     check_retain(h, slots, count);
     std::vector<float> scratch(scratch_floats());  // before anything moves
     retain_head(h, slots, count, scratch.data());
@@ -260,6 +303,34 @@ class Cache {
   std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
 
  private:
+  // Elements of an array of `factors` (name, value; each >= 1), checked: the product must fit
+  // int64, its bytes int64 too, and a std::vector of U must be able to hold it.
+  struct Factor {
+    const char* name;
+    index_t value;
+  };
+  template <class U>
+  static std::size_t size_of(std::initializer_list<Factor> factors) {
+    constexpr index_t kMax = std::numeric_limits<index_t>::max();
+    const index_t limit = static_cast<index_t>(std::min<std::size_t>(
+        std::vector<U>().max_size(), static_cast<std::size_t>(kMax) / sizeof(U)));
+    index_t n = 1;
+    bool fits = true;
+    for (const Factor& f : factors) {
+      if (f.value != 0 && n > limit / f.value) fits = false;
+      if (fits) n *= f.value;
+    }
+    if (!fits) {
+      std::string what;
+      for (const Factor& f : factors)
+        what += (what.empty() ? "" : " x ") + std::string(f.name) + " " + std::to_string(f.value);
+      require(false, "kv::Cache", ": ", what, " elements of ", sizeof(U),
+              " bytes exceed the largest array (", limit,
+              " elements); reduce capacity, kv_heads, the dims or page_size");
+    }
+    return static_cast<std::size_t>(n);
+  }
+
   // Floats of scratch a head's append, compaction or bounds update needs: one row of K or V, or
   // the row, min and max of update_bounds().
   std::size_t scratch_floats() const { return static_cast<std::size_t>(std::max(dv_, 3 * d_)); }
@@ -299,7 +370,7 @@ class Cache {
       for (index_t h = 0; h < H_; ++h)
         if (length(h) % P_ != 0)
           update_bounds(h, length(h) / P_, length(h) / P_ + 1, length(h), scratch, true);
-    if constexpr (paged) release_pages();
+    if constexpr (paged) release_pages(/*undo=*/true);
   }
 
   void check_retain(index_t h, const index_t* slots, index_t count) const {
@@ -401,9 +472,13 @@ class Cache {
       }
     }
   }
-  // Paged: returns pages no head needs any more to the free list (last page first).
-  void release_pages() {
-    for (index_t tb = 0; tb < static_cast<index_t>(used_.size()); ++tb) {
+  // Paged: returns pages no head needs any more to the free list (last page first). undo: tables
+  // in reverse order, so that releasing what reserve_pages() just took leaves the free list (and
+  // the pages the next append takes) exactly as they were.
+  void release_pages(bool undo = false) {
+    const index_t tables = static_cast<index_t>(used_.size());
+    for (index_t i = 0; i < tables; ++i) {
+      const index_t tb = undo ? tables - 1 - i : i;
       const index_t need = ((shared_ ? max_length() : length(tb)) + P_ - 1) / P_;
       index_t& used = used_[static_cast<std::size_t>(tb)];
       for (; used > need; --used) {

@@ -75,6 +75,20 @@ class DecodePolicy {
     (void)q, (void)cache, (void)opt, (void)key_mass;
   }
 
+  /// Every check the step's hooks (before_step, after_step) would make that does not depend on
+  /// what they compute, without changing anything. DecodeSession::step runs it on every policy
+  /// before it appends, so that a step that throws has changed nothing; `cache` does not yet
+  /// hold the step's tokens, `key_mass` says whether after_step will get the kernel's mass.
+  virtual void check_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
+                          bool key_mass) const {
+    (void)q, (void)cache, (void)opt, (void)key_mass;
+  }
+  /// before_step returns a selection other than KeySelection::all() (Quest, Dense): the session
+  /// allows one such policy, after every policy that evicts in before_step.
+  virtual bool selects_keys() const { return false; }
+  /// before_step may evict (StreamingLLM).
+  virtual bool evicts_before_step() const { return false; }
+
   /// Tokens the cache holds for this policy, summed over KV heads: cache.total_length(), less
   /// the slots a lazily compacting policy (H2O) evicted but has not yet compacted away (dead
   /// slots: its before_step selections skip them). What reports of cache occupancy count.
@@ -93,9 +107,15 @@ class DecodePolicy {
 
  protected:
   explicit DecodePolicy(const Budget& budget) : budget_(budget) { stats_.target = budget; }
-  /// Records an eviction plan as the latest (and its statistics).
+  /// Records an eviction plan as the latest (and its statistics). Copies the statistics first:
+  /// if that throws, nothing changed.
   void record(kv::EvictionPlan&& plan) {
-    stats_ = plan.stats;
+    SelectionStats stats = plan.stats;
+    record(std::move(plan), std::move(stats));
+  }
+  /// The same with the statistics copied beforehand (before the cache changed): cannot throw.
+  void record(kv::EvictionPlan&& plan, SelectionStats&& stats) noexcept {
+    stats_ = std::move(stats);
     eviction_ = std::move(plan);
     evicted_ = true;
   }
@@ -117,10 +137,16 @@ class SelectionPolicy final : public DecodePolicy<Cache, TQ> {
       : DecodePolicy<Cache, TQ>(budget), method_(m) {}
   const char* name() const override { return Method::name; }
   bool needs_key_bounds() const override { return bounds_v<Method>; }
+  bool selects_keys() const override { return true; }
+  /// Selects into a second buffer, swapped in on success: a select that throws leaves
+  /// selection() and stats() as they were (both buffers are reused as workspace).
   KeySelection before_step(const QView& q, Cache& cache, const AttentionOptions& opt) override {
-    method_.select(q, static_cast<const Cache&>(cache), this->budget_, opt, sel_);
-    this->stats_ = sel_.stats;
-    return sel_.keys;
+    method_.select(q, static_cast<const Cache&>(cache), this->budget_, opt, spare_);
+    KeySelection keys = spare_.keys;
+    SelectionStats stats = spare_.stats;
+    std::swap(sel_, spare_);
+    this->stats_ = std::move(stats);
+    return keys;
   }
   const Method& method() const { return method_; }
   /// The latest step's selection.
@@ -136,19 +162,32 @@ class SelectionPolicy final : public DecodePolicy<Cache, TQ> {
   static constexpr bool bounds_v = bounds<M>::value;
 
   Method method_;
-  DecodeSelection sel_;
+  DecodeSelection sel_, spare_;
 };
 
 /// select() then apply() for any eviction method (SnapKV, Ada-SnapKV, H2O, StreamingLLM): the
 /// cache keeps the plan's slots, compacted in place; returns the plan (kept slots, scores, stats).
-/// If the selection throws, the cache is untouched.
+/// If it throws (the selection, or the cache rejecting the plan), the cache is untouched.
 template <class Method, class TQ, class Cache>
 kv::EvictionPlan evict(const Method& m, const TensorView<TQ>& q, Cache& cache, const Budget& budget,
                        const AttentionOptions& opt = {}) {
   kv::EvictionPlan plan = m.select(q, static_cast<const Cache&>(cache), budget, opt);
-  kv::apply(plan, cache);
+  kv::apply(plan, cache);  // all or nothing; the move out cannot throw
   return plan;
 }
+
+namespace detail {
+/// evict() for a policy: selects, copies the statistics, applies (the last step that can
+/// throw), then records without throwing. A policy whose hook throws has changed nothing.
+template <class Method, class TQ, class Cache, class Policy>
+void evict_and_record(const Method& m, const TensorView<TQ>& q, Cache& cache, const Budget& budget,
+                      const AttentionOptions& opt, Policy& policy) {
+  kv::EvictionPlan plan = m.select(q, static_cast<const Cache&>(cache), budget, opt);
+  SelectionStats stats = plan.stats;
+  kv::apply(plan, cache);
+  policy.commit(std::move(plan), std::move(stats));
+}
+}  // namespace detail
 
 /// A method whose eviction happens once, after the prompt (SnapKV, Ada-SnapKV), as a policy:
 /// after_prefill selects and applies; decode steps attend the whole (evicted) cache, each head
@@ -161,7 +200,10 @@ class PrefillEvictionPolicy final : public DecodePolicy<Cache, TQ> {
       : DecodePolicy<Cache, TQ>(budget), method_(m) {}
   const char* name() const override { return Method::name; }
   void after_prefill(const QView& q, Cache& cache, const AttentionOptions& opt) override {
-    this->record(evict(method_, q, cache, this->budget_, opt));
+    detail::evict_and_record(method_, q, cache, this->budget_, opt, *this);
+  }
+  void commit(kv::EvictionPlan&& plan, SelectionStats&& stats) noexcept {
+    this->record(std::move(plan), std::move(stats));
   }
 
  private:

@@ -31,6 +31,7 @@
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -74,7 +75,7 @@ struct H2O {
   class State {
    public:
     /// Binds to the cache (call it after the prompt was appended) and resolves H and R. Scores
-    /// start at 0.
+    /// start at 0. Checks, then allocates, then commits: if it throws the State is as it was.
     template <class Cache>
     void reset(const Cache& cache, const Budget& budget, index_t seed_rows = -1) {
       constexpr const char* where = "methods::H2O::State::reset";
@@ -82,14 +83,28 @@ struct H2O {
       require(seed_rows >= -1, where,
               ": prefill_queries must be >= 0 (or -1: chosen by the prompt length), got ",
               seed_rows);
-      budget_ = budget;
+      const index_t H = cache.kv_heads(), cap = cache.capacity();
+      require(H >= 1 && cap >= 1, where, ": the cache needs kv_heads and capacity >= 1, got ", H,
+              " and ", cap);
+      const index_t limit = static_cast<index_t>(std::min<std::size_t>(
+          std::vector<float>().max_size(),
+          static_cast<std::size_t>(std::numeric_limits<index_t>::max()) / sizeof(float)));
+      require(cap <= limit / H, where, ": scores of kv_heads ", H, " x capacity ", cap,
+              " floats exceed the largest array (", limit, " floats); use a smaller cache");
+      std::vector<float> fresh(static_cast<std::size_t>(H * cap), 0.0f);  // may throw bad_alloc
+      budget_ = budget;  // the rest cannot throw
       prefill_queries_ = seed_rows;
       follow(cache);
-      stride_ = cache.capacity();
-      scores_.assign(static_cast<std::size_t>(cache.kv_heads() * stride_), 0.0f);
+      stride_ = cap;
+      scores_.swap(fresh);
       known_ = 0;
     }
 
+    /// reset() was called with this cache (or one of the same capacity).
+    template <class Cache>
+    bool bound_to(const Cache& cache) const {
+      return stride_ == cache.capacity() && !scores_.empty();
+    }
     index_t heavy() const { return heavy_; }
     index_t recent() const { return recent_; }
     const Budget& budget() const { return budget_; }
@@ -103,6 +118,23 @@ struct H2O {
     template <class TQ, class Cache>
     void observe(const TensorView<TQ>& q, const Cache& cache, const AttentionOptions& opt = {},
                  bool prompt = false) {
+      const float scale = check_observe(q, cache, opt);  // every check, before any change
+      const index_t n = cache.max_length();
+      const index_t seed = seed_queries(prefill_queries_, n);
+      const index_t row0 = prompt && seed > 0 ? std::max<index_t>(0, q.tokens - seed) : 0;
+      // The step's probabilities first (tmp_ is scratch): if that pass throws, the State is as
+      // it was. add() cannot throw.
+      tmp_.resize(static_cast<std::size_t>(cache.kv_heads() * n));
+      kv::detail::attention_column_scores(q, row0, cache.keys(), scale, kv::detail::Reduce::sum,
+                                          1.0f, tmp_.data(), n, opt.executor_choice());
+      add(tmp_.data(), n, cache);
+    }
+
+    /// The checks observe(q, cache, opt) makes, in its order, without changing anything; returns
+    /// the resolved softmax scale.
+    template <class TQ, class Cache>
+    float check_observe(const TensorView<TQ>& q, const Cache& cache,
+                        const AttentionOptions& opt = {}) const {
       constexpr const char* where = "methods::H2O::State::observe";
       validate_view(q, "q");
       check(cache, where);
@@ -113,14 +145,15 @@ struct H2O {
               opt.num_threads);
       const index_t n = cache.max_length();
       require(q.tokens <= n, where, ": q has ", q.tokens, " queries but the cache ", n, " tokens");
-      const index_t seed = seed_queries(prefill_queries_, n);
-      const index_t row0 = prompt && seed > 0 ? std::max<index_t>(0, q.tokens - seed) : 0;
-      // The step's probabilities first: if that pass throws, the State is as it was.
-      tmp_.resize(static_cast<std::size_t>(cache.kv_heads() * n));
-      kv::detail::attention_column_scores(
-          q, row0, cache.keys(), kernel::resolve_scale(opt.scale, q.dim, where),
-          kv::detail::Reduce::sum, 1.0f, tmp_.data(), n, opt.executor_choice());
-      add(tmp_.data(), n, cache);
+      return kernel::resolve_scale(opt.scale, q.dim, where);
+    }
+    /// The checks observe_mass(mass, stride, cache) makes, without changing anything.
+    template <class Cache>
+    void check_mass(const float* mass, index_t stride, const Cache& cache) const {
+      constexpr const char* where = "methods::H2O::State::observe_mass";
+      check(cache, where);
+      require(mass != nullptr && stride >= cache.max_length(), where,
+              ": need a mass buffer with stride >= ", cache.max_length(), ", got stride ", stride);
     }
 
     /// Adds a kernel-emitted key mass: mass[h * stride + j] = the probability slot j of KV head
@@ -129,10 +162,7 @@ struct H2O {
     /// max_length()).
     template <class Cache>
     void observe_mass(const float* mass, index_t stride, const Cache& cache) {
-      constexpr const char* where = "methods::H2O::State::observe_mass";
-      check(cache, where);
-      require(mass != nullptr && stride >= cache.max_length(), where,
-              ": need a mass buffer with stride >= ", cache.max_length(), ", got stride ", stride);
+      check_mass(mass, stride, cache);
       add(mass, stride, cache);
     }
 
@@ -237,11 +267,14 @@ struct H2O {
       return "H=" + std::to_string(heavy_) + " R=" + std::to_string(recent_);
     }
 
-    /// Compacts the cache and the scores to the plan's kept slots.
+    /// Compacts the cache and the scores to the plan's kept slots. If it throws (State not
+    /// bound to the cache, or the cache's retain() rejects the plan), nothing changed.
     template <class Cache>
     void apply(const kv::EvictionPlan& plan, Cache& cache) {
       if (plan.dense) return;
-      kv::apply(plan, cache);  // first: if it throws, cache and scores are as they were
+      require(stride_ == cache.capacity() && !scores_.empty(), "methods::H2O::State::apply",
+              ": call reset(cache) first");
+      kv::apply(plan, cache);  // validates the plan before it moves anything; remap cannot throw
       for (index_t h = 0; h < cache.kv_heads(); ++h) {
         const auto& keep = plan.keep[static_cast<std::size_t>(h)];
         float* s = scores_.data() + h * stride_;
@@ -250,25 +283,63 @@ struct H2O {
       known_ = cache.max_length();
     }
 
-    /// One decode step after the kernel: observe q, then evict down to H + R if needed.
+    /// One decode step after the kernel: observe q, then evict down to H + R if needed. If it
+    /// throws, the State and the cache are as they were (the scores it added are taken back).
     template <class TQ, class Cache>
     kv::EvictionPlan step(const TensorView<TQ>& q, Cache& cache,
                           const AttentionOptions& opt = {}) {
+      check_observe(q, static_cast<const Cache&>(cache), opt);
+      Saved saved = save(cache);
       observe(q, static_cast<const Cache&>(cache), opt);
-      kv::EvictionPlan plan = select(static_cast<const Cache&>(cache));
-      apply(plan, cache);
-      return plan;
+      return select_apply(cache, saved);
     }
     /// The same with the kernel's key mass (observe_mass) instead of a second pass.
     template <class Cache>
     kv::EvictionPlan step_mass(const float* mass, index_t stride, Cache& cache) {
+      check_mass(mass, stride, static_cast<const Cache&>(cache));
+      Saved saved = save(cache);
       observe_mass(mass, stride, static_cast<const Cache&>(cache));
-      kv::EvictionPlan plan = select(static_cast<const Cache&>(cache));
-      apply(plan, cache);
-      return plan;
+      return select_apply(cache, saved);
     }
 
    private:
+    // What observe()/observe_mass() change: the scores of slots [0, n), known_, H and R.
+    struct Saved {
+      std::vector<float> scores;
+      index_t heads = 0, n = 0, known = 0, heavy = 0, recent = 0;
+    };
+    template <class Cache>
+    Saved save(const Cache& cache) const {  // after check(): n <= stride_
+      Saved s;
+      s.heads = cache.kv_heads();
+      s.n = cache.max_length();
+      s.scores.resize(static_cast<std::size_t>(cache.kv_heads() * s.n));
+      for (index_t h = 0; h < cache.kv_heads(); ++h)
+        std::copy(scores(h), scores(h) + s.n, s.scores.begin() + h * s.n);
+      s.known = known_, s.heavy = heavy_, s.recent = recent_;
+      return s;
+    }
+    void restore(const Saved& s) noexcept {
+      for (index_t h = 0; h < s.heads; ++h)
+        std::copy(s.scores.begin() + h * s.n, s.scores.begin() + (h + 1) * s.n,
+                  scores_.begin() + h * stride_);
+      known_ = s.known, heavy_ = s.heavy, recent_ = s.recent;
+    }
+    template <class Cache>
+    kv::EvictionPlan select_apply(Cache& cache, const Saved& saved) {
+      SPARSE_ATTN_TRY {
+        kv::EvictionPlan plan = select(static_cast<const Cache&>(cache));
+        apply(plan, cache);  // the cache's retain is all or nothing; the remap cannot throw
+        return plan;
+      }
+      SPARSE_ATTN_CATCH_ALL {
+        restore(saved);
+        SPARSE_ATTN_RETHROW;
+      }
+#if !SPARSE_ATTN_EXCEPTIONS
+      return {};
+#endif
+    }
     template <class Cache>
     void check(const Cache& cache, const char* where) const {
       require(stride_ == cache.capacity() && !scores_.empty(), where,
@@ -371,8 +442,9 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     if (!never) {
       st.observe(q, static_cast<const Cache&>(cache), opt, /*prompt=*/true);
       kv::EvictionPlan plan = st.select(static_cast<const Cache&>(cache));
-      st.apply(plan, cache);
-      this->record(std::move(plan));
+      SelectionStats stats = plan.stats;  // copied before the cache changes
+      st.apply(plan, cache);              // the last step that can throw
+      this->record(std::move(plan), std::move(stats));
     }
     state_ = std::move(st);
     never_ = never;
@@ -387,7 +459,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
   }
   void after_step(const QView& q, Cache& cache, const AttentionOptions& opt,
                   const float* key_mass) override {
-    require(seeded_, "H2OPolicy::after_step", ": call after_prefill first (it binds the scores)");
+    check_after_step(q, cache, opt, key_mass);  // every check before anything changes
     if (never_) return;
     if (key_mass == nullptr) {  // observe()'s own pass reads every slot: compact, then eagerly
       compact(cache);
@@ -422,6 +494,18 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     this->stats_ = e.stats;
     this->evicted_ = true;
   }
+  /// Every check after_step() makes, without changing anything (DecodeSession runs it before
+  /// the step appends: the cache then holds the step's tokens too, which changes no check).
+  void check_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
+                  bool key_mass) const override {
+    (void)key_mass;
+    require(seeded_, "H2OPolicy::after_step", ": call after_prefill first (it binds the scores)");
+    if (never_) return;
+    require(cache.uniform(), "H2OPolicy", ": H2O keeps equal head lengths; evict through it");
+    require(state_.bound_to(cache), "H2OPolicy::after_step",
+            ": the policy's scores belong to another cache (after_prefill binds them)");
+    if (!key_mass) state_.check_observe(q, cache, opt);
+  }
   index_t live_tokens(const Cache& cache) const override {
     if (!lazy_) return cache.total_length();
     index_t s = 0;
@@ -448,7 +532,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
   /// The keys the cache holds for this policy: every slot (KeySelection::all()) when none is
   /// dead, else per KV head the ranges of its live slots (what before_step returns).
   KeySelection live_selection(const Cache& cache) const {
-    if (!lazy_) return KeySelection::all();
+    if (!lazy_ || live_tokens(cache) == cache.total_length()) return KeySelection::all();
     const index_t Hkv = cache.kv_heads();
     std::vector<std::vector<KeyRange>> r(static_cast<std::size_t>(Hkv));
     bool dead = false;
@@ -478,6 +562,17 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
 
  private:
   using State = H2O::State;
+  // after_step's checks, in its order.
+  void check_after_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
+                        const float* key_mass) const {
+    require(seeded_, "H2OPolicy::after_step", ": call after_prefill first (it binds the scores)");
+    if (never_) return;
+    require(cache.uniform(), "H2OPolicy", ": H2O keeps equal head lengths; evict through it");
+    if (key_mass == nullptr)
+      state_.check_observe(q, cache, opt);
+    else
+      state_.check_mass(key_mass, cache.max_length(), cache);
+  }
   // The live lists (eviction_.keep) follow the cache: built as 0..n-1 after an eager eviction;
   // slots appended since the last hook are live; an append taken back (undo_append) drops its
   // slots (the last ones).
@@ -485,12 +580,14 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     require(cache.uniform(), "H2OPolicy", ": H2O keeps equal head lengths; evict through it");
     auto& live = this->eviction_.keep;
     const index_t n = cache.max_length();
+    // Allocations first, then changes that cannot throw: a failing sync changes nothing.
     if (!lazy_) {
-      live.resize(static_cast<std::size_t>(cache.kv_heads()));
-      for (auto& l : live) {
+      std::vector<std::vector<index_t>> fresh(static_cast<std::size_t>(cache.kv_heads()));
+      for (auto& l : fresh) {
         l.resize(static_cast<std::size_t>(n));
         std::iota(l.begin(), l.end(), index_t{0});
       }
+      live.swap(fresh);
       this->eviction_.scores.clear();
       this->eviction_.score_stride = 0;
       lazy_ = true;
@@ -498,6 +595,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
       for (auto& l : live)
         while (!l.empty() && l.back() >= n) l.pop_back();
     } else {
+      for (auto& l : live) l.reserve(l.size() + static_cast<std::size_t>(n - known_));
       for (auto& l : live)
         for (index_t s = known_; s < n; ++s) l.push_back(s);
     }

@@ -90,12 +90,16 @@ class StreamingPolicy final : public DecodePolicy<Cache, TQ> {
   StreamingPolicy(const StreamingLLM& m, const Budget& budget)
       : DecodePolicy<Cache, TQ>(budget), method_(m) {}
   const char* name() const override { return StreamingLLM::name; }
+  bool evicts_before_step() const override { return true; }
   void after_prefill(const QView& q, Cache& cache, const AttentionOptions& opt) override {
-    this->record(evict(method_, q, cache, this->budget_, opt));
+    detail::evict_and_record(method_, q, cache, this->budget_, opt, *this);
   }
   KeySelection before_step(const QView& q, Cache& cache, const AttentionOptions& opt) override {
-    this->record(evict(method_, q, cache, this->budget_, opt));
+    detail::evict_and_record(method_, q, cache, this->budget_, opt, *this);
     return KeySelection::all();
+  }
+  void commit(kv::EvictionPlan&& plan, SelectionStats&& stats) noexcept {
+    this->record(std::move(plan), std::move(stats));
   }
 
  private:
