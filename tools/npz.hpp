@@ -16,9 +16,7 @@
 namespace sparse_attn::cli {
 
 inline std::string shape_str(const std::vector<index_t>& shape) {
-  std::string s = "(";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
+  return io::detail::npy_shape_str(shape);
 }
 
 /// A rank-1 integer array of the mask, widened to int64. `name` says where it came from.
@@ -69,14 +67,11 @@ inline IntArray parse_int_npy(const std::string& name, const std::string& b) {
   const char kind = descr[1];
   const std::size_t item = static_cast<std::size_t>(descr[2] - '0');
 
-  std::size_t count = 1;
-  for (index_t s : a.shape) {
-    check(s == 0 ||
-              count <= std::numeric_limits<std::size_t>::max() / item / static_cast<std::size_t>(s),
-          name, ": shape ", shape_str(a.shape), " is too large");
-    count *= static_cast<std::size_t>(s);
-  }
-  const std::size_t have = b.size() - begin - header_len, bytes = count * item;
+  // The library's overflow-checked extent (negative dimensions, element or byte counts past
+  // 2^63 - 1, more than 64 dimensions), so both readers accept exactly the same shapes.
+  const io::detail::NpyExtent extent = io::detail::npy_extent(name, a.shape, item);
+  const std::size_t count = extent.count, bytes = extent.bytes;
+  const std::size_t have = b.size() - begin - header_len;  // header_len <= b.size() - begin
   check(have >= bytes, name, ": truncated data: shape ", shape_str(a.shape), " dtype '", descr,
         "' needs ", bytes, " bytes, only ", have, " present");
   check(have == bytes, name, ": unexpected trailing bytes after ", bytes, " data bytes (shape ",
@@ -178,15 +173,19 @@ inline Npz parse_npz(const std::string& z, const std::string& where,
       const std::uint64_t id = rd(x, 2), len = rd(x + 2, 2);
       std::uint64_t f = x + 4;
       if (id == 1) {
-        if (usize == 0xFFFFFFFF) {
-          usize = rd(f, 8);
+        // Each 8-byte value must lie inside this extra field (and so inside the record), not
+        // be taken from whatever follows it.
+        auto zip64_value = [&]() {
+          check(f + 8 <= x + 4 + len && f + 8 <= p + 46 + nlen + xlen, where,
+                ": corrupt zip64 extra field at byte ", x, " (", len,
+                " bytes, too short for the sizes it must hold)");
+          const std::uint64_t v = rd(f, 8);
           f += 8;
-        }
-        if (csize == 0xFFFFFFFF) {
-          csize = rd(f, 8);
-          f += 8;
-        }
-        if (local == 0xFFFFFFFF) local = rd(f, 8);
+          return v;
+        };
+        if (usize == 0xFFFFFFFF) usize = zip64_value();
+        if (csize == 0xFFFFFFFF) csize = zip64_value();
+        if (local == 0xFFFFFFFF) local = zip64_value();
       }
       x += 4 + len;
     }

@@ -6,7 +6,9 @@
 // Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
 #pragma once
 #include "sparse_attn/core/config.hpp"
+#include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -82,6 +84,74 @@ inline std::size_t npy_itemsize(NpyDtype t) {
   return (t == NpyDtype::f2) ? 2 : (t == NpyDtype::f4 || t == NpyDtype::i4) ? 4 : 8;
 }
 
+namespace detail {
+
+/// NumPy's limit on the number of dimensions (NPY_MAXDIMS: 32 before NumPy 2.0, 64 since).
+inline constexpr std::size_t kNpyMaxDims = 64;
+
+/// The largest size in bytes an array may have: it must be an object size (PTRDIFF_MAX, which
+/// also bounds std::vector::max_size) and an index_t (element counts, file offsets).
+/// 2^63 - 1 on 64-bit targets.
+inline constexpr std::uint64_t kNpyMaxBytes =
+    static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()) <
+            static_cast<std::uint64_t>(std::numeric_limits<index_t>::max())
+        ? static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())
+        : static_cast<std::uint64_t>(std::numeric_limits<index_t>::max());
+
+/// "(2, 3, 4)", as NumPy prints shapes ("(5,)" for rank 1, "()" for rank 0).
+inline std::string npy_shape_str(const std::vector<index_t>& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+/// Element count and size in bytes of an array.
+struct NpyExtent {
+  std::size_t count = 0;
+  std::size_t bytes = 0;
+};
+
+/// The extent of `shape` with `itemsize`-byte elements, checked the way NumPy checks when it
+/// creates an array: at most kNpyMaxDims dimensions, each >= 0, and the product of the nonzero
+/// dimensions times the itemsize at most kNpyMaxBytes. Zero dimensions are skipped in that
+/// product, so the verdict does not depend on where a zero stands: (0, 2^62, 4) of float32 is
+/// refused like (2^62, 4, 0), since NumPy cannot create either. Every partial product is checked
+/// before it is formed (x * d <= max  <=>  d <= max / x), so nothing wraps around 2^63 or 2^64.
+/// Throws sparse_attn::invalid_argument("<where>: ...").
+inline NpyExtent npy_extent(const std::string& where, const std::vector<index_t>& shape,
+                            std::size_t itemsize) {
+  // Messages are built only on failure (NpyArray::size() runs this on every call).
+  auto fail = [&](const auto&... what) {
+    raise_invalid_argument(sparse_attn::detail::concat(where, ": ", what...));
+  };
+  if (shape.size() > kNpyMaxDims)
+    fail("shape has ", shape.size(), " dimensions; at most ", kNpyMaxDims,
+         " are allowed (NumPy's limit)");
+  bool empty = false;
+  std::uint64_t bytes = itemsize;  // itemsize x the nonzero dimensions so far
+  for (index_t d : shape) {
+    if (d < 0)
+      fail("shape ", npy_shape_str(shape), " has a negative dimension ", d,
+           "; dimensions must be >= 0");
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (static_cast<std::uint64_t>(d) > kNpyMaxBytes / bytes)
+      fail("shape ", npy_shape_str(shape), " of ", itemsize,
+           "-byte elements is too large: its size in bytes exceeds the largest array size (the "
+           "element or byte count would overflow); an array may hold at most ",
+           kNpyMaxBytes, " bytes");
+    bytes *= static_cast<std::uint64_t>(d);
+  }
+  NpyExtent e;
+  e.bytes = empty ? 0 : static_cast<std::size_t>(bytes);
+  e.count = e.bytes / itemsize;
+  return e;
+}
+
+}  // namespace detail
+
 /// A loaded array. Exactly one of the value vectors is filled, the one matching `dtype`.
 struct NpyArray {
   std::string path;
@@ -92,10 +162,10 @@ struct NpyArray {
   std::vector<std::int32_t> i4;
   std::vector<std::int64_t> i8;
 
+  /// The element count; throws (naming `path`) if `shape` could not be an array's (see
+  /// detail::npy_extent), which never happens for an array read_npy returned.
   index_t size() const {
-    index_t n = 1;
-    for (index_t s : shape) n *= s;
-    return n;
+    return static_cast<index_t>(detail::npy_extent(path, shape, npy_itemsize(dtype)).count);
   }
   std::size_t rank() const { return shape.size(); }
   const char* descr() const { return npy_descr(dtype); }
@@ -126,11 +196,7 @@ struct NpyArray {
   }
 
   /// "(2, 3, 4)", as NumPy prints shapes.
-  std::string shape_str() const {
-    std::string s = "(";
-    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + (shape.size() == 1 ? ",)" : ")");
-  }
+  std::string shape_str() const { return detail::npy_shape_str(shape); }
 
   /// Throws unless the array has exactly `rank` dimensions; `what` names it ("Q", "index list").
   void require_rank(std::size_t want, const char* what, const char* layout) const {
@@ -228,23 +294,41 @@ class NpyHeaderParser {
     }
     fail("malformed header: 'fortran_order' must be True or False");
   }
+  /// A Python tuple of integers. Negative entries are returned (npy_extent refuses them with the
+  /// whole shape in the message); entries beyond int64 and more than kNpyMaxDims entries are
+  /// refused here, before the vector can grow with the header.
   std::vector<index_t> parse_shape() {
     std::vector<index_t> dims;
     expect('(');
     while (true) {
       skip_ws();
       if (peek() == ')') break;
+      const std::size_t begin = pos_;
+      const bool negative = peek() == '-';
+      if (negative) ++pos_;
       if (peek() < '0' || peek() > '9')
-        fail("malformed header: shape entries must be non-negative integers");
-      index_t v = 0;
+        fail("malformed header: shape entries must be integers (offset ", pos_, ")");
+      if (dims.size() == kNpyMaxDims)
+        fail("shape has more than ", kNpyMaxDims, " dimensions; at most ", kNpyMaxDims,
+             " are allowed (NumPy's limit)");
+      // Accumulate the magnitude as uint64 and refuse it above 2^63 - 1 (the bound holds for the
+      // negative side too: -(2^63) is refused as a dimension anyway).
+      std::uint64_t magnitude = 0;
+      bool too_large = false;
+      constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<index_t>::max());
       while (peek() >= '0' && peek() <= '9') {
-        const index_t digit = peek() - '0';
-        if (v > (std::numeric_limits<index_t>::max() - digit) / 10) fail("shape entry too large");
-        v = v * 10 + digit;
+        const std::uint64_t digit = static_cast<std::uint64_t>(peek() - '0');
+        if (magnitude > (kMax - digit) / 10) too_large = true;
+        if (!too_large) magnitude = magnitude * 10 + digit;
         ++pos_;
       }
+      if (too_large)
+        fail("shape entry ", s_.substr(begin, std::min<std::size_t>(pos_ - begin, 40)),
+             pos_ - begin > 40 ? "..." : "",
+             " does not fit in int64; dimensions must be in [0, 2^63 - 1]");
+      const index_t v = static_cast<index_t>(magnitude);
       if (peek() == 'L') ++pos_;  // Python 2 long suffix
-      dims.push_back(v);
+      dims.push_back(negative ? -v : v);
       skip_ws();
       if (peek() == ',') {
         ++pos_;
@@ -302,8 +386,10 @@ inline std::string tmp_path_for(const std::string& path) {
 }  // namespace detail
 
 /// Reads an .npy file. Validates magic, version, header, dtype (one of `allowed`), byte order,
-/// C order and that the data is exactly size * itemsize bytes (truncated or over-long files are
-/// rejected).
+/// C order, the shape (detail::npy_extent: no negative dimension, no element or byte count past
+/// 2^63 - 1) and that the data is exactly size * itemsize bytes (truncated or over-long files are
+/// rejected). Nothing is allocated beyond what the file holds: sizes are checked against the file
+/// size first, and where it is unknown (a pipe) the data is read in bounded chunks.
 inline NpyArray read_npy(const std::string& path,
                          std::initializer_list<NpyDtype> allowed = {NpyDtype::f4, NpyDtype::f2,
                                                                     NpyDtype::i4, NpyDtype::i8}) {
@@ -319,6 +405,14 @@ inline NpyArray read_npy(const std::string& path,
     const int err = errno;
     fail("cannot open: ", err ? errno_text(err) : std::string("unknown error"));
   }
+  // Unknown (ec set) for a pipe or a character device: then only the reads themselves bound what
+  // is taken from the header.
+  const std::uintmax_t file_size = std::filesystem::file_size(path, ec);
+  const bool size_known = !ec;
+  // Bytes of the file after the first `offset` (0 if it shrank under us).
+  auto bytes_after = [&](std::uintmax_t offset) {
+    return file_size > offset ? file_size - offset : std::uintmax_t{0};
+  };
   auto read_exact = [&](void* dst, std::size_t n, const char* what) {
     const std::size_t got = n ? std::fread(dst, 1, n, f.get()) : 0;
     if (got != n) {
@@ -346,7 +440,12 @@ inline NpyArray read_npy(const std::string& path,
     header_len = std::size_t{l[0]} | (std::size_t{l[1]} << 8) | (std::size_t{l[2]} << 16) |
                  (std::size_t{l[3]} << 24);
   }
-  if (header_len > (std::size_t{1} << 24)) fail("header length ", header_len, " is implausible");
+  const std::size_t data_begin = (major == 1 ? 10 : 12) + header_len;  // header_len < 2^32
+  if (header_len > (std::size_t{1} << 24))
+    fail("header length ", header_len, " is implausible; at most 16 MiB (2^24 bytes) is read");
+  if (size_known && header_len > bytes_after(data_begin - header_len))
+    fail("truncated file: header needs ", header_len, " bytes, only ",
+         bytes_after(data_begin - header_len), " present");
   std::string header(header_len, '\0');
   read_exact(header.data(), header_len, "header");
 
@@ -376,27 +475,33 @@ inline NpyArray read_npy(const std::string& path,
     fail("fortran_order=True is not supported; save a C-order array (numpy: np.ascontiguousarray)");
 
   const std::size_t item = npy_itemsize(a.dtype);
-  std::size_t count = 1;
-  for (index_t s : a.shape) {
-    if (s != 0 &&
-        count > std::numeric_limits<std::size_t>::max() / item / static_cast<std::size_t>(s))
-      fail("shape ", a.shape_str(), " is too large");
-    count *= static_cast<std::size_t>(s);
-  }
-  const std::size_t bytes = count * item;
-  // Check the size before allocating, so a truncated file with a huge shape fails cleanly.
-  const std::size_t data_begin = (major == 1 ? 10 : 12) + header_len;
-  const auto file_size = std::filesystem::file_size(path, ec);
-  if (!ec && file_size < data_begin + bytes)
-    fail("truncated data: shape ", a.shape_str(), " dtype '", descr, "' needs ", bytes,
-         " bytes, only ", file_size - data_begin, " present");
-  auto read_values = [&](auto& vec) {
-    vec.resize(count);
-    const std::size_t n = bytes ? std::fread(vec.data(), 1, bytes, f.get()) : 0;
-    if (n != bytes) {
-      if (std::ferror(f.get())) fail("read error in data");
+  const detail::NpyExtent extent = detail::npy_extent(path, a.shape, item);
+  const std::size_t count = extent.count, bytes = extent.bytes;
+  // Compare sizes, never data_begin + bytes: that sum can wrap (bytes is up to 2^63 - 1).
+  if (size_known && bytes_after(data_begin) != bytes) {
+    if (bytes_after(data_begin) < bytes)
       fail("truncated data: shape ", a.shape_str(), " dtype '", descr, "' needs ", bytes,
-           " bytes, only ", n, " present");
+           " bytes, only ", bytes_after(data_begin), " present");
+    fail("unexpected trailing bytes after ", bytes, " data bytes (shape ", a.shape_str(),
+         ", dtype '", descr, "'); the file holds ", bytes_after(data_begin), " data bytes");
+  }
+  auto read_values = [&](auto& vec) {
+    using T = typename std::decay_t<decltype(vec)>::value_type;
+    static_assert(sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8);
+    // The vector grows by at most 1 MiB per read (geometrically in capacity), so a header that
+    // claims more than a pipe delivers fails as truncated after reading what is there.
+    if (size_known) vec.reserve(count);
+    constexpr std::size_t kChunk = (std::size_t{1} << 20) / sizeof(T);
+    while (vec.size() < count) {
+      const std::size_t done = vec.size(), take = std::min(kChunk, count - done);
+      vec.resize(done + take);
+      const std::size_t n =
+          std::fread(reinterpret_cast<char*>(vec.data() + done), 1, take * sizeof(T), f.get());
+      if (n != take * sizeof(T)) {
+        if (std::ferror(f.get())) fail("read error in data");
+        fail("truncated data: shape ", a.shape_str(), " dtype '", descr, "' needs ", bytes,
+             " bytes, only ", done * sizeof(T) + n, " present");
+      }
     }
   };
   switch (a.dtype) {
@@ -424,12 +529,10 @@ inline NpyArray read_npy(const std::string& path,
 template <class T>
 void write_npy_direct(const std::string& path, const T* data, const std::vector<index_t>& shape) {
   constexpr NpyDtype dt = npy_dtype_of<T>();
-  std::size_t count = 1;
-  for (index_t s : shape) {
-    require(s >= 0, path.c_str(), "negative shape entry ", s);
-    count *= static_cast<std::size_t>(s);
-  }
-  require(count == 0 || data != nullptr, path.c_str(), "null data for a non-empty array");
+  // A shape whose byte count overflows would write a wrapped (short) count of bytes under a
+  // header that claims the full shape: refused like read_npy refuses reading it.
+  const detail::NpyExtent extent = detail::npy_extent(path, shape, sizeof(T));
+  require(extent.count == 0 || data != nullptr, path.c_str(), "null data for a non-empty array");
   errno = 0;
   detail::FilePtr f(std::fopen(path.c_str(), "wb"));
   if (!f) {
@@ -439,7 +542,7 @@ void write_npy_direct(const std::string& path, const T* data, const std::vector<
   }
   const std::string header = detail::npy_header(dt, shape);
   detail::write_all(f.get(), header.data(), header.size(), path);
-  detail::write_all(f.get(), data, count * sizeof(T), path);
+  detail::write_all(f.get(), data, extent.bytes, path);
   std::FILE* raw = f.release();
   if (std::fclose(raw) != 0) {
     const int err = errno;
@@ -464,6 +567,9 @@ inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
 /// partial file and a failure leaves nothing behind (the temp file is removed).
 template <class T>
 void write_npy(const std::string& path, const T* data, const std::vector<index_t>& shape) {
+  // Checked here too, so the message names `path`, not the temporary file.
+  const detail::NpyExtent extent = detail::npy_extent(path, shape, sizeof(T));
+  require(extent.count == 0 || data != nullptr, path.c_str(), "null data for a non-empty array");
   const std::string tmp = detail::tmp_path_for(path);
   SPARSE_ATTN_TRY {
     write_npy_direct(tmp, data, shape);
@@ -479,9 +585,8 @@ void write_npy(const std::string& path, const T* data, const std::vector<index_t
 template <class T>
 void write_npy(const std::string& path, const std::vector<T>& values,
                const std::vector<index_t>& shape) {
-  index_t n = 1;
-  for (index_t s : shape) n *= s;
-  require(n == static_cast<index_t>(values.size()), path.c_str(), "shape holds ", n,
+  const std::size_t n = detail::npy_extent(path, shape, sizeof(T)).count;
+  require(n == values.size(), path.c_str(), "shape ", detail::npy_shape_str(shape), " holds ", n,
           " elements but ", values.size(), " values were given");
   write_npy(path, values.data(), shape);
 }
