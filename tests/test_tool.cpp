@@ -1,5 +1,10 @@
 // The .npy reader/writer and the `sparse-attn` tool, run as a subprocess on files in a temp dir.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -9,7 +14,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -1862,6 +1869,409 @@ TEST_F(Contract, UnknownParameterNamesTheAllowedOnes) {
                   "sliding_window: unknown parameter 'window'; its parameters: sinks, block");
   expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--param", "budget=8"}),
                   "snapkv: unknown parameter 'budget'; its parameters: window, sinks, pool_kernel");
+}
+
+}  // namespace
+
+// =============================================================================================
+// Output files of every subcommand (tools/output_file.hpp; docs/ROBUSTNESS.md "The tool's output
+// files"): symbolic links written through, non-regular files refused untouched, all or nothing,
+// and a requested plot is made or the run fails.
+// =============================================================================================
+namespace {
+
+// The type and size of every entry under `dir` (recursive, links not followed): a run that
+// changes nothing leaves this exactly as it was.
+std::map<std::string, std::string> tree_of(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    struct stat st {};
+    ::lstat(e.path().c_str(), &st);
+    std::string kind = S_ISREG(st.st_mode)    ? "file " + std::to_string(st.st_size) + " " +
+                                                  std::to_string(st.st_mode & 0777)
+                       : S_ISLNK(st.st_mode)  ? "link -> " + fs::read_symlink(e.path()).string()
+                       : S_ISDIR(st.st_mode)  ? "dir"
+                       : S_ISFIFO(st.st_mode) ? "fifo"
+                       : S_ISSOCK(st.st_mode) ? "socket"
+                       : S_ISCHR(st.st_mode)  ? "chardev"
+                                              : "other";
+    if (S_ISREG(st.st_mode)) kind += " " + read_file(e.path());
+    out[fs::relative(e.path(), dir).string()] = kind;
+  }
+  return out;
+}
+
+bool has_matplotlib() {
+  for (const char* py : {"python3", "/usr/bin/python3"}) {
+    const std::string probe = std::string(py) + " -c 'import matplotlib' >/dev/null 2>&1";
+    if (std::system(probe.c_str()) == 0) return true;
+  }
+  return false;
+}
+
+bool is_png(const std::string& bytes) {
+  return bytes.size() > 100 && bytes.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0;
+}
+
+class OutputFiles : public Decode {
+ protected:
+  // One output path option of one subcommand: the full command line with that option set to
+  // `target`, and how to recognise its data.
+  struct Case {
+    std::string label;  // "attend --out"
+    std::function<std::vector<std::string>(const std::string&)> args;
+    enum Kind { npy, json, png } kind = npy;
+  };
+
+  // Runs the tool under a time limit (a test never blocks, even on a FIFO) with `env` settings.
+  RunResult run_env(const std::vector<std::string>& args, const std::string& env = "") const {
+    std::string cmd = "timeout -k 5 300 env " + env + " " + shell_quote(SPARSE_ATTN_CLI);
+    for (const std::string& a : args) cmd += " " + shell_quote(a);
+    const std::string out = (fs::temp_directory_path() / ("sa_out_" + dir_.filename().string())).string();
+    const std::string err = out + ".err";
+    cmd += " >" + shell_quote(out) + " 2>" + shell_quote(err) + " </dev/null";
+    const int status = std::system(cmd.c_str());
+    RunResult r;
+    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = read_file(out);
+    r.err = read_file(err);
+    fs::remove(out);
+    fs::remove(err);
+    return r;
+  }
+
+  std::vector<std::string> eval_args() {
+    Problem p;
+    p.fill(5);
+    write_inputs(p);
+    return {"eval", "--q", path("q.npy"), "--k", path("k.npy"), "--v", path("v.npy"),
+            "--methods", "sliding_window,streaming", "--last-rows", "4", "--threads", "1"};
+  }
+  static std::vector<std::string> frontier_args() {
+    return {"frontier", "--data-dir", "", "--synthetic-tokens", "1024", "--compression", "2",
+            "--last-rows", "8", "--threads", "1"};
+  }
+
+  // Every output path option of every subcommand (the PNG ones only when `with_plot`).
+  std::vector<Case> cases(bool with_plot) {
+    const auto attend = good_args();  // ends with --out o.npy
+    auto decode = good_decode_args();
+    const auto eval = eval_args();
+    std::vector<Case> c;
+    c.push_back({"attend --out", [=](const std::string& t) {
+                   auto a = attend;
+                   a[a.size() - 1] = t;
+                   return a;
+                 }});
+    c.push_back({"attend --lse", [=](const std::string& t) { return with(attend, {"--lse", t}); }});
+    c.push_back({"decode --out", [=](const std::string& t) {
+                   auto a = decode;
+                   *(std::find(a.begin(), a.end(), "--out") + 1) = t;
+                   return a;
+                 }});
+    c.push_back({"eval --json", [=](const std::string& t) { return with(eval, {"--json", t}); },
+                 Case::json});
+    c.push_back({"frontier --json",
+                 [=](const std::string& t) {
+                   return with(frontier_args(), {"--out-dir", dir_.string(), "--no-plot", "--json", t});
+                 },
+                 Case::json});
+    if (with_plot)
+      c.push_back({"eval --plot", [=](const std::string& t) { return with(eval, {"--plot", t}); },
+                   Case::png});
+    return c;
+  }
+
+  static void expect_data(const Case& c, const fs::path& p) {
+    SCOPED_TRACE(c.label + ": " + p.string());
+    ASSERT_TRUE(fs::is_regular_file(fs::symlink_status(p)));
+    const std::string bytes = read_file(p);
+    if (c.kind == Case::npy) {
+      EXPECT_GE(read_npy(p.string()).size(), 1);
+    } else if (c.kind == Case::json) {
+      EXPECT_TRUE(nlohmann::json::parse(bytes).contains("records"));
+    } else {
+      EXPECT_TRUE(is_png(bytes)) << bytes.size() << " bytes";
+    }
+  }
+
+  // Exit 2, one error line naming the path and `kind`, nothing computed or written: the
+  // directory tree (and what `target` is) unchanged.
+  void expect_refused(const Case& c, const std::string& target, const std::string& kind) {
+    SCOPED_TRACE(c.label + " " + target);
+    const auto before = tree_of(dir_);
+    const RunResult r = run_env(c.args(target));
+    EXPECT_EQ(r.rc, 2) << r.err;
+    EXPECT_EQ(r.out, "");
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("sparse-attn: error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find(target), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(kind), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("only regular files or new paths are written"), std::string::npos) << r.err;
+    EXPECT_EQ(tree_of(dir_), before);
+  }
+};
+
+TEST_F(OutputFiles, SymbolicLinkIsWrittenThroughAndStaysALink) {
+  const bool plot = has_matplotlib();
+  fs::create_directory(path("elsewhere"));
+  int i = 0;
+  for (const Case& c : cases(plot)) {
+    SCOPED_TRACE(c.label);
+    // The target is in another directory, named by a relative link; it exists (old data).
+    const std::string target = path("elsewhere/t" + std::to_string(i));
+    const std::string link = path("link" + std::to_string(i++));
+    write_bytes(target, "old");
+    fs::create_symlink("elsewhere/" + fs::path(target).filename().string(), link);
+    const RunResult r = run_env(c.args(link));
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_TRUE(fs::is_symlink(link));
+    EXPECT_EQ(fs::read_symlink(link), "elsewhere/" + fs::path(target).filename().string());
+    expect_data(c, target);
+    // No temp file next to the link or the target.
+    for (const auto& [name, kind] : tree_of(dir_))
+      EXPECT_EQ(name.find(".tmp."), std::string::npos) << name;
+  }
+}
+
+TEST_F(OutputFiles, SymbolicLinkChainIsFollowedToItsFinalTarget) {
+  auto a = good_args();
+  write_bytes(path("final.npy"), "old");
+  fs::create_symlink("final.npy", path("mid"));
+  fs::create_symlink(path("mid"), path("first"));  // absolute, then relative
+  a.back() = path("first");
+  ASSERT_EQ(run_env(a).rc, 0);
+  EXPECT_TRUE(fs::is_symlink(path("first")));
+  EXPECT_TRUE(fs::is_symlink(path("mid")));
+  EXPECT_EQ(read_npy(path("final.npy")).shape, (std::vector<index_t>{4, 37, 16}));
+}
+
+TEST_F(OutputFiles, DanglingSymbolicLinkCreatesItsTarget) {
+  int i = 0;
+  for (const Case& c : cases(has_matplotlib())) {
+    SCOPED_TRACE(c.label);
+    const std::string link = path("dangling" + std::to_string(i));
+    const std::string target = "new" + std::to_string(i++);
+    fs::create_symlink(target, link);
+    const RunResult r = run_env(c.args(link));
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_TRUE(fs::is_symlink(link));
+    expect_data(c, path(target));
+  }
+}
+
+TEST_F(OutputFiles, DanglingSymbolicLinkIntoAMissingDirectoryIsRefused) {
+  for (const Case& c : cases(true)) {
+    SCOPED_TRACE(c.label);
+    fs::create_symlink("no_such_dir/x", path("dl"));
+    const auto before = tree_of(dir_);
+    const RunResult r = run_env(c.args(path("dl")));
+    EXPECT_EQ(r.rc, 2) << r.err;
+    EXPECT_NE(r.err.find("directory does not exist"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("symbolic link to"), std::string::npos) << r.err;
+    EXPECT_EQ(tree_of(dir_), before);
+    fs::remove(path("dl"));
+  }
+}
+
+TEST_F(OutputFiles, FifoIsRefusedUntouchedAndNeverOpened) {
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0644), 0);
+  fs::create_symlink("fifo", path("to_fifo"));
+  // A reader holds the FIFO open without blocking: had the tool opened it for writing, that
+  // would not block either, and what it wrote would be read below.
+  const int fd = ::open(path("fifo").c_str(), O_RDONLY | O_NONBLOCK);
+  ASSERT_GE(fd, 0);
+  for (const Case& c : cases(true)) {
+    expect_refused(c, path("fifo"), "is a FIFO");
+    expect_refused(c, path("to_fifo"), "(a symbolic link to " + path("fifo") + ") is a FIFO");
+  }
+  char buf[16];
+  EXPECT_LE(::read(fd, buf, sizeof buf), 0);  // nothing was ever written
+  ::close(fd);
+  struct stat st {};
+  ASSERT_EQ(::lstat(path("fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_TRUE(fs::is_symlink(path("to_fifo")));
+}
+
+TEST_F(OutputFiles, DirectoryIsRefused) {
+  fs::create_directory(path("a_dir"));
+  write_bytes(path("a_dir/keep"), "x");
+  fs::create_directory_symlink("a_dir", path("to_dir"));
+  for (const Case& c : cases(true)) {
+    expect_refused(c, path("a_dir"), "is a directory");
+    expect_refused(c, path("to_dir"), "is a directory");
+  }
+  EXPECT_EQ(read_file(path("a_dir/keep")), "x");
+}
+
+TEST_F(OutputFiles, SocketIsRefused) {
+  const int s = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(s, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::string p = path("sock");
+  ASSERT_LT(p.size(), sizeof addr.sun_path);
+  std::copy(p.begin(), p.end(), addr.sun_path);
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  for (const Case& c : cases(true)) expect_refused(c, p, "is a socket");
+  ::close(s);
+}
+
+TEST_F(OutputFiles, DeviceNodesAreRefusedAndStayDevices) {
+  // First a device node of our own (as root): if it were not refused, /dev is not tried.
+  if (::geteuid() == 0 && ::mknod(path("full").c_str(), S_IFCHR | 0666, makedev(1, 7)) == 0) {
+    for (const Case& c : cases(true)) expect_refused(c, path("full"), "is a character device");
+    struct stat st {};
+    ASSERT_EQ(::lstat(path("full").c_str(), &st), 0);
+    ASSERT_TRUE(S_ISCHR(st.st_mode)) << "a device node was replaced; /dev is not tried";
+    fs::remove(path("full"));
+  }
+  for (const char* dev : {"/dev/null", "/dev/full"}) {
+    struct stat st {};
+    if (::stat(dev, &st) != 0 || !S_ISCHR(st.st_mode)) continue;
+    for (const Case& c : cases(true)) {
+      SCOPED_TRACE(c.label);
+      const RunResult r = run_env(c.args(dev));
+      EXPECT_EQ(r.rc, 2) << r.err;
+      EXPECT_NE(r.err.find(std::string(dev) + " is a character device"), std::string::npos) << r.err;
+      ASSERT_EQ(::lstat(dev, &st), 0);
+      ASSERT_TRUE(S_ISCHR(st.st_mode)) << dev << " is no longer a character device";
+    }
+    EXPECT_FALSE(fs::exists(std::string(dev) + ".tmp." + std::to_string(::getpid())));
+  }
+}
+
+TEST_F(OutputFiles, TwoOptionsNamingOneFileThroughALinkAreRefused) {
+  fs::create_symlink("o.npy", path("alias.npy"));
+  expect_rejected(with(good_args(), {"--lse", path("alias.npy")}), "name the same file");
+  const auto eval = eval_args();
+  const RunResult r = run_env(with(eval, {"--json", path("x.json"), "--plot", path("./x.json")}));
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_NE(r.err.find("--json and --plot name the same file"), std::string::npos) << r.err;
+}
+
+TEST_F(OutputFiles, ReplacedFileKeepsItsPermissionBits) {
+  auto a = good_args();
+  write_bytes(path("o.npy"), "old");
+  fs::permissions(path("o.npy"), fs::perms::owner_read | fs::perms::owner_write |
+                                     fs::perms::group_read);
+  ASSERT_EQ(run_env(a).rc, 0);
+  EXPECT_EQ(fs::status(path("o.npy")).permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
+  EXPECT_EQ(read_npy(path("o.npy")).shape, (std::vector<index_t>{4, 37, 16}));
+}
+
+TEST_F(OutputFiles, FailedRunLeavesNoFileAndKeepsExistingOutputs) {
+  // attend: the outputs pass their checks, then an input fails; neither output changes.
+  auto a = with(good_args(), {"--lse", path("lse.npy")});
+  write_bytes(path("o.npy"), "old out");
+  write_bytes(path("lse.npy"), "old lse");
+  write_bytes(path("q.npy"), "not an npy file");
+  auto before = tree_of(dir_);
+  RunResult r = run_env(a);
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_EQ(tree_of(dir_), before);
+
+  // eval: the JSON is complete, then the plot fails; the JSON (through a link into another
+  // directory) is not replaced, the PNG not created, and no temp or scratch file remains.
+  const auto eval = eval_args();
+  fs::create_directory(path("sub"));
+  write_bytes(path("sub/report.json"), "old json");
+  fs::create_symlink("sub/report.json", path("report.json"));
+  write_bytes(path("fakepy"),
+              "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then exit 0; fi\n"
+              "echo 'Traceback (most recent call last):' >&2\n"
+              "echo 'RuntimeError: simulated plot failure' >&2\nexit 3\n");
+  fs::permissions(path("fakepy"), fs::perms::owner_all);
+  before = tree_of(dir_);
+  r = run_env(with(eval, {"--json", path("report.json"), "--plot", path("sub/plot.png")}),
+              "SPARSE_ATTN_PYTHON=" + shell_quote(path("fakepy")));
+  EXPECT_EQ(r.rc, 1) << r.err;
+  EXPECT_NE(r.err.find("sparse-attn: error: --plot " + path("sub/plot.png") +
+                       ": the plot failed"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("RuntimeError: simulated plot failure"), std::string::npos) << r.err;
+  EXPECT_EQ(tree_of(dir_), before);
+}
+
+TEST_F(OutputFiles, EvalPlotOnOneSequenceLengthWritesAPng) {
+  if (!has_matplotlib()) GTEST_SKIP() << "python3 with matplotlib not available";
+  const auto eval = eval_args();
+  const auto before = tree_of(dir_);
+  // The default: the full length only (the fit has no length term).
+  RunResult r = run_env(with(eval, {"--plot", path("one.png")}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_TRUE(is_png(read_file(path("one.png"))));
+  auto after = tree_of(dir_);
+  after.erase("one.png");
+  EXPECT_EQ(after, before);  // no temp, script or scratch JSON left
+  // With the JSON, and over two lengths (the fit's length term drawn).
+  r = run_env(with(eval, {"--plot", path("two.png"), "--json", path("two.json"), "--lengths",
+                          "20,37"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_TRUE(is_png(read_file(path("two.png"))));
+  EXPECT_EQ(nlohmann::json::parse(read_file(path("two.json")))["panels"].size(), 2u);
+}
+
+TEST_F(OutputFiles, FrontierWritesItsJsonAndPngThroughLinksInTheOutDir) {
+  const bool plot = has_matplotlib();
+  fs::create_directory(path("out"));
+  fs::create_directory(path("store"));
+  fs::create_symlink("../store/f.json", path("out/frontier.json"));
+  fs::create_symlink("../store/f.png", path("out/frontier.png"));
+  auto a = with(frontier_args(), {"--out-dir", path("out")});
+  if (!plot) a.push_back("--no-plot");
+  const RunResult r = run_env(a);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_TRUE(fs::is_symlink(path("out/frontier.json")));
+  EXPECT_TRUE(nlohmann::json::parse(read_file(path("store/f.json"))).contains("panels"));
+  if (plot) {
+    EXPECT_TRUE(fs::is_symlink(path("out/frontier.png")));
+    EXPECT_TRUE(is_png(read_file(path("store/f.png"))));
+  }
+  // A FIFO named frontier.png is refused before the run.
+  fs::remove(path("out/frontier.png"));
+  ASSERT_EQ(::mkfifo(path("out/frontier.png").c_str(), 0644), 0);
+  const RunResult f = run_env(with(frontier_args(), {"--out-dir", path("out")}));
+  EXPECT_EQ(f.rc, 2) << f.err;
+  EXPECT_NE(f.err.find(path("out/frontier.png") + " is a FIFO"), std::string::npos) << f.err;
+  EXPECT_EQ(f.err.find("frontier ["), std::string::npos) << "ran before refusing: " << f.err;
+}
+
+TEST_F(OutputFiles, PlotThatCannotBeMadeExitsNonZeroBeforeTheRun) {
+  const auto eval = eval_args();
+  const auto before = tree_of(dir_);
+  // No python3 with matplotlib (SPARSE_ATTN_PYTHON, when set, is the only one tried).
+  RunResult r = run_env(with(eval, {"--plot", path("p.png"), "--json", path("p.json")}),
+                        "SPARSE_ATTN_PYTHON=/nonexistent/python3");
+  EXPECT_EQ(r.rc, 1) << r.err;
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;  // nothing evaluated
+  EXPECT_NE(r.err.find("cannot make the PNG: no python3 that imports matplotlib"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("/nonexistent/python3"), std::string::npos) << r.err;
+  EXPECT_EQ(tree_of(dir_), before);
+  // frontier writes frontier.png by default: the same, with the way out.
+  r = run_env(with(frontier_args(), {"--out-dir", dir_.string()}),
+              "SPARSE_ATTN_PYTHON=/nonexistent/python3");
+  EXPECT_EQ(r.rc, 1) << r.err;
+  EXPECT_NE(r.err.find("--no-plot"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("frontier ["), std::string::npos) << "ran before failing: " << r.err;
+  EXPECT_EQ(tree_of(dir_), before);
+}
+
+TEST_F(OutputFiles, HelpStatesTheOutputFileRules) {
+  for (const char* sub : {"attend", "decode", "eval", "frontier"}) {
+    const RunResult r = run_env({sub, "--help"});
+    EXPECT_EQ(r.rc, 0);
+    std::string flat = r.out;
+    std::replace(flat.begin(), flat.end(), '\n', ' ');
+    EXPECT_NE(flat.find("A symbolic link is written through"), std::string::npos) << sub;
+    EXPECT_NE(flat.find("directory, FIFO, device or socket is refused"), std::string::npos) << sub;
+  }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "output_file.hpp"
 #include "sparse_attn/arch/target.hpp"
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/core/error.hpp"
@@ -79,59 +80,6 @@ inline QkvFiles load_qkv(const std::string& q_path, const std::string& k_path,
         "; queries are the last n_q of the n_k positions, so n_q <= n_k");
   return f;
 }
-
-/// Output files written to temp names and renamed into place only when all are complete; if
-/// anything fails (or commit() is never reached) no output file remains.
-class OutputSet {
- public:
-  OutputSet() = default;
-  OutputSet(const OutputSet&) = delete;
-  OutputSet& operator=(const OutputSet&) = delete;
-  ~OutputSet() {
-    if (!committed_)
-      for (const Item& it : items_) remove_quietly(it.tmp);
-  }
-
-  /// Fails early (before any compute) when the file cannot be created in its directory.
-  static void check_writable(const std::string& path, const char* what) {
-    namespace fs = std::filesystem;
-    std::error_code ec;
-    const fs::path parent = fs::path(path).parent_path();
-    check(parent.empty() || fs::is_directory(parent, ec), what, " ", path,
-          ": directory does not exist");
-    check(!fs::is_directory(path, ec), what, " ", path, ": is a directory");
-  }
-
-  template <class T>
-  void stage(const std::string& path, const T* data, const std::vector<index_t>& shape) {
-    items_.push_back({path, io::detail::tmp_path_for(path)});
-    io::write_npy_direct(items_.back().tmp, data, shape);
-  }
-
-  void commit() {
-    std::size_t done = 0;
-    try {
-      for (; done < items_.size(); ++done) io::commit_tmp_file(items_[done].tmp, items_[done].path);
-    } catch (...) {
-      for (std::size_t i = 0; i < done; ++i) remove_quietly(items_[i].path);
-      for (std::size_t i = done; i < items_.size(); ++i) remove_quietly(items_[i].tmp);
-      committed_ = true;
-      throw;
-    }
-    committed_ = true;
-  }
-
- private:
-  struct Item {
-    std::string path, tmp;
-  };
-  static void remove_quietly(const std::string& p) {
-    std::error_code ec;
-    std::filesystem::remove(p, ec);
-  }
-  std::vector<Item> items_;
-  bool committed_ = false;
-};
 
 // ---------------------------------------------------------------------------------------------
 // What attend and decode share: the storage dtype, the run options, the JSON header.

@@ -281,6 +281,9 @@ struct RunResult {
   nlohmann::ordered_json fields = nlohmann::ordered_json::object();  // the user mask's
 };
 
+// The OutputSet indices of --out and --lse (added in this order by run_attend).
+constexpr std::size_t kOutIndex = 0, kLseIndex = 1;
+
 template <class TKV, class TO>
 RunResult run_kernel(const AttendArgs& a, const Plan& plan, const Tensor3& q, const Tensor3& k,
                      const Tensor3& v, const UserBsr* bsr, OutputSet& outputs) {
@@ -335,17 +338,18 @@ RunResult run_kernel(const AttendArgs& a, const Plan& plan, const Tensor3& q, co
         return res;
       });
 
-  outputs.stage(a.out, out.data(), {q.heads, q.tokens, v.dim});
-  if (!lse.empty()) outputs.stage(a.lse, lse.data(), {q.heads, q.tokens});
+  outputs.stage_npy(kOutIndex, out.data(), {q.heads, q.tokens, v.dim});
+  if (!lse.empty()) outputs.stage_npy(kLseIndex, lse.data(), {q.heads, q.tokens});
   return r;
 }
 
 void run_attend(const AttendArgs& a) {
   // Option checks first: no file is read before the command line is known to be sane.
   const Plan plan = check_options(a);
-  check(a.out != a.lse, "--out and --lse name the same file ", a.out);
-  OutputSet::check_writable(a.out, "--out");
-  if (!a.lse.empty()) OutputSet::check_writable(a.lse, "--lse");
+  // Output paths next: a FIFO, device or directory is refused before anything is read or run.
+  OutputSet outputs;
+  outputs.add(a.out, "--out");
+  if (!a.lse.empty()) outputs.add(a.lse, "--lse");
 
   const QkvFiles files = load_qkv(a.q, a.k, a.v);
   const Tensor3 &q = files.q, &k = files.k, &v = files.v;
@@ -353,7 +357,6 @@ void run_attend(const AttendArgs& a) {
   std::unique_ptr<UserBsr> bsr;
   if (plan.info->needs_user_mask) bsr = std::make_unique<UserBsr>(load_user_bsr(a));
 
-  OutputSet outputs;
   const RunResult r = with_kv_type(kv_dtype, [&](auto tkv) {
     using TKV = decltype(tkv);
     if (a.out_dtype == "fp16") return run_kernel<TKV, fp16>(a, plan, q, k, v, bsr.get(), outputs);
@@ -395,7 +398,8 @@ method's count unit), --mass P. A target CR the method cannot reach within --tol
 run (exit 0) and reported with reachable: false.
 Output: O [Hq, n_q, dv] .npy and one JSON line: budget, target_compression (null for --budget /
 --mass), reachable, achieved_compression, pairs, detail (the resolved budget in the method's
-terms), params (every parameter's value), select_ms (mask selection), ms (kernel).)";
+terms), params (every parameter's value), select_ms (mask selection), ms (kernel).
+)";
 
 }  // namespace
 
@@ -404,7 +408,7 @@ Command add_attend_command(CLI::App& root) {
   CLI::App* sub = root.add_subcommand(
       "attend", "Prefill attention: O = softmax(scale * Q K^T + mask) V; prints one JSON line");
   sub->footer(methods_help(registry(), "Methods (--method NAME; --param NAME=VALUE sets a parameter):") +
-              kUserMaskHelp);
+              kUserMaskHelp + kOutputFilesHelp);
   sub->add_option("--q", a->q, "queries .npy [Hq, n_q, d], '<f4' or '<f2'")->required();
   sub->add_option("--k", a->k, "keys .npy [Hkv, n_k, d], '<f4' or '<f2'")->required();
   sub->add_option("--v", a->v, "values .npy [Hkv, n_k, dv], '<f4' or '<f2'")->required();

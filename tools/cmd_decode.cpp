@@ -153,7 +153,9 @@ Outcome run_session(const DecodeArgs& a, const Plan& plan, const std::vector<flo
 
 void run_decode(const DecodeArgs& a) {
   const Plan plan = check_options(a);
-  OutputSet::check_writable(a.out, "--out");
+  // The output path next: a FIFO, device or directory is refused before anything is read or run.
+  OutputSet outputs;
+  const std::size_t out_index = outputs.add(a.out, "--out");
   const QkvFiles files = load_qkv(a.q, a.k, a.v);
   const Tensor3 &q = files.q, &k = files.k, &v = files.v;
   check(a.steps <= q.tokens, "--steps ", a.steps, " > n_q=", q.tokens,
@@ -170,8 +172,7 @@ void run_decode(const DecodeArgs& a) {
     return run_session<kv::ContiguousCache<T>>(a, plan, qf, q, kf, vf, k, v, out);
   });
 
-  OutputSet outputs;
-  outputs.stage(a.out, out.data(), {q.heads, a.steps, v.dim});
+  outputs.stage_npy(out_index, out.data(), {q.heads, a.steps, v.dim});
   outputs.commit();
 
   const double achieved = methods::compression_of(r.dense_pairs, r.pairs);
@@ -202,7 +203,8 @@ CR it misses by more than --tolerance is still run (exit 0) and reported with re
 Output: O [Hq, steps, dv] .npy and one JSON line: budget, target_compression (null for --budget /
 --mass), reachable, achieved_compression, pairs, detail (the latest selection or eviction in the
 method's terms), params, per_step (position, keys_read, achieved_compression, cache_tokens) and
-the times (prefill_evict_ms, select_ms, kernel_ms, evict_ms).)";
+the times (prefill_evict_ms, select_ms, kernel_ms, evict_ms).
+)";
 
 }  // namespace
 
@@ -213,7 +215,7 @@ Command add_decode_command(CLI::App& root) {
       "Decode the last --steps rows of Q one token at a time against a KV cache built from the "
       "preceding tokens (each step appends its own K/V first); prints one JSON line");
   sub->footer(methods_help(registry(), "Methods (--method NAME; --param NAME=VALUE sets a parameter):") +
-              kFooter);
+              kFooter + kOutputFilesHelp);
   sub->add_option("--q", a->q, "queries .npy [Hq, n_q, d]: row i is position n_k - n_q + i")
       ->required();
   sub->add_option("--k", a->k, "keys .npy [Hkv, n_k, d], '<f4' or '<f2'")->required();

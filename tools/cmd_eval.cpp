@@ -63,9 +63,15 @@ void run_eval(const EvalArgs& a) {
   opt.num_threads = a.run.threads;
   opt.progress = [](const std::string& s) { std::fprintf(stderr, "sparse-attn: eval: %s\n", s.c_str()); };
   if (opt.decode) check(a.last_rows >= 1, "--last-rows must be >= 1, got ", a.last_rows);
-  check(a.json.empty() || a.json != a.plot, "--json and --plot name the same file ", a.json);
-  if (!a.json.empty()) OutputSet::check_writable(a.json, "--json");
-  if (!a.plot.empty()) OutputSet::check_writable(a.plot, "--plot");
+  // Output paths and the plotter next: nothing is read or computed for a run that cannot write
+  // what it was asked for.
+  OutputSet outputs;
+  const std::size_t json_out = a.json.empty() ? report::kNoOutput : outputs.add(a.json, "--json");
+  const std::size_t plot_out =
+      a.plot.empty() ? report::kNoOutput : outputs.add(a.plot, "--plot", ".png");
+  const std::string python =
+      a.plot.empty() ? std::string()
+                     : report::require_plotter("--plot " + a.plot, "or drop --plot");
 
   const QkvFiles files = load_qkv(a.q, a.k, a.v);
   const Tensor3 &q = files.q, &k = files.k, &v = files.v;
@@ -133,7 +139,7 @@ void run_eval(const EvalArgs& a) {
     doc["crossings"][phase] = report::crossings(panel);
   }
   std::fflush(stdout);
-  report::write_outputs(doc, a.json, a.plot);
+  report::write_outputs(doc, outputs, json_out, plot_out, python);
 }
 
 }  // namespace
@@ -158,7 +164,10 @@ Command add_eval_command(CLI::App& root) {
                   "also evaluate these prefixes (token counts, comma-separated) for the fit "
                   "log(err) = a + b log(CR) + c log(n); default: the full length only");
   sub->add_option("--json", a->json, "write every record, fit and panel as JSON");
-  sub->add_option("--plot", a->plot, "write the frontier PNG (needs python3 with matplotlib)");
+  sub->add_option("--plot", a->plot,
+                  "write the frontier PNG (needs python3 with matplotlib: $SPARSE_ATTN_PYTHON, else "
+                  "python3, else /usr/bin/python3; a PNG that cannot be made is an error, exit 1)");
+  sub->footer(kOutputFilesHelp);
   a->run.add_to(sub);
   return Command{sub, [a] { run_eval(*a); }};
 }

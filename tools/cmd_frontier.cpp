@@ -106,7 +106,13 @@ void run_frontier(const FrontierArgs& a) {
   check(fs::is_directory(a.out_dir, ec), "--out-dir ", a.out_dir, ": directory does not exist");
   const std::string json_path = a.json.empty() ? (fs::path(a.out_dir) / "frontier.json").string() : a.json;
   const std::string png_path = a.no_plot ? std::string() : (fs::path(a.out_dir) / "frontier.png").string();
-  OutputSet::check_writable(json_path, "--json");
+  // Output paths and the plotter before the (long) run.
+  OutputSet outputs;
+  const std::size_t json_out = outputs.add(json_path, a.json.empty() ? "--out-dir" : "--json");
+  const std::size_t png_out =
+      a.no_plot ? report::kNoOutput : outputs.add(png_path, "--out-dir", ".png");
+  const std::string python =
+      a.no_plot ? std::string() : report::require_plotter(png_path, "or pass --no-plot");
 
   eval::EvalOptions opt;
   opt.compressions = report::parse_compressions(a.compression);
@@ -232,10 +238,9 @@ void run_frontier(const FrontierArgs& a) {
   const double total = std::chrono::duration<double>(Clock::now() - t_start).count();
   doc["seconds"] = total;
   std::fflush(stdout);
-  report::write_outputs(doc, json_path, png_path);
+  report::write_outputs(doc, outputs, json_out, png_out, python);
   std::fprintf(stderr, "sparse-attn: frontier: done in %.1f s; wrote %s%s%s\n", total, json_path.c_str(),
-               png_path.empty() || !fs::exists(png_path, ec) ? "" : " and ",
-               png_path.empty() || !fs::exists(png_path, ec) ? "" : png_path.c_str());
+               png_path.empty() ? "" : " and ", png_path.c_str());
 }
 
 }  // namespace
@@ -248,7 +253,10 @@ Command add_frontier_command(CLI::App& root) {
       "32k + bundled TinyLlama layers): tables, fits, frontier.json and frontier.png");
   sub->add_option("--out-dir", a->out_dir, "directory for frontier.json and frontier.png")->capture_default_str();
   sub->add_option("--json", a->json, "JSON path (default <out-dir>/frontier.json)");
-  sub->add_flag("--no-plot", a->no_plot, "do not write frontier.png");
+  sub->add_flag("--no-plot", a->no_plot,
+                "do not write frontier.png (without it the PNG is required: python3 with "
+                "matplotlib, else exit 1)");
+  sub->footer(kOutputFilesHelp);
   sub->add_option("--data-dir", a->data_dir, "folder holding tinyllama/A_L{0,3,11,21}_{q,k,v}.npy")
       ->capture_default_str();
   sub->add_option("--synthetic-tokens", a->synthetic_tokens,

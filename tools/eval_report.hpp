@@ -1,6 +1,7 @@
 // Reporting shared by `sparse-attn eval` and `sparse-attn frontier`: the stdout table, the JSON
-// document, atomic file output and the PNG (tools/plot_frontier.py, embedded at build time, run
-// with python3 + matplotlib as a subprocess; skipped with a message when they are missing).
+// document and the PNG (tools/plot_frontier.py, embedded at build time, run with python3 +
+// matplotlib as a subprocess; a PNG that cannot be made is an error, exit 1). The files go through
+// an OutputSet (output_file.hpp): all of a run's outputs or none.
 #pragma once
 #include <fcntl.h>
 #include <spawn.h>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 #include <sparse_attn/eval/evaluate.hpp>
 #include <sparse_attn/methods/registry.hpp>
@@ -207,106 +209,103 @@ inline void print_fits(std::FILE* out, const Panel& p) {
   }
 }
 
-/// Writes text to `path` through a temp file renamed into place (no partial file on failure).
-inline void write_file_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = io::detail::tmp_path_for(path);
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    check(static_cast<bool>(f), path, ": cannot create the file");
-    f << text;
-    f.close();
-    if (!f) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      check(false, path, ": write failed");
-    }
-  }
-  io::commit_tmp_file(tmp, path);
-}
-
 namespace detail {
-// Runs argv (PATH lookup) with stdout/stderr to /dev/null unless `show`; returns the exit code
-// (-1 when it could not start).
-inline int run_quiet(const std::vector<std::string>& argv, bool show) {
+// Runs argv (PATH lookup) with stdin from /dev/null and stdout + stderr to `log` (/dev/null when
+// empty); returns the exit code (-1 when it could not start or did not exit normally).
+inline int run_logged(const std::vector<std::string>& argv, const std::string& log) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  if (!show) {
-    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
-  } else {
-    posix_spawn_file_actions_adddup2(&fa, 2, 1);  // the plotter's chatter goes to stderr
-  }
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 1, log.empty() ? "/dev/null" : log.c_str(),
+                                   O_WRONLY | O_TRUNC, 0);
+  posix_spawn_file_actions_adddup2(&fa, 1, 2);
   pid_t pid = 0;
   const int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) return -1;
   int status = 0;
-  if (waitpid(pid, &status, 0) < 0) return -1;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) return -1;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The last non-empty line of a file (a Python traceback's "Error: message" line), or "".
+inline std::string last_line(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::string line, last;
+  while (std::getline(f, line)) {
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+    if (!line.empty()) last = line;
+  }
+  return last;
 }
 }  // namespace detail
 
-/// A python3 that imports matplotlib: $SPARSE_ATTN_PYTHON, then python3 on PATH, then
-/// /usr/bin/python3 (Debian's python3-matplotlib); empty if none.
-inline std::string find_python() {
+/// The python3 that draws the PNG: $SPARSE_ATTN_PYTHON when it is set (then only it), else
+/// python3 on PATH, else /usr/bin/python3 (Debian's python3-matplotlib): the first that imports
+/// matplotlib. None: std::runtime_error (exit 1) naming what was tried and, in `hint`, how to do
+/// without the plot. Called before any computation, so a missing plotter costs no run.
+inline std::string require_plotter(const std::string& what, const std::string& hint) {
   std::vector<std::string> cands;
-  if (const char* env = std::getenv("SPARSE_ATTN_PYTHON"); env && *env) cands.push_back(env);
-  cands.push_back("python3");
-  cands.push_back("/usr/bin/python3");
+  std::string tried;
+  if (const char* env = std::getenv("SPARSE_ATTN_PYTHON"); env && *env) {
+    cands.push_back(env);
+    tried = std::string("SPARSE_ATTN_PYTHON=") + env;
+  } else {
+    cands = {"python3", "/usr/bin/python3"};
+    tried = "python3 on PATH, /usr/bin/python3";
+  }
   for (const std::string& py : cands)
-    if (detail::run_quiet({py, "-c", "import matplotlib"}, false) == 0) return py;
-  return {};
+    if (detail::run_logged({py, "-c", "import matplotlib"}, "") == 0) return py;
+  throw std::runtime_error(what + ": cannot make the PNG: no python3 that imports matplotlib (tried " +
+                           tried + "); install python3-matplotlib or set SPARSE_ATTN_PYTHON, " +
+                           hint);
 }
 
-/// Renders the PNG from a JSON document already written to json_path; returns false (with a
-/// message on stderr) when python3 + matplotlib are missing or the plot failed. Atomic.
-inline bool render_png(const std::string& json_path, const std::string& png_path) {
-  const std::string py = find_python();
-  if (py.empty()) {
-    std::fprintf(stderr,
-                 "sparse-attn: note: skipping %s: no python3 with matplotlib found (install "
-                 "python3-matplotlib or set SPARSE_ATTN_PYTHON)\n",
-                 png_path.c_str());
-    return false;
-  }
-  const std::string script = io::detail::tmp_path_for(png_path + ".plot_frontier.py");
-  const std::string tmp_png = io::detail::tmp_path_for(png_path) + ".png";
-  write_file_atomic(script, kPlotFrontierPy);
-  const int rc = detail::run_quiet({py, script, json_path, tmp_png}, true);
+/// Draws output `png` of `outs` (its temp file; committed by the caller with the other outputs)
+/// from the JSON document at json_path with tools/plot_frontier.py run by `python`. A failed or
+/// empty plot is std::runtime_error (exit 1) with the plotter's last message line; its scratch
+/// files (script, log) are removed whatever happens.
+inline void render_png(const std::string& python, const std::string& json_path, OutputSet& outs,
+                       std::size_t png) {
+  const OutputTarget& t = outs.target(png);
+  const std::string base = t.dest + ".tmp." + detail_out::pid_suffix();
+  const ScratchFile script(base + ".plot_frontier.py", t.what());
+  script.write(kPlotFrontierPy, t.what());
+  const ScratchFile log(base + ".log", t.what());
+  const std::string& tmp_png = outs.create_tmp(png);
+  const int rc = detail::run_logged({python, script.path(), json_path, tmp_png}, log.path());
   std::error_code ec;
-  std::filesystem::remove(script, ec);
-  if (rc != 0 || !std::filesystem::exists(tmp_png, ec)) {
-    std::filesystem::remove(tmp_png, ec);
-    std::fprintf(stderr, "sparse-attn: note: plotting %s failed (python exit %d); PNG skipped\n",
-                 png_path.c_str(), rc);
-    return false;
-  }
-  io::commit_tmp_file(tmp_png, png_path);
-  return true;
+  const auto size = std::filesystem::file_size(tmp_png, ec);
+  if (rc == 0 && !ec && size > 0) return;
+  std::string why = detail::last_line(log.path());
+  if (why.empty()) why = rc == 0 ? "it wrote no image" : "no message";
+  throw std::runtime_error(t.what() + ": the plot failed (" + python + " exit " +
+                           std::to_string(rc) + "): " + why + "; no output was written");
 }
 
-/// Writes the JSON (if json_path is set) and the PNG (if png_path is set). The PNG needs the JSON
-/// on disk: without json_path a temp file next to the PNG is used and removed.
-inline void write_outputs(const nlohmann::ordered_json& doc, const std::string& json_path,
-                          const std::string& png_path) {
+/// Stages the JSON (output `json`, if not kNoOutput) and the PNG (output `png`, if not
+/// kNoOutput; drawn by `python`) and commits them together. The PNG is drawn from the JSON: the
+/// staged one, or without --json a scratch copy next to the PNG.
+constexpr std::size_t kNoOutput = static_cast<std::size_t>(-1);
+inline void write_outputs(const nlohmann::ordered_json& doc, OutputSet& outs, std::size_t json,
+                          std::size_t png, const std::string& python) {
   const std::string text = doc.dump(1) + "\n";
-  if (!json_path.empty()) write_file_atomic(json_path, text);
-  if (png_path.empty()) return;
-  std::string src = json_path;
-  std::string tmp;
-  if (src.empty()) {
-    tmp = io::detail::tmp_path_for(png_path + ".json");
-    write_file_atomic(tmp, text);
-    src = tmp;
+  if (json != kNoOutput) outs.stage_text(json, text);
+  if (png != kNoOutput) {
+    if (json != kNoOutput) {
+      render_png(python, outs.tmp(json), outs, png);
+    } else {
+      const OutputTarget& t = outs.target(png);
+      const ScratchFile src(t.dest + ".tmp." + detail_out::pid_suffix() + ".json", t.what());
+      src.write(text, t.what());
+      render_png(python, src.path(), outs, png);
+    }
   }
-  render_png(src, png_path);
-  if (!tmp.empty()) {
-    std::error_code ec;
-    std::filesystem::remove(tmp, ec);
-  }
+  outs.commit();
 }
 
 /// Parses "2,5,10,20" into CRs (finite, >= 1).

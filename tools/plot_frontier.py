@@ -22,14 +22,35 @@ MARKERS = "osD^vP*Xh<>p"
 
 
 def fit_label(fit):
-    if not fit or fit.get("a") is None:
+    if not fit or fit.get("a") is None or fit.get("b") is None:
         return ""
     txt = " b=%.2f" % fit["b"]
-    if fit.get("length_term"):
+    if fit.get("length_term") and fit.get("c") is not None:
         txt += " c=%.2f" % fit["c"]
     if fit.get("r2") is not None:
         txt += " R\N{SUPERSCRIPT TWO}=%.2f" % fit["r2"]
     return txt
+
+
+def fit_line(ax, panel, fit, xs, color):
+    """The fit's line over the series' CR range: a + b log(CR), plus c log(n) only where the
+    length term was fitted (a single sequence length has none: c is null)."""
+    if not fit or fit.get("a") is None or fit.get("b") is None or len(xs) < 2 or min(xs) <= 0:
+        return
+    if max(xs) / min(xs) <= 1.0:
+        return
+    c = fit.get("c") if fit.get("length_term") else None
+    n = panel.get("tokens") or 1
+    gx = [min(xs) * (max(xs) / min(xs)) ** (k / 20.0) for k in range(21)]
+    gy = []
+    for x in gx:
+        y = fit["a"] + fit["b"] * math.log(x)
+        if c is not None and n > 0:
+            y += c * math.log(n)
+        if not math.isfinite(y) or y > 700:  # beyond float range: no line
+            return
+        gy.append(math.exp(y))
+    ax.plot(gx, gy, ls=":", lw=1.0, color=color)
 
 
 def draw_panel(ax, panel):
@@ -51,12 +72,7 @@ def draw_panel(ax, panel):
         if unreached:  # target CR clamped: hollow marker
             ax.plot([u[0] for u in unreached], [u[1] for u in unreached], ls="none",
                     marker=MARKERS[i % len(MARKERS)], ms=9, mfc="none", mec=line.get_color())
-        fit = s.get("fit")
-        if fit and fit.get("a") is not None and len(xs) >= 2:
-            n = panel.get("tokens") or 1
-            gx = [min(xs) * (max(xs) / min(xs)) ** (k / 20.0) for k in range(21)]
-            gy = [math.exp(fit["a"] + fit["b"] * math.log(x) + fit["c"] * math.log(n)) for x in gx]
-            ax.plot(gx, gy, ls=":", lw=1.0, color=line.get_color())
+        fit_line(ax, panel, s.get("fit"), xs, line.get_color())
     ax.plot([1.0], [floor], marker="*", ms=13, color="black", ls="none",
             label="dense (error 0, drawn at %.0e)" % floor)
     for level, name in ((0.01, "1%"), (0.05, "5%")):
@@ -91,7 +107,7 @@ def main():
         ax.axis("off")
     fig.suptitle(doc.get("title", "sparse-attn: error vs compression"), fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(sys.argv[2], dpi=110)
+    fig.savefig(sys.argv[2], dpi=110, format="png")
     return 0
 
 
