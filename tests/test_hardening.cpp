@@ -679,9 +679,10 @@ TEST(BadKeySelections, UnsortedDuplicateOutOfRangeOrWrongUnitCount) {
   const auto beyond = KeySelection::from_tokens(S::per_kv_head, {{39, 40}, {1}});
   EXPECT_INVALID("decode", Parts<const char*>({"range [39, 41)", "within [0, 40)"}),
                  decode(q1, p.k.view(), p.v.view(), o1.view(), beyond));
-  const auto negative = KeySelection::from_tokens(S::per_kv_head, {{-1, 2}, {1}});
-  EXPECT_INVALID("decode", Parts<const char*>({"range [-1, 0)", "non-empty, sorted, disjoint"}),
-                 decode(q1, p.k.view(), p.v.view(), o1.view(), negative));
+  EXPECT_INVALID("KeySelection::from_tokens", Parts<const char*>({"token -1 out of range", "[0, 2^63 - 1)"}),
+                 KeySelection::from_tokens(S::per_kv_head, {{-1, 2}, {1}}));
+  EXPECT_INVALID("KeySelection::from_ranges", Parts<const char*>({"range [3, 3)", "non-empty, sorted, disjoint"}),
+                 KeySelection::from_ranges(S::per_kv_head, {{{0, 2}, {3, 3}}, {{1, 2}}}));
   const auto three_units = KeySelection::from_tokens(S::per_kv_head, {{0}, {1}, {2}});
   EXPECT_INVALID("decode", Parts<const char*>({"key selection has 3 lists but the call needs 2", "one per KV head"}),
                  decode(q1, p.k.view(), p.v.view(), o1.view(), three_units));

@@ -477,8 +477,14 @@ TEST(Decode, RejectsBadSelections) {
   EXPECT_THROW(decode(q.view(), k.view(), v.view(), out.view(), bad_units), sparse_attn::invalid_argument);
   const auto out_of_range = KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{0, 21}}, {{0, 1}}});
   EXPECT_THROW(decode(q.view(), k.view(), v.view(), out.view(), out_of_range), sparse_attn::invalid_argument);
-  const auto overlapping = KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{0, 5}, {3, 6}}, {{0, 1}}});
-  EXPECT_THROW(decode(q.view(), k.view(), v.view(), out.view(), overlapping), sparse_attn::invalid_argument);
+  // Overlapping, empty or negative ranges are refused when the selection is built.
+  EXPECT_THROW(KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{0, 5}, {3, 6}}, {{0, 1}}}),
+               sparse_attn::invalid_argument);
+  EXPECT_THROW(KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{2, 2}}, {{0, 1}}}),
+               sparse_attn::invalid_argument);
+  EXPECT_THROW(KeySelection::from_ranges(KeySelection::Scope::per_kv_head, {{{-1, 2}}, {{0, 1}}}),
+               sparse_attn::invalid_argument);
+  EXPECT_THROW(KeySelection::from_ranges(KeySelection::Scope::all, {{{0, 1}}}), sparse_attn::invalid_argument);
   EXPECT_THROW(KeySelection::from_tokens(KeySelection::Scope::per_kv_head, {{3, 3}}), sparse_attn::invalid_argument);
   DecodeOptions opt;
   opt.split = 4;

@@ -257,13 +257,17 @@ class BlockListMask {
   bool head_shared() const { return shared_; }
   const Pred& predicate() const { return pred_; }
 
+  /// Visits row (h, qb)'s listed blocks; a row outside the geometry (h not in [0, heads), qb
+  /// not in [0, num_q_blocks)) lists nothing.
   template <class F>
   void for_each_block(index_t h, index_t qb, F&& f) const {
+    if (!in_geometry(h, qb)) return;
     const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() + qb);
     for (auto e = static_cast<std::size_t>(offsets_[row]); e < static_cast<std::size_t>(offsets_[row + 1]); ++e)
       f(index_t{blocks_[e]}, full_[e] != 0);
   }
   index_t num_blocks(index_t h, index_t qb) const {
+    if (!in_geometry(h, qb)) return 0;
     const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() + qb);
     return offsets_[row + 1] - offsets_[row];
   }
@@ -280,7 +284,8 @@ class BlockListMask {
   /// false for indices outside the mask's geometry.
   bool allowed(index_t h, index_t qi, index_t kj) const
       noexcept(noexcept(std::declval<const Pred&>()(index_t{}, index_t{}, index_t{}))) {
-    if (h < 0 || h >= shape_.heads || qi < 0 || qi >= shape_.n_q || kj < 0 || kj >= shape_.n_k)
+    if (!in_geometry(h, qi < 0 ? -1 : qi / shape_.block_q) || qi >= shape_.n_q || kj < 0 ||
+        kj >= shape_.n_k)
       return false;
     const auto row = static_cast<std::size_t>((shared_ ? 0 : h) * shape_.num_q_blocks() +
                                               qi / shape_.block_q);
@@ -300,6 +305,9 @@ class BlockListMask {
   const std::vector<std::uint8_t>& full_flags() const { return full_; }
 
  private:
+  bool in_geometry(index_t h, index_t qb) const noexcept {
+    return h >= 0 && h < shape_.heads && qb >= 0 && qb < shape_.num_q_blocks();
+  }
   MaskShape shape_;
   bool shared_ = false;
   std::vector<index_t> offsets_{0};
@@ -384,6 +392,7 @@ class BlockListBuilder {
 template <class Mask>
 Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> to_dense(const Mask& m, index_t h) {
   const MaskShape& s = m.shape();
+  require(h >= 0 && h < s.heads, "to_dense", ": head ", h, " out of range [0, ", s.heads, ")");
   Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> d =
       Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>::Constant(s.n_q, s.n_k, false);
   const index_t hh = m.head_shared() ? 0 : h;

@@ -6,6 +6,7 @@
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "sparse_attn/core/error.hpp"
@@ -25,7 +26,22 @@ class KeySelection {
   static KeySelection all() { return KeySelection(); }
 
   /// One range list per unit (KV head or query head); ranges must be sorted, disjoint, non-empty.
+  /// Key ranges per unit: non-empty, sorted, disjoint, begin >= 0 (the upper bound, n_k, is
+  /// checked by the call that uses the selection). Scope::all takes no lists.
   static KeySelection from_ranges(Scope scope, const std::vector<std::vector<KeyRange>>& lists) {
+    constexpr const char* where = "KeySelection::from_ranges";
+    require(scope != Scope::all || lists.empty(), where, ": scope all takes no lists, got ",
+            lists.size());
+    require(scope == Scope::all || scope == Scope::per_kv_head || scope == Scope::per_q_head,
+            where, ": unknown scope ", static_cast<int>(scope));
+    for (std::size_t u = 0; u < lists.size(); ++u) {
+      index_t prev_end = 0;
+      for (const KeyRange& r : lists[u]) {
+        require(r.begin >= prev_end && r.begin < r.end, where, ": unit ", u, " has range [",
+                r.begin, ", ", r.end, "); ranges must be non-empty, sorted, disjoint and >= 0");
+        prev_end = r.end;
+      }
+    }
     KeySelection s;
     s.scope_ = scope;
     s.offsets_.assign(1, 0);
@@ -41,6 +57,8 @@ class KeySelection {
     for (std::size_t u = 0; u < lists.size(); ++u) {
       for (std::size_t e = 0; e < lists[u].size(); ++e) {
         const index_t t = lists[u][e];
+        require(t >= 0 && t < std::numeric_limits<index_t>::max(), "KeySelection::from_tokens",
+                "unit ", u, ": token ", t, " out of range; tokens must be in [0, 2^63 - 1)");
         require(e == 0 || lists[u][e - 1] < t, "KeySelection::from_tokens", "unit ", u,
                 ": tokens must be strictly increasing (got ", e ? lists[u][e - 1] : 0, " then ", t, ")");
         if (!r[u].empty() && r[u].back().end == t) ++r[u].back().end;

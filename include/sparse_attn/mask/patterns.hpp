@@ -63,8 +63,10 @@ class IntervalMask {
     return allowed(h, qi, kj);
   }
 
+  /// Visits query block qb's blocks; a row outside the geometry lists nothing.
   template <class F>
-  void for_each_block(index_t, index_t qb, F&& f) const {
+  void for_each_block(index_t h, index_t qb, F&& f) const {
+    if (h < 0 || h >= shape_.heads || qb < 0 || qb >= shape_.num_q_blocks()) return;
     const index_t q0 = shape_.q_begin(qb), q1 = shape_.q_end(qb);
     if (q0 >= q1) return;
     const index_t bk = shape_.block_k;
