@@ -1453,11 +1453,13 @@ bool crosses(const MaskShape& s, index_t qb, index_t kb) {
 template <class Pred, class FullOf>
 index_t csr_count(const MaskShape& s, bool shared, const std::vector<index_t>& off,
                   const std::vector<index_t>& col, const Pred& pred, FullOf&& full_eff) {
-  const index_t nh = shared ? 1 : s.heads, nqb = s.num_q_blocks();
+  const index_t nqb = s.num_q_blocks(), rows = static_cast<index_t>(off.size()) - 1;
   index_t total = 0, cells = 0;
-  for (index_t h = 0; h < nh; ++h)
-    for (index_t qb = 0; qb < nqb; ++qb) {
-      const std::size_t r = static_cast<std::size_t>(h * nqb + qb);
+  (void)shared;
+  for (index_t row = 0; row < rows; ++row) {  // (rows, not heads x blocks: heads may be huge when n_q = 0)
+    {
+      const index_t h = row / nqb, qb = row % nqb;
+      const std::size_t r = static_cast<std::size_t>(row);
       for (index_t e = off[r]; e < off[r + 1]; ++e) {
         const index_t kb = col[static_cast<std::size_t>(e)];
         const index_t q0 = s.q_begin(qb), q1 = s.q_end(qb), k0 = s.k_begin(kb), k1 = s.k_end(kb);
@@ -1472,6 +1474,7 @@ index_t csr_count(const MaskShape& s, bool shared, const std::vector<index_t>& o
             if ((!s.causal || j <= i + s.q_offset()) && pred(h, i, j)) ++total;
       }
     }
+  }
   return shared ? total * s.heads : total;
 }
 
@@ -1535,7 +1538,9 @@ RawCsr raw_csr(FuzzedDataProvider& fdp) {
   const int mode = fdp.ConsumeIntegralInRange<int>(0, 7);
   const index_t rows = csr_rows(s, c.shared);
   std::mt19937 rng(fdp.ConsumeIntegral<std::uint32_t>());
-  if (mode <= 5 && rows >= 0 && rows <= 512 && s.n_k >= 0 && s.block_k >= 1) {
+  // (a plausible layout walks the shape's blocks: only for block sizes whose arithmetic is defined)
+  if (mode <= 5 && rows >= 0 && rows <= 512 && s.n_k >= 0 && s.block_k >= 1 && s.block_q <= kMaxBlockSize &&
+      s.block_k <= kMaxBlockSize) {
     const int density = fdp.ConsumeIntegralInRange<int>(0, 4);
     const index_t nqb = s.num_q_blocks(), nkb = s.num_k_blocks();
     c.off.push_back(0);
@@ -2224,29 +2229,31 @@ void raw_cache(FuzzedDataProvider& fdp) {
   if (why.empty()) {
     // The allocations the cache makes, in order (elements x element size), in exact arithmetic.
     using W = __int128;
+    // Saturating at 2^100 (every factor is < 2^63, so one product of two stays exact).
+    auto mul = [](W a, W b) { return a > 0 && b > (W(1) << 100) / a ? W(1) << 100 : a * b; };
     const W H = co.kv_heads, d = co.head_dim, cap = co.capacity, P = co.page_size, Wv = dv;
     const W max_pages = (cap + P - 1) / P;
     const bool shared = co.page_table == kv::PageTable::shared;
-    const W tables = shared ? 1 : H, phys = tables * max_pages, hpp = shared ? H : 1;
-    std::vector<std::pair<W, W>> allocs = {{H, 8}, {H * cap, 8}};
-    if (co.key_bounds) allocs.push_back({H * max_pages * 2 * d, static_cast<W>(sizeof(T))});
+    const W tables = shared ? 1 : H, phys = mul(tables, max_pages), hpp = shared ? H : 1;
+    const W sz = static_cast<W>(sizeof(T));
+    std::vector<std::pair<W, W>> allocs = {{H, 8}, {mul(H, cap), 8}};
+    if (co.key_bounds) allocs.push_back({mul(mul(mul(H, max_pages), 2), d), sz});
     if (paged)
-      allocs.insert(allocs.end(), {{(phys + 1) * hpp * P * d, static_cast<W>(sizeof(T))},
-                                   {(phys + 1) * hpp * P * Wv, static_cast<W>(sizeof(T))},
-                                   {tables * max_pages, 8}, {tables, 8}, {phys, 8}});
+      allocs.insert(allocs.end(), {{mul(mul(mul(phys + 1, hpp), P), d), sz}, {mul(mul(mul(phys + 1, hpp), P), Wv), sz},
+                                   {mul(tables, max_pages), 8}, {tables, 8}, {phys, 8}});
     else
-      allocs.insert(allocs.end(), {{H * cap * d, static_cast<W>(sizeof(T))}, {H * cap * Wv, static_cast<W>(sizeof(T))}});
+      allocs.insert(allocs.end(), {{mul(mul(H, cap), d), sz}, {mul(mul(H, cap), Wv), sz}});
     const W kMax = std::numeric_limits<index_t>::max();
     // The library's own index products (and cap + P - 1) must not overflow int64, nor an element
     // count exceed what a vector can hold: the known hole for huge capacities / page sizes.
     bool overflow = cap + P - 1 > kMax || P > kMaxBlockSize;
-    for (auto [n, sz] : allocs) overflow = overflow || n > kMax || n * sz > kMax;
+    for (auto [n, esz] : allocs) overflow = overflow || n > kMax || mul(n, esz) > kMax;
     if (overflow) {
       if (skip_hole(Hole::cache_huge_overflow)) return note("skipped(cache_huge_overflow)");
       either = true;  // after the fix: invalid_argument or bad_alloc
     } else {
-      for (auto [n, sz] : allocs) {
-        const W bytes = n * sz;
+      for (auto [n, esz] : allocs) {
+        const W bytes = n * esz;
         if (bytes > (W{1} << 31)) {  // fails under the harness's 2 GiB allocation cap
           may_alloc = true;
           break;
@@ -2526,9 +2533,10 @@ void raw_plans(FuzzedDataProvider& fdp) {
   // Huge but valid: the plan's sizes in exact arithmetic must fit int64 (else the size hole).
   if (why.empty()) {
     using W = __int128;
-    const W rows = W(sh.heads_q) * sh.n_q, big = W(1) << 52;
-    const W width = W(std::max(sh.head_dim, sh.head_dim_v)) + 64;
-    if ((rows * width > big || W(sh.n_k) * width * sh.heads_kv > big) && skip_hole(Hole::plan_size_overflow))
+    auto mul = [](W a, W b) { return a > 0 && b > (W(1) << 100) / a ? W(1) << 100 : a * b; };  // saturating
+    const W big = W(1) << 52, width = W(std::max(sh.head_dim, sh.head_dim_v)) + 64;
+    if ((mul(mul(sh.heads_q, sh.n_q), width) > big || mul(mul(sh.n_k, width), sh.heads_kv) > big) &&
+        skip_hole(Hole::plan_size_overflow))
       return note("skipped(plan_size_overflow)");
   }
   const bool small = why.empty() && sh.heads_q <= 12 && sh.n_k <= 40 && sh.head_dim <= 9 && sh.head_dim_v <= 9;
