@@ -1999,8 +1999,9 @@ TEST(HostileSizes, PairCountsTensorsAndWorkspacesBeyondTheLimitsAreInvalidArgume
   const BlockListMask<> huge_blocks(MaskShape{1, n, n, n - 1, n - 1, true}, true, {0, 0, 0}, {}, {});
   EXPECT_INVALID("prefill", Parts<const char*>({"would exceed 2^62 bytes"}),
                  plan_prefill(AttentionShape{1, 1, n, n, 1, 1}, huge_blocks, AttentionOptions{}));
-  // Decode partials (output rows x split chunks): 2^21 query rows x 2^16 chunks of 16 keys.
-  s = {index_t{1} << 21, 1, index_t{1} << 20, index_t{1} << 20, 1, 1};
+  // Decode partials (output rows x split chunks x dv): 2^21 query rows x 2^16 chunks of 16 keys
+  // x dv 64 (the same on every target's lane padding) = 2^63 floats.
+  s = {index_t{1} << 21, 1, index_t{1} << 20, index_t{1} << 20, 1, 64};
   DecodeOptions split16;
   split16.split = 16;
   EXPECT_INVALID("decode", Parts<const char*>({"would exceed 2^62 bytes"}),

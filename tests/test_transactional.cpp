@@ -73,7 +73,7 @@ template <class C>
 class CacheTxn : public ::testing::Test {};
 using CacheTypes = ::testing::Types<kv::ContiguousCache<float>, kv::ContiguousCache<bf16>,
                                     kv::PagedCache<float>, kv::PagedCache<bf16>>;
-TYPED_TEST_SUITE(CacheTxn, CacheTypes);
+TYPED_TEST_SUITE(CacheTxn, CacheTypes, ::testing::internal::DefaultNameGenerator);
 
 TYPED_TEST(CacheTxn, AppendRetainUndoThatThrowChangeNothing) {
   using C = TypeParam;

@@ -54,8 +54,12 @@ struct TensorView {
 
   TensorView() = default;
   /// Contiguous head-major [heads, tokens, dim].
+  /// (n x d is formed modulo 2^64, never as signed overflow: a product that wraps belongs to a
+  /// view of more than 2^56 elements, which every call refuses.)
   TensorView(T* p, index_t h, index_t n, index_t d)
-      : data(p), heads(h), tokens(n), dim(d), stride_head(n * d), stride_token(d), stride_dim(1) {}
+      : data(p), heads(h), tokens(n), dim(d),
+        stride_head(static_cast<index_t>(static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(d))),
+        stride_token(d), stride_dim(1) {}
   /// Explicit strides, in elements.
   TensorView(T* p, index_t h, index_t n, index_t d, index_t sh, index_t st, index_t sd = 1)
       : data(p), heads(h), tokens(n), dim(d), stride_head(sh), stride_token(st), stride_dim(sd) {}

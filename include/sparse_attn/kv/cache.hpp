@@ -69,7 +69,8 @@ class Cache {
     require(opt_.head_dim >= 1 && opt_.value_dim >= 1, where,
             ": head_dim and value_dim must be >= 1, got ", opt_.head_dim, ", ", opt_.value_dim);
     require(opt_.capacity >= 1, where, ": capacity must be >= 1 token, got ", opt_.capacity);
-    require(opt_.page_size >= 1, where, ": page_size must be >= 1, got ", opt_.page_size);
+    require(opt_.page_size >= 1 && opt_.page_size <= (index_t{1} << 31) - 1, where,
+            ": page_size must be in [1, 2^31 - 1], got ", opt_.page_size);
     H_ = opt_.kv_heads;
     d_ = opt_.head_dim;
     dv_ = opt_.value_dim;
