@@ -2018,7 +2018,7 @@ void raw_selection(FuzzedDataProvider& fdp) {
         }
     }
   }
-  if (kind == 0 && scope == KeySelection::Scope::all && !lists.empty() && why_build.empty())
+  if (scope == KeySelection::Scope::all && (kind == 2 ? !rl.empty() : !lists.empty()) && why_build.empty())
     why_build = "scope all with lists";
   KeySelection sel;
   const Outcome ob = attempt("KeySelection", [&] {

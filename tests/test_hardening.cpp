@@ -581,7 +581,7 @@ TEST(BadBlocks, ZeroBlockOrPageSize) {
   sw.block = 0;
   EXPECT_INVALID("methods::SlidingWindow::select", Parts<const char*>({"block must be >= 1"}),
                  sw.select(p.q.view(), p.k.view(), Budget::count(16)));
-  EXPECT_INVALID("kv::Cache", Parts<const char*>({"page_size must be >= 1", "got 0"}),
+  EXPECT_INVALID("kv::Cache", Parts<const char*>({"page_size must be in [1, 2^31 - 1]", "got 0"}),
                  kv::ContiguousCache<float>(cache_options(2, 16, 64, 0)));
   EXPECT_INVALID("KeySelection::from_pages", Parts<const char*>({"page_size must be >= 1"}),
                  KeySelection::from_pages(KeySelection::Scope::per_kv_head, {{0}}, 0, 40));

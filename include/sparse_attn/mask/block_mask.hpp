@@ -167,7 +167,7 @@ inline void check_block_entry(const MaskShape& s, const char* where, const char*
 /// call it before they read an entry): row_offsets has rows + 1 entries (rows = num_q_blocks x
 /// (head_shared ? 1 : heads)), starts at 0, never decreases and ends at the number of key-block
 /// entries; `full_size` is 0 or one flag per entry (`full_optional`; else exactly one per entry);
-/// every entry passes check_block_entry. `off` and `col` are indexable (std::vector, ArrayRef) of
+/// every entry passes check_block_entry. `off` and `col` are indexable by index_t (pointers, ArrayRef) of
 /// any integer type; a value beyond int64 wraps negative and is rejected as such.
 template <class Off, class Col>
 void validate_block_csr(const MaskShape& s, bool head_shared, const Off& off, index_t off_size,
@@ -227,8 +227,8 @@ class BlockListMask {
                 index_t known_pairs = -1, const ExecutorChoice& exec = {})
       : shape_(shape), shared_(head_shared), offsets_(std::move(row_offsets)),
         blocks_(std::move(blocks)), full_(std::move(full)), pred_(std::move(pred)) {
-    detail::validate_block_csr(shape_, shared_, offsets_, static_cast<index_t>(offsets_.size()),
-                               blocks_, static_cast<index_t>(blocks_.size()),
+    detail::validate_block_csr(shape_, shared_, offsets_.data(), static_cast<index_t>(offsets_.size()),
+                               blocks_.data(), static_cast<index_t>(blocks_.size()),
                                static_cast<index_t>(full_.size()), false, "BlockListMask",
                                "blocks");
     if (shape_.causal) {
