@@ -327,7 +327,7 @@ class BlockListBuilder {
   }
   const MaskShape& shape() const { return shape_; }
   /// Key block kb of (h, qb); `full` = every element allowed without testing the predicate
-  /// (the builder downgrades a full flag to partial where causality cuts the block).
+  /// (the mask downgrades a full flag to partial where causality cuts the block).
   void add(index_t h, index_t qb, index_t kb, bool full = true) {
     rows_[static_cast<std::size_t>(row(h, qb))].push_back({kb, full});
   }
@@ -346,16 +346,11 @@ class BlockListBuilder {
     std::vector<index_t> offsets(rows_.size() + 1, 0);
     for (std::size_t r = 0; r < rows_.size(); ++r) {
       const index_t qb = static_cast<index_t>(r) % nqb, h = static_cast<index_t>(r) / nqb;
-      const index_t first_pos = shape_.q_begin(qb) + shape_.q_offset();
-      auto& blocks = rows_[r];
-      for (std::size_t e = 0; e < blocks.size(); ++e) {
-        const index_t kb = blocks[e].kb;
+      const auto& blocks = rows_[r];
+      for (std::size_t e = 0; e < blocks.size(); ++e)  // (before the int32 packing below)
         detail::check_block_entry(shape_, "BlockListBuilder::build", nullptr,
                                   static_cast<index_t>(e), h, qb, e > 0 ? blocks[e - 1].kb : -1,
-                                  kb);
-        // Causality cuts the block unless its last key precedes the first query position.
-        if (shape_.causal && shape_.k_end(kb) - 1 > first_pos) blocks[e].full = false;
-      }
+                                  blocks[e].kb);
       offsets[r + 1] = offsets[r] + static_cast<index_t>(blocks.size());
     }
     std::vector<std::int32_t> idx(static_cast<std::size_t>(offsets.back()));

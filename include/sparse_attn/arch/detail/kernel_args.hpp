@@ -97,7 +97,6 @@ class Carver {
     return p;
   }
   std::size_t bytes() const { return exhausted_ ? SIZE_MAX : (offset_ + 63) / 64 * 64; }
-  bool exhausted() const { return exhausted_; }
 
  private:
   unsigned char* base_;
