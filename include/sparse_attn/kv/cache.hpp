@@ -315,13 +315,10 @@ class Cache {
     constexpr index_t kMax = std::numeric_limits<index_t>::max();
     const index_t limit = static_cast<index_t>(std::min<std::size_t>(
         std::vector<U>().max_size(), static_cast<std::size_t>(kMax) / sizeof(U)));
-    index_t n = 1;
-    bool fits = true;
-    for (const Factor& f : factors) {
-      if (f.value != 0 && n > limit / f.value) fits = false;
-      if (fits) n *= f.value;
-    }
-    if (!fits) {
+    index_t n = 1;  // -1 once the product passes the limit (detail::bounded_product)
+    for (const Factor& f : factors)
+      if (n >= 0) n = sparse_attn::detail::bounded_product(limit, {n, f.value});
+    if (n < 0) {
       std::string what;
       for (const Factor& f : factors)
         what += (what.empty() ? "" : " x ") + std::string(f.name) + " " + std::to_string(f.value);
