@@ -59,6 +59,10 @@
 #include <sparse_attn/methods/flex_prefill.hpp>
 #define FUZZ_FLEX_PREFILL 1
 #endif
+#if __has_include(<sparse_attn/methods/xattention.hpp>)
+#include <sparse_attn/methods/xattention.hpp>
+#define FUZZ_XATTENTION 1
+#endif
 #if __has_include(<sparse_attn/methods/user_mask.hpp>)
 #include <sparse_attn/methods/user_mask.hpp>
 #define FUZZ_USER_MASK 1
@@ -463,7 +467,7 @@ struct HashPredicate {
 
 enum PrefillKind {
   kDense, kWindow, kBlockList, kBlockListPred, kBlockSparse, kVsExact, kVsTiled, kFlex,
-  kUserMask, kPrefillKinds
+  kUserMask, kXAttention, kPrefillKinds
 };
 
 // The options a selection runs with: the kernel call's scale, and its own thread count.
@@ -775,6 +779,61 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
               fail(detail::concat("flex_prefill: query block ", qb, " of head ", h,
                                   " lacks block 0 or its diagonal block ", d1));
           }
+        go(m);
+      });
+      return;
+    }
+#endif
+#if FUZZ_XATTENTION
+    case kXAttention: {
+      AttentionOptions so = selection_options(fdp, p);
+      sm::XAttention method;
+      method.block = bq;
+      std::vector<index_t> divisors;  // strides that divide the block
+      for (index_t s = 1; s <= bq; ++s)
+        if (bq % s == 0) divisors.push_back(s);
+      method.stride = divisors[fdp.ConsumeIntegralInRange<std::size_t>(0, divisors.size() - 1)];
+      double tau = fdp.ConsumeFloatingPointInRange<double>(0.01, 1.0);
+      // A CR instead (tau searched over the entry thresholds), now and then.
+      const double cr = fdp.ConsumeIntegralInRange<int>(0, 2) == 0
+                            ? fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0)
+                            : 0.0;
+      const int corrupt = fdp.ConsumeIntegralInRange<int>(0, 15);
+      if (corrupt == 1) method.block = 0;
+      if (corrupt == 2) method.stride = bq + 1;  // cannot divide the block
+      if (corrupt == 3) method.stride = fdp.ConsumeBool() ? 0 : -3;
+      if (corrupt == 4) tau = fdp.ConsumeBool() ? 0.0 : NAN;
+      const bool bad = corrupt >= 1 && corrupt <= 4;
+      note("xattention tau=", tau, " cr=", cr, " stride=", method.stride, " corrupt=", corrupt);
+      if (p.bad == Bad::mask_geometry) p.bad = Bad::none;
+      with_qk([&](const auto& q, const auto& k) {
+        sm::XAttentionSelection sel;
+        if (!expect(bad, "XAttention::select", [&] {
+              const sm::Budget budget = cr > 0.0 && corrupt != 4 ? sm::Budget::compression(cr)
+                                                                 : sm::Budget::mass(tau);
+              sel = method.select(q, k, budget, so);
+            }))
+          return;
+        check_stats(sel.stats, sel.mask, "xattention");
+        // Invariants: every query block keeps key block 0 and its diagonal blocks; tau = 1 is
+        // dense causal.
+        const auto& m = sel.mask;
+        const MaskShape& s = m.shape();
+        for (index_t h = 0; h < s.heads; ++h)
+          for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
+            std::vector<index_t> kbs;
+            m.for_each_block(h, qb, [&](index_t kb, bool) { kbs.push_back(kb); });
+            const index_t d0 = (s.q_begin(qb) + s.q_offset()) / s.block_k;
+            const index_t d1 = (s.q_end(qb) - 1 + s.q_offset()) / s.block_k;
+            bool forced = !kbs.empty() && kbs.front() == 0 && kbs.back() == d1;
+            for (index_t kb = d0; kb <= d1 && forced; ++kb)
+              forced = std::find(kbs.begin(), kbs.end(), kb) != kbs.end();
+            if (!forced)
+              fail(detail::concat("xattention: query block ", qb, " of head ", h,
+                                  " lacks block 0 or a diagonal block"));
+          }
+        if (sel.tau >= 1.0 && sel.stats.pairs != sel.stats.dense_pairs)
+          fail("xattention: tau = 1 is not dense causal");
         go(m);
       });
       return;
