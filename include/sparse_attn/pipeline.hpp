@@ -1,42 +1,43 @@
-// End-to-end serving loop for one attention layer: prefill with any prefill mask, then decode
-// step by step, with any decode methods plugged in as policies (methods/decode_policy.hpp), each
-// step reporting the keys it read and its achieved compression ratio.
-//
-//   kv::ContiguousCache<bf16> cache({Hkv, d, 0, capacity});
-//   DecodeSession<kv::ContiguousCache<bf16>> s(cache);
-//   s.set_policy(methods::make_policy<kv::ContiguousCache<bf16>, float>(
-//       methods::Quest{}, methods::Budget::compression(10)));
-//   s.prefill(q, k, v, out, [&](auto& q, auto& k) { return methods::BlockSparse{}.select(
-//       q, k, methods::Budget::compression(8)).mask; });
-//   for (...) { StepReport r = s.step(q_t, k_t, v_t, out_t);  r.compression(); }
-//
-// Prefill masks: prefill() takes either a mask (any type of the common interface) or a callable
-// mask(q, k) -> mask, called on the prompt's views, so data-dependent selections plug in
-// unchanged. Decode methods: set_policy() (one) or add_policy() (several, e.g. SnapKV's eviction
-// with Quest's selection), any DecodePolicy (the library's via methods::make_policy or the
-// registry's make_decode_policy, or your own). Per step the policies' hooks run in the order they
-// were added: before_step (StreamingLLM evicts here; at most one policy returns a selection other
-// than KeySelection::all(), and none may evict after it did), the kernel, after_step (H2O). When a
-// policy wants_key_mass(), the step's kernel also writes the attention mass each key received
-// (AttentionOptions::key_mass) and after_step gets it: no second pass over the cache.
-// Occupancy (cache_tokens, evicted) counts live tokens: H2O evicts lazily (dead slots its own
-// selection skips, compacted in batches; DecodePolicy::live_tokens); with several policies the
-// session compacts after every step, so no policy ever sees another's dead slots.
-// Plan/run split for timing: select(q) runs the before_step hooks and returns the step's
-// KeySelection (the plan); attend(q, keys, out) runs only the kernel; step() = append + select +
-// attend + after_step.
-// Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor (the
-// engine's), or on the default one for num_threads; the softmax scale is SessionOptions::scale.
-// Failures: step() runs every check before it appends (shapes, the kernel's options, the cache's
-// append checks, each policy's check_step()), so an invalid argument changes nothing. When a
-// policy throws later (or anything else in step() or ingest()), the exception reaches the caller
-// unchanged and the step's append is undone, so the cache and `out` are as they were (only an
-// eviction a before_step hook made before the kernel itself failed, e.g. on a failing executor
-// or std::bad_alloc, stays). add_policy refuses a second selecting policy and an eviction policy
-// after a selecting one (DecodePolicy::selects_keys / evicts_before_step).
-// A custom policy that throws must leave the cache as it found it, as the library's do (they
-// validate before they evict). prefill() writes out before it appends; if a policy throws, out
-// holds the prompt's attention and the cache is unchanged.
+/// @file
+/// End-to-end serving loop for one attention layer: prefill with any prefill mask, then decode
+/// step by step, with any decode methods plugged in as policies (methods/decode_policy.hpp), each
+/// step reporting the keys it read and its achieved compression ratio.
+///
+///   kv::ContiguousCache<bf16> cache({Hkv, d, 0, capacity});
+///   DecodeSession<kv::ContiguousCache<bf16>> s(cache);
+///   s.set_policy(methods::make_policy<kv::ContiguousCache<bf16>, float>(
+///       methods::Quest{}, methods::Budget::compression(10)));
+///   s.prefill(q, k, v, out, [&](auto& q, auto& k) { return methods::BlockSparse{}.select(
+///       q, k, methods::Budget::compression(8)).mask; });
+///   for (...) { StepReport r = s.step(q_t, k_t, v_t, out_t);  r.compression(); }
+///
+/// Prefill masks: prefill() takes either a mask (any type of the common interface) or a callable
+/// mask(q, k) -> mask, called on the prompt's views, so data-dependent selections plug in
+/// unchanged. Decode methods: set_policy() (one) or add_policy() (several, e.g. SnapKV's eviction
+/// with Quest's selection), any DecodePolicy (the library's via methods::make_policy or the
+/// registry's make_decode_policy, or your own). Per step the policies' hooks run in the order they
+/// were added: before_step (StreamingLLM evicts here; at most one policy returns a selection other
+/// than KeySelection::all(), and none may evict after it did), the kernel, after_step (H2O). When a
+/// policy wants_key_mass(), the step's kernel also writes the attention mass each key received
+/// (AttentionOptions::key_mass) and after_step gets it: no second pass over the cache.
+/// Occupancy (cache_tokens, evicted) counts live tokens: H2O evicts lazily (dead slots its own
+/// selection skips, compacted in batches; DecodePolicy::live_tokens); with several policies the
+/// session compacts after every step, so no policy ever sees another's dead slots.
+/// Plan/run split for timing: select(q) runs the before_step hooks and returns the step's
+/// KeySelection (the plan); attend(q, keys, out) runs only the kernel; step() = append + select +
+/// attend + after_step.
+/// Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor (the
+/// engine's), or on the default one for num_threads; the softmax scale is SessionOptions::scale.
+/// Failures: step() runs every check before it appends (shapes, the kernel's options, the cache's
+/// append checks, each policy's check_step()), so an invalid argument changes nothing. When a
+/// policy throws later (or anything else in step() or ingest()), the exception reaches the caller
+/// unchanged and the step's append is undone, so the cache and `out` are as they were (only an
+/// eviction a before_step hook made before the kernel itself failed, e.g. on a failing executor
+/// or std::bad_alloc, stays). add_policy refuses a second selecting policy and an eviction policy
+/// after a selecting one (DecodePolicy::selects_keys / evicts_before_step).
+/// A custom policy that throws must leave the cache as it found it, as the library's do (they
+/// validate before they evict). prefill() writes out before it appends; if a policy throws, out
+/// holds the prompt's attention and the cache is unchanged.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <chrono>
@@ -63,21 +64,21 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 struct SessionOptions {
-  float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d); kernels and methods
-  int num_threads = 0;  // threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
-                                 // num_threads; every policy, kernel and cache append
-  index_t split = 512;           // decode kernel split-KV chunk
+  float scale = std::numeric_limits<float>::quiet_NaN();  ///< NaN: 1 / sqrt(d); kernels and methods
+  int num_threads = 0;  ///< threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  ///< the caller's executor, not owned; nullptr: the default for
+                                 ///< num_threads; every policy, kernel and cache append
+  index_t split = 512;           ///< decode kernel split-KV chunk
 };
 
 /// What prefill()/ingest() did.
 struct PrefillReport {
-  index_t tokens = 0;       // prompt tokens appended
-  index_t pairs = 0;        // prefill mask's allowed pairs (0 for ingest)
-  index_t dense_pairs = 0;  // dense causal pairs of the same shape
+  index_t tokens = 0;       ///< prompt tokens appended
+  index_t pairs = 0;        ///< prefill mask's allowed pairs (0 for ingest)
+  index_t dense_pairs = 0;  ///< dense causal pairs of the same shape
   double prefill_ms = 0, evict_ms = 0;
-  index_t cache_tokens = 0;   // tokens held after eviction, summed over KV heads (live ones)
-  kv::EvictionPlan eviction;  // the last policy's eviction plan (kept slots, scores, stats)
+  index_t cache_tokens = 0;   ///< tokens held after eviction, summed over KV heads (live ones)
+  kv::EvictionPlan eviction;  ///< the last policy's eviction plan (kept slots, scores, stats)
   double compression() const { return methods::compression_of(dense_pairs, pairs); }
   /// Prompt tokens x KV heads / tokens kept.
   double cache_compression(index_t kv_heads) const {
@@ -89,11 +90,11 @@ struct PrefillReport {
 
 /// What one decode step did.
 struct StepReport {
-  kv::DecodeStats stats;     // pairs computed, dense pairs, K/V rows read
-  index_t position = 0;      // position of the step's last token
-  index_t cache_tokens = 0;  // tokens held after the step's eviction, summed over KV heads
-                             // (live ones: DecodePolicy::live_tokens)
-  index_t evicted = 0;       // tokens the step's evictions dropped, summed over KV heads
+  kv::DecodeStats stats;     ///< pairs computed, dense pairs, K/V rows read
+  index_t position = 0;      ///< position of the step's last token
+  index_t cache_tokens = 0;  ///< tokens held after the step's eviction, summed over KV heads
+                             ///< (live ones: DecodePolicy::live_tokens)
+  index_t evicted = 0;       ///< tokens the step's evictions dropped, summed over KV heads
   double select_ms = 0, kernel_ms = 0, evict_ms = 0;
   double compression() const { return stats.compression(); }
 };
@@ -303,7 +304,7 @@ class DecodeSession {
     return std::chrono::duration<double, std::milli>(clock::now() - t0).count();
   }
   ExecutorChoice executor() const { return {opt_.executor, opt_.num_threads}; }
-  // The options every kernel and policy checks: scale, threads, split, the executor.
+  /// The options every kernel and policy checks: scale, threads, split, the executor.
   void check_options(const char* where) const {
     kernel::resolve_scale(opt_.scale, cache_.head_dim(), where);
     require(opt_.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
@@ -313,7 +314,7 @@ class DecodeSession {
             ": executor concurrency() must be >= 1, got ",
             opt_.executor ? opt_.executor->concurrency() : 0);
   }
-  // ingest()'s checks before the append: q against the cache, the options, the append's own.
+  /// ingest()'s checks before the append: q against the cache, the options, the append's own.
   template <class TK, class TV>
   void check_ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) const {
     cache_.check_append(k, v, executor());
@@ -353,8 +354,8 @@ class DecodeSession {
     o.split = opt_.split;
     return o;
   }
-  // Tokens held, summed over KV heads: the cache's, less the dead slots of a lazily evicting
-  // policy (DecodePolicy::live_tokens).
+  /// Tokens held, summed over KV heads: the cache's, less the dead slots of a lazily evicting
+  /// policy (DecodePolicy::live_tokens).
   index_t live_tokens() const {
     const index_t total = cache_.total_length();
     index_t held = total;
@@ -366,9 +367,9 @@ class DecodeSession {
       if (p->wants_key_mass()) return true;
     return false;
   }
-  // After a failure past the append of m tokens: undoes it when the cache still ends with them
-  // (a policy that evicted before it threw leaves the cache as it left it). The failure, not
-  // this, is what the caller sees.
+  /// After a failure past the append of m tokens: undoes it when the cache still ends with them
+  /// (a policy that evicted before it threw leaves the cache as it left it). The failure, not
+  /// this, is what the caller sees.
   void undo_append(index_t m) noexcept {
     SPARSE_ATTN_TRY { cache_.undo_append(m); }
     SPARSE_ATTN_CATCH_ALL {}
@@ -388,7 +389,7 @@ class DecodeSession {
   Cache& cache_;
   SessionOptions opt_;
   std::vector<std::unique_ptr<Policy>> policies_;
-  std::vector<float> mass_;  // the kernel's key mass of the running step
+  std::vector<float> mass_;  ///< the kernel's key mass of the running step
 };
 
 SPARSE_ATTN_NAMESPACE_END

@@ -1,5 +1,6 @@
-// Naive double-precision attention oracle on a materialised mask: the ground truth for tests and
-// debugging. O(n_q * n_k * d) time, no tiling, no online softmax.
+/// @file
+/// Naive double-precision attention oracle on a materialised mask: the ground truth for tests and
+/// debugging. O(n_q * n_k * d) time, no tiling, no online softmax.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cmath>
@@ -15,8 +16,8 @@ namespace reference {
 
 struct Result {
   index_t heads = 0, n_q = 0, dv = 0;
-  std::vector<double> out;  // [heads][n_q][dv]
-  std::vector<double> lse;  // [heads][n_q], natural log, -inf for empty rows
+  std::vector<double> out;  ///< [heads][n_q][dv]
+  std::vector<double> lse;  ///< [heads][n_q], natural log, -inf for empty rows
   double operator()(index_t h, index_t i, index_t c) const { return out[static_cast<std::size_t>((h * n_q + i) * dv + c)]; }
   double lse_at(index_t h, index_t i) const { return lse[static_cast<std::size_t>(h * n_q + i)]; }
 };

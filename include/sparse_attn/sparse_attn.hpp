@@ -1,4 +1,5 @@
-// sparse_attn: CPU sparse-attention kernels. Umbrella header: includes every public header.
+/// @file
+/// sparse_attn: CPU sparse-attention kernels. Umbrella header: includes every public header.
 #pragma once
 #include "sparse_attn/arch/target.hpp"
 #include "sparse_attn/core/dtype.hpp"

@@ -1,8 +1,9 @@
-// Run-time dispatch: every compiled target's copy of the kernel bodies, and dispatch(t, f), which
-// calls f(arch::<t>::Target{}) for target t (arch/target.hpp says which targets exist and how
-// one is chosen). Each target's bodies are arch/detail/bodies-inl.hpp compiled inside that
-// target's namespace and ISA region, so the bodies of different targets never share a symbol.
-// The cost: one switch per work item.
+/// @file
+/// Run-time dispatch: every compiled target's copy of the kernel bodies, and dispatch(t, f), which
+/// calls f(arch::<t>::Target{}) for target t (arch/target.hpp says which targets exist and how
+/// one is chosen). Each target's bodies are arch/detail/bodies-inl.hpp compiled inside that
+/// target's namespace and ISA region, so the bodies of different targets never share a symbol.
+/// The cost: one switch per work item.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>

@@ -1,19 +1,20 @@
-// Which instruction-set target the kernels run on, decided once at run time.
-//
-// Targets, lowest first: generic (Eigen packets of the includer's -march; always there, the only
-// one off x86), avx2 (AVX2 + FMA + F16C), avx512 (F/BW/DQ/VL), avx512_bf16 (+ AVX512-BF16), amx
-// (+ AMX-TILE and AMX-BF16: the prefill's bf16 products on tiles, everything else as
-// avx512_bf16). A translation unit compiles generic plus every x86 target at or above its own
-// -march level, and always avx512_bf16 and amx (a portable -march=x86-64-v2 build: all five,
-// picked at run time; a -march=native build on an AVX-512 BF16 machine: generic, avx512_bf16 and
-// amx, so the native path is compiled directly and an AMX CPU refused the tiles by its OS falls
-// back to avx512_bf16).
-// The choice: the best compiled target that the CPU (cpuid) and the OS (XCR0: the OS saves the
-// AVX / AVX-512 / tile register state; on Linux the process must also ask for the tile state,
-// which the first cpu_target() call does once) support, unless overridden by the environment
-// variable SPARSE_ATTN_TARGET=generic|avx2|avx512|avx512_bf16|amx (read at the first call) or by
-// set_cpu_target(). Forcing a target the CPU lacks, or one not compiled into the program, is an
-// error (sparse_attn::invalid_argument naming the supported ones).
+/// @file
+/// Which instruction-set target the kernels run on, decided once at run time.
+///
+/// Targets, lowest first: generic (Eigen packets of the includer's -march; always there, the only
+/// one off x86), avx2 (AVX2 + FMA + F16C), avx512 (F/BW/DQ/VL), avx512_bf16 (+ AVX512-BF16), amx
+/// (+ AMX-TILE and AMX-BF16: the prefill's bf16 products on tiles, everything else as
+/// avx512_bf16). A translation unit compiles generic plus every x86 target at or above its own
+/// -march level, and always avx512_bf16 and amx (a portable -march=x86-64-v2 build: all five,
+/// picked at run time; a -march=native build on an AVX-512 BF16 machine: generic, avx512_bf16 and
+/// amx, so the native path is compiled directly and an AMX CPU refused the tiles by its OS falls
+/// back to avx512_bf16).
+/// The choice: the best compiled target that the CPU (cpuid) and the OS (XCR0: the OS saves the
+/// AVX / AVX-512 / tile register state; on Linux the process must also ask for the tile state,
+/// which the first cpu_target() call does once) support, unless overridden by the environment
+/// variable SPARSE_ATTN_TARGET=generic|avx2|avx512|avx512_bf16|amx (read at the first call) or by
+/// set_cpu_target(). Forcing a target the CPU lacks, or one not compiled into the program, is an
+/// error (sparse_attn::invalid_argument naming the supported ones).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <atomic>
@@ -169,7 +170,7 @@ inline void check_usable(CpuTarget t, const char* where) {
           target_name(t), "; usable here: ", usable_targets());
 }
 
-// -1: automatic (environment, else best); else a forced CpuTarget.
+/// -1: automatic (environment, else best); else a forced CpuTarget.
 inline std::atomic<int>& forced_target() {
   static std::atomic<int> forced{-1};
   return forced;

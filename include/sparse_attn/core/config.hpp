@@ -1,12 +1,13 @@
-// Build configuration seen by every header: the ISA tag of the including translation unit.
-//
-// Everything the library defines lives in `sparse_attn::<isa tag>`, an inline namespace named
-// after the instruction set the includer compiles for (its -march). Code written as
-// `sparse_attn::prefill` finds it unchanged, but two translation units built with different
-// -march (per-ISA objects, the way engines ship one binary to many CPUs) produce different
-// symbols, so the linker can never hand one of them the other's code (an ODR violation seen as
-// SIGILL or wrong results). The run-time dispatched kernels of arch/ are tagged a second time by
-// their own target inside that namespace.
+/// @file
+/// Build configuration seen by every header: the ISA tag of the including translation unit.
+///
+/// Everything the library defines lives in `sparse_attn::<isa tag>`, an inline namespace named
+/// after the instruction set the includer compiles for (its -march). Code written as
+/// `sparse_attn::prefill` finds it unchanged, but two translation units built with different
+/// -march (per-ISA objects, the way engines ship one binary to many CPUs) produce different
+/// symbols, so the linker can never hand one of them the other's code (an ODR violation seen as
+/// SIGILL or wrong results). The run-time dispatched kernels of arch/ are tagged a second time by
+/// their own target inside that namespace.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \

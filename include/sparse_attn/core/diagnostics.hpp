@@ -1,6 +1,7 @@
-// GCC < 13 reports -Wuninitialized / -Wmaybe-uninitialized inside its own AVX-512 intrinsics
-// (the _mm512_undefined_*() idiom, GCC PR 105593) at every inlined call site. Kernel code that
-// uses those intrinsics is wrapped in these macros so includers building with -Werror stay clean.
+/// @file
+/// GCC < 13 reports -Wuninitialized / -Wmaybe-uninitialized inside its own AVX-512 intrinsics
+/// (the _mm512_undefined_*() idiom, GCC PR 105593) at every inlined call site. Kernel code that
+/// uses those intrinsics is wrapped in these macros so includers building with -Werror stay clean.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)

@@ -1,5 +1,6 @@
-// Storage types and their conversion to fp32. K/V may be stored as float, bf16 or fp16; every
-// kernel accumulates in fp32 and converts rows on load.
+/// @file
+/// Storage types and their conversion to fp32. K/V may be stored as float, bf16 or fp16; every
+/// kernel accumulates in fp32 and converts rows on load.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/diagnostics.hpp"

@@ -1,10 +1,11 @@
-// Error model: every validation failure raises sparse_attn::invalid_argument (a subclass of
-// std::invalid_argument) whose message names the argument, what was wrong and what is allowed.
-//
-// With exceptions (the default) it is thrown. Under -fno-exceptions the headers still compile and
-// every error goes to the error handler instead: a function the caller sets with
-// set_error_handler(); the default prints "sparse_attn: <message>" to stderr and aborts. A handler
-// must not return (it may longjmp, or end the process); if it does, the library aborts.
+/// @file
+/// Error model: every validation failure raises sparse_attn::invalid_argument (a subclass of
+/// std::invalid_argument) whose message names the argument, what was wrong and what is allowed.
+///
+/// With exceptions (the default) it is thrown. Under -fno-exceptions the headers still compile and
+/// every error goes to the error handler instead: a function the caller sets with
+/// set_error_handler(); the default prints "sparse_attn: <message>" to stderr and aborts. A handler
+/// must not return (it may longjmp, or end the process); if it does, the library aborts.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstdio>

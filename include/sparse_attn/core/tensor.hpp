@@ -1,6 +1,7 @@
-// Non-owning views over caller memory. Attention tensors are logically [heads, tokens, dim] with
-// arbitrary element strides, so a cache stored token-major ([tokens, heads, dim]) is viewed
-// without a copy. The caller keeps the memory alive for as long as the view is used.
+/// @file
+/// Non-owning views over caller memory. Attention tensors are logically [heads, tokens, dim] with
+/// arbitrary element strides, so a cache stored token-major ([tokens, heads, dim]) is viewed
+/// without a copy. The caller keeps the memory alive for as long as the view is used.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard

@@ -1,27 +1,28 @@
-// Fidelity-vs-compression evaluation of every registered method on one problem (METHODS.md 9-10).
-//
-// Every method comes from the registry (methods/registry.hpp) and is asked for
-// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
-//
-// Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
-// (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
-// (timed: kernel), and is compared with dense (metrics.hpp): achieved CR = dense causal pairs /
-// computed pairs, relative L2 error (layer output, median and worst head), attention-mass recall
-// from the two LSEs (every row), top-1 recall (every row up to 8192 queries, else a strided sample
-// of 2048 rows including the last), and whether the last query row computes the needle keys.
-//
-// Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position
-// p_t = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
-// gets the prompt keys [0, n_k - R), the method's DecodePolicy (methods/decode_policy.hpp) runs
-// after_prefill with the prompt's queries (query rows [0, n_q - R)), then for each step: the
-// step's key/value is appended, before_step selects (or evicts) and returns the KeySelection, the
-// core decode kernel runs (timed: kernel; it also emits the per-key attention mass when the
-// policy wants it), after_step runs. Dense decode is the same loop with no policy: keys [0, p_t].
-// Budgets of eviction methods are relative to the sequence length when they evict.
-// Achieved CR = sum_t Hq (p_t + 1) / pairs read; reachable iff it is within the budget's
-// tolerance of the target (methods::is_reachable); errors over the R x Hq output rows; mass recall
-// from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
-// Speed-up = dense time / (selection + kernel time) of the same run.
+/// @file
+/// Fidelity-vs-compression evaluation of every registered method on one problem (METHODS.md 9-10).
+///
+/// Every method comes from the registry (methods/registry.hpp) and is asked for
+/// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
+///
+/// Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
+/// (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
+/// (timed: kernel), and is compared with dense (metrics.hpp): achieved CR = dense causal pairs /
+/// computed pairs, relative L2 error (layer output, median and worst head), attention-mass recall
+/// from the two LSEs (every row), top-1 recall (every row up to 8192 queries, else a strided sample
+/// of 2048 rows including the last), and whether the last query row computes the needle keys.
+///
+/// Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position
+/// p_t = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
+/// gets the prompt keys [0, n_k - R), the method's DecodePolicy (methods/decode_policy.hpp) runs
+/// after_prefill with the prompt's queries (query rows [0, n_q - R)), then for each step: the
+/// step's key/value is appended, before_step selects (or evicts) and returns the KeySelection, the
+/// core decode kernel runs (timed: kernel; it also emits the per-key attention mass when the
+/// policy wants it), after_step runs. Dense decode is the same loop with no policy: keys [0, p_t].
+/// Budgets of eviction methods are relative to the sequence length when they evict.
+/// Achieved CR = sum_t Hq (p_t + 1) / pairs read; reachable iff it is within the budget's
+/// tolerance of the target (methods::is_reachable); errors over the R x Hq output rows; mass recall
+/// from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
+/// Speed-up = dense time / (selection + kernel time) of the same run.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -47,38 +48,38 @@ namespace eval {
 /// One (dataset, phase, method, target CR) point.
 struct Record {
   std::string dataset, phase, method, detail;
-  index_t tokens = 0;            // n_k
-  index_t rows = 0;              // query rows evaluated per head (n_q, or R decode steps)
+  index_t tokens = 0;            ///< n_k
+  index_t rows = 0;              ///< query rows evaluated per head (n_q, or R decode steps)
   double target_cr = 1.0, achieved_cr = 1.0;
   bool reachable = true;
   double err_layer = 0.0, err_median_head = 0.0, err_worst_head = 0.0;
   double mass_mean = 1.0, mass_min = 1.0;
-  double top1 = 1.0;             // share of (head, row) whose dense argmax key was computed
-  index_t top1_rows = 0;         // rows per head that top-1 was measured on
-  index_t needles_kept = 0, needles_total = 0;  // (head, needle) pairs at the last row
+  double top1 = 1.0;             ///< share of (head, row) whose dense argmax key was computed
+  index_t top1_rows = 0;         ///< rows per head that top-1 was measured on
+  index_t needles_kept = 0, needles_total = 0;  ///< (head, needle) pairs at the last row
   double ms_select = 0.0, ms_kernel = 0.0, ms_dense = 0.0;
   double ms_total() const { return ms_select + ms_kernel; }
   double speedup() const { return ms_total() > 0.0 ? ms_dense / ms_total() : kNaN; }
 };
 
 struct EvalOptions {
-  std::vector<double> compressions{2, 5, 10, 20};  // target CRs (dense is always added at CR 1)
+  std::vector<double> compressions{2, 5, 10, 20};  ///< target CRs (dense is always added at CR 1)
   bool prefill = true, decode = true;
-  index_t last_rows = 64;   // R: decode steps
-  int num_threads = 0;      // threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  // the caller's executor, not owned; nullptr: the default for
+  index_t last_rows = 64;   ///< R: decode steps
+  int num_threads = 0;      ///< threads of the default executor (0: OpenMP default)
+  Executor* executor = nullptr;  ///< the caller's executor, not owned; nullptr: the default for
                                  // num_threads; every method, kernel and metric
   /// Parameter settings per method name (methods/registry.hpp), applied over its defaults.
   std::vector<std::pair<std::string, methods::ParamSettings>> params;
-  double min_time_ms = 30;  // prefill kernels faster than this are repeated (best of <= 5)
-  std::vector<std::string> prefill_methods;  // empty: all
-  std::vector<std::string> decode_methods;   // empty: all
-  std::function<void(const std::string&)> progress;  // e.g. a line on stderr
+  double min_time_ms = 30;  ///< prefill kernels faster than this are repeated (best of <= 5)
+  std::vector<std::string> prefill_methods;  ///< empty: all
+  std::vector<std::string> decode_methods;   ///< empty: all
+  std::function<void(const std::string&)> progress;  ///< e.g. a line on stderr
 };
 
 namespace detail_eval {
 
-// The dense baseline row of a phase: CR 1, exact, every needle kept; the sparse rows start from it.
+/// The dense baseline row of a phase: CR 1, exact, every needle kept; the sparse rows start from it.
 inline Record dense_record(const Problem& p, const char* phase, index_t rows, index_t top1_rows,
                            double dense_ms) {
   Record r;
@@ -97,14 +98,14 @@ using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
-// Runs one empty item per worker, so the first timed call does not pay for starting the threads
-// (an OpenMP team, an engine's pool).
+/// Runs one empty item per worker, so the first timed call does not pay for starting the threads
+/// (an OpenMP team, an engine's pool).
 inline void warm_threads(const ExecutorChoice& exec) {
   sparse_attn::detail::with_executor(exec, [](Executor& ex) {
     run_items(ex, ex.concurrency(), [](index_t, int) {});
   });
 }
-// Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
+/// Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
 template <class F>
 double time_best(F&& f, double min_ms) {
   double best = 0.0, total = 0.0;
@@ -121,7 +122,7 @@ double time_best(F&& f, double min_ms) {
 inline bool wanted(const std::vector<std::string>& list, const char* name) {
   return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
 }
-// The settings EvalOptions::params gives method `name` (empty: its defaults).
+/// The settings EvalOptions::params gives method `name` (empty: its defaults).
 inline methods::ParamSettings params_for(const EvalOptions& opt, const std::string& name) {
   for (const auto& [method, settings] : opt.params)
     if (method == name) return settings;
@@ -235,7 +236,7 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
 
 /// Outputs of one decode loop.
 struct DecodeRun {
-  std::vector<float> out, lse;  // [Hq][R][dv], [Hq][R]
+  std::vector<float> out, lse;  ///< [Hq][R][dv], [Hq][R]
   index_t pairs = 0, dense_pairs = 0;
   double ms_select = 0.0, ms_kernel = 0.0;
   index_t top1_hit = 0, needles_kept = 0;

@@ -1,15 +1,16 @@
-// Fidelity metrics of a sparse attention output against dense attention on the same Q/K/V, and the
-// log-linear fit of error against compression and length (METHODS.md 9-10).
-//
-//   relative L2 error    ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over the
-//                        whole output (the "layer output" error of METHODS.md 10).
-//   attention-mass recall  share of a row's dense softmax mass on the pairs the method computed:
-//                        sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where
-//                        lse_method is the LSE the kernel reports over exactly the pairs it computed.
-//                        Exact for every row at the cost of the sparse kernel itself; no sampling.
-//   top-1 recall         share of rows whose dense argmax key (ties toward the lower index) was
-//                        computed by the method. The argmax needs the dense logits: O(n_q n_k d)
-//                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
+/// @file
+/// Fidelity metrics of a sparse attention output against dense attention on the same Q/K/V, and the
+/// log-linear fit of error against compression and length (METHODS.md 9-10).
+///
+///   relative L2 error    ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over the
+///                        whole output (the "layer output" error of METHODS.md 10).
+///   attention-mass recall  share of a row's dense softmax mass on the pairs the method computed:
+///                        sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where
+///                        lse_method is the LSE the kernel reports over exactly the pairs it computed.
+///                        Exact for every row at the cost of the sparse kernel itself; no sampling.
+///   top-1 recall         share of rows whose dense argmax key (ties toward the lower index) was
+///                        computed by the method. The argmax needs the dense logits: O(n_q n_k d)
+///                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <Eigen/Core>
@@ -108,8 +109,8 @@ inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
 
 /// Relative L2 errors of `got` against `ref`, both [heads, rows, dv] (any strides).
 struct OutputError {
-  std::vector<double> per_head;  // ||O_h - R_h|| / ||R_h|| (0 when both are 0)
-  double overall = 0.0;          // ||O - R|| / ||R|| over every head: the layer-output error
+  std::vector<double> per_head;  ///< ||O_h - R_h|| / ||R_h|| (0 when both are 0)
+  double overall = 0.0;          ///< ||O - R|| / ||R|| over every head: the layer-output error
   double median_head() const {
     if (per_head.empty()) return kNaN;
     std::vector<double> v = per_head;

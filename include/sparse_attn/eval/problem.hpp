@@ -1,6 +1,7 @@
-// An evaluation problem: one layer's Q [Hq, n_q, d], K [Hkv, n_k, d], V [Hkv, n_k, dv] in fp32
-// (queries are the last n_q of the n_k positions), plus what the workload knows about itself
-// (the planted needle keys of the synthetic generator).
+/// @file
+/// An evaluation problem: one layer's Q [Hq, n_q, d], K [Hkv, n_k, d], V [Hkv, n_k, dv] in fp32
+/// (queries are the last n_q of the n_k positions), plus what the workload knows about itself
+/// (the planted needle keys of the synthetic generator).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cmath>
@@ -18,11 +19,11 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
 
 struct Problem {
-  std::string name;                     // label in tables and JSON, e.g. "tinyllama/L3"
-  TensorView<const float> q, k, v;      // views into `storage` (or caller memory)
-  float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(d)
-  std::vector<index_t> needles;         // key positions the last query row must retrieve
-  std::shared_ptr<const void> storage;  // keeps the viewed memory alive (may be null)
+  std::string name;                     ///< label in tables and JSON, e.g. "tinyllama/L3"
+  TensorView<const float> q, k, v;      ///< views into `storage` (or caller memory)
+  float scale = std::numeric_limits<float>::quiet_NaN();  ///< NaN: 1 / sqrt(d)
+  std::vector<index_t> needles;         ///< key positions the last query row must retrieve
+  std::shared_ptr<const void> storage;  ///< keeps the viewed memory alive (may be null)
 
   index_t tokens() const { return k.tokens; }
   index_t q_offset() const { return k.tokens - q.tokens; }  // position of query row 0

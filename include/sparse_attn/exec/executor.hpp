@@ -1,17 +1,18 @@
-// The executor: how the library runs independent work items on the caller's threads.
-//
-// Every parallel loop of the library (kernel work items, selections, scoring, cache compaction)
-// is "call body(i, worker) for i in [0, n)": the items are independent, each writes its own
-// outputs, and the result does not depend on which worker runs which item or in what order, so
-// outputs are bit-identical for any executor and any thread count. An engine with its own thread
-// pool implements Executor (two functions) and passes it in the options; the default is OpenMP
-// when the includer compiles with it (exec/openmp.hpp), else the calling thread
-// (SerialExecutor). The library never opens a thread or a parallel region of its own otherwise.
-//
-// Exceptions: run_items() wraps the body, so an executor never sees one. The first exception
-// thrown by an item (a user mask predicate, a custom selector, std::bad_alloc) is kept, the items
-// not yet started are skipped, and it is rethrown on the calling thread after executor.run()
-// returns.
+/// @file
+/// The executor: how the library runs independent work items on the caller's threads.
+///
+/// Every parallel loop of the library (kernel work items, selections, scoring, cache compaction)
+/// is "call body(i, worker) for i in [0, n)": the items are independent, each writes its own
+/// outputs, and the result does not depend on which worker runs which item or in what order, so
+/// outputs are bit-identical for any executor and any thread count. An engine with its own thread
+/// pool implements Executor (two functions) and passes it in the options; the default is OpenMP
+/// when the includer compiles with it (exec/openmp.hpp), else the calling thread
+/// (SerialExecutor). The library never opens a thread or a parallel region of its own otherwise.
+///
+/// Exceptions: run_items() wraps the body, so an executor never sees one. The first exception
+/// thrown by an item (a user mask predicate, a custom selector, std::bad_alloc) is kept, the items
+/// not yet started are skipped, and it is rethrown on the calling thread after executor.run()
+/// returns.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <atomic>

@@ -1,5 +1,6 @@
-// The default executor when the includer compiles with OpenMP: one `omp parallel for` with dynamic
-// scheduling per run(). The only header of the library that includes <omp.h>.
+/// @file
+/// The default executor when the includer compiles with OpenMP: one `omp parallel for` with dynamic
+/// scheduling per run(). The only header of the library that includes <omp.h>.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/exec/executor.hpp"

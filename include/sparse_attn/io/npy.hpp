@@ -1,9 +1,10 @@
-// NumPy .npy files (https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html):
-// read format versions 1.0, 2.0 and 3.0; write 1.0 (2.0 only if the header outgrows 64 KiB).
-// Little-endian, C order only. dtypes: '<f4' (float32), '<f2' (float16), '<i4', '<i8'.
-// NumPy has no bfloat16: bf16 data travels as float32 and is rounded to bf16 by the consumer
-// (the `sparse-attn` tool's `--kv-dtype bf16` rounds K/V to nearest even before the kernel).
-// Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
+/// @file
+/// NumPy .npy files (https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html):
+/// read format versions 1.0, 2.0 and 3.0; write 1.0 (2.0 only if the header outgrows 64 KiB).
+/// Little-endian, C order only. dtypes: '<f4' (float32), '<f2' (float16), '<i4', '<i8'.
+/// NumPy has no bfloat16: bf16 data travels as float32 and is rounded to bf16 by the consumer
+/// (the `sparse-attn` tool's `--kv-dtype bf16` rounds K/V to nearest even before the kernel).
+/// Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -156,7 +157,7 @@ inline NpyExtent npy_extent(const std::string& where, const std::vector<index_t>
 struct NpyArray {
   std::string path;
   NpyDtype dtype = NpyDtype::f4;
-  std::vector<index_t> shape;  // () for a 0-d array
+  std::vector<index_t> shape;  ///< () for a 0-d array
   std::vector<float> f4;
   std::vector<fp16> f2;
   std::vector<std::int32_t> i4;

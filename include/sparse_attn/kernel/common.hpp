@@ -1,5 +1,6 @@
-// Pieces shared by the prefill and decode kernels: options, argument validation, and (for the
-// selections) K/V row access for any KV view type and aligned scratch.
+/// @file
+/// Pieces shared by the prefill and decode kernels: options, argument validation, and (for the
+/// selections) K/V row access for any KV view type and aligned scratch.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 
@@ -54,14 +55,14 @@ inline const char* precision_name(Precision p) {
 
 /// Options common to every kernel call.
 struct AttentionOptions {
-  float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1 / sqrt(head_dim)
-  int num_threads = 0;  // threads of the default executor (0: OpenMP's default); see executor
-  Executor* executor = nullptr;  // the caller's executor (not owned); nullptr: the default
-  LseView lse{};  // optional [Hq, n_q] log-sum-exp of the scaled logits (natural log)
+  float scale = std::numeric_limits<float>::quiet_NaN();  ///< NaN: 1 / sqrt(head_dim)
+  int num_threads = 0;  ///< threads of the default executor (0: OpenMP's default); see executor
+  Executor* executor = nullptr;  ///< the caller's executor (not owned); nullptr: the default
+  LseView lse{};  ///< optional [Hq, n_q] log-sum-exp of the scaled logits (natural log)
   /// Optional [Hkv, n_k] attention mass per key (KeyMassView), computed in the same pass over K:
   /// the plan sizes extra workspace for it only when data != nullptr (see docs/DESIGN.md).
   KeyMassView key_mass{};
-  Precision precision = Precision::automatic;  // of the Q K^T and P V products (see Precision)
+  Precision precision = Precision::automatic;  ///< of the Q K^T and P V products (see Precision)
 
   ExecutorChoice executor_choice() const { return {executor, num_threads}; }
 };

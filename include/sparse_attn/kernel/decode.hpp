@@ -1,35 +1,36 @@
-// Split-KV flash decoding: a few new query tokens against a long KV cache, over any key subset,
-// as plan + run.
-//
-// Rows sharing a key list are packed: with a per-KV-head (or dense) selection the G query heads of
-// a group x the n_q new tokens form one row group, so every K/V byte is read once per group. The
-// group's key list is cut into chunks of `split` keys (independent of the thread count, so results
-// are bit-identical for any executor); each (group, chunk) item computes a partial online-softmax
-// state (o, m, l) into the workspace, and the partials of a row are merged exactly, in chunk order
-// (OnlineSoftmax::merge).
-//
-// Plan / run: plan_decode(shape, keys, options) validates the selection, cuts the items and sizes
-// the workspace: items x padded rows x (dv + 2) floats of partial states, plus concurrency x one
-// item's scratch (~(rows + 64) x (d + dv) floats). run allocates nothing and writes out and LSE
-// only in its last phase, after every item has succeeded. A plan stays valid while the shape
-// (n_k included: it grows with every decoded token), the key selection's per-unit lengths, the
-// options and the executor's concurrency (<= the plan's) stay the same; a decode loop plans each
-// step (O(units + items), no K/V access) and may keep one workspace of the largest size.
-//
-// Key mass (options.key_mass, optional): each item also keeps its rows' logits (R x its keys,
-// sized by the plan only when requested); after the merge, a pass over them gives each key's
-// probability e^{s - m} / l summed over the rows of the unit, and the units of a KV head are
-// scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
-// re-read; O(R x keys) exps.
-//
-// Products (AttentionOptions::precision, kernel/common.hpp): fp32, or bf16 (the default when q, K
-// and V are all bf16): q and P rounded to bf16, the scale applied to the fp32 sum q . k; vdpbf16ps
-// on AVX512-BF16 for contiguous rows with head dims a multiple of 32, the same roundings emulated
-// with fp32 FMAs elsewhere (arch/detail/decode_body-inl.hpp). The plan records the precision.
-//
-// Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
-// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
-// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
+/// @file
+/// Split-KV flash decoding: a few new query tokens against a long KV cache, over any key subset,
+/// as plan + run.
+///
+/// Rows sharing a key list are packed: with a per-KV-head (or dense) selection the G query heads of
+/// a group x the n_q new tokens form one row group, so every K/V byte is read once per group. The
+/// group's key list is cut into chunks of `split` keys (independent of the thread count, so results
+/// are bit-identical for any executor); each (group, chunk) item computes a partial online-softmax
+/// state (o, m, l) into the workspace, and the partials of a row are merged exactly, in chunk order
+/// (OnlineSoftmax::merge).
+///
+/// Plan / run: plan_decode(shape, keys, options) validates the selection, cuts the items and sizes
+/// the workspace: items x padded rows x (dv + 2) floats of partial states, plus concurrency x one
+/// item's scratch (~(rows + 64) x (d + dv) floats). run allocates nothing and writes out and LSE
+/// only in its last phase, after every item has succeeded. A plan stays valid while the shape
+/// (n_k included: it grows with every decoded token), the key selection's per-unit lengths, the
+/// options and the executor's concurrency (<= the plan's) stay the same; a decode loop plans each
+/// step (O(units + items), no K/V access) and may keep one workspace of the largest size.
+///
+/// Key mass (options.key_mass, optional): each item also keeps its rows' logits (R x its keys,
+/// sized by the plan only when requested); after the merge, a pass over them gives each key's
+/// probability e^{s - m} / l summed over the rows of the unit, and the units of a KV head are
+/// scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
+/// re-read; O(R x keys) exps.
+///
+/// Products (AttentionOptions::precision, kernel/common.hpp): fp32, or bf16 (the default when q, K
+/// and V are all bf16): q and P rounded to bf16, the scale applied to the fp32 sum q . k; vdpbf16ps
+/// on AVX512-BF16 for contiguous rows with head dims a multiple of 32, the same roundings emulated
+/// with fp32 FMAs elsewhere (arch/detail/decode_body-inl.hpp). The plan records the precision.
+///
+/// Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
+/// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
+/// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -48,7 +49,7 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 /// and V are all bf16: vdpbf16ps on AVX512-BF16 CPUs, the same roundings emulated elsewhere).
 struct DecodeOptions : AttentionOptions {
   bool causal = true;
-  index_t split = 512;  // keys per split-KV chunk (>= 16)
+  index_t split = 512;  ///< keys per split-KV chunk (>= 16)
 };
 
 class DecodePlan;
@@ -91,10 +92,10 @@ class DecodePlan {
   index_t split_ = 512;
   index_t units_ = 0, R_ = 0, Rp_ = 0, dp_ = 0, dvp_ = 0;
   std::vector<Item> items_;
-  std::vector<index_t> first_item_;  // items of unit u: [first_item[u], first_item[u + 1])
-  std::vector<index_t> unit_keys_;   // keys read by each unit
-  std::vector<index_t> item_logits_;  // key mass: offset (floats) of each item's [R][ld] logits
-  index_t mass_logits_ = 0;           // key mass: floats of all items' logits
+  std::vector<index_t> first_item_;  ///< items of unit u: [first_item[u], first_item[u + 1])
+  std::vector<index_t> unit_keys_;   ///< keys read by each unit
+  std::vector<index_t> item_logits_;  ///< key mass: offset (floats) of each item's [R][ld] logits
+  index_t mass_logits_ = 0;           ///< key mass: floats of all items' logits
   std::size_t partial_bytes_ = 0, map_bytes_ = 0, scratch_bytes_ = 0, mass_bytes_ = 0;
 };
 

@@ -1,35 +1,36 @@
-// Tiled flash-attention prefill over any mask of the common interface (mask/block_mask.hpp), as
-// plan + run.
-//
-// Work item = (KV head, query block): the G query heads of a GQA group are processed together so a
-// K/V block is converted once and reused by every head of the group (when the mask is the same for
-// all heads). For each visited key block: S = Q K^T * scale (micro-kernel), masked on partial
-// blocks, online softmax (kernel/softmax_state.hpp), O += P V. The plan sorts the items by their
-// block count, heaviest first, so causal and sparse rows of unequal work stay balanced on any
-// executor. Each item is computed by one worker in a fixed order, so the output bits do not
-// depend on the executor or its thread count.
-//
-// Plan / run: plan_prefill(shape, mask, options) walks the mask once (O(listed blocks)), picks
-// the CPU target, and sizes the workspace: concurrency x one item's scratch (G x (d + dv + 2) x
-// block_q + block_k x (block_q + d + 2 dv) floats), plus, for masks whose allowed_in_block() may throw, the
-// partial blocks' element bits. run allocates nothing, and writes nothing before every check and
-// every call of the mask's predicate has passed: a predicate that is not noexcept is evaluated
-// into the workspace first, so an exception from it leaves out and LSE untouched.
-// A plan stays valid for any call with the same shape, the same mask (or one with the same block
-// lists, e.g. the same pattern in another layer), executor concurrency <= the plan's, and the same
-// target; rebuild it when any of those changes.
-//
-// Key mass (options.key_mass, optional): an item whose query block holds rows >= row_begin also
-// keeps those rows' logits (per worker: G x n_k x min(block_q, n_q - row_begin) floats, sized by
-// the plan only when requested); when the item is done, their probabilities e^{s - m} / l are
-// summed per key and added to per-(KV head, key) sums in fixed point (2^-shift units, shift from
-// G x rows), so the result does not depend on which worker finished first; a last pass converts
-// them into key_mass [Hkv][n_k]. No K re-read.
-// Output: out[h, i] = softmax over allowed keys, or 0 for a row with no allowed key.
-// LSE (optional): lse[h, i] = log sum_{allowed j} exp(scale * q_i . k_j) (natural log), -inf for an
-// empty row.
-// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in q_i or in the K row of a key row i may see makes
-// row i NaN (and its LSE); a non-finite V element reaches only the rows allowed to see its key.
+/// @file
+/// Tiled flash-attention prefill over any mask of the common interface (mask/block_mask.hpp), as
+/// plan + run.
+///
+/// Work item = (KV head, query block): the G query heads of a GQA group are processed together so a
+/// K/V block is converted once and reused by every head of the group (when the mask is the same for
+/// all heads). For each visited key block: S = Q K^T * scale (micro-kernel), masked on partial
+/// blocks, online softmax (kernel/softmax_state.hpp), O += P V. The plan sorts the items by their
+/// block count, heaviest first, so causal and sparse rows of unequal work stay balanced on any
+/// executor. Each item is computed by one worker in a fixed order, so the output bits do not
+/// depend on the executor or its thread count.
+///
+/// Plan / run: plan_prefill(shape, mask, options) walks the mask once (O(listed blocks)), picks
+/// the CPU target, and sizes the workspace: concurrency x one item's scratch (G x (d + dv + 2) x
+/// block_q + block_k x (block_q + d + 2 dv) floats), plus, for masks whose allowed_in_block() may throw, the
+/// partial blocks' element bits. run allocates nothing, and writes nothing before every check and
+/// every call of the mask's predicate has passed: a predicate that is not noexcept is evaluated
+/// into the workspace first, so an exception from it leaves out and LSE untouched.
+/// A plan stays valid for any call with the same shape, the same mask (or one with the same block
+/// lists, e.g. the same pattern in another layer), executor concurrency <= the plan's, and the same
+/// target; rebuild it when any of those changes.
+///
+/// Key mass (options.key_mass, optional): an item whose query block holds rows >= row_begin also
+/// keeps those rows' logits (per worker: G x n_k x min(block_q, n_q - row_begin) floats, sized by
+/// the plan only when requested); when the item is done, their probabilities e^{s - m} / l are
+/// summed per key and added to per-(KV head, key) sums in fixed point (2^-shift units, shift from
+/// G x rows), so the result does not depend on which worker finished first; a last pass converts
+/// them into key_mass [Hkv][n_k]. No K re-read.
+/// Output: out[h, i] = softmax over allowed keys, or 0 for a row with no allowed key.
+/// LSE (optional): lse[h, i] = log sum_{allowed j} exp(scale * q_i . k_j) (natural log), -inf for an
+/// empty row.
+/// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in q_i or in the K row of a key row i may see makes
+/// row i NaN (and its LSE); a non-finite V element reaches only the rows allowed to see its key.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -93,22 +94,22 @@ class PrefillPlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   index_t ldq_ = 0, bk_ = 0;
-  index_t tiles_ = 1;  // query blocks per work item (see plan_prefill)
+  index_t tiles_ = 1;  ///< query blocks per work item (see plan_prefill)
   bool key_mass_ = false;
   Precision precision_ = Precision::automatic;
   bool bf16_ = false;
-  // bf16 products with native dot products: V packed as pairs once per call, per (KV head, key
-  // block): pack_words_ 32-bit words each, then one non-finite flag byte per block.
+  /// bf16 products with native dot products: V packed as pairs once per call, per (KV head, key
+  /// block): pack_words_ 32-bit words each, then one non-finite flag byte per block.
   index_t pack_words_ = 0;
   std::size_t pack_bytes_ = 0;
-  index_t mass_row_begin_ = 0, mass_ld_ = 0;  // key mass: first row counted, kept rows per tile (padded)
-  std::size_t mass_bytes_ = 0;                // key mass: the fixed-point sums [Hkv][n_k]
-  std::vector<index_t> order_;  // items (hk * groups + query block group), heaviest first
+  index_t mass_row_begin_ = 0, mass_ld_ = 0;  ///< key mass: first row counted, kept rows per tile (padded)
+  std::size_t mass_bytes_ = 0;                ///< key mass: the fixed-point sums [Hkv][n_k]
+  std::vector<index_t> order_;  ///< items (hk * groups + query block group), heaviest first
   std::size_t scratch_bytes_ = 0, bits_bytes_ = 0;
-  // Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
-  // element bits run() evaluates into the workspace before any output is written.
+  /// Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
+  /// element bits run() evaluates into the workspace before any output is written.
   bool precompute_ = false;
-  index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
+  index_t bit_words_ = 0;  ///< 64-bit words per partial block (block_q x block_k bits)
   std::vector<index_t> partial_offsets_;
   std::vector<std::int32_t> partial_blocks_;
 };

@@ -1,14 +1,15 @@
-// The online-softmax state, and exact merging of partial attention results.
-//
-// Over a stream of logit blocks of one row, the state keeps m = max of the logits seen and
-// l = sum_j e^{s_j - m}. A new block moves m to m' = max(m, max_j s_j), rescales l (and the row's
-// output accumulator) by alpha = e^{m - m'}, and adds sum_j e^{s_j - m'}; at the end
-// o = acc / l and lse = m + log l. Every kernel follows this rule: the prefill micro-kernel and
-// the decode kernel vectorise it over rows (arch/), the decode chunk merge, eviction scoring and
-// the selections call OnlineSoftmax directly.
-// A partial result over a key subset K_a is (o_a, lse_a) with o_a = sum_{j in K_a} e^{s_j} v_j /
-// sum_{j in K_a} e^{s_j} and lse_a = log sum_{j in K_a} e^{s_j}. For disjoint subsets the union is
-// o = w_a o_a + w_b o_b with w_x = e^{lse_x - lse}, lse = log(e^{lse_a} + e^{lse_b}).
+/// @file
+/// The online-softmax state, and exact merging of partial attention results.
+///
+/// Over a stream of logit blocks of one row, the state keeps m = max of the logits seen and
+/// l = sum_j e^{s_j - m}. A new block moves m to m' = max(m, max_j s_j), rescales l (and the row's
+/// output accumulator) by alpha = e^{m - m'}, and adds sum_j e^{s_j - m'}; at the end
+/// o = acc / l and lse = m + log l. Every kernel follows this rule: the prefill micro-kernel and
+/// the decode kernel vectorise it over rows (arch/), the decode chunk merge, eviction scoring and
+/// the selections call OnlineSoftmax directly.
+/// A partial result over a key subset K_a is (o_a, lse_a) with o_a = sum_{j in K_a} e^{s_j} v_j /
+/// sum_{j in K_a} e^{s_j} and lse_a = log sum_{j in K_a} e^{s_j}. For disjoint subsets the union is
+/// o = w_a o_a + w_b o_b with w_x = e^{lse_x - lse}, lse = log(e^{lse_a} + e^{lse_b}).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -28,8 +29,8 @@ inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 /// and l = sum of e^{s - m}. A NaN logit is not a masked one: m ignores it, l becomes NaN, and the
 /// row's output and LSE come out NaN (docs/ROBUSTNESS.md).
 struct OnlineSoftmax {
-  float m = kNegInf;  // running max of the logits
-  float l = 0.0f;     // running sum of e^{s - m}
+  float m = kNegInf;  ///< running max of the logits
+  float l = 0.0f;     ///< running sum of e^{s - m}
 
   /// What one update did: alpha = e^{m_old - m_new} (the factor for the row's accumulator), and
   /// whether the row has any weight so far (false: every logit was -inf, nothing to accumulate).

@@ -1,4 +1,5 @@
-// Traits of the K/V view types the kernels accept (TensorView, kv::PagedView, ...).
+/// @file
+/// Traits of the K/V view types the kernels accept (TensorView, kv::PagedView, ...).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <type_traits>

@@ -1,4 +1,5 @@
-// Caller-provided memory for a kernel run, and the shape a plan is made for.
+/// @file
+/// Caller-provided memory for a kernel run, and the shape a plan is made for.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstddef>

@@ -1,24 +1,25 @@
-// Per-layer KV cache: logically K [Hkv, tokens, d] and V [Hkv, tokens, dv] in fp32, bf16 or fp16.
-//
-// - Storage: contiguous (head-major [Hkv][capacity][d]) or paged (pages of P tokens, one page table
-//   per KV head or one shared by all heads). Capacity is reserved up front: appends and evictions
-//   never reallocate; a paged cache takes pages from a free list and returns them on eviction.
-// - keys() / values() are views the decode and prefill kernels read in place (TensorView for
-//   contiguous storage, kv::PagedView for paged storage).
-// - Quest metadata: for every KV head and page of P tokens, the elementwise min and max of its keys
-//   (stored in T: min/max of T values are exact in T), maintained on every append (the last page
-//   may be partial) and recomputed for the pages an eviction rewrites.
-// - Eviction (retain) compacts each head in place; kept tokens stay in position order. Heads may
-//   then hold different lengths (Ada-SnapKV): length(h) is per head, the views span max_length(),
-//   and selection() restricts each head to its own [0, length(h)).
-// - Positions are never re-indexed: keys are stored after RoPE, so slot i of head h keeps the
-//   absolute position position(h, i) it was appended at; a new token gets position
-//   sequence_length() (tokens ever appended), whatever was evicted before it.
-// - Failures: an append or retain that throws leaves the cache as it was; undo_append(m) takes back
-//   the last append while nothing was evicted after it (a decode step whose selection failed),
-//   pages included (the free list is as before the append). Sizes are checked: a cache whose
-//   arrays overflow int64 or a vector throws invalid_argument; one too large to allocate,
-//   std::bad_alloc.
+/// @file
+/// Per-layer KV cache: logically K [Hkv, tokens, d] and V [Hkv, tokens, dv] in fp32, bf16 or fp16.
+///
+/// - Storage: contiguous (head-major [Hkv][capacity][d]) or paged (pages of P tokens, one page table
+///   per KV head or one shared by all heads). Capacity is reserved up front: appends and evictions
+///   never reallocate; a paged cache takes pages from a free list and returns them on eviction.
+/// - keys() / values() are views the decode and prefill kernels read in place (TensorView for
+///   contiguous storage, kv::PagedView for paged storage).
+/// - Quest metadata: for every KV head and page of P tokens, the elementwise min and max of its keys
+///   (stored in T: min/max of T values are exact in T), maintained on every append (the last page
+///   may be partial) and recomputed for the pages an eviction rewrites.
+/// - Eviction (retain) compacts each head in place; kept tokens stay in position order. Heads may
+///   then hold different lengths (Ada-SnapKV): length(h) is per head, the views span max_length(),
+///   and selection() restricts each head to its own [0, length(h)).
+/// - Positions are never re-indexed: keys are stored after RoPE, so slot i of head h keeps the
+///   absolute position position(h, i) it was appended at; a new token gets position
+///   sequence_length() (tokens ever appended), whatever was evicted before it.
+/// - Failures: an append or retain that throws leaves the cache as it was; undo_append(m) takes back
+///   the last append while nothing was evicted after it (a decode step whose selection failed),
+///   pages included (the free list is as before the append). Sizes are checked: a cache whose
+///   arrays overflow int64 or a vector throws invalid_argument; one too large to allocate,
+///   std::bad_alloc.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -46,11 +47,11 @@ enum class PageTable { per_kv_head, shared };
 struct CacheOptions {
   index_t kv_heads = 0;
   index_t head_dim = 0;
-  index_t value_dim = 0;   // 0: same as head_dim
-  index_t capacity = 0;    // tokens per KV head, reserved up front
-  index_t page_size = 16;  // P: Quest metadata pages, and storage pages of a paged cache
-  PageTable page_table = PageTable::per_kv_head;  // paged layout only
-  bool key_bounds = true;                         // maintain per-page key min/max (needed by Quest)
+  index_t value_dim = 0;   ///< 0: same as head_dim
+  index_t capacity = 0;    ///< tokens per KV head, reserved up front
+  index_t page_size = 16;  ///< P: Quest metadata pages, and storage pages of a paged cache
+  PageTable page_table = PageTable::per_kv_head;  ///< paged layout only
+  bool key_bounds = true;                         ///< maintain per-page key min/max (needed by Quest)
 };
 
 template <class T, Layout L = Layout::contiguous>
@@ -304,8 +305,8 @@ class Cache {
   std::size_t reserved_bytes() const { return (k_.size() + v_.size() + meta_.size()) * sizeof(T); }
 
  private:
-  // Elements of an array of `factors` (name, value; each >= 1), checked: the product must fit
-  // int64, its bytes int64 too, and a std::vector of U must be able to hold it.
+  /// Elements of an array of `factors` (name, value; each >= 1), checked: the product must fit
+  /// int64, its bytes int64 too, and a std::vector of U must be able to hold it.
   struct Factor {
     const char* name;
     index_t value;
@@ -329,11 +330,11 @@ class Cache {
     return static_cast<std::size_t>(n);
   }
 
-  // Floats of scratch a head's append, compaction or bounds update needs: one row of K or V, or
-  // the row, min and max of update_bounds().
+  /// Floats of scratch a head's append, compaction or bounds update needs: one row of K or V, or
+  /// the row, min and max of update_bounds().
   std::size_t scratch_floats() const { return static_cast<std::size_t>(std::max(dv_, 3 * d_)); }
 
-  // retain(h, ...) after its check; scratch: scratch_floats().
+  /// retain(h, ...) after its check; scratch: scratch_floats().
   void retain_head(index_t h, const index_t* slots, index_t count, float* scratch) {
     index_t first = count;  // first slot whose content changes
     for (index_t i = 0; i < count; ++i)
@@ -359,10 +360,10 @@ class Cache {
     if constexpr (paged) release_pages();
   }
 
-  // After rows past every head's length were written (an append that failed, or one undone):
-  // recomputes the key bounds of each head's last, partial page from its rows (min and max are
-  // exact and taken in slot order, so they equal the bounds before those rows came) and returns
-  // the pages no head needs. Rows and pages past the lengths are unreachable.
+  /// After rows past every head's length were written (an append that failed, or one undone):
+  /// recomputes the key bounds of each head's last, partial page from its rows (min and max are
+  /// exact and taken in slot order, so they equal the bounds before those rows came) and returns
+  /// the pages no head needs. Rows and pages past the lengths are unreachable.
   void restore_tail(float* scratch) {
     if (opt_.key_bounds)
       for (index_t h = 0; h < H_; ++h)
@@ -416,7 +417,7 @@ class Cache {
   T* krow(index_t h, index_t t) { return row_of(k_.data(), d_, kpage_, h, t); }
   T* vrow(index_t h, index_t t) { return row_of(v_.data(), dv_, vpage_, h, t); }
 
-  // Moves `run` consecutive rows of head h from slot src to slot dst <= src (K and V).
+  /// Moves `run` consecutive rows of head h from slot src to slot dst <= src (K and V).
   void move_rows(index_t h, index_t src, index_t dst, index_t run) {
     if (src == dst) return;
     std::memmove(static_cast<void*>(krow(h, dst)), krow(h, src),
@@ -425,9 +426,9 @@ class Cache {
                  sizeof(T) * static_cast<std::size_t>(run * dv_));
   }
 
-  // Recomputes (or, for appends, extends) the key bounds of pages [p0, p1) of head h, whose
-  // tokens are slots [p * P, min((p + 1) * P, len)). An append extends a partial first page from
-  // its stored bounds; a rewrite recomputes every page from its rows. scratch: 3d floats.
+  /// Recomputes (or, for appends, extends) the key bounds of pages [p0, p1) of head h, whose
+  /// tokens are slots [p * P, min((p + 1) * P, len)). An append extends a partial first page from
+  /// its stored bounds; a rewrite recomputes every page from its rows. scratch: 3d floats.
   void update_bounds(index_t h, index_t p0, index_t p1, index_t len, float* scratch,
                      bool rewrite = false) {
     float* row = scratch;
@@ -458,7 +459,7 @@ class Cache {
     }
   }
 
-  // Paged: allocates the pages the next m tokens of every head need.
+  /// Paged: allocates the pages the next m tokens of every head need.
   void reserve_pages(index_t m) {
     for (index_t tb = 0; tb < static_cast<index_t>(used_.size()); ++tb) {
       const index_t need_tokens = shared_ ? max_length() + m : length(tb) + m;
@@ -470,9 +471,9 @@ class Cache {
       }
     }
   }
-  // Paged: returns pages no head needs any more to the free list (last page first). undo: tables
-  // in reverse order, so that releasing what reserve_pages() just took leaves the free list (and
-  // the pages the next append takes) exactly as they were.
+  /// Paged: returns pages no head needs any more to the free list (last page first). undo: tables
+  /// in reverse order, so that releasing what reserve_pages() just took leaves the free list (and
+  /// the pages the next append takes) exactly as they were.
   void release_pages(bool undo = false) {
     const index_t tables = static_cast<index_t>(used_.size());
     for (index_t i = 0; i < tables; ++i) {
@@ -491,15 +492,15 @@ class Cache {
   index_t H_ = 0, d_ = 0, dv_ = 0, cap_ = 0, P_ = 1, max_pages_ = 0;
   std::vector<index_t> len_;
   index_t seq_ = 0;
-  std::vector<index_t> pos_;         // [Hkv][capacity] absolute positions
-  std::vector<T> meta_;              // [Hkv][max_pages][2][d] key min, key max
-  kernel::aligned_vector<T> k_, v_;  // contiguous: [Hkv][capacity][d]; paged: pages
-  // Paged layout only.
+  std::vector<index_t> pos_;         ///< [Hkv][capacity] absolute positions
+  std::vector<T> meta_;              ///< [Hkv][max_pages][2][d] key min, key max
+  kernel::aligned_vector<T> k_, v_;  ///< contiguous: [Hkv][capacity][d]; paged: pages
+  /// Paged layout only.
   bool shared_ = false;
   index_t kpage_ = 0, vpage_ = 0, null_page_ = 0;
-  std::vector<index_t> table_;  // [tables][max_pages] physical page ids
-  std::vector<index_t> used_;   // pages allocated per table
-  std::vector<index_t> free_;   // free physical pages (a stack)
+  std::vector<index_t> table_;  ///< [tables][max_pages] physical page ids
+  std::vector<index_t> used_;   ///< pages allocated per table
+  std::vector<index_t> free_;   ///< free physical pages (a stack)
 };
 
 template <class T>

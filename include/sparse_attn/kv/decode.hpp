@@ -1,12 +1,13 @@
-// Decode against a kv::Cache with the core kernel, and the step's measured density.
-//
-// decode(q, cache, out, keys, opt) is the cache form of the kernel's decode(q, k, v, out, keys,
-// opt) (kernel/decode.hpp): the newest n_q tokens (already appended) attend to the cache
-// restricted to a KeySelection. With equal head lengths this is one kernel call over the cache's
-// views, and every option (the LSE, the per-key mass output) passes through unchanged. After
-// an uneven eviction (Ada-SnapKV) head h holds length(h) tokens and its newest token sits at slot
-// length(h) - 1; a single token attends to [0, length(h)) of its head (cache.selection()), and
-// several tokens are run one at a time so each sees exactly its own head's causal prefix.
+/// @file
+/// Decode against a kv::Cache with the core kernel, and the step's measured density.
+///
+/// decode(q, cache, out, keys, opt) is the cache form of the kernel's decode(q, k, v, out, keys,
+/// opt) (kernel/decode.hpp): the newest n_q tokens (already appended) attend to the cache
+/// restricted to a KeySelection. With equal head lengths this is one kernel call over the cache's
+/// views, and every option (the LSE, the per-key mass output) passes through unchanged. After
+/// an uneven eviction (Ada-SnapKV) head h holds length(h) tokens and its newest token sits at slot
+/// length(h) - 1; a single token attends to [0, length(h)) of its head (cache.selection()), and
+/// several tokens are run one at a time so each sees exactly its own head's causal prefix.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -24,9 +25,9 @@ namespace kv {
 /// Density of one decode call. CR = dense_pairs / pairs, where dense_pairs is what dense causal
 /// attention over the whole (uncompressed) sequence computes, so eviction counts as sparsity.
 struct DecodeStats {
-  index_t pairs = 0;        // (query row, key) pairs computed, summed over query heads and rows
-  index_t dense_pairs = 0;  // pairs of dense causal attention over sequence_length() keys
-  index_t kv_rows = 0;      // K (and V) rows read: once per unit (KV head, or query head)
+  index_t pairs = 0;        ///< (query row, key) pairs computed, summed over query heads and rows
+  index_t dense_pairs = 0;  ///< pairs of dense causal attention over sequence_length() keys
+  index_t kv_rows = 0;      ///< K (and V) rows read: once per unit (KV head, or query head)
   double compression() const {
     if (pairs == 0) return dense_pairs == 0 ? 1.0 : std::numeric_limits<double>::infinity();
     return static_cast<double>(dense_pairs) / static_cast<double>(pairs);
@@ -38,7 +39,7 @@ struct DecodeStats {
 };
 
 namespace detail {
-// Unit u's ranges clipped to [0, limit). `all` stands for [0, length) of the unit's head.
+/// Unit u's ranges clipped to [0, limit). `all` stands for [0, length) of the unit's head.
 inline void clip_ranges(const KeySelection& keys, index_t u, index_t length, index_t limit,
                         std::vector<KeyRange>& outr) {
   outr.clear();

@@ -1,10 +1,11 @@
-// What every eviction method shares: the plan it produces (kept slots per KV head, the scores
-// that chose them, the selection statistics), deterministic "keep forced + top-k" selection,
-// applying a plan to a cache, and the attention-probability column scores that SnapKV,
-// Ada-SnapKV and H2O rank tokens by when no kernel-emitted key mass is at hand.
-//
-// Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
-// apply() (or cache.retain(plan.keep)) compacts the cache in place.
+/// @file
+/// What every eviction method shares: the plan it produces (kept slots per KV head, the scores
+/// that chose them, the selection statistics), deterministic "keep forced + top-k" selection,
+/// applying a plan to a cache, and the attention-probability column scores that SnapKV,
+/// Ada-SnapKV and H2O rank tokens by when no kernel-emitted key mass is at hand.
+///
+/// Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
+/// apply() (or cache.retain(plan.keep)) compacts the cache in place.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
@@ -39,10 +40,10 @@ namespace kv {
 /// compression against keeping everything ever appended; target, reachable, select_ms and
 /// detail (the resolved budget, e.g. "c=410 per head") as for every selection.
 struct EvictionPlan {
-  std::vector<std::vector<index_t>> keep;  // per KV head: kept slots, ascending (position order)
-  std::vector<float> scores;  // [Hkv][score_stride] method's score per slot (may be empty)
+  std::vector<std::vector<index_t>> keep;  ///< per KV head: kept slots, ascending (position order)
+  std::vector<float> scores;  ///< [Hkv][score_stride] method's score per slot (may be empty)
   index_t score_stride = 0;
-  bool dense = false;  // the budget covers the cache: nothing is evicted
+  bool dense = false;  ///< the budget covers the cache: nothing is evicted
   methods::SelectionStats stats;
 
   const float* head_scores(index_t h) const { return scores.data() + h * score_stride; }

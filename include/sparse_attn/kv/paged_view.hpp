@@ -1,15 +1,16 @@
-// A read-only view of a paged KV store as logical [heads, tokens, dim]: token t of head h lives in
-// physical page table[h * table_stride_head + t / P], at row t % P. It exposes the accessors the
-// kernels use (value_type, heads, tokens, dim, stride_dim, row(h, t)), so decode() and prefill()
-// read a paged cache in place, one pointer computation per key row and no copy.
-//
-// Physical page layout: page_stride elements per page; inside a page, head h starts at
-// h * head_stride (0 when every head has its own page table) and row s at s * row_stride.
-//
-// Every kernel validates a PagedView it is given (validate_view below): extents, pointers,
-// strides, and every page-table entry a logical token [0, tokens) maps to must name one of the
-// pool's `pool_pages` pages. That is O(heads x tokens / P) per call, a small fraction of reading
-// the keys. What stays the caller's: the pool really holds pool_pages x page_stride elements.
+/// @file
+/// A read-only view of a paged KV store as logical [heads, tokens, dim]: token t of head h lives in
+/// physical page table[h * table_stride_head + t / P], at row t % P. It exposes the accessors the
+/// kernels use (value_type, heads, tokens, dim, stride_dim, row(h, t)), so decode() and prefill()
+/// read a paged cache in place, one pointer computation per key row and no copy.
+///
+/// Physical page layout: page_stride elements per page; inside a page, head h starts at
+/// h * head_stride (0 when every head has its own page table) and row s at s * row_stride.
+///
+/// Every kernel validates a PagedView it is given (validate_view below): extents, pointers,
+/// strides, and every page-table entry a logical token [0, tokens) maps to must name one of the
+/// pool's `pool_pages` pages. That is O(heads x tokens / P) per call, a small fraction of reading
+/// the keys. What stays the caller's: the pool really holds pool_pages x page_stride elements.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <type_traits>
@@ -23,15 +24,15 @@ namespace kv {
 template <class T>
 struct PagedView {
   using value_type = std::remove_const_t<T>;
-  T* pool = nullptr;               // physical pages
-  const index_t* table = nullptr;  // logical page -> physical page
+  T* pool = nullptr;               ///< physical pages
+  const index_t* table = nullptr;  ///< logical page -> physical page
   index_t heads = 0, tokens = 0, dim = 0;
-  index_t page_size = 1;          // P: tokens per page
-  index_t table_stride_head = 0;  // 0: one page table shared by every head
-  index_t page_stride = 0;        // elements per physical page
-  index_t head_stride = 0;        // offset of head h inside a shared page = h * head_stride
-  index_t row_stride = 0;         // elements between consecutive tokens of a page
-  index_t pool_pages = 0;         // physical pages in the pool: table entries are in [0, pool_pages)
+  index_t page_size = 1;          ///< P: tokens per page
+  index_t table_stride_head = 0;  ///< 0: one page table shared by every head
+  index_t page_stride = 0;        ///< elements per physical page
+  index_t head_stride = 0;        ///< offset of head h inside a shared page = h * head_stride
+  index_t row_stride = 0;         ///< elements between consecutive tokens of a page
+  index_t pool_pages = 0;         ///< physical pages in the pool: table entries are in [0, pool_pages)
   static constexpr index_t stride_dim = 1;
 
   T* row(index_t h, index_t t) const {

@@ -1,26 +1,27 @@
-// THE common sparsity interface. A prefill mask answers, per query head h and query block qb:
-// which key blocks to visit (ascending), and for each whether every element is allowed (full) or
-// an element predicate must be evaluated (partial). Kernels are templated on the mask type, so
-// closed-form patterns (patterns.hpp) compile to arithmetic and index-list masks (BlockListMask,
-// below) pay one indirection per block, never per element.
-//
-// A mask type M provides:
-//   const MaskShape& shape() const;
-//   bool head_shared() const;                  // same pattern for every query head
-//   template <class F> void for_each_block(index_t h, index_t qb, F&& f) const;
-//                                              // f(index_t kb, bool full), kb ascending
-//   bool allowed_in_block(index_t h, index_t qi, index_t kj) const;
-//                                              // element test the kernel evaluates inside a
-//                                              // listed partial block (only asked there)
-//   bool allowed(index_t h, index_t qi, index_t kj) const;
-//                                              // exact query: does the kernel compute the pair
-//                                              // (listed block, and full or allowed_in_block)
-//   index_t pairs() const;                     // allowed (query, key) pairs over all heads
-// allowed() answers for exactly the pairs the kernel computes (so a mask dumped through it, or
-// through to_dense, is the mask that runs); allowed_in_block() may answer true for pairs of
-// blocks that are not listed, it is never asked about them.
-// Query index qi is in [0, n_q); its absolute position is qi + n_k - n_q (queries are a suffix of
-// the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
+/// @file
+/// THE common sparsity interface. A prefill mask answers, per query head h and query block qb:
+/// which key blocks to visit (ascending), and for each whether every element is allowed (full) or
+/// an element predicate must be evaluated (partial). Kernels are templated on the mask type, so
+/// closed-form patterns (patterns.hpp) compile to arithmetic and index-list masks (BlockListMask,
+/// below) pay one indirection per block, never per element.
+///
+/// A mask type M provides:
+///   const MaskShape& shape() const;
+///   bool head_shared() const;                  // same pattern for every query head
+///   template <class F> void for_each_block(index_t h, index_t qb, F&& f) const;
+///                                              // f(index_t kb, bool full), kb ascending
+///   bool allowed_in_block(index_t h, index_t qi, index_t kj) const;
+///                                              // element test the kernel evaluates inside a
+///                                              // listed partial block (only asked there)
+///   bool allowed(index_t h, index_t qi, index_t kj) const;
+///                                              // exact query: does the kernel compute the pair
+///                                              // (listed block, and full or allowed_in_block)
+///   index_t pairs() const;                     // allowed (query, key) pairs over all heads
+/// allowed() answers for exactly the pairs the kernel computes (so a mask dumped through it, or
+/// through to_dense, is the mask that runs); allowed_in_block() may answer true for pairs of
+/// blocks that are not listed, it is never asked about them.
+/// Query index qi is in [0, n_q); its absolute position is qi + n_k - n_q (queries are a suffix of
+/// the keys, as in chunked prefill). Query blocks tile [0, n_q); key blocks tile [0, n_k).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -39,15 +40,15 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Geometry every mask shares.
 struct MaskShape {
-  index_t heads = 1;      // query heads the mask is defined for
-  index_t n_q = 0;        // queries (a suffix of the keys)
-  index_t n_k = 0;        // keys
-  index_t block_q = 64;   // query block (kernel tile) size
-  index_t block_k = 64;   // key block size
-  bool causal = true;     // key j visible to query i only if j <= position(i)
+  index_t heads = 1;      ///< query heads the mask is defined for
+  index_t n_q = 0;        ///< queries (a suffix of the keys)
+  index_t n_k = 0;        ///< keys
+  index_t block_q = 64;   ///< query block (kernel tile) size
+  index_t block_k = 64;   ///< key block size
+  bool causal = true;     ///< key j visible to query i only if j <= position(i)
 
   index_t q_offset() const { return n_k - n_q; }  // absolute position of query 0
-  // ceil(n / b) without forming n + b - 1, which overflows for a huge block size.
+  /// ceil(n / b) without forming n + b - 1, which overflows for a huge block size.
   index_t num_q_blocks() const { return n_q == 0 ? 0 : (n_q - 1) / block_q + 1; }
   index_t num_k_blocks() const { return n_k == 0 ? 0 : (n_k - 1) / block_k + 1; }
   index_t q_begin(index_t qb) const { return qb * block_q; }
@@ -367,7 +368,7 @@ class BlockListBuilder {
 
  private:
   struct Entry {
-    index_t kb;  // validated by build() before it is packed to int32
+    index_t kb;  ///< validated by build() before it is packed to int32
     bool full;
   };
   index_t row(index_t h, index_t qb) const {

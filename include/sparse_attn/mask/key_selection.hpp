@@ -1,7 +1,8 @@
-// The decode side of the common interface: which keys a decode step reads. A selection is a list
-// of sorted, disjoint key ranges per unit, where a unit is every head (scope all: one list for
-// all), a KV head (the G query heads of its group share the list: GQA-packed decode), or a query
-// head. Quest produces page lists; eviction methods instead shrink the cache (dense decode).
+/// @file
+/// The decode side of the common interface: which keys a decode step reads. A selection is a list
+/// of sorted, disjoint key ranges per unit, where a unit is every head (scope all: one list for
+/// all), a KV head (the G query heads of its group share the list: GQA-packed decode), or a query
+/// head. Quest produces page lists; eviction methods instead shrink the cache (dense decode).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -15,7 +16,7 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 struct KeyRange {
-  index_t begin = 0, end = 0;  // [begin, end)
+  index_t begin = 0, end = 0;  ///< [begin, end)
 };
 
 class KeySelection {

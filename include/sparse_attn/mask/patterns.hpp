@@ -1,7 +1,8 @@
-// Closed-form patterns: no index memory; block lists and element tests come from arithmetic.
-// One family covers dense causal, dense non-causal and sliding window with S sink tokens: each
-// query row at absolute position p allows the union of a sink prefix [0, S) and a band around p,
-// cut by causality (j <= p).
+/// @file
+/// Closed-form patterns: no index memory; block lists and element tests come from arithmetic.
+/// One family covers dense causal, dense non-causal and sliding window with S sink tokens: each
+/// query row at absolute position p allows the union of a sink prefix [0, S) and a band around p,
+/// cut by causality (j <= p).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -93,7 +94,7 @@ class IntervalMask {
   }
 
  private:
-  // Number of keys of [k0, k1) the row allows.
+  /// Number of keys of [k0, k1) the row allows.
   static index_t cover(const Row& r, index_t k0, index_t k1) {
     auto len = [](index_t a, index_t b) { return std::max<index_t>(0, b - a); };
     const index_t a = len(k0, std::min(k1, r.a_end));

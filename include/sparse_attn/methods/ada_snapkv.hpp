@@ -1,15 +1,16 @@
-// Method 7b (METHODS.md): Ada-SnapKV (AdaKV's adaptive budget over SnapKV), per layer.
-//
-// Scores as SnapKV (observation window of the last w queries, causal, fp32 softmax, prefix pooled
-// with kernel 7) except the reduction: max over the w queries and over the G query heads of the
-// group. Budget (unit tokens per KV head, on average): T = c * Hkv tokens per layer, c from
-// count(c) or count_for_compression(n, CR), raised to the forced count when below it (then
-// unreachable, as SnapKV). Each head first keeps max(floor(floor_fraction * c), forced) tokens
-// (its forced tokens, then its best by score); the rest of T goes to a global top-k over every
-// remaining (head, token) score (higher first, ties toward the lower head, then the lower
-// position; NaN last). Heads end with different lengths summing to exactly T; decode then
-// attends each head's own length (decode(q, cache, ...), or cache.selection()). c >= n keeps
-// everything. Positions are not re-indexed (keys are post-RoPE).
+/// @file
+/// Method 7b (METHODS.md): Ada-SnapKV (AdaKV's adaptive budget over SnapKV), per layer.
+///
+/// Scores as SnapKV (observation window of the last w queries, causal, fp32 softmax, prefix pooled
+/// with kernel 7) except the reduction: max over the w queries and over the G query heads of the
+/// group. Budget (unit tokens per KV head, on average): T = c * Hkv tokens per layer, c from
+/// count(c) or count_for_compression(n, CR), raised to the forced count when below it (then
+/// unreachable, as SnapKV). Each head first keeps max(floor(floor_fraction * c), forced) tokens
+/// (its forced tokens, then its best by score); the rest of T goes to a global top-k over every
+/// remaining (head, token) score (higher first, ties toward the lower head, then the lower
+/// position; NaN last). Heads end with different lengths summing to exactly T; decode then
+/// attends each head's own length (decode(q, cache, ...), or cache.selection()). c >= n keeps
+/// everything. Positions are not re-indexed (keys are post-RoPE).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -30,10 +31,10 @@ struct AdaSnapKV {
   static constexpr const char* summary = "Ada-SnapKV: adaptive per-head budgets";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
 
-  index_t window = 32;          // w: observation window = forced recent tokens
-  index_t sinks = 4;            // first tokens always kept
-  index_t pool_kernel = 7;      // average-pool kernel (odd, >= 1; 1 = no pooling)
-  double floor_fraction = 0.2;  // each head keeps at least floor(floor_fraction * c) tokens
+  index_t window = 32;          ///< w: observation window = forced recent tokens
+  index_t sinks = 4;            ///< first tokens always kept
+  index_t pool_kernel = 7;      ///< average-pool kernel (odd, >= 1; 1 = no pooling)
+  double floor_fraction = 0.2;  ///< each head keeps at least floor(floor_fraction * c) tokens
 
   template <class V>
   void visit_params(V&& v) {

@@ -1,27 +1,28 @@
-// How much attention a method keeps: one Budget type for every method, the one conversion of a
-// target compression ratio (CR) to a count, the one budget search, and the one reachability rule.
-//
-// A Budget is one of
-//   compression(c)  a target CR c >= 1: dense pairs / kept pairs (prefill), dense (row, key) pairs
-//                   / read pairs (decode selection), or tokens / kept tokens (eviction).
-//                   The method picks the budget whose achieved CR is nearest to c.
-//   count(n)        n >= 1 units of the method's own unit (Method::unit: tokens, blocks, pages,
-//                   lines), used as given.
-//   mass(p)         p in (0, 1]: keep, per head (and per query block where the method selects per
-//                   query block), the fewest units whose *estimated* attention mass reaches p.
-//
-// Rounding, in one place:
-//   * A CR that converts to a count of interchangeable units (tokens of a cache, pages) uses
-//     count_for_compression(): c = ceil(total / CR), the fewest units not sparser than asked; the
-//     achieved CR total / c is in (CR * (1 - 1/c), CR].
-//   * A CR that needs a search over a budget whose pair count is not linear in it (sliding
-//     window's W, block-sparse's k, Vertical-Slash's V/S) uses nearest_budget(): of the two
-//     budgets around the target it returns the one whose CR is nearer in log ratio
-//     (|log(CR / target)|; ties toward the denser one).
-// Reachability, in one place (is_reachable): a compression target is reachable iff the achieved
-// CR is within the budget's tolerance (default 10%) of it, on either side; count and mass budgets
-// are reachable iff the method could keep what was asked (no forced units above the count, no
-// cap on the mass). Every selection result says so in SelectionStats::reachable.
+/// @file
+/// How much attention a method keeps: one Budget type for every method, the one conversion of a
+/// target compression ratio (CR) to a count, the one budget search, and the one reachability rule.
+///
+/// A Budget is one of
+///   compression(c)  a target CR c >= 1: dense pairs / kept pairs (prefill), dense (row, key) pairs
+///                   / read pairs (decode selection), or tokens / kept tokens (eviction).
+///                   The method picks the budget whose achieved CR is nearest to c.
+///   count(n)        n >= 1 units of the method's own unit (Method::unit: tokens, blocks, pages,
+///                   lines), used as given.
+///   mass(p)         p in (0, 1]: keep, per head (and per query block where the method selects per
+///                   query block), the fewest units whose *estimated* attention mass reaches p.
+///
+/// Rounding, in one place:
+///   * A CR that converts to a count of interchangeable units (tokens of a cache, pages) uses
+///     count_for_compression(): c = ceil(total / CR), the fewest units not sparser than asked; the
+///     achieved CR total / c is in (CR * (1 - 1/c), CR].
+///   * A CR that needs a search over a budget whose pair count is not linear in it (sliding
+///     window's W, block-sparse's k, Vertical-Slash's V/S) uses nearest_budget(): of the two
+///     budgets around the target it returns the one whose CR is nearer in log ratio
+///     (|log(CR / target)|; ties toward the denser one).
+/// Reachability, in one place (is_reachable): a compression target is reachable iff the achieved
+/// CR is within the budget's tolerance (default 10%) of it, on either side; count and mass budgets
+/// are reachable iff the method could keep what was asked (no forced units above the count, no
+/// cap on the mass). Every selection result says so in SelectionStats::reachable.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cmath>
@@ -38,11 +39,11 @@ namespace methods {
 
 /// What a count budget counts, per method.
 enum class BudgetUnit {
-  none,    // the method takes no count (dense, user masks)
-  tokens,  // cache tokens (per KV head unless documented otherwise) or window tokens
-  blocks,  // key blocks per query block
-  pages,   // cache pages
-  lines,   // Vertical-Slash columns + diagonals
+  none,    ///< the method takes no count (dense, user masks)
+  tokens,  ///< cache tokens (per KV head unless documented otherwise) or window tokens
+  blocks,  ///< key blocks per query block
+  pages,   ///< cache pages
+  lines,   ///< Vertical-Slash columns + diagonals
 };
 
 inline const char* to_string(BudgetUnit u) {

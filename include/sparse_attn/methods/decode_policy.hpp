@@ -1,35 +1,36 @@
-// The one plug-in interface of decode methods: a DecodePolicy is one method at one budget, bound
-// to one layer's cache for a sequence, with the hooks a serving loop calls (DecodeSession in
-// pipeline.hpp, the evaluator's decode loop, the tool):
-//
-//   after_prefill(q_prompt, cache, opt)   once, after the prompt's K/V were appended: may evict
-//                                         (SnapKV, Ada-SnapKV, H2O's seed, StreamingLLM)
-//   before_step(q, cache, opt) -> keys    each step, after the step's K/V were appended and before
-//                                         the kernel: may evict (StreamingLLM evicts here, so the
-//                                         step attends S + W keys) and returns the keys the kernel
-//                                         reads (Quest's pages; KeySelection::all() otherwise)
-//   after_step(q, cache, opt, key_mass)   each step, after the kernel: H2O adds the step's
-//                                         attention mass to its scores and evicts
-//
-// Lazy eviction: a policy may evict by marking slots dead instead of compacting the cache (H2O:
-// one token per step would otherwise shift half the cache); its before_step then returns the
-// live slots, live_tokens(cache) counts them and compact(cache) drops the dead ones at once.
-//
-// opt are the AttentionOptions the kernel runs with (scale, executor): the same for the method.
-// needs_key_bounds(): the cache must keep per-page key min/max (Quest). wants_key_mass(): the
-// step's kernel should emit the mass each key receives (AttentionOptions::key_mass, summed over
-// the step's query rows and the heads of each GQA group), given to after_step as key_mass
-// [Hkv][cache.max_length()] (row stride cache.max_length() as it is when the kernel runs); a
-// policy given nullptr computes what it needs itself.
-//
-// Failures: a hook that throws leaves the cache as it found it (policies validate before they
-// evict), so a loop can undo the step's append (DecodeSession does).
-//
-// make_policy<Cache, TQ>(method, budget) builds the policy of any decode method: the method's own
-// policy<Cache, TQ>(budget) when it has one (H2O, StreamingLLM), else, for a select() that returns
-// a kv::EvictionPlan, a policy that evicts once after the prompt (SnapKV, Ada-SnapKV), else a
-// selection policy that calls method.select(q, cache, budget, opt) -> DecodeSelection every step
-// (Quest, Dense). evict(method, q, cache, budget, opt) is select + apply for eviction methods.
+/// @file
+/// The one plug-in interface of decode methods: a DecodePolicy is one method at one budget, bound
+/// to one layer's cache for a sequence, with the hooks a serving loop calls (DecodeSession in
+/// pipeline.hpp, the evaluator's decode loop, the tool):
+///
+///   after_prefill(q_prompt, cache, opt)   once, after the prompt's K/V were appended: may evict
+///                                         (SnapKV, Ada-SnapKV, H2O's seed, StreamingLLM)
+///   before_step(q, cache, opt) -> keys    each step, after the step's K/V were appended and before
+///                                         the kernel: may evict (StreamingLLM evicts here, so the
+///                                         step attends S + W keys) and returns the keys the kernel
+///                                         reads (Quest's pages; KeySelection::all() otherwise)
+///   after_step(q, cache, opt, key_mass)   each step, after the kernel: H2O adds the step's
+///                                         attention mass to its scores and evicts
+///
+/// Lazy eviction: a policy may evict by marking slots dead instead of compacting the cache (H2O:
+/// one token per step would otherwise shift half the cache); its before_step then returns the
+/// live slots, live_tokens(cache) counts them and compact(cache) drops the dead ones at once.
+///
+/// opt are the AttentionOptions the kernel runs with (scale, executor): the same for the method.
+/// needs_key_bounds(): the cache must keep per-page key min/max (Quest). wants_key_mass(): the
+/// step's kernel should emit the mass each key receives (AttentionOptions::key_mass, summed over
+/// the step's query rows and the heads of each GQA group), given to after_step as key_mass
+/// [Hkv][cache.max_length()] (row stride cache.max_length() as it is when the kernel runs); a
+/// policy given nullptr computes what it needs itself.
+///
+/// Failures: a hook that throws leaves the cache as it found it (policies validate before they
+/// evict), so a loop can undo the step's append (DecodeSession does).
+///
+/// make_policy<Cache, TQ>(method, budget) builds the policy of any decode method: the method's own
+/// policy<Cache, TQ>(budget) when it has one (H2O, StreamingLLM), else, for a select() that returns
+/// a kv::EvictionPlan, a policy that evicts once after the prompt (SnapKV, Ada-SnapKV), else a
+/// selection policy that calls method.select(q, cache, budget, opt) -> DecodeSelection every step
+/// (Quest, Dense). evict(method, q, cache, budget, opt) is select + apply for eviction methods.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <memory>
@@ -214,7 +215,7 @@ namespace detail {
 template <class M, class Cache, class TQ, class = void>
 struct has_policy : std::false_type {};
 
-// Eviction methods: select(q, cache, budget, opt) returns a kv::EvictionPlan.
+/// Eviction methods: select(q, cache, budget, opt) returns a kv::EvictionPlan.
 template <class M, class TQ, class Cache, class = void>
 struct selects_eviction : std::false_type {};
 template <class M, class TQ, class Cache>
@@ -230,7 +231,7 @@ struct has_policy<M, Cache, TQ,
                   std::void_t<decltype(std::declval<const M&>().template policy<Cache, TQ>(
                       std::declval<const Budget&>()))>> : std::true_type {};
 
-// Selection methods may take a DecodeSelection& to reuse; those that do not are adapted here.
+/// Selection methods may take a DecodeSelection& to reuse; those that do not are adapted here.
 template <class M, class TQ, class Cache, class = void>
 struct select_into : std::false_type {};
 template <class M, class TQ, class Cache>

@@ -1,7 +1,8 @@
-// Method 1 (METHODS.md): dense attention, the reference and baseline. Selection is the closed-form
-// causal or non-causal pattern (masks::causal / masks::full); execution is the common prefill /
-// decode kernel. As a method it takes only a compression budget, and only CR 1 is reachable
-// (within the budget's tolerance): dense keeps everything whatever is asked, and says so.
+/// @file
+/// Method 1 (METHODS.md): dense attention, the reference and baseline. Selection is the closed-form
+/// causal or non-causal pattern (masks::causal / masks::full); execution is the common prefill /
+/// decode kernel. As a method it takes only a compression budget, and only CR 1 is reachable
+/// (within the budget's tolerance): dense keeps everything whatever is asked, and says so.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/error.hpp"
@@ -21,8 +22,8 @@ struct Dense {
   static constexpr const char* summary = "dense attention (the reference)";
   static constexpr BudgetUnit unit = BudgetUnit::none;
 
-  bool causal = true;   // false: every query sees every key (encoders, cross-attention)
-  index_t block = 64;   // kernel tile (query and key block) size
+  bool causal = true;   ///< false: every query sees every key (encoders, cross-attention)
+  index_t block = 64;   ///< kernel tile (query and key block) size
 
   template <class V>
   void visit_params(V&& v) {

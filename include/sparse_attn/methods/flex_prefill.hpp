@@ -1,40 +1,41 @@
-// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
-// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
-// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
-//   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
-//      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
-//      sum of the diagonal delta / w. Both are distributions (sum 1).
-//   2. Budgets by cumulative mass: c_v = the fewest columns whose vertical mass reaches gamma,
-//      c_s likewise for offsets; in blocks floor(c / B) + 1 (as the original), at least
-//      ceil(min_budget / B) and at most the number of blocks (the original crashes when
-//      n < min_budget or n < w; here every budget is clamped).
-//   3. Query-aware test: a = softmax(scale * mean(last w queries) . block-mean keys) over all key
-//      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
-//      0; the original yields NaN there and so never picks such a head), the head is query-aware:
-//      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
-//      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
-//      over the block-causal row (METHODS.md: per query block; the original normalises the whole
-//      block map and covers gamma * (number of blocks) of it globally).
-//   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
-//      forced) are kept by every query block that may see them; the top budget offset blocks by
-//      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
-//      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
-// gamma = 1 is dense. The budgets adapt per head and per input.
-// Budget:
-//   mass(p)         gamma = p (the method's own knob); always reachable.
-//   compression(c)  gamma searched so the measured CR is nearest to c: bisection on
-//                   x = -log10(1 - gamma) in [0.02, 4] (gamma in [0.045, 0.9999]), 12 steps,
-//                   keeping the bracket CR(x_lo) > c >= CR(x_hi) (the CR is monotone in gamma up
-//                   to the per-head query-aware decisions); of the two bracketing gammas the one
-//                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
-//                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
-//                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
-//                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
-//
-// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
-// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
-// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
-// scores: O(n) per head, never O(n^2).
+/// @file
+/// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
+/// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
+/// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
+///   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
+///      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
+///      sum of the diagonal delta / w. Both are distributions (sum 1).
+///   2. Budgets by cumulative mass: c_v = the fewest columns whose vertical mass reaches gamma,
+///      c_s likewise for offsets; in blocks floor(c / B) + 1 (as the original), at least
+///      ceil(min_budget / B) and at most the number of blocks (the original crashes when
+///      n < min_budget or n < w; here every budget is clamped).
+///   3. Query-aware test: a = softmax(scale * mean(last w queries) . block-mean keys) over all key
+///      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
+///      0; the original yields NaN there and so never picks such a head), the head is query-aware:
+///      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
+///      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
+///      over the block-causal row (METHODS.md: per query block; the original normalises the whole
+///      block map and covers gamma * (number of blocks) of it globally).
+///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
+///      forced) are kept by every query block that may see them; the top budget offset blocks by
+///      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
+///      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
+/// gamma = 1 is dense. The budgets adapt per head and per input.
+/// Budget:
+///   mass(p)         gamma = p (the method's own knob); always reachable.
+///   compression(c)  gamma searched so the measured CR is nearest to c: bisection on
+///                   x = -log10(1 - gamma) in [0.02, 4] (gamma in [0.045, 0.9999]), 12 steps,
+///                   keeping the bracket CR(x_lo) > c >= CR(x_hi) (the CR is monotone in gamma up
+///                   to the per-head query-aware decisions); of the two bracketing gammas the one
+///                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
+///                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
+///                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
+///                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
+///
+/// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
+/// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
+/// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
+/// scores: O(n) per head, never O(n^2).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -55,27 +56,27 @@ namespace methods {
 
 /// A FlexPrefill selection: the mask, its statistics, and the per-head decisions behind it.
 struct FlexPrefillSelection : PrefillSelection<BlockListMask<AllowAll>> {
-  double gamma = 1.0;                     // the mass covered (given, or found for a CR)
-  index_t min_budget = 0;                 // the vertical / slash floor used, in tokens
-  std::vector<std::uint8_t> query_aware;  // [Hq] 1: the head passed the JS test
-  std::vector<float> js_distance;         // [Hq] sqrt(JS divergence) of the test (NaN if skipped)
-  std::vector<index_t> vertical_blocks;   // [Hq] vertical budget in key blocks
-  std::vector<index_t> slash_blocks;      // [Hq] slash budget in offset blocks
+  double gamma = 1.0;                     ///< the mass covered (given, or found for a CR)
+  index_t min_budget = 0;                 ///< the vertical / slash floor used, in tokens
+  std::vector<std::uint8_t> query_aware;  ///< [Hq] 1: the head passed the JS test
+  std::vector<float> js_distance;         ///< [Hq] sqrt(JS divergence) of the test (NaN if skipped)
+  std::vector<index_t> vertical_blocks;   ///< [Hq] vertical budget in key blocks
+  std::vector<index_t> slash_blocks;      ///< [Hq] slash budget in offset blocks
 };
 
 namespace detail_fp {
-// One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
+/// One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
 struct Scratch {
   methods::detail::EstimateScratch estimate;
   methods::detail::PooledScratch pooled;
-  std::vector<float> vertical, slash;  // [n_k]
-  std::vector<float> vb, sb, a;        // [nkb]
-  std::vector<float> qmean, row;       // [d]
-  std::vector<float> pooled_q;         // [nqb * d]
-  std::vector<std::int32_t> order;     // [n_k]
-  std::vector<std::int32_t> vsel, ssel;  // [nkb]
-  std::vector<std::uint8_t> mark;        // [nkb]
-  std::vector<index_t> keep;             // [nkb]
+  std::vector<float> vertical, slash;  ///< [n_k]
+  std::vector<float> vb, sb, a;        ///< [nkb]
+  std::vector<float> qmean, row;       ///< [d]
+  std::vector<float> pooled_q;         ///< [nqb * d]
+  std::vector<std::int32_t> order;     ///< [n_k]
+  std::vector<std::int32_t> vsel, ssel;  ///< [nkb]
+  std::vector<std::uint8_t> mark;        ///< [nkb]
+  std::vector<index_t> keep;             ///< [nkb]
 };
 }  // namespace detail_fp
 
@@ -84,10 +85,10 @@ struct FlexPrefill {
   static constexpr const char* summary = "FlexPrefill, gamma = mass target (or searched for a CR)";
   static constexpr BudgetUnit unit = BudgetUnit::none;
 
-  double tau = 0.1;            // query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
-  index_t min_budget = 512;    // fewest tokens of a vertical / slash budget (rounded up to blocks)
-  index_t block = 128;         // B: estimation unit and kernel tile (block_q = block_k)
-  index_t last_queries = 128;  // w: estimate from the last min(w, n_q) queries
+  double tau = 0.1;            ///< query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
+  index_t min_budget = 512;    ///< fewest tokens of a vertical / slash budget (rounded up to blocks)
+  index_t block = 128;         ///< B: estimation unit and kernel tile (block_q = block_k)
+  index_t last_queries = 128;  ///< w: estimate from the last min(w, n_q) queries
 
   template <class V>
   void visit_params(V&& v) {
@@ -161,7 +162,7 @@ struct FlexPrefill {
   }
 
  private:
-  // One selection at mass gamma with a vertical / slash floor of min_tokens tokens.
+  /// One selection at mass gamma with a vertical / slash floor of min_tokens tokens.
   template <class QT, class KT>
   FlexPrefillSelection run(const TensorView<QT>& q, const TensorView<KT>& k, double gamma,
                            index_t min_tokens, float scale, Executor& ex) const {

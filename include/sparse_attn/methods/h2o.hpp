@@ -1,32 +1,33 @@
-// Method 8 (METHODS.md): H2O, heavy-hitter eviction during decode, per KV head.
-//
-// Accumulated score of token j (per KV head) = sum of the softmax probabilities it has received
-// from every query so far, summed over the G query heads of the group: the prompt's queries
-// (column sums of causal attention, exact fp32 two-pass softmax) and then every decode step's.
-// Whenever a head holds more than H + R tokens it keeps the R most recent and the top H of the
-// rest by score (higher first, ties toward the lower position, NaN last) and drops the others; an
-// evicted token's score is dropped with it. H + R >= n keeps everything (dense).
-//
-// Budget (unit tokens per KV head, H + R; R the larger half): count(H + R), or compression(CR):
-// H + R = count_for_compression(sequence length, CR), re-resolved every step so the CR holds as
-// the sequence grows. Achieved CR = sequence length / tokens kept; a compression target the
-// sequence is too short for (CR 10 on 5 tokens keeps 1: CR 5) reports reachable = false.
-//
-// A decode step's probabilities are the per-key attention mass the decode kernel emits in the
-// same pass (AttentionOptions::key_mass; State::observe_mass): no second pass over the cache.
-// Without it (observe), they are recomputed by a separate pass over the (small, H + R) cache.
-// The prompt's column sums cost O(n^2 d) like a dense prefill; H2O::prefill_queries = k > 0 seeds
-// them from the last k prompt queries only (a cheaper approximation), 0 from every prompt query
-// (the method as specified), and -1 (the default) chooses: every query up to kExactPromptTokens
-// cached prompt tokens, the last kSeedQueries above. Positions are not re-indexed (keys are
-// post-RoPE): see kv/cache.hpp.
-//
-// Two ways to run it. H2O::State is eager: step()/apply() compact the cache to the kept slots at
-// once (what select()/evict() and direct users get). H2OPolicy (the pipeline's, the evaluator's
-// and the bench's) evicts lazily: an evicted slot is only marked dead, every step's kernel reads
-// the live slots through a KeySelection, and the cache is compacted in batches; the tokens each
-// step attends and keeps are the eager ones (see H2OPolicy). A step's selection costs O(n)
-// (State::keep_heavy_recent: one scan finds the one token to drop).
+/// @file
+/// Method 8 (METHODS.md): H2O, heavy-hitter eviction during decode, per KV head.
+///
+/// Accumulated score of token j (per KV head) = sum of the softmax probabilities it has received
+/// from every query so far, summed over the G query heads of the group: the prompt's queries
+/// (column sums of causal attention, exact fp32 two-pass softmax) and then every decode step's.
+/// Whenever a head holds more than H + R tokens it keeps the R most recent and the top H of the
+/// rest by score (higher first, ties toward the lower position, NaN last) and drops the others; an
+/// evicted token's score is dropped with it. H + R >= n keeps everything (dense).
+///
+/// Budget (unit tokens per KV head, H + R; R the larger half): count(H + R), or compression(CR):
+/// H + R = count_for_compression(sequence length, CR), re-resolved every step so the CR holds as
+/// the sequence grows. Achieved CR = sequence length / tokens kept; a compression target the
+/// sequence is too short for (CR 10 on 5 tokens keeps 1: CR 5) reports reachable = false.
+///
+/// A decode step's probabilities are the per-key attention mass the decode kernel emits in the
+/// same pass (AttentionOptions::key_mass; State::observe_mass): no second pass over the cache.
+/// Without it (observe), they are recomputed by a separate pass over the (small, H + R) cache.
+/// The prompt's column sums cost O(n^2 d) like a dense prefill; H2O::prefill_queries = k > 0 seeds
+/// them from the last k prompt queries only (a cheaper approximation), 0 from every prompt query
+/// (the method as specified), and -1 (the default) chooses: every query up to kExactPromptTokens
+/// cached prompt tokens, the last kSeedQueries above. Positions are not re-indexed (keys are
+/// post-RoPE): see kv/cache.hpp.
+///
+/// Two ways to run it. H2O::State is eager: step()/apply() compact the cache to the kept slots at
+/// once (what select()/evict() and direct users get). H2OPolicy (the pipeline's, the evaluator's
+/// and the bench's) evicts lazily: an evicted slot is only marked dead, every step's kernel reads
+/// the live slots through a KeySelection, and the cache is compacted in batches; the tokens each
+/// step attends and keeps are the eager ones (see H2OPolicy). A step's selection costs O(n)
+/// (State::keep_heavy_recent: one scan finds the one token to drop).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -303,7 +304,7 @@ struct H2O {
     }
 
    private:
-    // What observe()/observe_mass() change: the scores of slots [0, n), known_, H and R.
+    /// What observe()/observe_mass() change: the scores of slots [0, n), known_, H and R.
     struct Saved {
       std::vector<float> scores;
       index_t heads = 0, n = 0, known = 0, heavy = 0, recent = 0;
@@ -348,7 +349,7 @@ struct H2O {
       require(known_ <= cache.max_length(), where,
               ": the cache shrank behind the State's back; evict through it");
     }
-    // scores += p (p[h * p_stride + j] for slots j < max_length()); new slots start at 0.
+    /// scores += p (p[h * p_stride + j] for slots j < max_length()); new slots start at 0.
     template <class Cache>
     void add(const float* p, index_t p_stride, const Cache& cache) {
       const index_t n = cache.max_length();
@@ -361,7 +362,7 @@ struct H2O {
       known_ = n;
       follow(cache);
     }
-    // H + R from the budget (a compression budget follows the sequence length); R the larger half.
+    /// H + R from the budget (a compression budget follows the sequence length); R the larger half.
     template <class Cache>
     void follow(const Cache& cache) {
       const index_t total = std::max<index_t>(
@@ -375,7 +376,7 @@ struct H2O {
     Budget budget_;
     index_t prefill_queries_ = -1;
     index_t heavy_ = 0, recent_ = 1, stride_ = 0, known_ = 0;
-    std::vector<float> scores_;  // [Hkv][capacity], aligned with the cache slots
+    std::vector<float> scores_;  ///< [Hkv][capacity], aligned with the cache slots
     std::vector<float> tmp_;
   };
 
@@ -562,7 +563,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
 
  private:
   using State = H2O::State;
-  // after_step's checks, in its order.
+  /// after_step's checks, in its order.
   void check_after_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
                         const float* key_mass) const {
     require(seeded_, "H2OPolicy::after_step", ": call after_prefill first (it binds the scores)");
@@ -573,9 +574,9 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     else
       state_.check_mass(key_mass, cache.max_length(), cache);
   }
-  // The live lists (eviction_.keep) follow the cache: built as 0..n-1 after an eager eviction;
-  // slots appended since the last hook are live; an append taken back (undo_append) drops its
-  // slots (the last ones).
+  /// The live lists (eviction_.keep) follow the cache: built as 0..n-1 after an eager eviction;
+  /// slots appended since the last hook are live; an append taken back (undo_append) drops its
+  /// slots (the last ones).
   void sync(const Cache& cache) {
     require(cache.uniform(), "H2OPolicy", ": H2O keeps equal head lengths; evict through it");
     auto& live = this->eviction_.keep;
@@ -601,7 +602,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     }
     known_ = n;
   }
-  // Compacts the cache and the scores to the live slots (after sync()).
+  /// Compacts the cache and the scores to the live slots (after sync()).
   void compact_live(Cache& cache) {
     auto& live = this->eviction_.keep;
     kv::EvictionPlan plan;  // a copy: if the retain throws, the lists still describe the cache
@@ -613,9 +614,9 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
 
   H2O method_;
   State state_;
-  bool seeded_ = false, never_ = false;  // never_: the budget can never evict (no scores kept)
-  bool lazy_ = false;    // eviction_.keep holds the live slots of the first known_ slots
-  index_t known_ = 0;    // physical slots the live lists cover
+  bool seeded_ = false, never_ = false;  ///< never_: the budget can never evict (no scores kept)
+  bool lazy_ = false;    ///< eviction_.keep holds the live slots of the first known_ slots
+  index_t known_ = 0;    ///< physical slots the live lists cover
 };
 
 template <class Cache, class TQ>

@@ -1,20 +1,21 @@
-// The selection contract every method implements (one calling convention, one result shape).
-//
-// A method is a small struct of its own parameters (with defaults) plus
-//   static constexpr const char* name, summary;   the registry name and a one-line description
-//   static constexpr BudgetUnit unit;              what Budget::count counts
-//   template <class V> void visit_params(V&& v);  v(name, member&, help) for every parameter,
-//                                                 so the registry can list and set them by name
-// and one or both of
-//   Prefill selector: select(q [Hq, n_q, d], k [Hkv, n_k, d], Budget, AttentionOptions)
-//                     -> PrefillSelection<Mask>   (a mask of the common interface; run it with
-//                                                  prefill(q, k, v, out, sel.mask, opt))
-//   Decode selector:  select(q [Hq, n_q, d], cache, Budget, AttentionOptions)
-//                     -> DecodeSelection          (the keys the decode kernel reads) or
-//                     -> kv::EvictionPlan          (the slots each KV head keeps)
-// The AttentionOptions are the same ones the kernel is called with: the softmax scale (NaN =
-// 1/sqrt(d)) and the executor are given once per call, never per method. Every result carries a
-// SelectionStats.
+/// @file
+/// The selection contract every method implements (one calling convention, one result shape).
+///
+/// A method is a small struct of its own parameters (with defaults) plus
+///   static constexpr const char* name, summary;   the registry name and a one-line description
+///   static constexpr BudgetUnit unit;              what Budget::count counts
+///   template <class V> void visit_params(V&& v);  v(name, member&, help) for every parameter,
+///                                                 so the registry can list and set them by name
+/// and one or both of
+///   Prefill selector: select(q [Hq, n_q, d], k [Hkv, n_k, d], Budget, AttentionOptions)
+///                     -> PrefillSelection<Mask>   (a mask of the common interface; run it with
+///                                                  prefill(q, k, v, out, sel.mask, opt))
+///   Decode selector:  select(q [Hq, n_q, d], cache, Budget, AttentionOptions)
+///                     -> DecodeSelection          (the keys the decode kernel reads) or
+///                     -> kv::EvictionPlan          (the slots each KV head keeps)
+/// The AttentionOptions are the same ones the kernel is called with: the softmax scale (NaN =
+/// 1/sqrt(d)) and the executor are given once per call, never per method. Every result carries a
+/// SelectionStats.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <chrono>
@@ -32,11 +33,11 @@ struct SelectionStats {
   /// Prefill: (query, key) pairs the kernel computes, all query heads. Decode selection: (query
   /// row, key) pairs the kernel reads. Eviction: tokens kept, summed over KV heads.
   index_t pairs = 0;
-  index_t dense_pairs = 0;  // the same count for dense attention (eviction: tokens before)
-  Budget target;            // what was asked
-  bool reachable = true;    // see is_reachable() in budget.hpp
-  double select_ms = 0.0;   // wall time of the selection
-  std::string detail;       // the resolved budget in the method's terms: "W=412", "k=5 blocks"
+  index_t dense_pairs = 0;  ///< the same count for dense attention (eviction: tokens before)
+  Budget target;            ///< what was asked
+  bool reachable = true;    ///< see is_reachable() in budget.hpp
+  double select_ms = 0.0;   ///< wall time of the selection
+  std::string detail;       ///< the resolved budget in the method's terms: "W=412", "k=5 blocks"
   double compression() const { return compression_of(dense_pairs, pairs); }
 };
 

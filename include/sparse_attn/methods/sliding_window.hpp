@@ -1,15 +1,16 @@
-// Method 2 (METHODS.md), prefill form ("A-shape"): query at position p sees key j iff j <= p and
-// (j < S or p - j < W). Closed-form: no index memory. S + W >= n gives exactly the dense pattern.
-// The decode/eviction form (keep the first S and the last W tokens) is methods/streaming.hpp; the
-// bare pattern for a given W is masks::sliding_window (mask/patterns.hpp).
-//
-// Budget (unit tokens = the window W):
-//   count(W)        the window as given (W >= n_k is dense); always reachable.
-//   compression(c)  W found by nearest_budget() over the exact pair count of [1, n_k]: the W whose
-//                   CR is nearest to c in log ratio. The sparsest mask (W = 1: the S sinks and the
-//                   diagonal) caps the CR near n / (2 (S + 1)); a target beyond the tolerance of
-//                   what any W achieves is reported reachable = false.
-// Selection cost: O(n_q) per probed W, O(n_q log n_k) for the search; nothing reads q or k.
+/// @file
+/// Method 2 (METHODS.md), prefill form ("A-shape"): query at position p sees key j iff j <= p and
+/// (j < S or p - j < W). Closed-form: no index memory. S + W >= n gives exactly the dense pattern.
+/// The decode/eviction form (keep the first S and the last W tokens) is methods/streaming.hpp; the
+/// bare pattern for a given W is masks::sliding_window (mask/patterns.hpp).
+///
+/// Budget (unit tokens = the window W):
+///   count(W)        the window as given (W >= n_k is dense); always reachable.
+///   compression(c)  W found by nearest_budget() over the exact pair count of [1, n_k]: the W whose
+///                   CR is nearest to c in log ratio. The sparsest mask (W = 1: the S sinks and the
+///                   diagonal) caps the CR near n / (2 (S + 1)); a target beyond the tolerance of
+///                   what any W achieves is reported reachable = false.
+/// Selection cost: O(n_q) per probed W, O(n_q log n_k) for the search; nothing reads q or k.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/error.hpp"
@@ -27,8 +28,8 @@ struct SlidingWindow {
   static constexpr const char* summary = "S sinks + window W (A-shape)";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
 
-  index_t sinks = 4;   // S: the first S keys are always visible
-  index_t block = 64;  // kernel tile size
+  index_t sinks = 4;   ///< S: the first S keys are always visible
+  index_t block = 64;  ///< kernel tile size
 
   template <class V>
   void visit_params(V&& v) {

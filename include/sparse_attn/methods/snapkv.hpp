@@ -1,19 +1,20 @@
-// Method 7a (METHODS.md): SnapKV, KV eviction at the end of prefill, per KV head.
-//
-// Observation window: the last w = min(window, n_q) prompt queries (q holds the last n_q prompt
-// queries; query i sits at position n - n_q + i of the n cached tokens). Score of key j:
-//   s_j = sum over the w queries of (mean over the G query heads of the group of
-//         softmax_j(scale * q . k_j)),  causal (the corner of the w queries is triangular),
-// fp32 softmax over all keys. As in the SnapKV paper, the scores of the prefix [0, n - w) are
-// smoothed by a 1-D average pool (kernel 7, stride 1, zero padding, divisor 7); the window's
-// own tokens are forced anyway. Forced: the last w tokens and the first `sinks` (4) tokens.
-// Each KV head keeps exactly c tokens: the forced ones plus the top c - forced by score (ties
-// toward the lower position, NaN last), in position order.
-// Budget (unit tokens per KV head): count(c), or compression(CR): c = count_for_compression(n, CR)
-// (budget.hpp). c >= n keeps all (dense); c below the forced count is raised to it (a count
-// budget is then not honoured, and a compression target misses by the rule: reachable = false).
-// Decode tokens appended later are never evicted by SnapKV. Positions are not re-indexed (keys
-// are post-RoPE): see kv/cache.hpp.
+/// @file
+/// Method 7a (METHODS.md): SnapKV, KV eviction at the end of prefill, per KV head.
+///
+/// Observation window: the last w = min(window, n_q) prompt queries (q holds the last n_q prompt
+/// queries; query i sits at position n - n_q + i of the n cached tokens). Score of key j:
+///   s_j = sum over the w queries of (mean over the G query heads of the group of
+///         softmax_j(scale * q . k_j)),  causal (the corner of the w queries is triangular),
+/// fp32 softmax over all keys. As in the SnapKV paper, the scores of the prefix [0, n - w) are
+/// smoothed by a 1-D average pool (kernel 7, stride 1, zero padding, divisor 7); the window's
+/// own tokens are forced anyway. Forced: the last w tokens and the first `sinks` (4) tokens.
+/// Each KV head keeps exactly c tokens: the forced ones plus the top c - forced by score (ties
+/// toward the lower position, NaN last), in position order.
+/// Budget (unit tokens per KV head): count(c), or compression(CR): c = count_for_compression(n, CR)
+/// (budget.hpp). c >= n keeps all (dense); c below the forced count is raised to it (a count
+/// budget is then not honoured, and a compression target misses by the rule: reachable = false).
+/// Decode tokens appended later are never evicted by SnapKV. Positions are not re-indexed (keys
+/// are post-RoPE): see kv/cache.hpp.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -114,9 +115,9 @@ struct SnapKV {
   static constexpr const char* summary = "SnapKV eviction after prefill";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
 
-  index_t window = 32;      // w: observation window = forced recent tokens (reference: 256)
-  index_t sinks = 4;        // first tokens always kept
-  index_t pool_kernel = 7;  // average-pool kernel (odd, >= 1; 1 = no pooling)
+  index_t window = 32;      ///< w: observation window = forced recent tokens (reference: 256)
+  index_t sinks = 4;        ///< first tokens always kept
+  index_t pool_kernel = 7;  ///< average-pool kernel (odd, >= 1; 1 = no pooling)
 
   template <class V>
   void visit_params(V&& v) {

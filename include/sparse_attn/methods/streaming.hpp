@@ -1,15 +1,16 @@
-// Method 2, decode eviction form (METHODS.md): StreamingLLM. The cache keeps the first S tokens
-// (attention sinks) and the most recent W; everything else is evicted, at the end of prefill and
-// whenever a decode step's token grows a head past S + W, before the step attends (so every step
-// reads exactly S + W keys). Positions are not re-indexed (keys are post-RoPE, see kv/cache.hpp):
-// the sinks keep positions 0..S-1 and the window its true positions. The prefill form (A-shape
-// mask) is methods/sliding_window.hpp. No scores: the plan's scores are empty.
-//
-// Budget (unit tokens per KV head, T = S + W): count(T), or compression(CR): T =
-// count_for_compression(sequence length, CR) at every eviction, so the CR holds as the sequence
-// grows. S = min(sinks, T - 1) and W = T - S (W >= 1: the newest token is always kept). Achieved
-// CR = sequence length / tokens kept; a compression target the cache cannot reach (CR 10 on a
-// cache of 5 tokens keeps 1 token: CR 5) reports reachable = false.
+/// @file
+/// Method 2, decode eviction form (METHODS.md): StreamingLLM. The cache keeps the first S tokens
+/// (attention sinks) and the most recent W; everything else is evicted, at the end of prefill and
+/// whenever a decode step's token grows a head past S + W, before the step attends (so every step
+/// reads exactly S + W keys). Positions are not re-indexed (keys are post-RoPE, see kv/cache.hpp):
+/// the sinks keep positions 0..S-1 and the window its true positions. The prefill form (A-shape
+/// mask) is methods/sliding_window.hpp. No scores: the plan's scores are empty.
+///
+/// Budget (unit tokens per KV head, T = S + W): count(T), or compression(CR): T =
+/// count_for_compression(sequence length, CR) at every eviction, so the CR holds as the sequence
+/// grows. S = min(sinks, T - 1) and W = T - S (W >= 1: the newest token is always kept). Achieved
+/// CR = sequence length / tokens kept; a compression target the cache cannot reach (CR 10 on a
+/// cache of 5 tokens keeps 1 token: CR 5) reports reachable = false.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -31,7 +32,7 @@ struct StreamingLLM {
   static constexpr const char* summary = "StreamingLLM: 4 sinks + recent window";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
 
-  index_t sinks = 4;  // S (at most T - 1)
+  index_t sinks = 4;  ///< S (at most T - 1)
 
   template <class V>
   void visit_params(V&& v) {

@@ -1,37 +1,38 @@
-// Method 4 (METHODS.md): Vertical-Slash (MInference). Selection only; the common prefill kernel
-// executes the returned mask.
-//
-// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
-// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score of
-// column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
-// sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
-// band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
-// index, ranking.hpp).
-// Budget (unit lines = V + S):
-//   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
-//                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
-//                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
-//   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
-//                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
-//                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
-//                   S = 64) are denser than the target, they are returned with reachable = false.
-// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
-// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
-//
-// Execution, both from the same sets:
-//   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
-//          are exactly those holding an allowed element; each is tested element-wise (predicate).
-//   tiled: the same block list executed whole (causal cut only): for each query tile the key blocks
-//          covering every slash's range plus the blocks of the vertical columns. A superset of
-//          exact with no per-element test. (MInference's GPU kernel gathers vertical columns one by
-//          one; the CPU kernel has no gather, so their whole blocks are computed.)
-// V = S = n_k is dense in both modes.
-//
-// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
-// per key for columns, one per offset), and per selecting worker the estimate's logits
-// (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
-// O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
-// pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
+/// @file
+/// Method 4 (METHODS.md): Vertical-Slash (MInference). Selection only; the common prefill kernel
+/// executes the returned mask.
+///
+/// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
+/// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score of
+/// column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
+/// sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
+/// band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
+/// index, ranking.hpp).
+/// Budget (unit lines = V + S):
+///   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
+///                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
+///                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
+///   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
+///                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
+///                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
+///                   S = 64) are denser than the target, they are returned with reachable = false.
+/// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
+/// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
+///
+/// Execution, both from the same sets:
+///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
+///          are exactly those holding an allowed element; each is tested element-wise (predicate).
+///   tiled: the same block list executed whole (causal cut only): for each query tile the key blocks
+///          covering every slash's range plus the blocks of the vertical columns. A superset of
+///          exact with no per-element test. (MInference's GPU kernel gathers vertical columns one by
+///          one; the CPU kernel has no gather, so their whole blocks are computed.)
+/// V = S = n_k is dense in both modes.
+///
+/// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
+/// per key for columns, one per offset), and per selecting worker the estimate's logits
+/// (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
+/// O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
+/// pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -55,8 +56,8 @@ namespace methods {
 struct VerticalSlashPredicate {
   static constexpr bool trivial = false;
   index_t n_k = 0, q_offset = 0;
-  std::vector<std::uint8_t> columns;  // [heads][n_k]: 1 = vertical column j
-  std::vector<std::uint8_t> offsets;  // [heads][n_k]: 1 = slash offset delta
+  std::vector<std::uint8_t> columns;  ///< [heads][n_k]: 1 = vertical column j
+  std::vector<std::uint8_t> offsets;  ///< [heads][n_k]: 1 = slash offset delta
   bool is_column(index_t h, index_t j) const {
     return columns[static_cast<std::size_t>(h * n_k + j)] != 0;
   }
@@ -72,19 +73,19 @@ struct VerticalSlashPredicate {
 /// A Vertical-Slash selection: the mask, its statistics, and the V and S every head kept.
 template <class Mask>
 struct VerticalSlashSelection : PrefillSelection<Mask> {
-  index_t vertical = 0;  // V used (every head), clamped to n_k
-  index_t slash = 0;     // S used (every head), clamped to n_k
+  index_t vertical = 0;  ///< V used (every head), clamped to n_k
+  index_t slash = 0;     ///< S used (every head), clamped to n_k
 };
 
 namespace detail_vs {
 
-// Per head, every column and every offset ordered best first (forced ones on top).
+/// Per head, every column and every offset ordered best first (forced ones on top).
 struct Ranking {
   index_t n_k = 0;
-  std::vector<std::int32_t> columns, offsets;  // [heads][n_k]
+  std::vector<std::int32_t> columns, offsets;  ///< [heads][n_k]
 };
 
-// One estimating worker's buffers: the estimate's logits, both score vectors and an order.
+/// One estimating worker's buffers: the estimate's logits, both score vectors and an order.
 struct RankScratch {
   methods::detail::EstimateScratch estimate;
   std::vector<float> vertical, slash;
@@ -119,10 +120,10 @@ Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, const 
   return r;
 }
 
-// Per-head working set: flags of the top nv columns / ns offsets and their prefix counts.
+/// Per-head working set: flags of the top nv columns / ns offsets and their prefix counts.
 struct HeadSets {
-  std::vector<std::uint8_t> col, off;           // [n_k]
-  std::vector<index_t> col_prefix, off_prefix;  // [n_k + 1]: flags set before index t
+  std::vector<std::uint8_t> col, off;           ///< [n_k]
+  std::vector<index_t> col_prefix, off_prefix;  ///< [n_k + 1]: flags set before index t
   void assign(const Ranking& r, index_t h, index_t nv, index_t ns) {
     const index_t n = r.n_k;
     const std::int32_t* best_cols = r.columns.data() + h * n;
@@ -149,8 +150,8 @@ struct HeadSets {
   }
 };
 
-// f(kb) for every key block of query block qb that holds an allowed element of the exact pattern:
-// a vertical column j in the block with j <= P1, or a slash offset in [P0 - k1 + 1, P1 - k0].
+/// f(kb) for every key block of query block qb that holds an allowed element of the exact pattern:
+/// a vertical column j in the block with j <= P1, or a slash offset in [P0 - k1 + 1, P1 - k0].
 template <class F>
 void for_each_listed(const MaskShape& s, const HeadSets& hs, index_t qb, F&& f) {
   const index_t p0 = s.q_begin(qb) + s.q_offset(), p1 = s.q_end(qb) - 1 + s.q_offset();
@@ -163,7 +164,7 @@ void for_each_listed(const MaskShape& s, const HeadSets& hs, index_t qb, F&& f) 
   }
 }
 
-// Exact-mode pairs of one head: sum over queries of |V ∩ [0, p]| + |S ∩ [0, p]| - |overlap|.
+/// Exact-mode pairs of one head: sum over queries of |V ∩ [0, p]| + |S ∩ [0, p]| - |overlap|.
 inline index_t exact_pairs(const MaskShape& s, const HeadSets& hs) {
   const index_t n = s.n_k, off = s.q_offset();
   index_t total = 0;
@@ -179,7 +180,7 @@ inline index_t exact_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
-// Tiled-mode pairs of one head: causal pairs of every listed block.
+/// Tiled-mode pairs of one head: causal pairs of every listed block.
 inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   index_t total = 0;
   for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
@@ -191,7 +192,7 @@ inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
-// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
+/// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
 template <bool Tiled>
 index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns, Executor& ex,
                     std::vector<HeadSets>& sets) {
@@ -217,11 +218,11 @@ struct BasicVerticalSlash {
   /// The executed mask: exact = element predicate on the listed blocks; tiled = whole blocks.
   using Mask = BlockListMask<std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>>;
 
-  index_t last_queries = 64;    // w: estimate from the last min(w, n_q) queries
-  index_t sink_columns = 4;     // forced columns 0 .. sink_columns - 1
-  index_t local_offsets = 64;   // forced offsets 0 .. local_offsets - 1
-  index_t block = 64;           // kernel tile (block_q = block_k)
-  double vertical_share = 0.5;  // fraction of a budget's lines that are columns, in [0, 1]
+  index_t last_queries = 64;    ///< w: estimate from the last min(w, n_q) queries
+  index_t sink_columns = 4;     ///< forced columns 0 .. sink_columns - 1
+  index_t local_offsets = 64;   ///< forced offsets 0 .. local_offsets - 1
+  index_t block = 64;           ///< kernel tile (block_q = block_k)
+  double vertical_share = 0.5;  ///< fraction of a budget's lines that are columns, in [0, 1]
 
   template <class V>
   void visit_params(V&& v) {

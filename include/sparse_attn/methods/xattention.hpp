@@ -141,13 +141,13 @@ struct XAttention {
   }
 
  private:
-  // Forced key blocks of query block qb: 0 and its diagonal blocks [d0, d1].
+  /// Forced key blocks of query block qb: 0 and its diagonal blocks [d0, d1].
   static std::pair<index_t, index_t> diagonal(const MaskShape& s, index_t qb) {
     const index_t p0 = s.q_begin(qb) + s.q_offset(), p1 = s.q_end(qb) - 1 + s.q_offset();
     return {p0 / s.block_k, p1 / s.block_k};
   }
 
-  // Fills entry[(h * nqb + qb) * nkb + kb] for every head, query block and legal key block.
+  /// Fills entry[(h * nqb + qb) * nkb + kb] for every head, query block and legal key block.
   template <class QT, class KT>
   void estimate(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, float scale,
                 const MaskShape& shape, float* entry, Executor& ex) const {
@@ -268,7 +268,7 @@ struct XAttention {
     });
   }
 
-  // Pairs of the mask at threshold tau, per the rule kept().
+  /// Pairs of the mask at threshold tau, per the rule kept().
   static BlockListMask<AllowAll> mask_at(const MaskShape& shape, const std::vector<float>& entry,
                                          double tau, const AttentionOptions& opt) {
     const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
@@ -285,10 +285,10 @@ struct XAttention {
     return builder.build(AllowAll{}, -1, opt.executor_choice());
   }
 
-  // tau whose mask's CR is nearest to cr: the distinct masks are those of tau = each distinct
-  // entry threshold (blocks with e < tau) and tau = 1 (all); their pair counts are the forced
-  // pairs plus the sorted thresholds' prefix sums of whole-block pairs (an optional block lies
-  // below the diagonal: all its rows see all its keys).
+  /// tau whose mask's CR is nearest to cr: the distinct masks are those of tau = each distinct
+  /// entry threshold (blocks with e < tau) and tau = 1 (all); their pair counts are the forced
+  /// pairs plus the sorted thresholds' prefix sums of whole-block pairs (an optional block lies
+  /// below the diagonal: all its rows see all its keys).
   static double search_tau(const MaskShape& shape, const std::vector<float>& entry, double cr) {
     const index_t nqb = shape.num_q_blocks(), nkb = shape.num_k_blocks();
     std::vector<std::pair<float, index_t>> opt_blocks;  // (threshold, pairs)
