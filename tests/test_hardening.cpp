@@ -384,7 +384,7 @@ TEST(BadViews, OverlappingOutputStrides) {
 TEST(BadViews, InputsMayAliasAndUseAnyStrides) {
   // Inputs are only read: a query broadcast to every token (stride 0), K and V viewing one buffer
   // and negative strides are all legal. The library cannot check that raw pointers and strides
-  // stay inside the caller's allocation: that is the caller's responsibility (ROBUSTNESS.md).
+  // stay inside the caller's allocation: that is the caller's responsibility (docs/ROBUSTNESS.md).
   Prefill p;
   const TensorView<const float> q_bcast(p.q.data.data(), 4, 40, 16, 640, 0, 1);
   const TensorView<const float> kv_same(p.k.data.data(), 2, 40, 16);

@@ -974,7 +974,7 @@ TEST_F(Attend, RejectsZeroLengthArrays) {
 }
 
 TEST_F(Attend, NaNInputPropagatesToTheRowsThatReadIt) {
-  // The library's policy (ROBUSTNESS.md): not rejected, no crash; a NaN in query row i makes
+  // The library's policy (docs/ROBUSTNESS.md): not rejected, no crash; a NaN in query row i makes
   // row i NaN and nothing else.
   Problem p;
   p.fill(42);

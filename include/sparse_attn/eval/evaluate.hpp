@@ -1,5 +1,5 @@
 /// @file
-/// Fidelity-vs-compression evaluation of every registered method on one problem (METHODS.md 9-10).
+/// Fidelity-vs-compression evaluation of every registered method on one problem (docs/METHODS.md, section "Evaluation").
 ///
 /// Every method comes from the registry (methods/registry.hpp) and is asked for
 /// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).

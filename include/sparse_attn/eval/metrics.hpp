@@ -1,9 +1,9 @@
 /// @file
 /// Fidelity metrics of a sparse attention output against dense attention on the same Q/K/V, and the
-/// log-linear fit of error against compression and length (METHODS.md 9-10).
+/// log-linear fit of error against compression and length (docs/METHODS.md, section "Evaluation").
 ///
 ///   relative L2 error    ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over the
-///                        whole output (the "layer output" error of METHODS.md 10).
+///                        whole output (the "layer output" error of docs/METHODS.md, section "Evaluation").
 ///   attention-mass recall  share of a row's dense softmax mass on the pairs the method computed:
 ///                        sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where
 ///                        lse_method is the LSE the kernel reports over exactly the pairs it computed.

@@ -1,5 +1,6 @@
 /// @file
-/// Method 7b (METHODS.md): Ada-SnapKV (AdaKV's adaptive budget over SnapKV), per layer.
+/// Ada-SnapKV (AdaKV's adaptive budget over SnapKV), per layer (docs/METHODS.md, section
+/// "snapkv and ada_snapkv").
 ///
 /// Scores as SnapKV (observation window of the last w queries, causal, fp32 softmax, prefix pooled
 /// with kernel 7) except the reduction: max over the w queries and over the G query heads of the

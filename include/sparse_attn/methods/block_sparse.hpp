@@ -1,6 +1,7 @@
 /// @file
-/// Method 3 (METHODS.md): block-sparse prefill (MInference's block kernel, "Block-Sparse" in the
-/// Sparse Frontier paper). Selection only; the common prefill kernel executes the returned mask.
+/// Block-sparse prefill: MInference's block kernel, "Block-Sparse" in the Sparse Frontier paper
+/// (docs/METHODS.md, section "block_sparse"). Selection only; the common prefill kernel executes
+/// the returned mask.
 ///
 /// Per query head h (reading KV head h / G), with b x b blocks (b = the kernel tile):
 ///   pooled_q[qb] = mean of the real query rows of block qb, pooled_k[kb] likewise for keys

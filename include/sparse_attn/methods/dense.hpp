@@ -1,5 +1,5 @@
 /// @file
-/// Method 1 (METHODS.md): dense attention, the reference and baseline. Selection is the closed-form
+/// Dense attention (docs/METHODS.md, section "dense"), the reference and baseline. Selection is the closed-form
 /// causal or non-causal pattern (masks::causal / masks::full); execution is the common prefill /
 /// decode kernel. As a method it takes only a compression budget, and only CR 1 is reachable
 /// (within the budget's tolerance): dense keeps everything whatever is asked, and says so.

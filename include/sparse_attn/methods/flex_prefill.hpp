@@ -1,5 +1,5 @@
 /// @file
-/// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
+/// FlexPrefill (Lai et al., 2025; docs/METHODS.md, section "flex_prefill"), adaptive and query-aware. Selection only;
 /// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
 /// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
 ///   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
@@ -14,7 +14,7 @@
 ///      0; the original yields NaN there and so never picks such a head), the head is query-aware:
 ///      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
 ///      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
-///      over the block-causal row (METHODS.md: per query block; the original normalises the whole
+///      over the block-causal row (docs/METHODS.md: per query block; the original normalises the whole
 ///      block map and covers gamma * (number of blocks) of it globally).
 ///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
 ///      forced) are kept by every query block that may see them; the top budget offset blocks by

@@ -1,5 +1,5 @@
 /// @file
-/// Method 8 (METHODS.md): H2O, heavy-hitter eviction during decode, per KV head.
+/// H2O (docs/METHODS.md, section "h2o"): heavy-hitter eviction during decode, per KV head.
 ///
 /// Accumulated score of token j (per KV head) = sum of the softmax probabilities it has received
 /// from every query so far, summed over the G query heads of the group: the prompt's queries

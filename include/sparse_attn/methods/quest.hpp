@@ -1,5 +1,5 @@
 /// @file
-/// Method 6 (METHODS.md): Quest, query-aware page selection over a full KV cache.
+/// Quest (docs/METHODS.md, section "quest"): query-aware page selection over a full KV cache.
 ///
 /// Each decode step, for every page of P keys (the cache's page_size) and KV head, an upper bound
 /// of the scaled logits in the page from the cache's per-page key min/max:

@@ -1,5 +1,6 @@
 /// @file
-/// Method 2 (METHODS.md), prefill form ("A-shape"): query at position p sees key j iff j <= p and
+/// Sliding window, prefill form ("A-shape"; docs/METHODS.md, section "sliding_window and
+/// streaming"): query at position p sees key j iff j <= p and
 /// (j < S or p - j < W). Closed-form: no index memory. S + W >= n gives exactly the dense pattern.
 /// The decode/eviction form (keep the first S and the last W tokens) is methods/streaming.hpp; the
 /// bare pattern for a given W is masks::sliding_window (mask/patterns.hpp).

@@ -1,5 +1,6 @@
 /// @file
-/// Method 7a (METHODS.md): SnapKV, KV eviction at the end of prefill, per KV head.
+/// SnapKV, KV eviction at the end of prefill, per KV head (docs/METHODS.md, section
+/// "snapkv and ada_snapkv").
 ///
 /// Observation window: the last w = min(window, n_q) prompt queries (q holds the last n_q prompt
 /// queries; query i sits at position n - n_q + i of the n cached tokens). Score of key j:

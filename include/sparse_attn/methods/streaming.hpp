@@ -1,5 +1,6 @@
 /// @file
-/// Method 2, decode eviction form (METHODS.md): StreamingLLM. The cache keeps the first S tokens
+/// StreamingLLM, the sliding window's decode eviction form (docs/METHODS.md, section
+/// "sliding_window and streaming"). The cache keeps the first S tokens
 /// (attention sinks) and the most recent W; everything else is evicted, at the end of prefill and
 /// whenever a decode step's token grows a head past S + W, before the step attends (so every step
 /// reads exactly S + W keys). Positions are not re-indexed (keys are post-RoPE, see kv/cache.hpp):

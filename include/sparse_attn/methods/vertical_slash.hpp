@@ -1,5 +1,5 @@
 /// @file
-/// Method 4 (METHODS.md): Vertical-Slash (MInference). Selection only; the common prefill kernel
+/// Vertical-Slash (MInference; docs/METHODS.md, section "vertical_slash"). Selection only; the common prefill kernel
 /// executes the returned mask.
 ///
 /// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
@@ -347,7 +347,7 @@ struct BasicVerticalSlash {
   }
 };
 
-/// Exact Vertical-Slash (METHODS.md's definition).
+/// Exact Vertical-Slash (docs/METHODS.md, section "vertical_slash").
 using VerticalSlash = BasicVerticalSlash<false>;
 /// Tiled Vertical-Slash: whole blocks, a superset of the exact mask for the same V and S.
 using VerticalSlashTiled = BasicVerticalSlash<true>;
