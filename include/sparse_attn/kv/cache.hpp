@@ -103,10 +103,10 @@ class Cache {
   /// @brief Reserves a cache for `opt.capacity` tokens per KV head, empty.
   ///
   /// Allocates every array up front, largest first, and zero-fills it: K and V (contiguous:
-  /// Hkv x capacity x (d + dv) elements; paged: Hkv x ceil(capacity / P) pages plus one all-zero
-  /// page that unallocated table entries point to), positions (Hkv x capacity index_t), key bounds
-  /// (Hkv x ceil(capacity / P) x 2d elements of T when opt.key_bounds) and, when paged, the page
-  /// tables and the free list. O(the elements reserved).
+  /// Hkv x capacity x (d + dv) elements; paged: Hkv x ceil(capacity / P) x P x (d + dv) elements,
+  /// plus one all-zero page that unallocated table entries point to), positions (Hkv x capacity
+  /// index_t), key bounds (Hkv x ceil(capacity / P) x 2d elements of T when opt.key_bounds) and,
+  /// when paged, the page tables and the free list. O(the elements reserved).
   /// @param opt shape and capacity; value_dim 0 is replaced by head_dim (options() reports the
   /// resolved value).
   /// @throws sparse_attn::invalid_argument when kv_heads, head_dim, value_dim or capacity is < 1,
@@ -407,7 +407,8 @@ class Cache {
   /// paged cache returns the pages the head no longer needs to the free list. Cost O(moved rows x
   /// (d + dv)) plus O(rewritten rows x d) for the bounds; allocates one scratch row of
   /// max(dv, 3d) floats before anything changes. Transactional: every check runs first, a throw
-  /// changes nothing. After it, undo_append() of an earlier append is refused.
+  /// changes nothing. undo_append() of an earlier append is refused once its tokens are no longer
+  /// the head's last slots.
   /// @param h KV head, in [0, kv_heads()).
   /// @param slots kept slots, strictly increasing, within [0, length(h)); may be null when
   /// count is 0.
