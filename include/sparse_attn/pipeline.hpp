@@ -1,8 +1,10 @@
 /// @file
-/// End-to-end serving loop for one attention layer: prefill with any prefill mask, then decode
-/// step by step, with any decode methods plugged in as policies (methods/decode_policy.hpp), each
-/// step reporting the keys it read and its achieved compression ratio.
+/// @brief DecodeSession: the end-to-end serving loop for one attention layer.
 ///
+/// Prefill with any prefill mask, then decode step by step, with any decode methods plugged in
+/// as policies (methods/decode_policy.hpp), each step reporting the keys it read and its achieved
+/// compression ratio:
+/// @code
 ///   kv::ContiguousCache<bf16> cache({Hkv, d, 0, capacity});
 ///   DecodeSession<kv::ContiguousCache<bf16>> s(cache);
 ///   s.set_policy(methods::make_policy<kv::ContiguousCache<bf16>, float>(
@@ -10,34 +12,9 @@
 ///   s.prefill(q, k, v, out, [&](auto& q, auto& k) { return methods::BlockSparse{}.select(
 ///       q, k, methods::Budget::compression(8)).mask; });
 ///   for (...) { StepReport r = s.step(q_t, k_t, v_t, out_t);  r.compression(); }
-///
-/// Prefill masks: prefill() takes either a mask (any type of the common interface) or a callable
-/// mask(q, k) -> mask, called on the prompt's views, so data-dependent selections plug in
-/// unchanged. Decode methods: set_policy() (one) or add_policy() (several, e.g. SnapKV's eviction
-/// with Quest's selection), any DecodePolicy (the library's via methods::make_policy or the
-/// registry's make_decode_policy, or your own). Per step the policies' hooks run in the order they
-/// were added: before_step (StreamingLLM evicts here; at most one policy returns a selection other
-/// than KeySelection::all(), and none may evict after it did), the kernel, after_step (H2O). When a
-/// policy wants_key_mass(), the step's kernel also writes the attention mass each key received
-/// (AttentionOptions::key_mass) and after_step gets it: no second pass over the cache.
-/// Occupancy (cache_tokens, evicted) counts live tokens: H2O evicts lazily (dead slots its own
-/// selection skips, compacted in batches; DecodePolicy::live_tokens); with several policies the
-/// session compacts after every step, so no policy ever sees another's dead slots.
-/// Plan/run split for timing: select(q) runs the before_step hooks and returns the step's
-/// KeySelection (the plan); attend(q, keys, out) runs only the kernel; step() = append + select +
-/// attend + after_step.
-/// Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor (the
-/// engine's), or on the default one for num_threads; the softmax scale is SessionOptions::scale.
-/// Failures: step() runs every check before it appends (shapes, the kernel's options, the cache's
-/// append checks, each policy's check_step()), so an invalid argument changes nothing. When a
-/// policy throws later (or anything else in step() or ingest()), the exception reaches the caller
-/// unchanged and the step's append is undone, so the cache and `out` are as they were (only an
-/// eviction a before_step hook made before the kernel itself failed, e.g. on a failing executor
-/// or std::bad_alloc, stays). add_policy refuses a second selecting policy and an eviction policy
-/// after a selecting one (DecodePolicy::selects_keys / evicts_before_step).
-/// A custom policy that throws must leave the cache as it found it, as the library's do (they
-/// validate before they evict). prefill() writes out before it appends; if a policy throws, out
-/// holds the prompt's attention and the cache is unchanged.
+/// @endcode
+/// See sparse_attn::DecodeSession for the hooks' order, the failure guarantees and threading,
+/// and docs/METHODS.md, section "Entry points".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <chrono>
@@ -63,24 +40,38 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
+/// Options of a DecodeSession, fixed at construction; checked by every prefill, ingest and step.
 struct SessionOptions {
-  float scale = std::numeric_limits<float>::quiet_NaN();  ///< NaN: 1 / sqrt(d); kernels and methods
-  int num_threads = 0;  ///< threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  ///< the caller's executor, not owned; nullptr: the default for
-                                 ///< num_threads; every policy, kernel and cache append
-  index_t split = 512;           ///< decode kernel split-KV chunk
+  /// Softmax scale applied to q . k, for the kernels and the methods; NaN: 1 / sqrt(d).
+  float scale = std::numeric_limits<float>::quiet_NaN();
+  int num_threads = 0;  ///< Threads of the default executor, >= 0 (0: OpenMP default).
+  /// The caller's executor, not owned (it must outlive the session); nullptr: the default one
+  /// for num_threads. Runs every policy, kernel and cache append.
+  Executor* executor = nullptr;
+  index_t split = 512;  ///< Decode kernel split-KV chunk, in keys (>= 16).
 };
 
-/// What prefill()/ingest() did.
+/// What DecodeSession::prefill() or DecodeSession::ingest() did.
 struct PrefillReport {
-  index_t tokens = 0;       ///< prompt tokens appended
-  index_t pairs = 0;        ///< prefill mask's allowed pairs (0 for ingest)
-  index_t dense_pairs = 0;  ///< dense causal pairs of the same shape
+  index_t tokens = 0;       ///< Prompt tokens appended (per KV head).
+  index_t pairs = 0;        ///< The mask's allowed (query, key) pairs, all heads (0 for ingest).
+  index_t dense_pairs = 0;  ///< Dense causal pairs of the same shape (0 for ingest).
+  /// Wall time of the prefill attention (mask function included), in milliseconds.
   double prefill_ms = 0, evict_ms = 0;
-  index_t cache_tokens = 0;   ///< tokens held after eviction, summed over KV heads (live ones)
-  kv::EvictionPlan eviction;  ///< the last policy's eviction plan (kept slots, scores, stats)
+  /// @var evict_ms
+  /// Wall time of the policies' after_prefill hooks (scoring and eviction), in milliseconds.
+
+  /// Tokens held after eviction, summed over KV heads (live ones: DecodePolicy::live_tokens).
+  index_t cache_tokens = 0;
+  /// The eviction plan of the last policy that made one (kept slots, scores, stats); empty when
+  /// none did.
+  kv::EvictionPlan eviction;
+  /// @return the prefill mask's compression dense_pairs / pairs (1 when both are 0, as for
+  /// ingest).
   double compression() const { return methods::compression_of(dense_pairs, pairs); }
-  /// Prompt tokens x KV heads / tokens kept.
+  /// Cache compression after the prompt's eviction: prompt tokens x KV heads / tokens kept.
+  /// @param kv_heads the cache's KV heads.
+  /// @return the ratio; 0 when nothing is held.
   double cache_compression(index_t kv_heads) const {
     return cache_tokens > 0
                ? static_cast<double>(tokens * kv_heads) / static_cast<double>(cache_tokens)
@@ -88,36 +79,102 @@ struct PrefillReport {
   }
 };
 
-/// What one decode step did.
+/// What one DecodeSession::step() did.
 struct StepReport {
-  kv::DecodeStats stats;     ///< pairs computed, dense pairs, K/V rows read
-  index_t position = 0;      ///< position of the step's last token
-  index_t cache_tokens = 0;  ///< tokens held after the step's eviction, summed over KV heads
-                             ///< (live ones: DecodePolicy::live_tokens)
-  index_t evicted = 0;       ///< tokens the step's evictions dropped, summed over KV heads
+  kv::DecodeStats stats;     ///< Pairs computed, dense pairs of the whole sequence, K/V rows read.
+  index_t position = 0;      ///< Position of the step's last token (sequence_length() - 1).
+  /// Tokens held after the step's eviction, summed over KV heads (live ones:
+  /// DecodePolicy::live_tokens).
+  index_t cache_tokens = 0;
+  /// Tokens the step's evictions (before_step and after_step) dropped, summed over KV heads.
+  index_t evicted = 0;
+  /// Wall time of select() (the policies' before_step hooks, eviction included), in milliseconds.
   double select_ms = 0, kernel_ms = 0, evict_ms = 0;
+  /// @var kernel_ms
+  /// Wall time of the decode kernel, in milliseconds.
+  /// @var evict_ms
+  /// Wall time of the policies' after_step hooks and compaction, in milliseconds.
+
+  /// @return the step's achieved compression ratio, stats.compression().
   double compression() const { return stats.compression(); }
 };
 
+/// @brief Serving loop of one attention layer over a kv::Cache: prefill, then decode steps with
+/// decode methods plugged in as policies.
+///
+/// Prefill masks: prefill() takes either a mask (any type of the common interface) or a callable
+/// mask(q, k) -> mask, called on the prompt's views, so data-dependent selections plug in
+/// unchanged. Decode methods: set_policy() (one) or add_policy() (several, e.g. SnapKV's eviction
+/// with Quest's selection), any methods::DecodePolicy (the library's via methods::make_policy or
+/// the registry's make_decode_policy, or your own). Per step the policies' hooks run in the order
+/// they were added: before_step (StreamingLLM evicts here; at most one policy returns a selection
+/// other than KeySelection::all(), and none may evict after it did), the kernel, after_step
+/// (H2O). When a policy wants_key_mass(), the step's kernel also writes the attention mass each
+/// key received (AttentionOptions::key_mass) and after_step gets it: no second pass over the
+/// cache.
+///
+/// Occupancy (cache_tokens, evicted) counts live tokens: H2O evicts lazily (dead slots its own
+/// selection skips, compacted in batches; DecodePolicy::live_tokens); with several policies the
+/// session compacts after every step, so no policy ever sees another's dead slots.
+///
+/// Plan/run split for timing: select(q) runs the before_step hooks and returns the step's
+/// KeySelection (the plan); attend(q, keys, out) runs only the kernel; step() = append + select +
+/// attend + after_step.
+///
+/// Threads: every policy, the cache's appends and the kernels run on SessionOptions::executor
+/// (the engine's), or on the default one for num_threads; the softmax scale is
+/// SessionOptions::scale. The session itself is not thread-safe: call it from one thread at a
+/// time, and leave its cache alone (no other reader or writer) during a call.
+///
+/// Failures: step() runs every check before it appends (shapes, the kernel's options, the
+/// cache's append checks, each policy's check_step()), so an invalid argument changes nothing.
+/// When a policy throws later (or anything else in step() or ingest()), the exception reaches the
+/// caller unchanged and the step's append is undone, so the cache and `out` are as they were
+/// (only an eviction a before_step hook made before the kernel itself failed, e.g. on a failing
+/// executor or std::bad_alloc, stays). add_policy() refuses a second selecting policy and an
+/// eviction policy after a selecting one (DecodePolicy::selects_keys / evicts_before_step). A
+/// custom policy that throws must leave the cache as it found it, as the library's do (they
+/// validate before they evict). prefill() writes out before it appends; if a policy throws, out
+/// holds the prompt's attention and the cache is unchanged.
+///
+/// The session refers to the cache (it must outlive the session) and owns its policies.
+/// @tparam Cache a kv::Cache (ContiguousCache or PagedCache of float, bf16 or fp16).
+/// @tparam TQ element type of the queries (float, bf16 or fp16).
 template <class Cache, class TQ = float>
 class DecodeSession {
  public:
-  using Policy = methods::DecodePolicy<Cache, TQ>;
-  using QView = TensorView<const TQ>;
+  using Policy = methods::DecodePolicy<Cache, TQ>;  ///< The policy interface this session runs.
+  using QView = TensorView<const TQ>;  ///< View type of the queries, [Hq, tokens, d].
 
+  /// A session without policies (dense decode over the whole cache). O(1); never throws.
+  /// @param cache the layer's cache; referenced, not copied: it must outlive the session.
+  /// @param opt scale, threads or executor, split (checked by each call, not here).
   explicit DecodeSession(Cache& cache, const SessionOptions& opt = {})
       : cache_(cache), opt_(opt) {}
+  /// A session with one policy (set_policy(policy)).
+  /// @param cache the layer's cache; referenced, not copied: it must outlive the session.
+  /// @param policy the decode method; nullptr: none.
+  /// @param opt scale, threads or executor, split (checked by each call, not here).
+  /// @throws sparse_attn::invalid_argument when the policy needs key bounds the cache lacks.
+  /// @throws std::bad_alloc when the policy list cannot be allocated.
   DecodeSession(Cache& cache, std::unique_ptr<Policy> policy, const SessionOptions& opt = {})
       : cache_(cache), opt_(opt) {
     set_policy(std::move(policy));
   }
 
+  /// @return the session's cache.
   Cache& cache() { return cache_; }
+  /// @return the session's cache.
   const Cache& cache() const { return cache_; }
+  /// @return the options the session was built with.
   const SessionOptions& options() const { return opt_; }
 
-  /// Replaces every policy by `p` (nullptr: none, dense decode over the whole cache).
-  /// If it throws (see add_policy), the policies are as they were.
+  /// Replaces every policy by `p` (nullptr: none, dense decode over the whole cache). The old
+  /// policies are destroyed. Transactional: if it throws, the policies are as they were.
+  /// @param p the new policy, or nullptr.
+  /// @throws sparse_attn::invalid_argument when p needs key bounds the cache lacks
+  /// (kv::CacheOptions::key_bounds).
+  /// @throws std::bad_alloc when the policy list cannot be allocated.
   void set_policy(std::unique_ptr<Policy> p) {
     std::vector<std::unique_ptr<Policy>> next;
     if (p) {
@@ -126,21 +183,51 @@ class DecodeSession {
     }
     policies_.swap(next);
   }
-  /// Adds a policy after the others (its hooks run after theirs). Throws (adding nothing) when
-  /// the policy needs key bounds the cache lacks, when it selects keys and another policy does,
-  /// or when it evicts in before_step after a policy that selects keys.
+  /// Adds a policy after the others (its hooks run after theirs). Transactional: a throw adds
+  /// nothing (and destroys p).
+  /// @param p the policy to add; nullptr: no-op.
+  /// @throws sparse_attn::invalid_argument when the policy needs key bounds the cache lacks,
+  /// when it selects keys and another policy does, or when it evicts in before_step after a
+  /// policy that selects keys.
+  /// @throws std::bad_alloc when the policy list cannot grow.
   void add_policy(std::unique_ptr<Policy> p) {
     if (!p) return;
     check_policy(*p, policies_);
     policies_.push_back(std::move(p));
   }
+  /// @return the number of policies, in hook order.
   index_t num_policies() const { return static_cast<index_t>(policies_.size()); }
-  /// The i-th policy (stats(), last_eviction()).
+  /// The i-th policy, for its stats() and last_eviction().
+  /// @param i index in hook order, in [0, num_policies()).
+  /// @return the policy; the reference is valid until set_policy() or the session's end.
+  /// @throws std::out_of_range when i is out of range.
   const Policy& policy(index_t i = 0) const { return *policies_.at(static_cast<std::size_t>(i)); }
 
-  /// Prefill of the prompt q [Hq, n, d], k/v [Hkv, n, d|dv] into an empty cache: out = attention
-  /// under `mask` (a mask, or a callable mask(q, k) returning one), computed on the caller's
-  /// views; then K/V are appended and the policies' after_prefill run.
+  /// @brief Prefill of a prompt into the empty cache: attention output, append, then the
+  /// policies' after_prefill.
+  ///
+  /// out = attention of the prompt under `mask`, computed by the prefill kernel on the caller's
+  /// views (not the cache); then K/V are appended and the policies' after_prefill hooks run (as
+  /// ingest()). Cost: the prefill kernel's (O(allowed pairs x (d + dv))), the append, and the
+  /// policies' scoring. Allocates the kernel's workspace, the mask when a callable builds it, and
+  /// whatever the policies allocate.
+  ///
+  /// Failures: the cache must be empty and the append's checks (and, with policies, q's) run
+  /// before out is written; the kernel validates q, k, v, out and the mask before it writes. If a
+  /// policy throws after the append, the append is undone: out holds the prompt's attention and
+  /// the cache is as before.
+  /// @param q the prompt's queries, [Hq, n, d] token rows.
+  /// @param k the prompt's keys, [Hkv, n, d] token rows (after RoPE), any storage type.
+  /// @param v the prompt's values, [Hkv, n, dv] token rows, any storage type.
+  /// @param out attention output, [Hq, n, dv].
+  /// @param mask_or_fn a prefill mask of the common interface, or a callable mask(q, k) returning
+  /// one (called once, on the prompt's views).
+  /// @return tokens, pairs and dense pairs of the mask, timings, the cache's occupancy and the
+  /// last eviction plan.
+  /// @throws sparse_attn::invalid_argument when the cache is not empty (sequence_length() > 0;
+  /// use ingest() to extend a sequence), on the append's checks, on the options or q (when
+  /// policies are set), on the kernel's checks, or from a policy.
+  /// @throws std::bad_alloc when a workspace or buffer cannot be allocated.
   template <class TK, class TV, class TO, class MaskOrFn>
   PrefillReport prefill(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
                         const TensorView<TO>& out, MaskOrFn&& mask_or_fn) {
@@ -163,8 +250,25 @@ class DecodeSession {
     return ir;
   }
 
-  /// Appends the prompt's K/V to the cache and runs the policies' after_prefill (no attention
-  /// output). q: the prompt's queries, or at least its last rows (what the policies score with).
+  /// @brief Appends K/V to the cache and runs the policies' after_prefill (no attention output).
+  ///
+  /// For a prompt whose attention the engine computed itself, or to extend a sequence. Each
+  /// policy's after_prefill runs in order (SnapKV-style policies score the prompt with q and
+  /// evict); the report's eviction is the last plan a policy made. Cost: the append plus the
+  /// policies' scoring; allocates what they allocate.
+  ///
+  /// Failures: every check runs before the append. If a policy throws, the exception reaches the
+  /// caller and the append is undone when the cache still ends with the appended tokens (a policy
+  /// that evicted before another one threw leaves the cache as it left it).
+  /// @param q the prompt's queries, or at least its last rows (what the policies score with),
+  /// [Hq, n_q, d] with n_q <= max_length() + k.tokens; read only when policies are set.
+  /// @param k keys to append, [Hkv, n, d] token rows, any storage type.
+  /// @param v values to append, [Hkv, n, dv] token rows, any storage type.
+  /// @return tokens appended, the hooks' time (evict_ms), the cache's occupancy and the last
+  /// eviction plan; pairs, dense_pairs and prefill_ms are 0.
+  /// @throws sparse_attn::invalid_argument on the append's checks (kv::Cache::check_append) and,
+  /// when policies are set, on the options or a q that does not fit the cache; or from a policy.
+  /// @throws std::bad_alloc when the append's scratch or a policy's buffers cannot be allocated.
   template <class TK, class TV>
   PrefillReport ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) {
     check_ingest(q, k, v);
@@ -188,8 +292,17 @@ class DecodeSession {
     return r;
   }
 
-  /// The step's key selection (the plan) for q [Hq, n_q, d], whose K/V are already appended:
-  /// runs the policies' before_step (which may evict).
+  /// @brief The step's key selection (the plan): runs the policies' before_step hooks in order.
+  ///
+  /// The step's K/V must already be appended. Hooks may evict (StreamingLLM); at most one may
+  /// return a selection other than KeySelection::all(), and none may evict after it. Not
+  /// transactional on its own (step() is): an eviction a hook made stays when a later one throws.
+  /// Makes no checks of its own on q (check_step() does).
+  /// @param q the step's queries, [Hq, n_q, d].
+  /// @param stats when non-null, receives kv::decode_stats() of the selection on the cache.
+  /// @return the selection the kernel should read (slots of the cache after any eviction).
+  /// @throws sparse_attn::invalid_argument when a policy evicts after another selected, or a
+  /// second policy selects keys; what decode_stats() throws; or from a policy.
   KeySelection select(const QView& q, kv::DecodeStats* stats = nullptr) {
     KeySelection keys = KeySelection::all();
     bool selected = false;
@@ -211,16 +324,42 @@ class DecodeSession {
     return keys;
   }
 
-  /// The kernel alone: attention of q over `keys` of the cache into out [Hq, n_q, dv].
+  /// The kernel alone: attention of q over `keys` of the cache into out, with the session's
+  /// scale, threads and split (decode(q, cache, out, keys, opt): its cost, allocation and
+  /// failures). Changes no state of the session or the cache.
+  /// @param q the step's queries, [Hq, n_q, d], already appended.
+  /// @param keys the selection select() returned (or any valid one).
+  /// @param out attention output, [Hq, n_q, dv].
+  /// @throws sparse_attn::invalid_argument as decode() on the cache.
+  /// @throws std::bad_alloc when the kernel's workspace cannot be allocated.
   template <class TO>
   void attend(const QView& q, const KeySelection& keys, const TensorView<TO>& out) {
     decode(q, cache_, out, keys, kernel_options());
   }
 
-  /// One decode step: append k/v [Hkv, n_q, d|dv] of the new token(s), select, attend, then the
-  /// policies' after_step. If any of it throws, the cache and out are as they were. Every check
-  /// runs before the append: the shapes, the kernel's options, the cache's append checks and
-  /// each policy's check_step().
+  /// @brief One decode step: append the new token(s), select, attend, then the policies'
+  /// after_step.
+  ///
+  /// Every check runs before the append: the shapes, the kernel's options, the cache's append
+  /// checks and each policy's check_step() (check_step()). With policies, the kernel writes a
+  /// staging buffer that is copied to out only when the whole step succeeded; with several
+  /// policies the cache is compacted after the hooks. Cost: the append (O(Hkv x n_q x (d + dv))),
+  /// the policies' selection and scoring, and the kernel (O(pairs x (d + dv)) / threads).
+  /// Allocates the staging buffer (Hq x n_q x dv elements of TO, with policies), the kernel's
+  /// workspace, and, when a policy wants the key mass, grows a per-session buffer to
+  /// Hkv x max_length() floats (amortised: reused across steps).
+  ///
+  /// Transactional: if any of it throws, the append is undone and the cache and out are as they
+  /// were, except that an eviction a before_step hook made before the kernel itself failed (a
+  /// failing executor, std::bad_alloc) stays, and without policies a kernel that fails midway may
+  /// leave out partly written.
+  /// @param q the new tokens' queries, [Hq, n_q, d] token rows, Hq a multiple of Hkv.
+  /// @param k the new tokens' keys, [Hkv, n_q, d] token rows (after RoPE), any storage type.
+  /// @param v the new tokens' values, [Hkv, n_q, dv] token rows, any storage type.
+  /// @param out attention output, [Hq, n_q, dv], not aliasing itself.
+  /// @return the step's density, position, occupancy, evictions and timings.
+  /// @throws sparse_attn::invalid_argument as check_step(), or from select() or a policy.
+  /// @throws std::bad_alloc when a buffer or workspace cannot be allocated.
   template <class TK, class TV, class TO>
   StepReport step(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
                   const TensorView<TO>& out) {
@@ -276,7 +415,16 @@ class DecodeSession {
     return r;
   }
 
-  /// The checks step(q, k, v, out) makes before it changes anything, in its order.
+  /// The checks step(q, k, v, out) makes before it changes anything, in its order: out (an
+  /// output view), q, the shapes against the cache (Hq a positive multiple of Hkv, dims d and dv,
+  /// equal token counts), the options (scale, num_threads >= 0, split >= 16, the executor's
+  /// concurrency >= 1), the cache's append checks, then each policy's check_step(). Changes
+  /// nothing; allocates only an error's message.
+  /// @param q the new tokens' queries, [Hq, n_q, d].
+  /// @param k the new tokens' keys, [Hkv, n_q, d].
+  /// @param v the new tokens' values, [Hkv, n_q, dv].
+  /// @param out attention output, [Hq, n_q, dv].
+  /// @throws sparse_attn::invalid_argument on the first failed check.
   template <class TK, class TV, class TO>
   void check_step(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v,
                   const TensorView<TO>& out) const {
@@ -304,7 +452,7 @@ class DecodeSession {
     return std::chrono::duration<double, std::milli>(clock::now() - t0).count();
   }
   ExecutorChoice executor() const { return {opt_.executor, opt_.num_threads}; }
-  /// The options every kernel and policy checks: scale, threads, split, the executor.
+  // The options every kernel and policy checks: scale, threads, split, the executor.
   void check_options(const char* where) const {
     kernel::resolve_scale(opt_.scale, cache_.head_dim(), where);
     require(opt_.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
@@ -314,7 +462,7 @@ class DecodeSession {
             ": executor concurrency() must be >= 1, got ",
             opt_.executor ? opt_.executor->concurrency() : 0);
   }
-  /// ingest()'s checks before the append: q against the cache, the options, the append's own.
+  // ingest()'s checks before the append: q against the cache, the options, the append's own.
   template <class TK, class TV>
   void check_ingest(const QView& q, const TensorView<TK>& k, const TensorView<TV>& v) const {
     cache_.check_append(k, v, executor());
@@ -354,8 +502,8 @@ class DecodeSession {
     o.split = opt_.split;
     return o;
   }
-  /// Tokens held, summed over KV heads: the cache's, less the dead slots of a lazily evicting
-  /// policy (DecodePolicy::live_tokens).
+  // Tokens held, summed over KV heads: the cache's, less the dead slots of a lazily evicting
+  // policy (DecodePolicy::live_tokens).
   index_t live_tokens() const {
     const index_t total = cache_.total_length();
     index_t held = total;
@@ -367,9 +515,9 @@ class DecodeSession {
       if (p->wants_key_mass()) return true;
     return false;
   }
-  /// After a failure past the append of m tokens: undoes it when the cache still ends with them
-  /// (a policy that evicted before it threw leaves the cache as it left it). The failure, not
-  /// this, is what the caller sees.
+  // After a failure past the append of m tokens: undoes it when the cache still ends with them
+  // (a policy that evicted before it threw leaves the cache as it left it). The failure, not
+  // this, is what the caller sees.
   void undo_append(index_t m) noexcept {
     SPARSE_ATTN_TRY { cache_.undo_append(m); }
     SPARSE_ATTN_CATCH_ALL {}
@@ -389,7 +537,7 @@ class DecodeSession {
   Cache& cache_;
   SessionOptions opt_;
   std::vector<std::unique_ptr<Policy>> policies_;
-  std::vector<float> mass_;  ///< the kernel's key mass of the running step
+  std::vector<float> mass_;  // the kernel's key mass of the running step
 };
 
 SPARSE_ATTN_NAMESPACE_END

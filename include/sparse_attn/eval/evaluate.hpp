@@ -1,5 +1,6 @@
 /// @file
-/// Fidelity-vs-compression evaluation of every registered method on one problem (docs/METHODS.md, section "Evaluation").
+/// @brief Fidelity-vs-compression evaluation of every registered method on one problem
+/// (docs/METHODS.md, section "Evaluation").
 ///
 /// Every method comes from the registry (methods/registry.hpp) and is asked for
 /// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
@@ -11,18 +12,18 @@
 /// from the two LSEs (every row), top-1 recall (every row up to 8192 queries, else a strided sample
 /// of 2048 rows including the last), and whether the last query row computes the needle keys.
 ///
-/// Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position
-/// p_t = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
+/// Decode: the last R query rows are R decode steps. Step t (0-based) is the token at position p_t
+/// = n_k - R + t; its cache holds keys [0, p_t] as the method left them. Concretely: a kv::Cache
 /// gets the prompt keys [0, n_k - R), the method's DecodePolicy (methods/decode_policy.hpp) runs
 /// after_prefill with the prompt's queries (query rows [0, n_q - R)), then for each step: the
 /// step's key/value is appended, before_step selects (or evicts) and returns the KeySelection, the
-/// core decode kernel runs (timed: kernel; it also emits the per-key attention mass when the
-/// policy wants it), after_step runs. Dense decode is the same loop with no policy: keys [0, p_t].
-/// Budgets of eviction methods are relative to the sequence length when they evict.
-/// Achieved CR = sum_t Hq (p_t + 1) / pairs read; reachable iff it is within the budget's
-/// tolerance of the target (methods::is_reachable); errors over the R x Hq output rows; mass recall
-/// from the LSEs; top-1 recall of each step's dense argmax over [0, p_t]; needles at the last step.
-/// Speed-up = dense time / (selection + kernel time) of the same run.
+/// core decode kernel runs (timed: kernel; it also emits the per-key attention mass when the policy
+/// wants it), after_step runs. Dense decode is the same loop with no policy: keys [0, p_t]. Budgets
+/// of eviction methods are relative to the sequence length when they evict. Achieved CR = sum_t Hq
+/// (p_t + 1) / pairs read; reachable iff it is within the budget's tolerance of the target
+/// (methods::is_reachable); errors over the R x Hq output rows; mass recall from the LSEs; top-1
+/// recall of each step's dense argmax over [0, p_t]; needles at the last step. Speed-up = dense
+/// time / (selection + kernel time) of the same run.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -43,43 +44,90 @@
 #include "sparse_attn/methods/registry.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
+/// @brief Evaluation of the sparse methods against dense attention: problems (eval::Problem,
+/// the synthetic workload), fidelity metrics and the fidelity-vs-compression sweep
+/// (eval::evaluate). See docs/METHODS.md, section "Evaluation".
 namespace eval {
 
-/// One (dataset, phase, method, target CR) point.
+/// One (dataset, phase, method, target CR) point of the evaluation.
 struct Record {
+  /// Problem name (Problem::name).
   std::string dataset, phase, method, detail;
-  index_t tokens = 0;            ///< n_k
-  index_t rows = 0;              ///< query rows evaluated per head (n_q, or R decode steps)
+  /// @var phase
+  /// "prefill" or "decode".
+  /// @var method
+  /// Registry name of the method ("dense" for the baseline).
+  /// @var detail
+  /// The resolved budget in the method's terms (SelectionStats::detail), e.g. "W=412".
+
+  index_t tokens = 0;  ///< n_k: keys (positions) of the problem.
+  index_t rows = 0;    ///< Query rows evaluated per head (n_q, or R decode steps).
+  /// Compression ratio asked for (1 for dense).
   double target_cr = 1.0, achieved_cr = 1.0;
-  bool reachable = true;
+  /// @var achieved_cr
+  /// Compression ratio achieved: dense causal pairs / pairs computed (decode: read).
+
+  bool reachable = true;  ///< Whether achieved_cr is within the budget's tolerance of target_cr.
+  /// Relative L2 error of the whole output (OutputError::overall).
   double err_layer = 0.0, err_median_head = 0.0, err_worst_head = 0.0;
+  /// @var err_median_head
+  /// Median over query heads of the per-head relative L2 error.
+  /// @var err_worst_head
+  /// Largest per-head relative L2 error.
+
+  /// Mean attention-mass recall over (head, row), in [0, 1].
   double mass_mean = 1.0, mass_min = 1.0;
-  double top1 = 1.0;             ///< share of (head, row) whose dense argmax key was computed
-  index_t top1_rows = 0;         ///< rows per head that top-1 was measured on
-  index_t needles_kept = 0, needles_total = 0;  ///< (head, needle) pairs at the last row
+  /// @var mass_min
+  /// Smallest attention-mass recall of a (head, row), in [0, 1].
+
+  double top1 = 1.0;      ///< Share of (head, row) whose dense argmax key was computed.
+  index_t top1_rows = 0;  ///< Rows per head that top-1 was measured on (top1_rows()).
+  /// (head, needle) pairs computed at the last query row.
+  index_t needles_kept = 0, needles_total = 0;
+  /// @var needles_total
+  /// (head, needle) pairs there are: Hq x the problem's needles.
+
+  /// Selection time in milliseconds (decode: every policy hook over the whole run).
   double ms_select = 0.0, ms_kernel = 0.0, ms_dense = 0.0;
+  /// @var ms_kernel
+  /// Kernel time in milliseconds (prefill: best of up to 5 runs; decode: summed over the steps).
+  /// @var ms_dense
+  /// The dense baseline's kernel time on the same phase, in milliseconds.
+
+  /// @return selection + kernel time, in milliseconds.
   double ms_total() const { return ms_select + ms_kernel; }
+  /// @return ms_dense / ms_total(); NaN when ms_total() is 0.
   double speedup() const { return ms_total() > 0.0 ? ms_dense / ms_total() : kNaN; }
 };
 
+/// What evaluate() sweeps and how.
 struct EvalOptions {
-  std::vector<double> compressions{2, 5, 10, 20};  ///< target CRs (dense is always added at CR 1)
+  /// Target CRs, each run with every selected method (dense is always added at CR 1).
+  std::vector<double> compressions{2, 5, 10, 20};
+  /// Run the prefill phase (evaluate() only).
   bool prefill = true, decode = true;
-  index_t last_rows = 64;   ///< R: decode steps
-  int num_threads = 0;      ///< threads of the default executor (0: OpenMP default)
-  Executor* executor = nullptr;  ///< the caller's executor, not owned; nullptr: the default for
-                                 // num_threads; every method, kernel and metric
+  /// @var decode
+  /// Run the decode phase (evaluate() only).
+
+  index_t last_rows = 64;  ///< R: decode steps, the last R query rows, in [1, n_q).
+  int num_threads = 0;     ///< Threads of the default executor, >= 0 (0: OpenMP default).
+  /// The caller's executor, not owned; nullptr: the default one for num_threads. Runs every
+  /// method, kernel and metric.
+  Executor* executor = nullptr;
   /// Parameter settings per method name (methods/registry.hpp), applied over its defaults.
   std::vector<std::pair<std::string, methods::ParamSettings>> params;
-  double min_time_ms = 30;  ///< prefill kernels faster than this are repeated (best of <= 5)
-  std::vector<std::string> prefill_methods;  ///< empty: all
-  std::vector<std::string> decode_methods;   ///< empty: all
-  std::function<void(const std::string&)> progress;  ///< e.g. a line on stderr
+  /// Prefill kernels faster than this (milliseconds) are repeated, best of at most 5 runs.
+  double min_time_ms = 30;
+  std::vector<std::string> prefill_methods;  ///< Prefill methods to run by name; empty: all.
+  std::vector<std::string> decode_methods;   ///< Decode methods to run by name; empty: all.
+  /// Called with a line of progress after each dense run and each (method, CR); may be empty.
+  std::function<void(const std::string&)> progress;
 };
 
+/// @cond INTERNAL
 namespace detail_eval {
 
-/// The dense baseline row of a phase: CR 1, exact, every needle kept; the sparse rows start from it.
+// The dense baseline row of a phase: CR 1, exact, every needle kept; the sparse rows start from it.
 inline Record dense_record(const Problem& p, const char* phase, index_t rows, index_t top1_rows,
                            double dense_ms) {
   Record r;
@@ -98,14 +146,14 @@ using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
-/// Runs one empty item per worker, so the first timed call does not pay for starting the threads
-/// (an OpenMP team, an engine's pool).
+// Runs one empty item per worker, so the first timed call does not pay for starting the threads
+// (an OpenMP team, an engine's pool).
 inline void warm_threads(const ExecutorChoice& exec) {
   sparse_attn::detail::with_executor(exec, [](Executor& ex) {
     run_items(ex, ex.concurrency(), [](index_t, int) {});
   });
 }
-/// Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
+// Best-of timing: runs f once, then again while the total stays under min_ms (at most 5 runs).
 template <class F>
 double time_best(F&& f, double min_ms) {
   double best = 0.0, total = 0.0;
@@ -122,7 +170,7 @@ double time_best(F&& f, double min_ms) {
 inline bool wanted(const std::vector<std::string>& list, const char* name) {
   return list.empty() || std::find(list.begin(), list.end(), name) != list.end();
 }
-/// The settings EvalOptions::params gives method `name` (empty: its defaults).
+// The settings EvalOptions::params gives method `name` (empty: its defaults).
 inline methods::ParamSettings params_for(const EvalOptions& opt, const std::string& name) {
   for (const auto& [method, settings] : opt.params)
     if (method == name) return settings;
@@ -135,15 +183,29 @@ inline std::string cr_label(double cr) {
 }
 
 }  // namespace detail_eval
+/// @endcond
 
-/// A prefill selection with its mask type erased: what the evaluator runs and inspects.
+/// A prefill selection with its mask type erased: what the evaluator runs and inspects. The
+/// closures share the mask and view the problem's data, which must outlive them.
 struct PrefillRun {
-  methods::SelectionStats stats;
+  methods::SelectionStats stats;  ///< The selection's statistics (pairs, CR, reachability, time).
+  /// Runs the prefill kernel under the mask: out [Hq, n_q, dv] with the given options.
   std::function<void(const TensorView<float>& out, const AttentionOptions& opt)> run;
+  /// Whether the mask computes the pair (query head h, query row qi, key kj).
   std::function<bool(index_t h, index_t qi, index_t kj)> keeps;
 };
 
-/// Selects with prefill method `name` (registry) on problem p at `budget`.
+/// Selects with prefill method `name` (registry) on problem p at `budget`. Cost: the method's
+/// selection; allocates the mask (shared by the returned closures).
+/// @param name registry name of a prefill method.
+/// @param settings parameter settings applied over the method's defaults.
+/// @param p the problem.
+/// @param budget the budget, e.g. Budget::compression(10).
+/// @param opt scale, threads or executor for the selection.
+/// @return the type-erased selection.
+/// @throws sparse_attn::invalid_argument when the name or a setting is unknown or invalid, or the
+/// method rejects the problem or budget.
+/// @throws std::bad_alloc when the selection cannot be allocated.
 inline PrefillRun select_prefill(const std::string& name, const methods::ParamSettings& settings,
                                  const Problem& p, const methods::Budget& budget,
                                  const AttentionOptions& opt) {
@@ -162,7 +224,20 @@ inline PrefillRun select_prefill(const std::string& name, const methods::ParamSe
   });
 }
 
-/// Prefill records of the selected methods (dense first) on problem p.
+/// @brief Prefill records of the selected methods (dense first) on problem p.
+///
+/// Dense prefill of every query row (output, LSE, best-of time), the dense argmax of the top-1
+/// rows, then for every selected prefill method (registry order; "dense" and user-mask methods
+/// skipped) and every target CR: selection, kernel (best-of time) and the metrics against dense.
+/// Cost: the dense and sparse kernels (each up to 5 times), O(Hq x top-1 rows x n_k x d) for the
+/// argmax, and each method's selection. Allocates two outputs and two LSE arrays
+/// (Hq x n_q x (dv + 1) floats each), the argmax and each selection's mask.
+/// @param p the problem.
+/// @param opt the sweep (compressions, prefill_methods, params, threads, min_time_ms, progress).
+/// @return the dense record, then one record per (method, CR).
+/// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
+/// or a method's settings or selection fail.
+/// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_prefill");
@@ -234,20 +309,55 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
   return out;
 }
 
-/// Outputs of one decode loop.
+/// Outputs of one decode loop (run_decode()).
 struct DecodeRun {
-  std::vector<float> out, lse;  ///< [Hq][R][dv], [Hq][R]
+  /// Attention output of the R steps, [Hq][R][dv].
+  std::vector<float> out, lse;
+  /// @var lse
+  /// LSE of each step's row, [Hq][R].
+
+  /// (query row, key) pairs read, summed over the steps and query heads.
   index_t pairs = 0, dense_pairs = 0;
+  /// @var dense_pairs
+  /// Pairs dense causal attention reads over the same steps: sum_t Hq (p_t + 1).
+
+  /// Time of the policy's hooks (after_prefill, before_step, after_step), in milliseconds.
   double ms_select = 0.0, ms_kernel = 0.0;
+  /// @var ms_kernel
+  /// Time of the decode kernel summed over the steps, in milliseconds.
+
+  /// (query head, step) pairs whose dense argmax key was read.
   index_t top1_hit = 0, needles_kept = 0;
+  /// @var needles_kept
+  /// (query head, needle) pairs read at the last step.
 };
 
+/// The cache the evaluator decodes on: contiguous fp32.
 using EvalCache = kv::Cache<float>;
+/// The decode policies the evaluator runs (methods::make_decode_policy for EvalCache and fp32
+/// queries).
 using EvalPolicy = methods::DecodePolicy<EvalCache, float>;
 
-/// Runs the decode loop of a policy (nullptr: dense; see the header comment). argmax[h * R + t]
-/// is the dense argmax position of step t for query head h (or empty to skip top-1). The cache's
-/// appends and the kernel run on `exec`.
+/// @brief Runs the decode loop of a policy (nullptr: dense) over the last R query rows of p.
+///
+/// A fresh EvalCache of capacity n_k gets the prompt keys [0, n_k - R); the policy's
+/// after_prefill sees query rows [0, n_q - R); then each step t appends key n_k - R + t,
+/// selects (before_step), runs the kernel (timed; with the per-key mass when the policy wants
+/// it) and runs after_step. The cache's appends and the kernel run on `exec`. Arguments are not
+/// validated beyond what the cache, the policy and the kernel check: p must be valid and R in
+/// [1, n_q). Cost: R decode steps plus the policy's work. Allocates the cache
+/// (Hkv x n_k x (d + dv) floats, plus key bounds when the policy needs them), the outputs, a
+/// key-mass buffer (Hkv x n_k floats) when the policy wants it, and a kernel workspace per step.
+/// @param p the problem.
+/// @param R decode steps, in [1, n_q).
+/// @param pol the decode policy, or nullptr for dense decode; its state changes with the run.
+/// @param argmax [Hq][R] dense argmax position of each step (step t, query head h at
+/// h * R + t), or empty to skip top-1.
+/// @param exec the caller's executor, or the default one for exec.num_threads.
+/// @return the outputs, LSEs, pair counts, timings, top-1 hits and needles kept.
+/// @throws sparse_attn::invalid_argument from the cache, the policy or the kernel on invalid
+/// arguments.
+/// @throws std::bad_alloc when a buffer cannot be allocated.
 inline DecodeRun run_decode(const Problem& p, index_t R, EvalPolicy* pol,
                             const std::vector<index_t>& argmax, const ExecutorChoice& exec) {
   namespace de = detail_eval;
@@ -327,8 +437,21 @@ inline DecodeRun run_decode(const Problem& p, index_t R, EvalPolicy* pol,
 /// thread costs on a busy machine, and dense and sparse are timed alike.
 inline constexpr index_t kSingleThreadDecodeKeys = 32768;
 
-/// Decode records of the selected methods (dense first): the last opt.last_rows query rows as
-/// decode steps.
+/// @brief Decode records of the selected methods (dense first): the last opt.last_rows query rows
+/// as decode steps.
+///
+/// Computes the dense argmax of each step's row, runs the dense decode loop, then for every
+/// selected decode method (registry order, "dense" skipped) and every target CR the method's
+/// policy at Budget::compression(CR) through run_decode(), and the metrics against dense. A
+/// cache of at most kSingleThreadDecodeKeys keys (summed over KV heads) decodes on one thread
+/// unless opt.num_threads or opt.executor says otherwise. Cost: O(Hq x R x n_k x d) for the
+/// argmax plus one decode loop per (method, CR). Allocates one cache and the outputs per run.
+/// @param p the problem.
+/// @param opt the sweep (compressions, last_rows, decode_methods, params, threads, progress).
+/// @return the dense record, then one record per (method, CR).
+/// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
+/// last_rows is outside [1, n_q), or a method's settings or policy fail.
+/// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_decode");
@@ -390,7 +513,14 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
   return out;
 }
 
-/// Both phases as selected in opt.
+/// Both phases as selected in opt (opt.prefill, opt.decode): evaluate_prefill() then
+/// evaluate_decode(). The evaluator holds no shared state; timings are meaningful only when
+/// nothing else loads the machine.
+/// @param p the problem.
+/// @param opt the sweep.
+/// @return the prefill records, then the decode records.
+/// @throws sparse_attn::invalid_argument as evaluate_prefill() and evaluate_decode().
+/// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
   std::vector<Record> out;
   if (opt.prefill) out = evaluate_prefill(p, opt);
@@ -402,7 +532,14 @@ inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
 }
 
 /// Per (dataset prefix, phase, method) log-linear fit over records (error = err_layer) whose
-/// dataset name starts with `dataset_prefix`, across every length present.
+/// dataset name starts with `dataset_prefix`, across every length present (fit_log_linear()).
+/// O(records).
+/// @param recs records of any number of problems.
+/// @param dataset_prefix records whose dataset starts with this are used ("" : all).
+/// @param phase "prefill" or "decode".
+/// @param method the method's registry name.
+/// @return the fit; not ok() when too few usable records match.
+/// @throws std::bad_alloc when the points cannot be allocated.
 inline LogLinearFit fit_records(const std::vector<Record>& recs, const std::string& dataset_prefix,
                                 const std::string& phase, const std::string& method) {
   std::vector<FitPoint> pts;

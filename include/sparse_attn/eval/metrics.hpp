@@ -1,16 +1,17 @@
 /// @file
-/// Fidelity metrics of a sparse attention output against dense attention on the same Q/K/V, and the
-/// log-linear fit of error against compression and length (docs/METHODS.md, section "Evaluation").
+/// @brief Fidelity metrics of a sparse attention output against dense attention on the same
+/// Q/K/V, and the log-linear fit of error against compression and length (docs/METHODS.md,
+/// section "Evaluation").
 ///
-///   relative L2 error    ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over the
-///                        whole output (the "layer output" error of docs/METHODS.md, section "Evaluation").
-///   attention-mass recall  share of a row's dense softmax mass on the pairs the method computed:
-///                        sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where
-///                        lse_method is the LSE the kernel reports over exactly the pairs it computed.
-///                        Exact for every row at the cost of the sparse kernel itself; no sampling.
-///   top-1 recall         share of rows whose dense argmax key (ties toward the lower index) was
-///                        computed by the method. The argmax needs the dense logits: O(n_q n_k d)
-///                        per head, so rows are sampled above kTop1AllRows queries (top1_rows()).
+/// - relative L2 error: ||O - O_dense|| / ||O_dense||, per query head (over its rows) and over
+///   the whole output (the "layer output" error of docs/METHODS.md, section "Evaluation").
+/// - attention-mass recall: share of a row's dense softmax mass on the pairs the method
+///   computed, sum_{kept j} e^{s_ij - lse_i} = e^{lse_method_i - lse_dense_i}, where lse_method is
+///   the LSE the kernel reports over exactly the pairs it computed. Exact for every row at the
+///   cost of the sparse kernel itself; no sampling.
+/// - top-1 recall: share of rows whose dense argmax key (ties toward the lower index) was
+///   computed by the method. The argmax needs the dense logits: O(n_q n_k d) per head, so rows
+///   are sampled above kTop1AllRows queries (top1_rows()).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <Eigen/Core>
@@ -28,6 +29,8 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
 
+/// Quiet NaN: the value of a metric that is undefined (no data, or a zero reference with a
+/// non-zero error).
 inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 /// Rows whose top-1 recall is measured: every row up to this many queries, else a sample.
@@ -36,7 +39,10 @@ inline constexpr index_t kTop1AllRows = 8192;
 inline constexpr index_t kTop1SampleRows = 2048;
 
 /// Query rows for top-1 recall: all of [0, n_q) when n_q <= kTop1AllRows, else kTop1SampleRows rows
-/// evenly strided over [0, n_q) that always include the last row (deterministic).
+/// evenly strided over [0, n_q) that always include the last row (deterministic). O(rows).
+/// @param n_q query rows of the problem (n_q <= 0 gives none).
+/// @return ascending, distinct row indices in [0, n_q).
+/// @throws std::bad_alloc when the list cannot be allocated.
 inline std::vector<index_t> top1_rows(index_t n_q) {
   std::vector<index_t> rows;
   if (n_q <= kTop1AllRows) {
@@ -53,7 +59,19 @@ inline std::vector<index_t> top1_rows(index_t n_q) {
 /// Dense argmax key of query rows `rows` of every query head: result[h * rows.size() + r] =
 /// argmax_{j <= position(rows[r])} q_h,r . k_{h/G},j (ties toward the lower j; the scale does not
 /// change the argmax). Queries are the last n_q of the n_k positions. Blocked Eigen GEMMs, over
-/// (head, 64 rows) items on `exec`.
+/// (head, 64 rows) items on `exec`: O(Hq x rows x n_k x d) flops. Allocates an fp32 copy of K
+/// (Hkv x n_k x d floats) and, per worker, a 64-row block of queries and its logits (up to
+/// 64 x n_k floats).
+/// @param q queries, [Hq, n_q, d] fp32, any strides.
+/// @param k keys, [Hkv, n_k, d] fp32, any strides; Hq a multiple of Hkv.
+/// @param rows query rows to evaluate, each in [0, n_q) (unchecked), ascending (the causal limit
+/// of a block of 64 rows is taken from its last row).
+/// @param causal true: row r sees keys [0, n_k - n_q + r]; false: every key.
+/// @param exec the caller's executor, or the default one for exec.num_threads.
+/// @return [Hq][rows.size()] key indices.
+/// @throws sparse_attn::invalid_argument when Hq is not a multiple of Hkv, the head dims differ,
+/// n_q > n_k, or exec.num_threads < 0.
+/// @throws std::bad_alloc when the buffers cannot be allocated.
 inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
                                          const TensorView<const float>& k,
                                          const std::vector<index_t>& rows, bool causal = true,
@@ -109,8 +127,12 @@ inline std::vector<index_t> dense_argmax(const TensorView<const float>& q,
 
 /// Relative L2 errors of `got` against `ref`, both [heads, rows, dv] (any strides).
 struct OutputError {
-  std::vector<double> per_head;  ///< ||O_h - R_h|| / ||R_h|| (0 when both are 0)
-  double overall = 0.0;          ///< ||O - R|| / ||R|| over every head: the layer-output error
+  /// [heads] ||O_h - R_h|| / ||R_h|| (0 when both are 0, NaN when only R_h is).
+  std::vector<double> per_head;
+  /// ||O - R|| / ||R|| over every head: the layer-output error (0 / NaN as per_head).
+  double overall = 0.0;
+  /// @return the median of per_head (the mean of the two middle values for an even count); NaN
+  /// when empty. O(H log H); copies per_head.
   double median_head() const {
     if (per_head.empty()) return kNaN;
     std::vector<double> v = per_head;
@@ -118,11 +140,17 @@ struct OutputError {
     const std::size_t n = v.size();
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
   }
+  /// @return the largest of per_head; NaN when empty. O(H).
   double worst_head() const {
     return per_head.empty() ? kNaN : *std::max_element(per_head.begin(), per_head.end());
   }
 };
 
+/// Relative L2 errors of `got` against `ref`, accumulated in double. O(heads x rows x dv).
+/// @param got the method's output, [heads, rows, dv].
+/// @param ref the dense reference, of the same shape.
+/// @return per-head and overall errors.
+/// @throws sparse_attn::invalid_argument when the shapes differ.
 inline OutputError output_error(const TensorView<const float>& got, const TensorView<const float>& ref) {
   require(got.heads == ref.heads && got.tokens == ref.tokens && got.dim == ref.dim,
           "eval::output_error", "shape mismatch");
@@ -148,8 +176,17 @@ inline OutputError output_error(const TensorView<const float>& got, const Tensor
 /// (fp32 rounding can put a fully kept row a hair above 1). A row dense attention leaves empty
 /// counts as fully recalled.
 struct MassRecall {
+  /// Mean recall over the rows, in [0, 1]; NaN when there are no rows.
   double mean = kNaN, min = kNaN;
+  /// @var min
+  /// Smallest recall of a row, in [0, 1]; NaN when there are no rows.
 };
+/// Attention-mass recall of every row from the two LSEs (see MassRecall). O(rows).
+/// @param lse_method per-row LSE the sparse kernel reported (natural log, over the pairs it
+/// computed; -inf for a row that computed none).
+/// @param lse_dense per-row LSE of dense attention, the same rows in the same order.
+/// @return mean and minimum recall.
+/// @throws sparse_attn::invalid_argument when the sizes differ.
 inline MassRecall mass_recall(const std::vector<float>& lse_method, const std::vector<float>& lse_dense) {
   require(lse_method.size() == lse_dense.size(), "eval::mass_recall", "size mismatch");
   MassRecall r;
@@ -173,16 +210,38 @@ inline MassRecall mass_recall(const std::vector<float>& lse_method, const std::v
 /// CR > 1. With a single distinct n the length term is not identifiable: c = 0 and
 /// length_term = false. r2 is the coefficient of determination of log(error).
 struct LogLinearFit {
+  /// Intercept a (log error at CR 1 and n 1); NaN when the fit was not possible.
   double a = kNaN, b = kNaN, c = kNaN, r2 = kNaN;
-  index_t points = 0;
-  bool length_term = false;
+  /// @var b
+  /// Slope b of log(error) in log(CR).
+  /// @var c
+  /// Slope c of log(error) in log(n); 0 without a length term.
+  /// @var r2
+  /// Coefficient of determination of log(error), in (-inf, 1].
+
+  index_t points = 0;         ///< Points used (error > 0, CR > 1, tokens > 0, all finite).
+  bool length_term = false;   ///< Whether the points had several lengths, so c was fitted.
+  /// @return whether a fit was made (enough points: at least one more than the coefficients).
   bool ok() const { return std::isfinite(a); }
 };
 
+/// One point of a log-linear fit.
 struct FitPoint {
+  /// Relative error (> 0 to be used).
   double error, compression, tokens;
+  /// @var compression
+  /// Achieved compression ratio (> 1 to be used).
+  /// @var tokens
+  /// Sequence length n in tokens (> 0 to be used).
 };
 
+/// Least-squares fit of log(error) = a + b log(CR) + c log(n) (see LogLinearFit), by
+/// column-pivoted Householder QR. Points with a non-finite or non-positive error, a CR not above
+/// 1 or non-positive tokens are skipped; with fewer usable points than coefficients + 1 the
+/// result is not ok(). O(points).
+/// @param pts_in the points (any order).
+/// @return the fit.
+/// @throws std::bad_alloc when the work arrays cannot be allocated.
 inline LogLinearFit fit_log_linear(const std::vector<FitPoint>& pts_in) {
   std::vector<FitPoint> pts;
   for (const FitPoint& p : pts_in)
@@ -221,9 +280,24 @@ inline LogLinearFit fit_log_linear(const std::vector<FitPoint>& pts_in) {
 /// point is already at or above `level` (cr = that point's CR: the crossing is somewhere in
 /// (1, cr]); never within the sweep (cr = NaN). Points must be sorted by compression.
 struct Crossing {
+  /// How the crossing was located.
   enum Kind { bracketed, below_first, never } kind = never;
-  double cr = kNaN;
+  /// @var bracketed
+  /// Between two sweep points: cr interpolated in log(error) vs log(CR).
+  /// @var below_first
+  /// The first sparse point is already at or above the level: the crossing lies in (1, cr].
+  /// @var never
+  /// No sweep point reaches the level: cr is NaN.
+  /// @var kind
+  /// Where the crossing lies relative to the sweep.
+
+  double cr = kNaN;  ///< Compression ratio of the crossing (see kind); NaN for never.
 };
+/// Where an error curve first reaches `level` (see Crossing). Points with a negative or NaN
+/// error, or a non-finite CR not above 1, are skipped. O(points); never throws.
+/// @param cr_err (achieved CR, error) points sorted by CR.
+/// @param level the error level, > 0.
+/// @return the crossing.
 inline Crossing crossing_compression(const std::vector<std::pair<double, double>>& cr_err, double level) {
   double prev_cr = 1.0, prev_err = 0.0;
   for (const auto& [cr, err] : cr_err) {

@@ -1,32 +1,39 @@
 /// @file
-/// Synthetic long-context attention workload, deterministic by seed, any length (tested to 128k):
-/// Q [Hq, n, d], K and V [Hkv, n, d] (fp32, RoPE already applied, softmax scale 1/sqrt(d)) whose
-/// attention shows the structures the sparse methods bet on - attention sinks, a local band, vertical
-/// stripes, diagonal slashes - plus planted needles that the late queries must retrieve.
+/// @brief Synthetic long-context attention workload (eval::make_synthetic), deterministic by seed,
+/// any length (tested to 128k).
 ///
-/// Construction, in logit units (q . k / sqrt(d) = the designed logit; vectors are stored scaled by
-/// d^(1/4)). The head dimension is split into subspaces:
-///   [0, P)            positional, P/2 RoPE pairs with theta_i = 10000^(-2i/P). Keys hold a_i (one
-///                     real amplitude per pair, sum a_i^2 = 1, plus 0.05 noise), queries hold
-///                     a_i (w_band + sum_s w_slash e^{-i delta_s theta_i}); after RoPE at positions p
-///                     and j the logit is sum_i a_i^2 (w_band cos(D theta_i) + sum_s w_slash
-///                     cos((D - delta_s) theta_i)), D = p - j: a band that decays with log D (RoPE's
-///                     long-range decay) and a bump on each slash offset delta_s.
-///   P                 sink feature: 1 on keys 0..sinks-1, else 0; every query holds w_sink.
-///   P + 1             stripe feature: amplitude in [0.5, 1] on the stripe keys (random columns,
-///                     "frequent tokens"), else 0; every query holds w_stripe.
-///   needle subspace   orthonormal needle directions e_m: needle key m holds e_m; the last
-///                     needle_query_rows queries hold w_needle sum_m e_m, so each needle's logit is
-///                     w_needle exactly; other keys hold 0.02 noise there.
-///   content subspace  Gaussian q and k (logit noise of std ~0.7; ~0.3 for diffuse heads).
+/// Q [Hq, n, d], K and V [Hkv, n, d] (fp32, RoPE already applied, softmax scale 1/sqrt(d)) whose
+/// attention shows the structures the sparse methods bet on - attention sinks, a local band,
+/// vertical stripes, diagonal slashes - plus planted needles that the late queries must retrieve.
+///
+/// Construction, in logit units (q . k / sqrt(d) = the designed logit; vectors are stored scaled
+/// by d^(1/4)). The head dimension is split into subspaces:
+///
+///     [0, P)            positional, P/2 RoPE pairs with theta_i = 10000^(-2i/P). Keys hold a_i
+///                       (one real amplitude per pair, sum a_i^2 = 1, plus 0.05 noise), queries
+///                       hold a_i (w_band + sum_s w_slash e^{-i delta_s theta_i}); after RoPE at
+///                       positions p and j the logit is sum_i a_i^2 (w_band cos(D theta_i) +
+///                       sum_s w_slash cos((D - delta_s) theta_i)), D = p - j: a band that decays
+///                       with log D (RoPE's long-range decay) and a bump on each slash offset
+///                       delta_s.
+///     P                 sink feature: 1 on keys 0..sinks-1, else 0; every query holds w_sink.
+///     P + 1             stripe feature: amplitude in [0.5, 1] on the stripe keys (random
+///                       columns, "frequent tokens"), else 0; every query holds w_stripe.
+///     needle subspace   orthonormal needle directions e_m: needle key m holds e_m; the last
+///                       needle_query_rows queries hold w_needle sum_m e_m, so each needle's
+///                       logit is w_needle exactly; other keys hold 0.02 noise there.
+///     content subspace  Gaussian q and k (logit noise of std ~0.7; ~0.3 for diffuse heads).
+///
 /// Query head h has type h % 4, which sets the weights (sink, band, stripe, slash, needle):
-///   0 sink+local (7, 5, 2, 0, 14)   1 vertical (4, 3, 6, 1.5, 13)
-///   2 slash (4, 4, 1.5, 5, 13)      3 diffuse (1.5, 1.5, 1, 0.5, 12)
+///
+///     0 sink+local (7, 5, 2, 0, 14)   1 vertical (4, 3, 6, 1.5, 13)
+///     2 slash (4, 4, 1.5, 5, 13)      3 diffuse (1.5, 1.5, 1, 0.5, 12)
+///
 /// so a needle (logit 12-14) outranks every structural key (sink <= 7, stripe <= 6, band and slash
 /// peaks <= 5, plus O(1) positional tails and noise) for the late queries.
-/// Values are N(0, 1). Every random number comes from a counter-based hash of (seed, stream, index)
-/// (SplitMix64 + Box-Muller), so the data depend only on the seed and the options, not on the
-/// platform's <random> or the thread count.
+/// Values are N(0, 1). Every random number comes from a counter-based hash of (seed, stream,
+/// index) (SplitMix64 + Box-Muller), so the data depend only on the seed and the options, not on
+/// the platform's `<random>` or the thread count.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -41,32 +48,55 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace eval {
 
+/// Options of the synthetic workload (make_synthetic()); the data depend only on these.
 struct SyntheticOptions {
-  index_t tokens = 32768;           ///< n (keys = queries: a full prompt)
-  index_t q_heads = 4;              ///< Hq (a multiple of kv_heads)
-  index_t kv_heads = 1;             ///< Hkv
-  index_t head_dim = 64;            ///< d (even, >= 16)
-  std::uint64_t seed = 7;
-  index_t sinks = 4;                ///< keys 0 .. sinks - 1 are attention sinks
-  index_t stripes = 0;              ///< vertical stripe columns; 0: max(8, n / 512)
-  index_t slashes = 3;              ///< slash diagonals per query head
-  index_t needles = 4;              ///< planted needle keys (<= the needle subspace's dimension)
-  index_t needle_query_rows = 128;  ///< the last rows that look for the needles
+  index_t tokens = 32768;           ///< n, >= 64: keys = queries (a full prompt).
+  index_t q_heads = 4;              ///< Hq, a positive multiple of kv_heads.
+  index_t kv_heads = 1;             ///< Hkv, >= 1.
+  index_t head_dim = 64;            ///< d, even and >= 16.
+  std::uint64_t seed = 7;           ///< Seed of every random number.
+  index_t sinks = 4;                ///< Keys 0 .. sinks - 1 are attention sinks (>= 0).
+  index_t stripes = 0;              ///< Vertical stripe columns (>= 0); 0: max(8, n / 512).
+  index_t slashes = 3;              ///< Slash diagonals per query head (>= 0).
+  /// Planted needle keys, >= 0 and <= the needle subspace's dimension (d - P - 2) / 2, P = d / 2
+  /// rounded down to even (15 for d = 64).
+  index_t needles = 4;
+  index_t needle_query_rows = 128;  ///< The last rows that look for the needles (>= 0).
 };
 
+/// The generated workload: fp32 Q, K, V (head-major, contiguous) and the planted structure.
 struct SyntheticData {
+  /// Hq: query heads.
   index_t q_heads = 0, kv_heads = 0, tokens = 0, head_dim = 0;
-  std::vector<float> q, k, v;                      ///< [Hq, n, d], [Hkv, n, d], [Hkv, n, d]
-  std::vector<index_t> stripes;                    ///< stripe key positions, sorted
-  std::vector<index_t> needles;                    ///< needle key positions, sorted
-  std::vector<std::vector<index_t>> slash_offsets; ///< [Hq] slash offsets delta_s
-  index_t needle_query_begin = 0;                  ///< rows >= this look for the needles
+  /// @var kv_heads
+  /// Hkv: KV heads.
+  /// @var tokens
+  /// n: positions (keys and queries).
+  /// @var head_dim
+  /// d: head dimension of Q, K and V.
 
+  /// Queries, [Hq, n, d] contiguous, RoPE applied.
+  std::vector<float> q, k, v;
+  /// @var k
+  /// Keys, [Hkv, n, d] contiguous, RoPE applied.
+  /// @var v
+  /// Values, [Hkv, n, d] contiguous, N(0, 1).
+
+  std::vector<index_t> stripes;                    ///< Stripe key positions, sorted.
+  std::vector<index_t> needles;                    ///< Needle key positions, sorted.
+  /// [Hq] lists of slash offsets delta_s: query p's slash keys sit at p - delta_s.
+  std::vector<std::vector<index_t>> slash_offsets;
+  index_t needle_query_begin = 0;                  ///< Query rows >= this look for the needles.
+
+  /// @return a view of q, [Hq, n, d]; valid while this object lives and q is not resized.
   TensorView<const float> q_view() const { return {q.data(), q_heads, tokens, head_dim}; }
+  /// @return a view of k, [Hkv, n, d]; valid while this object lives and k is not resized.
   TensorView<const float> k_view() const { return {k.data(), kv_heads, tokens, head_dim}; }
+  /// @return a view of v, [Hkv, n, d]; valid while this object lives and v is not resized.
   TensorView<const float> v_view() const { return {v.data(), kv_heads, tokens, head_dim}; }
 };
 
+/// @cond INTERNAL
 namespace detail_syn {
 
 inline std::uint64_t splitmix64(std::uint64_t x) {
@@ -75,12 +105,12 @@ inline std::uint64_t splitmix64(std::uint64_t x) {
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
 }
-/// Uniform in (0, 1) from (seed, stream, index).
+// Uniform in (0, 1) from (seed, stream, index).
 inline double uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) {
   const std::uint64_t h = splitmix64(splitmix64(seed ^ splitmix64(stream)) + i);
   return (static_cast<double>(h >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
-/// Standard normal (Box-Muller on two counter-based uniforms).
+// Standard normal (Box-Muller on two counter-based uniforms).
 inline double gauss(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) {
   const double u1 = uniform(seed, stream, 2 * i), u2 = uniform(seed, stream, 2 * i + 1);
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
@@ -101,9 +131,19 @@ inline HeadWeights head_weights(index_t h) {
 }
 
 }  // namespace detail_syn
+/// @endcond
 
-/// Builds the workload; the rows of Q, K and V are generated on `exec` (the data do not depend on
-/// it). Throws sparse_attn::invalid_argument on inconsistent options.
+/// Builds the workload (see the file's description for the construction). The rows of Q, K and
+/// V are generated in parallel on `exec`; the data do not depend on it, nor on the platform.
+/// Cost O((Hq + Hkv) x n x d) plus O(Hq x d x slashes) for the query templates; allocates Q, K
+/// and V ((Hq + 2 Hkv) x n x d floats) and O(n) bookkeeping.
+/// @param o the options.
+/// @param exec the caller's executor, or the default one for exec.num_threads.
+/// @return the data, with the positions of the stripes and needles and the slash offsets.
+/// @throws sparse_attn::invalid_argument when q_heads is not a positive multiple of kv_heads,
+/// head_dim is odd or < 16, a count is negative, needles exceeds the needle subspace, or
+/// tokens < 64 or < 4 x (sinks + stripes + needles).
+/// @throws std::bad_alloc when the data cannot be allocated.
 inline SyntheticData make_synthetic(const SyntheticOptions& o, const ExecutorChoice& exec = {}) {
   namespace ds = detail_syn;
   constexpr const char* where = "eval::make_synthetic";

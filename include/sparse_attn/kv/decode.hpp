@@ -1,5 +1,6 @@
 /// @file
-/// Decode against a kv::Cache with the core kernel, and the step's measured density.
+/// @brief Decode against a kv::Cache with the core kernel, and the step's measured density
+/// (kv::DecodeStats, kv::decode_stats).
 ///
 /// decode(q, cache, out, keys, opt) is the cache form of the kernel's decode(q, k, v, out, keys,
 /// opt) (kernel/decode.hpp): the newest n_q tokens (already appended) attend to the cache
@@ -22,24 +23,36 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace kv {
 
-/// Density of one decode call. CR = dense_pairs / pairs, where dense_pairs is what dense causal
-/// attention over the whole (uncompressed) sequence computes, so eviction counts as sparsity.
+/// @brief Density of one decode call.
+///
+/// CR = dense_pairs / pairs, where dense_pairs is what dense causal attention over the whole
+/// (uncompressed) sequence computes, so eviction counts as sparsity.
 struct DecodeStats {
-  index_t pairs = 0;        ///< (query row, key) pairs computed, summed over query heads and rows
-  index_t dense_pairs = 0;  ///< pairs of dense causal attention over sequence_length() keys
-  index_t kv_rows = 0;      ///< K (and V) rows read: once per unit (KV head, or query head)
+  /// (query row, key) pairs computed, summed over query heads and rows.
+  index_t pairs = 0;
+  /// Pairs of dense causal attention over sequence_length() keys: sum over the n_q new rows t of
+  /// Hq x (sequence_length() - n_q + t + 1).
+  index_t dense_pairs = 0;
+  /// K (and V) rows read, once per selection unit (KV head, or query head for a per-query-head
+  /// selection): what the step costs in memory traffic.
+  index_t kv_rows = 0;
+  /// @return the achieved compression ratio dense_pairs / pairs; 1 when both are 0, +infinity
+  /// when only pairs is.
   double compression() const {
     if (pairs == 0) return dense_pairs == 0 ? 1.0 : std::numeric_limits<double>::infinity();
     return static_cast<double>(dense_pairs) / static_cast<double>(pairs);
   }
-  /// Keys each query row reads on average.
+  /// Keys each query row reads on average: pairs / (hq x n_q).
+  /// @param hq query heads of the call.
+  /// @param n_q new tokens (query rows per head) of the call.
+  /// @return the mean keys per row; 0 when hq x n_q <= 0.
   double keys_per_query(index_t hq, index_t n_q) const {
     return hq * n_q > 0 ? static_cast<double>(pairs) / static_cast<double>(hq * n_q) : 0.0;
   }
 };
 
 namespace detail {
-/// Unit u's ranges clipped to [0, limit). `all` stands for [0, length) of the unit's head.
+// Unit u's ranges clipped to [0, limit). `all` stands for [0, length) of the unit's head.
 inline void clip_ranges(const KeySelection& keys, index_t u, index_t length, index_t limit,
                         std::vector<KeyRange>& outr) {
   outr.clear();
@@ -59,10 +72,22 @@ inline index_t count_keys(const std::vector<KeyRange>& r) {
 }
 }  // namespace detail
 
-/// Pairs a decode of n_q new tokens of hq query heads computes under `keys` on this cache.
-/// Validates like the decode call it describes (sparse_attn::invalid_argument): hq >= 1 and a
-/// multiple of the cache's KV heads, 0 <= n_q <= the sequence length, `keys` one list per unit
-/// within the cache.
+/// @brief Pairs a decode of n_q new tokens of hq query heads computes under `keys` on this cache.
+///
+/// Counts exactly what decode(q, cache, out, keys) computes: each new row t of a unit with head
+/// length len sees the unit's ranges clipped to its causal prefix [0, len - n_q + t + 1).
+/// Validates like the decode call it describes. O(units x n_q x ranges per unit); allocates one
+/// small range buffer. Reads the cache only: may run concurrently with other readers.
+/// @tparam Cache a kv::Cache.
+/// @param keys the step's selection: KeySelection::all(), or ranges of slots (not positions) per
+/// KV head or per query head.
+/// @param cache the cache after the step's append (and any eviction).
+/// @param hq query heads, a positive multiple of cache.kv_heads().
+/// @param n_q new tokens, in [0, sequence_length()].
+/// @return pairs, dense pairs and K/V rows of the call.
+/// @throws sparse_attn::invalid_argument when hq is not a positive multiple of the KV heads,
+/// n_q is out of range, or `keys` is not one valid list per unit within [0, max_length()).
+/// @throws std::bad_alloc when the range buffer cannot be allocated.
 template <class Cache>
 DecodeStats decode_stats(const KeySelection& keys, const Cache& cache, index_t hq, index_t n_q) {
   constexpr const char* where = "kv::decode_stats";
@@ -102,16 +127,42 @@ struct is_cache<C, std::void_t<decltype(std::declval<const C&>().kv_heads()),
     : std::true_type {};
 }  // namespace detail
 
-/// Does C look like a kv::Cache (kv_heads(), keys(), values(), length(h))?
+/// Does C look like a kv::Cache (has kv_heads(), keys(), values() and length(h))? Selects the
+/// cache overload of decode().
+/// @tparam C the type to test.
 template <class C>
 inline constexpr bool is_cache_v = detail::is_cache<C>::value;
 
 }  // namespace kv
 
-/// Attention of q [Hq, n_q, d] (the newest n_q tokens, already in the cache) over `keys`
-/// (KeySelection::all() = every head's [0, length(h))), written to out [Hq, n_q, dv].
+/// @brief Decode attention of the newest n_q tokens over a kv::Cache.
+///
+/// Attention of q [Hq, n_q, d] (the newest n_q tokens, already appended to the cache) over
+/// `keys` (KeySelection::all() = every head's [0, length(h))), written to out [Hq, n_q, dv].
+/// With equal head lengths this is one call of the kernel's decode() on cache.keys() and
+/// cache.values(): its checks, cost, allocation (one workspace per call) and threading apply, and
+/// opt passes through unchanged. With uneven head lengths the n_q tokens run as n_q kernel calls
+/// with opt.causal replaced by per-head ranges clipped to each token's own causal prefix; the
+/// range lists, and a second Hkv x key_mass.stride mass buffer when the key mass output is set
+/// and n_q > 1, are allocated per call.
+///
 /// The key mass output (when set) covers the K view's max_length() slots per KV head; with
-/// uneven head lengths and several new tokens the per-token calls add their masses up.
+/// uneven head lengths and several new tokens the per-token calls add their masses up (rows
+/// t >= key_mass.row_begin count; none counted: zeros). The cache is only read, so several
+/// decodes may read one cache concurrently, but not while it is appended to or evicted from.
+/// Arguments are validated before anything is written; a later failure (a failing executor,
+/// std::bad_alloc) may leave out partly written.
+/// @param q queries, [Hq, n_q, d] token rows, Hq a multiple of Hkv.
+/// @param cache the cache holding the n_q new tokens as each head's last slots.
+/// @param out output, [Hq, n_q, dv] token rows. With uneven head lengths only each token's row
+/// is validated, so out (and opt.lse) must hold n_q tokens.
+/// @param keys slots each unit reads (ranges index slots, not positions); all(): every head's
+/// [0, length(h)).
+/// @param opt the kernel's options (scale, threads or executor, split, precision, LSE, key mass).
+/// @throws sparse_attn::invalid_argument as the kernel's decode(); with uneven head lengths also
+/// when Hq is not a multiple of Hkv, `keys` is invalid for the cache, or a head holds fewer than
+/// n_q tokens.
+/// @throws std::bad_alloc when a workspace or buffer cannot be allocated.
 template <class TQ, class Cache, class TO, class = std::enable_if_t<kv::is_cache_v<Cache>>>
 void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& out,
             const KeySelection& keys = KeySelection::all(), const DecodeOptions& opt = {}) {

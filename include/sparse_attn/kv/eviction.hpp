@@ -1,11 +1,15 @@
 /// @file
-/// What every eviction method shares: the plan it produces (kept slots per KV head, the scores
-/// that chose them, the selection statistics), deterministic "keep forced + top-k" selection,
-/// applying a plan to a cache, and the attention-probability column scores that SnapKV,
-/// Ada-SnapKV and H2O rank tokens by when no kernel-emitted key mass is at hand.
+/// @brief What every eviction method shares: the plan it produces (kv::EvictionPlan: kept slots
+/// per KV head, the scores that chose them, the selection statistics) and applying a plan to a
+/// cache (kv::apply).
+///
+/// Internally also the deterministic "keep forced + top-k" selection and the
+/// attention-probability column scores that SnapKV, Ada-SnapKV and H2O rank tokens by when no
+/// kernel-emitted key mass is at hand.
 ///
 /// Plan/run: a method's select() builds an EvictionPlan from the cache without touching it;
-/// apply() (or cache.retain(plan.keep)) compacts the cache in place.
+/// kv::apply() (or cache.retain(plan.keep)) compacts the cache in place. See docs/METHODS.md,
+/// section "snapkv and ada_snapkv", and section "h2o".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"  // includes Eigen/Core inside the PR 105593 guard
@@ -34,22 +38,35 @@ SPARSE_ATTN_DIAGNOSTICS_PUSH
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace kv {
 
-/// The outcome of an eviction selection: which slots each KV head keeps.
+/// @brief The outcome of an eviction selection: which slots each KV head keeps.
+///
 /// stats (methods::SelectionStats): pairs = tokens kept, summed over KV heads; dense_pairs = the
 /// tokens of the uncompressed sequence (sequence_length() x Hkv), so compression() is the cache
 /// compression against keeping everything ever appended; target, reachable, select_ms and
 /// detail (the resolved budget, e.g. "c=410 per head") as for every selection.
+/// A plain value type: slots refer to the cache as it was when the plan was made, so apply it
+/// before the cache changes.
 struct EvictionPlan {
-  std::vector<std::vector<index_t>> keep;  ///< per KV head: kept slots, ascending (position order)
-  std::vector<float> scores;  ///< [Hkv][score_stride] method's score per slot (may be empty)
-  index_t score_stride = 0;
-  bool dense = false;  ///< the budget covers the cache: nothing is evicted
-  methods::SelectionStats stats;
+  /// [Hkv] lists of kept slots, each ascending (position order) within [0, length(h)).
+  std::vector<std::vector<index_t>> keep;
+  /// [Hkv][score_stride] the method's score of every slot (higher = more worth keeping; the
+  /// scale is the method's); may be empty.
+  std::vector<float> scores;
+  index_t score_stride = 0;  ///< Scores per KV head in `scores` (the slots scored per head).
+  bool dense = false;  ///< The budget covers the cache: nothing is evicted and apply() is a no-op.
+  methods::SelectionStats stats;  ///< Kept tokens against the sequence, target, reachability, time.
 
+  /// Head h's slot scores, score_stride floats; unchecked (requires non-empty `scores`).
+  /// @param h KV head, in [0, keep.size()).
+  /// @return pointer into `scores`, invalidated when the plan is modified or destroyed.
   const float* head_scores(index_t h) const { return scores.data() + h * score_stride; }
+  /// Tokens head h keeps; unchecked.
+  /// @param h KV head, in [0, keep.size()).
+  /// @return keep[h].size().
   index_t kept(index_t h) const {
     return static_cast<index_t>(keep[static_cast<std::size_t>(h)].size());
   }
+  /// @return tokens kept summed over KV heads. O(Hkv).
   index_t total_kept() const {
     index_t s = 0;
     for (const auto& k : keep) s += static_cast<index_t>(k.size());
@@ -57,16 +74,38 @@ struct EvictionPlan {
   }
 };
 
-/// Compacts the cache to the plan's kept slots (in place, positions kept, no reallocation).
+/// @brief Compacts the cache to the plan's kept slots: cache.retain(plan.keep) unless plan.dense.
+///
+/// In place, positions kept, no storage reallocation (see kv::Cache::retain for the cost). The
+/// plan must have been made on this cache as it is now. Transactional: a throw changes nothing.
+/// The cache must not be used by another thread during the call.
+/// @tparam Cache a kv::Cache.
+/// @param plan the eviction to apply.
+/// @param cache the cache it was selected on.
+/// @throws sparse_attn::invalid_argument when plan.keep does not fit the cache (as
+/// kv::Cache::retain: not one list per KV head, or a list not strictly increasing within
+/// [0, length(h))).
+/// @throws std::bad_alloc when retain()'s scratch cannot be allocated.
 template <class Cache>
 void apply(const EvictionPlan& plan, Cache& cache) {
   if (plan.dense) return;
   cache.retain(plan.keep);
 }
 
-/// Fills plan.stats once plan.keep is final: pairs = tokens kept, dense_pairs = the cache's
-/// sequence_length() x Hkv; reachable by the budget rule (`honoured`: a count budget the forced
-/// tokens did not exceed).
+/// @brief Fills plan.stats once plan.keep is final, for eviction-method implementers.
+///
+/// Sets target = budget, pairs = tokens kept, dense_pairs = the cache's sequence_length() x Hkv,
+/// detail, and reachable by the budget rule (methods::finish_stats). Leaves select_ms alone.
+/// O(Hkv); never throws (moving the string does not allocate).
+/// @tparam Cache a kv::Cache.
+/// @param plan the plan whose keep lists are final.
+/// @param cache the cache the plan was selected on.
+/// @param budget the budget the method was asked for.
+/// @param honoured whether the method kept what a count or mass budget asked (false when the
+/// forced tokens, e.g. sinks and window, exceeded the count): the reachability of those budgets.
+/// Ignored for a compression budget, which is reachable iff the achieved CR is within its
+/// tolerance of the target.
+/// @param detail the resolved budget in the method's terms, e.g. "c=410 per head".
 template <class Cache>
 void finish_eviction_stats(EvictionPlan& plan, const Cache& cache, const methods::Budget& budget,
                            bool honoured, std::string detail) {
