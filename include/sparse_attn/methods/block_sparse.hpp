@@ -1,36 +1,37 @@
-// Method 3 (METHODS.md): block-sparse prefill (MInference's block kernel, "Block-Sparse" in the
-// Sparse Frontier paper). Selection only; the common prefill kernel executes the returned mask.
-//
-// Per query head h (reading KV head h / G), with b x b blocks (b = the kernel tile):
-//   pooled_q[qb] = mean of the real query rows of block qb, pooled_k[kb] likewise for keys
-//   (the last partial block averages only its real rows); block score = pooled_q . pooled_k
-//   (no softmax, no scale: only the ranking matters).
-//   Query block qb (absolute positions P0..P1) may use key blocks 0..P1/b (block-causal) and always
-//   keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1.
-//   Token causality inside the diagonal block comes from the mask's causal flag.
-// Budget (unit blocks = k, key blocks per query block):
-//   count(k)        every query block keeps k blocks in total (forced ones included; the best
-//                   others by score, ties toward the lower index, ranking.hpp), so rows with fewer
-//                   legal blocks are dense; k >= number of key blocks is exactly dense. Reachable
-//                   iff no row's forced blocks exceed k (k >= 3, or 4 where the query suffix is not
-//                   block-aligned and the diagonal spans two blocks).
-//   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on the
-//                   scores: non-diagonal blocks are whole b x b squares): the k whose CR is nearest
-//                   to c in log ratio; reachable iff that CR is within the tolerance of c (the
-//                   forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole blocks:
-//                   at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78 (k = 8)).
-//   mass(p)         per head and query block, the fewest key blocks, forced ones counted first,
-//                   whose estimated attention mass reaches p. The estimate of key block j is
-//                   softmax_j over the legal blocks of scale * pooled_q . pooled_k[j] + log(t_j),
-//                   t_j = the keys of block j a query row of the block sees on average (b for a
-//                   whole block): the softmax of the pooled logits, weighted by the block's keys.
-//                   Candidates enter best first; p = 1 keeps every legal block (dense). Always
-//                   reachable (p can always be covered); the mean k is reported in stats.detail.
-//
-// Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
-// selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
-// (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
-// block indices per (head, query block) (mass budgets: the blocks each row needs).
+/// @file
+/// Method 3 (METHODS.md): block-sparse prefill (MInference's block kernel, "Block-Sparse" in the
+/// Sparse Frontier paper). Selection only; the common prefill kernel executes the returned mask.
+///
+/// Per query head h (reading KV head h / G), with b x b blocks (b = the kernel tile):
+///   pooled_q[qb] = mean of the real query rows of block qb, pooled_k[kb] likewise for keys
+///   (the last partial block averages only its real rows); block score = pooled_q . pooled_k
+///   (no softmax, no scale: only the ranking matters).
+///   Query block qb (absolute positions P0..P1) may use key blocks 0..P1/b (block-causal) and always
+///   keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1.
+///   Token causality inside the diagonal block comes from the mask's causal flag.
+/// Budget (unit blocks = k, key blocks per query block):
+///   count(k)        every query block keeps k blocks in total (forced ones included; the best
+///                   others by score, ties toward the lower index, ranking.hpp), so rows with fewer
+///                   legal blocks are dense; k >= number of key blocks is exactly dense. Reachable
+///                   iff no row's forced blocks exceed k (k >= 3, or 4 where the query suffix is not
+///                   block-aligned and the diagonal spans two blocks).
+///   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on the
+///                   scores: non-diagonal blocks are whole b x b squares): the k whose CR is nearest
+///                   to c in log ratio; reachable iff that CR is within the tolerance of c (the
+///                   forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole blocks:
+///                   at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78 (k = 8)).
+///   mass(p)         per head and query block, the fewest key blocks, forced ones counted first,
+///                   whose estimated attention mass reaches p. The estimate of key block j is
+///                   softmax_j over the legal blocks of scale * pooled_q . pooled_k[j] + log(t_j),
+///                   t_j = the keys of block j a query row of the block sees on average (b for a
+///                   whole block): the softmax of the pooled logits, weighted by the block's keys.
+///                   Candidates enter best first; p = 1 keeps every legal block (dense). Always
+///                   reachable (p can always be covered); the mean k is reported in stats.detail.
+///
+/// Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
+/// selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
+/// (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
+/// block indices per (head, query block) (mass budgets: the blocks each row needs).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>

@@ -1,40 +1,41 @@
-// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
-// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
-// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
-//   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
-//      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
-//      sum of the diagonal delta / w. Both are distributions (sum 1).
-//   2. Budgets by cumulative mass: c_v = the fewest columns whose vertical mass reaches gamma,
-//      c_s likewise for offsets; in blocks floor(c / B) + 1 (as the original), at least
-//      ceil(min_budget / B) and at most the number of blocks (the original crashes when
-//      n < min_budget or n < w; here every budget is clamped).
-//   3. Query-aware test: a = softmax(scale * mean(last w queries) . block-mean keys) over all key
-//      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
-//      0; the original yields NaN there and so never picks such a head), the head is query-aware:
-//      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
-//      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
-//      over the block-causal row (METHODS.md: per query block; the original normalises the whole
-//      block map and covers gamma * (number of blocks) of it globally).
-//   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
-//      forced) are kept by every query block that may see them; the top budget offset blocks by
-//      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
-//      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
-// gamma = 1 is dense. The budgets adapt per head and per input.
-// Budget:
-//   mass(p)         gamma = p (the method's own knob); always reachable.
-//   compression(c)  gamma searched so the measured CR is nearest to c: bisection on
-//                   x = -log10(1 - gamma) in [0.02, 4] (gamma in [0.045, 0.9999]), 12 steps,
-//                   keeping the bracket CR(x_lo) > c >= CR(x_hi) (the CR is monotone in gamma up
-//                   to the per-head query-aware decisions); of the two bracketing gammas the one
-//                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
-//                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
-//                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
-//                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
-//
-// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
-// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
-// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
-// scores: O(n) per head, never O(n^2).
+/// @file
+/// Method 5 (METHODS.md): FlexPrefill (Lai et al., 2025), adaptive and query-aware. Selection only;
+/// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
+/// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
+///   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
+///      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
+///      sum of the diagonal delta / w. Both are distributions (sum 1).
+///   2. Budgets by cumulative mass: c_v = the fewest columns whose vertical mass reaches gamma,
+///      c_s likewise for offsets; in blocks floor(c / B) + 1 (as the original), at least
+///      ceil(min_budget / B) and at most the number of blocks (the original crashes when
+///      n < min_budget or n < w; here every budget is clamped).
+///   3. Query-aware test: a = softmax(scale * mean(last w queries) . block-mean keys) over all key
+///      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
+///      0; the original yields NaN there and so never picks such a head), the head is query-aware:
+///      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
+///      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
+///      over the block-causal row (METHODS.md: per query block; the original normalises the whole
+///      block map and covers gamma * (number of blocks) of it globally).
+///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
+///      forced) are kept by every query block that may see them; the top budget offset blocks by
+///      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
+///      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
+/// gamma = 1 is dense. The budgets adapt per head and per input.
+/// Budget:
+///   mass(p)         gamma = p (the method's own knob); always reachable.
+///   compression(c)  gamma searched so the measured CR is nearest to c: bisection on
+///                   x = -log10(1 - gamma) in [0.02, 4] (gamma in [0.045, 0.9999]), 12 steps,
+///                   keeping the bracket CR(x_lo) > c >= CR(x_hi) (the CR is monotone in gamma up
+///                   to the per-head query-aware decisions); of the two bracketing gammas the one
+///                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
+///                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
+///                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
+///                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
+///
+/// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
+/// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
+/// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
+/// scores: O(n) per head, never O(n^2).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>

@@ -1,38 +1,39 @@
-// Method 6 (METHODS.md): Quest, query-aware page selection over a full KV cache.
-//
-// Each decode step, for every page of P keys (the cache's page_size) and KV head, an upper bound
-// of the scaled logits in the page from the cache's per-page key min/max:
-//   U_r(page) = scale * sum_d max(q_rd * min_d, q_rd * max_d)  >=  scale * q_r . k  for k in page.
-// Since max_d >= min_d, max(q * min, q * max) = q^+ * max + q^- * min (q^+ = max(q, 0),
-// q^- = min(q, 0)), so summing U over the G query heads of a group (the default, shared pages) is
-// U = Q^+ . max + Q^- . min with Q^+- = scale * sum_r q_r^+-: two dot products per page whatever G.
-// Several new tokens (n_q > 1) share one selection: their bounds are summed too.
-// The top B pages among those before the current one (ties toward the lower page, NaN last:
-// methods/detail/ranking.hpp) plus the current page(s) (every page holding one of the n_q new
-// tokens) are attended by the core decode kernel. Per-query-head selection (per_query_head) ranks
-// each query head's own bound and yields a KeySelection of scope per_q_head.
-//
-// Budget (unit tokens):
-//   count(n)        B = n / P pages besides the current page(s) (always honoured).
-//   compression(c)  the fewest pages not sparser than asked: keys = count_for_compression(len, c)
-//                   and B = ceil((keys - current-page keys) / P); reachable iff the achieved CR
-//                   (dense pairs / pairs read) is within the tolerance of c (the current page
-//                   alone may already be denser than a high target on a short cache).
-//   mass(p)         per unit, the fewest pages whose estimated attention mass reaches p, the
-//                   current page(s) counted first. Estimate: softmax over the unit's pages of
-//                   U / r + log(tokens in the page), r = the query rows the bound sums (G x n_q,
-//                   or n_q per query head), i.e. each page as if all its keys reached the mean
-//                   row's bound. Always honoured.
-// B >= the pages before the current one is dense (the selection is the whole cache). The cache
-// must have been built with key_bounds = true.
-//
-// Cost per step: the bounds are streamed once (1/P of the keys' bytes per KV head: 1/16 of a
-// 16-token-page cache's K), one fp32 dot product of the page's 2d bound values (min, max) with
-// [Q^-, Q^+] per page, at memory speed; the top B is found in O(pages) (a radix select on the
-// bounds' order keys, then one pass in page order emits the ranges), never a sort (except for
-// the mass budget). With one thread each unit's bounds are ranked while they are in cache. The
-// step's scratch lives in the QuestPages passed (or the calling thread's own): no allocation per
-// step once grown, besides the KeySelection itself.
+/// @file
+/// Method 6 (METHODS.md): Quest, query-aware page selection over a full KV cache.
+///
+/// Each decode step, for every page of P keys (the cache's page_size) and KV head, an upper bound
+/// of the scaled logits in the page from the cache's per-page key min/max:
+///   U_r(page) = scale * sum_d max(q_rd * min_d, q_rd * max_d)  >=  scale * q_r . k  for k in page.
+/// Since max_d >= min_d, max(q * min, q * max) = q^+ * max + q^- * min (q^+ = max(q, 0),
+/// q^- = min(q, 0)), so summing U over the G query heads of a group (the default, shared pages) is
+/// U = Q^+ . max + Q^- . min with Q^+- = scale * sum_r q_r^+-: two dot products per page whatever G.
+/// Several new tokens (n_q > 1) share one selection: their bounds are summed too.
+/// The top B pages among those before the current one (ties toward the lower page, NaN last:
+/// methods/detail/ranking.hpp) plus the current page(s) (every page holding one of the n_q new
+/// tokens) are attended by the core decode kernel. Per-query-head selection (per_query_head) ranks
+/// each query head's own bound and yields a KeySelection of scope per_q_head.
+///
+/// Budget (unit tokens):
+///   count(n)        B = n / P pages besides the current page(s) (always honoured).
+///   compression(c)  the fewest pages not sparser than asked: keys = count_for_compression(len, c)
+///                   and B = ceil((keys - current-page keys) / P); reachable iff the achieved CR
+///                   (dense pairs / pairs read) is within the tolerance of c (the current page
+///                   alone may already be denser than a high target on a short cache).
+///   mass(p)         per unit, the fewest pages whose estimated attention mass reaches p, the
+///                   current page(s) counted first. Estimate: softmax over the unit's pages of
+///                   U / r + log(tokens in the page), r = the query rows the bound sums (G x n_q,
+///                   or n_q per query head), i.e. each page as if all its keys reached the mean
+///                   row's bound. Always honoured.
+/// B >= the pages before the current one is dense (the selection is the whole cache). The cache
+/// must have been built with key_bounds = true.
+///
+/// Cost per step: the bounds are streamed once (1/P of the keys' bytes per KV head: 1/16 of a
+/// 16-token-page cache's K), one fp32 dot product of the page's 2d bound values (min, max) with
+/// [Q^-, Q^+] per page, at memory speed; the top B is found in O(pages) (a radix select on the
+/// bounds' order keys, then one pass in page order emits the ranges), never a sort (except for
+/// the mass budget). With one thread each unit's bounds are ranked while they are in cache. The
+/// step's scratch lives in the QuestPages passed (or the calling thread's own): no allocation per
+/// step once grown, besides the KeySelection itself.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>

@@ -1,14 +1,15 @@
-// The one registry of methods: names, summaries, budget units and parameters (with defaults) of
-// every prefill and decode method, and the only place where a method name becomes a method. The
-// tool (attend, decode, eval, frontier), the evaluator, the pipeline's users and the benchmarks
-// all go through it.
-//
-// A method is a struct of the selection contract (methods/selector.hpp). The registry is two
-// compile-time lists of those types; with_prefill_method(name, settings, f) finds the type whose
-// `name` matches, default-constructs it, applies the "key=value" settings through its
-// visit_params(), and calls f(method) with the concrete type, so the caller's code is instantiated
-// for every method and nothing is type-erased. Adding a method: one file under methods/, its type
-// in one of the lists below, its tests (docs/METHODS.md "Adding a method").
+/// @file
+/// The one registry of methods: names, summaries, budget units and parameters (with defaults) of
+/// every prefill and decode method, and the only place where a method name becomes a method. The
+/// tool (attend, decode, eval, frontier), the evaluator, the pipeline's users and the benchmarks
+/// all go through it.
+///
+/// A method is a struct of the selection contract (methods/selector.hpp). The registry is two
+/// compile-time lists of those types; with_prefill_method(name, settings, f) finds the type whose
+/// `name` matches, default-constructs it, applies the "key=value" settings through its
+/// visit_params(), and calls f(method) with the concrete type, so the caller's code is instantiated
+/// for every method and nothing is type-erased. Adding a method: one file under methods/, its type
+/// in one of the lists below, its tests (docs/METHODS.md "Adding a method").
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cerrno>

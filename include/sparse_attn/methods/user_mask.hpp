@@ -1,25 +1,26 @@
-// A block mask supplied by the caller (an inference engine's own block-sparse layout), validated
-// and turned into the common BlockListMask so the common prefill kernel executes it. As a method
-// (UserMask) it holds that mask; select() checks the Q/K shapes against it and returns it with
-// its statistics. It takes compression budgets only (the mask is fixed): reachable iff the mask's
-// CR is within the target's tolerance.
-//
-// Layout: block CSR over rows r = h * num_q_blocks + qb (a single head's rows when head_shared):
-// key blocks of row r are col_indices[row_offsets[r] .. row_offsets[r + 1]), strictly increasing.
-// Optional flags, one per entry: 1 = every element allowed (no element test beyond causality),
-// 0 = partial (the predicate `pred(h, qi, kj)` decides, as FlexAttention's mask_mod on partial
-// blocks). Without flags every block is full when the predicate is trivial (AllowAll) and partial
-// otherwise. Causality cuts are applied by the mask itself: a full block that crosses the diagonal
-// is downgraded to partial.
-//
-// Validated (sparse_attn::invalid_argument naming the argument and the allowed range) by the one
-// block-CSR check of mask/block_mask.hpp (detail::validate_block_csr, which BlockListMask's own
-// constructor also runs): geometry, row_offsets size = rows + 1, starting at 0, non-decreasing,
-// ending at col_indices' size; flags empty or one per entry; key blocks in [0, num_k_blocks),
-// strictly increasing per row (sorted, no duplicates) and, when causal, not after the query
-// block's last position. Null arrays of non-zero size are refused.
-//
-// Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
+/// @file
+/// A block mask supplied by the caller (an inference engine's own block-sparse layout), validated
+/// and turned into the common BlockListMask so the common prefill kernel executes it. As a method
+/// (UserMask) it holds that mask; select() checks the Q/K shapes against it and returns it with
+/// its statistics. It takes compression budgets only (the mask is fixed): reachable iff the mask's
+/// CR is within the target's tolerance.
+///
+/// Layout: block CSR over rows r = h * num_q_blocks + qb (a single head's rows when head_shared):
+/// key blocks of row r are col_indices[row_offsets[r] .. row_offsets[r + 1]), strictly increasing.
+/// Optional flags, one per entry: 1 = every element allowed (no element test beyond causality),
+/// 0 = partial (the predicate `pred(h, qi, kj)` decides, as FlexAttention's mask_mod on partial
+/// blocks). Without flags every block is full when the predicate is trivial (AllowAll) and partial
+/// otherwise. Causality cuts are applied by the mask itself: a full block that crosses the diagonal
+/// is downgraded to partial.
+///
+/// Validated (sparse_attn::invalid_argument naming the argument and the allowed range) by the one
+/// block-CSR check of mask/block_mask.hpp (detail::validate_block_csr, which BlockListMask's own
+/// constructor also runs): geometry, row_offsets size = rows + 1, starting at 0, non-decreasing,
+/// ending at col_indices' size; flags empty or one per entry; key blocks in [0, num_k_blocks),
+/// strictly increasing per row (sorted, no duplicates) and, when causal, not after the query
+/// block's last position. Null arrays of non-zero size are refused.
+///
+/// Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstdint>

@@ -1,37 +1,38 @@
-// Method 4 (METHODS.md): Vertical-Slash (MInference). Selection only; the common prefill kernel
-// executes the returned mask.
-//
-// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
-// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score of
-// column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
-// sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
-// band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
-// index, ranking.hpp).
-// Budget (unit lines = V + S):
-//   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
-//                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
-//                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
-//   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
-//                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
-//                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
-//                   S = 64) are denser than the target, they are returned with reachable = false.
-// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
-// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
-//
-// Execution, both from the same sets:
-//   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
-//          are exactly those holding an allowed element; each is tested element-wise (predicate).
-//   tiled: the same block list executed whole (causal cut only): for each query tile the key blocks
-//          covering every slash's range plus the blocks of the vertical columns. A superset of
-//          exact with no per-element test. (MInference's GPU kernel gathers vertical columns one by
-//          one; the CPU kernel has no gather, so their whole blocks are computed.)
-// V = S = n_k is dense in both modes.
-//
-// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
-// per key for columns, one per offset), and per selecting worker the estimate's logits
-// (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
-// O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
-// pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
+/// @file
+/// Method 4 (METHODS.md): Vertical-Slash (MInference). Selection only; the common prefill kernel
+/// executes the returned mask.
+///
+/// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
+/// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score of
+/// column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
+/// sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
+/// band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
+/// index, ranking.hpp).
+/// Budget (unit lines = V + S):
+///   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
+///                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
+///                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
+///   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
+///                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
+///                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
+///                   S = 64) are denser than the target, they are returned with reachable = false.
+/// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
+/// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
+///
+/// Execution, both from the same sets:
+///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
+///          are exactly those holding an allowed element; each is tested element-wise (predicate).
+///   tiled: the same block list executed whole (causal cut only): for each query tile the key blocks
+///          covering every slash's range plus the blocks of the vertical columns. A superset of
+///          exact with no per-element test. (MInference's GPU kernel gathers vertical columns one by
+///          one; the CPU kernel has no gather, so their whole blocks are computed.)
+/// V = S = n_k is dense in both modes.
+///
+/// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
+/// per key for columns, one per offset), and per selecting worker the estimate's logits
+/// (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
+/// O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
+/// pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
