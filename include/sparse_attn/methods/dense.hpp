@@ -1,8 +1,9 @@
 /// @file
-/// Dense attention, the reference and baseline (docs/METHODS.md, section "dense"). Selection is the closed-form
-/// causal or non-causal pattern (masks::causal / masks::full); execution is the common prefill /
-/// decode kernel. As a method it takes only a compression budget, and only CR 1 is reachable
-/// (within the budget's tolerance): dense keeps everything whatever is asked, and says so.
+/// Dense attention, the reference and baseline (docs/METHODS.md, section "dense"). Selection is
+/// the closed-form causal or non-causal pattern (masks::causal / masks::full); execution is the
+/// common prefill / decode kernel. As a method it takes only a compression budget, and only CR 1
+/// is reachable (within the budget's tolerance): dense keeps everything whatever is asked, and
+/// says so.
 /// Registry name "dense", both a prefill and a decode method.
 #pragma once
 #include "sparse_attn/core/config.hpp"
