@@ -15,9 +15,9 @@
 ///      0; the original yields NaN there and so never picks such a head), the head is query-aware:
 ///      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
 ///      blocks covering gamma of the estimated block attention
-///      softmax(scale * pooled_q . pooled_k) over the block-causal row (docs/METHODS.md: per query
-///      block; the original normalises the whole block map and covers gamma * (number of blocks)
-///      of it globally).
+///      softmax(scale * pooled_q . pooled_k) over the block-causal row (per query block, as
+///      docs/METHODS.md, section "flex_prefill", defines it; the original normalises the whole
+///      block map and covers gamma * (number of blocks) of it globally).
 ///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass
 ///      (block 0 forced) are kept by every query block that may see them; the top budget offset
 ///      blocks by pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block

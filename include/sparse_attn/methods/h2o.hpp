@@ -596,7 +596,8 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
   /// @param opt       softmax scale and executor.
   /// @param key_mass  the kernel's key mass, [Hkv][cache.max_length()] fp32, or nullptr.
   /// @throws sparse_attn::invalid_argument if after_prefill() was not called, the head lengths
-  ///         differ, or as H2O::State::check_observe() / check_mass(); nothing changed then.
+  ///         differ, or as H2O::State::check_observe() / check_mass(); every check runs before
+  ///         anything changes.
   /// Cost per step: O(Hkv x live) index work (one scan per head for one drop) plus the
   /// amortised compaction (see the class comment).
   void after_step(const QView& q, Cache& cache, const AttentionOptions& opt,

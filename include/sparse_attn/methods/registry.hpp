@@ -252,7 +252,7 @@ decltype(auto) with_method(List list, const char* what, std::string_view name,
 /// @return what f returns.
 /// @throws sparse_attn::invalid_argument if no prefill method is called `name` (the message
 ///         lists the known ones) or a setting is refused; whatever f throws.
-/// O(methods + settings) besides f.
+/// O(methods + settings x parameters) besides f.
 template <class F>
 decltype(auto) with_prefill_method(std::string_view name, const ParamSettings& settings, F&& f) {
   return detail_registry::with_method(PrefillMethods{}, "prefill", name, settings,

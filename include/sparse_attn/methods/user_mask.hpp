@@ -21,8 +21,8 @@
 /// block's last position. Null arrays of non-zero size are refused.
 ///
 /// Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
-/// Registry name "user_mask" (prefill; the tool and the evaluator supply the mask). See
-/// docs/METHODS.md, section "user_mask".
+/// Registry name "user_mask" (prefill; MethodInfo::needs_user_mask: the caller supplies the
+/// mask). See docs/METHODS.md, section "user_mask".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstdint>
