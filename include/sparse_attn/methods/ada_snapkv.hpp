@@ -11,7 +11,8 @@
 /// remaining (head, token) score (higher first, ties toward the lower head, then the lower
 /// position; NaN last). Heads end with different lengths summing to exactly T; decode then
 /// attends each head's own length (decode(q, cache, ...), or cache.selection()). c >= n keeps
-/// everything. Positions are not re-indexed (keys are post-RoPE).
+/// everything. Positions are not re-indexed (keys are post-RoPE). Registry name "ada_snapkv"
+/// (decode; make_policy() gives a PrefillEvictionPolicy).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -27,16 +28,27 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// Ada-SnapKV as a method: SnapKV's scores (max-reduced), a per-head floor and one global top-k
+/// of the layer's c x Hkv tokens. A value type of four parameters; select() is const, keeps no
+/// state and may be called concurrently on caches nobody modifies meanwhile (with an executor
+/// that allows concurrent run(), as the default ones do).
 struct AdaSnapKV {
-  static constexpr const char* name = "ada_snapkv";
+  static constexpr const char* name = "ada_snapkv";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "Ada-SnapKV: adaptive per-head budgets";
+  /// Tokens per KV head on average, c (the layer keeps c x Hkv).
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
 
-  index_t window = 32;          ///< w: observation window = forced recent tokens
-  index_t sinks = 4;            ///< first tokens always kept
-  index_t pool_kernel = 7;      ///< average-pool kernel (odd, >= 1; 1 = no pooling)
-  double floor_fraction = 0.2;  ///< each head keeps at least floor(floor_fraction * c) tokens
+  index_t window = 32;          ///< w: observation window = forced recent tokens (>= 1; default 32)
+  index_t sinks = 4;            ///< first tokens always kept (>= 0; default 4)
+  index_t pool_kernel = 7;      ///< average-pool kernel (odd, >= 1; 1 = no pooling; default 7)
+  /// Each head keeps at least max(floor(floor_fraction x c), forced) tokens; in [0, 1], default
+  /// 0.2.
+  double floor_fraction = 0.2;
 
+  /// Hands every parameter to the registry: v(name, member, help) for "window", "sinks",
+  /// "pool_kernel" and "floor_fraction".
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("window", window, "observation window: the last w prompt queries, always kept");
@@ -45,7 +57,25 @@ struct AdaSnapKV {
     v("floor_fraction", floor_fraction, "each head keeps at least this fraction of c");
   }
 
-  /// Selects per-head kept tokens (does not modify the cache); sum of kept = c * Hkv exactly.
+  /// Selects per-head kept tokens (does not modify the cache; evict() applies it); the kept
+  /// tokens sum to c x Hkv exactly (everything when c >= n).
+  /// @param q       the last n_q >= 1 prompt queries, [Hq, n_q, d] view (any strides; float,
+  ///                bf16 or fp16): positions n - n_q .. n - 1 of the cache. Only the last
+  ///                min(window, n_q) rows are read.
+  /// @param cache   the layer's cache holding the n prompt tokens, every head the same length.
+  /// @param budget  count(c) tokens per KV head on average, or compression(CR): c =
+  ///                count_for_compression(n, CR). Mass budgets are refused.
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor of the scoring pass.
+  /// @return the plan: keep[h] = head h's kept slots, ascending (lengths differ per head);
+  ///         scores [Hkv][n] (score_stride = n); dense when c >= n; stats with detail "c=... per
+  ///         head on average" (reachable = false when c was raised to the forced count).
+  /// @throws sparse_attn::invalid_argument if floor_fraction is not in [0, 1], or for any reason
+  ///         SnapKV::select() throws (budget, views, equal head lengths, GQA, head_dim, window,
+  ///         sinks, pool_kernel, num_threads, n_q, scale).
+  /// Complexity as SnapKV::select(): O(Hq x w x n x d) for the scores, plus O(Hkv x n) for the
+  /// floors and the global top-k (nth_element). Allocates as SnapKV plus Hkv x n bytes of flags
+  /// and up to Hkv x n indices of remaining candidates. Results do not depend on the thread
+  /// count.
   template <class TQ, class Cache>
   kv::EvictionPlan select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
                           const AttentionOptions& opt = {}) const {

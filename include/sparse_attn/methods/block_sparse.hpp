@@ -1,26 +1,27 @@
 /// @file
-/// Block-sparse prefill: MInference's block kernel, "Block-Sparse" in the Sparse Frontier paper
-/// (docs/METHODS.md, section "block_sparse"). Selection only; the common prefill kernel executes
+/// Block-sparse prefill (MInference's block kernel, "Block-Sparse" in the Sparse Frontier paper;
+/// docs/METHODS.md, section "block_sparse"). Selection only; the common prefill kernel executes
 /// the returned mask.
 ///
 /// Per query head h (reading KV head h / G), with b x b blocks (b = the kernel tile):
 ///   pooled_q[qb] = mean of the real query rows of block qb, pooled_k[kb] likewise for keys
 ///   (the last partial block averages only its real rows); block score = pooled_q . pooled_k
 ///   (no softmax, no scale: only the ranking matters).
-///   Query block qb (absolute positions P0..P1) may use key blocks 0..P1/b (block-causal) and always
-///   keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1.
+///   Query block qb (absolute positions P0..P1) may use key blocks 0..P1/b (block-causal) and
+///   always keeps block 0 (sink), its diagonal block(s) P0/b..P1/b and the block before, P0/b - 1.
 ///   Token causality inside the diagonal block comes from the mask's causal flag.
 /// Budget (unit blocks = k, key blocks per query block):
 ///   count(k)        every query block keeps k blocks in total (forced ones included; the best
-///                   others by score, ties toward the lower index, ranking.hpp), so rows with fewer
-///                   legal blocks are dense; k >= number of key blocks is exactly dense. Reachable
-///                   iff no row's forced blocks exceed k (k >= 3, or 4 where the query suffix is not
-///                   block-aligned and the diagonal spans two blocks).
-///   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on the
-///                   scores: non-diagonal blocks are whole b x b squares): the k whose CR is nearest
-///                   to c in log ratio; reachable iff that CR is within the tolerance of c (the
-///                   forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole blocks:
-///                   at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78 (k = 8)).
+///                   others by score, ties toward the lower index, ranking.hpp), so rows with
+///                   fewer legal blocks are dense; k >= number of key blocks is exactly dense.
+///                   Reachable iff no row's forced blocks exceed k (k >= 3, or 4 where the query
+///                   suffix is not block-aligned and the diagonal spans two blocks).
+///   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on
+///                   the scores: non-diagonal blocks are whole b x b squares): the k whose CR is
+///                   nearest to c in log ratio; reachable iff that CR is within the tolerance of c
+///                   (the forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole
+///                   blocks: at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78
+///                   (k = 8)).
 ///   mass(p)         per head and query block, the fewest key blocks, forced ones counted first,
 ///                   whose estimated attention mass reaches p. The estimate of key block j is
 ///                   softmax_j over the legal blocks of scale * pooled_q . pooled_k[j] + log(t_j),
@@ -32,7 +33,8 @@
 /// Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
 /// selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
 /// (ceil(n_k / b) x kTileQ floats): O(n / b) per head, never O(n^2). The mask stores at most k
-/// block indices per (head, query block) (mass budgets: the blocks each row needs).
+/// block indices per (head, query block) (mass budgets: the blocks each row needs). Registry name
+/// "block_sparse" (prefill).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -53,9 +55,10 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_bs {
-/// One selecting worker's buffers: pooled queries of a head, a row buffer, the candidates and kept
-/// blocks of one query block, one tile of block scores, and (mass budgets) the block logits.
+// One selecting worker's buffers: pooled queries of a head, a row buffer, the candidates and kept
+// blocks of one query block, one tile of block scores, and (mass budgets) the block logits.
 struct Scratch {
   std::vector<float> pooled_q, row, logit;
   std::vector<double> prob;
@@ -64,8 +67,8 @@ struct Scratch {
   detail::PooledScratch scores;
 };
 
-/// Geometry of query block qb: its diagonal key blocks [d0, d1] (one block unless the query suffix
-/// is not block-aligned) and the number of forced blocks {0, d0 - 1, d0..d1}.
+// Geometry of query block qb: its diagonal key blocks [d0, d1] (one block unless the query suffix
+// is not block-aligned) and the number of forced blocks {0, d0 - 1, d0..d1}.
 struct RowGeometry {
   index_t p0, p1, d0, d1, forced;
 };
@@ -79,20 +82,32 @@ inline RowGeometry row_geometry(const MaskShape& s, index_t qb) {
   return g;
 }
 }  // namespace detail_bs
+/// @endcond
 
+/// Block-sparse top-k prefill selection by mean-pooled block scores. A value type of one
+/// parameter; select() is const, keeps no state and may be called concurrently (with an
+/// executor that allows concurrent run(), as the default ones do). Results do not depend on the
+/// executor or its thread count.
 struct BlockSparse {
-  static constexpr const char* name = "block_sparse";
+  static constexpr const char* name = "block_sparse";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "MInference block top-k, b = 64";
-  static constexpr BudgetUnit unit = BudgetUnit::blocks;
+  static constexpr BudgetUnit unit = BudgetUnit::blocks;  ///< k, key blocks per query block
 
-  index_t block = 64;  ///< b: estimation unit = kernel tile (block_q = block_k = b)
+  index_t block = 64;  ///< b: estimation unit = kernel tile (block_q = block_k = b), >= 1; 64
 
+  /// Hands the parameter to the registry: v("block", block, help).
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("block", block, "b: estimation unit and kernel tile (block_q = block_k = b)");
   }
 
-  /// Exact pairs the block-sparse mask keeps with k blocks per query block, over all heads.
+  /// Exact pairs the block-sparse mask keeps with k blocks per query block, over all heads (it
+  /// does not depend on the scores).
+  /// @param s  the mask's shape (heads, n_q, n_k, block_q = block_k = b, causal), validated.
+  /// @param k  blocks per query block (forced ones included).
+  /// @return the (query, key) pairs. O(n_q / b), no allocation.
   static index_t pairs_for_k(const MaskShape& s, index_t k) {
     index_t per_head = 0;
     for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
@@ -108,6 +123,8 @@ struct BlockSparse {
   }
 
   /// The most forced blocks of any query block (a count budget below it is not honoured).
+  /// @param s  the mask's shape, validated.
+  /// @return 1 to 4 forced blocks (0 when n_q = 0). O(n_q / b), no allocation.
   static index_t max_forced(const MaskShape& s) {
     index_t f = 0;
     for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
@@ -115,8 +132,24 @@ struct BlockSparse {
     return f;
   }
 
-  /// Selects the block-sparse mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
-  /// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or budgets.
+  /// Selects the block-sparse mask of q against k.
+  /// @param q       queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16), the last n_q
+  ///                of the n_k positions.
+  /// @param k       keys, [Hkv, n_k, d] view, Hq % Hkv == 0, n_q <= n_k.
+  /// @param budget  count(k blocks), compression(c) or mass(p) (see the file comment).
+  /// @param opt     softmax scale (NaN: 1/sqrt(d); used by mass budgets) and the executor
+  ///                (parallel over KV heads for pooling, query heads for the selection).
+  /// @return the block-list mask (tile b, every listed block computed whole up to causality)
+  ///         and its statistics (detail "k=5 blocks", or "p=0.9: mean k=... blocks").
+  /// @throws sparse_attn::invalid_argument if the budget is malformed, the views are invalid or
+  ///         inconsistent (head_dim, Hq % Hkv, n_q > n_k, no heads), block < 1 (or > 2^31 - 1),
+  ///         opt.scale is neither NaN nor finite > 0, or Hq x n_q x n_k exceeds 2^63 - 1.
+  /// Complexity O((Hq n_q + Hkv n_k) d) to pool, O(Hq x (n_q / b) x (n_k / b) x d) for the block
+  /// scores, O(Hq x (n_q / b) x (n_k / b)) to rank (mass: times log(n_k / b)), plus
+  /// O((n_q / b) log(n_k / b)) for a compression search; no scores are computed when no row
+  /// has a choice. Allocation: Hkv x (n_k / b) x d floats of pooled keys, per worker
+  /// (n_q / b) x d pooled queries and a (n_k / b) x 64 score tile, and the mask (at most k block
+  /// indices per head and query block): never O(n^2).
   template <class QT, class KT>
   PrefillSelection<BlockListMask<AllowAll>> select(const TensorView<QT>& q,
                                                    const TensorView<KT>& k, const Budget& budget,

@@ -23,6 +23,9 @@
 /// CR is within the budget's tolerance (default 10%) of it, on either side; count and mass budgets
 /// are reachable iff the method could keep what was asked (no forced units above the count, no
 /// cap on the mass). Every selection result says so in SelectionStats::reachable.
+///
+/// Everything here is a value type or a pure function: no shared state, safe to call from any
+/// number of threads. See docs/METHODS.md, section "Budget".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cmath>
@@ -37,15 +40,18 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
-/// What a count budget counts, per method.
+/// What a count budget counts, per method (each method's static `unit`).
 enum class BudgetUnit {
-  none,    ///< the method takes no count (dense, user masks)
+  none,    ///< the method takes no count budget (dense, FlexPrefill, user masks)
   tokens,  ///< cache tokens (per KV head unless documented otherwise) or window tokens
   blocks,  ///< key blocks per query block
   pages,   ///< cache pages
-  lines,   ///< Vertical-Slash columns + diagonals
+  lines,   ///< Vertical-Slash vertical columns + slash diagonals
 };
 
+/// The unit's name as the registry and the tool print it ("tokens", "blocks", ...; "none").
+/// @param u  the unit.
+/// @return a static string (never null). O(1), no allocation, thread-safe.
 inline const char* to_string(BudgetUnit u) {
   switch (u) {
     case BudgetUnit::tokens: return "tokens";
@@ -56,16 +62,37 @@ inline const char* to_string(BudgetUnit u) {
   }
 }
 
+/// The default relative tolerance of a compression budget: an achieved CR within 10% of the
+/// target (either side) is reachable.
 inline constexpr double kDefaultCompressionTolerance = 0.10;
 
+/// How much a method keeps: a target compression ratio, a count of the method's units, or an
+/// attention-mass target (see the file comment for the rounding and reachability rules).
+///
+/// A small value type (a kind and two doubles): copying is free, nothing is allocated, and
+/// const member functions may be called from any number of threads. The factories validate
+/// their arguments; a Budget is immutable afterwards.
 class Budget {
  public:
-  enum class Kind { compression, count, mass };
+  /// Which of the three ways of asking the budget holds.
+  enum class Kind {
+    compression,  ///< a target compression ratio (dense / kept), >= 1
+    count,        ///< a whole number >= 1 of the method's units (BudgetUnit)
+    mass          ///< an estimated attention-mass target p in (0, 1]
+  };
 
-  /// Dense: compression(1).
+  /// Dense: compression(1) with the default tolerance.
   Budget() = default;
 
-  /// A target CR (finite, >= 1); reachable within +-tolerance (relative, in [0, 1)).
+  /// A target compression ratio.
+  /// @param cr         target CR = dense pairs / kept pairs (prefill), dense (row, key) pairs /
+  ///                   read pairs (decode selection) or tokens / kept tokens (eviction); finite
+  ///                   and >= 1 (1 = dense).
+  /// @param tolerance  relative tolerance of the reachability rule, in [0, 1): the budget is
+  ///                   reachable iff |achieved / cr - 1| <= tolerance.
+  /// @return the budget.
+  /// @throws sparse_attn::invalid_argument if cr is not finite or < 1, or tolerance is not in
+  ///         [0, 1).
   static Budget compression(double cr, double tolerance = kDefaultCompressionTolerance) {
     Budget b;
     b.kind_ = Kind::compression;
@@ -74,7 +101,11 @@ class Budget {
     b.validate("Budget::compression");
     return b;
   }
-  /// n >= 1 units of the method's unit.
+  /// A count of the method's own units (Method::unit: tokens, blocks, pages or lines), used as
+  /// given.
+  /// @param n  units, >= 1 (and < 9e15, exact as a double).
+  /// @return the budget.
+  /// @throws sparse_attn::invalid_argument if n < 1 or n >= 9e15.
   static Budget count(index_t n) {
     Budget b;
     b.kind_ = Kind::count;
@@ -82,7 +113,11 @@ class Budget {
     b.validate("Budget::count");
     return b;
   }
-  /// Attention-mass target p in (0, 1].
+  /// An attention-mass target: per head (and query block, where the method selects per query
+  /// block), the fewest units whose estimated attention mass reaches p.
+  /// @param p  mass fraction in (0, 1] (1 = every legal unit, i.e. dense).
+  /// @return the budget.
+  /// @throws sparse_attn::invalid_argument if p is not in (0, 1] (NaN included).
   static Budget mass(double p) {
     Budget b;
     b.kind_ = Kind::mass;
@@ -91,20 +126,29 @@ class Budget {
     return b;
   }
 
+  /// @return which kind of budget this is.
   Kind kind() const { return kind_; }
+  /// @return true for a compression budget.
   bool is_compression() const { return kind_ == Kind::compression; }
+  /// @return true for a count budget.
   bool is_count() const { return kind_ == Kind::count; }
+  /// @return true for a mass budget.
   bool is_mass() const { return kind_ == Kind::mass; }
-  /// The target CR (compression budgets).
+  /// @return the target CR (compression budgets; meaningless for the other kinds).
   double target_compression() const { return value_; }
-  /// The count (count budgets).
+  /// @return the count in the method's units (count budgets; meaningless for the other kinds).
   index_t units() const { return static_cast<index_t>(value_); }
-  /// The mass target p (mass budgets).
+  /// @return the mass target p (mass budgets; meaningless for the other kinds).
   double mass_target() const { return value_; }
+  /// @return the relative CR tolerance of the reachability rule (compression budgets).
   double tolerance() const { return tolerance_; }
 
-  /// Throws invalid_argument naming `where` when the budget is malformed (a default or factory-made
-  /// Budget always passes; this guards values patched in by hand or parsed from text).
+  /// Checks the budget's invariants (a default or factory-made Budget always passes; this guards
+  /// values patched in by hand or parsed from text). Every method's select() calls it through
+  /// require_budget_kind().
+  /// @param where  prefix of the error message (the caller's name).
+  /// @throws sparse_attn::invalid_argument naming `where` when the value is outside its kind's
+  ///         range (see compression(), count(), mass()).
   void validate(const char* where) const {
     switch (kind_) {
       case Kind::compression:
@@ -124,7 +168,8 @@ class Budget {
     }
   }
 
-  /// "cr=10", "count=512", "mass=0.9".
+  /// The budget as text: "cr=10", "count=512", "mass=0.9" (the tool's and the reports' form).
+  /// @return a new string (allocates).
   std::string str() const {
     std::ostringstream os;
     os << (kind_ == Kind::compression ? "cr=" : kind_ == Kind::count ? "count=" : "mass=");
@@ -141,7 +186,15 @@ class Budget {
   double tolerance_ = kDefaultCompressionTolerance;
 };
 
-/// Throws invalid_argument unless `kind` is one the method `name` supports.
+/// Validates `b` and checks that its kind is one the method supports. Every select() starts
+/// with it. O(1); allocates only the error message.
+/// @param b            the budget asked for.
+/// @param compression  the method accepts compression budgets.
+/// @param count        the method accepts count budgets.
+/// @param mass         the method accepts mass budgets.
+/// @param name         the method (or function) named in the message.
+/// @throws sparse_attn::invalid_argument if `b` is malformed (Budget::validate) or of a kind the
+///         method does not take; the message lists the kinds it takes.
 inline void require_budget_kind(const Budget& b, bool compression, bool count, bool mass,
                                 const char* name) {
   b.validate(name);
@@ -156,7 +209,11 @@ inline void require_budget_kind(const Budget& b, bool compression, bool count, b
 }
 
 /// The one CR -> count conversion: c = ceil(total / cr) clamped to [min(1, total), total]
-/// (total = 0 gives 0). The 1e-9 guard keeps exact quotients (total = c * cr) at c.
+/// (total = 0 gives 0), the fewest units not sparser than asked. The 1e-9 guard keeps exact
+/// quotients (total = c * cr) at c.
+/// @param total  interchangeable units available (tokens of a cache, pages), >= 0.
+/// @param cr     target compression ratio (> 0; callers pass a validated Budget's, >= 1).
+/// @return the count, in [min(1, total), total]. O(1), no allocation, never throws.
 inline index_t count_for_compression(index_t total, double cr) {
   if (total <= 0) return 0;
   const double c = std::ceil(static_cast<double>(total) / cr - 1e-9);
@@ -164,14 +221,22 @@ inline index_t count_for_compression(index_t total, double cr) {
   return c >= static_cast<double>(total) ? total : static_cast<index_t>(c);
 }
 
-/// dense / kept, with 0 kept = +inf unless dense is 0 too (then 1).
+/// The compression ratio dense / kept, with 0 kept = +inf unless dense is 0 too (then 1).
+/// @param dense  pairs (or tokens) of the dense computation, >= 0.
+/// @param kept   pairs (or tokens) kept, >= 0.
+/// @return the ratio (1 when both are 0). O(1), never throws.
 inline double compression_of(index_t dense, index_t kept) {
   if (kept == 0) return dense == 0 ? 1.0 : std::numeric_limits<double>::infinity();
   return static_cast<double>(dense) / static_cast<double>(kept);
 }
 
-/// Is the achieved CR within the compression budget's tolerance (either side)? Count and mass
-/// budgets: `honoured` (the method kept what was asked).
+/// The one reachability rule: is the achieved CR within the compression budget's tolerance
+/// (either side)? Count and mass budgets: `honoured`.
+/// @param b            the budget asked for.
+/// @param achieved_cr  the selection's CR (dense / kept); a non-finite CR is never reachable.
+/// @param honoured     count and mass budgets: the method kept what was asked (e.g. no forced
+///                     units above the count).
+/// @return whether the target was met. O(1), never throws.
 inline bool is_reachable(const Budget& b, double achieved_cr, bool honoured = true) {
   if (!b.is_compression()) return honoured;
   if (!std::isfinite(achieved_cr)) return false;
@@ -182,6 +247,13 @@ inline bool is_reachable(const Budget& b, double achieved_cr, bool honoured = tr
 /// Returns the x whose CR dense_pairs / pairs(x) is nearest to `target` in log ratio: the
 /// smallest x whose CR does not exceed the target, or the one before it when that one is nearer
 /// (ties toward the denser x). dense_pairs = 0 returns lo. O(log(hi - lo)) calls of pairs().
+/// @tparam Pairs       callable `index_t(index_t x)`: the pairs kept at budget x.
+/// @param lo           smallest budget searched.
+/// @param hi           largest budget searched (hi <= lo returns lo).
+/// @param dense_pairs  pairs of the dense computation.
+/// @param target       target CR (> 0).
+/// @param pairs        the pair count; must be non-decreasing on [lo, hi].
+/// @return the budget x in [lo, hi]. Allocates nothing itself; throws only what pairs() throws.
 template <class Pairs>
 index_t nearest_budget(index_t lo, index_t hi, index_t dense_pairs, double target, Pairs&& pairs) {
   if (dense_pairs == 0 || hi <= lo) return lo;

@@ -1,7 +1,8 @@
 /// @file
-/// FlexPrefill (Lai et al., 2025; docs/METHODS.md, section "flex_prefill"), adaptive and query-aware. Selection only;
-/// the common prefill kernel executes the returned mask. The original algorithm (bytedance/
-/// FlexPrefill, get_active_blocks), per query head h reading KV head h / G, blocks of B = 128:
+/// FlexPrefill (Lai et al., 2025), adaptive and query-aware (docs/METHODS.md, section
+/// "flex_prefill"). Selection only; the common prefill kernel executes the returned mask. The
+/// original algorithm (bytedance/FlexPrefill, get_active_blocks), per query head h reading KV
+/// head h / G, blocks of B = 128:
 ///   1. Estimate from the last w = min(128, n_q) queries: P = causal row softmax (fp32) of the
 ///      scaled logits against every key; vertical[j] = mean over rows of P[., j], slash[delta] =
 ///      sum of the diagonal delta / w. Both are distributions (sum 1).
@@ -13,13 +14,15 @@
 ///      blocks, v = vertical summed per key block; if sqrt(JS(a, v)) < tau (natural log, 0 log 0 =
 ///      0; the original yields NaN there and so never picks such a head), the head is query-aware:
 ///      its vertical and slash budgets drop to the minimum and, per query block, it adds the key
-///      blocks covering gamma of the estimated block attention softmax(scale * pooled_q . pooled_k)
-///      over the block-causal row (docs/METHODS.md: per query block; the original normalises the whole
+///      blocks covering gamma of the estimated block attention
+///      softmax(scale * pooled_q . pooled_k) over the block-causal row (per query block, as
+///      docs/METHODS.md, section "flex_prefill", defines it; the original normalises the whole
 ///      block map and covers gamma * (number of blocks) of it globally).
-///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass (block 0
-///      forced) are kept by every query block that may see them; the top budget offset blocks by
-///      pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block qb, the key
-///      blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower index.
+///   4. Vertical-slash pattern in blocks: the top budget key blocks by pooled vertical mass
+///      (block 0 forced) are kept by every query block that may see them; the top budget offset
+///      blocks by pooled slash mass (offsets [sB, (s+1)B); block 0 forced) keep, for query block
+///      qb, the key blocks qb - s (the tile's diagonal blocks shifted by s). Ties toward the lower
+///      index.
 /// gamma = 1 is dense. The budgets adapt per head and per input.
 /// Budget:
 ///   mass(p)         gamma = p (the method's own knob); always reachable.
@@ -29,13 +32,14 @@
 ///                   to the per-head query-aware decisions); of the two bracketing gammas the one
 ///                   whose CR is nearer to c in log ratio (ties toward the denser). The vertical /
 ///                   slash floor becomes min(min_budget, max(1, n_k / (3 c))) tokens (the default
-///                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c, that
-///                   mask is returned; reachable by the tolerance rule. c = 1 is dense (gamma = 1).
+///                   512 alone caps the CR near n / 1536). When even x = 0.02 is denser than c,
+///                   that mask is returned; reachable by the tolerance rule. c = 1 is dense
+///                   (gamma = 1). Count budgets are refused (unit none).
 ///
 /// Memory per head: the estimate's logits for w queries (n_k x roundup(w, kTileQ) floats per
 /// selecting worker, 512 bytes per key at w = 128), vertical and slash masses and their orders
 /// (4 floats/ints per key), pooled keys and queries (ceil(n / B) x d floats) and one tile of block
-/// scores: O(n) per head, never O(n^2).
+/// scores: O(n) per head, never O(n^2). Registry name "flex_prefill" (prefill).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -64,32 +68,44 @@ struct FlexPrefillSelection : PrefillSelection<BlockListMask<AllowAll>> {
   std::vector<index_t> slash_blocks;      ///< [Hq] slash budget in offset blocks
 };
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_fp {
-/// One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
+// One selecting worker's buffers (sizes in the comments: n_k keys, nkb key blocks, d head dim).
 struct Scratch {
   methods::detail::EstimateScratch estimate;
   methods::detail::PooledScratch pooled;
-  std::vector<float> vertical, slash;  ///< [n_k]
-  std::vector<float> vb, sb, a;        ///< [nkb]
-  std::vector<float> qmean, row;       ///< [d]
-  std::vector<float> pooled_q;         ///< [nqb * d]
-  std::vector<std::int32_t> order;     ///< [n_k]
-  std::vector<std::int32_t> vsel, ssel;  ///< [nkb]
-  std::vector<std::uint8_t> mark;        ///< [nkb]
-  std::vector<index_t> keep;             ///< [nkb]
+  std::vector<float> vertical, slash;  // [n_k]
+  std::vector<float> vb, sb, a;        // [nkb]
+  std::vector<float> qmean, row;       // [d]
+  std::vector<float> pooled_q;         // [nqb * d]
+  std::vector<std::int32_t> order;     // [n_k]
+  std::vector<std::int32_t> vsel, ssel;  // [nkb]
+  std::vector<std::uint8_t> mark;        // [nkb]
+  std::vector<index_t> keep;             // [nkb]
 };
 }  // namespace detail_fp
+/// @endcond
 
+/// FlexPrefill prefill selection: per head, vertical-slash block budgets by cumulative estimated
+/// mass gamma, or a query-aware block cover for heads that pass the JS test. A value type of four
+/// parameters; select() is const, keeps no state and may be called concurrently (with an
+/// executor that allows concurrent run(), as the default ones do). Results do not depend on the
+/// executor or its thread count.
 struct FlexPrefill {
-  static constexpr const char* name = "flex_prefill";
+  static constexpr const char* name = "flex_prefill";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "FlexPrefill, gamma = mass target (or searched for a CR)";
-  static constexpr BudgetUnit unit = BudgetUnit::none;
+  static constexpr BudgetUnit unit = BudgetUnit::none;  ///< takes no count budget
 
   double tau = 0.1;            ///< query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
-  index_t min_budget = 512;    ///< fewest tokens of a vertical / slash budget (rounded up to blocks)
-  index_t block = 128;         ///< B: estimation unit and kernel tile (block_q = block_k)
-  index_t last_queries = 128;  ///< w: estimate from the last min(w, n_q) queries
+  /// Fewest tokens of a vertical / slash budget (rounded up to blocks), >= 0; default 512.
+  index_t min_budget = 512;
+  index_t block = 128;         ///< B: estimation unit and kernel tile (block_q = block_k), >= 1
+  index_t last_queries = 128;  ///< w: estimate from the last min(w, n_q) queries, >= 1
 
+  /// Hands every parameter to the registry: v(name, member, help) for "tau", "min_budget",
+  /// "block" and "last_queries".
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("tau", tau, "query-aware threshold on sqrt(JS divergence) (0: never)");
@@ -98,8 +114,25 @@ struct FlexPrefill {
     v("last_queries", last_queries, "w: estimate from the last min(w, n_q) queries");
   }
 
-  /// Selects the FlexPrefill mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides; float,
-  /// bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or budgets.
+  /// Selects the FlexPrefill mask of q against k.
+  /// @param q       queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16), the last n_q
+  ///                of the n_k positions.
+  /// @param k       keys, [Hkv, n_k, d] view, Hq % Hkv == 0, n_q <= n_k.
+  /// @param budget  mass(p): gamma = p; or compression(c): gamma searched (see the file
+  ///                comment). Count budgets are refused.
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) and the executor (parallel over query heads).
+  /// @return the mask (whole blocks of B, up to causality), its statistics (detail "gamma=...
+  ///         min_budget=... query-aware heads=...") and the per-head decisions.
+  /// @throws sparse_attn::invalid_argument if the budget is malformed or a count budget, the
+  ///         views are invalid or inconsistent (head_dim, Hq % Hkv, n_q > n_k, no heads), tau is
+  ///         NaN or < 0, min_budget < 0, block < 1 (or > 2^31 - 1), last_queries < 1,
+  ///         opt.scale is neither NaN nor finite > 0, or Hq x n_q x n_k exceeds 2^63 - 1.
+  /// Complexity of one selection: O(Hq x w x n_k x d) for the estimate, O(Hq x n_k log n_k) to
+  /// order the masses, O((Hq n_q + Hkv n_k) d) to pool and, for query-aware heads,
+  /// O((n_q / B) x (n_k / B) x d) block scores; a compression budget runs up to 14 selections
+  /// (the bisection). Allocation per selection: Hkv x (n_k / B) x d floats of pooled keys, per
+  /// worker the estimate's logits (n_k x roundup(w, 64) floats) and O(n_k + (n_q / B) x d)
+  /// buffers, and the mask; the search holds up to three selections at once: never O(n^2).
   template <class QT, class KT>
   FlexPrefillSelection select(const TensorView<QT>& q, const TensorView<KT>& k,
                               const Budget& budget, const AttentionOptions& opt = {}) const {
@@ -162,7 +195,7 @@ struct FlexPrefill {
   }
 
  private:
-  /// One selection at mass gamma with a vertical / slash floor of min_tokens tokens.
+  // One selection at mass gamma with a vertical / slash floor of min_tokens tokens.
   template <class QT, class KT>
   FlexPrefillSelection run(const TensorView<QT>& q, const TensorView<KT>& k, double gamma,
                            index_t min_tokens, float scale, Executor& ex) const {

@@ -1,5 +1,5 @@
 /// @file
-/// H2O (docs/METHODS.md, section "h2o"): heavy-hitter eviction during decode, per KV head.
+/// H2O, heavy-hitter eviction during decode, per KV head (docs/METHODS.md, section "h2o").
 ///
 /// Accumulated score of token j (per KV head) = sum of the softmax probabilities it has received
 /// from every query so far, summed over the G query heads of the group: the prompt's queries
@@ -27,7 +27,8 @@
 /// and the bench's) evicts lazily: an evicted slot is only marked dead, every step's kernel reads
 /// the live slots through a KeySelection, and the cache is compacted in batches; the tokens each
 /// step attends and keeps are the eager ones (see H2OPolicy). A step's selection costs O(n)
-/// (State::keep_heavy_recent: one scan finds the one token to drop).
+/// (State::keep_heavy_recent: one scan finds the one token to drop). Registry name "h2o" (decode;
+/// make_policy() gives an H2OPolicy).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -48,16 +49,27 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// H2O as a method: heavy hitters (top H by accumulated attention) plus the R most recent tokens
+/// per KV head. The struct holds the one parameter; the scores live in an H2O::State (eager) or
+/// an H2OPolicy (lazy). H2O's own member functions are const and keep no state.
 struct H2O {
-  static constexpr const char* name = "h2o";
+  static constexpr const char* name = "h2o";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "H2O heavy hitters + recent, evicts every step";
-  static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  static constexpr BudgetUnit unit = BudgetUnit::tokens;  ///< tokens per KV head, H + R
 
-  /// Prompt queries that seed the scores: k > 0 the last k, 0 every one, -1 every one up to
-  /// kExactPromptTokens prompt tokens and the last kSeedQueries above.
+  /// Prompt queries that seed the scores: k > 0 the last k, 0 every one, -1 (default) every one
+  /// up to kExactPromptTokens prompt tokens and the last kSeedQueries above. Must be >= -1.
   index_t prefill_queries = -1;
+  /// prefill_queries = -1: prompts of at most this many cached tokens (8192) are seeded by every
+  /// query.
   static constexpr index_t kExactPromptTokens = 8192, kSeedQueries = 2048;
+  /// @var kSeedQueries
+  /// prefill_queries = -1: the last queries (2048) that seed prompts longer than
+  /// kExactPromptTokens.
 
+  /// Hands the parameter to the registry: v("prefill_queries", prefill_queries, help).
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("prefill_queries", prefill_queries,
@@ -65,18 +77,33 @@ struct H2O {
       "tokens, the last 2048 above)");
   }
 
-  /// The seeding rows for a prompt of n cached tokens: 0 = every query, else the last k.
+  /// The seeding rows for a prompt of n cached tokens.
+  /// @param prefill_queries  the parameter (>= -1).
+  /// @param n                cached prompt tokens.
+  /// @return 0 = every query, else k > 0: the last k. O(1).
   static index_t seed_queries(index_t prefill_queries, index_t n) {
     if (prefill_queries >= 0) return prefill_queries;
     return n > kExactPromptTokens ? kSeedQueries : 0;
   }
 
-  /// Accumulated scores of one layer's cache. Evict through apply()/step() so the scores stay
-  /// aligned with the cache slots.
+  /// Accumulated scores of one layer's cache, [Hkv][capacity] fp32 aligned with the cache slots,
+  /// and the resolved H and R. Evict through apply()/step() so the scores stay aligned with the
+  /// cache slots. Every mutating member either succeeds or leaves the State (and the cache) as it
+  /// was. Not thread-safe: one State per layer and sequence, used from one thread at a time
+  /// (const members may run concurrently).
   class State {
    public:
     /// Binds to the cache (call it after the prompt was appended) and resolves H and R. Scores
     /// start at 0. Checks, then allocates, then commits: if it throws the State is as it was.
+    /// @param cache      the layer's cache; its capacity sizes the scores.
+    /// @param budget     count(H + R) or compression(CR) (re-resolved from the sequence length
+    ///                   at every observation).
+    /// @param seed_rows  prefill_queries (>= -1): the prompt rows observe(..., prompt = true)
+    ///                   counts.
+    /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget,
+    ///         seed_rows < -1, the cache has no KV head or capacity 0, or Hkv x capacity floats
+    ///         exceed the largest array; std::bad_alloc if they cannot be allocated.
+    /// Allocates Hkv x capacity floats (zeroed: O(Hkv x capacity)).
     template <class Cache>
     void reset(const Cache& cache, const Budget& budget, index_t seed_rows = -1) {
       constexpr const char* where = "methods::H2O::State::reset";
@@ -101,21 +128,35 @@ struct H2O {
       known_ = 0;
     }
 
-    /// reset() was called with this cache (or one of the same capacity).
+    /// @param cache  a cache.
+    /// @return whether reset() was called with this cache (or one of the same capacity).
     template <class Cache>
     bool bound_to(const Cache& cache) const {
       return stride_ == cache.capacity() && !scores_.empty();
     }
+    /// @return H, the heavy hitters kept per head (as of the latest observation).
     index_t heavy() const { return heavy_; }
+    /// @return R, the most recent tokens kept per head (the larger half of H + R).
     index_t recent() const { return recent_; }
+    /// @return the budget given to reset().
     const Budget& budget() const { return budget_; }
-    /// Accumulated score of head h's slots [0, length(h)).
+    /// @param h  KV head, in [0, Hkv) (not checked).
+    /// @return the accumulated scores of head h's slots [0, length(h)) (fp32 probability sums).
     const float* scores(index_t h) const { return scores_.data() + h * stride_; }
 
     /// Adds the probabilities that q [Hq, n_q, d] (the newest n_q tokens of the cache, e.g. the
     /// prompt's queries or a decode step) gives every cached key, computed here (a second pass
     /// over the cache; observe_mass() takes the kernel's instead). Slots appended since the last
     /// call start at 0. With prefill_queries = k > 0 only the last k rows of a prompt count.
+    /// @param q      the queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16): the newest
+    ///               n_q tokens of the cache.
+    /// @param cache   the layer's cache (equal head lengths, bound by reset()).
+    /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor of the pass.
+    /// @param prompt  q is the prompt's queries (apply the prefill_queries seeding rule).
+    /// @throws sparse_attn::invalid_argument as check_observe(); the State is then unchanged.
+    /// Complexity O(Hq x rows x n x d) for the exact fp32 softmax pass (rows = the counted query
+    /// rows, n = the cache's length), on opt's executor. Allocates Hkv x n floats of scratch
+    /// (kept in the State and reused) plus the pass's scratch (about n x d floats).
     template <class TQ, class Cache>
     void observe(const TensorView<TQ>& q, const Cache& cache, const AttentionOptions& opt = {},
                  bool prompt = false) {
@@ -131,8 +172,16 @@ struct H2O {
       add(tmp_.data(), n, cache);
     }
 
-    /// The checks observe(q, cache, opt) makes, in its order, without changing anything; returns
-    /// the resolved softmax scale.
+    /// The checks observe(q, cache, opt) makes, in its order, without changing anything.
+    /// @param q      the queries, [Hq, n_q, d] view.
+    /// @param cache  the layer's cache.
+    /// @param opt    the options.
+    /// @return the resolved softmax scale.
+    /// @throws sparse_attn::invalid_argument if q is an invalid view, the State is not bound to
+    ///         the cache (reset()), the head lengths differ, the cache shrank behind the State's
+    ///         back, Hq is not a multiple of Hkv or q's head_dim differs from the cache's,
+    ///         opt.num_threads < 0, n_q exceeds the cache's length, or opt.scale is neither NaN
+    ///         nor finite > 0.
     template <class TQ, class Cache>
     float check_observe(const TensorView<TQ>& q, const Cache& cache,
                         const AttentionOptions& opt = {}) const {
@@ -149,6 +198,12 @@ struct H2O {
       return kernel::resolve_scale(opt.scale, q.dim, where);
     }
     /// The checks observe_mass(mass, stride, cache) makes, without changing anything.
+    /// @param mass    the key mass buffer.
+    /// @param stride  its row stride, in floats.
+    /// @param cache   the layer's cache.
+    /// @throws sparse_attn::invalid_argument if the State is not bound to the cache, the head
+    ///         lengths differ, the cache shrank behind the State's back, mass is null or stride
+    ///         < the cache's max_length().
     template <class Cache>
     void check_mass(const float* mass, index_t stride, const Cache& cache) const {
       constexpr const char* where = "methods::H2O::State::observe_mass";
@@ -161,6 +216,11 @@ struct H2O {
     /// h received this step, summed over the group's query heads and the counted rows (the
     /// decode kernel's AttentionOptions::key_mass over the cache's K view, stride >= the cache's
     /// max_length()).
+    /// @param mass    [Hkv][stride] fp32 probabilities, slots [0, max_length()) read.
+    /// @param stride  row stride of mass, in floats, >= cache.max_length().
+    /// @param cache   the layer's cache.
+    /// @throws sparse_attn::invalid_argument as check_mass(); the State is then unchanged.
+    /// O(Hkv x n), no allocation.
     template <class Cache>
     void observe_mass(const float* mass, index_t stride, const Cache& cache) {
       check_mass(mass, stride, cache);
@@ -169,6 +229,13 @@ struct H2O {
 
     /// Tokens to keep (does not modify anything): the R most recent plus the top H of the rest
     /// (keep_heavy_recent() on every head's slots [0, n)). The plan carries a copy of the scores.
+    /// @param cache  the layer's cache (equal head lengths, bound by reset()).
+    /// @return the plan: keep[h] ascending, scores [Hkv][n], dense when n <= H + R, stats with
+    ///         detail "H=... R=...".
+    /// @throws sparse_attn::invalid_argument if the head lengths differ or the State is not
+    ///         bound to the cache.
+    /// O(Hkv x n) (one scan per head for a few drops), allocates the plan (Hkv x n floats and
+    /// indices).
     template <class Cache>
     kv::EvictionPlan select(const Cache& cache) const {
       constexpr const char* where = "methods::H2O::State::select";
@@ -211,6 +278,13 @@ struct H2O {
     /// few seen, O(old x drops), and removed in one pass; more drops take nth_element + a sort
     /// of the H kept, O(old + H log H). Same result either way (linear_drops = 0 forces the
     /// general path; tests compare them).
+    /// @param score         scores indexed by slot (every slot in `slots` is read).
+    /// @param slots         candidate slots, ascending; filtered in place.
+    /// @param heavy         H, the heavy hitters kept among the older candidates.
+    /// @param recent        R, the most recent candidates always kept.
+    /// @param linear_drops  largest drop count taking the linear path (capped at kLinearDrops).
+    /// @return the number of slots dropped. Allocates only on the general path (a copy of the
+    ///         old candidates); never throws except std::bad_alloc there.
     static index_t keep_heavy_recent(const float* score, std::vector<index_t>& slots, index_t heavy,
                                      index_t recent, index_t linear_drops = kLinearDrops) {
       const index_t m = static_cast<index_t>(slots.size());
@@ -263,13 +337,19 @@ struct H2O {
       return drops;
     }
 
-    /// "H=<heavy> R=<recent>": the resolved budget, the plans' stats.detail.
+    /// The resolved budget as the plans' stats.detail, e.g. "H=256 R=256".
+    /// @return a new string.
     std::string detail() const {
       return "H=" + std::to_string(heavy_) + " R=" + std::to_string(recent_);
     }
 
     /// Compacts the cache and the scores to the plan's kept slots. If it throws (State not
     /// bound to the cache, or the cache's retain() rejects the plan), nothing changed.
+    /// @param plan   a plan of select() for this cache (a dense plan is a no-op).
+    /// @param cache  the layer's cache; compacted to the kept slots.
+    /// @throws sparse_attn::invalid_argument if the State is not bound to the cache or the
+    ///         cache's retain() rejects the plan.
+    /// Cost: the cache's compaction (the kept K/V rows that move) plus O(kept) for the scores.
     template <class Cache>
     void apply(const kv::EvictionPlan& plan, Cache& cache) {
       if (plan.dense) return;
@@ -286,6 +366,14 @@ struct H2O {
 
     /// One decode step after the kernel: observe q, then evict down to H + R if needed. If it
     /// throws, the State and the cache are as they were (the scores it added are taken back).
+    /// @param q      the queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16): the newest
+    ///               n_q tokens of the cache.
+    /// @param cache  the layer's cache; compacted when a head exceeds H + R.
+    /// @param opt    softmax scale and executor.
+    /// @return the step's plan (dense when nothing was dropped).
+    /// @throws sparse_attn::invalid_argument as check_observe(), select() or apply().
+    /// Cost: observe() plus select() and apply(); allocates a copy of the n scores per head (to
+    /// undo on failure) and the plan.
     template <class TQ, class Cache>
     kv::EvictionPlan step(const TensorView<TQ>& q, Cache& cache,
                           const AttentionOptions& opt = {}) {
@@ -295,6 +383,12 @@ struct H2O {
       return select_apply(cache, saved);
     }
     /// The same with the kernel's key mass (observe_mass) instead of a second pass.
+    /// @param mass    the kernel's key mass, [Hkv][stride] fp32.
+    /// @param stride  its row stride in floats, >= cache.max_length().
+    /// @param cache   the layer's cache.
+    /// @return the step's plan.
+    /// @throws sparse_attn::invalid_argument as check_mass(), select() or apply().
+    /// O(Hkv x n) plus the compaction; allocates as step().
     template <class Cache>
     kv::EvictionPlan step_mass(const float* mass, index_t stride, Cache& cache) {
       check_mass(mass, stride, static_cast<const Cache&>(cache));
@@ -304,7 +398,7 @@ struct H2O {
     }
 
    private:
-    /// What observe()/observe_mass() change: the scores of slots [0, n), known_, H and R.
+    // What observe()/observe_mass() change: the scores of slots [0, n), known_, H and R.
     struct Saved {
       std::vector<float> scores;
       index_t heads = 0, n = 0, known = 0, heavy = 0, recent = 0;
@@ -349,7 +443,7 @@ struct H2O {
       require(known_ <= cache.max_length(), where,
               ": the cache shrank behind the State's back; evict through it");
     }
-    /// scores += p (p[h * p_stride + j] for slots j < max_length()); new slots start at 0.
+    // scores += p (p[h * p_stride + j] for slots j < max_length()); new slots start at 0.
     template <class Cache>
     void add(const float* p, index_t p_stride, const Cache& cache) {
       const index_t n = cache.max_length();
@@ -362,7 +456,7 @@ struct H2O {
       known_ = n;
       follow(cache);
     }
-    /// H + R from the budget (a compression budget follows the sequence length); R the larger half.
+    // H + R from the budget (a compression budget follows the sequence length); R the larger half.
     template <class Cache>
     void follow(const Cache& cache) {
       const index_t total = std::max<index_t>(
@@ -376,13 +470,24 @@ struct H2O {
     Budget budget_;
     index_t prefill_queries_ = -1;
     index_t heavy_ = 0, recent_ = 1, stride_ = 0, known_ = 0;
-    std::vector<float> scores_;  ///< [Hkv][capacity], aligned with the cache slots
+    std::vector<float> scores_;  // [Hkv][capacity], aligned with the cache slots
     std::vector<float> tmp_;
   };
 
   /// One-shot H2O eviction (no decode history): scores = the column sums of q [Hq, n_q, d] (the
   /// newest n_q tokens of the cache; the last prefill_queries rows when > 0) over the cache,
   /// then the R most recent and the top H of the rest per head. Does not modify the cache.
+  /// @param q      the queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16): the newest
+  ///               n_q tokens of the cache.
+  /// @param cache   the layer's cache, every head the same length.
+  /// @param budget  count(H + R) tokens per KV head, or compression(CR). Mass budgets are refused.
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor of the scoring pass.
+  /// @return the plan (keep, scores [Hkv][n], stats with detail "H=... R=...").
+  /// @throws sparse_attn::invalid_argument as State::reset(), State::observe() and
+  ///         State::select() (budget kind, prefill_queries, views, shapes, scale, threads).
+  /// Complexity O(Hq x rows x n x d) for the scores (rows: see prefill_queries) plus O(Hkv x n).
+  /// Allocates a State (Hkv x capacity floats), the pass's scratch and the plan. Thread-safe
+  /// on a cache nobody modifies meanwhile.
   template <class TQ, class Cache>
   kv::EvictionPlan select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
                           const AttentionOptions& opt = {}) const {
@@ -391,6 +496,11 @@ struct H2O {
     st.observe(q, cache, opt, /*prompt=*/true);
     return st.select(cache);
   }
+  /// The method's decode policy (H2OPolicy); what make_policy() returns for it.
+  /// @param budget  count or compression.
+  /// @return the policy (one heap allocation; the scores are allocated by after_prefill).
+  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, or
+  ///         prefill_queries < -1.
   template <class Cache, class TQ>
   std::unique_ptr<DecodePolicy<Cache, TQ>> policy(const Budget& budget) const;
 };
@@ -424,16 +534,35 @@ struct H2O {
 /// plan (kept prompt slots, scores), until the next step. state() holds the scores of the
 /// physical slots (a dead slot's is stale); live_selection() the keys the cache holds.
 template <class Cache, class TQ>
+///
+/// Thread safety: stateful (scores, live lists); one policy per layer and sequence, driven by one
+/// thread at a time.
 class H2OPolicy final : public DecodePolicy<Cache, TQ> {
  public:
+  /// The query view type the hooks take: [Hq, n_q, d].
   using QView = TensorView<const TQ>;
+  /// The policy of method `m` (copied) at `budget` (not validated here: use H2O::policy()).
+  /// @param m       the configured method.
+  /// @param budget  count or compression.
   H2OPolicy(const H2O& m, const Budget& budget) : DecodePolicy<Cache, TQ>(budget), method_(m) {}
+  /// @return "h2o".
   const char* name() const override { return H2O::name; }
+  /// @return true unless the budget can never evict (then no scores are kept).
   bool wants_key_mass() const override { return !never_; }
 
-  /// Dead slots a head holding `live` live slots may keep before the cache is compacted.
+  /// Dead slots a head may keep before the cache is compacted.
+  /// @param live  the head's live slots.
+  /// @return max(16, live / 8).
   static index_t dead_slack(index_t live) { return std::max<index_t>(16, live / 8); }
 
+  /// Binds the scores to the cache (H2O::State::reset), seeds them from the prompt's queries and
+  /// evicts eagerly down to H + R (compacting the cache); a budget that can never evict (H + R
+  /// >= capacity, or CR 1) skips the scores.
+  /// @param q      the prompt's queries, [Hq, n_q, d] view.
+  /// @param cache  the layer's cache, holding the prompt.
+  /// @param opt    softmax scale and executor.
+  /// @throws sparse_attn::invalid_argument as H2O::State::reset(), observe(), select() and
+  ///         apply(); the policy and the cache are then unchanged.
   void after_prefill(const QView& q, Cache& cache, const AttentionOptions& opt) override {
     State st;
     st.reset(cache, this->budget_, method_.prefill_queries);
@@ -458,6 +587,19 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     sync(cache);
     return live_selection(cache);
   }
+  /// Adds the step's probabilities to the scores and drops, per head, the live slots beyond
+  /// H + R (lazily: they become dead; the cache is compacted when dead slots exceed
+  /// dead_slack(), or would overflow the capacity). Without key mass, compacts first and runs
+  /// H2O::State::step (a second pass over the cache).
+  /// @param q         the step's queries, [Hq, n_q, d] view.
+  /// @param cache     the layer's cache.
+  /// @param opt       softmax scale and executor.
+  /// @param key_mass  the kernel's key mass, [Hkv][cache.max_length()] fp32, or nullptr.
+  /// @throws sparse_attn::invalid_argument if after_prefill() was not called, the head lengths
+  ///         differ, or as H2O::State::check_observe() / check_mass(); every check runs before
+  ///         anything changes.
+  /// Cost per step: O(Hkv x live) index work (one scan per head for one drop) plus the
+  /// amortised compaction (see the class comment).
   void after_step(const QView& q, Cache& cache, const AttentionOptions& opt,
                   const float* key_mass) override {
     check_after_step(q, cache, opt, key_mass);  // every check before anything changes
@@ -497,6 +639,13 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
   }
   /// Every check after_step() makes, without changing anything (DecodeSession runs it before
   /// the step appends: the cache then holds the step's tokens too, which changes no check).
+  /// @param q         the step's queries, [Hq, n_q, d] view.
+  /// @param cache     the layer's cache.
+  /// @param opt       softmax scale and executor.
+  /// @param key_mass  whether after_step() will get the kernel's key mass.
+  /// @throws sparse_attn::invalid_argument if after_prefill() was not called, the head lengths
+  ///         differ, the scores belong to another cache, or (no key mass) as
+  ///         H2O::State::check_observe().
   void check_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
                   bool key_mass) const override {
     (void)key_mass;
@@ -532,6 +681,8 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
 
   /// The keys the cache holds for this policy: every slot (KeySelection::all()) when none is
   /// dead, else per KV head the ranges of its live slots (what before_step returns).
+  /// @param cache  the layer's cache.
+  /// @return the selection; O(Hkv x live), allocates the ranges.
   KeySelection live_selection(const Cache& cache) const {
     if (!lazy_ || live_tokens(cache) == cache.total_length()) return KeySelection::all();
     const index_t Hkv = cache.kv_heads();
@@ -559,11 +710,12 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     return dead ? KeySelection::from_ranges(KeySelection::Scope::per_kv_head, r)
                 : KeySelection::all();
   }
+  /// @return the scores of the physical slots (a dead slot's is stale).
   const H2O::State& state() const { return state_; }
 
  private:
   using State = H2O::State;
-  /// after_step's checks, in its order.
+  // after_step's checks, in its order.
   void check_after_step(const QView& q, const Cache& cache, const AttentionOptions& opt,
                         const float* key_mass) const {
     require(seeded_, "H2OPolicy::after_step", ": call after_prefill first (it binds the scores)");
@@ -574,9 +726,9 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     else
       state_.check_mass(key_mass, cache.max_length(), cache);
   }
-  /// The live lists (eviction_.keep) follow the cache: built as 0..n-1 after an eager eviction;
-  /// slots appended since the last hook are live; an append taken back (undo_append) drops its
-  /// slots (the last ones).
+  // The live lists (eviction_.keep) follow the cache: built as 0..n-1 after an eager eviction;
+  // slots appended since the last hook are live; an append taken back (undo_append) drops its
+  // slots (the last ones).
   void sync(const Cache& cache) {
     require(cache.uniform(), "H2OPolicy", ": H2O keeps equal head lengths; evict through it");
     auto& live = this->eviction_.keep;
@@ -602,7 +754,7 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
     }
     known_ = n;
   }
-  /// Compacts the cache and the scores to the live slots (after sync()).
+  // Compacts the cache and the scores to the live slots (after sync()).
   void compact_live(Cache& cache) {
     auto& live = this->eviction_.keep;
     kv::EvictionPlan plan;  // a copy: if the retain throws, the lists still describe the cache
@@ -614,9 +766,9 @@ class H2OPolicy final : public DecodePolicy<Cache, TQ> {
 
   H2O method_;
   State state_;
-  bool seeded_ = false, never_ = false;  ///< never_: the budget can never evict (no scores kept)
-  bool lazy_ = false;    ///< eviction_.keep holds the live slots of the first known_ slots
-  index_t known_ = 0;    ///< physical slots the live lists cover
+  bool seeded_ = false, never_ = false;  // never_: the budget can never evict (no scores kept)
+  bool lazy_ = false;    // eviction_.keep holds the live slots of the first known_ slots
+  index_t known_ = 0;    // physical slots the live lists cover
 };
 
 template <class Cache, class TQ>

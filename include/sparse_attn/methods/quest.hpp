@@ -1,12 +1,13 @@
 /// @file
-/// Quest (docs/METHODS.md, section "quest"): query-aware page selection over a full KV cache.
+/// Quest, query-aware page selection over a full KV cache (docs/METHODS.md, section "quest").
 ///
 /// Each decode step, for every page of P keys (the cache's page_size) and KV head, an upper bound
 /// of the scaled logits in the page from the cache's per-page key min/max:
 ///   U_r(page) = scale * sum_d max(q_rd * min_d, q_rd * max_d)  >=  scale * q_r . k  for k in page.
 /// Since max_d >= min_d, max(q * min, q * max) = q^+ * max + q^- * min (q^+ = max(q, 0),
 /// q^- = min(q, 0)), so summing U over the G query heads of a group (the default, shared pages) is
-/// U = Q^+ . max + Q^- . min with Q^+- = scale * sum_r q_r^+-: two dot products per page whatever G.
+/// U = Q^+ . max + Q^- . min with Q^+- = scale * sum_r q_r^+-: two dot products per page whatever
+/// G.
 /// Several new tokens (n_q > 1) share one selection: their bounds are summed too.
 /// The top B pages among those before the current one (ties toward the lower page, NaN last:
 /// methods/detail/ranking.hpp) plus the current page(s) (every page holding one of the n_q new
@@ -33,7 +34,8 @@
 /// bounds' order keys, then one pass in page order emits the ranges), never a sort (except for
 /// the mass budget). With one thread each unit's bounds are ranked while they are in cache. The
 /// step's scratch lives in the QuestPages passed (or the calling thread's own): no allocation per
-/// step once grown, besides the KeySelection itself.
+/// step once grown, besides the KeySelection itself. Registry name "quest" (decode; make_policy()
+/// gives a SelectionPolicy).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -59,36 +61,51 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace quest_detail {
 /// Storage a Quest step reuses across steps (kept in QuestPages; see Quest::select).
 struct Workspace {
-  std::vector<float> qpn;                    ///< [units][2d]: Q^- then Q^+ (as min, max)
-  std::vector<float> row;                    ///< one query row as fp32
-  std::vector<std::vector<KeyRange>> lists;  ///< per unit: the selected key ranges
-  std::vector<std::uint64_t> words;          ///< [workers][max_pages]: ranking scratch
-  std::vector<std::uint32_t> keys;           ///< [workers][max_pages]: order_key of each bound
+  std::vector<float> qpn;                    // [units][2d]: Q^- then Q^+ (as min, max)
+  std::vector<float> row;                    // one query row as fp32
+  std::vector<std::vector<KeyRange>> lists;  // per unit: the selected key ranges
+  std::vector<std::uint64_t> words;          // [workers][max_pages]: ranking scratch
+  std::vector<std::uint32_t> keys;           // [workers][max_pages]: order_key of each bound
 };
 }  // namespace quest_detail
+/// @endcond
 
 /// What a Quest step computed besides its selection: the page bounds and the budget per unit.
-/// Pass one to Quest::select to read them (or to reuse its storage across steps).
+/// Pass one to Quest::select to read them (or to reuse its storage across steps). A unit is a KV
+/// head (default) or a query head (Quest::per_query_head). Not shared between concurrent calls.
 struct QuestPages {
-  index_t page_size = 0;
-  std::vector<index_t> budget_pages;  ///< B per unit (pages besides the current ones)
+  index_t page_size = 0;              ///< P, tokens per page (the cache's page_size)
+  std::vector<index_t> budget_pages;  ///< [units] B per unit (pages besides the current ones)
   std::vector<float> bounds;          ///< [units][bound_stride] U per page (scaled logits)
-  index_t bound_stride = 0;
-  bool dense = false;  ///< every page selected
-  quest_detail::Workspace work;  ///< scratch of the step (no allocation once grown)
+  index_t bound_stride = 0;           ///< row stride of bounds: the most pages of any KV head
+  bool dense = false;                 ///< every page selected
+  /// Scratch of the step (internal; no allocation once grown).
+  quest_detail::Workspace work;
 };
 
+/// Quest as a method: per decode step, the top pages by an upper bound of the logits plus the
+/// current page(s); the cache keeps every token. A value type of one parameter; select() is const
+/// and keeps its scratch in the QuestPages given or in a thread_local one, so concurrent calls
+/// from different threads are safe (each with its own `sel` and `pages`).
 struct Quest {
-  static constexpr const char* name = "quest";
+  static constexpr const char* name = "quest";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "Quest: top pages by key-bound, full cache kept";
+  /// Count budgets are tokens (B = tokens / page_size pages besides the current ones).
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  /// The cache must keep per-page key min/max (kv::CacheOptions::key_bounds).
   static constexpr bool needs_key_bounds = true;
 
-  bool per_query_head = false;  ///< rank pages per query head instead of per KV head (group sum)
+  /// Rank pages per query head (a per_q_head KeySelection) instead of per KV head (the bounds
+  /// summed over the GQA group; default false).
+  bool per_query_head = false;
 
+  /// Hands the parameter to the registry: v("per_query_head", per_query_head, help).
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("per_query_head", per_query_head, "rank pages per query head instead of per KV head");
@@ -97,10 +114,38 @@ struct Quest {
   /// The step's selection for q [Hq, n_q, d] (the newest n_q tokens, already appended) on
   /// `cache`; sel (and pages, when given) are reused as storage across steps. Without `pages`,
   /// the calling thread's own QuestPages (thread_local) is reused instead.
+  /// @param q       the step's queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16),
+  ///                n_q >= 1: they share one selection (their bounds are summed).
+  /// @param cache   the layer's cache, built with key_bounds = true; every head holds >= n_q
+  ///                tokens (head lengths may differ).
+  /// @param budget  count(n) tokens, compression(c) or mass(p) (see the file comment).
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor (bounds and ranking run on it
+  ///                unless units x pages < 4096, or no executor is given and num_threads = 1).
+  /// @param sel     out: keys (KeySelection::all() when every page is selected and the head
+  ///                lengths are equal, else per-KV-head or per-query-head ranges) and stats
+  ///                (pairs = (query row, key) pairs read); its storage is reused.
+  /// @param pages   optional out: the step's bounds and budgets, and the scratch to reuse.
+  /// @throws sparse_attn::invalid_argument if the budget is malformed, q is an invalid view, the
+  ///         cache keeps no key bounds, Hq is not a positive multiple of Hkv, q's head_dim
+  ///         differs from the cache's, n_q < 1, opt.num_threads < 0, opt.scale is neither NaN
+  ///         nor finite > 0, a head holds fewer than n_q tokens, or a head has more than
+  ///         2^32 - 1 pages. sel.stats is reset first; a failed check leaves sel.keys as it
+  ///         was.
+  /// Complexity per step: O(Hq x n_q x d) for the summed queries, O(units x pages x d) to read
+  /// the bounds (1/P of K's bytes), O(units x pages) for the top B (radix select; mass budgets
+  /// sort: O(units x pages log pages)). Allocation: none once the scratch has grown, besides
+  /// the KeySelection's ranges; the thread_local scratch lives until the thread ends.
   template <class TQ, class Cache>
   void select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
               const AttentionOptions& opt, DecodeSelection& sel, QuestPages* pages = nullptr) const;
 
+  /// The step's selection as a new DecodeSelection (see the other overload).
+  /// @param q       the step's queries, [Hq, n_q, d] view.
+  /// @param cache   the layer's cache (key_bounds = true).
+  /// @param budget  count, compression or mass.
+  /// @param opt     softmax scale and executor.
+  /// @return the keys to read and the statistics.
+  /// @throws sparse_attn::invalid_argument as the other overload.
   template <class TQ, class Cache>
   DecodeSelection select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
                          const AttentionOptions& opt = {}) const {
@@ -110,11 +155,12 @@ struct Quest {
   }
 };
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace quest_detail {
 
-/// U for pages [p0, p1) of KV head hk: out[p] = qpn . bounds(p) over the page's 2d bound values
-/// (min then max: qpn = [Q^-, Q^+], already scaled), one dot product per page on the CPU target
-/// (bounds widened from their storage type, fp32 products and sums).
+// U for pages [p0, p1) of KV head hk: out[p] = qpn . bounds(p) over the page's 2d bound values
+// (min then max: qpn = [Q^-, Q^+], already scaled), one dot product per page on the CPU target
+// (bounds widened from their storage type, fp32 products and sums).
 template <class T, class Cache>
 void page_bounds(const Cache& cache, index_t hk, const float* qpn, index_t p0, index_t p1,
                  float* out) {
@@ -197,6 +243,7 @@ inline std::uint64_t top_threshold(const std::uint32_t* key, index_t n, index_t 
 }
 
 }  // namespace quest_detail
+/// @endcond
 
 template <class TQ, class Cache>
 void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,

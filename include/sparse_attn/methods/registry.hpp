@@ -9,7 +9,9 @@
 /// `name` matches, default-constructs it, applies the "key=value" settings through its
 /// visit_params(), and calls f(method) with the concrete type, so the caller's code is instantiated
 /// for every method and nothing is type-erased. Adding a method: one file under methods/, its type
-/// in one of the lists below, its tests (docs/METHODS.md "Adding a method").
+/// in one of the lists below, its tests (docs/METHODS.md, section "Adding a method").
+///
+/// Everything here is stateless: the functions may be called concurrently from any thread.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cerrno>
@@ -37,33 +39,46 @@
 #include "sparse_attn/methods/streaming.hpp"
 #include "sparse_attn/methods/user_mask.hpp"
 #include "sparse_attn/methods/vertical_slash.hpp"
-#include "sparse_attn/methods/xattention.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// A compile-time list of method types (the registry's two lists).
+/// @tparam M  method structs of the selection contract (methods/selector.hpp).
 template <class... M>
 struct MethodList {};
 
 /// Every prefill method, dense first (the evaluator's and the frontier's order).
 using PrefillMethods = MethodList<Dense, SlidingWindow, BlockSparse, VerticalSlash,
-                                  VerticalSlashTiled, FlexPrefill, XAttention, UserMask>;
+                                  VerticalSlashTiled, FlexPrefill, UserMask>;
 /// Every decode method, dense first.
 using DecodeMethods = MethodList<Dense, StreamingLLM, Quest, SnapKV, AdaSnapKV, H2O>;
 
 /// "key=value" parameter settings, applied in order.
 using ParamSettings = std::vector<std::pair<std::string, std::string>>;
 
+/// One parameter of a method, as the registry lists it.
 struct ParamInfo {
+  /// The parameter's name: the key of "key=value" settings.
   std::string name, default_value, help;
+  /// @var default_value
+  /// The default as text, as set_params() parses it ("64", "0.5", "true").
+  /// @var help
+  /// A one-line description of the parameter.
 };
+/// One method as the registry lists it (the tool's --help, the evaluator's reports).
 struct MethodInfo {
+  /// The registry name.
   std::string name, summary;
-  BudgetUnit unit = BudgetUnit::none;
-  std::vector<ParamInfo> params;
-  bool needs_user_mask = false;  ///< selects from a mask the caller supplies (user_mask), not from Q/K
+  /// @var summary
+  /// A one-line description of the method.
+  BudgetUnit unit = BudgetUnit::none;  ///< what a count budget counts (none: no count budgets)
+  std::vector<ParamInfo> params;       ///< every parameter, in declaration order, with defaults
+  /// Selects from a mask the caller supplies (user_mask), not from Q/K.
+  bool needs_user_mask = false;
 };
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_registry {
 
 template <class T>
@@ -76,7 +91,7 @@ std::string to_text(const T& v) {
   return os.str();
 }
 
-/// Parses `text` into v (index_t / int / double / float / bool), the whole string or nothing.
+// Parses `text` into v (index_t / int / double / float / bool), the whole string or nothing.
 template <class T>
 bool parse(const std::string& text, T& v) {
   if (text.empty()) return false;
@@ -154,9 +169,17 @@ decltype(auto) find(std::string_view name, F&& f, const char* what, MethodList<M
 }
 
 }  // namespace detail_registry
+/// @endcond
 
 /// Applies "key=value" settings to method m's parameters. Unknown keys and unparsable values are
-/// sparse_attn::invalid_argument naming the method, the key and its allowed parameters.
+/// sparse_attn::invalid_argument naming the method, the key and its allowed parameters. Values
+/// are parsed whole: integers in base 10 within the member's range, floating point by strtod,
+/// switches as true/false/1/0. Ranges (block >= 1, ...) are checked by the method's select().
+/// @param m         the method to configure; settings applied so far stay applied if a later
+///                  one throws.
+/// @param settings  (key, value) pairs, applied in order (a repeated key: the last wins).
+/// @throws sparse_attn::invalid_argument on an unknown key or an unparsable value.
+/// O(settings x parameters); allocates the error message and the list of known keys.
 template <class M>
 void set_params(M& m, const ParamSettings& settings) {
   for (const auto& setting : settings) {
@@ -179,6 +202,9 @@ void set_params(M& m, const ParamSettings& settings) {
 }
 
 /// The parameters of a configured method, in declaration order: (name, value as text).
+/// @param configured  the method.
+/// @return the settings, values as std::ostream prints them (doubles to 6 significant digits,
+///         switches as true/false), which set_params() accepts. Allocates the strings.
 template <class M>
 ParamSettings param_values(const M& configured) {
   M m = configured;  // visit_params hands out references: visit a copy
@@ -193,10 +219,14 @@ ParamSettings param_values(const M& configured) {
 template <class M>
 inline constexpr bool takes_user_mask_v = detail_registry::takes_user_mask<M>::value;
 
-/// Every prefill / decode method with its summary, budget unit and parameters (defaults).
+/// Every prefill method with its summary, budget unit and parameters (defaults).
+/// @return one MethodInfo per method of PrefillMethods, in its order (built on every call).
 inline std::vector<MethodInfo> prefill_methods() { return detail_registry::infos(PrefillMethods{}); }
+/// Every decode method with its summary, budget unit and parameters (defaults).
+/// @return one MethodInfo per method of DecodeMethods, in its order (built on every call).
 inline std::vector<MethodInfo> decode_methods() { return detail_registry::infos(DecodeMethods{}); }
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_registry {
 template <class List, class F>
 decltype(auto) with_method(List list, const char* what, std::string_view name,
@@ -211,16 +241,31 @@ decltype(auto) with_method(List list, const char* what, std::string_view name,
       what, list);
 }
 }  // namespace detail_registry
+/// @endcond
 
 /// Calls f(method) with the prefill method registered as `name`, default-constructed and then
-/// configured by `settings`; returns what f returns (the same type for every method).
+/// configured by `settings`; returns what f returns (the same type for every method). f is
+/// instantiated for every prefill method.
+/// @param name      a registry name ("dense", "sliding_window", "block_sparse", ...).
+/// @param settings  "key=value" parameter settings (set_params()).
+/// @param f         callable f(const M& or M& method) for every method type M.
+/// @return what f returns.
+/// @throws sparse_attn::invalid_argument if no prefill method is called `name` (the message
+///         lists the known ones) or a setting is refused; whatever f throws.
+/// O(methods + settings x parameters) besides f.
 template <class F>
 decltype(auto) with_prefill_method(std::string_view name, const ParamSettings& settings, F&& f) {
   return detail_registry::with_method(PrefillMethods{}, "prefill", name, settings,
                                       std::forward<F>(f));
 }
 
-/// The same for decode methods.
+/// The same for decode methods: f(method) with the decode method registered as `name`.
+/// @param name      a registry name ("dense", "streaming", "quest", "snapkv", ...).
+/// @param settings  "key=value" parameter settings (set_params()).
+/// @param f         callable f(method) for every decode method type.
+/// @return what f returns.
+/// @throws sparse_attn::invalid_argument if no decode method is called `name` or a setting is
+///         refused; whatever f throws.
 template <class F>
 decltype(auto) with_decode_method(std::string_view name, const ParamSettings& settings, F&& f) {
   return detail_registry::with_method(DecodeMethods{}, "decode", name, settings,
@@ -229,6 +274,13 @@ decltype(auto) with_decode_method(std::string_view name, const ParamSettings& se
 
 /// The decode policy (methods/decode_policy.hpp) of method `name` at `budget`, for a cache type
 /// and query dtype: what the pipeline, the evaluator and the tool run.
+/// @tparam Cache    the KV cache type.
+/// @tparam TQ       the query element type.
+/// @param name      a decode method's registry name.
+/// @param settings  "key=value" parameter settings.
+/// @param budget    the budget of the policy.
+/// @return the policy (make_policy()).
+/// @throws sparse_attn::invalid_argument as with_decode_method() and make_policy().
 template <class Cache, class TQ>
 std::unique_ptr<DecodePolicy<Cache, TQ>> make_decode_policy(std::string_view name,
                                                             const ParamSettings& settings,
@@ -238,11 +290,15 @@ std::unique_ptr<DecodePolicy<Cache, TQ>> make_decode_policy(std::string_view nam
   });
 }
 
+/// @param name  a method name.
+/// @return whether a prefill method is registered as `name`. Builds the list (allocates).
 inline bool is_prefill_method(std::string_view name) {
   for (const MethodInfo& m : prefill_methods())
     if (m.name == name) return true;
   return false;
 }
+/// @param name  a method name.
+/// @return whether a decode method is registered as `name`. Builds the list (allocates).
 inline bool is_decode_method(std::string_view name) {
   for (const MethodInfo& m : decode_methods())
     if (m.name == name) return true;

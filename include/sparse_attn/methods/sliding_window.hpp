@@ -1,6 +1,6 @@
 /// @file
-/// Sliding window, prefill form ("A-shape"; docs/METHODS.md, section "sliding_window and
-/// streaming"): query at position p sees key j iff j <= p and
+/// Sliding window with attention sinks, prefill form ("A-shape"; docs/METHODS.md, section
+/// "sliding_window and streaming"): query at position p sees key j iff j <= p and
 /// (j < S or p - j < W). Closed-form: no index memory. S + W >= n gives exactly the dense pattern.
 /// The decode/eviction form (keep the first S and the last W tokens) is methods/streaming.hpp; the
 /// bare pattern for a given W is masks::sliding_window (mask/patterns.hpp).
@@ -12,6 +12,7 @@
 ///                   diagonal) caps the CR near n / (2 (S + 1)); a target beyond the tolerance of
 ///                   what any W achieves is reported reachable = false.
 /// Selection cost: O(n_q) per probed W, O(n_q log n_k) for the search; nothing reads q or k.
+/// Registry name "sliding_window" (prefill).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/error.hpp"
@@ -24,33 +25,68 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// The A-shape prefill method: S sink keys plus a causal window of W keys, W chosen by the
+/// budget. A value type of two parameters; its member functions are const, keep no state and may
+/// be called concurrently from any number of threads.
 struct SlidingWindow {
-  static constexpr const char* name = "sliding_window";
+  static constexpr const char* name = "sliding_window";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "S sinks + window W (A-shape)";
-  static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  static constexpr BudgetUnit unit = BudgetUnit::tokens;  ///< count budgets give the window W
 
-  index_t sinks = 4;   ///< S: the first S keys are always visible
-  index_t block = 64;  ///< kernel tile size
+  index_t sinks = 4;   ///< S: the first S keys are always visible (>= 0; default 4)
+  index_t block = 64;  ///< kernel tile size (query and key block), in tokens (>= 1; default 64)
 
+  /// Hands every parameter to the registry: v(name, member, help) for "sinks" and "block".
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("sinks", sinks, "first S keys always visible");
     v("block", block, "kernel tile size (query and key block)");
   }
 
-  /// The A-shape mask of Hq query heads, n_q queries (a suffix of n_k keys) with window `window`.
+  /// The A-shape mask (masks::sliding_window with this method's sinks and block).
+  /// @param heads   query heads Hq, >= 1.
+  /// @param n_q     queries, the last n_q of the n_k positions (0 <= n_q <= n_k).
+  /// @param n_k     keys.
+  /// @param window  W, in tokens, >= 1 (W >= n_k is dense).
+  /// @return the closed-form mask (no index memory).
+  /// @throws sparse_attn::invalid_argument if window < 1, sinks < 0, block is not in
+  ///         [1, 2^31 - 1], or the shape is invalid (heads < 1, n_q > n_k, ...).
+  /// Complexity O(n_q) (the pair count); no allocation.
   IntervalMask mask(index_t heads, index_t n_q, index_t n_k, index_t window) const {
     return masks::sliding_window(heads, n_q, n_k, window, sinks, block);
   }
 
-  /// The window whose CR is nearest to `cr` (nearest_budget over W in [1, max(n_k, 1)]).
+  /// The window whose CR is nearest to `cr` in log ratio (nearest_budget() over W in
+  /// [1, max(n_k, 1)] on the exact pair count).
+  /// @param heads  query heads Hq.
+  /// @param n_q    queries (a suffix of the keys).
+  /// @param n_k    keys.
+  /// @param cr     target compression ratio, >= 1.
+  /// @return W, in tokens, in [1, max(n_k, 1)].
+  /// @throws sparse_attn::invalid_argument as mask() does for an invalid shape or parameters.
+  /// Complexity O(n_q log n_k); no allocation.
   index_t window_for(index_t heads, index_t n_q, index_t n_k, double cr) const {
     const index_t dense = MaskShape{heads, n_q, n_k, block, block, true}.dense_pairs();
     return nearest_budget(1, std::max<index_t>(n_k, 1), dense, cr,
                           [&](index_t w) { return mask(heads, n_q, n_k, w).pairs(); });
   }
 
-  /// Selects the window for q [Hq, n_q, d] over k [Hkv, n_k, d] (only the shapes are read).
+  /// Selects the window for q over k (only the shapes are read) and returns its A-shape mask.
+  /// @param q       queries, [Hq, n_q, d] view (any strides), the last n_q of the n_k positions.
+  /// @param k       keys, [Hkv, n_k, d] view, Hq % Hkv == 0, n_q <= n_k.
+  /// @param budget  count(W): the window in tokens, as given (always reachable); or
+  ///                compression(c): the W whose CR is nearest to c (reachable by the tolerance
+  ///                rule). Mass budgets are refused.
+  /// @param opt     the kernel's options; only opt.scale is validated.
+  /// @return the IntervalMask and its statistics (detail e.g. "S=4 W=412").
+  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, the views
+  ///         are invalid or inconsistent (d, Hq % Hkv, n_q > n_k), opt.scale is neither NaN nor
+  ///         finite > 0, sinks < 0, block < 1 (or > 2^31 - 1), or Hq x n_q x n_k exceeds
+  ///         2^63 - 1.
+  /// Complexity O(n_q) for a count budget, O(n_q log n_k) for a compression budget; allocates
+  /// only the statistics' detail string.
   template <class QT, class KT>
   PrefillSelection<IntervalMask> select(const TensorView<QT>& q, const TensorView<KT>& k,
                                         const Budget& budget,

@@ -1,6 +1,6 @@
 /// @file
-/// SnapKV, KV eviction at the end of prefill, per KV head (docs/METHODS.md, section
-/// "snapkv and ada_snapkv").
+/// SnapKV, KV eviction at the end of prefill, per KV head (docs/METHODS.md, section "snapkv and
+/// ada_snapkv").
 ///
 /// Observation window: the last w = min(window, n_q) prompt queries (q holds the last n_q prompt
 /// queries; query i sits at position n - n_q + i of the n cached tokens). Score of key j:
@@ -15,7 +15,8 @@
 /// (budget.hpp). c >= n keeps all (dense); c below the forced count is raised to it (a count
 /// budget is then not honoured, and a compression target misses by the rule: reachable = false).
 /// Decode tokens appended later are never evicted by SnapKV. Positions are not re-indexed (keys
-/// are post-RoPE): see kv/cache.hpp.
+/// are post-RoPE): see kv/cache.hpp. Registry name "snapkv" (decode; make_policy() gives a
+/// PrefillEvictionPolicy).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -33,6 +34,7 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace snapkv_detail {
 
 /// The window and per-head budget c for a cache of n tokens and n_q given queries.
@@ -110,16 +112,27 @@ std::vector<float> scores(const TensorView<TQ>& q, const Cache& cache, const Geo
 }
 
 }  // namespace snapkv_detail
+/// @endcond
 
+/// SnapKV as a method: one eviction of the prompt's cache by observation-window scores, c
+/// tokens per KV head. A value type of three parameters; select() is const, keeps no state and
+/// may be called concurrently on caches nobody modifies meanwhile (with an executor that allows
+/// concurrent run(), as the default ones do).
 struct SnapKV {
-  static constexpr const char* name = "snapkv";
+  static constexpr const char* name = "snapkv";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "SnapKV eviction after prefill";
-  static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  static constexpr BudgetUnit unit = BudgetUnit::tokens;  ///< tokens per KV head, c
 
-  index_t window = 32;      ///< w: observation window = forced recent tokens (reference: 256)
-  index_t sinks = 4;        ///< first tokens always kept
-  index_t pool_kernel = 7;  ///< average-pool kernel (odd, >= 1; 1 = no pooling)
+  /// w: the observation window, the last w prompt queries, whose tokens are always kept
+  /// (>= 1; default 32; the SnapKV reference uses 256).
+  index_t window = 32;
+  index_t sinks = 4;        ///< first tokens always kept (>= 0; default 4)
+  index_t pool_kernel = 7;  ///< average-pool kernel over the prefix scores (odd, >= 1; 1 = none)
 
+  /// Hands every parameter to the registry: v(name, member, help) for "window", "sinks" and
+  /// "pool_kernel".
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("window", window, "observation window: the last w prompt queries, always kept");
@@ -127,8 +140,26 @@ struct SnapKV {
     v("pool_kernel", pool_kernel, "average-pool kernel over the scores (odd; 1 = none)");
   }
 
-  /// Selects the tokens each KV head keeps (does not modify the cache). q: the last n_q >= 1
-  /// prompt queries [Hq, n_q, d]; the cache holds the n prompt tokens (equal lengths).
+  /// Selects the tokens each KV head keeps (does not modify the cache; evict() applies it).
+  /// @param q       the last n_q >= 1 prompt queries, [Hq, n_q, d] view (any strides; float,
+  ///                bf16 or fp16): positions n - n_q .. n - 1 of the cache. Only the last
+  ///                min(window, n_q) rows are read.
+  /// @param cache   the layer's cache holding the n prompt tokens, every head the same length.
+  /// @param budget  count(c) tokens per KV head, or compression(CR): c =
+  ///                count_for_compression(n, CR). Mass budgets are refused.
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor of the scoring pass.
+  /// @return the plan: keep[h] = head h's c kept slots, ascending; scores [Hkv][n] (the pooled
+  ///         window scores; score_stride = n); dense when c >= n; stats with detail "c=... per
+  ///         head" (reachable = false when c was raised to the forced count).
+  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, q is an
+  ///         invalid view, the head lengths differ, Hq is not a multiple of Hkv, q's head_dim
+  ///         differs from the cache's, window < 1, sinks < 0, pool_kernel is even or < 1,
+  ///         opt.num_threads < 0, n_q < 1 or n_q > n, or opt.scale is neither NaN nor finite > 0.
+  /// Complexity O(Hq x w x n x d) for the scores (an exact two-pass fp32 softmax, parallel over
+  /// key tiles and query rows on opt's executor), plus O(Hkv x n) for pooling and the top-c
+  /// (nth_element). Allocates the plan (Hkv x n floats of scores, Hkv x c slot indices), one
+  /// more Hkv x n floats of raw scores and the scoring scratch (n x d floats of converted keys,
+  /// G x w x d of queries, small per-worker tiles). Results do not depend on the thread count.
   template <class TQ, class Cache>
   kv::EvictionPlan select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
                           const AttentionOptions& opt = {}) const {

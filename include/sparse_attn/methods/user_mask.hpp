@@ -21,6 +21,8 @@
 /// block's last position. Null arrays of non-zero size are refused.
 ///
 /// Memory: a copy of the arrays (8 bytes per row, 5 bytes per entry); nothing per token.
+/// Registry name "user_mask" (prefill; MethodInfo::needs_user_mask: the caller supplies the
+/// mask). See docs/METHODS.md, section "user_mask".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstdint>
@@ -41,18 +43,29 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
 /// Non-owning (pointer, length) view of a caller array; implicit from std::vector.
+/// The caller's array must outlive every use of the view; nothing is copied or checked here.
 template <class T>
 struct ArrayRef {
-  const T* data = nullptr;
-  index_t size = 0;
+  const T* data = nullptr;  ///< first element (may be null when size is 0)
+  index_t size = 0;         ///< number of elements
   ArrayRef() = default;
+  /// @param p  first element.
+  /// @param n  number of elements.
   ArrayRef(const T* p, index_t n) : data(p), size(n) {}
+  /// Views a vector's elements (implicit).
+  /// @param v  the vector; must outlive the view and not be resized meanwhile.
   ArrayRef(const std::vector<T>& v)  // NOLINT(google-explicit-constructor)
       : data(v.data()), size(static_cast<index_t>(v.size())) {}
+  /// @param i  index, in [0, size) (unchecked).
+  /// @return the element.
   const T& operator[](index_t i) const { return data[i]; }
 };
 
 /// Block-CSR layout handed in by an engine (any integer types for offsets and indices).
+/// Rows are r = h * num_q_blocks + qb (qb alone when head_shared). Non-owning: the arrays must
+/// live until the UserMask is built (it copies them).
+/// @tparam Offset  integer type of row_offsets.
+/// @tparam Index   integer type of col_indices.
 template <class Offset = index_t, class Index = std::int32_t>
 struct BlockCsr {
   ArrayRef<Offset> row_offsets;  ///< [rows + 1]; rows = num_q_blocks x (head_shared ? 1 : heads)
@@ -61,6 +74,7 @@ struct BlockCsr {
   bool head_shared = false;      ///< one layout for every query head
 };
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_um {
 template <class P, class = void>
 struct is_trivial_pred : std::false_type {};
@@ -101,28 +115,51 @@ BlockListMask<Pred> from_bsr(const MaskShape& shape, const BlockCsr<Offset, Inde
                              std::move(full), std::move(pred), -1, exec);
 }
 }  // namespace detail_um
+/// @endcond
 
 /// A caller-supplied block mask as a method; Pred decides the elements of partial blocks (UserMask:
 /// none, every listed element allowed up to causality). Throws sparse_attn::invalid_argument
-/// (prefixed "methods::UserMask") on any inconsistency of the layout.
+/// (prefixed "methods::UserMask") on any inconsistency of the layout. Once built it is immutable:
+/// select() is const and may be called concurrently.
+/// @tparam Pred  element predicate pred(h, qi, kj) of partial blocks (AllowAll: none).
 template <class Pred = AllowAll>
 struct BasicUserMask {
-  static constexpr const char* name = "user_mask";
+  static constexpr const char* name = "user_mask";  ///< registry name
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary = "a caller-supplied block mask (block CSR)";
-  static constexpr BudgetUnit unit = BudgetUnit::none;
+  static constexpr BudgetUnit unit = BudgetUnit::none;  ///< takes no count budget
   static constexpr bool takes_user_mask = true;  ///< selects from the caller's mask, not from Q/K
 
   BlockListMask<Pred> mask;  ///< the validated mask
 
+  /// An empty method (a default-constructed mask); the registry's instance, before a mask is set.
   BasicUserMask() = default;
   /// An already built mask (BlockListBuilder validated it).
+  /// @param m  the mask; moved in.
   explicit BasicUserMask(BlockListMask<Pred> m) : mask(std::move(m)) {}
-  /// Validates `csr` against `shape`; the pairs are counted on `exec`.
+  /// Validates `csr` against `shape` and copies it; the pairs are counted on `exec`.
+  /// @param shape  the geometry: heads, n_q, n_k, block sizes, causal.
+  /// @param csr    the caller's layout (any integer types); copied.
+  /// @param pred   the element predicate of partial blocks (called while counting pairs).
+  /// @param exec   executor (or thread count) of the pair count.
+  /// @throws sparse_attn::invalid_argument (prefixed "methods::UserMask") if an array is null
+  ///         with a non-zero size or the layout fails the block-CSR check (see the file
+  ///         comment); whatever pred throws.
+  /// Complexity O(rows + entries) plus the pair count (the predicate on every element of the
+  /// partial blocks); allocates the copy (8 bytes per row, 5 per entry).
   template <class Offset, class Index>
   BasicUserMask(const MaskShape& shape, const BlockCsr<Offset, Index>& csr, Pred pred = {},
            const ExecutorChoice& exec = {})
       : mask(detail_um::from_bsr(shape, csr, std::move(pred), exec, "methods::UserMask")) {}
   /// Convenience: std::vector arrays (index_t offsets, int32 key blocks).
+  /// @param shape        the geometry.
+  /// @param head_shared  one layout for every query head.
+  /// @param row_offsets  [rows + 1] offsets into col_indices.
+  /// @param col_indices  key blocks, strictly increasing per row.
+  /// @param full         empty, or one flag per entry (1 = full, 0 = partial).
+  /// @param pred         the element predicate of partial blocks.
+  /// @param exec         executor (or thread count) of the pair count.
+  /// @throws sparse_attn::invalid_argument as the BlockCsr constructor.
   BasicUserMask(const MaskShape& shape, bool head_shared, const std::vector<index_t>& row_offsets,
                 const std::vector<std::int32_t>& col_indices,
                 const std::vector<std::uint8_t>& full = {}, Pred pred = {},
@@ -130,11 +167,21 @@ struct BasicUserMask {
       : BasicUserMask(shape, csr_of(head_shared, row_offsets, col_indices, full), std::move(pred),
                  exec) {}
 
+  /// No parameters: the mask is the method (the visitor is never called).
   template <class V>
   void visit_params(V&&) {}  // no parameters: the mask is the method
 
-  /// The held mask for q [Hq, n_q, d] over k [Hkv, n_k, d], whose shapes must match it. Budget:
-  /// compression only; reachable iff the mask's CR is within the target's tolerance.
+  /// The held mask for q over k, whose shapes must match it. Budget: compression only;
+  /// reachable iff the mask's CR is within the target's tolerance.
+  /// @param q       queries, [Hq, n_q, d] view; Hq and n_q must equal the mask's.
+  /// @param k       keys, [Hkv, n_k, d] view; n_k must equal the mask's.
+  /// @param budget  compression only (the mask is fixed).
+  /// @param opt     the kernel's options; only opt.scale is validated.
+  /// @return a copy of the mask and its statistics (detail "... listed blocks").
+  /// @throws sparse_attn::invalid_argument if the budget is not a valid compression budget, the
+  ///         views are invalid or inconsistent (head_dim, Hq % Hkv, n_q > n_k), opt.scale is
+  ///         neither NaN nor finite > 0, or the shapes differ from the mask's.
+  /// Complexity O(rows + entries) (the copy, which it allocates); q and k are not read.
   template <class QT, class KT>
   PrefillSelection<BlockListMask<Pred>> select(const TensorView<QT>& q, const TensorView<KT>& k,
                                                const Budget& budget = {},

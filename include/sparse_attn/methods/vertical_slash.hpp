@@ -1,31 +1,35 @@
 /// @file
-/// Vertical-Slash (MInference; docs/METHODS.md, section "vertical_slash"). Selection only; the common prefill kernel
-/// executes the returned mask.
+/// Vertical-Slash (MInference; docs/METHODS.md, section "vertical_slash"). Selection only; the
+/// common prefill kernel executes the returned mask.
 ///
 /// Estimate per query head h (reading KV head h / G): the last w = min(64, n_q) queries against
-/// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score of
-/// column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >= 0 =
-/// sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63 (local
-/// band, main diagonal included). Keep the top V columns and top S offsets (ties toward the lower
-/// index, ranking.hpp).
+/// every key, causal inside the w x w corner, row softmax in fp32 (scaled logits). Vertical score
+/// of column j = sum of its probabilities over the w rows; slash score of offset delta = p - j >=
+/// 0 = sum of the probabilities on that diagonal. Forced: columns 0..3 (sinks) and offsets 0..63
+/// (local band, main diagonal included). Keep the top V columns and top S offsets (ties toward the
+/// lower index, ranking.hpp). (64, 4 and 64 are the defaults of last_queries, sink_columns and
+/// local_offsets.)
 /// Budget (unit lines = V + S):
-///   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks, L - local),
-///                   S = L - V (V = S = L / 2 at the default share 0.5); each clamped to n_k.
-///                   Reachable iff L >= sinks + local (below, the forced sets alone are kept).
+///   count(L)        L lines split by vertical_share: V = clamp(round(L * share), sinks,
+///                   L - local), S = L - V (V = S = L / 2 at the default share 0.5); each clamped
+///                   to n_k. Reachable iff L >= sinks + local (below, the forced sets alone are
+///                   kept).
 ///   compression(c)  L by nearest_budget() over the executed mask's exact pair count (monotone in
 ///                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
 ///                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
 ///                   S = 64) are denser than the target, they are returned with reachable = false.
+/// Mass budgets are refused.
 /// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
 /// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
 ///
 /// Execution, both from the same sets:
-///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key blocks
-///          are exactly those holding an allowed element; each is tested element-wise (predicate).
-///   tiled: the same block list executed whole (causal cut only): for each query tile the key blocks
-///          covering every slash's range plus the blocks of the vertical columns. A superset of
-///          exact with no per-element test. (MInference's GPU kernel gathers vertical columns one by
-///          one; the CPU kernel has no gather, so their whole blocks are computed.)
+///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key
+///          blocks are exactly those holding an allowed element; each is tested element-wise
+///          (predicate).
+///   tiled: the same block list executed whole (causal cut only): for each query tile the key
+///          blocks covering every slash's range plus the blocks of the vertical columns. A
+///          superset of exact with no per-element test. (MInference's GPU kernel gathers vertical
+///          columns one by one; the CPU kernel has no gather, so their whole blocks are computed.)
 /// V = S = n_k is dense in both modes.
 ///
 /// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
@@ -52,18 +56,34 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
 /// Exact-mode element test: query qi (position p) sees key kj iff column kj is vertical or offset
-/// p - kj is a slash (causality is applied by the mask before this test).
+/// p - kj is a slash (causality is applied by the mask before this test). Filled by
+/// VerticalSlash::select; immutable afterwards, so the kernel's threads may call it concurrently.
+/// Memory: 2 x heads x n_k bytes.
 struct VerticalSlashPredicate {
-  static constexpr bool trivial = false;
+  static constexpr bool trivial = false;  ///< elements are tested (not every listed one allowed)
+  /// Keys: the row length of the flags.
   index_t n_k = 0, q_offset = 0;
+  /// @var q_offset
+  /// Position of query row 0: n_k - n_q.
   std::vector<std::uint8_t> columns;  ///< [heads][n_k]: 1 = vertical column j
   std::vector<std::uint8_t> offsets;  ///< [heads][n_k]: 1 = slash offset delta
+  /// @param h  query head.
+  /// @param j  key index, in [0, n_k).
+  /// @return whether column j is vertical for head h (unchecked indices).
   bool is_column(index_t h, index_t j) const {
     return columns[static_cast<std::size_t>(h * n_k + j)] != 0;
   }
+  /// @param h      query head.
+  /// @param delta  offset p - j, in [0, n_k).
+  /// @return whether offset delta is a slash of head h (unchecked indices).
   bool is_offset(index_t h, index_t delta) const {
     return offsets[static_cast<std::size_t>(h * n_k + delta)] != 0;
   }
+  /// The element test. O(1), no allocation.
+  /// @param h   query head.
+  /// @param qi  query row, in [0, n_q) (position qi + q_offset).
+  /// @param kj  key index, in [0, n_k).
+  /// @return whether the query sees the key (before causality).
   bool operator()(index_t h, index_t qi, index_t kj) const noexcept {
     const index_t delta = qi + q_offset - kj;
     return is_column(h, kj) || (delta >= 0 && is_offset(h, delta));
@@ -77,15 +97,16 @@ struct VerticalSlashSelection : PrefillSelection<Mask> {
   index_t slash = 0;     ///< S used (every head), clamped to n_k
 };
 
+/// @cond SPARSE_ATTN_INTERNAL
 namespace detail_vs {
 
-/// Per head, every column and every offset ordered best first (forced ones on top).
+// Per head, every column and every offset ordered best first (forced ones on top).
 struct Ranking {
   index_t n_k = 0;
-  std::vector<std::int32_t> columns, offsets;  ///< [heads][n_k]
+  std::vector<std::int32_t> columns, offsets;  // [heads][n_k]
 };
 
-/// One estimating worker's buffers: the estimate's logits, both score vectors and an order.
+// One estimating worker's buffers: the estimate's logits, both score vectors and an order.
 struct RankScratch {
   methods::detail::EstimateScratch estimate;
   std::vector<float> vertical, slash;
@@ -120,10 +141,10 @@ Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, const 
   return r;
 }
 
-/// Per-head working set: flags of the top nv columns / ns offsets and their prefix counts.
+// Per-head working set: flags of the top nv columns / ns offsets and their prefix counts.
 struct HeadSets {
-  std::vector<std::uint8_t> col, off;           ///< [n_k]
-  std::vector<index_t> col_prefix, off_prefix;  ///< [n_k + 1]: flags set before index t
+  std::vector<std::uint8_t> col, off;           // [n_k]
+  std::vector<index_t> col_prefix, off_prefix;  // [n_k + 1]: flags set before index t
   void assign(const Ranking& r, index_t h, index_t nv, index_t ns) {
     const index_t n = r.n_k;
     const std::int32_t* best_cols = r.columns.data() + h * n;
@@ -150,8 +171,8 @@ struct HeadSets {
   }
 };
 
-/// f(kb) for every key block of query block qb that holds an allowed element of the exact pattern:
-/// a vertical column j in the block with j <= P1, or a slash offset in [P0 - k1 + 1, P1 - k0].
+// f(kb) for every key block of query block qb that holds an allowed element of the exact pattern:
+// a vertical column j in the block with j <= P1, or a slash offset in [P0 - k1 + 1, P1 - k0].
 template <class F>
 void for_each_listed(const MaskShape& s, const HeadSets& hs, index_t qb, F&& f) {
   const index_t p0 = s.q_begin(qb) + s.q_offset(), p1 = s.q_end(qb) - 1 + s.q_offset();
@@ -164,7 +185,7 @@ void for_each_listed(const MaskShape& s, const HeadSets& hs, index_t qb, F&& f) 
   }
 }
 
-/// Exact-mode pairs of one head: sum over queries of |V ∩ [0, p]| + |S ∩ [0, p]| - |overlap|.
+// Exact-mode pairs of one head: sum over queries of |V ∩ [0, p]| + |S ∩ [0, p]| - |overlap|.
 inline index_t exact_pairs(const MaskShape& s, const HeadSets& hs) {
   const index_t n = s.n_k, off = s.q_offset();
   index_t total = 0;
@@ -180,7 +201,7 @@ inline index_t exact_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
-/// Tiled-mode pairs of one head: causal pairs of every listed block.
+// Tiled-mode pairs of one head: causal pairs of every listed block.
 inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   index_t total = 0;
   for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
@@ -192,7 +213,7 @@ inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
-/// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
+// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
 template <bool Tiled>
 index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns, Executor& ex,
                     std::vector<HeadSets>& sets) {
@@ -208,22 +229,33 @@ index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns
 }
 
 }  // namespace detail_vs
+/// @endcond
 
+/// Vertical-Slash prefill selection: top vertical columns and slash diagonals estimated from the
+/// last queries. A value type of five parameters; select() is const, keeps no state and may be
+/// called concurrently (with an executor that allows concurrent run(), as the default ones do).
+/// Results do not depend on the executor or its thread count.
+/// @tparam Tiled  false: exact execution (element predicate); true: whole listed blocks.
 template <bool Tiled>
 struct BasicVerticalSlash {
+  /// Registry name: "vertical_slash" or "vertical_slash_tiled".
   static constexpr const char* name = Tiled ? "vertical_slash_tiled" : "vertical_slash";
+  /// One-line summary (the tool's method list).
   static constexpr const char* summary =
       Tiled ? "MInference V/S, whole blocks" : "MInference V/S, exact";
-  static constexpr BudgetUnit unit = BudgetUnit::lines;
+  static constexpr BudgetUnit unit = BudgetUnit::lines;  ///< lines = V columns + S diagonals
   /// The executed mask: exact = element predicate on the listed blocks; tiled = whole blocks.
   using Mask = BlockListMask<std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>>;
 
-  index_t last_queries = 64;    ///< w: estimate from the last min(w, n_q) queries
-  index_t sink_columns = 4;     ///< forced columns 0 .. sink_columns - 1
-  index_t local_offsets = 64;   ///< forced offsets 0 .. local_offsets - 1
-  index_t block = 64;           ///< kernel tile (block_q = block_k)
+  index_t last_queries = 64;    ///< w: estimate from the last min(w, n_q) queries (>= 1; 64)
+  index_t sink_columns = 4;     ///< forced columns 0 .. sink_columns - 1 (>= 0; default 4)
+  index_t local_offsets = 64;   ///< forced offsets 0 .. local_offsets - 1 (>= 0; default 64)
+  index_t block = 64;           ///< kernel tile (block_q = block_k), tokens (>= 1; default 64)
   double vertical_share = 0.5;  ///< fraction of a budget's lines that are columns, in [0, 1]
 
+  /// Hands every parameter to the registry: v(name, member, help) for "last_queries",
+  /// "sink_columns", "local_offsets", "block" and "vertical_share".
+  /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("last_queries", last_queries, "w: estimate from the last min(w, n_q) queries");
@@ -233,7 +265,12 @@ struct BasicVerticalSlash {
     v("vertical_share", vertical_share, "fraction of the budget's lines that are columns");
   }
 
-  /// (V, S) of L lines over n_k keys (see the budget rules above).
+  /// (V, S) of L lines over n_k keys (see the budget rules in the file comment): below the
+  /// forced sets' size the forced sets; both clamped to n_k. O(1).
+  /// @param lines  L, lines asked for (>= 0).
+  /// @param n_k    keys.
+  /// @param v      out: V, vertical columns.
+  /// @param s      out: S, slash offsets.
   void split(index_t lines, index_t n_k, index_t& v, index_t& s) const {
     const index_t sinks = std::min(sink_columns, n_k), local = std::min(local_offsets, n_k);
     if (lines <= sinks + local) {
@@ -249,9 +286,26 @@ struct BasicVerticalSlash {
     s = std::min(s, n_k);
   }
 
-  /// Selects the Vertical-Slash mask of q [Hq, n_q, d] against k [Hkv, n_k, d] (any strides;
-  /// float, bf16 or fp16). Throws sparse_attn::invalid_argument on bad shapes, parameters or
-  /// budgets.
+  /// Selects the Vertical-Slash mask of q against k.
+  /// @param q       queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16), the last n_q
+  ///                of the n_k positions.
+  /// @param k       keys, [Hkv, n_k, d] view, Hq % Hkv == 0, n_q <= n_k.
+  /// @param budget  count(L lines) or compression(c); mass budgets are refused.
+  /// @param opt     softmax scale (NaN: 1/sqrt(d)) of the estimate, and the executor (parallel
+  ///                over query heads).
+  /// @return the mask (Mask, tile `block`), its statistics (detail "V=... S=...") and the V and
+  ///         S used.
+  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, the
+  ///         views are invalid or inconsistent (head_dim, Hq % Hkv, n_q > n_k, no heads),
+  ///         block < 1 (or > 2^31 - 1), last_queries < 1, sink_columns or local_offsets < 0,
+  ///         vertical_share is not in [0, 1], opt.scale is neither NaN nor finite > 0, or
+  ///         Hq x n_q x n_k exceeds 2^63 - 1.
+  /// Complexity O(Hq x w x n_k x d) for the estimate, O(Hq x n_k log n_k) for the rankings,
+  /// O(Hq x (n_q / b) x (n_k / b)) to list the blocks, plus, for a compression budget,
+  /// O(log n_k) pair counts of O(Hq x n_k) (exact) or O(Hq x (n_q / b) x (n_k / b)) (tiled).
+  /// Allocation: the rankings (2 x Hq x n_k int32), per worker the estimate's logits
+  /// (n_k x roundup(w, 64) floats) and O(n_k) flags and prefix counts, the exact predicate
+  /// (2 x Hq x n_k bytes) and the mask's block lists: never O(n^2).
   template <class QT, class KT>
   VerticalSlashSelection<Mask> select(const TensorView<QT>& q, const TensorView<KT>& k,
                                       const Budget& budget,
@@ -347,7 +401,7 @@ struct BasicVerticalSlash {
   }
 };
 
-/// Exact Vertical-Slash (docs/METHODS.md, section "vertical_slash").
+/// Exact Vertical-Slash (the definition of docs/METHODS.md, section "vertical_slash").
 using VerticalSlash = BasicVerticalSlash<false>;
 /// Tiled Vertical-Slash: whole blocks, a superset of the exact mask for the same V and S.
 using VerticalSlashTiled = BasicVerticalSlash<true>;
