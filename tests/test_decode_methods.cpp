@@ -1,6 +1,6 @@
 // KV cache (contiguous, paged), Quest, SnapKV, Ada-SnapKV, H2O, StreamingLLM and the decode
 // pipeline, against the double-precision oracle (reference.hpp) on exactly the keys each method
-// keeps or selects, plus every invariant METHODS.md states for them.
+// keeps or selects, plus every invariant docs/METHODS.md states for them.
 
 // GCC < 13 (PR 105593): with many kernel instantiations Eigen's pexp is emitted out of line and
 // warns inside its AVX-512 intrinsics; the pragma has to cover Eigen's own lines.

@@ -1,4 +1,4 @@
-// Hardening (GitHub issue 6, docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
+// Hardening (docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
 // case asserts sparse_attn::invalid_argument and a message that names the argument and what is
 // allowed), the NaN/Inf policy, long-context limits (64-bit pair counts, n >= 65536),
 // bit-determinism of every method's selection + kernel for thread counts 1..4, and custom
@@ -384,7 +384,7 @@ TEST(BadViews, OverlappingOutputStrides) {
 TEST(BadViews, InputsMayAliasAndUseAnyStrides) {
   // Inputs are only read: a query broadcast to every token (stride 0), K and V viewing one buffer
   // and negative strides are all legal. The library cannot check that raw pointers and strides
-  // stay inside the caller's allocation: that is the caller's responsibility (ROBUSTNESS.md).
+  // stay inside the caller's allocation: that is the caller's responsibility (docs/ROBUSTNESS.md).
   Prefill p;
   const TensorView<const float> q_bcast(p.q.data.data(), 4, 40, 16, 640, 0, 1);
   const TensorView<const float> kv_same(p.k.data.data(), 2, 40, 16);
@@ -1692,7 +1692,8 @@ TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
 
 // =============================================================================================
 // Robustness round 2: mask queries agree with the kernel, raw public constructors validate,
-// hostile sizes are refused (docs/ROBUSTNESS.md, "Public entry points").
+// hostile sizes are refused (docs/ROBUSTNESS.md, section "Public entry points and what each
+// checks").
 
 namespace {
 

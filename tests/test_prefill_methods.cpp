@@ -1,7 +1,8 @@
-// Prefill methods (METHODS.md 1-5) and caller-supplied block masks, through the one selection
-// contract (methods/selector.hpp): invariants of each selected mask, budgets and their
-// reachability (for every method a target it cannot reach says so, one it can says so too), CR
-// bookkeeping, and the common kernel against the double-precision oracle on each method's own mask.
+// Prefill methods (docs/METHODS.md, sections "dense" to "flex_prefill", and "user_mask") and
+// caller-supplied block masks, through the one selection contract (methods/selector.hpp):
+// invariants of each selected mask, budgets and their reachability (for every method a target it
+// cannot reach says so, one it can says so too), CR bookkeeping, and the common kernel against the
+// double-precision oracle on each method's own mask.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -225,7 +226,7 @@ TEST(Selection, BudgetSearchPicksNearestBudgetInLogRatio) {
 }
 
 // ===============================================================================================
-// Dense (METHODS.md 1)
+// Dense (docs/METHODS.md, section "dense")
 // ===============================================================================================
 
 TEST(Dense, SelectsTheCausalOrFullPatternAndReachesOnlyCrOne) {
@@ -281,7 +282,7 @@ TEST(Dense, RejectsOtherBudgetsAndBadShapes) {
 }
 
 // ===============================================================================================
-// Sliding window (METHODS.md 2)
+// Sliding window (docs/METHODS.md, section "sliding_window and streaming")
 // ===============================================================================================
 
 TEST(SlidingWindow, CountBudgetIsTheWindow) {
@@ -344,7 +345,7 @@ TEST(SlidingWindow, RejectsInvalidParametersAndBudgets) {
 }
 
 // ===============================================================================================
-// Block-sparse (METHODS.md 3)
+// Block-sparse (docs/METHODS.md, section "block_sparse")
 // ===============================================================================================
 
 namespace {
@@ -484,7 +485,8 @@ TEST(BlockSparse, UnreachableTargetClampsToSparsestAndSaysSo) {
   const auto sel = block_sparse(p, Budget::compression(20.0));
   EXPECT_FALSE(sel.stats.reachable);
   EXPECT_EQ(sel.stats.detail, "k=3 blocks");
-  EXPECT_NEAR(sel.stats.compression(), 6.6, 0.1);  // METHODS.md: n = 2048, b = 64 caps at 6.6x
+  // k = 3 caps the CR at 6.63 at n = 2048, b = 64 (docs/METHODS.md, section "block_sparse").
+  EXPECT_NEAR(sel.stats.compression(), 6.6, 0.1);
   EXPECT_DOUBLE_EQ(sel.stats.target.target_compression(), 20.0);
   EXPECT_TRUE(block_sparse(p, Budget::compression(6.6)).stats.reachable);
 }
@@ -651,7 +653,7 @@ TEST(BlockSparseMass, KeepsTheFewestBlocksWhoseEstimatedMassReachesP) {
 }
 
 // ===============================================================================================
-// Vertical-Slash (METHODS.md 4)
+// Vertical-Slash (docs/METHODS.md, section "vertical_slash")
 // ===============================================================================================
 
 namespace {
@@ -873,7 +875,7 @@ TEST(VerticalSlash, RejectsInvalidOptions) {
 }
 
 // ===============================================================================================
-// FlexPrefill (METHODS.md 5)
+// FlexPrefill (docs/METHODS.md, section "flex_prefill")
 // ===============================================================================================
 
 namespace {
