@@ -11,7 +11,7 @@
 // and undefined behaviour. Inputs are finite; the NaN/Inf policy has its own tests
 // (tests/test_hardening.cpp, docs/ROBUSTNESS.md).
 //
-// Build and run: docs/ROBUSTNESS.md ("Fuzzing").
+// Build and run: docs/ROBUSTNESS.md, section "Fuzzing".
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>

@@ -1,125 +1,254 @@
 #!/usr/bin/env python3
-"""The repository refers to nothing outside itself, and every reference inside it resolves.
+"""The repository stands alone: no file refers to anything outside it, and every reference to a
+document inside it resolves. The ctest `docs_links` runs this script; it exits 1 and prints one
+line per problem (path:line: what) when any of these rules fails, else prints a summary and exits 0.
 
-Usage: check_doc_links.py <repository root>. Exit 0 when clean; else one line per problem, exit 1.
+  1. No tracked file mentions the parent checkout's shared folder (the two path fragments are
+     built at run time below, so this file does not match itself).
+  2. Every Markdown link or image [text](target) in a *.md file whose target is relative (not
+     http:, https:, mailto: or another URL scheme) points at an existing file or folder, and a
+     fragment (X.md#anchor, or #anchor alone) names a heading of that file under GitHub's anchor
+     rules (lower case, punctuation dropped, spaces to hyphens, -1, -2 ... for repeats).
+     Fenced code blocks and inline code spans are not searched.
+  3. Every file that cites docs/NAME.md (in a comment, a string or a document) names a file that
+     exists under docs/.
+  4. Every citation of the form   docs/NAME.md, section "TITLE"   names a heading of that file
+     whose text is exactly TITLE (inline-code backticks ignored). A citation may wrap across
+     comment lines: line breaks with their comment markers (//, ///, #, *) count as one space.
 
-Rules, over every tracked file (git ls-files; without git, every file outside build trees):
-  1. no path that leaves the repository for the team's old internal spec (a parent directory
-     named "shared", or its docs folder);
-  2. every Markdown link [text](target) of a *.md file with a relative target names an existing
-     file or directory, and a #anchor in it names a heading of that Markdown file (GitHub's slug
-     rule: lower case, punctuation except '-' and '_' dropped, spaces to '-');
-  3. every citation docs/<name>.md names an existing file;
-  4. every citation docs/<name>.md, section "<title>" names a heading of that file;
-  5. no citation of a guide by a section number ("METHODS.md 10", "DESIGN.md section 3"): the
-     guides have titled sections, not numbered ones;
-  6. outside Markdown, a guide of docs/ is cited by its path (docs/METHODS.md), not its bare name.
+  5. No citation of a numbered section ("<GUIDE>.md 10", "<GUIDE>.md section 3"): the documents
+     have titled sections, not numbered ones.
+  6. Outside Markdown, a guide of docs/ is cited by its path (docs/<GUIDE>.md), never by its bare
+     file name, so that rule 3 can check it.
+
+Files: `git ls-files` of the repository (plus untracked files git does not ignore); outside a git
+checkout, every file under the root except .git and build folders (folders named build* or holding
+a CMakeCache.txt). Binary files (a NUL byte in the first 8 KiB) are skipped.
+
+Usage: check_doc_links.py [REPO_ROOT]   (default: the parent of this script's folder)
 """
 import os
 import re
 import subprocess
 import sys
+import unicodedata
+from urllib.parse import unquote
 
-ROOT = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".")
-# Built from pieces so that this file does not match its own rule.
-OUTSIDE = [re.compile(re.escape("..") + r"/" + "shared"), re.compile("shared" + r"/" + "docs")]
-MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-DOC_CITE = re.compile(r"\bdocs/([A-Za-z0-9_.\-/]+?\.md)\b")
-SECTION_CITE = re.compile(r"\bdocs/([A-Za-z0-9_.\-/]+?\.md),?\s+section\s+\"([^\"]+)\"")
-NUMBERED = re.compile(r"\b[A-Z][A-Z_]+\.md,?\s+(?:section\s+)?\d")
-SKIP_DIRS = {".git", "build", "node_modules"}
+SELF = os.path.abspath(__file__)
+
+# Rule 1's fragments, assembled so that this file never contains them literally.
+FORBIDDEN = [".." + "/" + "shared", "shared" + "/" + "docs"]
+
+CITE_DOC = re.compile(r"(?<![\w./-])docs/([\w][\w.-]*?)\.md\b")
+# Between the tokens of a section citation: spaces and, across a line break, comment markers.
+_GAP = r"(?:\s|//+|#+|\*+)*"
+CITE_SECTION = re.compile(r"(?<![\w./-])docs/([\w][\w.-]*?)\.md," + _GAP + r"section" + _GAP +
+                          r"\"([^\"]{1,200})\"")
+NUMBERED = re.compile(r"\b(METHODS|DESIGN)\.md(?:,? (?:section|§) ?| )\d+")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+FENCE = re.compile(r"^\s{0,3}(```+|~~~+)")
+HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
-def tracked_files():
+def list_files(root):
     try:
-        out = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, check=True)
-        files = [f for f in out.stdout.decode().split("\0") if f]
-        if files:
-            return files
+        out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], check=True, capture_output=True).stdout
+        files = [f for f in out.decode("utf-8", "surrogateescape").split("\0") if f]
+        return sorted({f for f in files if os.path.isfile(os.path.join(root, f))})
     except (OSError, subprocess.CalledProcessError):
         pass
     files = []
-    for d, dirs, names in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if x not in SKIP_DIRS and not x.startswith("build")]
-        for n in names:
-            files.append(os.path.relpath(os.path.join(d, n), ROOT))
-    return files
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if d != ".git" and not d.startswith("build")
+            and not os.path.exists(os.path.join(dirpath, d, "CMakeCache.txt")))
+        for f in filenames:
+            files.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return sorted(files)
 
 
-def slug(title):
-    t = title.strip().lower()
-    t = re.sub(r"[^\w\- ]", "", t)
-    return t.replace(" ", "-")
+def read_text(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\0" in data[:8192]:
+        return None
+    return data.decode("utf-8", "replace")
 
 
-_headings = {}
+def strip_code(lines):
+    """Lines of a Markdown file with fenced blocks blanked and inline code spans removed."""
+    out, fence = [], None
+    for line in lines:
+        m = FENCE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
+                fence = None
+            out.append("")
+            continue
+        if m:
+            fence = m.group(1)
+            out.append("")
+            continue
+        out.append(re.sub(r"(`+)(?:(?!\1).)+?\1", "", line))
+    return out
 
 
-def headings(md_path):
-    if md_path not in _headings:
-        titles = []
-        in_code = False
-        try:
-            with open(md_path, encoding="utf-8") as f:
-                for line in f:
-                    if line.lstrip().startswith("```"):
-                        in_code = not in_code
-                    m = None if in_code else re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
-                    if m:
-                        titles.append(re.sub(r"\s*\{#[^}]*\}$", "", m.group(1)))
-        except OSError:
-            pass
-        _headings[md_path] = titles
-    return _headings[md_path]
+def headings(text):
+    """Heading texts of a Markdown document, in order (fenced code blocks skipped)."""
+    result, fence = [], None
+    for line in text.splitlines():
+        m = FENCE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
+                fence = None
+            continue
+        if m:
+            fence = m.group(1)
+            continue
+        h = HEADING.match(line)
+        if h:
+            result.append(h.group(2))
+    return result
+
+
+def plain(heading):
+    """A heading as rendered text: links reduced to their text, code backticks dropped."""
+    t = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    return t.replace("`", "")
+
+
+def slug(heading):
+    """GitHub's anchor of a heading (github-slugger): lower case, punctuation removed except
+    '-' and '_', each space a hyphen."""
+    t = plain(heading).lower()
+    kept = []
+    for ch in t:
+        if ch in "-_ ":
+            kept.append("-" if ch == " " else ch)
+        elif unicodedata.category(ch)[0] in "LNM":
+            kept.append(ch)
+    return "".join(kept)
+
+
+def anchors(text):
+    seen, result = {}, set()
+    for h in headings(text):
+        s = slug(h)
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        result.add(s if n == 0 else "%s-%d" % (s, n))
+    return result
+
+
+def line_of(text, pos):
+    return text.count("\n", 0, pos) + 1
 
 
 def main():
-    problems = []
-    guides = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
-    bare = re.compile(r"(?<![\w/])(" + "|".join(map(re.escape, guides)) + r")\.md\b") if guides else None
-    for rel in tracked_files():
-        path = os.path.join(ROOT, rel)
-        if not os.path.isfile(path):
+    root = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else
+                           os.path.join(os.path.dirname(SELF), ".."))
+    problems, warnings = [], []
+    guides = sorted(n[:-3] for n in os.listdir(os.path.join(root, "docs")) if n.endswith(".md")) \
+        if os.path.isdir(os.path.join(root, "docs")) else []
+    bare = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, guides)) + r")\.md\b") \
+        if guides else None
+    texts = {}
+    for rel in list_files(root):
+        path = os.path.join(root, rel)
+        if os.path.abspath(path) == SELF:
             continue
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (UnicodeDecodeError, OSError):
-            continue  # binary data (.npy, .png)
-        for no, line in enumerate(text.split("\n"), 1):
-            where = f"{rel}:{no}"
-            for pat in OUTSIDE:
-                if pat.search(line):
-                    problems.append(f"{where}: refers outside the repository: {line.strip()}")
-            for m in DOC_CITE.finditer(line):
-                if not os.path.isfile(os.path.join(ROOT, "docs", m.group(1))):
-                    problems.append(f"{where}: cites docs/{m.group(1)}, which does not exist")
-            for m in SECTION_CITE.finditer(line):
-                target = os.path.join(ROOT, "docs", m.group(1))
-                if os.path.isfile(target) and m.group(2) not in headings(target):
-                    problems.append(f"{where}: docs/{m.group(1)} has no section \"{m.group(2)}\"")
-            if NUMBERED.search(line):
-                problems.append(f"{where}: cites a guide by section number: {line.strip()}")
-            if bare and not rel.endswith(".md"):
-                for m in bare.finditer(line):
-                    problems.append(f"{where}: cite {m.group(0)} as docs/{m.group(0)}")
-            if rel.endswith(".md"):
-                for m in MD_LINK.finditer(line):
-                    target = m.group(1)
-                    if re.match(r"^[a-z]+:", target) or target.startswith("//"):
-                        continue  # http(s), mailto: outside by design
-                    file_part, _, anchor = target.partition("#")
-                    dest = path if not file_part else os.path.normpath(
-                        os.path.join(os.path.dirname(path), file_part))
+            text = read_text(path)
+        except OSError as e:
+            problems.append("%s: cannot read (%s)" % (rel, e))
+            continue
+        if text is not None:
+            texts[rel] = text
+
+    doc_cache = {}
+
+    def doc_text(path):
+        if path not in doc_cache:
+            try:
+                doc_cache[path] = read_text(path) if os.path.isfile(path) else None
+            except OSError:
+                doc_cache[path] = None
+        return doc_cache[path]
+
+    for rel, text in texts.items():
+        # Rule 1.
+        for frag in FORBIDDEN:
+            for m in re.finditer(re.escape(frag), text):
+                problems.append("%s:%d: refers outside the repository ('%s')" %
+                                (rel, line_of(text, m.start()), frag))
+        # Rule 3.
+        for m in CITE_DOC.finditer(text):
+            target = os.path.join(root, "docs", m.group(1) + ".md")
+            if not os.path.isfile(target):
+                problems.append("%s:%d: cites docs/%s.md, which does not exist" %
+                                (rel, line_of(text, m.start()), m.group(1)))
+        # Rule 4.
+        for m in CITE_SECTION.finditer(text):
+            target = os.path.join(root, "docs", m.group(1) + ".md")
+            doc = doc_text(target)
+            if doc is None:
+                continue  # reported by rule 3
+            title = re.sub(r"\s*\n" + _GAP, " ", m.group(2)).strip()
+            title = re.sub(r"\s+", " ", title)
+            if title not in {plain(h) for h in headings(doc)} and title not in headings(doc):
+                problems.append("%s:%d: cites docs/%s.md, section \"%s\", which has no such "
+                                "heading" % (rel, line_of(text, m.start()), m.group(1), title))
+        # Rule 5.
+        for m in NUMBERED.finditer(text):
+            problems.append("%s:%d: numbered section citation '%s...' (the documents have no "
+                            "numbered sections)" % (rel, line_of(text, m.start()), m.group(0)))
+        # Rule 6.
+        if bare is not None and not rel.endswith(".md"):
+            for m in bare.finditer(text):
+                problems.append("%s:%d: cite %s.md as docs/%s.md" %
+                                (rel, line_of(text, m.start()), m.group(1), m.group(1)))
+        # Rule 2.
+        if not rel.endswith(".md"):
+            continue
+        lines = strip_code(text.splitlines())
+        for no, line in enumerate(lines, 1):
+            for m in LINK.finditer(line):
+                target = m.group(1)
+                if SCHEME.match(target):
+                    continue
+                file_part, _, frag = target.partition("#")
+                if file_part:
+                    dest = os.path.normpath(os.path.join(root, os.path.dirname(rel),
+                                                         unquote(file_part)))
+                    if not (dest == root or dest.startswith(root + os.sep)):
+                        problems.append("%s:%d: link '%s' leaves the repository" %
+                                        (rel, no, target))
+                        continue
                     if not os.path.exists(dest):
-                        problems.append(f"{where}: link target {target} does not exist")
-                    elif anchor and dest.endswith(".md"):
-                        if anchor not in {slug(h) for h in headings(dest)}:
-                            problems.append(f"{where}: {file_part or rel} has no heading #{anchor}")
+                        problems.append("%s:%d: link '%s': no such file" % (rel, no, target))
+                        continue
+                else:
+                    dest = os.path.join(root, rel)
+                if frag:
+                    if not dest.endswith(".md") or os.path.isdir(dest):
+                        continue  # anchors of non-Markdown targets are not checked
+                    doc = doc_text(dest)
+                    if doc is not None and unquote(frag).lower() not in anchors(doc):
+                        problems.append("%s:%d: link '%s': no heading with anchor '#%s'" %
+                                        (rel, no, target, frag))
+
+    for w in warnings:
+        print(w)
     for p in problems:
         print(p)
-    print(f"check_doc_links: {len(problems)} problem(s)")
-    return 1 if problems else 0
+    if problems:
+        print("docs_links: %d problem(s) in %d files checked" % (len(problems), len(texts)))
+        return 1
+    print("docs_links: %d files checked, no problems" % len(texts))
+    return 0
 
 
 if __name__ == "__main__":

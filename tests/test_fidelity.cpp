@@ -101,8 +101,9 @@ TEST(Fidelity, EveryMethodIsExactAtCompressionOne) {
 }
 
 // Layers 3-21 only: layer 0 is near-uniform, where Vertical-Slash's error may fall as CR grows
-// (docs/METHODS.md, section "Evaluation"). A method whose target is unreachable is clamped to one mask, so points with the
-// same achieved CR may tie; error must not fall between sweep points that compress more.
+// (docs/METHODS.md, section "Evaluation"). A method whose target is unreachable is clamped to one
+// mask, so points with the same achieved CR may tie; error must not fall between sweep points
+// that compress more.
 TEST(Fidelity, ErrorGrowsWithCompressionOnLayers3To21) {
   for (const auto& [phase, method] : all_methods())
     for (int L : {3, 11, 21}) {

@@ -1,4 +1,4 @@
-// Hardening (GitHub issue 6, docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
+// Hardening (docs/ROBUSTNESS.md): the bad-input catalogue of the library API (each
 // case asserts sparse_attn::invalid_argument and a message that names the argument and what is
 // allowed), the NaN/Inf policy, long-context limits (64-bit pair counts, n >= 65536),
 // bit-determinism of every method's selection + kernel for thread counts 1..4, and custom
@@ -1692,7 +1692,8 @@ TEST(Executors, ZeroConcurrencyOrABadWorkerIdIsInvalidArgument) {
 
 // =============================================================================================
 // Robustness round 2: mask queries agree with the kernel, raw public constructors validate,
-// hostile sizes are refused (docs/ROBUSTNESS.md, "Public entry points").
+// hostile sizes are refused (docs/ROBUSTNESS.md, section "Public entry points and what each
+// checks").
 
 namespace {
 

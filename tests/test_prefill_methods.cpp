@@ -1,7 +1,8 @@
-// Prefill methods (docs/METHODS.md, section "The methods") and caller-supplied block masks, through the one selection
-// contract (methods/selector.hpp): invariants of each selected mask, budgets and their
-// reachability (for every method a target it cannot reach says so, one it can says so too), CR
-// bookkeeping, and the common kernel against the double-precision oracle on each method's own mask.
+// Prefill methods (docs/METHODS.md, sections "dense" to "flex_prefill", and "user_mask") and
+// caller-supplied block masks, through the one selection contract (methods/selector.hpp):
+// invariants of each selected mask, budgets and their reachability (for every method a target it
+// cannot reach says so, one it can says so too), CR bookkeeping, and the common kernel against the
+// double-precision oracle on each method's own mask.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -484,7 +485,8 @@ TEST(BlockSparse, UnreachableTargetClampsToSparsestAndSaysSo) {
   const auto sel = block_sparse(p, Budget::compression(20.0));
   EXPECT_FALSE(sel.stats.reachable);
   EXPECT_EQ(sel.stats.detail, "k=3 blocks");
-  EXPECT_NEAR(sel.stats.compression(), 6.6, 0.1);  // docs/METHODS.md: n = 2048, b = 64 caps at 6.6x
+  // k = 3 caps the CR at 6.63 at n = 2048, b = 64 (docs/METHODS.md, section "block_sparse").
+  EXPECT_NEAR(sel.stats.compression(), 6.6, 0.1);
   EXPECT_DOUBLE_EQ(sel.stats.target.target_compression(), 20.0);
   EXPECT_TRUE(block_sparse(p, Budget::compression(6.6)).stats.reachable);
 }

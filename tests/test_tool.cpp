@@ -958,7 +958,7 @@ TEST_F(Decode, RejectsKvShapeMismatchInDecode) {
 }  // namespace
 
 // =============================================================================================
-// Hardening (issue 6): tool inputs the sections above do not cover. The library API's bad-input
+// Hardening: tool inputs the sections above do not cover. The library API's bad-input
 // catalogue, NaN policy and long-context tests are in test_hardening.cpp (docs/ROBUSTNESS.md).
 // =============================================================================================
 namespace {
@@ -1013,7 +1013,7 @@ TEST_F(Decode, RejectsQueryHeadsNotMultipleOfKvHeads) {
 }  // namespace
 
 // =============================================================================================
-// Prefill methods (issue 3 item 7): `attend --method block_sparse | vertical_slash |
+// Prefill methods: `attend --method block_sparse | vertical_slash |
 // flex_prefill | user_mask` (tools/cmd_attend.cpp). The tool's output is checked against naive
 // double-precision attention over the very mask the library selects for the same inputs.
 // =============================================================================================
@@ -1732,7 +1732,7 @@ TEST_F(PrefillMethods, RejectsCompressedOrCorruptNpz) {
 }  // namespace
 
 // =============================================================================================
-// One selection contract (issue 12): every method of the registry takes `--compression C` in
+// One selection contract (docs/METHODS.md): every method of the registry takes `--compression C` in
 // attend and decode; a target it cannot reach is run (exit 0) and reported reachable = false, and
 // reachable is true exactly when the achieved CR is within the default tolerance (10%) of C.
 // =============================================================================================
@@ -1874,8 +1874,8 @@ TEST_F(Contract, UnknownParameterNamesTheAllowedOnes) {
 }  // namespace
 
 // =============================================================================================
-// Output files of every subcommand (tools/output_file.hpp; docs/ROBUSTNESS.md "The tool's output
-// files"): symbolic links written through, non-regular files refused untouched, all or nothing,
+// Output files of every subcommand (tools/output_file.hpp; docs/ROBUSTNESS.md, section "The
+// tool's output files"): symbolic links written through, non-regular files refused untouched, all or nothing,
 // and a requested plot is made or the run fails.
 // =============================================================================================
 namespace {

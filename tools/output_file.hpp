@@ -1,6 +1,6 @@
 // The output files of the `sparse-attn` tool (--out, --lse, --json, --plot, frontier's
 // frontier.json / frontier.png): where each one goes, what is refused, and the all-or-nothing
-// commit. docs/ROBUSTNESS.md ("The tool's output files") states the rules:
+// commit. docs/ROBUSTNESS.md, section "The tool's output files" states the rules:
 //   - a new path is created; an existing regular file is replaced (its permission bits kept);
 //   - a symbolic link is written through: the temp file is made next to the link's final target
 //     and renamed onto it, so the link stays a link; a dangling link's target is created (as
