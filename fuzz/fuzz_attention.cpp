@@ -538,24 +538,39 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
   switch (kind) {
     case kDense:
     case kWindow: {
-      index_t window = 0, sinks = 0;
+      index_t window = 0, sinks = 0, dense_rows = 0;
       if (kind == kWindow) {
         window = fdp.ConsumeIntegralInRange<index_t>(1, 100);
         sinks = fdp.ConsumeIntegralInRange<index_t>(0, 8);
+        if (fdp.ConsumeBool()) dense_rows = fdp.ConsumeIntegralInRange<index_t>(0, 80);  // tri-shape
       }
-      note("interval window=", window, " sinks=", sinks);
+      note("interval window=", window, " sinks=", sinks, " dense_rows=", dense_rows);
       const bool bad_window = fdp.ConsumeIntegralInRange<int>(0, 15) == 0;
       if (bad_window) {  // negative window or sinks, zero block: rejected by the mask
         note("bad_window");
         expect(true, "IntervalMask", [&] {
           MaskShape s2 = shape;
-          const int which = fdp.ConsumeIntegralInRange<int>(0, 2);
+          const int which = fdp.ConsumeIntegralInRange<int>(0, 3);
           if (which == 0) s2.block_k = 0;
-          IntervalMask m(s2, which == 1 ? -1 : window, which == 2 ? -1 : sinks);
+          IntervalMask m(s2, which == 1 ? -1 : window, which == 2 ? -1 : sinks,
+                         which == 3 ? -1 : dense_rows);
         });
         return;
       }
-      go(IntervalMask(shape, window, sinks));
+      const IntervalMask m(shape, window, sinks, dense_rows);
+      // The pattern's rule, written out: dense, or the sinks, the band and the last dense rows.
+      const bool dense = window == 0 || window >= shape.n_k;
+      for (index_t i = 0; i < shape.n_q; ++i)
+        for (index_t j = 0; j < shape.n_k; ++j) {
+          const index_t pos = i + shape.q_offset();
+          const bool visible = !shape.causal || j <= pos;
+          const bool in_band = shape.causal ? pos - j < window : std::abs(pos - j) < window;
+          const bool want = visible && (dense || i >= shape.n_q - dense_rows || j < sinks || in_band);
+          if (m.allowed(0, i, j) != want)
+            fail(detail::concat("IntervalMask: allowed(0, ", i, ", ", j, ") = ", m.allowed(0, i, j),
+                                ", the rule says ", want));
+        }
+      go(m);
       return;
     }
     case kBlockList:

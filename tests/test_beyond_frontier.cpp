@@ -1,6 +1,7 @@
-// Methods beyond the fixed-budget frontier (docs/METHODS.md, section "xattention"): each selector
-// against a brute-force float64 version of its own rule on small inputs, its budgets (reachable
-// and not), and the common kernel on its mask against the double-precision oracle.
+// Methods beyond the fixed-budget frontier (docs/METHODS.md, sections "xattention" and
+// "tri_shape"): each selector against a brute-force float64 version of its own rule on small
+// inputs, its budgets (reachable and not), and the common kernel on its mask against the
+// double-precision oracle.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <sparse_attn/kernel/prefill.hpp>
+#include <sparse_attn/methods/sliding_window.hpp>
 #include <sparse_attn/methods/xattention.hpp>
 #include <sparse_attn/reference.hpp>
 #include <vector>
@@ -255,4 +257,82 @@ TEST(XAttention, KeepsAPlantedHeavyKeyBlock) {
     for (index_t h = 0; h < p.hq; ++h)
       for (index_t qb = 4; qb < 16; ++qb) EXPECT_TRUE(sel.mask.allowed(h, qb * 16, 40)) << qb;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tri-shape (docs/METHODS.md, section "tri_shape")
+// ---------------------------------------------------------------------------------------------
+
+TEST(TriShape, MaskIsSinksWindowAndDenseLastRows) {
+  struct Case {
+    index_t n_q, n_k, window, sinks, last, block;
+  };
+  for (const Case c : {Case{300, 300, 37, 4, 50, 32}, Case{157, 300, 20, 0, 64, 64},
+                       Case{129, 129, 1, 3, 1, 16}, Case{64, 200, 10, 2, 500, 32},
+                       Case{90, 90, 200, 4, 10, 16}, Case{77, 140, 9, 5, 0, 8}}) {
+    const Qkv p(2, 1, c.n_q, c.n_k, 8, 3u);
+    sm::TriShape m;
+    m.sinks = c.sinks;
+    m.last_rows = c.last;
+    m.block = c.block;
+    const auto sel = m.select(p.qv(), p.kv(), Budget::count(c.window));
+    const index_t off = c.n_k - c.n_q;
+    index_t pairs = 0;
+    for (index_t h = 0; h < 2; ++h) {
+      const auto dm = sa::to_dense(sel.mask, h);
+      for (index_t i = 0; i < c.n_q; ++i)
+        for (index_t j = 0; j < c.n_k; ++j) {
+          const index_t pos = i + off;
+          const bool want = j <= pos && (i >= c.n_q - c.last || j < c.sinks ||
+                                         pos - j < c.window || c.window >= c.n_k);
+          ASSERT_EQ(dm(i, j), want) << "i " << i << " j " << j;
+          ASSERT_EQ(sel.mask.allowed(h, i, j), want);
+          pairs += want;
+        }
+    }
+    EXPECT_EQ(sel.stats.pairs, pairs);
+    // L = 0 is the sliding window.
+    if (c.last == 0) {
+      sm::SlidingWindow sw;
+      sw.sinks = c.sinks;
+      sw.block = c.block;
+      EXPECT_EQ(sw.select(p.qv(), p.kv(), Budget::count(c.window)).stats.pairs, pairs);
+    }
+  }
+}
+
+TEST(TriShape, KernelOnItsMaskMatchesTheOracle) {
+  const Qkv p(4, 2, 150, 260, 16, 5u);
+  sm::TriShape m;
+  m.last_rows = 40;
+  m.block = 32;
+  const auto sel = m.select(p.qv(), p.kv(), Budget::compression(2.0));
+  std::vector<float> out(static_cast<std::size_t>(p.hq * p.n_q * p.d), -1.0f);
+  sa::AttentionOptions opt;
+  opt.precision = sa::Precision::float32;
+  sa::prefill(p.qv(), p.kv(), p.vv(), sa::TensorView<float>(out.data(), p.hq, p.n_q, p.d),
+              sel.mask, opt);
+  const auto ref = sa::reference::attention_masked(
+      p.qv(), p.kv(), p.vv(), 1.0 / std::sqrt(static_cast<double>(p.d)), sel.mask);
+  EXPECT_LT(max_abs_diff(out, ref.out), 2e-5);
+}
+
+TEST(TriShape, BudgetsReachableAndNotAndBadParameters) {
+  const Qkv p(2, 1, 1024, 1024, 8, 1u);
+  sm::TriShape m;  // S = 4, L = 64
+  for (double cr : {2.0, 4.0, 6.0}) {
+    const auto sel = m.select(p.qv(), p.kv(), Budget::compression(cr));
+    EXPECT_TRUE(sel.stats.reachable) << cr << " -> " << sel.stats.compression();
+  }
+  // The dense last rows alone cost 64 of ~512 rows' worth: CR 20 cannot be reached.
+  const auto far = m.select(p.qv(), p.kv(), Budget::compression(20));
+  EXPECT_FALSE(far.stats.reachable);
+  EXPECT_LT(far.stats.compression(), 20.0);
+  EXPECT_THROW(m.select(p.qv(), p.kv(), Budget::mass(0.9)), sa::invalid_argument);
+  m.last_rows = -1;
+  EXPECT_THROW(m.select(p.qv(), p.kv(), Budget::count(8)), sa::invalid_argument);
+  m.last_rows = 8;
+  m.sinks = -1;
+  EXPECT_THROW(m.select(p.qv(), p.kv(), Budget::count(8)), sa::invalid_argument);
+  EXPECT_THROW(sa::masks::tri_shape(2, 10, 10, 0, 1, 1), sa::invalid_argument);
 }

@@ -765,6 +765,23 @@ TEST(KvCache, InvalidOptionsAndRetainArguments) {
   EXPECT_EQ(cache.free_pages(), 2 * 8 - 2 * 5);  // 32 / 4 pages per head, 5 in use
 }
 
+TEST(KvCache, UnevenCacheDecodeChecksTheWholeOutputBeforeWriting) {
+  // Heads of different lengths run one kernel call per new token; an output of fewer than n_q
+  // tokens (or of another head count) is refused before anything is written.
+  const Tensor q(4, 3, 16, 61), k(2, 20, 16, 62), v(2, 20, 16, 63);
+  kv::ContiguousCache<float> cache(cache_options(2, 16, 32));
+  cache.append(k.view(), v.view());
+  const std::vector<index_t> keep{0, 2, 4, 6, 8, 10, 12, 14, 16, 17, 18, 19};
+  cache.retain(0, keep.data(), static_cast<index_t>(keep.size()));
+  ASSERT_FALSE(cache.uniform());
+  std::vector<float> small(4 * 2 * 16, 7.0f);
+  EXPECT_INVALID("decode(q, cache)", Parts<const char*>({"out is [4, 2, 16]", "n_q=3"}),
+                 decode(q.view(), cache, TensorView<float>(small.data(), 4, 2, 16)));
+  EXPECT_TRUE(std::all_of(small.begin(), small.end(), [](float x) { return x == 7.0f; }));
+  std::vector<float> ok(4 * 3 * 16, 7.0f);
+  EXPECT_NO_THROW(decode(q.view(), cache, TensorView<float>(ok.data(), 4, 3, 16)));
+}
+
 TEST(BadMethodInputs, DecodeMethodsRejectInconsistentCachesAndQueries) {
   const Tensor q(4, 30, 16, 51), k(2, 30, 16, 52), v(2, 30, 16, 53), q8(4, 1, 8, 54);
   kv::CacheOptions no_bounds = cache_options(2, 16, 64);
@@ -1987,6 +2004,9 @@ TEST(HostileSizes, PairCountsTensorsAndWorkspacesBeyondTheLimitsAreInvalidArgume
                  BlockListBuilder(MaskShape{3, index_t{1} << 31, index_t{1} << 31, 64, 64, true}, true));
   EXPECT_INVALID("BlockListMask", Parts<const char*>({"pairs exceed 2^63 - 1"}),
                  BlockListMask<>(MaskShape{1, big, big, 64, 64, true}, true, {0}, {}, {}));
+  // No queries but n_k near 2^63: the block arithmetic (ceil(n_k / block)) would wrap.
+  EXPECT_INVALID("IntervalMask", Parts<const char*>({"n_k must be < 2^62"}),
+                 IntervalMask(MaskShape{3, 0, std::numeric_limits<index_t>::max(), 2, 2, false}, 0, 0));
   // A plan for shapes no memory can hold: tensors beyond 2^56 elements, pairs beyond 2^63.
   AttentionShape s{8, 8, index_t{1} << 20, index_t{1} << 40, index_t{1} << 20, index_t{1} << 20};
   EXPECT_INVALID("decode", Parts<const char*>({"more than 2^56 elements"}), plan_decode(s));

@@ -129,7 +129,7 @@ TEST(Registry, ListsEveryMethodWithItsParameters) {
     }
   }
   for (const auto& m : methods::decode_methods()) EXPECT_TRUE(decode.insert(m.name).second);
-  for (const char* n : {"dense", "sliding_window", "block_sparse", "vertical_slash",
+  for (const char* n : {"dense", "sliding_window", "tri_shape", "block_sparse", "vertical_slash",
                         "vertical_slash_tiled", "flex_prefill", "xattention", "user_mask"})
     EXPECT_EQ(prefill.count(n), 1u) << n;
   for (const char* n : {"dense", "streaming", "quest", "snapkv", "ada_snapkv", "h2o"})

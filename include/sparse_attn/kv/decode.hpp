@@ -154,14 +154,14 @@ inline constexpr bool is_cache_v = detail::is_cache<C>::value;
 /// std::bad_alloc) may leave out partly written.
 /// @param q queries, [Hq, n_q, d] token rows, Hq a multiple of Hkv.
 /// @param cache the cache holding the n_q new tokens as each head's last slots.
-/// @param out output, [Hq, n_q, dv] token rows. With uneven head lengths only each token's row
-/// is validated, so out (and opt.lse) must hold n_q tokens.
+/// @param out output, [Hq, n_q, dv] token rows (validated whole before anything is written; opt.lse,
+/// a view without extents, must hold [Hq, n_q] as for the kernel's decode()).
 /// @param keys slots each unit reads (ranges index slots, not positions); all(): every head's
 /// [0, length(h)).
 /// @param opt the kernel's options (scale, threads or executor, split, precision, LSE, key mass).
 /// @throws sparse_attn::invalid_argument as the kernel's decode(); with uneven head lengths also
-/// when Hq is not a multiple of Hkv, `keys` is invalid for the cache, or a head holds fewer than
-/// n_q tokens.
+/// when Hq is not a multiple of Hkv, out is not [Hq, n_q, dv], `keys` is invalid for the cache,
+/// or a head holds fewer than n_q tokens.
 /// @throws std::bad_alloc when a workspace or buffer cannot be allocated.
 template <class TQ, class Cache, class TO, class = std::enable_if_t<kv::is_cache_v<Cache>>>
 void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& out,
@@ -175,6 +175,12 @@ void decode(const TensorView<TQ>& q, const Cache& cache, const TensorView<TO>& o
   require(q.heads % cache.kv_heads() == 0, "decode(q, cache)", ": Hq=", q.heads,
           " is not a multiple of Hkv=", cache.kv_heads());
   const index_t G = q.heads / cache.kv_heads(), n_q = q.tokens;
+  // Each per-token call checks only its own row of out: check the whole view here, before any
+  // write (an out of fewer than n_q tokens would otherwise be written past its end).
+  validate_view(out, "out");
+  require(out.heads == q.heads && out.tokens == n_q && out.dim == v.dim, "decode(q, cache)",
+          ": out is [", out.heads, ", ", out.tokens, ", ", out.dim, "]; expected [Hq=", q.heads,
+          ", n_q=", n_q, ", dv=", v.dim, "]");
   const bool per_q = keys.scope() == KeySelection::Scope::per_q_head;
   const index_t units = per_q ? q.heads : cache.kv_heads();
   if (keys.scope() != KeySelection::Scope::all)

@@ -68,7 +68,8 @@ struct MaskShape {
     require(n_q >= 0 && n_k >= 0, where, ": n_q and n_k must be >= 0, got n_q=", n_q, ", n_k=", n_k);
     require(n_q <= n_k, where, ": n_q=", n_q, " > n_k=", n_k,
             "; queries must be a suffix of the keys (n_q <= n_k)");
-    // The cap keeps n + block - 1 (ceil divisions) far from int64 overflow.
+    // The caps keep n + block - 1 (ceil divisions) and p + 1 far from int64 overflow.
+    require(n_k < (index_t{1} << 62), where, ": n_k must be < 2^62 (block arithmetic), got ", n_k);
     constexpr index_t kMaxBlock = (index_t{1} << 31) - 1;
     require(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock, where,
             ": block sizes must be in [1, 2^31 - 1], got block_q=", block_q, ", block_k=", block_k);

@@ -19,7 +19,7 @@
 ///   compression(c)  k by nearest_budget() over pairs_for_k (the pair count does not depend on
 ///                   the scores: non-diagonal blocks are whole b x b squares): the k whose CR is
 ///                   nearest to c in log ratio; reachable iff that CR is within the tolerance of c
-///                   (the forced blocks cap the CR near n / (3 b) at k = 3, and k moves in whole
+///                   (the forced blocks cap the CR near n / (5 b) at k = 3, and k moves in whole
 ///                   blocks: at n = 8192, b = 64 the CRs around 10 are 10.09 (k = 7) and 8.78
 ///                   (k = 8)).
 ///   mass(p)         per head and query block, the fewest key blocks, forced ones counted first,

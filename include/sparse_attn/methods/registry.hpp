@@ -39,6 +39,7 @@
 #include "sparse_attn/methods/streaming.hpp"
 #include "sparse_attn/methods/user_mask.hpp"
 #include "sparse_attn/methods/vertical_slash.hpp"
+#include "sparse_attn/methods/xattention.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
@@ -49,8 +50,8 @@ template <class... M>
 struct MethodList {};
 
 /// Every prefill method, dense first (the evaluator's and the frontier's order).
-using PrefillMethods = MethodList<Dense, SlidingWindow, BlockSparse, VerticalSlash,
-                                  VerticalSlashTiled, FlexPrefill, UserMask>;
+using PrefillMethods = MethodList<Dense, SlidingWindow, TriShape, BlockSparse, VerticalSlash,
+                                  VerticalSlashTiled, FlexPrefill, XAttention, UserMask>;
 /// Every decode method, dense first.
 using DecodeMethods = MethodList<Dense, StreamingLLM, Quest, SnapKV, AdaSnapKV, H2O>;
 
