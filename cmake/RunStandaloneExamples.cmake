@@ -45,10 +45,11 @@ run_step("install without building" ${CMAKE_COMMAND} --install ${lib_build} --pr
 file(GLOB example_files ${SOURCE_DIR}/examples/*.cpp ${SOURCE_DIR}/examples/*.hpp)
 file(COPY ${example_files} ${SOURCE_DIR}/examples/standalone/CMakeLists.txt DESTINATION ${src})
 
-# 3. Configure against the prefix only, build, run.
+# 3. Configure against the prefix only (the package must come from it), build, run.
 set(configure_args -S ${src} -B ${build} ${generator_args} ${compiler_args}
     -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=${prefix}
-    -DCMAKE_FIND_PACKAGE_NO_PACKAGE_REGISTRY=ON -DEXAMPLES_WERROR=ON)
+    -DCMAKE_FIND_PACKAGE_NO_PACKAGE_REGISTRY=ON -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
+    -DEXAMPLES_WERROR=ON)
 if(MARCH)
   list(APPEND configure_args -DEXAMPLES_MARCH=${MARCH})
 endif()
@@ -60,6 +61,15 @@ get_filename_component(real_package_dir "${package_dir}" REALPATH)
 string(FIND "${real_package_dir}" "${real_prefix}/" at)
 if(NOT at EQUAL 0)
   message(FATAL_ERROR "standalone_examples: found sparse_attn at '${package_dir}', not in ${prefix}")
+endif()
+# ... and the headers from the prefix, never from the source tree (Makefile and Ninja generators
+# write the compile commands).
+if(EXISTS ${build}/compile_commands.json)
+  file(READ ${build}/compile_commands.json compile_commands)
+  string(FIND "${compile_commands}" "${SOURCE_DIR}/include" at)
+  if(NOT at EQUAL -1)
+    message(FATAL_ERROR "standalone_examples: the examples' compile commands name ${SOURCE_DIR}/include")
+  endif()
 endif()
 run_step("build the examples" ${CMAKE_COMMAND} --build ${build} --parallel 2)
 

@@ -22,7 +22,7 @@
 // tokens attend to each other, as RoPE'd heads do) plus noise, with different noise in each layer.
 //
 // Usage: engine_layer [prompt_tokens] [decode_steps] [layers] [chunk]
-//   defaults 16384 16 4 4096, with Hq = 32, Hkv = 8, d = 128 (a Llama-3-8B layer).
+//   defaults 8192 16 4 2048, with Hq = 32, Hkv = 8, d = 128 (a Llama-3-8B layer).
 // Exits 1 when an output is not finite, or when a call needs more workspace than was allocated.
 #include <sparse_attn/sparse_attn.hpp>
 
@@ -63,7 +63,7 @@ struct Model {
   // Rows of tokens [t0, t0 + count) for `heads` heads, token-major [count][heads][d], as bf16.
   // kind: 0 = Q, 1 = K, 2 = V.
   void rows(index_t layer, int kind, index_t t0, index_t count, index_t heads, bf16* out) const {
-    const float amp = kind == 2 ? 0.0f : 0.9f;
+    const float amp = kind == 2 ? 0.0f : 1.0f;
     for (index_t t = t0; t < t0 + count; ++t)
       for (index_t h = 0; h < heads; ++h)
         for (index_t c = 0; c < d; ++c) {
@@ -86,10 +86,10 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const index_t n = argc > 1 ? std::atoll(argv[1]) : 16384;   // prompt tokens
+  const index_t n = argc > 1 ? std::atoll(argv[1]) : 8192;   // prompt tokens
   const index_t steps = argc > 2 ? std::atoll(argv[2]) : 16;  // decode steps
   const index_t layers = argc > 3 ? std::atoll(argv[3]) : 4;
-  const index_t chunk = argc > 4 ? std::atoll(argv[4]) : 4096;  // prefill chunk
+  const index_t chunk = argc > 4 ? std::atoll(argv[4]) : 2048;  // prefill chunk
   if (n < 1 || steps < 1 || layers < 1 || chunk < 1) {
     std::fprintf(stderr, "usage: engine_layer [prompt_tokens] [decode_steps] [layers] [chunk]\n");
     return 2;
