@@ -1,24 +1,23 @@
-// The serving loop end to end on 32k tokens of synthetic data: a sliding-window prefill, then 8
-// decode steps with every decode method (dense, Quest, SnapKV, Ada-SnapKV, H2O, StreamingLLM) at
-// a target compression of 10, each plugged into the session as its DecodePolicy
-// (methods::make_policy(method, Budget::compression(10))). Each method prints the keys a step reads, its achieved CR (against
-// dense attention over every position so far), selection and kernel time, and the relative L2
-// error of its outputs against dense decoding.
+// The serving loop end to end with DecodeSession (pipeline.hpp), on 32k tokens of synthetic data by
+// default: a sliding-window prefill (W = tokens / 32), then 8 decode steps with every decode method
+// (dense, Quest, SnapKV, Ada-SnapKV, H2O, StreamingLLM) at a target compression of 10, each plugged
+// into the session as its DecodePolicy (methods::make_policy(method, Budget::compression(10))).
+// Each method prints the keys a step reads, its achieved CR (against dense attention over every
+// position so far), selection and kernel time, and the relative L2 error of its outputs against
+// dense decoding. DecodeSession owns the cache and the per-step plumbing; engine_layer.cpp writes
+// the same kind of loop against the kernels directly (the engine's memory, plans and workspace).
 //
 // Data: Hq = 8, Hkv = 2, d = 64, bf16 cache, Gaussian background. Each decode step's queries follow
 // a topic direction; four "needle" keys per topic are planted far back in the prompt (about half
 // of a step's attention mass) and the prompt's last 64 queries touch the same topics, so
 // query-aware selection and window-scored eviction have something to find.
-
-// GCC < 13 (PR 105593): see tools/cmd_decode.cpp.
-#include <sparse_attn/core/diagnostics.hpp>
-SPARSE_ATTN_DIAGNOSTICS_PUSH
-#include <Eigen/Core>
-SPARSE_ATTN_DIAGNOSTICS_POP
+//
+// Usage: pipeline_32k [prompt_tokens] [decode_steps]   (defaults 32768 8; prompt_tokens >= 1024)
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <sparse_attn/pipeline.hpp>
@@ -30,7 +29,8 @@ using namespace sparse_attn;
 
 namespace {
 
-constexpr index_t Hq = 8, Hkv = 2, G = Hq / Hkv, d = 64, n = 32768, steps = 8, total = n + steps;
+constexpr index_t Hq = 8, Hkv = 2, G = Hq / Hkv, d = 64;
+index_t n = 32768, steps = 8, total = n + steps;  // set from the command line
 
 struct Workload {
   std::vector<float> q, k, v;  // [Hq][total][d], [Hkv][total][d]
@@ -50,7 +50,7 @@ Workload make_workload() {
   fill(w.q, Hq * total * d);
   fill(w.k, Hkv * total * d);
   fill(w.v, Hkv * total * d);
-  std::uniform_int_distribution<index_t> where(64, n - 2048);
+  std::uniform_int_distribution<index_t> where(64, n - n / 16);
   std::uniform_int_distribution<index_t> topic_of(0, steps - 1);
   for (index_t hk = 0; hk < Hkv; ++hk) {
     std::vector<float> topics(static_cast<std::size_t>(steps * d));  // one direction per step
@@ -105,13 +105,15 @@ MethodRun run_method(const std::string& name, const Workload& w,
   if (with_prefill) {
     // Any prefill mask, or a callable (q, k) -> mask (a method's select(q, k, budget).mask).
     prefill_out->assign(static_cast<std::size_t>(Hq * n * d), 0.0f);
+    const index_t window = n / 32;
     pr = session.prefill(
         q, k, v, TensorView<float>(prefill_out->data(), Hq, n, d),
-        [](const TensorView<const float>& qq, const TensorView<const float>& kk) {
-          return masks::sliding_window(qq.heads, qq.tokens, kk.tokens, 1024, 4, 64);
+        [window](const TensorView<const float>& qq, const TensorView<const float>& kk) {
+          return masks::sliding_window(qq.heads, qq.tokens, kk.tokens, window, 4, 64);
         });
-    std::printf("prefill: sliding window W=1024 S=4, %lld pairs, CR %.1fx, %.0f ms\n",
-                static_cast<long long>(pr.pairs), pr.compression(), pr.prefill_ms);
+    std::printf("prefill: sliding window W=%lld S=4, %lld pairs, CR %.1fx, %.0f ms\n",
+                static_cast<long long>(window), static_cast<long long>(pr.pairs), pr.compression(),
+                pr.prefill_ms);
   } else {
     pr = session.ingest(q, k, v);  // cache + eviction only (the prefill output is shared)
   }
@@ -144,7 +146,14 @@ double rel_l2(const std::vector<float>& a, const std::vector<float>& ref) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  n = argc > 1 ? std::atoll(argv[1]) : 32768;
+  steps = argc > 2 ? std::atoll(argv[2]) : 8;
+  total = n + steps;
+  if (n < 1024 || steps < 1) {
+    std::fprintf(stderr, "usage: pipeline_32k [prompt_tokens >= 1024] [decode_steps >= 1]\n");
+    return 2;
+  }
   const auto start = std::chrono::steady_clock::now();
   const Workload w = make_workload();
   using Contiguous = kv::ContiguousCache<bf16>;
