@@ -1,12 +1,13 @@
-// The executor a call uses when the caller passes none: OpenMP when the includer compiles with
-// it, else the calling thread. Without OpenMP, the library runs single-threaded unless the caller
-// provides an Executor (documented in docs/DESIGN.md).
-//
-// SPARSE_ATTN_DEFAULT_EXECUTOR, if defined, names the default instead (it wins over OpenMP): a
-// class derived from Executor, constructible from the call's num_threads (0: its own default) and
-// declared before this header is included (e.g. with -include). The ThreadSanitizer tests use it
-// to run on std::threads, which TSan sees, instead of OpenMP's uninstrumented runtime
-// (cmake/RunTsanTests.cmake).
+/// @file
+/// The executor a call uses when the caller passes none: OpenMP when the includer compiles with
+/// it, else the calling thread. Without OpenMP, the library runs single-threaded unless the caller
+/// provides an Executor (documented in docs/DESIGN.md).
+///
+/// SPARSE_ATTN_DEFAULT_EXECUTOR, if defined, names the default instead (it wins over OpenMP): a
+/// class derived from Executor, constructible from the call's num_threads (0: its own default) and
+/// declared before this header is included (e.g. with -include). The ThreadSanitizer tests use it
+/// to run on std::threads, which TSan sees, instead of OpenMP's uninstrumented runtime
+/// (cmake/RunTsanTests.cmake).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/exec/executor.hpp"
@@ -15,9 +16,12 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Which executor a call runs on: the caller's, or a default one built for `num_threads`.
+/// The default executor is constructed per call and destroyed when the call returns.
 struct ExecutorChoice {
-  Executor* executor = nullptr;  // the caller's (not owned); nullptr: the default
-  int num_threads = 0;           // threads of the default executor (0: OpenMP's default)
+  Executor* executor = nullptr;  ///< The caller's (not owned); nullptr: the default.
+  int num_threads = 0;  ///< Threads of the default executor (0: OpenMP's default); must be >= 0
+                        ///< (sparse_attn::invalid_argument otherwise), checked even when
+                        ///< `executor` is set.
 };
 
 namespace detail {
