@@ -109,6 +109,8 @@ SPARSE_ATTN_TARGET_END
 SPARSE_ATTN_DIAGNOSTICS_POP
 
 SPARSE_ATTN_NAMESPACE_BEGIN
+/// CPU targets' kernel bodies (one namespace per compiled target, not documented here) and the
+/// run-time dispatch between them.
 namespace arch {
 
 /// Calls f(T{}) where T is target t's entry struct (`arch::<t>::Target`; `arch::amx::Entry`); t

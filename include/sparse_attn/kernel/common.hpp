@@ -82,6 +82,8 @@ struct AttentionOptions {
   ExecutorChoice executor_choice() const { return {executor, num_threads}; }
 };
 
+/// Building blocks the kernels, selections and caches share (scratch allocation, validation, row
+/// access). Public but low-level: applications normally need only the plan / run entry points.
 namespace kernel {
 
 /// Allocates on 64-byte boundaries whatever the includer's -march: the dispatched AVX-512 code

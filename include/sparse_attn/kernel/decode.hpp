@@ -1,35 +1,37 @@
-// Split-KV flash decoding: a few new query tokens against a long KV cache, over any key subset,
-// as plan + run.
-//
-// Rows sharing a key list are packed: with a per-KV-head (or dense) selection the G query heads of
-// a group x the n_q new tokens form one row group, so every K/V byte is read once per group. The
-// group's key list is cut into chunks of `split` keys (independent of the thread count, so results
-// are bit-identical for any executor); each (group, chunk) item computes a partial online-softmax
-// state (o, m, l) into the workspace, and the partials of a row are merged exactly, in chunk order
-// (OnlineSoftmax::merge).
-//
-// Plan / run: plan_decode(shape, keys, options) validates the selection, cuts the items and sizes
-// the workspace: items x padded rows x (dv + 2) floats of partial states, plus concurrency x one
-// item's scratch (~(rows + 64) x (d + dv) floats). run allocates nothing and writes out and LSE
-// only in its last phase, after every item has succeeded. A plan stays valid while the shape
-// (n_k included: it grows with every decoded token), the key selection's per-unit lengths, the
-// options and the executor's concurrency (<= the plan's) stay the same; a decode loop plans each
-// step (O(units + items), no K/V access) and may keep one workspace of the largest size.
-//
-// Key mass (options.key_mass, optional): each item also keeps its rows' logits (R x its keys,
-// sized by the plan only when requested); after the merge, a pass over them gives each key's
-// probability e^{s - m} / l summed over the rows of the unit, and the units of a KV head are
-// scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
-// re-read; O(R x keys) exps.
-//
-// Products (AttentionOptions::precision, kernel/common.hpp): fp32, or bf16 (the default when q, K
-// and V are all bf16): q and P rounded to bf16, the scale applied to the fp32 sum q . k; vdpbf16ps
-// on AVX512-BF16 for contiguous rows with head dims a multiple of 32, the same roundings emulated
-// with fp32 FMAs elsewhere (arch/detail/decode_body-inl.hpp). The plan records the precision.
-//
-// Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
-// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
-// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
+/// @file
+/// Split-KV flash decoding: a few new query tokens against a long KV cache, over any key subset,
+/// as plan + run.
+///
+/// Rows sharing a key list are packed: with a per-KV-head (or dense) selection the G query heads of
+/// a group x the n_q new tokens form one row group, so every K/V byte is read once per group. The
+/// group's key list is cut into chunks of `split` keys (independent of the thread count, so results
+/// are bit-identical for any executor); each (group, chunk) item computes a partial online-softmax
+/// state (o, m, l) into the workspace, and the partials of a row are merged exactly, in chunk order
+/// (OnlineSoftmax::merge).
+///
+/// Plan / run: plan_decode(shape, keys, options) validates the selection, cuts the items and sizes
+/// the workspace: items x padded rows x (dv + 2) floats of partial states, plus concurrency x one
+/// item's scratch (~(rows + 64) x (d + dv) floats). run allocates nothing and writes out and LSE
+/// only in its last phase, after every item has succeeded. A plan stays valid while the shape
+/// (n_k included: it grows with every decoded token), the key selection's per-unit lengths, the
+/// options and the executor's concurrency (<= the plan's) stay the same; a decode loop plans each
+/// step (O(units + items), no K/V access) and may keep one workspace of the largest size.
+///
+/// Key mass (options.key_mass, optional): each item also keeps its rows' logits (R x its keys,
+/// sized by the plan only when requested); after the merge, a pass over them gives each key's
+/// probability e^{s - m} / l summed over the rows of the unit, and the units of a KV head are
+/// scattered in a fixed order into key_mass [Hkv][n_k] (0 for keys no counted row reads). No K
+/// re-read; O(R x keys) exps.
+///
+/// Products (AttentionOptions::precision, kernel/common.hpp): fp32, or bf16 (the default when q, K
+/// and V are all bf16): q and P rounded to bf16, the scale applied to the fp32 sum q . k; vdpbf16ps
+/// on AVX512-BF16 for contiguous rows with head dims a multiple of 32, the same roundings emulated
+/// with fp32 FMAs elsewhere (arch/detail/decode_body-inl.hpp). The plan records the precision.
+///
+/// Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
+/// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
+/// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
+/// See docs/DESIGN.md, sections "Plan / run, workspace, executor" and "Key mass output".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -47,8 +49,8 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 /// Decode options; AttentionOptions::precision picks the products (bf16 ones by default when q, K
 /// and V are all bf16: vdpbf16ps on AVX512-BF16 CPUs, the same roundings emulated elsewhere).
 struct DecodeOptions : AttentionOptions {
-  bool causal = true;
-  index_t split = 512;  // keys per split-KV chunk (>= 16)
+  bool causal = true;   ///< New token t sees only keys j <= n_k - n_q + t.
+  index_t split = 512;  ///< Keys per split-KV chunk (>= 16); fixes the result bits, not threads.
 };
 
 class DecodePlan;
@@ -57,19 +59,28 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
             const KeySelection& keys, Workspace workspace, const DecodeOptions& opt = {});
 
 /// What plan_decode() decided: the (row group, chunk) items, the CPU target, the workspace size.
+/// Holds O(units + items) indices; immutable once made, so one plan may serve concurrent runs
+/// (each with its own workspace and output).
 class DecodePlan {
  public:
+  /// @return the shape the plan was made for.
   const AttentionShape& shape() const { return shape_; }
+  /// @return the CPU target the runs use (cpu_target() at plan time).
   CpuTarget target() const { return target_; }
+  /// @return the workers the workspace is sized for (the executor's concurrency at plan time).
   int workers() const { return workers_; }
+  /// @return the number of (unit, chunk) work items.
   index_t num_items() const { return static_cast<index_t>(items_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
+  /// @return the size, at most kMaxBytes.
   std::size_t workspace_bytes() const {
     return partial_bytes_ + map_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
   }
   /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
+  /// @return true when runs may request key mass.
   bool key_mass() const { return key_mass_; }
   /// Whether q.k and p.v use bf16 products (AttentionOptions::precision and the element types).
+  /// @return true for bf16 products.
   bool bf16_products() const { return bf16_; }
 
  private:
@@ -99,7 +110,17 @@ class DecodePlan {
 };
 
 namespace kernel {
+/// @param x a count, >= 0.
+/// @param m the multiple, >= 1.
+/// @return x rounded up to a multiple of m (unchecked for overflow).
 inline index_t pad_to(index_t x, index_t m) { return (x + m - 1) / m * m; }
+/// Lays out one worker's decode scratch (sizing carver in the plan, the worker's workspace slice in
+/// the run). Allocates nothing, never throws.
+/// @param c the carver.
+/// @param Rp padded rows of a row group.
+/// @param d head dimension of Q and K.
+/// @param dv head dimension of V.
+/// @return the scratch pointers (all null from a sizing carver).
 inline arch::DecodeScratch carve_decode_scratch(arch::Carver& c, index_t Rp, index_t d, index_t dv) {
   // Padded to the widest target's lanes and sized for 4-byte K/V: fits every target and dtype.
   return arch::DecodeScratch::carve(c, Rp, d, pad_to(d, arch::kMaxLanes),
@@ -109,6 +130,17 @@ inline arch::DecodeScratch carve_decode_scratch(arch::Carver& c, index_t Rp, ind
 
 /// Plans a decode of `shape` over `keys` (see the file comment). Throws invalid_argument on
 /// inconsistent shapes, selection or options, or when the CPU target is unusable.
+/// @param shape the call's shape (attention_shape(q, k, v)); n_k is the cache length now.
+/// @param keys the selection; validated against n_k and the head counts.
+/// @param opt split, causal, precision, executor (its concurrency sizes the workspace), key_mass
+///        (data only decides whether to size for it); scale and lse are not used by the plan.
+/// @return the plan.
+/// @throws sparse_attn::invalid_argument when validate_shape() fails, split < 16, the selection
+///         does not fit (KeySelection::validate), num_threads < 0, the key-mass view is invalid,
+///         the precision is not possible for the element types, the executor's concurrency < 1,
+///         the workspace would exceed kMaxBytes, or SPARSE_ATTN_TARGET names an unusable target;
+///         std::bad_alloc.
+/// O(units + items + ranges); no K/V access. Safe to call concurrently.
 inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& keys = KeySelection::all(),
                               const DecodeOptions& opt = {}) {
   constexpr const char* where = "decode";
@@ -181,6 +213,25 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
 /// a paged cache. Allocates nothing; `workspace` holds plan.workspace_bytes() bytes, 64-byte
 /// aligned. Throws invalid_argument before writing anything when the views, selection, options,
 /// workspace or executor do not match the plan; an executor's exception leaves out untouched.
+/// @param plan from plan_decode() for this shape, selection lengths, options and target.
+/// @param q [Hq, n_q, d] TensorView, any strides, fp32/bf16/fp16.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView, fp32/bf16/fp16.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, non-aliasing, fp32/bf16/fp16.
+/// @param keys the selection: the plan's scope and per-unit key counts. Its ranges are not
+///        re-validated here (plan_decode() validated the plan's selection): pass the one the
+///        plan was made with, or one that passes keys.validate(n_k, Hq, Hkv, ...).
+/// @param workspace at least plan.workspace_bytes() bytes, 64-byte aligned, not shared with a
+///        concurrent run.
+/// @param opt the plan's options (causal, split, precision equal; key_mass only if planned;
+///        executor concurrency <= plan.workers()); scale and lse may differ from plan time.
+/// @throws sparse_attn::invalid_argument when a view is invalid, the shape, causal, split,
+///         precision or selection scope or lengths differ from the plan's, scale is not NaN and
+///         not finite and > 0, key_mass is invalid or not planned, the workspace is too small,
+///         misaligned or null, or the executor's concurrency exceeds the plan's.
+/// @par Complexity
+/// O(Hq x n_q x selected keys x (d + dv)) flops over the executor, plus O(rows x items x dv) for
+/// the merge.
 template <class QV, class KV, class VV, class OV>
 void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const OV& out,
             const KeySelection& keys, Workspace workspace, const DecodeOptions& opt) {
@@ -318,6 +369,14 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
 }
 
 /// One-call decode: plan_decode + a workspace allocated for this call + run (see both).
+/// @param q [Hq, n_q, d] TensorView, any strides.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, non-aliasing.
+/// @param keys the selection (default: every key).
+/// @param opt options.
+/// @throws as plan_decode() and decode(const DecodePlan&, ...); std::bad_alloc for the plan and the
+///         workspace (the only allocations). Safe to call concurrently on distinct outputs.
 template <class QV, class KV, class VV, class OV>
 void decode(const QV& q, const KV& k, const VV& v, const OV& out,
             const KeySelection& keys = KeySelection::all(), const DecodeOptions& opt = {}) {
