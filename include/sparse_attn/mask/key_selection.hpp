@@ -34,7 +34,7 @@ class KeySelection {
   };
 
   /// Every key of the cache (dense decode).
-  /// @return a selection of scope all. Never throws (no allocation beyond one offset).
+  /// @return a selection of scope all (allocates one offset; std::bad_alloc only).
   static KeySelection all() { return KeySelection(); }
 
   /// One range list per unit (KV head or query head): non-empty, sorted, disjoint, begin >= 0 (the upper bound, n_k, is
