@@ -1,6 +1,8 @@
 /// @file
 /// Naive double-precision attention oracle on a materialised mask: the ground truth for tests and
-/// debugging. O(n_q * n_k * d) time, no tiling, no online softmax.
+/// debugging. O(n_q * n_k * d) time, no tiling, no online softmax. Not included by
+/// sparse_attn.hpp. The functions validate nothing: the views must be consistent (Hq a multiple
+/// of Hkv >= 1, equal d of Q and K, equal heads and tokens of K and V).
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cmath>
@@ -12,18 +14,40 @@
 #include "sparse_attn/mask/block_mask.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
+/// The double-precision attention oracle (tests, debugging).
 namespace reference {
 
+/// Output and LSE of the oracle, contiguous in double.
 struct Result {
-  index_t heads = 0, n_q = 0, dv = 0;
-  std::vector<double> out;  ///< [heads][n_q][dv]
-  std::vector<double> lse;  ///< [heads][n_q], natural log, -inf for empty rows
+  index_t heads = 0,  ///< Query heads (Hq).
+      n_q = 0,        ///< Queries per head.
+      dv = 0;         ///< Channels per output row.
+  std::vector<double> out;  ///< [heads][n_q][dv]; 0 for a row with no allowed key.
+  std::vector<double> lse;  ///< [heads][n_q], natural log, -inf for empty rows.
+  /// @param h head.
+  /// @param i query.
+  /// @param c channel.
+  /// @return out[h][i][c] (unchecked).
   double operator()(index_t h, index_t i, index_t c) const { return out[static_cast<std::size_t>((h * n_q + i) * dv + c)]; }
+  /// @param h head.
+  /// @param i query.
+  /// @return lse[h][i] (unchecked).
   double lse_at(index_t h, index_t i) const { return lse[static_cast<std::size_t>(h * n_q + i)]; }
 };
 
 /// softmax(scale * q k^T restricted to allowed(h, i, j)) v in double, GQA head h -> h / (Hq/Hkv).
 /// Rows run on `exec`; an exception of `allowed` reaches the caller.
+/// @param q [Hq, n_q, d] view, any element type.
+/// @param k [Hkv, n_k, d] view (TensorView or kv::PagedView).
+/// @param v [Hkv, n_k, dv] view.
+/// @param scale softmax scale multiplying q . k (no default: pass 1 / sqrt(d) for the usual).
+/// @param allowed called as allowed(h, i, j) -> bool for every (head, query, key); from several
+///        threads at once.
+/// @param exec executor for the rows.
+/// @return the result (allocates Hq x n_q x (dv + 1) doubles and one n_k row per worker).
+/// @throws what `allowed` throws; sparse_attn::invalid_argument for executor faults or
+///         exec.num_threads < 0; std::bad_alloc.
+/// O(Hq x n_q x n_k x (d + dv)).
 template <class QV, class KV, class VV, class Allowed>
 Result attention(const QV& q, const KV& k, const VV& v, double scale, Allowed&& allowed,
                  const ExecutorChoice& exec = {}) {
@@ -71,6 +95,14 @@ Result attention(const QV& q, const KV& k, const VV& v, double scale, Allowed&& 
 }
 
 /// Oracle on any mask of the common interface, via its dense export.
+/// @param q [Hq, n_q, d] view.
+/// @param k [Hkv, n_k, d] view.
+/// @param v [Hkv, n_k, dv] view.
+/// @param scale softmax scale.
+/// @param mask the mask, geometry [Hq, n_q, n_k].
+/// @param exec executor for the rows.
+/// @return the result.
+/// @throws as to_dense() and attention(); std::bad_alloc (one n_q x n_k bool matrix per mask head).
 template <class QV, class KV, class VV, class Mask>
 Result attention_masked(const QV& q, const KV& k, const VV& v, double scale, const Mask& mask,
                         const ExecutorChoice& exec = {}) {
@@ -88,6 +120,13 @@ Result attention_masked(const QV& q, const KV& k, const VV& v, double scale, con
 /// Per-key attention mass in double (AttentionOptions::key_mass): mass[hk * n_k + j] = sum over
 /// the query heads h of group hk and the rows i >= row_begin of softmax_j(scale q_i . k_j over
 /// the keys with allowed(h, i, j)); 0 for keys no such row may see. Serial.
+/// @param q [Hq, n_q, d] view.
+/// @param k [Hkv, n_k, d] view.
+/// @param scale softmax scale.
+/// @param allowed called as allowed(h, i, j) -> bool.
+/// @param row_begin first query row counted, in [0, n_q].
+/// @return [Hkv][n_k] masses.
+/// @throws what `allowed` throws; std::bad_alloc. O(Hq x (n_q - row_begin) x n_k x d).
 template <class QV, class KV, class Allowed>
 std::vector<double> key_mass(const QV& q, const KV& k, double scale, Allowed&& allowed,
                              index_t row_begin) {
@@ -119,6 +158,13 @@ std::vector<double> key_mass(const QV& q, const KV& k, double scale, Allowed&& a
 }
 
 /// key_mass() on any mask of the common interface, via its dense export.
+/// @param q [Hq, n_q, d] view.
+/// @param k [Hkv, n_k, d] view.
+/// @param scale softmax scale.
+/// @param mask the mask, geometry [Hq, n_q, n_k].
+/// @param row_begin first query row counted, in [0, n_q].
+/// @return [Hkv][n_k] masses.
+/// @throws as to_dense() and key_mass().
 template <class QV, class KV, class Mask>
 std::vector<double> key_mass_masked(const QV& q, const KV& k, double scale, const Mask& mask,
                                     index_t row_begin) {

@@ -1,6 +1,13 @@
 /// @file
-/// sparse_attn: CPU sparse-attention kernels. Umbrella header: includes every public header.
+/// sparse_attn: CPU sparse-attention kernels. Umbrella header: includes every public header
+/// (directly or through another) except io/npy.hpp (file I/O), reference.hpp (the test oracle)
+/// and the evaluation harness of eval/.
 #pragma once
+
+/// @namespace sparse_attn
+/// Everything the library defines. Declarations live in an inline namespace named after the
+/// includer's ISA (core/config.hpp), so `sparse_attn::x` names them; see docs/DESIGN.md, section
+/// "Layers", for how the parts fit together.
 #include "sparse_attn/arch/target.hpp"
 #include "sparse_attn/core/dtype.hpp"
 #include "sparse_attn/core/error.hpp"

@@ -1,9 +1,10 @@
 /// @file
 /// Run-time dispatch: every compiled target's copy of the kernel bodies, and dispatch(t, f), which
-/// calls f(arch::<t>::Target{}) for target t (arch/target.hpp says which targets exist and how
+/// calls `f(arch::<t>::Target{})` for target t (arch/target.hpp says which targets exist and how
 /// one is chosen). Each target's bodies are arch/detail/bodies-inl.hpp compiled inside that
 /// target's namespace and ISA region, so the bodies of different targets never share a symbol.
-/// The cost: one switch per work item.
+/// The cost: one switch per work item. See docs/DESIGN.md, section "CPU targets and run-time
+/// dispatch".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -108,10 +109,16 @@ SPARSE_ATTN_TARGET_END
 SPARSE_ATTN_DIAGNOSTICS_POP
 
 SPARSE_ATTN_NAMESPACE_BEGIN
+/// CPU targets' kernel bodies (one namespace per compiled target, not documented here) and the
+/// run-time dispatch between them.
 namespace arch {
 
-/// Calls f(T{}) where T is target t's entry struct (arch::<t>::Target; arch::amx::Entry); t must
-/// be usable (plans check it). Returns f's result.
+/// Calls f(T{}) where T is target t's entry struct (`arch::<t>::Target`; `arch::amx::Entry`); t
+/// must be usable (plans check it). Returns f's result.
+/// @tparam F a generic callable taking any target's entry struct by value.
+/// @param t the target; one not compiled in runs generic.
+/// @param f the callable.
+/// @return f's result. Throws only what f throws; no allocation.
 template <class F>
 decltype(auto) dispatch(CpuTarget t, F&& f) {
   switch (t) {

@@ -14,7 +14,8 @@
 /// which the first cpu_target() call does once) support, unless overridden by the environment
 /// variable SPARSE_ATTN_TARGET=generic|avx2|avx512|avx512_bf16|amx (read at the first call) or by
 /// set_cpu_target(). Forcing a target the CPU lacks, or one not compiled into the program, is an
-/// error (sparse_attn::invalid_argument naming the supported ones).
+/// error (sparse_attn::invalid_argument naming the supported ones). See docs/DESIGN.md, section
+/// "CPU targets and run-time dispatch".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <atomic>
@@ -32,6 +33,16 @@
 #include <unistd.h>
 #endif
 #endif
+
+/// @def SPARSE_ATTN_TARGET_AVX2
+/// 1 when this translation unit compiles the avx2 target (x86, -march below AVX2+FMA+F16C), else 0.
+/// @def SPARSE_ATTN_TARGET_AVX512
+/// 1 when this translation unit compiles the avx512 target (x86, -march below AVX-512 F/BW/DQ/VL),
+/// else 0.
+/// @def SPARSE_ATTN_TARGET_AVX512_BF16
+/// 1 when this translation unit compiles the avx512_bf16 target (every x86 build), else 0.
+/// @def SPARSE_ATTN_TARGET_AMX
+/// 1 when this translation unit compiles the amx target (every x86 build), else 0.
 
 // Compiled targets (see above): x86 targets at or above the includer's level.
 #if SPARSE_ATTN_X86_TARGETS
@@ -62,9 +73,21 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
-enum class CpuTarget { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
+/// An instruction-set target of the dispatched kernels, lowest first (the values order them).
+enum class CpuTarget {
+  generic = 0,      ///< Eigen packets of the includer's -march; every CPU.
+  avx2 = 1,         ///< AVX2 + FMA + F16C (+ BMI2).
+  avx512 = 2,       ///< AVX-512 F/BW/DQ/VL.
+  avx512_bf16 = 3,  ///< avx512 + AVX512-BF16 (vdpbf16ps for the bf16 products).
+  amx = 4           ///< avx512_bf16 + AMX-TILE and AMX-BF16 (the prefill's bf16 products on tiles).
+};
+/// Number of CpuTarget values (they are 0 .. kNumCpuTargets - 1).
 inline constexpr int kNumCpuTargets = 5;
 
+/// Name of a target, as SPARSE_ATTN_TARGET and parse_cpu_target() spell it.
+/// @param t the target.
+/// @return "generic", "avx2", "avx512", "avx512_bf16" or "amx" ("unknown" outside the enum); a
+///         static string.
 inline const char* target_name(CpuTarget t) {
   switch (t) {
     case CpuTarget::generic: return "generic";
@@ -77,6 +100,8 @@ inline const char* target_name(CpuTarget t) {
 }
 
 /// True when this program holds code for target t (see the file comment).
+/// @param t the target.
+/// @return whether the including translation unit compiled t's kernels. Never throws.
 inline bool target_compiled(CpuTarget t) {
   switch (t) {
     case CpuTarget::generic: return true;
@@ -170,7 +195,7 @@ inline void check_usable(CpuTarget t, const char* where) {
           target_name(t), "; usable here: ", usable_targets());
 }
 
-/// -1: automatic (environment, else best); else a forced CpuTarget.
+// -1: automatic (environment, else best); else a forced CpuTarget.
 inline std::atomic<int>& forced_target() {
   static std::atomic<int> forced{-1};
   return forced;
@@ -178,10 +203,17 @@ inline std::atomic<int>& forced_target() {
 }  // namespace detail
 
 /// True when the CPU and the OS support target t (independent of what is compiled).
+/// The first call runs cpuid/xgetbv once (thread-safe static) and, on Linux with an AMX CPU, asks
+/// the kernel for the tile state for the whole process.
+/// @param t the target.
+/// @return whether t can run here; generic always can.
 inline bool cpu_supports(CpuTarget t) { return detail::cpu_supports_impl(t); }
 
 /// Parses a target name (generic, avx2, avx512, avx512_bf16, amx); throws invalid_argument
 /// otherwise.
+/// @param name the name, exact and case-sensitive.
+/// @return the target (whether it is usable is not checked).
+/// @throws sparse_attn::invalid_argument for any other name.
 inline CpuTarget parse_cpu_target(const std::string& name) {
   for (int i = 0; i < kNumCpuTargets; ++i)
     if (name == target_name(static_cast<CpuTarget>(i))) return static_cast<CpuTarget>(i);
@@ -190,6 +222,8 @@ inline CpuTarget parse_cpu_target(const std::string& name) {
 }
 
 /// The best target that is compiled in and supported by this CPU and OS.
+/// @return the highest usable target (generic at least). Ignores SPARSE_ATTN_TARGET and
+///         set_cpu_target().
 inline CpuTarget best_cpu_target() {
   for (int i = kNumCpuTargets - 1; i > 0; --i) {
     const auto t = static_cast<CpuTarget>(i);
@@ -200,6 +234,10 @@ inline CpuTarget best_cpu_target() {
 
 /// The target the kernels use: set_cpu_target()'s, else SPARSE_ATTN_TARGET's, else the best.
 /// Throws invalid_argument when SPARSE_ATTN_TARGET names an unknown or unusable target.
+/// @return the target for the next plan.
+/// @throws sparse_attn::invalid_argument as above (on every call while no target is forced, since
+///         the variable, read once, is parsed each time).
+/// Thread-safe; O(1) after the first call.
 inline CpuTarget cpu_target() {
   const int forced = detail::forced_target().load(std::memory_order_relaxed);
   if (forced >= 0) return static_cast<CpuTarget>(forced);
@@ -215,15 +253,19 @@ inline CpuTarget cpu_target() {
 
 /// Forces target t for every later plan of this program (thread-safe; plans already built keep
 /// theirs). Throws invalid_argument if t is not compiled in or not supported by the CPU.
+/// @param t the target to force; wins over SPARSE_ATTN_TARGET.
+/// @throws sparse_attn::invalid_argument when t is not usable (the message lists the usable ones).
+/// The setting is per ISA namespace (per -march of the includer), like every symbol here.
 inline void set_cpu_target(CpuTarget t) {
   detail::check_usable(t, "set_cpu_target");
   detail::forced_target().store(static_cast<int>(t), std::memory_order_relaxed);
 }
 
-/// Back to automatic choice (SPARSE_ATTN_TARGET, else the best).
+/// Back to automatic choice (SPARSE_ATTN_TARGET, else the best). Thread-safe, never throws.
 inline void reset_cpu_target() { detail::forced_target().store(-1, std::memory_order_relaxed); }
 
 /// The targets usable in this program on this CPU, lowest first.
+/// @return the compiled and supported targets (generic first); allocates the vector.
 inline std::vector<CpuTarget> usable_cpu_targets() {
   std::vector<CpuTarget> v;
   for (int i = 0; i < kNumCpuTargets; ++i) {

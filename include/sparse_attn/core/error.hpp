@@ -6,6 +6,7 @@
 /// every error goes to the error handler instead: a function the caller sets with
 /// set_error_handler(); the default prints "sparse_attn: <message>" to stderr and aborts. A handler
 /// must not return (it may longjmp, or end the process); if it does, the library aborts.
+/// See docs/DESIGN.md, section "Errors".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <cstdio>
@@ -46,6 +47,10 @@ inline ErrorHandler& error_handler_slot() {
 
 /// Sets the handler used under -fno-exceptions (nullptr restores the default: print and abort);
 /// returns the previous one. With exceptions on, errors are thrown and the handler is unused.
+/// @param handler the new handler, or nullptr for the default.
+/// @return the handler that was installed before.
+/// Not thread-safe: the handler is one unsynchronised process-wide slot (per ISA namespace), so
+/// set it before other threads call the library.
 inline ErrorHandler set_error_handler(ErrorHandler handler) noexcept {
   ErrorHandler old = detail::error_handler_slot();
   detail::error_handler_slot() = handler != nullptr ? handler : &detail::default_error_handler;
@@ -54,6 +59,8 @@ inline ErrorHandler set_error_handler(ErrorHandler handler) noexcept {
 
 /// Raises sparse_attn::invalid_argument(message): throws it, or (-fno-exceptions) calls the error
 /// handler and aborts if the handler returns.
+/// @param message the full message (what() of the exception).
+/// @throws sparse_attn::invalid_argument always (with exceptions on).
 [[noreturn]] inline void raise_invalid_argument(const std::string& message) {
 #if SPARSE_ATTN_EXCEPTIONS
   throw invalid_argument(message);
@@ -65,6 +72,12 @@ inline ErrorHandler set_error_handler(ErrorHandler handler) noexcept {
 
 /// Raises sparse_attn::invalid_argument("<where>: <message pieces>") when cond is false. Leading
 /// ':' and ' ' of the pieces are dropped, so callers may or may not start them with ": ".
+/// @tparam Args types streamable with operator<<.
+/// @param cond the condition that must hold.
+/// @param where the entry point or argument, prefix of the message.
+/// @param what pieces of the message, concatenated with an std::ostringstream only on failure
+///        (the success path allocates nothing).
+/// @throws sparse_attn::invalid_argument when cond is false.
 template <class... Args>
 inline void require(bool cond, const char* where, const Args&... what) {
   if (cond) return;

@@ -16,9 +16,12 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 
 /// Which executor a call runs on: the caller's, or a default one built for `num_threads`.
+/// The default executor is constructed per call and destroyed when the call returns.
 struct ExecutorChoice {
-  Executor* executor = nullptr;  ///< the caller's (not owned); nullptr: the default
-  int num_threads = 0;           ///< threads of the default executor (0: OpenMP's default)
+  Executor* executor = nullptr;  ///< The caller's (not owned); nullptr: the default.
+  int num_threads = 0;  ///< Threads of the default executor (0: OpenMP's default); must be >= 0
+                        ///< (sparse_attn::invalid_argument otherwise), checked even when
+                        ///< `executor` is set.
 };
 
 namespace detail {

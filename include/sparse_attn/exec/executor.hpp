@@ -12,7 +12,7 @@
 /// Exceptions: run_items() wraps the body, so an executor never sees one. The first exception
 /// thrown by an item (a user mask predicate, a custom selector, std::bad_alloc) is kept, the items
 /// not yet started are skipped, and it is rethrown on the calling thread after executor.run()
-/// returns.
+/// returns. See docs/DESIGN.md, section "Plan / run, workspace, executor".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <atomic>
@@ -30,11 +30,17 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 /// allocation. Valid while the referenced callable lives (the duration of one Executor::run).
 class ItemFunction {
  public:
+  /// Refers to f (an lvalue; a temporary would dangle). Never throws.
+  /// @tparam F callable as f(index_t item, int worker).
+  /// @param f the callable; must outlive every call through this reference.
   template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, ItemFunction>>>
   ItemFunction(F& f) noexcept  // NOLINT(google-explicit-constructor)
       : object_(static_cast<void*>(&f)), call_([](void* o, index_t item, int worker) {
           (*static_cast<F*>(o))(item, worker);
         }) {}
+  /// Calls f(item, worker). Bodies passed by run_items() never throw.
+  /// @param item the work item, in [0, n) of the run.
+  /// @param worker the calling worker's id, in [0, concurrency()).
   void operator()(index_t item, int worker) const { call_(object_, item, worker); }
 
  private:
@@ -49,16 +55,24 @@ class Executor {
   virtual ~Executor() = default;
   /// Number of distinct worker ids run() passes to a body: ids are in [0, concurrency()), and one
   /// worker runs one item at a time. The library sizes per-worker scratch by it (>= 1).
+  /// @return the worker count, >= 1 (run_items() throws sparse_attn::invalid_argument otherwise).
   virtual int concurrency() const noexcept = 0;
   /// Calls body(i, worker) exactly once for every i in [0, n), in any order and on any threads,
   /// and returns when every call has returned. Items are independent; the body never throws.
+  /// @param n number of items (>= 1 when called by run_items()).
+  /// @param body the item function; valid until run() returns.
   virtual void run(index_t n, ItemFunction body) = 0;
 };
 
-/// Runs every item on the calling thread, in index order.
+/// Runs every item on the calling thread, in index order. Stateless: one instance may serve any
+/// number of threads at once.
 class SerialExecutor final : public Executor {
  public:
+  /// @return 1 (the only worker id is 0).
   int concurrency() const noexcept override { return 1; }
+  /// Calls body(i, 0) for i = 0, 1, ..., n - 1 on the calling thread.
+  /// @param n number of items.
+  /// @param body the item function.
   void run(index_t n, ItemFunction body) override {
     for (index_t i = 0; i < n; ++i) body(i, 0);
   }
@@ -89,6 +103,14 @@ class ErrorCapture {
 /// rethrown here after every started item has finished (items not started are skipped). Throws
 /// invalid_argument if the executor reports concurrency() < 1 or passes a worker id outside
 /// [0, concurrency()).
+/// @tparam F callable as f(index_t i, int worker); may throw.
+/// @param executor runs the items; its run() is called once (not at all when n <= 0).
+/// @param n number of items; nothing happens when n <= 0.
+/// @param f the body; items must be independent (each writes only its own outputs).
+/// @throws sparse_attn::invalid_argument for the executor faults above; otherwise whatever the
+///         first failing item threw (under -fno-exceptions the error handler is called instead).
+/// Allocates nothing itself (one std::exception_ptr when an item throws). Thread safety: as safe
+/// as the executor and f; concurrent calls on one executor are fine for the library's executors.
 template <class F>
 void run_items(Executor& executor, index_t n, F&& f) {
   if (n <= 0) return;
@@ -120,6 +142,13 @@ void run_items(Executor& executor, index_t n, F&& f) {
 
 /// run_items() over [0, n) cut into chunks of `grain` consecutive indices: f(begin, end, worker).
 /// For loops whose single items are too cheap to schedule one by one.
+/// @tparam F callable as f(index_t begin, index_t end, int worker), the half-open range
+///           [begin, end).
+/// @param executor runs the ceil(n / grain) chunks.
+/// @param n number of indices; nothing happens when n <= 0.
+/// @param grain indices per chunk (the last chunk may be shorter); values < 1 are taken as 1.
+/// @param f the body.
+/// @throws as run_items().
 template <class F>
 void run_chunks(Executor& executor, index_t n, index_t grain, F&& f) {
   if (n <= 0) return;

@@ -4,7 +4,9 @@
 /// Little-endian, C order only. dtypes: '<f4' (float32), '<f2' (float16), '<i4', '<i8'.
 /// NumPy has no bfloat16: bf16 data travels as float32 and is rounded to bf16 by the consumer
 /// (the `sparse-attn` tool's `--kv-dtype bf16` rounds K/V to nearest even before the kernel).
-/// Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>").
+/// Every failure throws sparse_attn::invalid_argument("<path>: <what was wrong>"), I/O errors
+/// included (std::bad_alloc aside). Not included by sparse_attn.hpp. The functions share no
+/// state: concurrent calls on distinct files are safe.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -34,11 +36,20 @@
 #include "sparse_attn/core/tensor.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
+/// NumPy .npy reading and writing.
 namespace io {
 
-enum class NpyDtype { f4, f2, i4, i8 };
+/// The element types the .npy reader and writer handle.
+enum class NpyDtype {
+  f4,  ///< '<f4', float32 (float).
+  f2,  ///< '<f2', float16 (fp16).
+  i4,  ///< '<i4', int32.
+  i8   ///< '<i8', int64.
+};
 
 /// The descr string NumPy writes for a dtype ("<f4", ...).
+/// @param t the dtype.
+/// @return "<f4", "<f2", "<i4" or "<i8" ("?" outside the enum); a static string.
 inline const char* npy_descr(NpyDtype t) {
   switch (t) {
     case NpyDtype::f4:
@@ -52,6 +63,9 @@ inline const char* npy_descr(NpyDtype t) {
   }
   return "?";
 }
+/// The descr with its NumPy name, for messages.
+/// @param t the dtype.
+/// @return e.g. "'<f4' (float32)" ("?" outside the enum); a static string.
 inline const char* npy_dtype_label(NpyDtype t) {
   switch (t) {
     case NpyDtype::f4:
@@ -67,6 +81,8 @@ inline const char* npy_dtype_label(NpyDtype t) {
 }
 
 /// The NpyDtype stored for C++ element type T (float, fp16, int32_t, int64_t).
+/// @tparam T the element type; any other type is a compile error.
+/// @return its dtype.
 template <class T>
 constexpr NpyDtype npy_dtype_of() {
   if constexpr (std::is_same_v<T, float>)
@@ -81,6 +97,8 @@ constexpr NpyDtype npy_dtype_of() {
     static_assert(sizeof(T) == 0, "npy: element type must be float, fp16, int32_t or int64_t");
 }
 
+/// @param t the dtype.
+/// @return its element size in bytes (2, 4 or 8).
 inline std::size_t npy_itemsize(NpyDtype t) {
   return (t == NpyDtype::f2) ? 2 : (t == NpyDtype::f4 || t == NpyDtype::i4) ? 4 : 8;
 }
@@ -155,23 +173,30 @@ inline NpyExtent npy_extent(const std::string& where, const std::vector<index_t>
 
 /// A loaded array. Exactly one of the value vectors is filled, the one matching `dtype`.
 struct NpyArray {
-  std::string path;
-  NpyDtype dtype = NpyDtype::f4;
-  std::vector<index_t> shape;  ///< () for a 0-d array
-  std::vector<float> f4;
-  std::vector<fp16> f2;
-  std::vector<std::int32_t> i4;
-  std::vector<std::int64_t> i8;
+  std::string path;               ///< The file it was read from (prefix of error messages).
+  NpyDtype dtype = NpyDtype::f4;  ///< The stored element type.
+  std::vector<index_t> shape;  ///< Dimensions, C order; () for a 0-d array.
+  std::vector<float> f4;          ///< The values when dtype is f4, else empty.
+  std::vector<fp16> f2;           ///< The values when dtype is f2, else empty.
+  std::vector<std::int32_t> i4;   ///< The values when dtype is i4, else empty.
+  std::vector<std::int64_t> i8;   ///< The values when dtype is i8, else empty.
 
   /// The element count; throws (naming `path`) if `shape` could not be an array's (see
   /// detail::npy_extent), which never happens for an array read_npy returned.
+  /// @return the product of the dimensions (1 for a 0-d array). O(rank).
+  /// @throws sparse_attn::invalid_argument for an impossible shape (edited by the caller).
   index_t size() const {
     return static_cast<index_t>(detail::npy_extent(path, shape, npy_itemsize(dtype)).count);
   }
+  /// @return the number of dimensions.
   std::size_t rank() const { return shape.size(); }
+  /// @return the dtype's descr ("<f4", ...).
   const char* descr() const { return npy_descr(dtype); }
 
   /// The values when stored as T; throws if the file holds another dtype.
+  /// @tparam T float, fp16, int32_t or int64_t.
+  /// @return a reference to the matching vector (no copy).
+  /// @throws sparse_attn::invalid_argument when dtype is not T's.
   template <class T>
   const std::vector<T>& values() const {
     require(dtype == npy_dtype_of<T>(), path.c_str(), "dtype is '", descr(), "', expected '",
@@ -187,6 +212,8 @@ struct NpyArray {
   }
 
   /// float32 copy of a floating-point array ('<f4' or '<f2'); integer arrays are rejected.
+  /// @return the values widened to float (exact for fp16); allocates a copy.
+  /// @throws sparse_attn::invalid_argument for an integer dtype; std::bad_alloc.
   std::vector<float> to_float() const {
     if (dtype == NpyDtype::f4) return f4;
     require(dtype == NpyDtype::f2, path.c_str(), "dtype '", descr(),
@@ -197,9 +224,14 @@ struct NpyArray {
   }
 
   /// "(2, 3, 4)", as NumPy prints shapes.
+  /// @return the shape as text ("(5,)" for rank 1, "()" for rank 0).
   std::string shape_str() const { return detail::npy_shape_str(shape); }
 
   /// Throws unless the array has exactly `rank` dimensions; `what` names it ("Q", "index list").
+  /// @param want the required rank.
+  /// @param what the array's role, for the message.
+  /// @param layout the expected layout, for the message (e.g. "[heads, tokens, dim]").
+  /// @throws sparse_attn::invalid_argument when rank() != want.
   void require_rank(std::size_t want, const char* what, const char* layout) const {
     require(shape.size() == want, path.c_str(), what, " must have rank ", want, " ", layout,
             ", got shape ", shape_str(), " (rank ", shape.size(), ")");
@@ -391,6 +423,14 @@ inline std::string tmp_path_for(const std::string& path) {
 /// 2^63 - 1) and that the data is exactly size * itemsize bytes (truncated or over-long files are
 /// rejected). Nothing is allocated beyond what the file holds: sizes are checked against the file
 /// size first, and where it is unknown (a pipe) the data is read in bounded chunks.
+/// @param path the file (a regular file, or a pipe / character device).
+/// @param allowed the dtypes accepted (default: all four); '=' byte order is taken as '<'.
+/// @return the array.
+/// @throws sparse_attn::invalid_argument (message "<path>: ...") when the file is a directory,
+///         cannot be opened or read, has a bad magic, an unsupported version, a header longer
+///         than 16 MiB or malformed, a big-endian or not-allowed dtype, fortran_order True, an
+///         impossible shape, or data that is truncated or followed by trailing bytes;
+///         std::bad_alloc. O(file size).
 inline NpyArray read_npy(const std::string& path,
                          std::initializer_list<NpyDtype> allowed = {NpyDtype::f4, NpyDtype::f2,
                                                                     NpyDtype::i4, NpyDtype::i8}) {
@@ -527,6 +567,13 @@ inline NpyArray read_npy(const std::string& path,
 }
 
 /// Writes an .npy (format 1.0) to exactly `path` (no temp file; see write_npy for that).
+/// A failure may leave a partial file at `path`.
+/// @tparam T float, fp16, int32_t or int64_t.
+/// @param path the file, created or truncated.
+/// @param data the product of `shape` elements in C order (may be null when that is 0).
+/// @param shape the dimensions, each >= 0.
+/// @throws sparse_attn::invalid_argument when the shape is impossible (see NpyArray::size()),
+///         data is null for a non-empty array, or opening, writing or closing fails.
 template <class T>
 void write_npy_direct(const std::string& path, const T* data, const std::vector<index_t>& shape) {
   constexpr NpyDtype dt = npy_dtype_of<T>();
@@ -554,6 +601,9 @@ void write_npy_direct(const std::string& path, const T* data, const std::vector<
 
 /// Publishes the finished temp file `tmp` as `path` (atomic rename on POSIX). Removes tmp on
 /// failure.
+/// @param tmp the finished temporary file.
+/// @param path the destination (replaced if it exists).
+/// @throws sparse_attn::invalid_argument when the rename fails.
 inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
@@ -566,6 +616,12 @@ inline void commit_tmp_file(const std::string& tmp, const std::string& path) {
 
 /// Writes an .npy to `path + ".tmp.<pid>"` and renames it onto `path`, so readers never see a
 /// partial file and a failure leaves nothing behind (the temp file is removed).
+/// @tparam T float, fp16, int32_t or int64_t.
+/// @param path the destination.
+/// @param data the product of `shape` elements in C order (may be null when that is 0).
+/// @param shape the dimensions, each >= 0.
+/// @throws as write_npy_direct() and commit_tmp_file(), with messages naming `path`. Two writers of
+///         one path from one process use the same temporary name: serialise them.
 template <class T>
 void write_npy(const std::string& path, const T* data, const std::vector<index_t>& shape) {
   // Checked here too, so the message names `path`, not the temporary file.
@@ -583,6 +639,13 @@ void write_npy(const std::string& path, const T* data, const std::vector<index_t
   commit_tmp_file(tmp, path);
 }
 
+/// write_npy() of a vector whose size must equal the shape's element count.
+/// @tparam T float, fp16, int32_t or int64_t.
+/// @param path the destination.
+/// @param values the elements in C order.
+/// @param shape the dimensions.
+/// @throws sparse_attn::invalid_argument when values.size() differs from the shape's count, or as
+///         write_npy(const std::string&, const T*, const std::vector<index_t>&).
 template <class T>
 void write_npy(const std::string& path, const std::vector<T>& values,
                const std::vector<index_t>& shape) {

@@ -31,6 +31,7 @@
 /// Causality: new token t sits at position n_k - n_q + t and sees keys j <= that position.
 /// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in a row's query or in the K row of a key it reads
 /// makes the row NaN (and its LSE); a non-finite V element reaches only the rows that read its key.
+/// See docs/DESIGN.md, sections "Plan / run, workspace, executor" and "Key mass output".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -48,8 +49,8 @@ SPARSE_ATTN_NAMESPACE_BEGIN
 /// Decode options; AttentionOptions::precision picks the products (bf16 ones by default when q, K
 /// and V are all bf16: vdpbf16ps on AVX512-BF16 CPUs, the same roundings emulated elsewhere).
 struct DecodeOptions : AttentionOptions {
-  bool causal = true;
-  index_t split = 512;  ///< keys per split-KV chunk (>= 16)
+  bool causal = true;   ///< New token t sees only keys j <= n_k - n_q + t.
+  index_t split = 512;  ///< Keys per split-KV chunk (>= 16); fixes the result bits, not threads.
 };
 
 class DecodePlan;
@@ -58,19 +59,28 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
             const KeySelection& keys, Workspace workspace, const DecodeOptions& opt = {});
 
 /// What plan_decode() decided: the (row group, chunk) items, the CPU target, the workspace size.
+/// Holds O(units + items) indices; immutable once made, so one plan may serve concurrent runs
+/// (each with its own workspace and output).
 class DecodePlan {
  public:
+  /// @return the shape the plan was made for.
   const AttentionShape& shape() const { return shape_; }
+  /// @return the CPU target the runs use (cpu_target() at plan time).
   CpuTarget target() const { return target_; }
+  /// @return the workers the workspace is sized for (the executor's concurrency at plan time).
   int workers() const { return workers_; }
+  /// @return the number of (unit, chunk) work items.
   index_t num_items() const { return static_cast<index_t>(items_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
+  /// @return the size, at most kMaxBytes.
   std::size_t workspace_bytes() const {
     return partial_bytes_ + map_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
   }
   /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
+  /// @return true when runs may request key mass.
   bool key_mass() const { return key_mass_; }
   /// Whether q.k and p.v use bf16 products (AttentionOptions::precision and the element types).
+  /// @return true for bf16 products.
   bool bf16_products() const { return bf16_; }
 
  private:
@@ -92,15 +102,25 @@ class DecodePlan {
   index_t split_ = 512;
   index_t units_ = 0, R_ = 0, Rp_ = 0, dp_ = 0, dvp_ = 0;
   std::vector<Item> items_;
-  std::vector<index_t> first_item_;  ///< items of unit u: [first_item[u], first_item[u + 1])
-  std::vector<index_t> unit_keys_;   ///< keys read by each unit
-  std::vector<index_t> item_logits_;  ///< key mass: offset (floats) of each item's [R][ld] logits
-  index_t mass_logits_ = 0;           ///< key mass: floats of all items' logits
+  std::vector<index_t> first_item_;  // items of unit u: [first_item[u], first_item[u + 1])
+  std::vector<index_t> unit_keys_;   // keys read by each unit
+  std::vector<index_t> item_logits_;  // key mass: offset (floats) of each item's [R][ld] logits
+  index_t mass_logits_ = 0;           // key mass: floats of all items' logits
   std::size_t partial_bytes_ = 0, map_bytes_ = 0, scratch_bytes_ = 0, mass_bytes_ = 0;
 };
 
 namespace kernel {
+/// @param x a count, >= 0.
+/// @param m the multiple, >= 1.
+/// @return x rounded up to a multiple of m (unchecked for overflow).
 inline index_t pad_to(index_t x, index_t m) { return (x + m - 1) / m * m; }
+/// Lays out one worker's decode scratch (sizing carver in the plan, the worker's workspace slice in
+/// the run). Allocates nothing, never throws.
+/// @param c the carver.
+/// @param Rp padded rows of a row group.
+/// @param d head dimension of Q and K.
+/// @param dv head dimension of V.
+/// @return the scratch pointers (all null from a sizing carver).
 inline arch::DecodeScratch carve_decode_scratch(arch::Carver& c, index_t Rp, index_t d, index_t dv) {
   // Padded to the widest target's lanes and sized for 4-byte K/V: fits every target and dtype.
   return arch::DecodeScratch::carve(c, Rp, d, pad_to(d, arch::kMaxLanes),
@@ -110,6 +130,17 @@ inline arch::DecodeScratch carve_decode_scratch(arch::Carver& c, index_t Rp, ind
 
 /// Plans a decode of `shape` over `keys` (see the file comment). Throws invalid_argument on
 /// inconsistent shapes, selection or options, or when the CPU target is unusable.
+/// @param shape the call's shape (attention_shape(q, k, v)); n_k is the cache length now.
+/// @param keys the selection; validated against n_k and the head counts.
+/// @param opt split, causal, precision, executor (its concurrency sizes the workspace), key_mass
+///        (data only decides whether to size for it); scale and lse are not used by the plan.
+/// @return the plan.
+/// @throws sparse_attn::invalid_argument when validate_shape() fails, split < 16, the selection
+///         does not fit (KeySelection::validate), num_threads < 0, the key-mass view is invalid,
+///         the precision is not possible for the element types, the executor's concurrency < 1,
+///         the workspace would exceed kMaxBytes, or SPARSE_ATTN_TARGET names an unusable target;
+///         std::bad_alloc.
+/// O(units + items + ranges); no K/V access. Safe to call concurrently.
 inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& keys = KeySelection::all(),
                               const DecodeOptions& opt = {}) {
   constexpr const char* where = "decode";
@@ -182,6 +213,25 @@ inline DecodePlan plan_decode(const AttentionShape& shape, const KeySelection& k
 /// a paged cache. Allocates nothing; `workspace` holds plan.workspace_bytes() bytes, 64-byte
 /// aligned. Throws invalid_argument before writing anything when the views, selection, options,
 /// workspace or executor do not match the plan; an executor's exception leaves out untouched.
+/// @param plan from plan_decode() for this shape, selection lengths, options and target.
+/// @param q [Hq, n_q, d] TensorView, any strides, fp32/bf16/fp16.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView, fp32/bf16/fp16.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, non-aliasing, fp32/bf16/fp16.
+/// @param keys the selection: the plan's scope and per-unit key counts. Its ranges are not
+///        re-validated here (plan_decode() validated the plan's selection): pass the one the
+///        plan was made with, or one that passes keys.validate(n_k, Hq, Hkv, ...).
+/// @param workspace at least plan.workspace_bytes() bytes, 64-byte aligned, not shared with a
+///        concurrent run.
+/// @param opt the plan's options (causal, split, precision equal; key_mass only if planned;
+///        executor concurrency <= plan.workers()); scale and lse may differ from plan time.
+/// @throws sparse_attn::invalid_argument when a view is invalid, the shape, causal, split,
+///         precision or selection scope or lengths differ from the plan's, scale is not NaN and
+///         not finite and > 0, key_mass is invalid or not planned, the workspace is too small,
+///         misaligned or null, or the executor's concurrency exceeds the plan's.
+/// @par Complexity
+/// O(Hq x n_q x selected keys x (d + dv)) flops over the executor, plus O(rows x items x dv) for
+/// the merge.
 template <class QV, class KV, class VV, class OV>
 void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const OV& out,
             const KeySelection& keys, Workspace workspace, const DecodeOptions& opt) {
@@ -319,6 +369,14 @@ void decode(const DecodePlan& plan, const QV& q, const KV& k, const VV& v, const
 }
 
 /// One-call decode: plan_decode + a workspace allocated for this call + run (see both).
+/// @param q [Hq, n_q, d] TensorView, any strides.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, non-aliasing.
+/// @param keys the selection (default: every key).
+/// @param opt options.
+/// @throws as plan_decode() and decode(const DecodePlan&, ...); std::bad_alloc for the plan and the
+///         workspace (the only allocations). Safe to call concurrently on distinct outputs.
 template <class QV, class KV, class VV, class OV>
 void decode(const QV& q, const KV& k, const VV& v, const OV& out,
             const KeySelection& keys = KeySelection::all(), const DecodeOptions& opt = {}) {

@@ -31,6 +31,8 @@
 /// empty row.
 /// Non-finite inputs (docs/ROBUSTNESS.md): a NaN in q_i or in the K row of a key row i may see makes
 /// row i NaN (and its LSE); a non-finite V element reaches only the rows allowed to see its key.
+/// See docs/DESIGN.md, sections "Plan / run, workspace, executor", "Key mass output" and
+/// "Precision and the bf16 products".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -51,6 +53,7 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
+/// Options of a prefill call (the common AttentionOptions).
 using PrefillOptions = AttentionOptions;
 
 class PrefillPlan;
@@ -62,21 +65,31 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
 
 /// What plan_prefill() decided: the work items in execution order, the CPU target, and the
 /// workspace size. Cheap to copy; holds O(items + partial blocks) indices.
+/// Immutable once made: one plan may serve concurrent runs (each with its own workspace and
+/// output).
 class PrefillPlan {
  public:
+  /// @return the shape the plan was made for.
   const AttentionShape& shape() const { return shape_; }
+  /// @return the mask geometry the plan was made for.
   const MaskShape& mask_shape() const { return mask_shape_; }
+  /// @return the CPU target the runs use (cpu_target() at plan time).
   CpuTarget target() const { return target_; }
   /// Workers the workspace is sized for (the executor's concurrency at plan time).
+  /// @return the worker count, >= 1.
   int workers() const { return workers_; }
+  /// @return the number of work items (KV head x query-block group); 0 when nothing to compute.
   index_t num_items() const { return static_cast<index_t>(order_.size()); }
   /// Bytes of workspace a run needs (64-byte aligned).
+  /// @return the size, at most kMaxBytes.
   std::size_t workspace_bytes() const {
     return bits_bytes_ + pack_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
   }
   /// Whether Q K^T and P V use bf16 products (AttentionOptions::precision and the element types).
+  /// @return true for bf16 products.
   bool bf16_products() const { return bf16_; }
   /// Whether the plan was made with a key-mass output (AttentionOptions::key_mass).
+  /// @return true when runs may request key mass.
   bool key_mass() const { return key_mass_; }
 
  private:
@@ -94,28 +107,41 @@ class PrefillPlan {
   CpuTarget target_ = CpuTarget::generic;
   int workers_ = 1;
   index_t ldq_ = 0, bk_ = 0;
-  index_t tiles_ = 1;  ///< query blocks per work item (see plan_prefill)
+  index_t tiles_ = 1;  // query blocks per work item (see plan_prefill)
   bool key_mass_ = false;
   Precision precision_ = Precision::automatic;
   bool bf16_ = false;
-  /// bf16 products with native dot products: V packed as pairs once per call, per (KV head, key
-  /// block): pack_words_ 32-bit words each, then one non-finite flag byte per block.
+  // bf16 products with native dot products: V packed as pairs once per call, per (KV head, key
+  // block): pack_words_ 32-bit words each, then one non-finite flag byte per block.
   index_t pack_words_ = 0;
   std::size_t pack_bytes_ = 0;
-  index_t mass_row_begin_ = 0, mass_ld_ = 0;  ///< key mass: first row counted, kept rows per tile (padded)
-  std::size_t mass_bytes_ = 0;                ///< key mass: the fixed-point sums [Hkv][n_k]
-  std::vector<index_t> order_;  ///< items (hk * groups + query block group), heaviest first
+  index_t mass_row_begin_ = 0, mass_ld_ = 0;  // key mass: first row counted, kept rows per tile (padded)
+  std::size_t mass_bytes_ = 0;                // key mass: the fixed-point sums [Hkv][n_k]
+  std::vector<index_t> order_;  // items (hk * groups + query block group), heaviest first
   std::size_t scratch_bytes_ = 0, bits_bytes_ = 0;
-  /// Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
-  /// element bits run() evaluates into the workspace before any output is written.
+  // Masks whose predicate may throw: partial key blocks of each mask row (h * nqb + qb), whose
+  // element bits run() evaluates into the workspace before any output is written.
   bool precompute_ = false;
-  index_t bit_words_ = 0;  ///< 64-bit words per partial block (block_q x block_k bits)
+  index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
   std::vector<index_t> partial_offsets_;
   std::vector<std::int32_t> partial_blocks_;
 };
 
 namespace kernel {
 /// Lays out one worker's scratch for items of `tiles` query blocks of the G heads.
+/// Used twice with the same arguments: by the plan with a sizing Carver (no memory), and by the run
+/// over the worker's slice of the workspace. Allocates nothing, never throws.
+/// @param c the carver that hands out 64-byte aligned parts.
+/// @param G query heads per KV head.
+/// @param tiles query blocks per work item.
+/// @param d head dimension of Q and K.
+/// @param dv head dimension of V.
+/// @param ldq query rows of a tile, padded to the micro-kernel's tile height.
+/// @param bk key block size used (block_k clipped to n_k).
+/// @param nkb number of key blocks.
+/// @param mass_ld kept logit rows per tile for key mass (0: no key mass).
+/// @param n_k keys (key-mass scratch only).
+/// @return the scratch pointers (all null from a sizing carver).
 inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, index_t tiles, index_t d,
                                                   index_t dv, index_t ldq, index_t bk, index_t nkb,
                                                   index_t mass_ld = 0, index_t n_k = 0) {
@@ -153,24 +179,43 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
   return w;
 }
 
+/// True when Mask::allowed_in_block is noexcept: the run then calls it inline; otherwise the plan
+/// reserves bits and the run evaluates the partial blocks first (exception safety).
 template <class Mask>
 inline constexpr bool kPredicateNoexcept =
     noexcept(std::declval<const Mask&>().allowed_in_block(index_t{}, index_t{}, index_t{}));
 }  // namespace kernel
 
 /// A mask whose element predicate was evaluated into bits (PrefillPlan's partial blocks): the
-/// kernel reads bits instead of calling a predicate that may throw.
+/// kernel reads bits instead of calling a predicate that may throw. Made by prefill() itself;
+/// holds references only (to the mask, the plan and the workspace bits).
+/// @tparam Mask the wrapped mask type.
 template <class Mask>
 class PrecomputedMask {
  public:
+  /// @param inner the mask; its block lists must be the plan's.
+  /// @param plan the plan whose partial-block lists index the bits.
+  /// @param bits block_q x block_k bits per partial block, in the plan's order.
   PrecomputedMask(const Mask& inner, const PrefillPlan& plan, const std::uint64_t* bits)
       : inner_(inner), plan_(plan), bits_(bits) {}
+  /// @return the inner mask's geometry.
   const MaskShape& shape() const { return inner_.shape(); }
+  /// @return the inner mask's head_shared().
   bool head_shared() const { return inner_.head_shared(); }
+  /// The inner mask's block list of row (h, qb).
+  /// @param h query head.
+  /// @param qb query block.
+  /// @param f called as f(index_t kb, bool full).
   template <class F>
   void for_each_block(index_t h, index_t qb, F&& f) const {
     inner_.for_each_block(h, qb, std::forward<F>(f));
   }
+  /// The precomputed element test, O(log partial blocks of the row); only valid for elements of
+  /// the row's listed partial blocks.
+  /// @param h query head.
+  /// @param qi query index.
+  /// @param kj key index.
+  /// @return the inner predicate's answer, as evaluated before the run.
   bool allowed_in_block(index_t h, index_t qi, index_t kj) const noexcept {
     const MaskShape& s = plan_.mask_shape_;
     const index_t row = (plan_.head_shared_ ? 0 : h) * s.num_q_blocks() + qi / s.block_q;
@@ -191,6 +236,18 @@ class PrecomputedMask {
 /// Plans a prefill of `shape` under `mask` (see the file comment). Throws invalid_argument on
 /// inconsistent shapes, mask geometry or options, or when the CPU target is unusable.
 /// Complexity O(Hkv x query blocks x listed blocks per row); allocates the plan's index arrays.
+/// @tparam Mask any type of the mask interface (mask/block_mask.hpp).
+/// @param shape the call's shape (attention_shape(q, k, v)).
+/// @param mask the mask; its geometry must be [Hq, n_q, n_k]. Only its block lists are read (and,
+///        for a predicate that may throw, which blocks are partial).
+/// @param opt executor (its concurrency sizes the workspace), precision, key_mass (data and
+///        row_begin; the memory is not touched); scale and lse are not used by the plan.
+/// @return the plan.
+/// @throws sparse_attn::invalid_argument when validate_shape() fails, the mask geometry differs
+///         from the shape, num_threads < 0, the key-mass view is invalid, the precision is not
+///         possible for the element types, the executor's concurrency < 1, the workspace would
+///         exceed kMaxBytes, or SPARSE_ATTN_TARGET names an unusable target; std::bad_alloc.
+/// Thread safety: safe to call concurrently (mask and options are only read).
 template <class Mask>
 PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const AttentionOptions& opt) {
   constexpr const char* where = "prefill";
@@ -294,6 +351,26 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
 /// concurrent runs need distinct workspaces and outputs. Throws invalid_argument (views, options,
 /// workspace or executor not matching the plan) before writing anything, and rethrows an
 /// exception of the mask's predicate or of the executor with out and LSE untouched.
+/// @param plan from plan_prefill() for this shape, mask block lists, options and target.
+/// @param q [Hq, n_q, d] TensorView, any strides, fp32/bf16/fp16.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView, fp32/bf16/fp16.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, any non-aliasing strides, fp32/bf16/fp16 (rounded once).
+/// @param mask the mask the plan was made with (or one with identical block lists); only its
+///        geometry and head sharing are checked against the plan.
+/// @param workspace at least plan.workspace_bytes() bytes, 64-byte aligned, not shared with a
+///        concurrent run.
+/// @param opt the plan's options: precision must match, key_mass.row_begin must be >= the plan's
+///        (and key_mass needs a plan made with it), executor concurrency <= plan.workers(); scale
+///        and lse may differ from plan time.
+/// @throws sparse_attn::invalid_argument when a view is invalid, the views' shape or the mask's
+///         geometry differs from the plan's, the precision differs, scale is not NaN and not
+///         finite and > 0, key_mass is invalid or not planned, the workspace is too small,
+///         misaligned or null, or the executor's concurrency exceeds the plan's; what the
+///         predicate or the executor throws.
+/// @par Complexity
+/// O(Hq x (listed blocks x block_q x block_k x (d + dv))) flops over the executor; key mass adds
+/// O(Hkv x n_k).
 template <class QV, class KV, class VV, class OV, class Mask>
 void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, const OV& out,
              const Mask& mask, Workspace workspace, const AttentionOptions& opt) {
@@ -417,6 +494,14 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
 }
 
 /// One-call prefill: plan_prefill + a workspace allocated for this call + run (see both).
+/// @param q [Hq, n_q, d] TensorView, any strides, fp32/bf16/fp16.
+/// @param k [Hkv, n_k, d] TensorView or kv::PagedView.
+/// @param v [Hkv, n_k, dv] same kind as k.
+/// @param out [Hq, n_q, dv] TensorView, non-aliasing.
+/// @param mask the mask, geometry [Hq, n_q, n_k].
+/// @param opt options.
+/// @throws as plan_prefill() and prefill(const PrefillPlan&, ...); std::bad_alloc for the plan and
+///         the workspace (the only allocations). Safe to call concurrently on distinct outputs.
 template <class QV, class KV, class VV, class OV, class Mask>
 void prefill(const QV& q, const KV& k, const VV& v, const OV& out, const Mask& mask,
              const AttentionOptions& opt = {}) {

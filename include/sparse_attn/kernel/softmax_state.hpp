@@ -10,6 +10,7 @@
 /// A partial result over a key subset K_a is (o_a, lse_a) with o_a = sum_{j in K_a} e^{s_j} v_j /
 /// sum_{j in K_a} e^{s_j} and lse_a = log sum_{j in K_a} e^{s_j}. For disjoint subsets the union is
 /// o = w_a o_a + w_b o_b with w_x = e^{lse_x - lse}, lse = log(e^{lse_a} + e^{lse_b}).
+/// See docs/DESIGN.md, section "Online softmax".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
@@ -23,24 +24,33 @@
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
+/// -infinity as float: the logit of a masked key and the LSE of a row that attends no key.
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 /// Running softmax statistics of one row: m (max logit so far; -inf while every logit was -inf)
 /// and l = sum of e^{s - m}. A NaN logit is not a masked one: m ignores it, l becomes NaN, and the
 /// row's output and LSE come out NaN (docs/ROBUSTNESS.md).
+///
+/// A plain 8-byte value; O(1) state, no allocation. Not synchronised: one row per thread.
 struct OnlineSoftmax {
-  float m = kNegInf;  ///< running max of the logits
-  float l = 0.0f;     ///< running sum of e^{s - m}
+  float m = kNegInf;  ///< Running max of the logits.
+  float l = 0.0f;     ///< Running sum of e^{s - m}.
+
 
   /// What one update did: alpha = e^{m_old - m_new} (the factor for the row's accumulator), and
   /// whether the row has any weight so far (false: every logit was -inf, nothing to accumulate).
   struct Step {
-    float alpha;
-    bool live;
+    float alpha;  ///< e^{m_old - m_new}: multiply the row's accumulator by it before adding.
+    bool live;    ///< False while every logit of the row was -inf (nothing to accumulate).
   };
 
   /// Folds in n logits x[0], x[stride], ..., replacing each by its weight e^{x - m_new} (0 for
   /// -inf). A row with every logit -inf so far keeps m = -inf and gets weights 0, alpha 1.
+  /// @param x n logits (scaled, natural units), overwritten with their weights e^{x - m_new}.
+  /// @param n number of logits, >= 0.
+  /// @param stride floats between consecutive logits.
+  /// @return the rescale factor for the accumulator and whether the row is live.
+  /// O(n) exps, never throws.
   Step update(float* x, index_t n, index_t stride = 1) {
     float mx = kNegInf;
     bool nan = false;
@@ -69,6 +79,8 @@ struct OnlineSoftmax {
   /// Folds in another state over a disjoint key subset: returns the weights (w_this, w_other) by
   /// which the two accumulators combine (acc = w_this acc_this + w_other acc_other). A state that
   /// saw no key (m = -inf, l = 0) gets weight 0; a NaN l is kept (it poisons the row).
+  /// @param o the state over the other key subset.
+  /// @return (w_this, w_other). Never throws.
   std::pair<float, float> merge(const OnlineSoftmax& o) {
     const bool empty_this = m == kNegInf && l == 0.0f, empty_other = o.m == kNegInf && o.l == 0.0f;
     if (empty_other) return {1.0f, 0.0f};
@@ -84,14 +96,22 @@ struct OnlineSoftmax {
     return {wa, wb};
   }
 
-  /// 1 / l, or 0 for a row that saw no key (l = 0); NaN for a poisoned row.
+  /// @return 1 / l, or 0 for a row that saw no key (l = 0); NaN for a poisoned row.
   float inv_sum() const { return l != 0.0f ? 1.0f / l : 0.0f; }
-  /// Natural log-sum-exp of the logits seen: m + log l, -inf for an empty row.
+  /// @return the natural log-sum-exp of the logits seen: m + log l, -inf for an empty row.
   float lse() const { return l != 0.0f ? m + std::log(l) : kNegInf; }
 };
 
 /// Merges (o_b, lse_b) into (o_a, lse_a) in place for one row of d values. An empty subset has
 /// lse = -inf (its o is ignored); merging two empty subsets leaves o_a = 0, lse_a = -inf.
+/// @param o_a d floats (stride stride_a), the result over subset a; receives the merged row.
+/// @param lse_a natural LSE of subset a; receives the merged LSE.
+/// @param o_b d floats (stride stride_b), the result over subset b.
+/// @param lse_b natural LSE of subset b.
+/// @param d number of channels.
+/// @param stride_a floats between channels of o_a.
+/// @param stride_b floats between channels of o_b.
+/// O(d), never throws, allocates nothing.
 inline void merge_state(float* o_a, float& lse_a, const float* o_b, float lse_b, index_t d,
                         index_t stride_a = 1, index_t stride_b = 1) {
   if (lse_b == kNegInf) {
@@ -115,6 +135,15 @@ inline void merge_state(float* o_a, float& lse_a, const float* o_b, float lse_b,
 
 /// Merges whole partial results: (out_a, lse_a) <- merge((out_a, lse_a), (out_b, lse_b)), for
 /// attention over two disjoint key subsets of the same queries. Shapes must match.
+/// @param out_a [H, n, d] fp32 view, any strides; receives the merged result.
+/// @param lse_a [H, n] natural LSE of out_a; updated in place.
+/// @param out_b [H, n, d] fp32 view, any strides.
+/// @param lse_b [H, n] natural LSE of out_b.
+/// @param exec executor (default: OpenMP or the calling thread).
+/// @throws sparse_attn::invalid_argument when a view is invalid (validate_view; out_a must not
+///         alias itself), the shapes differ, an LSE view is null, or exec.num_threads < 0.
+/// O(H n d), allocates nothing; rows run in parallel on the executor. The LSE views and the
+/// overlap of out_a with out_b are not checked.
 inline void merge_states(TensorView<float> out_a, LseView lse_a, TensorView<const float> out_b,
                          LseView lse_b, const ExecutorChoice& exec = {}) {
   validate_view(out_a, "merge_states: out_a", true);

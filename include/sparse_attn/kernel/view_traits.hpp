@@ -9,6 +9,9 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace kernel {
 
+/// True (std::true_type) when V is a TensorView, whose rows may be read in place; false for the
+/// other K/V view types (kv::PagedView).
+/// @tparam V a K/V view type.
 template <class V>
 struct is_tensor_view : std::false_type {};
 template <class T>
