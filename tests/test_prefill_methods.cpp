@@ -714,19 +714,18 @@ TEST(VerticalSlash, ExactMaskFollowsDefinitionAndListsOnlyUsedBlocks) {
   Problem<float> p(2, 2, 455, 455, 16, 21);
   const auto sel = vs_exact(p, 37, 90);
   const auto& m = sel.mask;
-  const auto& pred = m.predicate();
   for (index_t h = 0; h < 2; ++h) {
     index_t cols = 0, offs = 0;
     for (index_t j = 0; j < 455; ++j) {
-      cols += pred.is_column(h, j);
-      offs += pred.is_offset(h, j);
+      cols += m.is_column(h, j);
+      offs += m.is_offset(h, j);
     }
     EXPECT_EQ(cols, 37);
     EXPECT_EQ(offs, 90);
     const auto d = sa::to_dense(m, h);
     for (index_t i = 0; i < 455; ++i)
       for (index_t j = 0; j < 455; ++j)
-        ASSERT_EQ(d(i, j), j <= i && (pred.is_column(h, j) || pred.is_offset(h, i - j)));
+        ASSERT_EQ(d(i, j), j <= i && (m.is_column(h, j) || m.is_offset(h, i - j)));
     for (index_t qb = 0; qb < m.shape().num_q_blocks(); ++qb)
       for (index_t kb : blocks_of(m, h, qb)) {
         bool any = false;
@@ -766,7 +765,7 @@ TEST(VerticalSlash, PicksPlantedHeavyColumn) {
   Problem<float> p(2, 2, 800, 800, 16, 24);
   p.plant_column(333, 40.0f);
   const auto m = vs_exact(p, 5, 64).mask;
-  for (index_t h = 0; h < 2; ++h) EXPECT_TRUE(m.predicate().is_column(h, 333));
+  for (index_t h = 0; h < 2; ++h) EXPECT_TRUE(m.is_column(h, 333));
 }
 
 TEST(VerticalSlash, CompressionOneMatchesDenseKernel) {
@@ -829,8 +828,12 @@ TEST(VerticalSlash, SelectionIsDeterministic) {
   const auto a = sm::VerticalSlash{}.select(p.qv(), p.kv(), Budget::compression(2.0));
   const auto b = sm::VerticalSlash{}.select(p.qv(), p.kv(), Budget::compression(2.0), threads(1));
   expect_same_mask(a.mask, b.mask);
-  EXPECT_EQ(a.mask.predicate().columns, b.mask.predicate().columns);
-  EXPECT_EQ(a.mask.predicate().offsets, b.mask.predicate().offsets);
+  for (index_t h = 0; h < 4; ++h) {
+    ASSERT_EQ(a.mask.num_columns(h), b.mask.num_columns(h));
+    ASSERT_EQ(a.mask.num_offsets(h), b.mask.num_offsets(h));
+    EXPECT_TRUE(std::equal(a.mask.columns(h), a.mask.columns(h) + a.mask.num_columns(h), b.mask.columns(h)));
+    EXPECT_TRUE(std::equal(a.mask.offsets(h), a.mask.offsets(h) + a.mask.num_offsets(h), b.mask.offsets(h)));
+  }
 }
 
 TEST(VerticalSlash, KernelMatchesOracleExactAndTiled) {
@@ -850,6 +853,53 @@ TEST(VerticalSlash, KernelMatchesOracleExactAndTiled) {
     Problem<float> p(4, 2, 150, 431, 32, 32);  // suffix queries
     expect_matches_oracle(p, vs_exact(p, 10, 70).mask);
   }
+}
+
+// The same pairs as block lists with an element predicate (the generic kernel path): every
+// listed block partial, each element tested by the line mask's own test.
+struct LinePredicate {
+  static constexpr bool trivial = false;
+  const sa::LineMask* m;
+  bool operator()(index_t h, index_t qi, index_t kj) const noexcept { return m->allowed_in_block(h, qi, kj); }
+};
+sa::BlockListMask<LinePredicate> as_block_list(const sa::LineMask& m) {
+  sa::BlockListBuilder b(m.shape(), false);
+  for (index_t h = 0; h < m.shape().heads; ++h)
+    for (index_t qb = 0; qb < m.shape().num_q_blocks(); ++qb) b.set_row(h, qb, blocks_of(m, h, qb));
+  return b.build(LinePredicate{&m});
+}
+
+// The line execution (gathered columns, diagonals) computes the pairs the element-tested block
+// execution computes, to fp32 rounding: same pair count, same outputs and LSE (GQA, suffix
+// queries, odd lengths, a block that does not divide n, fp32 and bf16 inputs, bf16 products).
+TEST(VerticalSlash, LineExecutionEqualsBlockPredicateExecution) {
+  auto check = [](const auto& p, index_t nv, index_t ns, index_t block, sa::Precision prec) {
+    sm::VerticalSlash m;
+    m.block = block;
+    const auto sel = m.select(p.qv(), p.kv(), Budget::count(nv + ns));
+    const sa::LineMask& lm = sel.mask;
+    const auto bl = as_block_list(lm);
+    ASSERT_EQ(bl.pairs(), lm.pairs());
+    ASSERT_EQ(sa::count_pairs(lm), lm.pairs());
+    const auto n = static_cast<std::size_t>(p.hq * p.n_q * p.d);
+    std::vector<float> a(n, -1.0f), b(n, -2.0f), la(static_cast<std::size_t>(p.hq * p.n_q)),
+        lb(la.size());
+    sa::AttentionOptions opt;
+    opt.precision = prec;
+    opt.lse = sa::LseView{la.data(), p.n_q};
+    sa::prefill(p.qv(), p.kv(), p.vv(), sa::TensorView<float>(a.data(), p.hq, p.n_q, p.d), lm, opt);
+    opt.lse = sa::LseView{lb.data(), p.n_q};
+    sa::prefill(p.qv(), p.kv(), p.vv(), sa::TensorView<float>(b.data(), p.hq, p.n_q, p.d), bl, opt);
+    EXPECT_LT(rel_l2(a, b), prec == sa::Precision::bfloat16 ? 1e-2 : 2e-6);
+    for (std::size_t i = 0; i < la.size(); ++i) ASSERT_NEAR(la[i], lb[i], 1e-3) << i;
+    if (prec != sa::Precision::bfloat16) expect_matches_oracle(p, lm);
+  };
+  check(Problem<float>(4, 2, 389, 389, 32, 41), 30, 90, 64, sa::Precision::float32);
+  check(Problem<float>(2, 1, 150, 431, 24, 42), 12, 70, 64, sa::Precision::float32);  // suffix
+  check(Problem<float>(3, 3, 277, 300, 16, 43), 40, 100, 37, sa::Precision::float32);  // odd block
+  check(Problem<sa::bf16>(4, 1, 333, 333, 32, 44), 50, 80, 64, sa::Precision::float32);
+  check(Problem<sa::bf16>(4, 2, 257, 257, 32, 45), 50, 80, 64, sa::Precision::bfloat16);
+  check(Problem<float>(2, 2, 200, 200, 16, 46), 200, 200, 64, sa::Precision::float32);  // dense
 }
 
 TEST(VerticalSlash, RejectsInvalidOptions) {

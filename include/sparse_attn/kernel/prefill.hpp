@@ -50,6 +50,7 @@
 #include "sparse_attn/kernel/softmax_state.hpp"
 #include "sparse_attn/kernel/workspace.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/mask/line_mask.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 
@@ -83,7 +84,8 @@ class PrefillPlan {
   /// Bytes of workspace a run needs (64-byte aligned).
   /// @return the size, at most kMaxBytes.
   std::size_t workspace_bytes() const {
-    return bits_bytes_ + pack_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_;
+    return bits_bytes_ + pack_bytes_ + scratch_bytes_ * static_cast<std::size_t>(workers_) + mass_bytes_ +
+           line_bytes_;
   }
   /// Whether Q K^T and P V use bf16 products (AttentionOptions::precision and the element types).
   /// @return true for bf16 products.
@@ -125,6 +127,12 @@ class PrefillPlan {
   index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
   std::vector<index_t> partial_offsets_;
   std::vector<std::int32_t> partial_blocks_;
+  // Line masks (LineMask): items are (query head, query block), grouped by KV head; the
+  // workspace ends with one KV head's K and V transposed ([d + dv][ldt] floats, key j at column
+  // pad + j), one non-finite flag byte per key chunk, then the gathered column rows of every
+  // head ([columns][d] K, then [columns][dv] V).
+  index_t line_columns_ = 0, line_ldt_ = 0, line_pad_ = 0;
+  std::size_t line_bytes_ = 0;
 };
 
 namespace kernel {
@@ -178,6 +186,36 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
   }
   return w;
 }
+
+/// True for masks the kernel executes as lines (LineMask: gathered columns and diagonals)
+/// instead of key blocks.
+template <class Mask>
+inline constexpr bool kIsLineMask = std::is_same_v<Mask, LineMask>;
+
+/// Key chunk of the line masks' transposition and tiles (their `chunk`), at most kMaxTileQ.
+inline constexpr index_t kLineChunk = 64;
+
+/// Lays out the line-mask part of the workspace (see PrefillPlan): transposed K and V, the
+/// non-finite flags, the gathered rows. Used by the plan (sizing carver) and the run.
+struct LineRegions {
+  float* kvt = nullptr;           ///< [d + dv][ldt] one KV head's transposed K then V
+  std::uint8_t* bad = nullptr;    ///< [chunks]: the chunk's V holds an inf or NaN
+  float* kg = nullptr;            ///< [columns][d] gathered K rows
+  float* vg = nullptr;            ///< [columns][dv] gathered V rows
+  /// Carves the regions.
+  /// @param c the carver.
+  /// @param d K head dim.
+  /// @param dv V head dim.
+  /// @param ldt transposed row stride.
+  /// @param chunks key chunks per KV head.
+  /// @param columns gathered rows of every head.
+  LineRegions(arch::Carver& c, index_t d, index_t dv, index_t ldt, index_t chunks, index_t columns) {
+    kvt = c.take<float>((d + dv) * ldt);
+    bad = c.take<std::uint8_t>(chunks);
+    kg = c.take<float>(columns * d);
+    vg = c.take<float>(columns * dv);
+  }
+};
 
 /// True when Mask::allowed_in_block is noexcept: the run then calls it inline; otherwise the plan
 /// reserves bits and the run evaluates the partial blocks first (exception safety).
@@ -271,6 +309,52 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
   plan.workers_ = detail::with_executor(opt.executor_choice(), [](Executor& e) { return e.concurrency(); });
   require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
+  if constexpr (kernel::kIsLineMask<Mask>) {
+    require(!plan.key_mass_, where, ": key_mass is not available with a LineMask");
+    const index_t nqb = ms.num_q_blocks();
+    std::vector<index_t> cost(static_cast<std::size_t>(shape.heads_q * nqb));
+    for (index_t h = 0; h < shape.heads_q; ++h)
+      for (index_t qb = 0; qb < nqb; ++qb) {  // slots of the tile: columns and offsets <= p1
+        const index_t p1 = ms.q_end(qb) - 1 + ms.q_offset();
+        cost[static_cast<std::size_t>(h * nqb + qb)] =
+            LineMask::count_in(mask.columns(h), mask.num_columns(h), 0, p1 + 1) +
+            LineMask::count_in(mask.offsets(h), mask.num_offsets(h), 0, p1 + 1);
+      }
+    // Items of one KV head are contiguous (the run transposes one KV head at a time), heaviest
+    // first within it.
+    plan.order_.resize(cost.size());
+    std::iota(plan.order_.begin(), plan.order_.end(), index_t{0});
+    const auto per_kv = static_cast<std::ptrdiff_t>(G * nqb);
+    for (auto it = plan.order_.begin(); it != plan.order_.end(); it += per_kv)
+      std::stable_sort(it, it + per_kv, [&](index_t a, index_t b) {
+        return cost[static_cast<std::size_t>(a)] > cost[static_cast<std::size_t>(b)];
+      });
+    plan.ldq_ = (std::min(ms.block_q, shape.n_q) + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
+    plan.bk_ = std::min(kernel::kLineChunk, std::max<index_t>(shape.n_k, 1));
+    arch::Carver sizer;
+    // (the run carves every worker's scratch alike: G head tiles, of which an item uses one)
+    kernel::carve_prefill_scratch(sizer, G, 1, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_,
+                                  ms.num_k_blocks());
+    plan.scratch_bytes_ = sizer.bytes();
+    plan.line_columns_ = mask.total_columns();
+    plan.line_pad_ = plan.ldq_;
+    plan.line_ldt_ = shape.n_k + 2 * plan.line_pad_;
+    const index_t chunks = (shape.n_k + kernel::kLineChunk - 1) / kernel::kLineChunk;
+    const index_t kv_floats = detail::bounded_product(
+        kMaxBytes / 4, {shape.head_dim + shape.head_dim_v, plan.line_ldt_});
+    const index_t g_floats = detail::bounded_product(
+        kMaxBytes / 4, {plan.line_columns_, shape.head_dim + shape.head_dim_v});
+    if (kv_floats < 0 || g_floats < 0) {
+      plan.line_bytes_ = SIZE_MAX;
+    } else {
+      arch::Carver lines;
+      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, plan.line_ldt_, chunks,
+                          plan.line_columns_);
+      plan.line_bytes_ = lines.bytes();
+    }
+    kernel::require_workspace_fits({plan.line_bytes_}, plan.scratch_bytes_, plan.workers_, shape, where);
+    return plan;
+  }
   const index_t Hkv = shape.heads_kv, nqb = ms.num_q_blocks();
   const bool shared = mask.head_shared();
 
@@ -447,6 +531,83 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           pack_bad[b] = decltype(target)::pack_v_pairs(v, q.dim, b / nkb, k0, nk, ws, pack + b * plan.pack_words_);
         });
       });
+    if constexpr (kernel::kIsLineMask<Mask>) {
+      require(mask.total_columns() <= plan.line_columns_, where, ": the mask has ",
+              mask.total_columns(), " columns, more than the plan's ", plan.line_columns_,
+              "; plan with this mask");
+      const index_t d = q.dim, dv = v.dim, ldt = plan.line_ldt_, pad = plan.line_pad_;
+      const index_t chunk = kernel::kLineChunk;
+      const index_t chunks = (k.tokens + chunk - 1) / chunk;
+      arch::Carver lc(base + plan.bits_bytes_ + plan.pack_bytes_ +
+                      plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_) + plan.mass_bytes_);
+      const kernel::LineRegions reg(lc, d, dv, ldt, chunks, mask.total_columns());
+      // Every head's columns gathered: K and V rows as fp32, in column order.
+      run_items(exec, q.heads, [&](index_t h, int) {
+        const std::int32_t* cols = mask.columns(h);
+        const index_t first = mask.first_column(h);
+        for (index_t t = 0; t < mask.num_columns(h); ++t) {
+          load_row(k.row(h / G, cols[t]), k.stride_dim, reg.kg + (first + t) * d, d);
+          load_row(v.row(h / G, cols[t]), v.stride_dim, reg.vg + (first + t) * dv, dv);
+        }
+      });
+      float* const kt = reg.kvt + pad;  // key 0 of dim 0
+      float* const vt = kt + d * ldt;
+      const index_t per_kv = G * nqb;
+      for (index_t hk = 0; hk < k.heads; ++hk) {
+        // K and V of KV head hk transposed, a chunk of keys at a time (rows read once, converted
+        // to fp32 through the worker's block buffers), zero in the pads: L3-sized, shared by the
+        // items of the G heads that follow.
+        run_items(exec, chunks, [&](index_t ch, int worker) {
+          const arch::PrefillScratch ws = carve(worker);
+          const index_t j0 = ch * chunk, nj = std::min(chunk, k.tokens - j0);
+          bool bad = false;
+          for (index_t j = 0; j < nj; ++j) {
+            load_row(k.row(hk, j0 + j), k.stride_dim, ws.kbuf + j * d, d);
+            load_row(v.row(hk, j0 + j), v.stride_dim, ws.vbuf + j * dv, dv);
+          }
+          for (index_t c = 0; c < d; ++c)
+            for (index_t j = 0; j < nj; ++j) kt[c * ldt + j0 + j] = ws.kbuf[j * d + c];
+          for (index_t c = 0; c < dv; ++c)
+            for (index_t j = 0; j < nj; ++j) {
+              const float x = ws.vbuf[j * dv + c];
+              bad = bad || !std::isfinite(x);
+              vt[c * ldt + j0 + j] = x;
+            }
+          reg.bad[ch] = bad ? 1 : 0;
+          if (ch == 0)
+            for (index_t c = 0; c < d + dv; ++c) std::fill(kt + c * ldt - pad, kt + c * ldt, 0.0f);
+          if (ch == chunks - 1)
+            for (index_t c = 0; c < d + dv; ++c)
+              std::fill(kt + c * ldt + k.tokens, kt + c * ldt + k.tokens + pad, 0.0f);
+        });
+        const bool v_finite = std::none_of(reg.bad, reg.bad + chunks, [](std::uint8_t b) { return b != 0; });
+        run_items(exec, per_kv, [&](index_t oi, int worker) {
+          const arch::PrefillScratch ws = carve(worker);
+          const index_t it = plan.order_[static_cast<std::size_t>(hk * per_kv + oi)];
+          const index_t h = it / nqb, qb = it % nqb;
+          arch::LineOperands lo;
+          lo.cols = mask.columns(h);
+          lo.ncols = mask.num_columns(h);
+          lo.kg = reg.kg + mask.first_column(h) * d;
+          lo.vg = reg.vg + mask.first_column(h) * dv;
+          lo.offs = mask.offsets(h);
+          lo.noffs = mask.num_offsets(h);
+          lo.col_flags = mask.column_flags(h);
+          lo.kt = kt;
+          lo.vt = vt;
+          lo.ldt = ldt;
+          lo.v_finite = v_finite;
+          lo.n_k = k.tokens;
+          lo.q_offset = ms.q_offset();
+          const index_t q0 = ms.q_begin(qb);
+          arch::dispatch(plan.target_, [&](auto target) {
+            decltype(target)::prefill_lines_item(lo, plan.bk_, q, out, opt.lse, scale, plan.bf16_, h, q0,
+                                                 ms.q_end(qb) - q0, ws);
+          });
+        });
+      }
+      return;
+    }
     auto run_all = [&](const auto& m) {
       run_items(exec, plan.num_items(), [&](index_t oi, int worker) {
         const arch::PrefillScratch ws = carve(worker);

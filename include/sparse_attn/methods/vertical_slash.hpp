@@ -48,47 +48,13 @@
 
 #include "sparse_attn/kernel/common.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
+#include "sparse_attn/mask/line_mask.hpp"
 #include "sparse_attn/methods/budget.hpp"
 #include "sparse_attn/methods/detail/selection.hpp"
 #include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
-
-/// Exact-mode element test: query qi (position p) sees key kj iff column kj is vertical or offset
-/// p - kj is a slash (causality is applied by the mask before this test). Filled by
-/// VerticalSlash::select; immutable afterwards, so the kernel's threads may call it concurrently.
-/// Memory: 2 x heads x n_k bytes.
-struct VerticalSlashPredicate {
-  static constexpr bool trivial = false;  ///< elements are tested (not every listed one allowed)
-  /// Keys: the row length of the flags.
-  index_t n_k = 0, q_offset = 0;
-  /// @var q_offset
-  /// Position of query row 0: n_k - n_q.
-  std::vector<std::uint8_t> columns;  ///< [heads][n_k]: 1 = vertical column j
-  std::vector<std::uint8_t> offsets;  ///< [heads][n_k]: 1 = slash offset delta
-  /// @param h  query head.
-  /// @param j  key index, in [0, n_k).
-  /// @return whether column j is vertical for head h (unchecked indices).
-  bool is_column(index_t h, index_t j) const {
-    return columns[static_cast<std::size_t>(h * n_k + j)] != 0;
-  }
-  /// @param h      query head.
-  /// @param delta  offset p - j, in [0, n_k).
-  /// @return whether offset delta is a slash of head h (unchecked indices).
-  bool is_offset(index_t h, index_t delta) const {
-    return offsets[static_cast<std::size_t>(h * n_k + delta)] != 0;
-  }
-  /// The element test. O(1), no allocation.
-  /// @param h   query head.
-  /// @param qi  query row, in [0, n_q) (position qi + q_offset).
-  /// @param kj  key index, in [0, n_k).
-  /// @return whether the query sees the key (before causality).
-  bool operator()(index_t h, index_t qi, index_t kj) const noexcept {
-    const index_t delta = qi + q_offset - kj;
-    return is_column(h, kj) || (delta >= 0 && is_offset(h, delta));
-  }
-};
 
 /// A Vertical-Slash selection: the mask, its statistics, and the V and S every head kept.
 template <class Mask>
@@ -244,8 +210,9 @@ struct BasicVerticalSlash {
   static constexpr const char* summary =
       Tiled ? "MInference V/S, whole blocks" : "MInference V/S, exact";
   static constexpr BudgetUnit unit = BudgetUnit::lines;  ///< lines = V columns + S diagonals
-  /// The executed mask: exact = element predicate on the listed blocks; tiled = whole blocks.
-  using Mask = BlockListMask<std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>>;
+  /// The executed mask: exact = a LineMask (the columns and diagonals themselves); tiled =
+  /// whole blocks.
+  using Mask = std::conditional_t<Tiled, BlockListMask<AllowAll>, LineMask>;
 
   index_t last_queries = 64;    ///< w: estimate from the last min(w, n_q) queries (>= 1; 64)
   index_t sink_columns = 4;     ///< forced columns 0 .. sink_columns - 1 (>= 0; default 4)
@@ -311,7 +278,6 @@ struct BasicVerticalSlash {
                                       const Budget& budget,
                                       const AttentionOptions& opt = {}) const {
     using namespace detail_vs;
-    using Pred = std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>;
     constexpr const char* where =
         Tiled ? "methods::VerticalSlashTiled::select" : "methods::VerticalSlash::select";
     VerticalSlashSelection<Mask> result;
@@ -330,10 +296,11 @@ struct BasicVerticalSlash {
     const MaskShape shape{q.heads, q.tokens, k.tokens, block, block, true};
     const index_t n_k = k.tokens;
     const index_t sinks = std::min(sink_columns, n_k), local = std::min(local_offsets, n_k);
-    BlockListBuilder builder(shape, false);
     index_t lines = budget.is_count() ? budget.units() : 0;
     if (q.tokens == 0) {  // no rows: nothing to estimate or count
-      result.mask = builder.build(Pred{}, 0);
+      if constexpr (Tiled) result.mask = BlockListBuilder(shape, false).build(AllowAll{}, 0);
+      else result.mask = LineMask(shape, std::vector<std::uint8_t>(static_cast<std::size_t>(q.heads * n_k)),
+                                  std::vector<std::uint8_t>(static_cast<std::size_t>(q.heads * n_k)));
       detail::finish_prefill(result.stats, result.mask, budget, true, "V=0 S=0");
       return result;
     }
@@ -366,31 +333,28 @@ struct BasicVerticalSlash {
       }
       split(lines, n_k, nv, ns);
 
-      Pred pred{};
-      if constexpr (!Tiled) {
-        pred.n_k = n_k;
-        pred.q_offset = shape.q_offset();
-        pred.columns.resize(static_cast<std::size_t>(q.heads * n_k));
-        pred.offsets.resize(static_cast<std::size_t>(q.heads * n_k));
+      if constexpr (Tiled) {
+        BlockListBuilder builder(shape, false);
+        run_items(ex, q.heads, [&](index_t h, int worker) {
+          HeadSets& hs = sets[static_cast<std::size_t>(worker)];
+          std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
+          hs.assign(ranking, h, nv, ns);
+          for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
+            row.clear();
+            for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
+            builder.set_row(h, qb, row, true);
+          }
+        });
+        result.mask = builder.build(AllowAll{}, -1, {&ex});
+      } else {  // the lines themselves: per head the flags of the top nv columns and ns offsets
+        std::vector<std::uint8_t> cols(static_cast<std::size_t>(q.heads * n_k), 0);
+        std::vector<std::uint8_t> offs(static_cast<std::size_t>(q.heads * n_k), 0);
+        for (index_t h = 0; h < q.heads; ++h) {
+          for (index_t t = 0; t < nv; ++t) cols[static_cast<std::size_t>(h * n_k + ranking.columns[static_cast<std::size_t>(h * n_k + t)])] = 1;
+          for (index_t t = 0; t < ns; ++t) offs[static_cast<std::size_t>(h * n_k + ranking.offsets[static_cast<std::size_t>(h * n_k + t)])] = 1;
+        }
+        result.mask = LineMask(shape, std::move(cols), std::move(offs));
       }
-      run_items(ex, q.heads, [&](index_t h, int worker) {
-        HeadSets& hs = sets[static_cast<std::size_t>(worker)];
-        std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
-        hs.assign(ranking, h, nv, ns);
-        if constexpr (!Tiled) {
-          std::copy(hs.col.begin(), hs.col.end(), pred.columns.begin() + h * n_k);
-          std::copy(hs.off.begin(), hs.off.end(), pred.offsets.begin() + h * n_k);
-        }
-        for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
-          row.clear();
-          for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
-          builder.set_row(h, qb, row, true);
-        }
-      });
-      // The exact mode's pair count has an O(n) closed form; counting elementwise costs
-      // O(n^2 / CR).
-      const index_t known = Tiled ? -1 : total_pairs<Tiled>(shape, ranking, nv, ns, ex, sets);
-      result.mask = builder.build(std::move(pred), known, {&ex});
     });
     result.vertical = nv;
     result.slash = ns;

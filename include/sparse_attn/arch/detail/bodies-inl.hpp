@@ -379,37 +379,16 @@ struct HeadTile {
 /// True when the bf16 value's exponent is all ones (inf or NaN).
 inline bool bf16_nonfinite(bf16 x) { return (Eigen::numext::bit_cast<std::uint16_t>(x) & 0x7F80u) == 0x7F80u; }
 
-// One key block for one head's query tile: logits, mask, online-softmax update (the
-// OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
-template <class V, class Mask>
-inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
-                          index_t nk, bool full, const BlockOperands& b, Products mode,
-                          float scale, index_t d, index_t dv, const PrefillScratch& ws,
-                          const HeadTile& h, const MassRows& mass) {
+/// The online-softmax update of one key-major logit block s [nk][ldq] for the query lanes
+/// [0, width) of one head: the OnlineSoftmax rule of kernel/softmax_state.hpp vectorised over the
+/// lanes. Updates the running max m and sum l, rescales the output rows ot where the max moved,
+/// and writes the probabilities back to s (fp32 and emulated products) or as bf16 pairs to
+/// ws.pp. full: s holds no -inf (plain e^x).
+template <class V>
+inline void online_softmax_block(float* s, index_t ldq, index_t nk, index_t width, bool full,
+                                 Products mode, const PrefillScratch& ws, float* m, float* l,
+                                 float* ot, index_t dv) {
   using F = typename V::F;
-  const index_t ldq = ws.ldq;
-  const index_t width = (rows + V::kLanes - 1) / V::kLanes * V::kLanes;  // lanes computed
-  float* s = ws.s;
-  float* ot = h.ot;
-  float* m = h.m;
-  float* l = h.l;
-  if (mode == Products::bf16_amx) {
-    if constexpr (V::kHasAmx) V::qk_tiles(b.kb, b.ldk, round_up(nk, 16), h.qp, ldq, d, width, scale, s, ldq);
-  } else if (mode == Products::bf16_pairs) {
-    if constexpr (V::kHasBf16Dot) PairTiles<V>::qk_rows(rows, h.qp, ldq, b.kb, b.ldk, nk, (d + 1) / 2, scale, s);
-  } else {
-    Tiles<V>::qk_rows(rows, h.qt, ldq, b.k, b.ldk, nk, d, s, ldq);
-    if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
-      for (index_t j = 0; j < nk; ++j)
-        for (index_t i = 0; i < width; i += V::kLanes)
-          V::store(s + j * ldq + i, V::mul(V::load(s + j * ldq + i), V::set1(scale)));
-  }
-  if (!full) {
-    for (index_t j = 0; j < nk; ++j)
-      for (index_t i = 0; i < rows; ++i)
-        if (!mask.allowed_in_block(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
-  }
-  if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
   for (index_t i = 0; i < width; i += V::kLanes) {
     const F m_old = V::load(m + i);
     // Four independent running maxima: one chain of nk dependent max operations would take
@@ -455,6 +434,39 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
     if (V::reduce_min(alpha) != 1.0f)  // the running max moved for some row of this packet
       for (index_t c = 0; c < dv; ++c) V::store(ot + c * ldq + i, V::mul(V::load(ot + c * ldq + i), alpha));
   }
+}
+
+// One key block for one head's query tile: logits, mask, online-softmax update (the
+// OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
+template <class V, class Mask>
+inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows, index_t k0,
+                          index_t nk, bool full, const BlockOperands& b, Products mode,
+                          float scale, index_t d, index_t dv, const PrefillScratch& ws,
+                          const HeadTile& h, const MassRows& mass) {
+  const index_t ldq = ws.ldq;
+  const index_t width = (rows + V::kLanes - 1) / V::kLanes * V::kLanes;  // lanes computed
+  float* s = ws.s;
+  float* ot = h.ot;
+  float* m = h.m;
+  float* l = h.l;
+  if (mode == Products::bf16_amx) {
+    if constexpr (V::kHasAmx) V::qk_tiles(b.kb, b.ldk, round_up(nk, 16), h.qp, ldq, d, width, scale, s, ldq);
+  } else if (mode == Products::bf16_pairs) {
+    if constexpr (V::kHasBf16Dot) PairTiles<V>::qk_rows(rows, h.qp, ldq, b.kb, b.ldk, nk, (d + 1) / 2, scale, s);
+  } else {
+    Tiles<V>::qk_rows(rows, h.qt, ldq, b.k, b.ldk, nk, d, s, ldq);
+    if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
+      for (index_t j = 0; j < nk; ++j)
+        for (index_t i = 0; i < width; i += V::kLanes)
+          V::store(s + j * ldq + i, V::mul(V::load(s + j * ldq + i), V::set1(scale)));
+  }
+  if (!full) {
+    for (index_t j = 0; j < nk; ++j)
+      for (index_t i = 0; i < rows; ++i)
+        if (!mask.allowed_in_block(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
+  }
+  if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
+  online_softmax_block<V>(s, ldq, nk, width, full, mode, ws, m, l, ot, dv);
   if (mode == Products::bf16_amx) {
     if constexpr (V::kHasAmx) {  // the tiles take 32 keys at a time: zero pairs up to there
       const index_t nk32 = round_up(nk, 32);
@@ -690,6 +702,20 @@ SPARSE_ATTN_NOINLINE void prefill_key_mass(const MaskShape& ms, index_t n_k, ind
   }
 }
 
+/// Writes a finished tile's rows: out[h][tq0 + i] = Ot[.][i] / l[i] (0 for an empty row), and the
+/// LSE m + log l (-inf for an empty row).
+template <class OV>
+inline void store_tile_rows(const OV& out, LseView lse, index_t h, index_t tq0, index_t trows,
+                            const float* ot, const float* m, const float* l, index_t ldq, index_t dv,
+                            float* row) {
+  for (index_t i = 0; i < trows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
+    const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+    for (index_t c = 0; c < dv; ++c) row[c] = ot[c * ldq + i] * inv;
+    store_row(row, out.row(h, tq0 + i), out.stride_dim, dv);
+    if (lse) lse(h, tq0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+  }
+}
+
 /// Work item (KV head hk, query blocks [qb0, qb0 + tiles)): the G query heads of the group over
 /// the blocks' key blocks; writes their output rows (and LSE) when done. Several query blocks
 /// (tiles > 1: head-shared masks without key mass, see PrefillPlan) visit their key blocks in
@@ -790,13 +816,164 @@ void prefill_item(const Mask& mask, const QV& q, const KV& k, const VV& v, const
     const float* ot = ws.ot + u * dv * ldq;
     const float* m = ws.m + u * ldq;
     const float* l = ws.l + u * ldq;
-    for (index_t i = 0; i < trows; ++i) {  // l = 0: empty row; l = NaN: poisoned row
-      const float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-      for (index_t c = 0; c < dv; ++c) ws.row[c] = ot[c * ldq + i] * inv;
-      store_row(ws.row, out.row(h, tq0 + i), out.stride_dim, dv);
-      if (lse) lse(h, tq0 + i) = l[i] != 0.0f ? m[i] + std::log(l[i]) : -INFINITY;
+    store_tile_rows(out, lse, h, tq0, trows, ot, m, l, ldq, dv, ws.row);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Line masks (mask/line_mask.hpp): the vertical lines as gathered dense tiles, the diagonals as
+// lane-wise products against transposed K/V. Both feed the one online softmax per row
+// (online_softmax_block), so a row's result is that of one softmax over the union of its keys.
+// ---------------------------------------------------------------------------------------------
+
+/// The element test of gathered column tiles: slot t (column cols[t]) is visible to query qi iff
+/// cols[t] <= qi + q_offset. prefill_block asks it only on the tile holding the causal cut.
+struct GatheredColumns {
+  const std::int32_t* cols;
+  index_t q_offset;
+  bool allowed_in_block(index_t, index_t qi, index_t t) const noexcept { return cols[t] <= qi + q_offset; }
+};
+
+/// Calls f(std::integral_constant<int, n>) for a run-time n in [1, N].
+template <int N, class Fn>
+inline void with_static_count(index_t n, Fn&& f) {
+  if constexpr (N >= 1) {
+    if (n == N) f(std::integral_constant<int, N>{});
+    else with_static_count<N - 1>(n, f);
+  }
+}
+
+/// Diagonal logits: S[t][i] = sum_c Qt[c][i] Kt[c][base[t] + i] for slots t < NT and the lanes
+/// [0, VV kLanes): lane i's key of slot t is base[t] + i (its diagonal), so each product is a
+/// vector times a vector, with no gather; the VV packets of a (dim, slot) are adjacent keys.
+template <class V, int NT, int VV>
+inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, index_t ldt, const index_t* base,
+                        index_t d, float* s) {
+  Packets2<V, NT, VV> acc;
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < VV; ++v) acc[t][v] = V::zero();
+  for (index_t c = 0; c < d; ++c) {
+    Packets<V, VV> qv;
+    for (int v = 0; v < VV; ++v) qv[v] = V::load(qt + c * ldq + v * V::kLanes);
+    const float* kr = kt + c * ldt;
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < VV; ++v) acc[t][v] = V::fmadd(qv[v], V::loadu(kr + base[t] + v * V::kLanes), acc[t][v]);
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < VV; ++v) V::store(s + t * ldq + v * V::kLanes, acc[t][v]);
+}
+
+/// Diagonal P V: Ot[c][i] += sum_{t < nt} P[t][i] Vt[c][base[t] + i] for dims [c0, c0 + NC) and
+/// the lanes [0, VV kLanes).
+template <class V, int NC, int VV>
+inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt, index_t ldt,
+                        const index_t* base, index_t c0, float* ot) {
+  Packets2<V, NC, VV> acc;
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < VV; ++v) acc[c][v] = V::load(ot + (c0 + c) * ldq + v * V::kLanes);
+  for (index_t t = 0; t < nt; ++t) {
+    Packets<V, VV> pv;
+    for (int v = 0; v < VV; ++v) pv[v] = V::load(p + t * ldq + v * V::kLanes);
+    const float* vr = vt + c0 * ldt + base[t];
+    for (int c = 0; c < NC; ++c)
+      for (int v = 0; v < VV; ++v) acc[c][v] = V::fmadd(pv[v], V::loadu(vr + c * ldt + v * V::kLanes), acc[c][v]);
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < VV; ++v) V::store(ot + (c0 + c) * ldq + v * V::kLanes, acc[c][v]);
+}
+
+/// Line-mask work item: query head h, query rows [q0, q0 + rows) (positions p = q0 + i +
+/// q_offset). Vertical lines: the gathered columns <= p, in tiles of `chunk`; tiles of columns
+/// <= the first position are full (no test), the rest take the causal cut. Diagonals: offsets
+/// <= the last position, `chunk` slots at a time; lane i of slot t reads key p_i - delta_t, masked
+/// when that key is < 0 or one of the columns (already counted). fp32 products, or the bf16
+/// products emulated (Q and P rounded to bf16, the scale after the sum), as Products describes.
+template <class V, class QV, class OV>
+void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out, LseView lse,
+                float scale, bool bf16_products, index_t h, index_t q0, index_t rows,
+                const PrefillScratch& ws) {
+  const Products mode = bf16_products ? Products::bf16_emulated : Products::fp32;
+  const index_t d = q.dim, dv = out.dim, ldq = ws.ldq;
+  const index_t width = round_up(rows, V::kLanes);
+  float* s = ws.s;
+  std::fill(ws.qt, ws.qt + d * ldq, 0.0f);
+  std::fill(ws.ot, ws.ot + dv * ldq, 0.0f);
+  std::fill(ws.m, ws.m + ldq, -INFINITY);
+  std::fill(ws.l, ws.l + ldq, 0.0f);
+  for (index_t i = 0; i < rows; ++i) {
+    load_row<V>(q.row(h, q0 + i), q.stride_dim, ws.row, d);
+    for (index_t c = 0; c < d; ++c)
+      ws.qt[c * ldq + i] = mode == Products::bf16_emulated ? round_bf16(ws.row[c]) : ws.row[c] * scale;
+  }
+  const HeadTile tile{ws.qt, ws.qp, ws.ot, ws.m, ws.l};
+  const index_t p0 = q0 + lo.q_offset, p1 = p0 + rows - 1;
+
+  // Vertical lines.
+  const GatheredColumns gathered{lo.cols, lo.q_offset};
+  const index_t nfull = std::upper_bound(lo.cols, lo.cols + lo.ncols, p0) - lo.cols;
+  const index_t nvis = std::upper_bound(lo.cols, lo.cols + lo.ncols, p1) - lo.cols;
+  auto columns = [&](index_t t0, index_t t1, bool full) {
+    for (index_t t = t0; t < t1; t += chunk) {
+      const index_t nk = std::min(chunk, t1 - t);
+      BlockOperands b;
+      b.k = lo.kg + t * d;
+      b.ldk = d;
+      b.v = lo.vg + t * dv;
+      b.ldv = dv;
+      b.v_finite = full || all_finite<V>(b.v, nk, dv, dv);
+      prefill_block<V>(gathered, 0, q0, rows, t, nk, full, b, mode, scale, d, dv, ws, tile, MassRows{});
+    }
+  };
+  columns(0, nfull, true);
+  columns(nfull, nvis, false);
+
+  // Diagonals.
+  const index_t nslots = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
+  index_t base[kMaxTileQ];  // chunk <= kMaxTileQ (the plan's)
+  for (index_t t0 = 0; t0 < nslots; t0 += chunk) {
+    const index_t nt = std::min(chunk, nslots - t0);
+    for (index_t t = 0; t < nt; ++t) base[t] = p0 - lo.offs[t0 + t];
+    // Lanes in groups of up to 4 packets, slots 4 at a time: 16 accumulators.
+    for (index_t i = 0; i < width; i += 4 * V::kLanes)
+      with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
+        for (index_t t = 0; t < nt; t += 4)
+          with_static_count<4>(std::min<index_t>(4, nt - t), [&](auto n) {
+            diagonal_qk<V, decltype(n)::value, decltype(vv)::value>(ws.qt + i, ldq, lo.kt + i, lo.ldt,
+                                                                    base + t, d, s + t * ldq + i);
+          });
+      });
+    for (index_t t = 0; t < nt; ++t) {
+      float* st = s + t * ldq;
+      if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
+        for (index_t i = 0; i < width; ++i) st[i] *= scale;
+      for (index_t i = 0; i < width; ++i) {
+        const index_t j = base[t] + i;  // i < rows: j <= p_i < n_k
+        if (!(i < rows && j >= 0 && lo.col_flags[j] == 0)) st[i] = -INFINITY;
+      }
+    }
+    online_softmax_block<V>(s, ldq, nt, width, false, mode, ws, tile.m, tile.l, tile.ot, dv);
+    if (mode == Products::bf16_emulated)
+      for (index_t t = 0; t < nt; ++t)
+        for (index_t i = 0; i < width; ++i) s[t * ldq + i] = round_bf16(s[t * ldq + i]);
+    if (lo.v_finite) {
+      for (index_t i = 0; i < width; i += 4 * V::kLanes)
+        with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
+          for (index_t c = 0; c < dv; c += 4)
+            with_static_count<4>(std::min<index_t>(4, dv - c), [&](auto n) {
+              diagonal_pv<V, decltype(n)::value, decltype(vv)::value>(s + i, ldq, nt, lo.vt + i, lo.ldt,
+                                                                      base, c, tile.ot + i);
+            });
+        });
+    } else {  // corrupt data only: a masked pair's 0 x inf must not reach the row
+      for (index_t t = 0; t < nt; ++t)
+        for (index_t i = 0; i < rows; ++i) {
+          const index_t j = base[t] + i;
+          if (j < 0 || lo.col_flags[j] != 0) continue;
+          for (index_t c = 0; c < dv; ++c) tile.ot[c * ldq + i] += s[t * ldq + i] * lo.vt[c * lo.ldt + j];
+        }
     }
   }
+  store_tile_rows(out, lse, h, q0, rows, ws.ot, ws.m, ws.l, ldq, dv, ws.row);
 }
 
 #include "sparse_attn/arch/detail/decode_body-inl.hpp"
@@ -975,6 +1152,14 @@ struct Target {
                            LseView lse, float scale, bool bf16_products, index_t G, index_t hk,
                            index_t qb, index_t tiles, const PrefillScratch& ws, const PrefillKeyMass& km) {
     body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, bf16_products, G, hk, qb, tiles, ws, km);
+  }
+
+  /// One line-mask prefill item (body::lines_item): query head h, rows [q0, q0 + rows).
+  template <class QV, class OV>
+  static void prefill_lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out,
+                                 LseView lse, float scale, bool bf16_products, index_t h, index_t q0,
+                                 index_t rows, const PrefillScratch& ws) {
+    body::lines_item<Vec>(lo, chunk, q, out, lse, scale, bf16_products, h, q0, rows, ws);
   }
 
   /// Whether this target computes bf16 products natively (else Precision::bfloat16 is emulated).

@@ -56,6 +56,26 @@ struct PrefillScratch {
   float* ks_sum = nullptr;       // [block_k] mass of one key block
 };
 
+/// One line-mask prefill item's operands (kernel/prefill.hpp, LineMask): query head h's lines
+/// and the K/V copies the run prepared. The vertical lines: head h's columns (ascending) with
+/// their K and V rows gathered as fp32 ([ncols][d], [ncols][dv]). The diagonal lines: head h's
+/// offsets (ascending) read from K and V transposed as fp32 (key j of dim c at
+/// kt[c * ldt + j], zero for j in [-pad, 0) and [n_k, n_k + pad)).
+struct LineOperands {
+  const std::int32_t* cols = nullptr;  // [ncols] columns, ascending
+  index_t ncols = 0;
+  const float* kg = nullptr;  // [ncols][d]  gathered K rows
+  const float* vg = nullptr;  // [ncols][dv] gathered V rows
+  const std::int32_t* offs = nullptr;  // [noffs] offsets, ascending
+  index_t noffs = 0;
+  const std::uint8_t* col_flags = nullptr;  // [n_k] 1 = a column (its diagonal pairs are skipped)
+  const float* kt = nullptr;  // key 0 of dim 0 of the transposed K; row stride ldt
+  const float* vt = nullptr;  // the same for V
+  index_t ldt = 0;
+  bool v_finite = true;  // the KV head's V holds no inf or NaN
+  index_t n_k = 0, q_offset = 0;
+};
+
 /// Where a prefill item adds its key mass: fixed-point sums (value x 2^shift, bit 63 marks NaN),
 /// so the total does not depend on the order in which items finish.
 struct PrefillKeyMass {
