@@ -127,11 +127,10 @@ class PrefillPlan {
   index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
   std::vector<index_t> partial_offsets_;
   std::vector<std::int32_t> partial_blocks_;
-  // Line masks (LineMask): items are (query head, query block), grouped by KV head; the
-  // workspace ends with one KV head's K and V transposed ([d + dv][ldt] floats, key j at column
-  // pad + j), one non-finite flag byte per key chunk, then the gathered column rows of every
-  // head ([columns][d] K, then [columns][dv] V).
-  index_t line_columns_ = 0, line_ldt_ = 0, line_pad_ = 0;
+  // Line masks (LineMask): items are (query head, tile of kMaxTileQ queries), grouped by KV
+  // head; the workspace ends with kernel::LineRegions (one KV head's transposed K/V tiles, then
+  // the gathered column rows of every head).
+  index_t line_columns_ = 0;
   std::size_t line_bytes_ = 0;
 };
 
@@ -192,26 +191,25 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
 template <class Mask>
 inline constexpr bool kIsLineMask = std::is_same_v<Mask, LineMask>;
 
-/// Key chunk of the line masks' transposition and tiles (their `chunk`), at most kMaxTileQ.
-inline constexpr index_t kLineChunk = 64;
-
-/// Lays out the line-mask part of the workspace (see PrefillPlan): transposed K and V, the
-/// non-finite flags, the gathered rows. Used by the plan (sizing carver) and the run.
+/// Lays out the line-mask part of the workspace (see PrefillPlan): one KV head's transposed K/V
+/// tiles (arch::LineOperands), their non-finite flags, the gathered rows. Used by the plan
+/// (sizing carver) and the run.
 struct LineRegions {
-  float* kvt = nullptr;           ///< [d + dv][ldt] one KV head's transposed K then V
-  std::uint8_t* bad = nullptr;    ///< [chunks]: the chunk's V holds an inf or NaN
-  float* kg = nullptr;            ///< [columns][d] gathered K rows
-  float* vg = nullptr;            ///< [columns][dv] gathered V rows
+  float* kt = nullptr;          ///< [tiles][d][kLineTileLd] transposed K tiles of one KV head
+  float* vt = nullptr;          ///< [tiles][dv][kLineTileLd] the same for V
+  std::uint8_t* bad = nullptr;  ///< [tiles]: the tile's V holds an inf or NaN
+  float* kg = nullptr;          ///< [columns][d] gathered K rows
+  float* vg = nullptr;          ///< [columns][dv] gathered V rows
   /// Carves the regions.
   /// @param c the carver.
   /// @param d K head dim.
   /// @param dv V head dim.
-  /// @param ldt transposed row stride.
-  /// @param chunks key chunks per KV head.
+  /// @param tiles transposed tiles per KV head (n_k / kLineStep, rounded up, + 1).
   /// @param columns gathered rows of every head.
-  LineRegions(arch::Carver& c, index_t d, index_t dv, index_t ldt, index_t chunks, index_t columns) {
-    kvt = c.take<float>((d + dv) * ldt);
-    bad = c.take<std::uint8_t>(chunks);
+  LineRegions(arch::Carver& c, index_t d, index_t dv, index_t tiles, index_t columns) {
+    kt = c.take<float>(tiles * d * arch::kLineTileLd);
+    vt = c.take<float>(tiles * dv * arch::kLineTileLd);
+    bad = c.take<std::uint8_t>(tiles);
     kg = c.take<float>(columns * d);
     vg = c.take<float>(columns * dv);
   }
@@ -310,46 +308,44 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
   require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
   if constexpr (kernel::kIsLineMask<Mask>) {
+    // Items (query head, tile of kMaxTileQ queries), the mask's block size aside; items of one
+    // KV head are contiguous (the run transposes one KV head at a time), heaviest first within
+    // it (cost: the tile's slots, columns and offsets up to its last position).
     require(!plan.key_mass_, where, ": key_mass is not available with a LineMask");
-    const index_t nqb = ms.num_q_blocks();
-    std::vector<index_t> cost(static_cast<std::size_t>(shape.heads_q * nqb));
+    const index_t tq = arch::kMaxTileQ, nqt = (shape.n_q + tq - 1) / tq;
+    std::vector<index_t> cost(static_cast<std::size_t>(shape.heads_q * nqt));
     for (index_t h = 0; h < shape.heads_q; ++h)
-      for (index_t qb = 0; qb < nqb; ++qb) {  // slots of the tile: columns and offsets <= p1
-        const index_t p1 = ms.q_end(qb) - 1 + ms.q_offset();
-        cost[static_cast<std::size_t>(h * nqb + qb)] =
+      for (index_t t = 0; t < nqt; ++t) {
+        const index_t p1 = std::min(shape.n_q, (t + 1) * tq) - 1 + ms.q_offset();
+        cost[static_cast<std::size_t>(h * nqt + t)] =
             LineMask::count_in(mask.columns(h), mask.num_columns(h), 0, p1 + 1) +
             LineMask::count_in(mask.offsets(h), mask.num_offsets(h), 0, p1 + 1);
       }
-    // Items of one KV head are contiguous (the run transposes one KV head at a time), heaviest
-    // first within it.
     plan.order_.resize(cost.size());
     std::iota(plan.order_.begin(), plan.order_.end(), index_t{0});
-    const auto per_kv = static_cast<std::ptrdiff_t>(G * nqb);
+    const auto per_kv = static_cast<std::ptrdiff_t>(G * nqt);
     for (auto it = plan.order_.begin(); it != plan.order_.end(); it += per_kv)
       std::stable_sort(it, it + per_kv, [&](index_t a, index_t b) {
         return cost[static_cast<std::size_t>(a)] > cost[static_cast<std::size_t>(b)];
       });
-    plan.ldq_ = (std::min(ms.block_q, shape.n_q) + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
-    plan.bk_ = std::min(kernel::kLineChunk, std::max<index_t>(shape.n_k, 1));
+    plan.ldq_ = tq;
+    plan.bk_ = std::min(arch::kLineStep, std::max<index_t>(shape.n_k, 1));
     arch::Carver sizer;
     // (the run carves every worker's scratch alike: G head tiles, of which an item uses one)
     kernel::carve_prefill_scratch(sizer, G, 1, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_,
                                   ms.num_k_blocks());
     plan.scratch_bytes_ = sizer.bytes();
     plan.line_columns_ = mask.total_columns();
-    plan.line_pad_ = plan.ldq_;
-    plan.line_ldt_ = shape.n_k + 2 * plan.line_pad_;
-    const index_t chunks = (shape.n_k + kernel::kLineChunk - 1) / kernel::kLineChunk;
+    const index_t tiles = (shape.n_k + arch::kLineStep - 1) / arch::kLineStep + 1;
     const index_t kv_floats = detail::bounded_product(
-        kMaxBytes / 4, {shape.head_dim + shape.head_dim_v, plan.line_ldt_});
+        kMaxBytes / 4, {tiles, shape.head_dim + shape.head_dim_v, arch::kLineTileLd});
     const index_t g_floats = detail::bounded_product(
         kMaxBytes / 4, {plan.line_columns_, shape.head_dim + shape.head_dim_v});
     if (kv_floats < 0 || g_floats < 0) {
       plan.line_bytes_ = SIZE_MAX;
     } else {
       arch::Carver lines;
-      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, plan.line_ldt_, chunks,
-                          plan.line_columns_);
+      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, tiles, plan.line_columns_);
       plan.line_bytes_ = lines.bytes();
     }
     kernel::require_workspace_fits({plan.line_bytes_}, plan.scratch_bytes_, plan.workers_, shape, where);
@@ -535,12 +531,11 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
       require(mask.total_columns() <= plan.line_columns_, where, ": the mask has ",
               mask.total_columns(), " columns, more than the plan's ", plan.line_columns_,
               "; plan with this mask");
-      const index_t d = q.dim, dv = v.dim, ldt = plan.line_ldt_, pad = plan.line_pad_;
-      const index_t chunk = kernel::kLineChunk;
-      const index_t chunks = (k.tokens + chunk - 1) / chunk;
+      const index_t d = q.dim, dv = v.dim, step = arch::kLineStep, ld = arch::kLineTileLd;
+      const index_t tiles = (k.tokens + step - 1) / step + 1;
       arch::Carver lc(base + plan.bits_bytes_ + plan.pack_bytes_ +
                       plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_) + plan.mass_bytes_);
-      const kernel::LineRegions reg(lc, d, dv, ldt, chunks, mask.total_columns());
+      const kernel::LineRegions reg(lc, d, dv, tiles, mask.total_columns());
       // Every head's columns gathered: K and V rows as fp32, in column order.
       run_items(exec, q.heads, [&](index_t h, int) {
         const std::int32_t* cols = mask.columns(h);
@@ -550,41 +545,41 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           load_row(v.row(h / G, cols[t]), v.stride_dim, reg.vg + (first + t) * dv, dv);
         }
       });
-      float* const kt = reg.kvt + pad;  // key 0 of dim 0
-      float* const vt = kt + d * ldt;
-      const index_t per_kv = G * nqb;
+      const index_t tq = plan.ldq_, nqt = (q.tokens + tq - 1) / tq, per_kv = G * nqt;
       for (index_t hk = 0; hk < k.heads; ++hk) {
-        // K and V of KV head hk transposed, a chunk of keys at a time (rows read once, converted
-        // to fp32 through the worker's block buffers), zero in the pads: L3-sized, shared by the
-        // items of the G heads that follow.
-        run_items(exec, chunks, [&](index_t ch, int worker) {
+        // K and V of KV head hk transposed into overlapping tiles (arch::LineOperands), each tile
+        // from its keys' rows converted to fp32 through the worker's block buffers, kLineStep
+        // keys at a time: L3-sized, shared by the items of the G heads that follow.
+        run_items(exec, tiles, [&](index_t T, int worker) {
           const arch::PrefillScratch ws = carve(worker);
-          const index_t j0 = ch * chunk, nj = std::min(chunk, k.tokens - j0);
+          float* kt = reg.kt + T * d * ld;
+          float* vt = reg.vt + T * dv * ld;
           bool bad = false;
-          for (index_t j = 0; j < nj; ++j) {
-            load_row(k.row(hk, j0 + j), k.stride_dim, ws.kbuf + j * d, d);
-            load_row(v.row(hk, j0 + j), v.stride_dim, ws.vbuf + j * dv, dv);
-          }
-          for (index_t c = 0; c < d; ++c)
-            for (index_t j = 0; j < nj; ++j) kt[c * ldt + j0 + j] = ws.kbuf[j * d + c];
-          for (index_t c = 0; c < dv; ++c)
-            for (index_t j = 0; j < nj; ++j) {
-              const float x = ws.vbuf[j * dv + c];
-              bad = bad || !std::isfinite(x);
-              vt[c * ldt + j0 + j] = x;
+          for (index_t half = 0; half < ld / step; ++half) {
+            const index_t j0 = (T - 1 + half) * step;  // key of column half * step
+            const index_t a = std::max<index_t>(0, -j0), b = std::min(step, k.tokens - j0);  // keys in range
+            for (index_t x = a; x < b; ++x) {
+              load_row(k.row(hk, j0 + x), k.stride_dim, ws.kbuf + x * d, d);
+              load_row(v.row(hk, j0 + x), v.stride_dim, ws.vbuf + x * dv, dv);
             }
-          reg.bad[ch] = bad ? 1 : 0;
-          if (ch == 0)
-            for (index_t c = 0; c < d + dv; ++c) std::fill(kt + c * ldt - pad, kt + c * ldt, 0.0f);
-          if (ch == chunks - 1)
-            for (index_t c = 0; c < d + dv; ++c)
-              std::fill(kt + c * ldt + k.tokens, kt + c * ldt + k.tokens + pad, 0.0f);
+            const index_t c0 = half * step;
+            for (index_t c = 0; c < d; ++c)
+              for (index_t x = 0; x < step; ++x)
+                kt[c * ld + c0 + x] = x >= a && x < b ? ws.kbuf[x * d + c] : 0.0f;
+            for (index_t c = 0; c < dv; ++c)
+              for (index_t x = 0; x < step; ++x) {
+                const float y = x >= a && x < b ? ws.vbuf[x * dv + c] : 0.0f;
+                bad = bad || !std::isfinite(y);
+                vt[c * ld + c0 + x] = y;
+              }
+          }
+          reg.bad[T] = bad ? 1 : 0;
         });
-        const bool v_finite = std::none_of(reg.bad, reg.bad + chunks, [](std::uint8_t b) { return b != 0; });
+        const bool v_finite = std::none_of(reg.bad, reg.bad + tiles, [](std::uint8_t b) { return b != 0; });
         run_items(exec, per_kv, [&](index_t oi, int worker) {
           const arch::PrefillScratch ws = carve(worker);
           const index_t it = plan.order_[static_cast<std::size_t>(hk * per_kv + oi)];
-          const index_t h = it / nqb, qb = it % nqb;
+          const index_t h = it / nqt, q0 = it % nqt * tq;
           arch::LineOperands lo;
           lo.cols = mask.columns(h);
           lo.ncols = mask.num_columns(h);
@@ -593,16 +588,14 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           lo.offs = mask.offsets(h);
           lo.noffs = mask.num_offsets(h);
           lo.col_flags = mask.column_flags(h);
-          lo.kt = kt;
-          lo.vt = vt;
-          lo.ldt = ldt;
+          lo.ktiles = reg.kt;
+          lo.vtiles = reg.vt;
           lo.v_finite = v_finite;
           lo.n_k = k.tokens;
           lo.q_offset = ms.q_offset();
-          const index_t q0 = ms.q_begin(qb);
           arch::dispatch(plan.target_, [&](auto target) {
             decltype(target)::prefill_lines_item(lo, plan.bk_, q, out, opt.lse, scale, plan.bf16_, h, q0,
-                                                 ms.q_end(qb) - q0, ws);
+                                                 std::min(tq, q.tokens - q0), ws);
           });
         });
       }

@@ -843,11 +843,12 @@ inline void with_static_count(index_t n, Fn&& f) {
   }
 }
 
-/// Diagonal logits: S[t][i] = sum_c Qt[c][i] Kt[c][base[t] + i] for slots t < NT and the lanes
-/// [0, VV kLanes): lane i's key of slot t is base[t] + i (its diagonal), so each product is a
-/// vector times a vector, with no gather; the VV packets of a (dim, slot) are adjacent keys.
+/// Diagonal logits: S[t][i] = sum_c Qt[c][i] kt[at[t] + c ldt + i] for slots t < NT and the lanes
+/// [0, VV kLanes), where kt[at[t] + c ldt + i] is dim c of lane i's key on slot t's diagonal
+/// (transposed K): each product is a vector times a vector, with no gather; the VV packets of a
+/// (dim, slot) are adjacent keys.
 template <class V, int NT, int VV>
-inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, index_t ldt, const index_t* base,
+inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, index_t ldt, const index_t* at,
                         index_t d, float* s) {
   Packets2<V, NT, VV> acc;
   for (int t = 0; t < NT; ++t)
@@ -857,24 +858,24 @@ inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, index_t l
     for (int v = 0; v < VV; ++v) qv[v] = V::load(qt + c * ldq + v * V::kLanes);
     const float* kr = kt + c * ldt;
     for (int t = 0; t < NT; ++t)
-      for (int v = 0; v < VV; ++v) acc[t][v] = V::fmadd(qv[v], V::loadu(kr + base[t] + v * V::kLanes), acc[t][v]);
+      for (int v = 0; v < VV; ++v) acc[t][v] = V::fmadd(qv[v], V::loadu(kr + at[t] + v * V::kLanes), acc[t][v]);
   }
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < VV; ++v) V::store(s + t * ldq + v * V::kLanes, acc[t][v]);
 }
 
-/// Diagonal P V: Ot[c][i] += sum_{t < nt} P[t][i] Vt[c][base[t] + i] for dims [c0, c0 + NC) and
-/// the lanes [0, VV kLanes).
+/// Diagonal P V: Ot[c][i] += sum_{t < nt} P[t][i] vt[at[t] + c ldt + i] for dims [c0, c0 + NC)
+/// and the lanes [0, VV kLanes) (transposed V, addressed as in diagonal_qk).
 template <class V, int NC, int VV>
 inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt, index_t ldt,
-                        const index_t* base, index_t c0, float* ot) {
+                        const index_t* at, index_t c0, float* ot) {
   Packets2<V, NC, VV> acc;
   for (int c = 0; c < NC; ++c)
     for (int v = 0; v < VV; ++v) acc[c][v] = V::load(ot + (c0 + c) * ldq + v * V::kLanes);
   for (index_t t = 0; t < nt; ++t) {
     Packets<V, VV> pv;
     for (int v = 0; v < VV; ++v) pv[v] = V::load(p + t * ldq + v * V::kLanes);
-    const float* vr = vt + c0 * ldt + base[t];
+    const float* vr = vt + c0 * ldt + at[t];
     for (int c = 0; c < NC; ++c)
       for (int v = 0; v < VV; ++v) acc[c][v] = V::fmadd(pv[v], V::loadu(vr + c * ldt + v * V::kLanes), acc[c][v]);
   }
@@ -929,17 +930,22 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& ou
 
   // Diagonals.
   const index_t nslots = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
-  index_t base[kMaxTileQ];  // chunk <= kMaxTileQ (the plan's)
+  index_t base[kMaxTileQ], kat[kMaxTileQ], vat[kMaxTileQ];  // chunk <= kMaxTileQ (the plan's)
   for (index_t t0 = 0; t0 < nslots; t0 += chunk) {
     const index_t nt = std::min(chunk, nslots - t0);
-    for (index_t t = 0; t < nt; ++t) base[t] = p0 - lo.offs[t0 + t];
+    for (index_t t = 0; t < nt; ++t) {  // lane 0's key, and where its window starts in the tiles
+      base[t] = p0 - lo.offs[t0 + t];
+      const index_t T = (base[t] + kLineStep) / kLineStep, x = base[t] - (T - 1) * kLineStep;
+      kat[t] = T * d * kLineTileLd + x;
+      vat[t] = T * dv * kLineTileLd + x;
+    }
     // Lanes in groups of up to 4 packets, slots 4 at a time: 16 accumulators.
     for (index_t i = 0; i < width; i += 4 * V::kLanes)
       with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
         for (index_t t = 0; t < nt; t += 4)
           with_static_count<4>(std::min<index_t>(4, nt - t), [&](auto n) {
-            diagonal_qk<V, decltype(n)::value, decltype(vv)::value>(ws.qt + i, ldq, lo.kt + i, lo.ldt,
-                                                                    base + t, d, s + t * ldq + i);
+            diagonal_qk<V, decltype(n)::value, decltype(vv)::value>(ws.qt + i, ldq, lo.ktiles + i, kLineTileLd,
+                                                                    kat + t, d, s + t * ldq + i);
           });
       });
     for (index_t t = 0; t < nt; ++t) {
@@ -960,8 +966,8 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& ou
         with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
           for (index_t c = 0; c < dv; c += 4)
             with_static_count<4>(std::min<index_t>(4, dv - c), [&](auto n) {
-              diagonal_pv<V, decltype(n)::value, decltype(vv)::value>(s + i, ldq, nt, lo.vt + i, lo.ldt,
-                                                                      base, c, tile.ot + i);
+              diagonal_pv<V, decltype(n)::value, decltype(vv)::value>(s + i, ldq, nt, lo.vtiles + i, kLineTileLd,
+                                                                      vat, c, tile.ot + i);
             });
         });
     } else {  // corrupt data only: a masked pair's 0 x inf must not reach the row
@@ -969,7 +975,8 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& ou
         for (index_t i = 0; i < rows; ++i) {
           const index_t j = base[t] + i;
           if (j < 0 || lo.col_flags[j] != 0) continue;
-          for (index_t c = 0; c < dv; ++c) tile.ot[c * ldq + i] += s[t * ldq + i] * lo.vt[c * lo.ldt + j];
+          for (index_t c = 0; c < dv; ++c)
+            tile.ot[c * ldq + i] += s[t * ldq + i] * lo.vtiles[vat[t] + c * kLineTileLd + i];
         }
     }
   }

@@ -58,9 +58,11 @@ struct PrefillScratch {
 
 /// One line-mask prefill item's operands (kernel/prefill.hpp, LineMask): query head h's lines
 /// and the K/V copies the run prepared. The vertical lines: head h's columns (ascending) with
-/// their K and V rows gathered as fp32 ([ncols][d], [ncols][dv]). The diagonal lines: head h's
-/// offsets (ascending) read from K and V transposed as fp32 (key j of dim c at
-/// kt[c * ldt + j], zero for j in [-pad, 0) and [n_k, n_k + pad)).
+/// their K and V rows gathered as fp32 ([ncols][d], [ncols][dv]). The diagonals: head h's
+/// offsets (ascending) read from K and V transposed as fp32 in overlapping key tiles: tile T
+/// ([d][kLineTileLd] for K) holds keys T kLineStep - kLineStep + x for x < kLineTileLd (zero
+/// outside [0, n_k)), so any window of kMaxTileQ consecutive keys starting at
+/// key b >= -63 lies in tile b / kLineStep + 1 (rounded down), contiguous per dim.
 struct LineOperands {
   const std::int32_t* cols = nullptr;  // [ncols] columns, ascending
   index_t ncols = 0;
@@ -69,12 +71,16 @@ struct LineOperands {
   const std::int32_t* offs = nullptr;  // [noffs] offsets, ascending
   index_t noffs = 0;
   const std::uint8_t* col_flags = nullptr;  // [n_k] 1 = a column (its diagonal pairs are skipped)
-  const float* kt = nullptr;  // key 0 of dim 0 of the transposed K; row stride ldt
-  const float* vt = nullptr;  // the same for V
-  index_t ldt = 0;
+  const float* ktiles = nullptr;  // [tiles][d][kLineTileLd]  transposed K tiles
+  const float* vtiles = nullptr;  // [tiles][dv][kLineTileLd] transposed V tiles
   bool v_finite = true;  // the KV head's V holds no inf or NaN
   index_t n_k = 0, q_offset = 0;
 };
+
+/// Keys between the starts of consecutive transposed tiles of LineOperands.
+inline constexpr index_t kLineStep = 64;
+/// Keys in one transposed tile (a row of a dim): the step plus the widest query tile.
+inline constexpr index_t kLineTileLd = kLineStep + kMaxTileQ;
 
 /// Where a prefill item adds its key mass: fixed-point sums (value x 2^shift, bit 63 marks NaN),
 /// so the total does not depend on the order in which items finish.
