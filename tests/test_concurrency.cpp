@@ -77,6 +77,14 @@ void append_csr(std::vector<float>& bits, const Mask& m) {
   for (auto x : m.full_flags()) bits.push_back(static_cast<float>(x));
   bits.push_back(static_cast<float>(m.pairs()));
 }
+// A line mask: every head's columns, then offsets, and the pair count.
+void append_csr(std::vector<float>& bits, const LineMask& m) {
+  for (index_t h = 0; h < m.shape().heads; ++h) {
+    for (index_t t = 0; t < m.num_columns(h); ++t) bits.push_back(static_cast<float>(m.columns(h)[t]));
+    for (index_t t = 0; t < m.num_offsets(h); ++t) bits.push_back(static_cast<float>(m.offsets(h)[t]));
+  }
+  bits.push_back(static_cast<float>(m.pairs()));
+}
 
 template <class TKV>
 std::vector<float> workload(int c, const Exec& ex) {

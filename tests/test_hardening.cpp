@@ -138,6 +138,16 @@ std::vector<std::int64_t> csr_of(const Mask& m) {
   r.push_back(m.pairs());
   return r;
 }
+// A line mask's lines (every head's columns, then offsets) and pair count.
+std::vector<std::int64_t> csr_of(const LineMask& m) {
+  std::vector<std::int64_t> r;
+  for (index_t h = 0; h < m.shape().heads; ++h) {
+    r.insert(r.end(), m.columns(h), m.columns(h) + m.num_columns(h));
+    r.insert(r.end(), m.offsets(h), m.offsets(h) + m.num_offsets(h));
+  }
+  r.push_back(m.pairs());
+  return r;
+}
 
 }  // namespace
 

@@ -20,6 +20,7 @@
 #include "sparse_attn/kernel/workspace.hpp"
 #include "sparse_attn/mask/block_mask.hpp"
 #include "sparse_attn/mask/key_selection.hpp"
+#include "sparse_attn/mask/line_mask.hpp"
 #include "sparse_attn/mask/patterns.hpp"
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/decode.hpp"

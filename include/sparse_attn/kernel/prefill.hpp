@@ -127,10 +127,10 @@ class PrefillPlan {
   index_t bit_words_ = 0;  // 64-bit words per partial block (block_q x block_k bits)
   std::vector<index_t> partial_offsets_;
   std::vector<std::int32_t> partial_blocks_;
-  // Line masks (LineMask): items are (query head, tile of kMaxTileQ queries), grouped by KV
-  // head; the workspace ends with kernel::LineRegions (one KV head's transposed K/V tiles, then
-  // the gathered column rows of every head).
-  index_t line_columns_ = 0;
+  // Line masks (LineMask): items are (query head, kLineTiles tiles of kMaxTileQ queries),
+  // grouped by KV head; the workspace ends with kernel::LineRegions (one KV head's transposed
+  // K/V in line_tiles_ tiles, then the gathered column rows of every head).
+  index_t line_columns_ = 0, line_tiles_ = 0;
   std::size_t line_bytes_ = 0;
 };
 
@@ -191,12 +191,12 @@ inline arch::PrefillScratch carve_prefill_scratch(arch::Carver& c, index_t G, in
 template <class Mask>
 inline constexpr bool kIsLineMask = std::is_same_v<Mask, LineMask>;
 
-/// Lays out the line-mask part of the workspace (see PrefillPlan): one KV head's transposed K/V
-/// tiles (arch::LineOperands), their non-finite flags, the gathered rows. Used by the plan
+/// Lays out the line-mask part of the workspace (see PrefillPlan): one KV head's transposed K
+/// and V tiles (arch::LineOperands), their non-finite flags, the gathered rows. Used by the plan
 /// (sizing carver) and the run.
 struct LineRegions {
-  float* kt = nullptr;          ///< [tiles][d][kLineTileLd] transposed K tiles of one KV head
-  float* vt = nullptr;          ///< [tiles][dv][kLineTileLd] the same for V
+  float* kt = nullptr;          ///< [tiles][d][kLineTileKeys] transposed K tiles of one KV head
+  float* vt = nullptr;          ///< [tiles][dv][kLineTileKeys] the same for V
   std::uint8_t* bad = nullptr;  ///< [tiles]: the tile's V holds an inf or NaN
   float* kg = nullptr;          ///< [columns][d] gathered K rows
   float* vg = nullptr;          ///< [columns][dv] gathered V rows
@@ -204,11 +204,11 @@ struct LineRegions {
   /// @param c the carver.
   /// @param d K head dim.
   /// @param dv V head dim.
-  /// @param tiles transposed tiles per KV head (n_k / kLineStep, rounded up, + 1).
+  /// @param tiles transposed tiles: n_k / kLineStep + 3.
   /// @param columns gathered rows of every head.
   LineRegions(arch::Carver& c, index_t d, index_t dv, index_t tiles, index_t columns) {
-    kt = c.take<float>(tiles * d * arch::kLineTileLd);
-    vt = c.take<float>(tiles * dv * arch::kLineTileLd);
+    kt = c.take<float>(tiles * d * arch::kLineTileKeys);
+    vt = c.take<float>(tiles * dv * arch::kLineTileKeys);
     bad = c.take<std::uint8_t>(tiles);
     kg = c.take<float>(columns * d);
     vg = c.take<float>(columns * dv);
@@ -308,44 +308,47 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
   require(plan.workers_ >= 1, where, ": executor concurrency() must be >= 1, got ", plan.workers_);
   if (shape.n_q == 0 || shape.heads_q == 0) return plan;
   if constexpr (kernel::kIsLineMask<Mask>) {
-    // Items (query head, tile of kMaxTileQ queries), the mask's block size aside; items of one
-    // KV head are contiguous (the run transposes one KV head at a time), heaviest first within
-    // it (cost: the tile's slots, columns and offsets up to its last position).
+    // Items (query head, group of kLineTiles tiles of kMaxTileQ queries), the mask's block size
+    // aside; items of one KV head are contiguous (the run transposes one KV head at a time),
+    // heaviest first within it (cost: the slots, columns and offsets up to each tile's end).
     require(!plan.key_mass_, where, ": key_mass is not available with a LineMask");
-    const index_t tq = arch::kMaxTileQ, nqt = (shape.n_q + tq - 1) / tq;
-    std::vector<index_t> cost(static_cast<std::size_t>(shape.heads_q * nqt));
+    const index_t tq = arch::kMaxTileQ, span = tq * arch::kLineTiles;
+    const index_t ngroups = (shape.n_q + span - 1) / span;
+    std::vector<index_t> cost(static_cast<std::size_t>(shape.heads_q * ngroups), 0);
     for (index_t h = 0; h < shape.heads_q; ++h)
-      for (index_t t = 0; t < nqt; ++t) {
+      for (index_t t = 0; t * tq < shape.n_q; ++t) {
         const index_t p1 = std::min(shape.n_q, (t + 1) * tq) - 1 + ms.q_offset();
-        cost[static_cast<std::size_t>(h * nqt + t)] =
+        cost[static_cast<std::size_t>(h * ngroups + t / arch::kLineTiles)] +=
             LineMask::count_in(mask.columns(h), mask.num_columns(h), 0, p1 + 1) +
             LineMask::count_in(mask.offsets(h), mask.num_offsets(h), 0, p1 + 1);
       }
     plan.order_.resize(cost.size());
     std::iota(plan.order_.begin(), plan.order_.end(), index_t{0});
-    const auto per_kv = static_cast<std::ptrdiff_t>(G * nqt);
+    const auto per_kv = static_cast<std::ptrdiff_t>(G * ngroups);
     for (auto it = plan.order_.begin(); it != plan.order_.end(); it += per_kv)
       std::stable_sort(it, it + per_kv, [&](index_t a, index_t b) {
         return cost[static_cast<std::size_t>(a)] > cost[static_cast<std::size_t>(b)];
       });
     plan.ldq_ = tq;
-    plan.bk_ = std::min(arch::kLineStep, std::max<index_t>(shape.n_k, 1));
+    plan.tiles_ = arch::kLineTiles;
+    plan.bk_ = std::min(tq, std::max<index_t>(shape.n_k, 1));
     arch::Carver sizer;
-    // (the run carves every worker's scratch alike: G head tiles, of which an item uses one)
-    kernel::carve_prefill_scratch(sizer, G, 1, shape.head_dim, shape.head_dim_v, plan.ldq_, plan.bk_,
-                                  ms.num_k_blocks());
+    // (the run carves every worker's scratch alike: G x kLineTiles head tiles; an item uses
+    // kLineTiles)
+    kernel::carve_prefill_scratch(sizer, G, plan.tiles_, shape.head_dim, shape.head_dim_v, plan.ldq_,
+                                  plan.bk_, ms.num_k_blocks());
     plan.scratch_bytes_ = sizer.bytes();
     plan.line_columns_ = mask.total_columns();
-    const index_t tiles = (shape.n_k + arch::kLineStep - 1) / arch::kLineStep + 1;
+    plan.line_tiles_ = shape.n_k / arch::kLineStep + 3;  // keys -kLineStep .. n_k + kMaxTileQ
     const index_t kv_floats = detail::bounded_product(
-        kMaxBytes / 4, {tiles, shape.head_dim + shape.head_dim_v, arch::kLineTileLd});
+        kMaxBytes / 4, {shape.head_dim + shape.head_dim_v, plan.line_tiles_, arch::kLineTileKeys});
     const index_t g_floats = detail::bounded_product(
         kMaxBytes / 4, {plan.line_columns_, shape.head_dim + shape.head_dim_v});
     if (kv_floats < 0 || g_floats < 0) {
       plan.line_bytes_ = SIZE_MAX;
     } else {
       arch::Carver lines;
-      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, tiles, plan.line_columns_);
+      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, plan.line_tiles_, plan.line_columns_);
       plan.line_bytes_ = lines.bytes();
     }
     kernel::require_workspace_fits({plan.line_bytes_}, plan.scratch_bytes_, plan.workers_, shape, where);
@@ -531,11 +534,11 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
       require(mask.total_columns() <= plan.line_columns_, where, ": the mask has ",
               mask.total_columns(), " columns, more than the plan's ", plan.line_columns_,
               "; plan with this mask");
-      const index_t d = q.dim, dv = v.dim, step = arch::kLineStep, ld = arch::kLineTileLd;
-      const index_t tiles = (k.tokens + step - 1) / step + 1;
+      const index_t d = q.dim, dv = v.dim, tq = plan.ldq_, ntl = plan.line_tiles_;
+      const index_t step = arch::kLineStep, tl = arch::kLineTileKeys;
       arch::Carver lc(base + plan.bits_bytes_ + plan.pack_bytes_ +
                       plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_) + plan.mass_bytes_);
-      const kernel::LineRegions reg(lc, d, dv, tiles, mask.total_columns());
+      const kernel::LineRegions reg(lc, d, dv, ntl, mask.total_columns());
       // Every head's columns gathered: K and V rows as fp32, in column order.
       run_items(exec, q.heads, [&](index_t h, int) {
         const std::int32_t* cols = mask.columns(h);
@@ -545,41 +548,39 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           load_row(v.row(h / G, cols[t]), v.stride_dim, reg.vg + (first + t) * dv, dv);
         }
       });
-      const index_t tq = plan.ldq_, nqt = (q.tokens + tq - 1) / tq, per_kv = G * nqt;
+      const index_t span = tq * plan.tiles_, ngroups = (q.tokens + span - 1) / span, per_kv = G * ngroups;
       for (index_t hk = 0; hk < k.heads; ++hk) {
         // K and V of KV head hk transposed into overlapping tiles (arch::LineOperands), each tile
-        // from its keys' rows converted to fp32 through the worker's block buffers, kLineStep
-        // keys at a time: L3-sized, shared by the items of the G heads that follow.
-        run_items(exec, tiles, [&](index_t T, int worker) {
+        // from its keys' rows converted to fp32 through the worker's block buffers: shared by
+        // the items of the G heads that follow.
+        run_items(exec, ntl, [&](index_t T, int worker) {
           const arch::PrefillScratch ws = carve(worker);
-          float* kt = reg.kt + T * d * ld;
-          float* vt = reg.vt + T * dv * ld;
+          float* kt = reg.kt + T * d * tl;
+          float* vt = reg.vt + T * dv * tl;
           bool bad = false;
-          for (index_t half = 0; half < ld / step; ++half) {
-            const index_t j0 = (T - 1 + half) * step;  // key of column half * step
-            const index_t a = std::max<index_t>(0, -j0), b = std::min(step, k.tokens - j0);  // keys in range
+          for (index_t o0 = 0; o0 < tl; o0 += plan.bk_) {  // columns o0 .. o0 + no of the tile
+            const index_t no = std::min(plan.bk_, tl - o0), j0 = T * step - step + o0;
+            const index_t a = std::clamp<index_t>(-j0, 0, no), b = std::clamp<index_t>(k.tokens - j0, a, no);
             for (index_t x = a; x < b; ++x) {
               load_row(k.row(hk, j0 + x), k.stride_dim, ws.kbuf + x * d, d);
               load_row(v.row(hk, j0 + x), v.stride_dim, ws.vbuf + x * dv, dv);
             }
-            const index_t c0 = half * step;
             for (index_t c = 0; c < d; ++c)
-              for (index_t x = 0; x < step; ++x)
-                kt[c * ld + c0 + x] = x >= a && x < b ? ws.kbuf[x * d + c] : 0.0f;
+              for (index_t x = 0; x < no; ++x) kt[c * tl + o0 + x] = x >= a && x < b ? ws.kbuf[x * d + c] : 0.0f;
             for (index_t c = 0; c < dv; ++c)
-              for (index_t x = 0; x < step; ++x) {
+              for (index_t x = 0; x < no; ++x) {
                 const float y = x >= a && x < b ? ws.vbuf[x * dv + c] : 0.0f;
                 bad = bad || !std::isfinite(y);
-                vt[c * ld + c0 + x] = y;
+                vt[c * tl + o0 + x] = y;
               }
           }
           reg.bad[T] = bad ? 1 : 0;
         });
-        const bool v_finite = std::none_of(reg.bad, reg.bad + tiles, [](std::uint8_t b) { return b != 0; });
+        const bool v_finite = std::none_of(reg.bad, reg.bad + ntl, [](std::uint8_t x) { return x != 0; });
         run_items(exec, per_kv, [&](index_t oi, int worker) {
           const arch::PrefillScratch ws = carve(worker);
           const index_t it = plan.order_[static_cast<std::size_t>(hk * per_kv + oi)];
-          const index_t h = it / nqt, q0 = it % nqt * tq;
+          const index_t h = it / ngroups, q0 = it % ngroups * span;
           arch::LineOperands lo;
           lo.cols = mask.columns(h);
           lo.ncols = mask.num_columns(h);
@@ -595,7 +596,7 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           lo.q_offset = ms.q_offset();
           arch::dispatch(plan.target_, [&](auto target) {
             decltype(target)::prefill_lines_item(lo, plan.bk_, q, out, opt.lse, scale, plan.bf16_, h, q0,
-                                                 std::min(tq, q.tokens - q0), ws);
+                                                 std::min(span, q.tokens - q0), ws);
           });
         });
       }

@@ -15,6 +15,7 @@
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -37,14 +38,16 @@ class LineMask {
   ///        for_each_block lists (the kernel's query tile is block_q).
   /// @param column_flags heads x n_k bytes.
   /// @param offset_flags heads x n_k bytes.
-  /// @throws sparse_attn::invalid_argument when the shape is invalid or not causal, or a flag
-  ///         array does not hold heads x n_k entries; std::bad_alloc.
+  /// @throws sparse_attn::invalid_argument when the shape is invalid or not causal, n_k >= 2^31,
+  ///         or a flag array does not hold heads x n_k entries; std::bad_alloc.
   LineMask(MaskShape shape, std::vector<std::uint8_t> column_flags,
            std::vector<std::uint8_t> offset_flags)
       : shape_(shape), col_flags_(std::move(column_flags)), off_flags_(std::move(offset_flags)) {
     constexpr const char* where = "LineMask";
     shape_.validate(where);
     require(shape_.causal, where, ": a line mask is causal (shape.causal must be true)");
+    require(shape_.n_k <= std::numeric_limits<std::int32_t>::max(), where,
+            ": n_k must be < 2^31 (columns and offsets are int32), got ", shape_.n_k);
     const auto cells = static_cast<std::size_t>(shape_.heads * shape_.n_k);
     require(col_flags_.size() == cells && off_flags_.size() == cells, where,
             ": flag arrays must hold heads x n_k = ", shape_.heads * shape_.n_k,

@@ -843,144 +843,174 @@ inline void with_static_count(index_t n, Fn&& f) {
   }
 }
 
-/// Diagonal logits: S[t][i] = sum_c Qt[c][i] kt[at[t] + c ldt + i] for slots t < NT and the lanes
-/// [0, VV kLanes), where kt[at[t] + c ldt + i] is dim c of lane i's key on slot t's diagonal
-/// (transposed K): each product is a vector times a vector, with no gather; the VV packets of a
-/// (dim, slot) are adjacent keys.
+/// Where packet v (keys b .. b + kLanes - 1, b = its first key >= -kLineStep) lies in the
+/// transposed tiles of LineOperands, for a tile of `dims` rows: its tile's offset plus its column.
+inline index_t line_tile_offset(index_t b, index_t dims) {
+  const index_t x = b + kLineStep, T = x / kLineStep;
+  return T * dims * kLineTileKeys + (x - T * kLineStep);
+}
+
+/// Diagonal logits: S[t][i] = sum_c Qt[c][i] K[key_t(i)][c] for slots t < NT and the lanes
+/// [0, VV kLanes), where packet v of slot t's keys (on its diagonal) starts at kt[at[t ldat + v]]
+/// with dims kLineTileKeys apart: each product is a vector times a vector, with no gather.
 template <class V, int NT, int VV>
-inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, index_t ldt, const index_t* at,
+inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, const index_t* at, index_t ldat,
                         index_t d, float* s) {
   Packets2<V, NT, VV> acc;
+  const float* kr[NT][VV];
   for (int t = 0; t < NT; ++t)
-    for (int v = 0; v < VV; ++v) acc[t][v] = V::zero();
+    for (int v = 0; v < VV; ++v) {
+      acc[t][v] = V::zero();
+      kr[t][v] = kt + at[t * ldat + v];
+    }
   for (index_t c = 0; c < d; ++c) {
     Packets<V, VV> qv;
     for (int v = 0; v < VV; ++v) qv[v] = V::load(qt + c * ldq + v * V::kLanes);
-    const float* kr = kt + c * ldt;
     for (int t = 0; t < NT; ++t)
-      for (int v = 0; v < VV; ++v) acc[t][v] = V::fmadd(qv[v], V::loadu(kr + at[t] + v * V::kLanes), acc[t][v]);
+      for (int v = 0; v < VV; ++v) acc[t][v] = V::fmadd(qv[v], V::loadu(kr[t][v] + c * kLineTileKeys), acc[t][v]);
   }
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < VV; ++v) V::store(s + t * ldq + v * V::kLanes, acc[t][v]);
 }
 
-/// Diagonal P V: Ot[c][i] += sum_{t < nt} P[t][i] vt[at[t] + c ldt + i] for dims [c0, c0 + NC)
-/// and the lanes [0, VV kLanes) (transposed V, addressed as in diagonal_qk).
+/// Diagonal P V: Ot[c][i] += sum_{t < nt} P[t][i] V[key_t(i)][c] for dims [c0, c0 + NC) and the
+/// lanes [0, VV kLanes) (transposed V tiles, addressed as in diagonal_qk).
 template <class V, int NC, int VV>
-inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt, index_t ldt,
-                        const index_t* at, index_t c0, float* ot) {
+inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt, const index_t* at,
+                        index_t ldat, index_t c0, float* ot) {
   Packets2<V, NC, VV> acc;
   for (int c = 0; c < NC; ++c)
     for (int v = 0; v < VV; ++v) acc[c][v] = V::load(ot + (c0 + c) * ldq + v * V::kLanes);
   for (index_t t = 0; t < nt; ++t) {
     Packets<V, VV> pv;
     for (int v = 0; v < VV; ++v) pv[v] = V::load(p + t * ldq + v * V::kLanes);
-    const float* vr = vt + c0 * ldt + at[t];
-    for (int c = 0; c < NC; ++c)
-      for (int v = 0; v < VV; ++v) acc[c][v] = V::fmadd(pv[v], V::loadu(vr + c * ldt + v * V::kLanes), acc[c][v]);
+    for (int v = 0; v < VV; ++v) {
+      const float* vr = vt + at[t * ldat + v] + c0 * kLineTileKeys;
+      for (int c = 0; c < NC; ++c) acc[c][v] = V::fmadd(pv[v], V::loadu(vr + c * kLineTileKeys), acc[c][v]);
+    }
   }
   for (int c = 0; c < NC; ++c)
     for (int v = 0; v < VV; ++v) V::store(ot + (c0 + c) * ldq + v * V::kLanes, acc[c][v]);
 }
 
-/// Line-mask work item: query head h, query rows [q0, q0 + rows) (positions p = q0 + i +
-/// q_offset). Vertical lines: the gathered columns <= p, in tiles of `chunk`; tiles of columns
-/// <= the first position are full (no test), the rest take the causal cut. Diagonals: offsets
-/// <= the last position, `chunk` slots at a time; lane i of slot t reads key p_i - delta_t, masked
-/// when that key is < 0 or one of the columns (already counted). fp32 products, or the bf16
-/// products emulated (Q and P rounded to bf16, the scale after the sum), as Products describes.
+/// Line-mask work item: query head h, query rows [q0, q0 + nrows) in tiles of kMaxTileQ (at most
+/// kLineTiles; tile r uses scratch tile r; positions p = qi + q_offset). Vertical lines, per tile:
+/// the gathered columns <= p, `chunk` at a time; tiles of columns <= the tile's first position
+/// are full (no test), the rest take the causal cut. Diagonals: offsets <= the tile's last
+/// position, kLineSlots at a time, each group for every tile before the next group; lane i of
+/// slot t reads key p_i - delta_t, masked when that key is < 0 or one of the columns (already
+/// counted). fp32 products, or the bf16 products emulated (Q and P rounded to bf16, the scale
+/// after the sum), as Products describes.
 template <class V, class QV, class OV>
 void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out, LseView lse,
-                float scale, bool bf16_products, index_t h, index_t q0, index_t rows,
+                float scale, bool bf16_products, index_t h, index_t q0, index_t nrows,
                 const PrefillScratch& ws) {
   const Products mode = bf16_products ? Products::bf16_emulated : Products::fp32;
   const index_t d = q.dim, dv = out.dim, ldq = ws.ldq;
-  const index_t width = round_up(rows, V::kLanes);
+  const index_t ntiles = (nrows + kMaxTileQ - 1) / kMaxTileQ;
   float* s = ws.s;
-  std::fill(ws.qt, ws.qt + d * ldq, 0.0f);
-  std::fill(ws.ot, ws.ot + dv * ldq, 0.0f);
-  std::fill(ws.m, ws.m + ldq, -INFINITY);
-  std::fill(ws.l, ws.l + ldq, 0.0f);
-  for (index_t i = 0; i < rows; ++i) {
-    load_row<V>(q.row(h, q0 + i), q.stride_dim, ws.row, d);
-    for (index_t c = 0; c < d; ++c)
-      ws.qt[c * ldq + i] = mode == Products::bf16_emulated ? round_bf16(ws.row[c]) : ws.row[c] * scale;
-  }
-  const HeadTile tile{ws.qt, ws.qp, ws.ot, ws.m, ws.l};
-  const index_t p0 = q0 + lo.q_offset, p1 = p0 + rows - 1;
-
-  // Vertical lines.
-  const GatheredColumns gathered{lo.cols, lo.q_offset};
-  const index_t nfull = std::upper_bound(lo.cols, lo.cols + lo.ncols, p0) - lo.cols;
-  const index_t nvis = std::upper_bound(lo.cols, lo.cols + lo.ncols, p1) - lo.cols;
-  auto columns = [&](index_t t0, index_t t1, bool full) {
-    for (index_t t = t0; t < t1; t += chunk) {
-      const index_t nk = std::min(chunk, t1 - t);
-      BlockOperands b;
-      b.k = lo.kg + t * d;
-      b.ldk = d;
-      b.v = lo.vg + t * dv;
-      b.ldv = dv;
-      b.v_finite = full || all_finite<V>(b.v, nk, dv, dv);
-      prefill_block<V>(gathered, 0, q0, rows, t, nk, full, b, mode, scale, d, dv, ws, tile, MassRows{});
-    }
+  auto tile_of = [&](index_t r) {
+    return HeadTile{ws.qt + r * d * ldq, ws.qp, ws.ot + r * dv * ldq, ws.m + r * ldq, ws.l + r * ldq};
   };
-  columns(0, nfull, true);
-  columns(nfull, nvis, false);
+  auto rows_of = [&](index_t r) { return std::min(kMaxTileQ, nrows - r * kMaxTileQ); };
+  const GatheredColumns gathered{lo.cols, lo.q_offset};
+  index_t nslots[kLineTiles];
+  for (index_t r = 0; r < ntiles; ++r) {
+    const HeadTile tile = tile_of(r);
+    const index_t tq0 = q0 + r * kMaxTileQ, rows = rows_of(r);
+    std::fill(tile.qt, tile.qt + d * ldq, 0.0f);
+    std::fill(tile.ot, tile.ot + dv * ldq, 0.0f);
+    std::fill(tile.m, tile.m + ldq, -INFINITY);
+    std::fill(tile.l, tile.l + ldq, 0.0f);
+    for (index_t i = 0; i < rows; ++i) {
+      load_row<V>(q.row(h, tq0 + i), q.stride_dim, ws.row, d);
+      for (index_t c = 0; c < d; ++c)
+        tile.qt[c * ldq + i] = mode == Products::bf16_emulated ? round_bf16(ws.row[c]) : ws.row[c] * scale;
+    }
+    // Vertical lines.
+    const index_t p0 = tq0 + lo.q_offset, p1 = p0 + rows - 1;
+    const index_t nfull = std::upper_bound(lo.cols, lo.cols + lo.ncols, p0) - lo.cols;
+    const index_t nvis = std::upper_bound(lo.cols, lo.cols + lo.ncols, p1) - lo.cols;
+    auto columns = [&](index_t t0, index_t t1, bool full) {
+      for (index_t t = t0; t < t1; t += chunk) {
+        const index_t nk = std::min(chunk, t1 - t);
+        BlockOperands b;
+        b.k = lo.kg + t * d;
+        b.ldk = d;
+        b.v = lo.vg + t * dv;
+        b.ldv = dv;
+        b.v_finite = full || all_finite<V>(b.v, nk, dv, dv);
+        prefill_block<V>(gathered, 0, tq0, rows, t, nk, full, b, mode, scale, d, dv, ws, tile, MassRows{});
+      }
+    };
+    columns(0, nfull, true);
+    columns(nfull, nvis, false);
+    nslots[r] = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
+  }
 
   // Diagonals.
-  const index_t nslots = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
-  index_t base[kMaxTileQ], kat[kMaxTileQ], vat[kMaxTileQ];  // chunk <= kMaxTileQ (the plan's)
-  for (index_t t0 = 0; t0 < nslots; t0 += chunk) {
-    const index_t nt = std::min(chunk, nslots - t0);
-    for (index_t t = 0; t < nt; ++t) {  // lane 0's key, and where its window starts in the tiles
-      base[t] = p0 - lo.offs[t0 + t];
-      const index_t T = (base[t] + kLineStep) / kLineStep, x = base[t] - (T - 1) * kLineStep;
-      kat[t] = T * d * kLineTileLd + x;
-      vat[t] = T * dv * kLineTileLd + x;
-    }
-    // Lanes in groups of up to 4 packets, slots 4 at a time: 16 accumulators.
-    for (index_t i = 0; i < width; i += 4 * V::kLanes)
-      with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
-        for (index_t t = 0; t < nt; t += 4)
-          with_static_count<4>(std::min<index_t>(4, nt - t), [&](auto n) {
-            diagonal_qk<V, decltype(n)::value, decltype(vv)::value>(ws.qt + i, ldq, lo.ktiles + i, kLineTileLd,
-                                                                    kat + t, d, s + t * ldq + i);
-          });
-      });
-    for (index_t t = 0; t < nt; ++t) {
-      float* st = s + t * ldq;
-      if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
-        for (index_t i = 0; i < width; ++i) st[i] *= scale;
-      for (index_t i = 0; i < width; ++i) {
-        const index_t j = base[t] + i;  // i < rows: j <= p_i < n_k
-        if (!(i < rows && j >= 0 && lo.col_flags[j] == 0)) st[i] = -INFINITY;
+  constexpr index_t kPk = kMaxTileQ / V::kLanes;  // packets of a tile
+  index_t base[kLineSlots], kat[kLineSlots * kPk], vat[kLineSlots * kPk];
+  for (index_t t0 = 0; t0 < nslots[ntiles - 1]; t0 += kLineSlots) {
+    for (index_t r = 0; r < ntiles; ++r) {
+      const index_t nt = std::min(kLineSlots, nslots[r] - t0);
+      if (nt <= 0) continue;
+      const HeadTile tile = tile_of(r);
+      const index_t rows = rows_of(r), width = round_up(rows, V::kLanes);
+      const index_t p0 = q0 + r * kMaxTileQ + lo.q_offset;
+      for (index_t t = 0; t < nt; ++t) {
+        base[t] = p0 - lo.offs[t0 + t];  // lane 0's key
+        for (index_t v = 0; v < width / V::kLanes; ++v) {
+          kat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, d);
+          vat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, dv);
+        }
       }
-    }
-    online_softmax_block<V>(s, ldq, nt, width, false, mode, ws, tile.m, tile.l, tile.ot, dv);
-    if (mode == Products::bf16_emulated)
-      for (index_t t = 0; t < nt; ++t)
-        for (index_t i = 0; i < width; ++i) s[t * ldq + i] = round_bf16(s[t * ldq + i]);
-    if (lo.v_finite) {
+      // Lanes in groups of up to 4 packets, slots 4 at a time: 16 accumulators.
       for (index_t i = 0; i < width; i += 4 * V::kLanes)
         with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
-          for (index_t c = 0; c < dv; c += 4)
-            with_static_count<4>(std::min<index_t>(4, dv - c), [&](auto n) {
-              diagonal_pv<V, decltype(n)::value, decltype(vv)::value>(s + i, ldq, nt, lo.vtiles + i, kLineTileLd,
-                                                                      vat, c, tile.ot + i);
+          for (index_t t = 0; t < nt; t += 4)
+            with_static_count<4>(std::min<index_t>(4, nt - t), [&](auto n) {
+              diagonal_qk<V, decltype(n)::value, decltype(vv)::value>(
+                  tile.qt + i, ldq, lo.ktiles, kat + t * kPk + i / V::kLanes, kPk, d, s + t * ldq + i);
             });
         });
-    } else {  // corrupt data only: a masked pair's 0 x inf must not reach the row
-      for (index_t t = 0; t < nt; ++t)
-        for (index_t i = 0; i < rows; ++i) {
-          const index_t j = base[t] + i;
-          if (j < 0 || lo.col_flags[j] != 0) continue;
-          for (index_t c = 0; c < dv; ++c)
-            tile.ot[c * ldq + i] += s[t * ldq + i] * lo.vtiles[vat[t] + c * kLineTileLd + i];
+      for (index_t t = 0; t < nt; ++t) {
+        float* st = s + t * ldq;
+        if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
+          for (index_t i = 0; i < width; ++i) st[i] *= scale;
+        for (index_t i = 0; i < width; ++i) {
+          const index_t j = base[t] + i;  // i < rows: j <= p_i < n_k
+          if (!(i < rows && j >= 0 && lo.col_flags[j] == 0)) st[i] = -INFINITY;
         }
+      }
+      online_softmax_block<V>(s, ldq, nt, width, false, mode, ws, tile.m, tile.l, tile.ot, dv);
+      if (mode == Products::bf16_emulated)
+        for (index_t t = 0; t < nt; ++t)
+          for (index_t i = 0; i < width; ++i) s[t * ldq + i] = round_bf16(s[t * ldq + i]);
+      if (lo.v_finite) {
+        for (index_t i = 0; i < width; i += 4 * V::kLanes)
+          with_static_count<4>(std::min<index_t>(4, (width - i) / V::kLanes), [&](auto vv) {
+            for (index_t c = 0; c < dv; c += 4)
+              with_static_count<4>(std::min<index_t>(4, dv - c), [&](auto n) {
+                diagonal_pv<V, decltype(n)::value, decltype(vv)::value>(
+                    s + i, ldq, nt, lo.vtiles, vat + i / V::kLanes, kPk, c, tile.ot + i);
+              });
+          });
+      } else {  // corrupt data only: a masked pair's 0 x inf must not reach the row
+        for (index_t t = 0; t < nt; ++t)
+          for (index_t i = 0; i < rows; ++i) {
+            const index_t j = base[t] + i;
+            if (j < 0 || lo.col_flags[j] != 0) continue;
+            const float* vr = lo.vtiles + line_tile_offset(j, dv);
+            for (index_t c = 0; c < dv; ++c) tile.ot[c * ldq + i] += s[t * ldq + i] * vr[c * kLineTileKeys];
+          }
+      }
     }
   }
-  store_tile_rows(out, lse, h, q0, rows, ws.ot, ws.m, ws.l, ldq, dv, ws.row);
+  for (index_t r = 0; r < ntiles; ++r) {
+    const HeadTile tile = tile_of(r);
+    store_tile_rows(out, lse, h, q0 + r * kMaxTileQ, rows_of(r), tile.ot, tile.m, tile.l, ldq, dv, ws.row);
+  }
 }
 
 #include "sparse_attn/arch/detail/decode_body-inl.hpp"
@@ -1161,7 +1191,8 @@ struct Target {
     body::prefill_item<Vec>(mask, q, k, v, out, lse, scale, bf16_products, G, hk, qb, tiles, ws, km);
   }
 
-  /// One line-mask prefill item (body::lines_item): query head h, rows [q0, q0 + rows).
+  /// One line-mask prefill item (body::lines_item): query head h, rows [q0, q0 + rows), at most
+  /// kLineTiles tiles of kMaxTileQ.
   template <class QV, class OV>
   static void prefill_lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out,
                                  LseView lse, float scale, bool bf16_products, index_t h, index_t q0,

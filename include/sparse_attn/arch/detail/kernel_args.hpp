@@ -59,10 +59,9 @@ struct PrefillScratch {
 /// One line-mask prefill item's operands (kernel/prefill.hpp, LineMask): query head h's lines
 /// and the K/V copies the run prepared. The vertical lines: head h's columns (ascending) with
 /// their K and V rows gathered as fp32 ([ncols][d], [ncols][dv]). The diagonals: head h's
-/// offsets (ascending) read from K and V transposed as fp32 in overlapping key tiles: tile T
-/// ([d][kLineTileLd] for K) holds keys T kLineStep - kLineStep + x for x < kLineTileLd (zero
-/// outside [0, n_k)), so any window of kMaxTileQ consecutive keys starting at
-/// key b >= -63 lies in tile b / kLineStep + 1 (rounded down), contiguous per dim.
+/// offsets (ascending) read from its KV head's K and V transposed as fp32 in overlapping key
+/// tiles (see kLineTileKeys): any kMaxLanes consecutive keys from key -kLineStep on lie in one
+/// tile, contiguous per dim, and a window of keys touches few pages.
 struct LineOperands {
   const std::int32_t* cols = nullptr;  // [ncols] columns, ascending
   index_t ncols = 0;
@@ -71,16 +70,25 @@ struct LineOperands {
   const std::int32_t* offs = nullptr;  // [noffs] offsets, ascending
   index_t noffs = 0;
   const std::uint8_t* col_flags = nullptr;  // [n_k] 1 = a column (its diagonal pairs are skipped)
-  const float* ktiles = nullptr;  // [tiles][d][kLineTileLd]  transposed K tiles
-  const float* vtiles = nullptr;  // [tiles][dv][kLineTileLd] transposed V tiles
+  const float* ktiles = nullptr;  // [tiles][d][kLineTileKeys]  transposed K tiles
+  const float* vtiles = nullptr;  // [tiles][dv][kLineTileKeys] transposed V tiles
   bool v_finite = true;  // the KV head's V holds no inf or NaN
   index_t n_k = 0, q_offset = 0;
 };
 
 /// Keys between the starts of consecutive transposed tiles of LineOperands.
 inline constexpr index_t kLineStep = 64;
-/// Keys in one transposed tile (a row of a dim): the step plus the widest query tile.
-inline constexpr index_t kLineTileLd = kLineStep + kMaxTileQ;
+/// Keys in one transposed tile: tile T holds keys T kLineStep - kLineStep + x for x <
+/// kLineTileKeys (zero outside [0, n_k)); the kMaxLanes of overlap keep every packet of
+/// consecutive keys inside one tile.
+inline constexpr index_t kLineTileKeys = kLineStep + kMaxLanes;
+
+/// Query tiles (of kMaxTileQ queries) of one line-mask work item: each diagonal is computed for
+/// all of them before the next, so the keys the tiles share (adjacent windows of one diagonal,
+/// overlapping windows of nearby diagonals) are read from the caches once.
+inline constexpr index_t kLineTiles = 4;
+/// Diagonals per online-softmax step of a line-mask tile.
+inline constexpr index_t kLineSlots = 16;
 
 /// Where a prefill item adds its key mass: fixed-point sums (value x 2^shift, bit 63 marks NaN),
 /// so the total does not depend on the order in which items finish.
