@@ -902,6 +902,49 @@ TEST(VerticalSlash, LineExecutionEqualsBlockPredicateExecution) {
   check(Problem<float>(2, 2, 200, 200, 16, 46), 200, 200, 64, sa::Precision::float32);  // dense
 }
 
+// The line execution with dv != d and strided Q/K/V views, against the float64 oracle; and an
+// inf in V reaches only the rows allowed to see its key (docs/ROBUSTNESS.md).
+TEST(VerticalSlash, LineExecutionStridedViewsOtherValueDimAndNonFiniteV) {
+  const index_t hq = 4, hkv = 2, n = 203, d = 24, dv = 40;
+  std::mt19937 gen(47);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  // Token-major storage [n][heads][dim + 3]: stride_token = heads x (dim + 3), stride_head = dim + 3.
+  auto make = [&](index_t heads, index_t dim) {
+    std::vector<float> x(static_cast<std::size_t>(n * heads * (dim + 3)));
+    for (auto& y : x) y = nd(gen);
+    return x;
+  };
+  std::vector<float> qs = make(hq, d), ks = make(hkv, d), vs = make(hkv, dv);
+  auto view = [&](std::vector<float>& x, index_t heads, index_t dim) {
+    return sa::TensorView<const float>(x.data(), heads, n, dim, dim + 3, heads * (dim + 3), 1);
+  };
+  const auto q = view(qs, hq, d), k = view(ks, hkv, d);
+  sm::VerticalSlash m;
+  const auto sel = m.select(q, k, Budget::count(90));
+  std::vector<float> out(static_cast<std::size_t>(hq * n * dv));
+  const sa::TensorView<float> ov(out.data(), hq, n, dv);
+  sa::AttentionOptions opt;
+  opt.precision = sa::Precision::float32;
+  sa::prefill(q, k, view(vs, hkv, dv), ov, sel.mask, opt);
+  const auto ref = sa::reference::attention_masked(q, k, view(vs, hkv, dv),
+                                                   1.0 / std::sqrt(static_cast<double>(d)), sel.mask);
+  EXPECT_LT(rel_l2(out, ref.out), 2e-6);
+  // An inf in V at key 150 of KV head 0: exactly the rows of heads 0, 1 that see key 150 turn
+  // non-finite.
+  vs[static_cast<std::size_t>(150 * hkv * (dv + 3) + 5)] = INFINITY;
+  sa::prefill(q, k, view(vs, hkv, dv), ov, sel.mask, opt);
+  index_t poisoned = 0;
+  for (index_t h = 0; h < hq; ++h)
+    for (index_t i = 0; i < n; ++i) {
+      const bool sees = h < 2 && sel.mask.allowed(h, i, 150);
+      poisoned += sees;
+      for (index_t c = 0; c < dv; ++c)
+        ASSERT_EQ(std::isfinite(out[static_cast<std::size_t>((h * n + i) * dv + c)]), !(sees && c == 5))
+            << h << " " << i << " " << c;
+    }
+  EXPECT_GT(poisoned, 0);
+}
+
 TEST(VerticalSlash, RejectsInvalidOptions) {
   Problem<float> p(1, 1, 100, 100, 8, 33);
   auto sel = [&](const sm::VerticalSlash& m, const Budget& b,

@@ -23,17 +23,18 @@
 /// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
 ///
 /// Execution, both from the same sets:
-///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}. The listed key
-///          blocks are exactly those holding an allowed element; each is tested element-wise
-///          (predicate).
+///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}: a LineMask
+///          (mask/line_mask.hpp), which the prefill kernel runs as the columns gathered into
+///          dense K/V tiles plus the diagonals against transposed K/V, with no element test in
+///          the hot loops (docs/METHODS.md, section "vertical_slash").
 ///   tiled: the same block list executed whole (causal cut only): for each query tile the key
 ///          blocks covering every slash's range plus the blocks of the vertical columns. A
 ///          superset of exact with no per-element test. (MInference's GPU kernel gathers vertical
 ///          columns one by one; the CPU kernel has no gather, so their whole blocks are computed.)
 /// V = S = n_k is dense in both modes.
 ///
-/// Memory per head: the two rankings (4 bytes per key each), the exact mode's predicate (one byte
-/// per key for columns, one per offset), and per selecting worker the estimate's logits
+/// Memory per head: the two rankings (4 bytes per key each), the exact mode's line mask (one
+/// byte per key for columns, one per offset, 4 bytes per line), and per selecting worker the estimate's logits
 /// (n_k x roundup(w, kTileQ) floats = 256 bytes per key at w = 64 on AVX-512) plus prefix counts:
 /// O(n) per head, never O(n^2). The mask's block lists hold the listed (query block, key block)
 /// pairs, at most ceil(n_q / b) x ceil(n_k / b) per head.
@@ -260,7 +261,8 @@ struct BasicVerticalSlash {
   /// @param budget  count(L lines) or compression(c); mass budgets are refused.
   /// @param opt     softmax scale (NaN: 1/sqrt(d)) of the estimate, and the executor (parallel
   ///                over query heads).
-  /// @return the mask (Mask, tile `block`), its statistics (detail "V=... S=...") and the V and
+  /// @return the mask (Mask; tile `block` for the tiled blocks, the geometry's block size for the
+  ///         exact line mask, whose kernel uses its own tiles), its statistics (detail "V=... S=...") and the V and
   ///         S used.
   /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, the
   ///         views are invalid or inconsistent (head_dim, Hq % Hkv, n_q > n_k, no heads),
@@ -268,11 +270,11 @@ struct BasicVerticalSlash {
   ///         vertical_share is not in [0, 1], opt.scale is neither NaN nor finite > 0, or
   ///         Hq x n_q x n_k exceeds 2^63 - 1.
   /// Complexity O(Hq x w x n_k x d) for the estimate, O(Hq x n_k log n_k) for the rankings,
-  /// O(Hq x (n_q / b) x (n_k / b)) to list the blocks, plus, for a compression budget,
+  /// O(Hq x n_k) for the exact line mask or O(Hq x (n_q / b) x (n_k / b)) to list the tiled blocks, plus, for a compression budget,
   /// O(log n_k) pair counts of O(Hq x n_k) (exact) or O(Hq x (n_q / b) x (n_k / b)) (tiled).
   /// Allocation: the rankings (2 x Hq x n_k int32), per worker the estimate's logits
-  /// (n_k x roundup(w, 64) floats) and O(n_k) flags and prefix counts, the exact predicate
-  /// (2 x Hq x n_k bytes) and the mask's block lists: never O(n^2).
+  /// (n_k x roundup(w, 64) floats) and O(n_k) flags and prefix counts, the exact mode's line
+  /// mask (2 x Hq x n_k bytes + the lines) or the tiled mode's block lists: never O(n^2).
   template <class QT, class KT>
   VerticalSlashSelection<Mask> select(const TensorView<QT>& q, const TensorView<KT>& k,
                                       const Budget& budget,
