@@ -589,14 +589,16 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           lo.offs = mask.offsets(h);
           lo.noffs = mask.num_offsets(h);
           lo.col_flags = mask.column_flags(h);
+          lo.off_flags = mask.offset_flags(h);
+          lo.hk = hk;
           lo.ktiles = reg.kt;
           lo.vtiles = reg.vt;
           lo.v_finite = v_finite;
           lo.n_k = k.tokens;
           lo.q_offset = ms.q_offset();
           arch::dispatch(plan.target_, [&](auto target) {
-            decltype(target)::prefill_lines_item(lo, plan.bk_, q, out, opt.lse, scale, plan.bf16_, h, q0,
-                                                 std::min(span, q.tokens - q0), ws);
+            decltype(target)::prefill_lines_item(lo, plan.bk_, q, k, v, out, opt.lse, scale, plan.bf16_, h,
+                                                 q0, std::min(span, q.tokens - q0), ws);
           });
         });
       }

@@ -144,6 +144,9 @@ class LineMask {
   /// @return head h's column flags, n_k bytes.
   const std::uint8_t* column_flags(index_t h) const { return col_flags_.data() + h * shape_.n_k; }
   /// @param h query head (unchecked).
+  /// @return head h's offset flags, n_k bytes.
+  const std::uint8_t* offset_flags(index_t h) const { return off_flags_.data() + h * shape_.n_k; }
+  /// @param h query head (unchecked).
   /// @return head h's columns, ascending (num_columns(h) of them).
   const std::int32_t* columns(index_t h) const { return cols_.data() + col_begin_[static_cast<std::size_t>(h)]; }
   /// @param h query head (unchecked).

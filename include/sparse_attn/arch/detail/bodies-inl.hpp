@@ -834,6 +834,18 @@ struct GatheredColumns {
   bool allowed_in_block(index_t, index_t qi, index_t t) const noexcept { return cols[t] <= qi + q_offset; }
 };
 
+/// The element test of the key-block fallback of a line-mask tile: the line mask's own rule,
+/// j <= p and (j a column or p - j an offset).
+struct LineElementTest {
+  const std::uint8_t* cols;
+  const std::uint8_t* offs;
+  index_t q_offset;
+  bool allowed_in_block(index_t, index_t qi, index_t kj) const noexcept {
+    const index_t delta = qi + q_offset - kj;
+    return delta >= 0 && (cols[kj] != 0 || offs[delta] != 0);
+  }
+};
+
 /// Calls f(std::integral_constant<int, n>) for a run-time n in [1, N].
 template <int N, class Fn>
 inline void with_static_count(index_t n, Fn&& f) {
@@ -901,10 +913,10 @@ inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt
 /// slot t reads key p_i - delta_t, masked when that key is < 0 or one of the columns (already
 /// counted). fp32 products, or the bf16 products emulated (Q and P rounded to bf16, the scale
 /// after the sum), as Products describes.
-template <class V, class QV, class OV>
-void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out, LseView lse,
-                float scale, bool bf16_products, index_t h, index_t q0, index_t nrows,
-                const PrefillScratch& ws) {
+template <class V, class QV, class KV, class VV, class OV>
+void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k, const VV& v,
+                const OV& out, LseView lse, float scale, bool bf16_products, index_t h, index_t q0,
+                index_t nrows, const PrefillScratch& ws) {
   const Products mode = bf16_products ? Products::bf16_emulated : Products::fp32;
   const index_t d = q.dim, dv = out.dim, ldq = ws.ldq;
   const index_t ntiles = (nrows + kMaxTileQ - 1) / kMaxTileQ;
@@ -943,15 +955,37 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& ou
         prefill_block<V>(gathered, 0, tq0, rows, t, nk, full, b, mode, scale, d, dv, ws, tile, MassRows{});
       }
     };
+    nslots[r] = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
+    // A diagonal pair costs about 3 pairs of a dense tile (each reads its own K/V row), an
+    // element-tested block pair about 1.25: a tile whose lines cover much of its prefix runs
+    // as the key blocks of the prefix that hold one of its pairs, element-tested.
+    if (4 * (3 * nslots[r] + nvis) >= 5 * (p1 + 1)) {
+      const LineElementTest test{lo.col_flags, lo.off_flags, lo.q_offset};
+      for (index_t k0 = 0; k0 <= p1 && k0 < lo.n_k; k0 += chunk) {
+        const index_t k1 = std::min(lo.n_k, k0 + chunk);
+        if (!(std::upper_bound(lo.cols, lo.cols + lo.ncols, std::min(k1 - 1, p1)) >
+                  std::lower_bound(lo.cols, lo.cols + lo.ncols, k0) ||
+              std::upper_bound(lo.offs, lo.offs + lo.noffs, p1 - k0) >
+                  std::lower_bound(lo.offs, lo.offs + lo.noffs, std::max<index_t>(0, p0 - k1 + 1))))
+          continue;  // no pair of the tile in this block
+        BlockOperands b;
+        b.k = fp32_rows<V>(k, lo.hk, k0, k1 - k0, ws.kbuf, b.ldk);
+        b.v = fp32_rows<V>(v, lo.hk, k0, k1 - k0, ws.vbuf, b.ldv);
+        b.v_finite = all_finite<V>(b.v, k1 - k0, dv, b.ldv);
+        prefill_block<V>(test, 0, tq0, rows, k0, k1 - k0, false, b, mode, scale, d, dv, ws, tile, MassRows{});
+      }
+      nslots[r] = 0;
+      continue;
+    }
     columns(0, nfull, true);
     columns(nfull, nvis, false);
-    nslots[r] = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
   }
 
   // Diagonals.
   constexpr index_t kPk = kMaxTileQ / V::kLanes;  // packets of a tile
   index_t base[kLineSlots], kat[kLineSlots * kPk], vat[kLineSlots * kPk];
-  for (index_t t0 = 0; t0 < nslots[ntiles - 1]; t0 += kLineSlots) {
+  const index_t most = *std::max_element(nslots, nslots + ntiles);
+  for (index_t t0 = 0; t0 < most; t0 += kLineSlots) {
     for (index_t r = 0; r < ntiles; ++r) {
       const index_t nt = std::min(kLineSlots, nslots[r] - t0);
       if (nt <= 0) continue;
@@ -1193,11 +1227,12 @@ struct Target {
 
   /// One line-mask prefill item (body::lines_item): query head h, rows [q0, q0 + rows), at most
   /// kLineTiles tiles of kMaxTileQ.
-  template <class QV, class OV>
-  static void prefill_lines_item(const LineOperands& lo, index_t chunk, const QV& q, const OV& out,
-                                 LseView lse, float scale, bool bf16_products, index_t h, index_t q0,
-                                 index_t rows, const PrefillScratch& ws) {
-    body::lines_item<Vec>(lo, chunk, q, out, lse, scale, bf16_products, h, q0, rows, ws);
+  template <class QV, class KV, class VV, class OV>
+  static void prefill_lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
+                                 const VV& v, const OV& out, LseView lse, float scale,
+                                 bool bf16_products, index_t h, index_t q0, index_t rows,
+                                 const PrefillScratch& ws) {
+    body::lines_item<Vec>(lo, chunk, q, k, v, out, lse, scale, bf16_products, h, q0, rows, ws);
   }
 
   /// Whether this target computes bf16 products natively (else Precision::bfloat16 is emulated).

@@ -70,6 +70,8 @@ struct LineOperands {
   const std::int32_t* offs = nullptr;  // [noffs] offsets, ascending
   index_t noffs = 0;
   const std::uint8_t* col_flags = nullptr;  // [n_k] 1 = a column (its diagonal pairs are skipped)
+  const std::uint8_t* off_flags = nullptr;  // [n_k] 1 = an offset (the key-block fallback's test)
+  index_t hk = 0;                           // the KV head
   const float* ktiles = nullptr;  // [tiles][d][kLineTileKeys]  transposed K tiles
   const float* vtiles = nullptr;  // [tiles][dv][kLineTileKeys] transposed V tiles
   bool v_finite = true;  // the KV head's V holds no inf or NaN
