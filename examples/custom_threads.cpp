@@ -44,7 +44,7 @@ class CountingExecutor final : public Executor {
 };
 
 struct Outputs {
-  std::vector<std::int32_t> blocks;  // the selected prefill mask's key blocks
+  std::vector<std::int32_t> lines;  // the selected prefill mask's lines: columns, then offsets
   std::vector<float> prefill, decode;
   double prefill_ms = 0, decode_ms = 0;
 };
@@ -88,7 +88,10 @@ int main(int argc, char** argv) {
             opt);
     r.prefill_ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    r.blocks = sel.mask.block_indices();
+    for (index_t h = 0; h < Hq; ++h) {
+      r.lines.insert(r.lines.end(), sel.mask.columns(h), sel.mask.columns(h) + sel.mask.num_columns(h));
+      r.lines.insert(r.lines.end(), sel.mask.offsets(h), sel.mask.offsets(h) + sel.mask.num_offsets(h));
+    }
 
     // One decode step: the prompt and the new token into a paged cache (appends on the executor),
     // Quest's pages, the decode kernel.
@@ -117,7 +120,7 @@ int main(int argc, char** argv) {
   CountingExecutor counted(pool);
   const Outputs mine = run(&counted);
   const Outputs dflt = run(nullptr);
-  const bool same_mask = mine.blocks == dflt.blocks;
+  const bool same_mask = mine.lines == dflt.lines;
   const bool same_prefill = mine.prefill == dflt.prefill, same_decode = mine.decode == dflt.decode;
 
   std::printf(

@@ -117,16 +117,22 @@ int main(int argc, char** argv) {
 
   // One workspace for everything, sized before the first call by the largest ones: a prefill of a
   // full chunk against the whole prompt and a dense decode over the whole sequence. The masks are
-  // not known yet (each layer's selection depends on its Q/K); a dense causal mask stands in for
-  // them, an upper bound for the masks used here (every call below checks that its plan fits).
+  // not known yet (each layer's selection depends on its Q/K); upper bounds stand in for them: a
+  // dense causal mask, and for vertical_slash's LineMask (its kernel transposes one KV head's K/V
+  // and gathers its heads' columns) the line mask with every column and every diagonal. Every
+  // call below checks that its plan fits.
   const index_t q_max = std::min(chunk, n);
   const AttentionShape prefill_max{
       Hq, Hkv, q_max, n, d, d, DType::bfloat16, DType::bfloat16, DType::bfloat16};
   const AttentionShape decode_max{
       Hq, Hkv, 1, capacity, d, d, DType::bfloat16, DType::bfloat16, DType::bfloat16};
+  const auto flags = static_cast<std::size_t>(Hq * n);
+  const LineMask every_line(MaskShape{Hq, q_max, n, 64, 64, true}, std::vector<std::uint8_t>(flags, 1),
+                            std::vector<std::uint8_t>(flags, 1));
   const WorkspaceBuffer workspace(
-      std::max(plan_prefill(prefill_max, masks::causal(Hq, q_max, n), opt).workspace_bytes(),
-               plan_decode(decode_max, KeySelection::all(), dopt).workspace_bytes()));
+      std::max({plan_prefill(prefill_max, masks::causal(Hq, q_max, n), opt).workspace_bytes(),
+                plan_prefill(prefill_max, every_line, opt).workspace_bytes(),
+                plan_decode(decode_max, KeySelection::all(), dopt).workspace_bytes()}));
   bool ok = true;
   auto fits = [&](std::size_t bytes, const char* what) {
     if (bytes <= workspace.bytes()) return true;

@@ -129,7 +129,7 @@ class PrefillPlan {
   std::vector<std::int32_t> partial_blocks_;
   // Line masks (LineMask): items are (query head, kLineTiles tiles of kMaxTileQ queries),
   // grouped by KV head; the workspace ends with kernel::LineRegions (one KV head's transposed
-  // K/V in line_tiles_ tiles, then the gathered column rows of every head).
+  // K/V in line_tiles_ tiles, then the gathered column rows of its G heads: line_columns_ rows).
   index_t line_columns_ = 0, line_tiles_ = 0;
   std::size_t line_bytes_ = 0;
 };
@@ -198,14 +198,14 @@ struct LineRegions {
   float* kt = nullptr;          ///< [tiles][d][kLineTileKeys] transposed K tiles of one KV head
   float* vt = nullptr;          ///< [tiles][dv][kLineTileKeys] the same for V
   std::uint8_t* bad = nullptr;  ///< [tiles]: the tile's V holds an inf or NaN
-  float* kg = nullptr;          ///< [columns][d] gathered K rows
-  float* vg = nullptr;          ///< [columns][dv] gathered V rows
+  float* kg = nullptr;          ///< [columns][d] gathered K rows of one KV head's group
+  float* vg = nullptr;          ///< [columns][dv] gathered V rows of one KV head's group
   /// Carves the regions.
   /// @param c the carver.
   /// @param d K head dim.
   /// @param dv V head dim.
   /// @param tiles transposed tiles: n_k / kLineStep + 3.
-  /// @param columns gathered rows of every head.
+  /// @param columns gathered rows: the most columns of one KV head's G heads.
   LineRegions(arch::Carver& c, index_t d, index_t dv, index_t tiles, index_t columns) {
     kt = c.take<float>(tiles * d * arch::kLineTileKeys);
     vt = c.take<float>(tiles * dv * arch::kLineTileKeys);
@@ -338,7 +338,10 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
     kernel::carve_prefill_scratch(sizer, G, plan.tiles_, shape.head_dim, shape.head_dim_v, plan.ldq_,
                                   plan.bk_, ms.num_k_blocks());
     plan.scratch_bytes_ = sizer.bytes();
-    plan.line_columns_ = mask.total_columns();
+    for (index_t hk = 0; hk < shape.heads_kv; ++hk)  // the most columns of one KV head's group
+      plan.line_columns_ = std::max(plan.line_columns_, mask.first_column((hk + 1) * G - 1) +
+                                                             mask.num_columns((hk + 1) * G - 1) -
+                                                             mask.first_column(hk * G));
     plan.line_tiles_ = shape.n_k / arch::kLineStep + 3;  // keys -kLineStep .. n_k + kMaxTileQ
     const index_t kv_floats = detail::bounded_product(
         kMaxBytes / 4, {shape.head_dim + shape.head_dim_v, plan.line_tiles_, arch::kLineTileKeys});
@@ -531,23 +534,18 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
         });
       });
     if constexpr (kernel::kIsLineMask<Mask>) {
-      require(mask.total_columns() <= plan.line_columns_, where, ": the mask has ",
-              mask.total_columns(), " columns, more than the plan's ", plan.line_columns_,
+      index_t group_columns = 0;  // the most columns of one KV head's group
+      for (index_t hk = 0; hk < k.heads; ++hk)
+        group_columns = std::max(group_columns, mask.first_column((hk + 1) * G - 1) +
+                                                    mask.num_columns((hk + 1) * G - 1) - mask.first_column(hk * G));
+      require(group_columns <= plan.line_columns_, where, ": the mask has ", group_columns,
+              " columns in one KV head's group, more than the plan's ", plan.line_columns_,
               "; plan with this mask");
       const index_t d = q.dim, dv = v.dim, tq = plan.ldq_, ntl = plan.line_tiles_;
       const index_t step = arch::kLineStep, tl = arch::kLineTileKeys;
       arch::Carver lc(base + plan.bits_bytes_ + plan.pack_bytes_ +
                       plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_) + plan.mass_bytes_);
-      const kernel::LineRegions reg(lc, d, dv, ntl, mask.total_columns());
-      // Every head's columns gathered: K and V rows as fp32, in column order.
-      run_items(exec, q.heads, [&](index_t h, int) {
-        const std::int32_t* cols = mask.columns(h);
-        const index_t first = mask.first_column(h);
-        for (index_t t = 0; t < mask.num_columns(h); ++t) {
-          load_row(k.row(h / G, cols[t]), k.stride_dim, reg.kg + (first + t) * d, d);
-          load_row(v.row(h / G, cols[t]), v.stride_dim, reg.vg + (first + t) * dv, dv);
-        }
-      });
+      const kernel::LineRegions reg(lc, d, dv, ntl, group_columns);
       const index_t span = tq * plan.tiles_, ngroups = (q.tokens + span - 1) / span, per_kv = G * ngroups;
       for (index_t hk = 0; hk < k.heads; ++hk) {
         // K and V of KV head hk transposed into overlapping tiles (arch::LineOperands), each tile
@@ -577,6 +575,16 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           reg.bad[T] = bad ? 1 : 0;
         });
         const bool v_finite = std::none_of(reg.bad, reg.bad + ntl, [](std::uint8_t x) { return x != 0; });
+        // The columns of the group's heads gathered: K and V rows as fp32, in column order.
+        const index_t group_first = mask.first_column(hk * G);
+        run_items(exec, G, [&](index_t g, int) {
+          const index_t h = hk * G + g, first = mask.first_column(h) - group_first;
+          const std::int32_t* cols = mask.columns(h);
+          for (index_t t = 0; t < mask.num_columns(h); ++t) {
+            load_row(k.row(hk, cols[t]), k.stride_dim, reg.kg + (first + t) * d, d);
+            load_row(v.row(hk, cols[t]), v.stride_dim, reg.vg + (first + t) * dv, dv);
+          }
+        });
         run_items(exec, per_kv, [&](index_t oi, int worker) {
           const arch::PrefillScratch ws = carve(worker);
           const index_t it = plan.order_[static_cast<std::size_t>(hk * per_kv + oi)];
@@ -584,8 +592,8 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           arch::LineOperands lo;
           lo.cols = mask.columns(h);
           lo.ncols = mask.num_columns(h);
-          lo.kg = reg.kg + mask.first_column(h) * d;
-          lo.vg = reg.vg + mask.first_column(h) * dv;
+          lo.kg = reg.kg + (mask.first_column(h) - group_first) * d;
+          lo.vg = reg.vg + (mask.first_column(h) - group_first) * dv;
           lo.offs = mask.offsets(h);
           lo.noffs = mask.num_offsets(h);
           lo.col_flags = mask.column_flags(h);
