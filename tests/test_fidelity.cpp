@@ -41,6 +41,7 @@ const std::vector<Record>& sweep() {
     o.compressions = {1, 2, 5, 10};
     o.last_rows = 32;
     o.min_time_ms = 0;  // timing is not under test
+    o.adaptive = {};    // the adaptive records have a test of their own
     std::vector<Record> all;
     for (int L : {0, 3, 11, 21}) {
       auto r = evaluate(layer(L), o);
@@ -209,6 +210,49 @@ TEST(FidelitySynthetic, EvaluatorReportsNeedlesKeptPerMethod) {
   // ...while query-aware selections find them.
   EXPECT_EQ(by["prefill/vertical_slash"].needles_kept, 16);
   EXPECT_EQ(by["decode/quest"].needles_kept, 16);
+}
+
+TEST(FidelityAdaptive, MassBudgetSearchedForTheTargetCompression) {
+  // Layer 11, the last 32 rows as decode steps: each adaptive record runs at the mass target the
+  // search found, reaches the target CR (where the fixed budget does), and is that selection.
+  EvalOptions o;
+  o.compressions = {3, 8};
+  o.last_rows = 32;
+  o.min_time_ms = 0;
+  o.prefill_methods = {"vertical_slash", "block_sparse"};
+  o.decode_methods = {"quest", "snapkv"};
+  o.adaptive = {"vertical_slash", "quest", "snapkv"};
+  const Problem& p = layer(11);
+  const std::vector<Record> recs = evaluate(p, o);
+  int adaptive = 0;
+  for (const Record& r : recs) {
+    EXPECT_EQ(r.label(), r.adaptive ? r.method + "+mass" : r.method);
+    if (!r.adaptive) {
+      if (r.method != "dense") {
+        EXPECT_EQ(r.budget, methods::Budget::compression(r.target_cr).str());
+      }
+      continue;
+    }
+    ++adaptive;
+    EXPECT_NE(std::find(o.adaptive.begin(), o.adaptive.end(), r.method), o.adaptive.end());
+    ASSERT_EQ(r.budget.rfind("mass=", 0), 0u) << r.budget;
+    const double mass = std::stod(r.budget.substr(5));
+    EXPECT_GT(mass, 0.0);
+    EXPECT_LE(mass, 1.0);
+    EXPECT_TRUE(r.reachable) << r.label() << " CR " << r.target_cr << " -> " << r.achieved_cr;
+    EXPECT_LT(std::fabs(std::log(r.achieved_cr / r.target_cr)), 0.1) << r.label();
+    if (r.phase == "prefill") {  // the record is the selection at that mass target
+      AttentionOptions so;
+      so.scale = p.scale;
+      const auto sel = select_prefill(r.method, {}, p, methods::Budget::mass(mass), so);
+      EXPECT_DOUBLE_EQ(sel.stats.compression(), r.achieved_cr) << r.label();
+      EXPECT_EQ(sel.stats.detail, r.detail);
+    }
+  }
+  EXPECT_EQ(adaptive, 2 * 3);  // block_sparse is not in the adaptive list
+  // A method that takes no mass budget cannot run adaptively.
+  o.adaptive = {"sliding_window"};
+  EXPECT_THROW(evaluate(p, o), sparse_attn::invalid_argument);
 }
 
 TEST(FidelitySynthetic, GeneratorIsDeterministicBySeedAndScalesTo128k) {

@@ -50,7 +50,7 @@ std::vector<eval::Record> average(const std::vector<eval::Record>& recs, const s
   std::vector<int> count;
   for (const eval::Record& r : recs) {
     auto it = std::find_if(out.begin(), out.end(), [&](const eval::Record& o) {
-      return o.phase == r.phase && o.method == r.method && o.target_cr == r.target_cr;
+      return o.phase == r.phase && o.label() == r.label() && o.target_cr == r.target_cr;
     });
     if (it == out.end()) {
       out.push_back(r);
@@ -200,7 +200,7 @@ void run_frontier(const FrontierArgs& a) {
       for (auto& s : p.series) {
         std::vector<eval::FitPoint> pts;
         for (const auto& r : recs)
-          if (is_mid_layer(r) && r.phase == phase && r.method == s.method)
+          if (is_mid_layer(r) && r.phase == phase && r.label() == s.method)
             pts.push_back({r.err_layer, r.achieved_cr, static_cast<double>(r.tokens)});
         s.fit = eval::fit_log_linear(pts);
       }

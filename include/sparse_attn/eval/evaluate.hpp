@@ -4,6 +4,10 @@
 ///
 /// Every method comes from the registry (methods/registry.hpp) and is asked for
 /// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
+/// The methods of EvalOptions::adaptive run a second time per target CR, adaptively: at the mass
+/// budget Budget::mass(p) whose p, searched by bisection, gives the achieved CR nearest the target
+/// (Record::adaptive, label "<method>+mass"): the same pairs as the fixed budget, spent per head
+/// (and query block) where the method estimates the attention mass.
 ///
 /// Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
 /// (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
@@ -30,6 +34,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +64,13 @@ struct Record {
   /// Registry name of the method ("dense" for the baseline).
   /// @var detail
   /// The resolved budget in the method's terms (SelectionStats::detail), e.g. "W=412".
+
+  /// The budget the method ran at, as Budget::str(): "cr=5" for a fixed budget, "mass=0.873" for
+  /// an adaptive one (a mass target searched for the target CR; see EvalOptions::adaptive).
+  std::string budget = "cr=1";
+  /// Whether the budget was a mass target searched for target_cr (adaptive: the achieved CR is
+  /// the target's, the units spent per head follow the estimated attention mass).
+  bool adaptive = false;
 
   index_t tokens = 0;  ///< n_k: keys (positions) of the problem.
   index_t rows = 0;    ///< Query rows evaluated per head (n_q, or R decode steps).
@@ -94,6 +106,8 @@ struct Record {
   /// @var ms_dense
   /// The dense baseline's kernel time on the same phase, in milliseconds.
 
+  /// @return the method's name with "+mass" for an adaptive record (the reports' series name).
+  std::string label() const { return adaptive ? method + "+mass" : method; }
   /// @return selection + kernel time, in milliseconds.
   double ms_total() const { return ms_select + ms_kernel; }
   /// @return ms_dense / ms_total(); NaN when ms_total() is 0.
@@ -120,6 +134,12 @@ struct EvalOptions {
   double min_time_ms = 30;
   std::vector<std::string> prefill_methods;  ///< Prefill methods to run by name; empty: all.
   std::vector<std::string> decode_methods;   ///< Decode methods to run by name; empty: all.
+  /// Methods (among those run) that also run adaptively: at each target CR, a mass budget
+  /// Budget::mass(p) whose p is searched so that the achieved CR is nearest the target (in log
+  /// ratio; 16 bisection steps over p in (0, 1], each a selection or, for decode, a decode loop).
+  /// The same number of pairs as the fixed budget, spent per head (and query block) where the
+  /// estimated attention mass is. Names that take no mass budget are refused.
+  std::vector<std::string> adaptive{"block_sparse", "vertical_slash", "quest", "snapkv"};
   /// Called with a line of progress after each dense run and each (method, CR); may be empty.
   std::function<void(const std::string&)> progress;
 };
@@ -182,6 +202,42 @@ inline std::string cr_label(double cr) {
   return buf;
 }
 
+// The mass target p in (0, 1] whose achieved CR is nearest `target` in log ratio: 16 bisection
+// steps over p (the achieved CR falls as p grows). run(p) selects (and runs) at Budget::mass(p)
+// and returns its achieved CR; every result is kept by the caller's run, the best one is
+// reported by index. Returns the best p.
+template <class Run>
+double search_mass(double target, Run&& run) {
+  double lo = 0.0, hi = 1.0, best_p = 1.0, best_d = std::numeric_limits<double>::infinity();
+  auto visit = [&](double p) {
+    const double cr = run(p);
+    const double d = std::fabs(std::log(cr / target));
+    if (d < best_d || (d == best_d && p > best_p)) best_d = d, best_p = p;
+    return cr;
+  };
+  if (visit(1.0) >= target) return best_p;  // even p = 1 is sparser than asked
+  for (int step = 0; step < 16; ++step) {
+    const double mid = 0.5 * (lo + hi);
+    if (visit(mid) >= target)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return best_p;
+}
+
+// Checks the adaptive list against the registry: each name a method that takes mass budgets.
+inline void check_adaptive(const EvalOptions& opt, const std::vector<methods::MethodInfo>& a,
+                           const std::vector<methods::MethodInfo>& b, const char* where) {
+  for (const std::string& name : opt.adaptive) {
+    bool ok = false;
+    for (const auto* list : {&a, &b})
+      for (const methods::MethodInfo& m : *list) ok = ok || (m.name == name && m.takes_mass);
+    require(ok, where, ": EvalOptions::adaptive names '", name,
+            "', which is not a method that takes mass budgets");
+  }
+}
+
 }  // namespace detail_eval
 /// @endcond
 
@@ -234,13 +290,17 @@ inline PrefillRun select_prefill(const std::string& name, const methods::ParamSe
 /// (Hq x n_q x (dv + 1) floats each), the argmax and each selection's mask.
 /// @param p the problem.
 /// @param opt the sweep (compressions, prefill_methods, params, threads, min_time_ms, progress).
-/// @return the dense record, then one record per (method, CR).
+/// @return the dense record, then one record per (method, CR), followed for an adaptive method
+/// by its adaptive record at that CR.
 /// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
-/// or a method's settings or selection fail.
+/// opt.adaptive names a method that takes no mass budget, or a method's settings or selection
+/// fail.
 /// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_prefill");
+  de::check_adaptive(opt, methods::prefill_methods(), methods::decode_methods(),
+                     "eval::evaluate_prefill");
   require(opt.num_threads >= 0, "eval::evaluate_prefill",
           ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
@@ -268,42 +328,65 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
 
   std::vector<float> got(dense_out.size()), lse(dense_lse.size());
   const TensorView<float> got_view(got.data(), hq, nq, dv);
+  // Kernel, metrics and progress line of one selection; r holds the method, budget and times.
+  auto measure = [&](const PrefillRun& sel, Record r) {
+    AttentionOptions o = kopt;
+    o.lse = LseView(lse.data(), nq);
+    r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
+    r.achieved_cr = sel.stats.compression();
+    r.reachable = r.adaptive ? methods::is_reachable(methods::Budget::compression(r.target_cr),
+                                                     r.achieved_cr)
+                             : sel.stats.reachable;
+    r.detail = sel.stats.detail;
+    const OutputError e = output_error(got_view, dense_view);
+    r.err_layer = e.overall;
+    r.err_median_head = e.median_head();
+    r.err_worst_head = e.worst_head();
+    const MassRecall mr = mass_recall(lse, dense_lse);
+    r.mass_mean = mr.mean;
+    r.mass_min = mr.min;
+    index_t hit = 0;
+    for (index_t h = 0; h < hq; ++h)
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        hit += sel.keeps(h, rows[i], argmax[static_cast<std::size_t>(h) * rows.size() + i]) ? 1 : 0;
+    r.top1 = static_cast<double>(hit) / static_cast<double>(hq * static_cast<index_t>(rows.size()));
+    r.needles_kept = 0;
+    for (index_t h = 0; h < hq; ++h)
+      for (index_t j : p.needles) r.needles_kept += sel.keeps(h, nq - 1, j) ? 1 : 0;
+    if (opt.progress)
+      opt.progress(p.name + " prefill: " + r.label() + " CR " + de::cr_label(r.target_cr) +
+                   " -> " + de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+    out.push_back(r);
+  };
   for (const methods::MethodInfo& m : methods::prefill_methods()) {
     if (m.name == "dense" || m.needs_user_mask || !de::wanted(opt.prefill_methods, m.name.c_str()))
       continue;
+    const bool adaptive = m.takes_mass && std::find(opt.adaptive.begin(), opt.adaptive.end(),
+                                                    m.name) != opt.adaptive.end();
+    const methods::ParamSettings settings = de::params_for(opt, m.name);
     for (double cr : opt.compressions) {
       Record r = dense;
       r.method = m.name;
       r.target_cr = cr;
+      r.budget = methods::Budget::compression(cr).str();
       auto t0 = de::Clock::now();
-      const PrefillRun sel = select_prefill(m.name, de::params_for(opt, m.name), p,
-                                            methods::Budget::compression(cr), kopt);
+      const PrefillRun sel =
+          select_prefill(m.name, settings, p, methods::Budget::compression(cr), kopt);
       r.ms_select = de::ms_since(t0);
-      AttentionOptions o = kopt;
-      o.lse = LseView(lse.data(), nq);
-      r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
-      r.achieved_cr = sel.stats.compression();
-      r.reachable = sel.stats.reachable;
-      r.detail = sel.stats.detail;
-      const OutputError e = output_error(got_view, dense_view);
-      r.err_layer = e.overall;
-      r.err_median_head = e.median_head();
-      r.err_worst_head = e.worst_head();
-      const MassRecall mr = mass_recall(lse, dense_lse);
-      r.mass_mean = mr.mean;
-      r.mass_min = mr.min;
-      index_t hit = 0;
-      for (index_t h = 0; h < hq; ++h)
-        for (std::size_t i = 0; i < rows.size(); ++i)
-          hit += sel.keeps(h, rows[i], argmax[static_cast<std::size_t>(h) * rows.size() + i]) ? 1 : 0;
-      r.top1 = static_cast<double>(hit) / static_cast<double>(hq * static_cast<index_t>(rows.size()));
-      r.needles_kept = 0;
-      for (index_t h = 0; h < hq; ++h)
-        for (index_t j : p.needles) r.needles_kept += sel.keeps(h, nq - 1, j) ? 1 : 0;
-      if (opt.progress)
-        opt.progress(p.name + " prefill: " + m.name + " CR " + de::cr_label(cr) + " -> " +
-                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
-      out.push_back(r);
+      measure(sel, r);
+      if (!adaptive) continue;
+      // The mass target whose achieved CR is nearest cr (a calibration an engine makes once per
+      // layer); the record times one selection at that target, not the search.
+      const double mass = de::search_mass(cr, [&](double q) {
+        return select_prefill(m.name, settings, p, methods::Budget::mass(q), kopt)
+            .stats.compression();
+      });
+      t0 = de::Clock::now();
+      const PrefillRun best = select_prefill(m.name, settings, p, methods::Budget::mass(mass), kopt);
+      r.ms_select = de::ms_since(t0);
+      r.adaptive = true;
+      r.budget = methods::Budget::mass(mass).str();
+      measure(best, r);
     }
   }
   return out;
@@ -448,13 +531,17 @@ inline constexpr index_t kSingleThreadDecodeKeys = 32768;
 /// argmax plus one decode loop per (method, CR). Allocates one cache and the outputs per run.
 /// @param p the problem.
 /// @param opt the sweep (compressions, last_rows, decode_methods, params, threads, progress).
-/// @return the dense record, then one record per (method, CR).
+/// @return the dense record, then one record per (method, CR), followed for an adaptive method
+/// by its adaptive record at that CR (its p searched over whole decode loops: ~17 loops).
 /// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
-/// last_rows is outside [1, n_q), or a method's settings or policy fail.
+/// last_rows is outside [1, n_q), opt.adaptive names a method that takes no mass budget, or a
+/// method's settings or policy fail.
 /// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_decode");
+  de::check_adaptive(opt, methods::prefill_methods(), methods::decode_methods(),
+                     "eval::evaluate_decode");
   require(opt.num_threads >= 0, "eval::evaluate_decode",
           ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t R = opt.last_rows, hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
@@ -482,32 +569,50 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
 
   for (const methods::MethodInfo& m : methods::decode_methods()) {
     if (m.name == "dense" || !de::wanted(opt.decode_methods, m.name.c_str())) continue;
+    const bool adaptive = m.takes_mass && std::find(opt.adaptive.begin(), opt.adaptive.end(),
+                                                    m.name) != opt.adaptive.end();
+    const methods::ParamSettings settings = de::params_for(opt, m.name);
     for (double cr : opt.compressions) {
-      Record r = dense;
-      r.method = m.name;
-      r.target_cr = cr;
-      const methods::Budget budget = methods::Budget::compression(cr);
-      const auto pol = methods::make_decode_policy<EvalCache, float>(
-          m.name, de::params_for(opt, m.name), budget);
-      const DecodeRun run = run_decode(p, R, pol.get(), argmax, exec);
-      r.ms_select = run.ms_select;
-      r.ms_kernel = run.ms_kernel;
-      r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
-      r.reachable = methods::is_reachable(budget, r.achieved_cr);
-      r.detail = pol->stats().detail;
-      const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
-      r.err_layer = e.overall;
-      r.err_median_head = e.median_head();
-      r.err_worst_head = e.worst_head();
-      const MassRecall mr = mass_recall(run.lse, dense_run.lse);
-      r.mass_mean = mr.mean;
-      r.mass_min = mr.min;
-      r.top1 = static_cast<double>(run.top1_hit) / static_cast<double>(hq * R);
-      r.needles_kept = run.needles_kept;
-      if (opt.progress)
-        opt.progress(p.name + " decode: " + m.name + " CR " + de::cr_label(cr) + " -> " +
-                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
-      out.push_back(r);
+      for (const bool by_mass : {false, true}) {
+        if (by_mass && !adaptive) continue;
+        Record r = dense;
+        r.method = m.name;
+        r.target_cr = cr;
+        r.adaptive = by_mass;
+        auto run_at = [&](const methods::Budget& b, std::string* detail) {
+          const auto pol = methods::make_decode_policy<EvalCache, float>(m.name, settings, b);
+          DecodeRun run = run_decode(p, R, pol.get(), argmax, exec);
+          if (detail != nullptr) *detail = pol->stats().detail;
+          return run;
+        };
+        // Adaptive: the mass target whose achieved CR over the run is nearest cr (each candidate
+        // is a whole decode loop); the record is the run at that target.
+        const methods::Budget budget =
+            by_mass ? methods::Budget::mass(de::search_mass(cr, [&](double q) {
+                        const DecodeRun t = run_at(methods::Budget::mass(q), nullptr);
+                        return compression_ratio(t.dense_pairs, t.pairs);
+                      }))
+                    : methods::Budget::compression(cr);
+        r.budget = budget.str();
+        const DecodeRun run = run_at(budget, &r.detail);
+        r.ms_select = run.ms_select;
+        r.ms_kernel = run.ms_kernel;
+        r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
+        r.reachable = methods::is_reachable(methods::Budget::compression(cr), r.achieved_cr);
+        const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
+        r.err_layer = e.overall;
+        r.err_median_head = e.median_head();
+        r.err_worst_head = e.worst_head();
+        const MassRecall mr = mass_recall(run.lse, dense_run.lse);
+        r.mass_mean = mr.mean;
+        r.mass_min = mr.min;
+        r.top1 = static_cast<double>(run.top1_hit) / static_cast<double>(hq * R);
+        r.needles_kept = run.needles_kept;
+        if (opt.progress)
+          opt.progress(p.name + " decode: " + r.label() + " CR " + de::cr_label(cr) + " -> " +
+                       de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+        out.push_back(r);
+      }
     }
   }
   return out;
@@ -537,14 +642,15 @@ inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
 /// @param recs records of any number of problems.
 /// @param dataset_prefix records whose dataset starts with this are used ("" : all).
 /// @param phase "prefill" or "decode".
-/// @param method the method's registry name.
+/// @param method the series: a method's registry name, or Record::label() ("quest+mass") for its
+/// adaptive records.
 /// @return the fit; not ok() when too few usable records match.
 /// @throws std::bad_alloc when the points cannot be allocated.
 inline LogLinearFit fit_records(const std::vector<Record>& recs, const std::string& dataset_prefix,
                                 const std::string& phase, const std::string& method) {
   std::vector<FitPoint> pts;
   for (const Record& r : recs)
-    if (r.phase == phase && r.method == method && r.dataset.compare(0, dataset_prefix.size(), dataset_prefix) == 0)
+    if (r.phase == phase && r.label() == method && r.dataset.compare(0, dataset_prefix.size(), dataset_prefix) == 0)
       pts.push_back({r.err_layer, r.achieved_cr, static_cast<double>(r.tokens)});
   return fit_log_linear(pts);
 }

@@ -95,6 +95,7 @@ struct BlockSparse {
   /// One-line summary (the tool's method list).
   static constexpr const char* summary = "MInference block top-k, b = 64";
   static constexpr BudgetUnit unit = BudgetUnit::blocks;  ///< k, key blocks per query block
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   index_t block = 64;  ///< b: estimation unit = kernel tile (block_q = block_k = b), >= 1; 64
 

@@ -99,6 +99,7 @@ struct Quest {
   static constexpr const char* summary = "Quest: top pages by key-bound, full cache kept";
   /// Count budgets are tokens (B = tokens / page_size pages besides the current ones).
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
   /// The cache must keep per-page key min/max (kv::CacheOptions::key_bounds).
   static constexpr bool needs_key_bounds = true;
 

@@ -158,6 +158,7 @@ struct SnapKV {
   /// One-line summary (the tool's method list).
   static constexpr const char* summary = "SnapKV eviction after prefill";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;  ///< tokens per KV head, c
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   /// w: the observation window, the last w prompt queries, whose tokens are always kept
   /// (>= 1; default 32; the SnapKV reference uses 256).

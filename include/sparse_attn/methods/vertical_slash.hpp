@@ -303,6 +303,7 @@ struct BasicVerticalSlash {
   static constexpr const char* summary =
       Tiled ? "MInference V/S, whole blocks" : "MInference V/S, exact";
   static constexpr BudgetUnit unit = BudgetUnit::lines;  ///< lines = V columns + S diagonals
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
   /// The executed mask: exact = element predicate on the listed blocks; tiled = whole blocks.
   using Mask = BlockListMask<std::conditional_t<Tiled, AllowAll, VerticalSlashPredicate>>;
 
