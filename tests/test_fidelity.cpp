@@ -145,45 +145,50 @@ TEST(Fidelity, MassRecallAtCompressionTwoIsHighOnLayers3To21) {
 }
 
 // The needles the synthetic generator plants are what its late query attends to under dense: the
-// needle keys are the top keys of the last query row of every head and hold most of its mass.
+// needle keys are the top keys of the last query row of every head and hold most of its mass
+// (both presets).
 TEST(FidelitySynthetic, LateQueryRetrievesTheNeedlesUnderDense) {
-  SyntheticOptions so;
-  so.tokens = 8192;
-  so.q_heads = 4;
-  so.kv_heads = 1;
-  const Problem p = synthetic_problem(so);
-  ASSERT_EQ(p.needles.size(), 4u);
-  const index_t n = p.k.tokens, d = p.q.dim, nn = static_cast<index_t>(p.needles.size());
-  const float scale = p.resolved_scale();
-  for (index_t h = 0; h < p.q.heads; ++h) {
-    std::vector<double> s(static_cast<std::size_t>(n));
-    for (index_t j = 0; j < n; ++j) {
-      double acc = 0;
-      for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n - 1, c)) * p.k(0, j, c);
-      s[static_cast<std::size_t>(j)] = acc * scale;
+  for (SyntheticPreset preset : {SyntheticPreset::calibrated, SyntheticPreset::stress}) {
+    SCOPED_TRACE(synthetic_preset_name(preset));
+    SyntheticOptions so;
+    so.preset = preset;
+    so.tokens = 8192;
+    so.q_heads = 4;
+    so.kv_heads = 1;
+    const Problem p = synthetic_problem(so);
+    ASSERT_EQ(p.needles.size(), 4u);
+    const index_t n = p.k.tokens, d = p.q.dim, nn = static_cast<index_t>(p.needles.size());
+    const float scale = p.resolved_scale();
+    for (index_t h = 0; h < p.q.heads; ++h) {
+      std::vector<double> s(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) {
+        double acc = 0;
+        for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n - 1, c)) * p.k(0, j, c);
+        s[static_cast<std::size_t>(j)] = acc * scale;
+      }
+      const double mx = *std::max_element(s.begin(), s.end());
+      double total = 0, on_needles = 0;
+      for (index_t j = 0; j < n; ++j) total += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      for (index_t j : p.needles) on_needles += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      EXPECT_GT(on_needles / total, 0.5) << "head " << h;
+      std::vector<index_t> order(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) order[static_cast<std::size_t>(j)] = j;
+      std::partial_sort(order.begin(), order.begin() + nn, order.end(), [&](index_t a, index_t b) {
+        return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
+      });
+      std::vector<index_t> top(order.begin(), order.begin() + nn);
+      std::sort(top.begin(), top.end());
+      EXPECT_EQ(top, p.needles) << "head " << h;
+      // An early query does not look for them: its logits on the needles stay at the structural
+      // level (positional tails and noise), far below the late query's 12-14.
+      double early = 0;
+      for (index_t j : p.needles) {
+        double acc = 0;
+        for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n / 2 + 7, c)) * p.k(0, j, c);
+        early = std::max(early, acc * scale);
+      }
+      EXPECT_LT(early, 7.0) << "head " << h;
     }
-    const double mx = *std::max_element(s.begin(), s.end());
-    double total = 0, on_needles = 0;
-    for (index_t j = 0; j < n; ++j) total += std::exp(s[static_cast<std::size_t>(j)] - mx);
-    for (index_t j : p.needles) on_needles += std::exp(s[static_cast<std::size_t>(j)] - mx);
-    EXPECT_GT(on_needles / total, 0.5) << "head " << h;
-    std::vector<index_t> order(static_cast<std::size_t>(n));
-    for (index_t j = 0; j < n; ++j) order[static_cast<std::size_t>(j)] = j;
-    std::partial_sort(order.begin(), order.begin() + nn, order.end(), [&](index_t a, index_t b) {
-      return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
-    });
-    std::vector<index_t> top(order.begin(), order.begin() + nn);
-    std::sort(top.begin(), top.end());
-    EXPECT_EQ(top, p.needles) << "head " << h;
-    // An early query does not look for them: its logits on the needles stay at the structural
-    // level (positional tails and noise), far below the late query's 12-14.
-    double early = 0;
-    for (index_t j : p.needles) {
-      double acc = 0;
-      for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n / 2 + 7, c)) * p.k(0, j, c);
-      early = std::max(early, acc * scale);
-    }
-    EXPECT_LT(early, 7.0) << "head " << h;
   }
 }
 

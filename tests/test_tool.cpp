@@ -2245,6 +2245,32 @@ TEST_F(OutputFiles, EvalPlotOnOneSequenceLengthWritesAPng) {
   EXPECT_EQ(nlohmann::json::parse(read_file(path("two.json")))["panels"].size(), 2u);
 }
 
+// The synthetic workload's preset: calibrated by default, stress on request (a different, more
+// diffuse workload: other errors), recorded in the JSON; an unknown name is refused.
+TEST_F(OutputFiles, FrontierRecordsTheSyntheticPreset) {
+  auto errors = [](const nlohmann::json& doc) {
+    std::vector<double> e;
+    for (const auto& r : doc["records"])
+      if (r["dataset"] == "synthetic") e.push_back(r["err_layer"].get<double>());
+    return e;
+  };
+  RunResult r = run_env(with(frontier_args(), {"--no-plot", "--json", path("c.json")}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const auto cal = nlohmann::json::parse(read_file(path("c.json")));
+  EXPECT_EQ(cal["options"]["synthetic_preset"], "calibrated");
+  r = run_env(with(frontier_args(), {"--no-plot", "--json", path("s.json"), "--synthetic-preset", "stress"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const auto stress = nlohmann::json::parse(read_file(path("s.json")));
+  EXPECT_EQ(stress["options"]["synthetic_preset"], "stress");
+  ASSERT_FALSE(errors(cal).empty());
+  EXPECT_EQ(errors(cal).size(), errors(stress).size());
+  EXPECT_NE(errors(cal), errors(stress));
+  r = run_env(with(frontier_args(), {"--no-plot", "--json", path("x.json"), "--synthetic-preset", "hard"}));
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_NE(r.err.find("--synthetic-preset"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(path("x.json")));
+}
+
 TEST_F(OutputFiles, FrontierWritesItsJsonAndPngThroughLinksInTheOutDir) {
   const bool plot = has_matplotlib();
   fs::create_directory(path("out"));

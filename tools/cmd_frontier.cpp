@@ -2,6 +2,8 @@
 // workload, no arguments needed:
 //   - the synthetic long-context generator (include/sparse_attn/eval/synthetic.hpp) at 32k tokens,
 //     4 query heads on 1 KV head, plus 8k and 16k for the length term of the fit; needles planted;
+//     its calibrated preset by default (concentration matched to the TinyLlama layers 3-21),
+//     --synthetic-preset stress for the original, much more diffuse one;
 //   - the bundled TinyLlama-1.1B layers 0, 3, 11, 21 (data/tinyllama: 8 query heads of KV group 0,
 //     2048 tokens), at prefixes 512, 1024, 2048.
 // Prints a table per dataset (synthetic at its full length; TinyLlama at 2048 averaged over layers
@@ -36,6 +38,7 @@ struct FrontierArgs {
   std::string compression = "2,5,10,20";
   std::string real_compression = "1.1,1.25,1.5,2,3,5,10,20";
   index_t synthetic_tokens = 32768;
+  std::string synthetic_preset = "calibrated";  // or "stress"
   index_t last_rows = 64;
   int threads = 0;
   bool no_plot = false;
@@ -150,9 +153,12 @@ void run_frontier(const FrontierArgs& a) {
     }
   }
   // Synthetic: generated at each length (the needles and their late queries scale with n).
+  const eval::SyntheticPreset preset =
+      a.synthetic_preset == "stress" ? eval::SyntheticPreset::stress : eval::SyntheticPreset::calibrated;
   const index_t N = a.synthetic_tokens;
   for (index_t n : {N / 4, N / 2, N}) {
     eval::SyntheticOptions so;
+    so.preset = preset;
     so.tokens = n;
     so.q_heads = 4;
     so.kv_heads = 1;
@@ -170,7 +176,7 @@ void run_frontier(const FrontierArgs& a) {
 
   // Tables.
   const auto syn = filter(recs, [&](const eval::Record& r) { return r.dataset == "synthetic" && r.tokens == N; });
-  report::print_table(stdout, "synthetic: n=" + std::to_string(N) +
+  report::print_table(stdout, "synthetic (" + a.synthetic_preset + " preset): n=" + std::to_string(N) +
                                   ", Hq=4 Hkv=1 d=64, sinks + band + stripes + slashes + 4 needles; "
                                   "decode = last " + std::to_string(a.last_rows) + " rows",
                       syn, true);
@@ -207,7 +213,7 @@ void run_frontier(const FrontierArgs& a) {
       panels.push_back(p);
     }
     report::Panel p;
-    p.title = "synthetic, n=" + std::to_string(N) + " - " + phase;
+    p.title = "synthetic (" + a.synthetic_preset + "), n=" + std::to_string(N) + " - " + phase;
     p.phase = phase;
     p.tokens = N;
     p.fit_over = "n = " + std::to_string(N / 4) + ", " + std::to_string(N / 2) + ", " + std::to_string(N);
@@ -222,7 +228,7 @@ void run_frontier(const FrontierArgs& a) {
   doc["title"] = "sparse-attn frontier: relative L2 error vs achieved compression";
   doc["options"] = {{"compression", opt.compressions}, {"real_compression", opt_real.compressions},
                     {"last_rows", a.last_rows},
-                    {"synthetic_tokens", N}, {"data_dir", a.data_dir},
+                    {"synthetic_tokens", N}, {"synthetic_preset", a.synthetic_preset}, {"data_dir", a.data_dir},
                     {"threads", OpenMPExecutor(a.threads).concurrency()},
                     {"cpu_target", target_name(cpu_target())}};
   doc["records"] = nlohmann::ordered_json::array();
@@ -261,6 +267,11 @@ Command add_frontier_command(CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--synthetic-tokens", a->synthetic_tokens,
                   "synthetic length N (also N/4 and N/2 for the fit)")
+      ->capture_default_str();
+  sub->add_option("--synthetic-preset", a->synthetic_preset,
+                  "synthetic weights: calibrated (the concentration of the TinyLlama layers 3-21) "
+                  "or stress (the original, far more diffuse workload)")
+      ->check(CLI::IsMember({"calibrated", "stress"}))
       ->capture_default_str();
   sub->add_option("--compression", a->compression, "target compression ratios, comma-separated")
       ->capture_default_str();
