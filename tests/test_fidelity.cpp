@@ -260,6 +260,43 @@ TEST(FidelityAdaptive, MassBudgetSearchedForTheTargetCompression) {
   EXPECT_THROW(evaluate(p, o), sparse_attn::invalid_argument);
 }
 
+TEST(FidelityAdaptive, PerLayerSchedulesSplitOneTotalBudget) {
+  // Layers 3 and 21 (upper layers concentrate more): the uniform schedule runs every layer at
+  // the total CR (the same records as evaluate() at that CR); every schedule's layer targets
+  // keep the total, and the totals it reports follow from the per-layer records.
+  const std::vector<Problem> layers{prefix(layer(3), 1024), prefix(layer(21), 1024)};
+  EvalOptions o;
+  o.compressions = {5};
+  o.last_rows = 16;
+  o.min_time_ms = 0;
+  o.prefill_methods = {"vertical_slash"};
+  o.decode_methods = {"quest"};
+  const std::vector<ScheduleRecord> recs = evaluate_schedules(layers, o);
+  ASSERT_EQ(recs.size(), 2u * 3u);  // (prefill, decode) x (uniform, pyramid, mass)
+  for (const ScheduleRecord& r : recs) {
+    ASSERT_EQ(r.layer_target.size(), 2u);
+    // Equal dense units per layer: sum_l 1 / c_l = 2 / c.
+    EXPECT_NEAR(1 / r.layer_target[0] + 1 / r.layer_target[1], 2.0 / 5, 1e-9) << r.schedule;
+    EXPECT_NEAR(r.achieved_cr, 2.0 / (1 / r.layer_achieved[0] + 1 / r.layer_achieved[1]), 1e-9);
+    EXPECT_NEAR(r.err_mean, (r.layer_err[0] + r.layer_err[1]) / 2, 1e-12);
+    if (r.schedule == "uniform") {
+      EXPECT_DOUBLE_EQ(r.layer_target[0], 5.0);
+      EvalOptions one = o;
+      one.adaptive = {};
+      const auto direct = r.phase == "prefill" ? evaluate_prefill(layers[1], one)
+                                               : evaluate_decode(layers[1], one);
+      EXPECT_DOUBLE_EQ(direct.back().err_layer, r.layer_err[1]) << r.phase;
+    }
+    if (r.schedule == "pyramid") {  // layer 0 of two keeps more: a lower CR
+      EXPECT_LT(r.layer_target[0], r.layer_target[1]);
+    }
+    if (r.schedule == "mass") {  // layer 3 is more concentrated than 21: it keeps less
+      EXPECT_LT(r.layer_weight[0], r.layer_weight[1]);
+      EXPECT_GT(r.layer_target[0], r.layer_target[1]);
+    }
+  }
+}
+
 TEST(FidelitySynthetic, GeneratorIsDeterministicBySeedAndScalesTo128k) {
   SyntheticOptions so;
   so.tokens = 4096;

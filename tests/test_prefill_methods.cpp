@@ -1056,6 +1056,19 @@ TEST(VerticalSlashMass, FloorCapAndNesting) {
   EXPECT_GE(tiled.mask.pairs(), free.mask.pairs());
 }
 
+TEST(VerticalSlash, TinyVerticalShareSearchesWithoutOverflow) {
+  // Found by the fuzzer: a share near 0 made the search's upper bound n_k / share overflow.
+  Problem<float> p(1, 1, 300, 300, 8, 35);
+  for (const double share : {1e-30, 1e-12, 1.0 - 1e-12}) {
+    sm::VerticalSlash m;
+    m.vertical_share = share;
+    // CR 2 is reachable (the 4 sink columns + 64 local diagonals alone give CR 2.49 at n = 300).
+    const auto sel = m.select(p.qv(), p.kv(), Budget::compression(2));
+    EXPECT_TRUE(sel.stats.reachable) << share << ": CR " << sel.stats.compression();
+    expect_stats_of_mask(sel);
+  }
+}
+
 TEST(VerticalSlash, RejectsInvalidOptions) {
   Problem<float> p(1, 1, 100, 100, 8, 33);
   auto sel = [&](const sm::VerticalSlash& m, const Budget& b,

@@ -45,6 +45,8 @@ struct FrontierArgs {
 };
 
 constexpr int kLayers[] = {0, 3, 11, 21};
+// The total targets of the per-layer budget table.
+const std::vector<double> kScheduleCompressions{5, 10};
 
 // Mean over records of the same (phase, method, target CR): errors, recalls and times averaged,
 // worst-head error and min mass are the worst over the group, reachable if all are.
@@ -139,11 +141,13 @@ void run_frontier(const FrontierArgs& a) {
     std::fprintf(stderr, "sparse-attn: note: no TinyLlama data under '%s' (pass --data-dir); "
                  "running the synthetic workload only\n", tl.string().c_str());
   std::vector<eval::Record> recs;
+  std::vector<eval::Problem> full_layers;  // layers 0, 3, 11, 21 at full length
   if (have_real) {
     for (int L : kLayers) {
       const std::string base = (tl / ("A_L" + std::to_string(L))).string();
-      const eval::Problem full = eval::load_npy_problem("tinyllama/L" + std::to_string(L),
-                                                        base + "_q.npy", base + "_k.npy", base + "_v.npy");
+      full_layers.push_back(eval::load_npy_problem("tinyllama/L" + std::to_string(L),
+                                                   base + "_q.npy", base + "_k.npy", base + "_v.npy"));
+      const eval::Problem& full = full_layers.back();
       for (index_t n : {index_t{512}, index_t{1024}, full.tokens()}) {
         if (n > full.tokens()) continue;
         const eval::Problem p = n == full.tokens() ? full : eval::prefix(full, n);
@@ -193,6 +197,21 @@ void run_frontier(const FrontierArgs& a) {
   }
   report::print_legend(stdout, true);
 
+  // Per-layer budgets over the four bundled layers: one total CR split by each schedule.
+  std::vector<eval::ScheduleRecord> schedules;
+  if (have_real) {
+    eval::EvalOptions so = opt;
+    so.compressions = kScheduleCompressions;
+    so.prefill_methods = {"block_sparse", "vertical_slash"};
+    so.decode_methods = {"quest", "snapkv"};
+    schedules = eval::evaluate_schedules(full_layers, so);
+    report::print_schedules(stdout,
+                            "Per-layer budgets over TinyLlama layers 0, 3, 11, 21 (n=" +
+                                std::to_string(full_layers.front().tokens()) +
+                                "): one total CR split by schedule",
+                            schedules);
+  }
+
   // Panels and fits.
   std::vector<report::Panel> panels;
   for (const char* phase : {"prefill", "decode"}) {
@@ -235,6 +254,8 @@ void run_frontier(const FrontierArgs& a) {
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["tinyllama_l3_21_mean"] = nlohmann::ordered_json::array();
   for (const auto& r : real_mid) doc["tinyllama_l3_21_mean"].push_back(report::to_json(r));
+  doc["layer_schedules"] = nlohmann::ordered_json::array();
+  for (const auto& r : schedules) doc["layer_schedules"].push_back(report::to_json(r));
   doc["panels"] = nlohmann::ordered_json::array();
   doc["crossings"] = nlohmann::ordered_json::object();
   for (const auto& p : panels) {

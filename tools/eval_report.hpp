@@ -106,6 +106,39 @@ inline nlohmann::ordered_json to_json(const Record& r) {
   return j;
 }
 
+/// The per-layer budget table: one line per (phase, method, schedule, total CR).
+inline void print_schedules(std::FILE* out, const std::string& title,
+                            const std::vector<eval::ScheduleRecord>& recs) {
+  std::fprintf(out, "\n%s\n", title.c_str());
+  std::fprintf(out, "%-16s %-7s %-8s %6s %8s %8s %8s  %s\n", "method", "phase", "schedule",
+               "target", "achieved", "err-mean", "err-max", "per layer: target CR -> err");
+  for (const eval::ScheduleRecord& r : recs) {
+    std::string layers;
+    for (std::size_t l = 0; l < r.layer_target.size(); ++l)
+      layers += (l ? "  " : "") + fmt("%.1f", r.layer_target[l]) + "->" + fmt("%.3f", r.layer_err[l]);
+    std::fprintf(out, "%-16s %-7s %-8s %6s %8s %8s %8s  %s\n", r.method.c_str(), r.phase.c_str(),
+                 r.schedule.c_str(), fmt("%g", r.target_cr).c_str(),
+                 fmt("%.2f", r.achieved_cr).c_str(), fmt("%.4f", r.err_mean).c_str(),
+                 fmt("%.4f", r.err_max).c_str(), layers.c_str());
+  }
+}
+
+inline nlohmann::ordered_json to_json(const eval::ScheduleRecord& r) {
+  nlohmann::ordered_json j;
+  j["phase"] = r.phase;
+  j["method"] = r.method;
+  j["schedule"] = r.schedule;
+  j["target_cr"] = r.target_cr;
+  j["achieved_cr"] = r.achieved_cr;
+  j["err_mean"] = r.err_mean;
+  j["err_max"] = r.err_max;
+  j["layer_target_cr"] = r.layer_target;
+  j["layer_achieved_cr"] = r.layer_achieved;
+  j["layer_err"] = r.layer_err;
+  j["layer_weight"] = r.layer_weight;
+  return j;
+}
+
 inline nlohmann::ordered_json to_json(const LogLinearFit& f) {
   nlohmann::ordered_json j;
   auto num = [](double x) { return std::isfinite(x) ? nlohmann::ordered_json(x) : nlohmann::ordered_json(); };

@@ -46,6 +46,7 @@
 #include "sparse_attn/kernel/prefill.hpp"
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/decode.hpp"
+#include "sparse_attn/methods/layer_budget.hpp"
 #include "sparse_attn/methods/registry.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
@@ -632,6 +633,147 @@ inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
   if (opt.decode) {
     auto d = evaluate_decode(p, opt);
     out.insert(out.end(), d.begin(), d.end());
+  }
+  return out;
+}
+
+/// How a total budget is split across layers (methods/layer_budget.hpp).
+enum class LayerSchedule {
+  uniform,  ///< every layer at the total target CR
+  pyramid,  ///< PyramidKV: weights falling linearly from ScheduleOptions::pyramid_ratio to 1
+  mass      ///< methods::mass_weights() of each layer's methods::mass_need() (need_mass, mass_spread)
+};
+
+/// @param s  a schedule.
+/// @return its name: "uniform", "pyramid" or "mass". O(1), no allocation.
+inline const char* to_string(LayerSchedule s) {
+  return s == LayerSchedule::uniform ? "uniform" : s == LayerSchedule::pyramid ? "pyramid" : "mass";
+}
+
+/// What evaluate_schedules() splits and how.
+struct ScheduleOptions {
+  /// The schedules compared, each at every EvalOptions::compressions total target.
+  std::vector<LayerSchedule> schedules{LayerSchedule::uniform, LayerSchedule::pyramid,
+                                       LayerSchedule::mass};
+  double pyramid_ratio = 3.0;  ///< the first layer's weight over the last's, >= 1
+  double need_mass = 0.95;     ///< the mass whose key share weighs a layer (mass schedule)
+  double mass_spread = 3.0;    ///< the mass schedule's largest weight over its smallest, >= 1
+};
+
+/// One (phase, method, schedule, total target CR) over a model's layers.
+struct ScheduleRecord {
+  std::string phase;     ///< "prefill" or "decode"
+  std::string method;    ///< the method's registry name
+  std::string schedule;  ///< to_string() of the schedule
+  double target_cr = 1.0;    ///< the total target CR
+  double achieved_cr = 1.0;  ///< total achieved CR: sum_l D_l / sum_l (D_l / achieved_l)
+  double err_mean = 0.0;     ///< mean over layers of the layer's relative L2 output error
+  double err_max = 0.0;      ///< largest over layers of the layer's relative L2 output error
+  std::vector<double> layer_target;    ///< per layer: the target CR the schedule gave it
+  std::vector<double> layer_achieved;  ///< per layer: its achieved CR
+  std::vector<double> layer_err;       ///< per layer: its relative L2 output error
+  std::vector<double> layer_weight;    ///< per layer: the schedule's weight w_l
+};
+
+/// @brief Per-layer budgets over a model's layers: for every schedule, total target CR
+/// (opt.compressions) and selected method (opt.prefill_methods / opt.decode_methods, fixed
+/// compression budgets), the per-layer target CRs of methods::layer_compressions() (D_l = the
+/// layer's dense pairs: causal (query, key) pairs in prefill, sum_t Hq (p_t + 1) over the decode
+/// steps), each layer evaluated at its own target (evaluate_prefill() / evaluate_decode()), and
+/// the totals.
+/// @param layers the layers' problems, in model order (at least one).
+/// @param opt the sweep (compressions = the total targets; phases, methods, last_rows, threads;
+/// adaptive is ignored).
+/// @param so the schedules and their parameters.
+/// @return one record per (phase, method, schedule, total CR), in that nesting.
+/// @throws sparse_attn::invalid_argument as evaluate_prefill() / evaluate_decode(), or when
+/// layers is empty, a total target is < 1, pyramid_ratio or mass_spread < 1, or need_mass is
+/// not in (0, 1].
+/// @throws std::bad_alloc when a buffer cannot be allocated.
+/// Cost: one evaluation per layer and phase at every target CR the schedules give it (one dense
+/// baseline each), plus methods::mass_need() once per layer for the mass schedule.
+inline std::vector<ScheduleRecord> evaluate_schedules(const std::vector<Problem>& layers,
+                                                      const EvalOptions& opt,
+                                                      const ScheduleOptions& so = {}) {
+  constexpr const char* where = "eval::evaluate_schedules";
+  require(!layers.empty(), where, ": needs at least one layer");
+  const index_t L = static_cast<index_t>(layers.size());
+  std::vector<double> need(layers.size(), 1.0);
+  for (LayerSchedule s : so.schedules)
+    if (s == LayerSchedule::mass)
+      for (std::size_t l = 0; l < layers.size(); ++l)
+        need[l] = methods::mass_need(layers[l].q, layers[l].k, so.need_mass, layers[l].scale);
+  std::vector<ScheduleRecord> out;
+  for (const char* phase : {"prefill", "decode"}) {
+    const bool pre = std::string(phase) == "prefill";
+    if ((pre && !opt.prefill) || (!pre && !opt.decode)) continue;
+    std::vector<double> dense_units;
+    for (const Problem& p : layers) {
+      const double nq = static_cast<double>(p.q.tokens), nk = static_cast<double>(p.k.tokens),
+                   R = static_cast<double>(opt.last_rows), hq = static_cast<double>(p.q.heads);
+      // Prefill: sum over rows i of (n_k - n_q + i + 1); decode: sum over steps of (p_t + 1).
+      dense_units.push_back(pre ? hq * (nq * (nk - nq) + nq * (nq + 1) / 2)
+                                : hq * (R * (nk - R) + R * (R + 1) / 2));
+    }
+    // Each schedule's layer targets (the same for every method), then one evaluation per layer
+    // at every target it was given: one dense baseline per layer and phase.
+    std::vector<std::vector<double>> weights, targets;  // [schedule], [schedule x CR][layer]
+    for (LayerSchedule s : so.schedules) {
+      weights.push_back(s == LayerSchedule::uniform   ? std::vector<double>(layers.size(), 1.0)
+                        : s == LayerSchedule::pyramid ? methods::pyramid_weights(L, so.pyramid_ratio)
+                                                      : methods::mass_weights(need, so.mass_spread));
+      for (double cr : opt.compressions)
+        targets.push_back(methods::layer_compressions(cr, dense_units, weights.back()));
+    }
+    std::vector<std::vector<Record>> per_layer(layers.size());
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      EvalOptions o = opt;
+      o.compressions.clear();
+      for (const auto& t : targets)
+        if (std::find(o.compressions.begin(), o.compressions.end(), t[l]) == o.compressions.end())
+          o.compressions.push_back(t[l]);
+      o.adaptive = {};
+      o.progress = nullptr;
+      per_layer[l] = pre ? evaluate_prefill(layers[l], o) : evaluate_decode(layers[l], o);
+    }
+    const std::vector<methods::MethodInfo> infos =
+        pre ? methods::prefill_methods() : methods::decode_methods();
+    for (const methods::MethodInfo& m : infos) {
+      const auto& wanted = pre ? opt.prefill_methods : opt.decode_methods;
+      if (m.name == "dense" || m.needs_user_mask || !detail_eval::wanted(wanted, m.name.c_str()))
+        continue;
+      for (std::size_t si = 0; si < so.schedules.size(); ++si)
+        for (std::size_t ci = 0; ci < opt.compressions.size(); ++ci) {
+          ScheduleRecord r;
+          r.phase = phase;
+          r.method = m.name;
+          r.schedule = to_string(so.schedules[si]);
+          r.target_cr = opt.compressions[ci];
+          r.layer_weight = weights[si];
+          r.layer_target = targets[si * opt.compressions.size() + ci];
+          double kept = 0.0, dense = 0.0;
+          for (std::size_t l = 0; l < layers.size(); ++l) {
+            const auto it = std::find_if(per_layer[l].begin(), per_layer[l].end(), [&](const Record& x) {
+              return x.method == m.name && x.target_cr == r.layer_target[l];
+            });
+            require(it != per_layer[l].end(), where, ": no record of ", m.name, " at CR ",
+                    r.layer_target[l], " on layer ", l);  // not reached: evaluated above
+            r.layer_achieved.push_back(it->achieved_cr);
+            r.layer_err.push_back(it->err_layer);
+            kept += dense_units[l] / it->achieved_cr;
+            dense += dense_units[l];
+            r.err_mean += it->err_layer / static_cast<double>(layers.size());
+            r.err_max = std::max(r.err_max, it->err_layer);
+          }
+          r.achieved_cr = kept > 0.0 ? dense / kept : 1.0;
+          if (opt.progress)
+            opt.progress(std::string(phase) + " " + m.name + " " + r.schedule + " CR " +
+                         detail_eval::cr_label(r.target_cr) + " -> " +
+                         detail_eval::cr_label(r.achieved_cr) + ", mean err " +
+                         detail_eval::cr_label(r.err_mean));
+          out.push_back(std::move(r));
+        }
+    }
   }
   return out;
 }

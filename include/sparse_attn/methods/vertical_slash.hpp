@@ -424,10 +424,13 @@ struct BasicVerticalSlash {
                                   : rank(q, k, G, *this, scale, ex);
       if (budget.is_compression()) {
         // Lines L from the forced sets alone (L = 0) to the point where both sets hold every key.
+        // A tiny share puts that point beyond any index: the search stops at 2^53 lines (the
+        // split's rounding is exact below it), where the larger set already holds every key.
         const double lean = std::min(vertical_share, 1.0 - vertical_share);
-        const index_t hi =
-            lean > 0.0 ? static_cast<index_t>(std::ceil(static_cast<double>(n_k) / lean)) + 2
-                       : n_k + sinks + local;
+        const double full = lean > 0.0 ? std::ceil(static_cast<double>(n_k) / lean) + 2.0 : 0.0;
+        const index_t hi = lean <= 0.0        ? n_k + sinks + local
+                           : full < 0x1p53    ? static_cast<index_t>(full)
+                                              : index_t{1} << 53;
         lines = nearest_budget(0, hi, shape.dense_pairs(), budget.target_compression(),
                                [&](index_t x) {
                                  index_t v, s;
