@@ -1,5 +1,5 @@
 # cmake -DSOURCE_DIR=... -DWORK_DIR=... [-DCLANG_CXX=...] [-DGENERATOR=...] [-DSECONDS=30]
-#       [-DRUNS=5000] -P RunFuzzSmoke.cmake
+#       [-DRUNS=5000] [-DSEED=1] -P RunFuzzSmoke.cmake
 # Builds fuzz/fuzz_attention and fuzz/fuzz_npy with clang (clang++-14 preferred; libFuzzer + ASan +
 # UBSan) and runs them for a bounded time over the seed corpora fuzz/corpus and fuzz/corpus_npy. Prints "fuzz_smoke: SKIPPED" (ctest
 # reports the test as skipped) when no clang with the libFuzzer runtime is installed
@@ -14,6 +14,12 @@ if(NOT DEFINED SECONDS)
 endif()
 if(NOT DEFINED RUNS)
   set(RUNS 5000)
+endif()
+# A fixed seed: the smoke test is a regression check whose failures must reproduce from the log
+# (run the fuzzer with -seed=N on the same corpus). Exploration with fresh seeds is a longer run
+# of its own (docs/ROBUSTNESS.md, section "Fuzzing").
+if(NOT DEFINED SEED)
+  set(SEED 1)
 endif()
 
 if(NOT CLANG_CXX)
@@ -47,7 +53,8 @@ if(GENERATOR)
 endif()
 # Shared by both fuzzers: UB aborts; crash inputs are saved in WORK_DIR.
 set(run_env ${CMAKE_COMMAND} -E env UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1)
-set(run_flags -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=${WORK_DIR}/)
+set(run_flags -seed=${SEED} -timeout=60 -rss_limit_mb=4096 -print_final_stats=1
+              -artifact_prefix=${WORK_DIR}/)
 # Quoted: an unquoted word in if() is dereferenced when a variable of that name exists.
 foreach(step configure build run run_npy)
   if(step STREQUAL "configure")
@@ -65,10 +72,43 @@ foreach(step configure build run run_npy)
     set(cmd ${run_env} TMPDIR=${WORK_DIR} ${build_dir}/fuzz/fuzz_npy -max_total_time=10
             -max_len=4096 ${run_flags} ${WORK_DIR}/corpus_npy ${SOURCE_DIR}/fuzz/corpus_npy)
   endif()
-  execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
+  if(step MATCHES "^run")
+    # The fuzzers' output goes to a log: on failure its tail and the failing input (hex) end the
+    # message, so a CI summary that keeps only the last lines still shows what failed and how to
+    # reproduce it.
+    set(log ${WORK_DIR}/${step}.log)
+    file(REMOVE ${log})
+    file(GLOB old_artifacts ${WORK_DIR}/crash-* ${WORK_DIR}/timeout-* ${WORK_DIR}/oom-*
+                            ${WORK_DIR}/leak-* ${WORK_DIR}/slow-unit-*)
+    if(old_artifacts)
+      file(REMOVE ${old_artifacts})
+    endif()
+    execute_process(COMMAND ${cmd} RESULT_VARIABLE rc OUTPUT_FILE ${log} ERROR_FILE ${log})
+  else()
+    execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
+  endif()
   if(NOT rc EQUAL 0)
+    set(report "")
+    if(step MATCHES "^run" AND EXISTS ${log})
+      file(STRINGS ${log} lines)
+      list(LENGTH lines n)
+      # The fuzzer's own report (stack, "SUMMARY:", the case notes) follows its last status line.
+      set(first 0)
+      if(n GREATER 120)
+        math(EXPR first "${n} - 120")
+      endif()
+      list(SUBLIST lines ${first} -1 tail)
+      list(JOIN tail "\n" tail)
+      string(APPEND report "\n--- last lines of ${log} ---\n${tail}\n")
+      file(GLOB artifacts ${WORK_DIR}/crash-* ${WORK_DIR}/timeout-* ${WORK_DIR}/oom-*
+                          ${WORK_DIR}/leak-*)
+      foreach(a ${artifacts})
+        file(READ ${a} hex HEX)
+        string(APPEND report "--- failing input ${a} (hex; xxd -r -p to rebuild) ---\n${hex}\n")
+      endforeach()
+    endif()
     message(FATAL_ERROR "fuzz_smoke: step '${step}' failed (${rc}); a crash input, if any, is in "
-                        "${WORK_DIR}/ (crash-*); reproduce: fuzz_attention|fuzz_npy <file>")
+                        "${WORK_DIR}/ (crash-*); reproduce: fuzz_attention|fuzz_npy <file>${report}")
   endif()
 endforeach()
 message(STATUS "fuzz_smoke: OK")

@@ -663,35 +663,61 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
       method.sink_columns = fdp.ConsumeIntegralInRange<index_t>(0, 6);
       method.local_offsets = fdp.ConsumeIntegralInRange<index_t>(0, 70);
       method.vertical_share = fdp.ConsumeFloatingPointInRange<double>(0.0, 1.0);
-      // A count of lines (V + S, possibly below the forced ones: then unreachable) or a CR.
-      double cr = 0.0;
-      index_t lines = 0;
-      if (fdp.ConsumeBool())
+      // A count of lines (V + S, possibly below the forced ones: then unreachable), a CR, or a
+      // mass target with a floor and a cap (lines per head).
+      double cr = 0.0, mass = 0.0;
+      index_t lines = 0, mass_floor = 0, mass_cap = sm::Budget::kNoCap;
+      const int how = fdp.ConsumeIntegralInRange<int>(0, 2);
+      if (how == 0) {
         cr = fdp.ConsumeFloatingPointInRange<double>(1.0, 12.0);
-      else
+      } else if (how == 1) {
         lines = fdp.ConsumeIntegralInRange<index_t>(
             1, method.sink_columns + method.local_offsets + 200);
+      } else {
+        mass = fdp.ConsumeFloatingPointInRange<double>(0.01, 1.0);
+        if (fdp.ConsumeBool()) mass_floor = fdp.ConsumeIntegralInRange<index_t>(0, 250);
+        if (fdp.ConsumeBool()) mass_cap = fdp.ConsumeIntegralInRange<index_t>(std::max<index_t>(mass_floor, 1), 300);
+      }
       const int corrupt = fdp.ConsumeIntegralInRange<int>(0, 15);
       if (corrupt == 1) method.block = 0;
       if (corrupt == 2) method.last_queries = 0;
       if (corrupt == 3) method.vertical_share = fdp.ConsumeBool() ? 1.5 : NAN;
-      if (corrupt == 4) lines = 0, cr = fdp.ConsumeBool() ? 0.5 : INFINITY;
+      if (corrupt == 4) lines = 0, mass = 0.0, cr = fdp.ConsumeBool() ? 0.5 : INFINITY;
       if (corrupt == 5) so.scale = -1.0f;
       const bool bad = corrupt >= 1 && corrupt <= 5;
       note(kind == kVsExact ? "vs_exact" : "vs_tiled", " lines=", lines, " share=",
-           method.vertical_share, " cr=", cr, " w=", method.last_queries,
+           method.vertical_share, " cr=", cr, " mass=", mass, " floor=", mass_floor, " cap=",
+           mass_cap, " w=", method.last_queries,
            " sinks=", method.sink_columns, " local=", method.local_offsets, " corrupt=", corrupt);
       if (p.bad == Bad::mask_geometry) p.bad = Bad::none;
       auto budget = [&] {
-        return lines > 0 ? sm::Budget::count(lines) : sm::Budget::compression(cr);
+        return lines > 0  ? sm::Budget::count(lines)
+               : mass > 0 ? sm::Budget::mass(mass, mass_floor, mass_cap)
+                          : sm::Budget::compression(cr);
       };
-      // A count budget is reachable iff it covers the forced lines (clamped to n_k).
-      auto check_reachable = [&](const sm::SelectionStats& st, index_t n_q, index_t n_k) {
-        if (lines == 0 || n_q == 0) return;
+      // A count budget is reachable iff it covers the forced lines (clamped to n_k), a mass
+      // budget iff its cap does; a mass budget's heads keep between max(floor, forced) and
+      // max(that, min(cap, 2 n_k)) lines.
+      auto check_reachable = [&](const auto& sel, index_t n_q, index_t n_k) {
+        const sm::SelectionStats& st = sel.stats;
+        if ((lines == 0 && mass == 0.0) || n_q == 0) return;
         const index_t forced =
             std::min(method.sink_columns, n_k) + std::min(method.local_offsets, n_k);
-        if (st.reachable != (lines >= forced))
+        if (lines > 0 && st.reachable != (lines >= forced))
           fail("vertical_slash: a count budget is reachable iff it covers the forced lines");
+        if (mass > 0.0) {
+          if (st.reachable != (mass_cap >= forced))
+            fail("vertical_slash: a mass budget is reachable iff its cap covers the forced lines");
+          const index_t lo = std::max(mass_floor, forced), hi = std::max(lo, std::min(mass_cap, 2 * n_k));
+          if (sel.head_vertical.size() != static_cast<std::size_t>(sel.mask.shape().heads))
+            fail("vertical_slash: head_vertical does not hold one V per head");
+          for (std::size_t h = 0; h < sel.head_vertical.size(); ++h) {
+            const index_t l = sel.head_vertical[h] + sel.head_slash[h];
+            if (l < std::min(lo, 2 * n_k) || l > hi || sel.head_vertical[h] > n_k || sel.head_slash[h] > n_k)
+              fail(detail::concat("vertical_slash: head ", h, " keeps V=", sel.head_vertical[h], " S=",
+                                  sel.head_slash[h], " outside [", lo, ", ", hi, "] lines"));
+          }
+        }
       };
       with_qk([&](const auto& q, const auto& k) {
         if (kind == kVsExact) {
@@ -699,7 +725,7 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
           if (!expect(bad, "VerticalSlash::select", [&] { sel = method.select(q, k, budget(), so); }))
             return;
           check_stats(sel.stats, sel.mask, "vertical_slash");
-          check_reachable(sel.stats, q.tokens, k.tokens);
+          check_reachable(sel, q.tokens, k.tokens);
           // Invariants: every query sees itself (local_offsets >= 1) and the sink columns.
           const auto& m = sel.mask;
           const MaskShape& s = m.shape();
@@ -724,11 +750,23 @@ void prefill_case(FuzzedDataProvider& fdp, int kind) {
           if (!expect(bad, "VerticalSlashTiled::select", [&] { sel = tiled.select(q, k, budget(), so); }))
             return;
           check_stats(sel.stats, sel.mask, "vertical_slash_tiled");
-          check_reachable(sel.stats, q.tokens, k.tokens);
+          check_reachable(sel, q.tokens, k.tokens);
+          if (mass > 0.0) {  // the same per-head sets as exact, whose mask tiled contains
+            const auto ex = method.select(q, k, budget(), so);
+            if (ex.head_vertical != sel.head_vertical || ex.head_slash != sel.head_slash)
+              fail("vertical_slash: exact and tiled mass selections keep different lines");
+            for (index_t h = 0; h < sel.mask.shape().heads; ++h) {
+              const auto dt = to_dense(sel.mask, h), de = to_dense(ex.mask, h);
+              for (index_t i = 0; i < dt.rows(); ++i)
+                for (index_t j = 0; j < dt.cols(); ++j)
+                  if (de(i, j) && !dt(i, j))
+                    fail(detail::concat("vertical_slash: tiled misses exact element (", i, ", ", j, ")"));
+            }
+          }
           // Tiled contains exact for the same V and S (V + S lines split V : S; the split only
           // clamps to the forced lines, which V and S already cover).
           const index_t v = sel.vertical, sl = sel.slash;
-          if (v + sl >= 1) {
+          if (mass == 0.0 && v + sl >= 1) {
             sm::VerticalSlash exact = method;
             exact.vertical_share = static_cast<double>(v) / static_cast<double>(v + sl);
             const auto ex = exact.select(q, k, sm::Budget::count(v + sl), so);
@@ -2710,16 +2748,23 @@ void raw_budget(FuzzedDataProvider& fdp) {
   if (kind == 0 && !(std::isfinite(value) && value >= 1.0)) why = "CR not finite or < 1";
   if (kind == 0 && why.empty() && !(std::isfinite(tol) && tol >= 0.0 && tol < 1.0)) why = "tolerance outside [0, 1)";
   if (kind == 1 && !(count >= 1 && static_cast<double>(count) < 9.0e15)) why = "count < 1 or too large";
+  // Mass budgets: a raw floor and cap now and then.
+  const bool limits = kind == 2 && fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  const index_t mfloor = limits ? raw_index(fdp, 0, 100) : 0;
+  const index_t mcap = limits ? raw_index(fdp, 1, 200) : sm::Budget::kNoCap;
   if (kind == 2 && !(value > 0.0 && value <= 1.0)) why = "mass outside (0, 1]";
+  if (kind == 2 && why.empty() && !(mfloor >= 0 && mcap >= std::max<index_t>(mfloor, 1)))
+    why = "mass floor < 0 or cap < max(floor, 1)";
   sm::Budget b;
   const Outcome ob = attempt("Budget", [&] {
     if (kind == 0) b = sm::Budget::compression(value, tol);
     if (kind == 1) b = sm::Budget::count(count);
-    if (kind == 2) b = sm::Budget::mass(value);
+    if (kind == 2) b = sm::Budget::mass(value, mfloor, mcap);
   });
   if (!judge("methods::Budget", why, ob)) return;
   if ((kind == 0 && (b.target_compression() != value || !b.is_compression())) ||
-      (kind == 1 && (b.units() != count || !b.is_count())) || (kind == 2 && (b.mass_target() != value || !b.is_mass())))
+      (kind == 1 && (b.units() != count || !b.is_count())) || (kind == 2 && (b.mass_target() != value || !b.is_mass() || b.mass_floor() != mfloor ||
+                     b.mass_cap() != mcap)))
     fail("methods::Budget: the budget does not hold what it was made from");
   b.validate("fuzz");  // a factory-made budget always passes
   AttentionOptions mo;

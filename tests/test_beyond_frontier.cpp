@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <sparse_attn/kernel/prefill.hpp>
+#include <sparse_attn/methods/layer_budget.hpp>
 #include <sparse_attn/methods/sliding_window.hpp>
 #include <sparse_attn/methods/xattention.hpp>
 #include <sparse_attn/reference.hpp>
@@ -335,4 +336,107 @@ TEST(TriShape, BudgetsReachableAndNotAndBadParameters) {
   m.sinks = -1;
   EXPECT_THROW(m.select(p.qv(), p.kv(), Budget::count(8)), sa::invalid_argument);
   EXPECT_THROW(sa::masks::tri_shape(2, 10, 10, 0, 1, 1), sa::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-layer budgets (docs/METHODS.md, section "Per-layer budgets")
+// ---------------------------------------------------------------------------------------------
+
+TEST(LayerBudgets, SplitKeepsTheTotalAndFollowsTheWeights) {
+  const std::vector<double> D{1000, 1000, 2000, 500};
+  const double total = 4500;
+  for (const double c : {1.0, 2.0, 5.0, 10.0}) {
+    // Uniform: every layer at c.
+    for (double cl : sm::layer_compressions(c, D, {1, 1, 1, 1})) EXPECT_NEAR(cl, c, 1e-12);
+    // Any weights: the kept units sum to total / c, and k_l / (w_l D_l) is one constant for the
+    // layers not clamped to dense.
+    const std::vector<double> w{4, 3, 2, 1};
+    const auto cr = sm::layer_compressions(c, D, w);
+    double kept = 0;
+    std::vector<double> ratio;
+    for (std::size_t l = 0; l < D.size(); ++l) {
+      EXPECT_GE(cr[l], 1.0);
+      kept += D[l] / cr[l];
+      if (cr[l] > 1.0) ratio.push_back(D[l] / cr[l] / (w[l] * D[l]));
+    }
+    EXPECT_NEAR(kept, total / c, 1e-9 * total) << "c " << c;
+    for (double r : ratio) EXPECT_NEAR(r, ratio.front(), 1e-12 * ratio.front());
+  }
+  // Water filling: at c = 1.25 the heavy layer 0 would need more than dense; it is clamped to
+  // CR 1 and the others share the rest in proportion to w_l D_l.
+  const auto cr = sm::layer_compressions(1.25, {100, 100}, {9, 1});
+  EXPECT_EQ(cr[0], 1.0);
+  EXPECT_NEAR(100.0 / cr[1], 200.0 / 1.25 - 100.0, 1e-9);
+  // A layer with no dense units gets +inf; bad arguments are refused.
+  EXPECT_TRUE(std::isinf(sm::layer_compressions(2, {0, 100}, {1, 1})[0]));
+  EXPECT_THROW(sm::layer_compressions(0.5, D, {1, 1, 1, 1}), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::layer_compressions(2, D, {1, 1, 1}), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::layer_compressions(2, D, {1, 0, 1, 1}), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::layer_compressions(2, {0, 0}, {1, 1}), sparse_attn::invalid_argument);
+}
+
+TEST(LayerBudgets, PyramidWeightsFallLinearly) {
+  EXPECT_EQ(sm::pyramid_weights(1, 5), std::vector<double>{1.0});
+  const auto w = sm::pyramid_weights(4, 4);
+  ASSERT_EQ(w.size(), 4u);
+  for (std::size_t l = 0; l < 4; ++l) EXPECT_NEAR(w[l], 4.0 - static_cast<double>(l), 1e-12);
+  EXPECT_THROW(sm::pyramid_weights(0, 2), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::pyramid_weights(3, 0.5), sparse_attn::invalid_argument);
+}
+
+TEST(LayerBudgets, MassWeightsAreTheNeedsOverTheirGeometricMeanBounded) {
+  // Inside the bound: n_l / g exactly (g = 2 for needs 1 and 4).
+  const auto w = sm::mass_weights({1.0, 4.0}, 4.0);
+  EXPECT_NEAR(w[0], 0.5, 1e-12);
+  EXPECT_NEAR(w[1], 2.0, 1e-12);
+  // Needs spanning 10^4 (a sink-dominated layer next to a near-uniform one), spread 3: the
+  // extremes clamp to 1/sqrt(3) and sqrt(3), the order is kept, a mid need stays between.
+  const auto b = sm::mass_weights({1e-4, 0.3, 1.0, 0.02}, 3.0);
+  EXPECT_NEAR(b[0], 1 / std::sqrt(3.0), 1e-12);
+  EXPECT_NEAR(b[2], std::sqrt(3.0), 1e-12);
+  const double g = std::pow(1e-4 * 0.3 * 1.0 * 0.02, 0.25);
+  EXPECT_NEAR(b[3], std::clamp(0.02 / g, 1 / std::sqrt(3.0), std::sqrt(3.0)), 1e-12);
+  EXPECT_LE(b[0], b[3]);
+  EXPECT_LE(b[3], b[1]);
+  EXPECT_LE(b[1], b[2]);
+  // Spread 1 is the uniform schedule.
+  for (double x : sm::mass_weights({0.1, 0.5, 0.9}, 1.0)) EXPECT_DOUBLE_EQ(x, 1.0);
+  EXPECT_THROW(sm::mass_weights({}, 3.0), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::mass_weights({0.1, 0.0}, 3.0), sparse_attn::invalid_argument);
+  EXPECT_THROW(sm::mass_weights({0.1, 0.2}, 0.5), sparse_attn::invalid_argument);
+}
+
+TEST(LayerBudgets, MassNeedIsTheMedianKeyShareHoldingTheMass) {
+  // float64 oracle: per (head, last-w row) the fewest keys holding p of the row's softmax, over
+  // the keys it sees; the median of those shares (the upper median for an even count).
+  Qkv p(4, 2, 90, 130, 16, 77);
+  for (const double mass : {0.5, 0.9}) {
+    std::vector<double> shares;
+    const index_t w = 40, off = p.n_k - p.n_q, G = p.hq / p.hkv;
+    for (index_t h = 0; h < p.hq; ++h)
+      for (index_t i = p.n_q - w; i < p.n_q; ++i) {
+        const index_t seen = off + i + 1;
+        std::vector<double> z(static_cast<std::size_t>(seen));
+        double mx = -INFINITY, sum = 0;
+        for (index_t j = 0; j < seen; ++j) {
+          double dot = 0;
+          for (index_t c = 0; c < p.d; ++c) dot += p.qa(h, i, c) * p.ka(h / G, j, c);
+          z[static_cast<std::size_t>(j)] = dot / 4.0;  // scale 1 / sqrt(16)
+          mx = std::max(mx, z[static_cast<std::size_t>(j)]);
+        }
+        for (double& x : z) sum += (x = std::exp(x - mx));
+        std::sort(z.begin(), z.end(), std::greater<double>());
+        double have = 0;
+        index_t taken = 0;
+        while (have < mass * sum * (1 - 1e-9)) have += z[static_cast<std::size_t>(taken++)];
+        shares.push_back(static_cast<double>(taken) / static_cast<double>(seen));
+      }
+    std::nth_element(shares.begin(), shares.begin() + static_cast<std::ptrdiff_t>(shares.size() / 2),
+                     shares.end());
+    const double want = shares[shares.size() / 2];
+    const double got = sm::mass_need(p.qv(), p.kv(), mass, NAN, w);
+    EXPECT_NEAR(got, want, 1.5 / 130.0) << "p " << mass;  // one key either way at a tie
+  }
+  EXPECT_THROW((void)sm::mass_need(p.qv(), p.kv(), 0.0), sparse_attn::invalid_argument);
+  EXPECT_THROW((void)sm::mass_need(p.qv(), p.kv(), 0.5, NAN, 0), sparse_attn::invalid_argument);
 }

@@ -13,6 +13,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <set>
@@ -20,6 +21,7 @@ SPARSE_ATTN_DIAGNOSTICS_POP
 #include <sparse_attn/reference.hpp>
 #include <sparse_attn/sparse_attn.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace sparse_attn;
@@ -642,6 +644,158 @@ TEST(SnapKV, CompressionOneIsDense) {
             kTol);
 }
 
+// The mass rule in float64 on the oracle's scores: per head the forced tokens (sinks, window)
+// plus the fewest others, best first, whose share of the head's total score reaches p; the
+// smallest c and, when the running sum at c - 1 is within 1e-5 of the target (a tie the fp32
+// scores may resolve either way), c - 1 too.
+std::pair<index_t, index_t> snapkv_mass_oracle(const std::vector<double>& scores, index_t h,
+                                               index_t n, index_t w, index_t sinks, double p) {
+  const double* s = scores.data() + h * n;
+  double total = 0.0, have = 0.0;
+  std::vector<double> rest;
+  for (index_t j = 0; j < n; ++j) {
+    total += s[j];
+    if (j < sinks || j >= n - w)
+      have += s[j];
+    else
+      rest.push_back(s[j]);
+  }
+  std::sort(rest.begin(), rest.end(), std::greater<double>());
+  const double want = p * total;
+  index_t take = 0;
+  double before = have;
+  while (take < static_cast<index_t>(rest.size()) && have < want) {
+    before = have;
+    have += rest[static_cast<std::size_t>(take++)];
+  }
+  const index_t c = sinks + w + take;
+  const bool tie = take > 0 && std::fabs(before - want) <= 1e-5 * total;
+  return {tie ? c - 1 : c, c};
+}
+
+TEST(SnapKV, MassBudgetKeepsEachHeadsFewestTokensReachingP) {
+  Data D(8, 2, 400, 32, 83);
+  // The window queries of KV head 0's group share a component along e_0, and its keys
+  // 100..109 lie along e_0 (logit ~ 4 x 10 / sqrt(32) = 7): its window attention concentrates
+  // there, KV head 1's stays diffuse.
+  for (index_t h = 0; h < 4; ++h)
+    for (index_t i = 368; i < 400; ++i) D.q[static_cast<std::size_t>((h * 400 + i) * 32)] += 4.0f;
+  for (index_t t = 100; t < 110; ++t)
+    for (index_t c = 0; c < 32; ++c) D.kat(0, t, c) = c == 0 ? 10.0f : 0.0f;
+  const auto want_scores = window_scores_oracle(D, 400, 32, false);
+  for (const double p : {0.3, 0.6, 0.9, 0.99}) {
+    auto c = make_cache<kv::ContiguousCache<float>>(D, 400);
+    c.append(D.ks(0, 400), D.vs(0, 400));
+    const auto plan = methods::SnapKV{}.select(D.qs(368, 32), c, Budget::mass(p));
+    EXPECT_TRUE(plan.stats.reachable);
+    EXPECT_EQ(plan.stats.target.str(), Budget::mass(p).str());
+    index_t total = 0;
+    for (index_t h = 0; h < 2; ++h) {
+      const auto& keep = plan.keep[static_cast<std::size_t>(h)];
+      const auto [lo, hi] = snapkv_mass_oracle(want_scores, h, 400, 32, 4, p);
+      const auto kept = static_cast<index_t>(keep.size());
+      EXPECT_GE(kept, lo) << "p " << p << " head " << h;
+      EXPECT_LE(kept, hi) << "p " << p << " head " << h;
+      // The kept set is the forced tokens plus the best-scored others (count rule at c).
+      EXPECT_EQ(keep, kv::detail::keep_top(plan.head_scores(h), 400, kept, [](index_t j) {
+                  return j < 4 || j >= 368;
+                })) << "p " << p << " head " << h;
+      total += kept;
+    }
+    EXPECT_EQ(plan.stats.pairs, total);
+  }
+  // Heads differ: a mass target gives each head its own c (the concentrated head 0 fewer).
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 400);
+  c.append(D.ks(0, 400), D.vs(0, 400));
+  const auto plan = methods::SnapKV{}.select(D.qs(368, 32), c, Budget::mass(0.6));
+  EXPECT_LT(plan.keep[0].size() + 20, plan.keep[1].size()) << plan.stats.detail;
+  EXPECT_EQ(plan.stats.detail, "c=" + std::to_string(plan.keep[0].size()) + "-" +
+                                   std::to_string(plan.keep[1].size()) + " per head");
+}
+
+TEST(SnapKV, MassBudgetFloorCapAndEdges) {
+  const Data D(8, 2, 400, 32, 89);
+  auto cache = [&] {
+    auto c = make_cache<kv::ContiguousCache<float>>(D, 400);
+    c.append(D.ks(0, 400), D.vs(0, 400));
+    return c;
+  };
+  const auto c = cache();
+  const auto q = D.qs(368, 32);
+  const auto free = methods::SnapKV{}.select(q, c, Budget::mass(0.5));
+  const auto n0 = static_cast<index_t>(free.keep[0].size()),
+             n1 = static_cast<index_t>(free.keep[1].size());
+  // A floor above both heads' counts raises them to it; a cap below lowers them to it; each
+  // keeps the count rule's tokens at that c.
+  for (const auto& [b, want0, want1] :
+       {std::tuple<Budget, index_t, index_t>{Budget::mass(0.5, std::max(n0, n1) + 7),
+                                             std::max(n0, n1) + 7, std::max(n0, n1) + 7},
+        {Budget::mass(0.5, 0, std::min(n0, n1) - 3), std::min(n0, n1) - 3,
+         std::min(n0, n1) - 3},
+        {Budget::mass(0.5, 0, Budget::kNoCap), n0, n1}}) {
+    const auto plan = methods::SnapKV{}.select(q, c, b);
+    EXPECT_TRUE(plan.stats.reachable) << b.str();
+    EXPECT_EQ(static_cast<index_t>(plan.keep[0].size()), want0) << b.str();
+    EXPECT_EQ(static_cast<index_t>(plan.keep[1].size()), want1) << b.str();
+    for (index_t h = 0; h < 2; ++h)
+      EXPECT_EQ(plan.keep[static_cast<std::size_t>(h)],
+                methods::SnapKV{}.select(q, c, Budget::count(h == 0 ? want0 : want1))
+                    .keep[static_cast<std::size_t>(h)]);
+  }
+  // A cap below the 36 forced tokens keeps them and is not reachable.
+  const auto tight = methods::SnapKV{}.select(q, c, Budget::mass(0.5, 0, 10));
+  EXPECT_FALSE(tight.stats.reachable);
+  EXPECT_EQ(tight.keep[0].size(), 36u);
+  // p = 1 keeps every token with mass (every one here): dense.
+  auto d = cache();
+  const auto all = methods::evict(methods::SnapKV{}, q, d, Budget::mass(1.0));
+  EXPECT_TRUE(all.dense);
+  EXPECT_EQ(d.length(0), 400);
+  EXPECT_EQ(d.length(1), 400);
+  // Evicting with a mass budget leaves heads of different lengths that decode attends in full.
+  auto e = cache();
+  methods::evict(methods::SnapKV{}, q, e, Budget::mass(0.8));
+  EXPECT_NE(e.length(0), e.length(1));
+  expect_rows_match_positions(D, e, "snapkv mass");
+  // Bad limits are refused by the budget itself.
+  for (auto bad : {std::function<void()>([] { (void)Budget::mass(0.5, -1); }),
+                   std::function<void()>([] { (void)Budget::mass(0.5, 10, 9); }),
+                   std::function<void()>([] { (void)Budget::mass(0.5, 0, 0); })})
+    EXPECT_THROW(bad(), sparse_attn::invalid_argument);
+  EXPECT_EQ(Budget::mass(0.9, 64, 1024).str(), "mass=0.9,floor=64,cap=1024");
+  EXPECT_EQ(Budget::mass(0.9).str(), "mass=0.9");
+}
+
+TEST(Quest, MassBudgetFloorAndCapBoundEveryUnitsPages) {
+  Data D(4, 2, 640, 32, 97);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640, 16);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const index_t first_cur = 639 / 16;
+  const auto [free, free_pages] = quest_select(D.qs(639, 1), c, Budget::mass(0.6));
+  index_t bmin = first_cur, bmax = 0;
+  for (index_t b : free_pages.budget_pages) bmin = std::min(bmin, b), bmax = std::max(bmax, b);
+  ASSERT_GT(bmin, 2);
+  ASSERT_LT(bmax, first_cur - 2);
+  // floor / cap in tokens: B in [floor / P, cap / P]; the unbounded mass choice is clamped.
+  for (const auto& [floor, cap] : {std::pair<index_t, index_t>{(bmax + 2) * 16, Budget::kNoCap},
+                                   {0, (bmin - 1) * 16 + 5},
+                                   {(bmin + 1) * 16, (bmin + 1) * 16}}) {
+    const Budget b = Budget::mass(0.6, floor, cap);
+    const auto [sel, pages] = quest_select(D.qs(639, 1), c, b);
+    EXPECT_TRUE(sel.stats.reachable) << b.str();
+    for (std::size_t u = 0; u < pages.budget_pages.size(); ++u) {
+      const index_t want = std::clamp(free_pages.budget_pages[u], floor / 16,
+                                      cap == Budget::kNoCap ? first_cur : cap / 16);
+      EXPECT_EQ(pages.budget_pages[u], want) << b.str() << " unit " << u;
+    }
+    // The pages kept are the unit's best by bound: the same as a count budget of B pages.
+    if (floor == cap) {
+      const auto [cnt, cnt_pages] = quest_select(D.qs(639, 1), c, Budget::count(floor));
+      EXPECT_EQ(selected_positions(sel.keys, c), selected_positions(cnt.keys, c));
+    }
+  }
+}
+
 TEST(AdaSnapKV, TotalKeptIsExactlyCTimesHkv) {
   const Data D(8, 4, 300, 32, 73);
   bool some_uneven = false;
@@ -1222,8 +1376,6 @@ TEST(DecodeMethods, RejectBadArgumentsWithInvalidArgument) {
   EXPECT_THROW(sk.select(D.qs(68, 32), c, Budget::compression(10)),
                sparse_attn::invalid_argument);
   // Budget kinds a method does not take.
-  EXPECT_THROW(methods::SnapKV{}.select(D.qs(68, 32), c, Budget::mass(0.9)),
-               sparse_attn::invalid_argument);
   EXPECT_THROW(methods::AdaSnapKV{}.select(D.qs(68, 32), c, Budget::mass(0.9)),
                sparse_attn::invalid_argument);
   EXPECT_THROW((methods::make_policy<kv::ContiguousCache<float>, float>(methods::H2O{},

@@ -41,6 +41,7 @@ const std::vector<Record>& sweep() {
     o.compressions = {1, 2, 5, 10};
     o.last_rows = 32;
     o.min_time_ms = 0;  // timing is not under test
+    o.adaptive = {};    // the adaptive records have a test of their own
     std::vector<Record> all;
     for (int L : {0, 3, 11, 21}) {
       auto r = evaluate(layer(L), o);
@@ -144,45 +145,50 @@ TEST(Fidelity, MassRecallAtCompressionTwoIsHighOnLayers3To21) {
 }
 
 // The needles the synthetic generator plants are what its late query attends to under dense: the
-// needle keys are the top keys of the last query row of every head and hold most of its mass.
+// needle keys are the top keys of the last query row of every head and hold most of its mass
+// (both presets).
 TEST(FidelitySynthetic, LateQueryRetrievesTheNeedlesUnderDense) {
-  SyntheticOptions so;
-  so.tokens = 8192;
-  so.q_heads = 4;
-  so.kv_heads = 1;
-  const Problem p = synthetic_problem(so);
-  ASSERT_EQ(p.needles.size(), 4u);
-  const index_t n = p.k.tokens, d = p.q.dim, nn = static_cast<index_t>(p.needles.size());
-  const float scale = p.resolved_scale();
-  for (index_t h = 0; h < p.q.heads; ++h) {
-    std::vector<double> s(static_cast<std::size_t>(n));
-    for (index_t j = 0; j < n; ++j) {
-      double acc = 0;
-      for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n - 1, c)) * p.k(0, j, c);
-      s[static_cast<std::size_t>(j)] = acc * scale;
+  for (SyntheticPreset preset : {SyntheticPreset::calibrated, SyntheticPreset::stress}) {
+    SCOPED_TRACE(synthetic_preset_name(preset));
+    SyntheticOptions so;
+    so.preset = preset;
+    so.tokens = 8192;
+    so.q_heads = 4;
+    so.kv_heads = 1;
+    const Problem p = synthetic_problem(so);
+    ASSERT_EQ(p.needles.size(), 4u);
+    const index_t n = p.k.tokens, d = p.q.dim, nn = static_cast<index_t>(p.needles.size());
+    const float scale = p.resolved_scale();
+    for (index_t h = 0; h < p.q.heads; ++h) {
+      std::vector<double> s(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) {
+        double acc = 0;
+        for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n - 1, c)) * p.k(0, j, c);
+        s[static_cast<std::size_t>(j)] = acc * scale;
+      }
+      const double mx = *std::max_element(s.begin(), s.end());
+      double total = 0, on_needles = 0;
+      for (index_t j = 0; j < n; ++j) total += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      for (index_t j : p.needles) on_needles += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      EXPECT_GT(on_needles / total, 0.5) << "head " << h;
+      std::vector<index_t> order(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) order[static_cast<std::size_t>(j)] = j;
+      std::partial_sort(order.begin(), order.begin() + nn, order.end(), [&](index_t a, index_t b) {
+        return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
+      });
+      std::vector<index_t> top(order.begin(), order.begin() + nn);
+      std::sort(top.begin(), top.end());
+      EXPECT_EQ(top, p.needles) << "head " << h;
+      // An early query does not look for them: its logits on the needles stay at the structural
+      // level (positional tails and noise), far below the late query's 12-14.
+      double early = 0;
+      for (index_t j : p.needles) {
+        double acc = 0;
+        for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n / 2 + 7, c)) * p.k(0, j, c);
+        early = std::max(early, acc * scale);
+      }
+      EXPECT_LT(early, 7.0) << "head " << h;
     }
-    const double mx = *std::max_element(s.begin(), s.end());
-    double total = 0, on_needles = 0;
-    for (index_t j = 0; j < n; ++j) total += std::exp(s[static_cast<std::size_t>(j)] - mx);
-    for (index_t j : p.needles) on_needles += std::exp(s[static_cast<std::size_t>(j)] - mx);
-    EXPECT_GT(on_needles / total, 0.5) << "head " << h;
-    std::vector<index_t> order(static_cast<std::size_t>(n));
-    for (index_t j = 0; j < n; ++j) order[static_cast<std::size_t>(j)] = j;
-    std::partial_sort(order.begin(), order.begin() + nn, order.end(), [&](index_t a, index_t b) {
-      return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
-    });
-    std::vector<index_t> top(order.begin(), order.begin() + nn);
-    std::sort(top.begin(), top.end());
-    EXPECT_EQ(top, p.needles) << "head " << h;
-    // An early query does not look for them: its logits on the needles stay at the structural
-    // level (positional tails and noise), far below the late query's 12-14.
-    double early = 0;
-    for (index_t j : p.needles) {
-      double acc = 0;
-      for (index_t c = 0; c < d; ++c) acc += static_cast<double>(p.q(h, n / 2 + 7, c)) * p.k(0, j, c);
-      early = std::max(early, acc * scale);
-    }
-    EXPECT_LT(early, 7.0) << "head " << h;
   }
 }
 
@@ -209,6 +215,86 @@ TEST(FidelitySynthetic, EvaluatorReportsNeedlesKeptPerMethod) {
   // ...while query-aware selections find them.
   EXPECT_EQ(by["prefill/vertical_slash"].needles_kept, 16);
   EXPECT_EQ(by["decode/quest"].needles_kept, 16);
+}
+
+TEST(FidelityAdaptive, MassBudgetSearchedForTheTargetCompression) {
+  // Layer 11, the last 32 rows as decode steps: each adaptive record runs at the mass target the
+  // search found, reaches the target CR (where the fixed budget does), and is that selection.
+  EvalOptions o;
+  o.compressions = {3, 8};
+  o.last_rows = 32;
+  o.min_time_ms = 0;
+  o.prefill_methods = {"vertical_slash", "block_sparse"};
+  o.decode_methods = {"quest", "snapkv"};
+  o.adaptive = {"vertical_slash", "quest", "snapkv"};
+  const Problem& p = layer(11);
+  const std::vector<Record> recs = evaluate(p, o);
+  int adaptive = 0;
+  for (const Record& r : recs) {
+    EXPECT_EQ(r.label(), r.adaptive ? r.method + "+mass" : r.method);
+    if (!r.adaptive) {
+      if (r.method != "dense") {
+        EXPECT_EQ(r.budget, methods::Budget::compression(r.target_cr).str());
+      }
+      continue;
+    }
+    ++adaptive;
+    EXPECT_NE(std::find(o.adaptive.begin(), o.adaptive.end(), r.method), o.adaptive.end());
+    ASSERT_EQ(r.budget.rfind("mass=", 0), 0u) << r.budget;
+    const double mass = std::stod(r.budget.substr(5));
+    EXPECT_GT(mass, 0.0);
+    EXPECT_LE(mass, 1.0);
+    EXPECT_TRUE(r.reachable) << r.label() << " CR " << r.target_cr << " -> " << r.achieved_cr;
+    EXPECT_LT(std::fabs(std::log(r.achieved_cr / r.target_cr)), 0.1) << r.label();
+    if (r.phase == "prefill") {  // the record is the selection at that mass target
+      AttentionOptions so;
+      so.scale = p.scale;
+      const auto sel = select_prefill(r.method, {}, p, methods::Budget::mass(mass), so);
+      EXPECT_DOUBLE_EQ(sel.stats.compression(), r.achieved_cr) << r.label();
+      EXPECT_EQ(sel.stats.detail, r.detail);
+    }
+  }
+  EXPECT_EQ(adaptive, 2 * 3);  // block_sparse is not in the adaptive list
+  // A method that takes no mass budget cannot run adaptively.
+  o.adaptive = {"sliding_window"};
+  EXPECT_THROW(evaluate(p, o), sparse_attn::invalid_argument);
+}
+
+TEST(FidelityAdaptive, PerLayerSchedulesSplitOneTotalBudget) {
+  // Layers 3 and 21 (upper layers concentrate more): the uniform schedule runs every layer at
+  // the total CR (the same records as evaluate() at that CR); every schedule's layer targets
+  // keep the total, and the totals it reports follow from the per-layer records.
+  const std::vector<Problem> layers{prefix(layer(3), 1024), prefix(layer(21), 1024)};
+  EvalOptions o;
+  o.compressions = {5};
+  o.last_rows = 16;
+  o.min_time_ms = 0;
+  o.prefill_methods = {"vertical_slash"};
+  o.decode_methods = {"quest"};
+  const std::vector<ScheduleRecord> recs = evaluate_schedules(layers, o);
+  ASSERT_EQ(recs.size(), 2u * 3u);  // (prefill, decode) x (uniform, pyramid, mass)
+  for (const ScheduleRecord& r : recs) {
+    ASSERT_EQ(r.layer_target.size(), 2u);
+    // Equal dense units per layer: sum_l 1 / c_l = 2 / c.
+    EXPECT_NEAR(1 / r.layer_target[0] + 1 / r.layer_target[1], 2.0 / 5, 1e-9) << r.schedule;
+    EXPECT_NEAR(r.achieved_cr, 2.0 / (1 / r.layer_achieved[0] + 1 / r.layer_achieved[1]), 1e-9);
+    EXPECT_NEAR(r.err_mean, (r.layer_err[0] + r.layer_err[1]) / 2, 1e-12);
+    if (r.schedule == "uniform") {
+      EXPECT_DOUBLE_EQ(r.layer_target[0], 5.0);
+      EvalOptions one = o;
+      one.adaptive = {};
+      const auto direct = r.phase == "prefill" ? evaluate_prefill(layers[1], one)
+                                               : evaluate_decode(layers[1], one);
+      EXPECT_DOUBLE_EQ(direct.back().err_layer, r.layer_err[1]) << r.phase;
+    }
+    if (r.schedule == "pyramid") {  // layer 0 of two keeps more: a lower CR
+      EXPECT_LT(r.layer_target[0], r.layer_target[1]);
+    }
+    if (r.schedule == "mass") {  // layer 3 is more concentrated than 21: it keeps less
+      EXPECT_LT(r.layer_weight[0], r.layer_weight[1]);
+      EXPECT_GT(r.layer_target[0], r.layer_target[1]);
+    }
+  }
 }
 
 TEST(FidelitySynthetic, GeneratorIsDeterministicBySeedAndScalesTo128k) {

@@ -479,11 +479,10 @@ TEST(BadOptions, CompressionRatioBelowOneOrNotFinite) {
   EXPECT_INVALID("methods::Dense::select", no_count, sm::Dense{}.select(p.q.view(), p.k.view(), Budget::count(4)));
   EXPECT_INVALID("methods::SlidingWindow::select", no_mass,
                  sm::SlidingWindow{}.select(p.q.view(), p.k.view(), Budget::mass(0.9)));
-  EXPECT_INVALID("methods::VerticalSlash::select", no_mass,
-                 sm::VerticalSlash{}.select(p.q.view(), p.k.view(), Budget::mass(0.9)));
   EXPECT_INVALID("methods::FlexPrefill::select", Parts<const char*>({"a count budget is not supported"}),
                  sm::FlexPrefill{}.select(p.q.view(), p.k.view(), Budget::count(4)));
-  EXPECT_INVALID("methods::SnapKV::select", no_mass, sm::SnapKV{}.select(p.q.view(), cache, Budget::mass(0.9)));
+  // Vertical-Slash, block-sparse, Quest, SnapKV, XAttention and FlexPrefill take mass budgets
+  // (tests in test_prefill_methods / test_decode_methods); these do not.
   EXPECT_INVALID("methods::AdaSnapKV::select", no_mass, sm::AdaSnapKV{}.select(p.q.view(), cache, Budget::mass(0.9)));
   sm::H2O::State st;
   EXPECT_INVALID("methods::H2O::State::reset", no_mass, st.reset(cache, Budget::mass(0.9)));

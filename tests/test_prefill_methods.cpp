@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <sparse_attn/kernel/prefill.hpp>
 #include <sparse_attn/kv/cache.hpp>
@@ -652,6 +653,44 @@ TEST(BlockSparseMass, KeepsTheFewestBlocksWhoseEstimatedMassReachesP) {
   }
 }
 
+TEST(BlockSparseMass, FloorAndCapBoundEveryRowsBlocks) {
+  // Every row's k (forced blocks included) is the unbounded mass choice clamped to [floor, cap]
+  // (and to the row's legal blocks); the blocks added or dropped are the next / last in the
+  // row's ranking, so the bounded sets nest with the unbounded one.
+  Problem<float> p(2, 1, 1500, 1500, 16, 73);
+  p.plant_column(700, 8.0f);
+  const auto free = block_sparse(p, Budget::mass(0.6)).mask;
+  for (const auto& [floor, cap] : {std::pair<index_t, index_t>{9, Budget::kNoCap}, {0, 5},
+                                   {6, 6}}) {
+    const Budget b = Budget::mass(0.6, floor, cap);
+    const auto sel = block_sparse(p, b);
+    EXPECT_TRUE(sel.stats.reachable) << b.str();
+    expect_stats_of_mask(sel);
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t qb = 0; qb < sel.mask.shape().num_q_blocks(); ++qb) {
+        const auto got = blocks_of(sel.mask, h, qb), unb = blocks_of(free, h, qb);
+        const auto legal = qb + 1;  // aligned: key blocks 0 .. qb
+        const auto want = std::min(legal, std::clamp(static_cast<index_t>(unb.size()),
+                                                     std::min(floor, legal), cap));
+        const index_t forced = std::min<index_t>(legal, qb >= 2 ? 3 : qb + 1);
+        EXPECT_EQ(static_cast<index_t>(got.size()), std::max(want, forced))
+            << b.str() << " head " << h << " row " << qb;
+        const auto& small = got.size() <= unb.size() ? got : unb;
+        const auto& big = got.size() <= unb.size() ? unb : got;
+        for (index_t kb : small) EXPECT_TRUE(contains(big, kb)) << b.str() << " row " << qb;
+      }
+  }
+  // A cap below a row's forced blocks (0, the one before the diagonal, the diagonal) keeps them
+  // and is not reachable.
+  const auto tight = block_sparse(p, Budget::mass(0.6, 0, 2));
+  EXPECT_FALSE(tight.stats.reachable);
+  EXPECT_EQ(blocks_of(tight.mask, 0, 10).size(), 3u);
+  // p = 1 with a cap: the cap's best blocks, no longer dense.
+  const auto capped = block_sparse(p, Budget::mass(1.0, 0, 4));
+  EXPECT_LT(capped.mask.pairs(), capped.mask.shape().dense_pairs());
+  EXPECT_EQ(blocks_of(capped.mask, 1, 20).size(), 4u);
+}
+
 // ===============================================================================================
 // Vertical-Slash (docs/METHODS.md, section "vertical_slash")
 // ===============================================================================================
@@ -945,14 +984,191 @@ TEST(VerticalSlash, LineExecutionStridedViewsOtherValueDimAndNonFiniteV) {
   EXPECT_GT(poisoned, 0);
 }
 
+namespace {
+// The Vertical-Slash mass rule in float64, from its definition (docs/METHODS.md): the last w
+// queries' softmax P, column and diagonal sums (forced: columns < 4, offsets < 64), both
+// rankings (ties toward the lower index), then the merged walk (ties toward the column) adding
+// each line's new mass until it reaches p * w, clamped to [max(floor, 68), cap]. Returns per
+// head the admissible (V, S): the walk's, and where the running mass one line earlier was within
+// 1e-5 of the target (a tie fp32 may resolve either way) the one line shorter too; plus the
+// rankings, and whether each ranking has a near-tie (gap < 1e-5) at the chosen boundary.
+struct VsMassOracle {
+  std::vector<std::vector<std::pair<index_t, index_t>>> admissible;  // [h]
+  std::vector<std::vector<index_t>> cols, offs;                      // [h] best first
+  std::vector<bool> ambiguous;                                       // [h]
+};
+VsMassOracle vs_mass_oracle(const Problem<float>& p, double target, index_t floor, index_t cap) {
+  const index_t n = p.n_k, w = std::min<index_t>(64, p.n_q), p_first = n - w, G = p.hq / p.hkv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(p.d));
+  VsMassOracle o;
+  for (index_t h = 0; h < p.hq; ++h) {
+    std::vector<double> P(static_cast<std::size_t>(w * n), 0.0), vs(n, 0.0), ss(n, 0.0);
+    for (index_t i = 0; i < w; ++i) {
+      const index_t pos = p_first + i, qi = p.n_q - w + i;
+      double mx = -INFINITY, sum = 0;
+      for (index_t j = 0; j <= pos; ++j) {
+        double dot = 0;
+        for (index_t c = 0; c < p.d; ++c)
+          dot += double{p.q[static_cast<std::size_t>((h * p.n_q + qi) * p.d + c)]} *
+                 p.k[static_cast<std::size_t>(((h / G) * n + j) * p.d + c)];
+        P[static_cast<std::size_t>(i * n + j)] = dot * scale;
+        mx = std::max(mx, dot * scale);
+      }
+      for (index_t j = 0; j <= pos; ++j)
+        sum += (P[static_cast<std::size_t>(i * n + j)] =
+                    std::exp(P[static_cast<std::size_t>(i * n + j)] - mx));
+      for (index_t j = 0; j <= pos; ++j) {
+        const double x = P[static_cast<std::size_t>(i * n + j)] /= sum;
+        vs[static_cast<std::size_t>(j)] += x;
+        ss[static_cast<std::size_t>(pos - j)] += x;
+      }
+    }
+    for (index_t j = 0; j < std::min<index_t>(4, n); ++j) vs[static_cast<std::size_t>(j)] = INFINITY;
+    for (index_t j = 0; j < std::min<index_t>(64, n); ++j) ss[static_cast<std::size_t>(j)] = INFINITY;
+    auto order = [&](const std::vector<double>& sc) {
+      std::vector<index_t> r(static_cast<std::size_t>(n));
+      std::iota(r.begin(), r.end(), index_t{0});
+      std::stable_sort(r.begin(), r.end(), [&](index_t a, index_t b) {
+        return sc[static_cast<std::size_t>(a)] > sc[static_cast<std::size_t>(b)];
+      });
+      return r;
+    };
+    const auto cols = order(vs), offs = order(ss);
+    std::vector<char> is_col(static_cast<std::size_t>(n), 0), is_off(static_cast<std::size_t>(n), 0);
+    const index_t forced = std::min<index_t>(4, n) + std::min<index_t>(64, n);
+    const index_t lo = std::max(floor, forced), hi = std::min(std::max(lo, cap), 2 * n);
+    index_t nv = 0, ns = 0;
+    double have = 0, before = 0;
+    const double want = target * static_cast<double>(w);
+    while (nv + ns < hi && (nv + ns < lo || have < want)) {
+      before = have;
+      const bool col = ns >= n || (nv < n && !(ss[static_cast<std::size_t>(offs[static_cast<std::size_t>(ns)])] >
+                                              vs[static_cast<std::size_t>(cols[static_cast<std::size_t>(nv)])]));
+      if (col) {
+        const index_t j = cols[static_cast<std::size_t>(nv++)];
+        is_col[static_cast<std::size_t>(j)] = 1;
+        for (index_t i = std::max<index_t>(0, j - p_first); i < w; ++i)
+          if (!is_off[static_cast<std::size_t>(p_first + i - j)]) have += P[static_cast<std::size_t>(i * n + j)];
+      } else {
+        const index_t dl = offs[static_cast<std::size_t>(ns++)];
+        is_off[static_cast<std::size_t>(dl)] = 1;
+        for (index_t i = std::max<index_t>(0, dl - p_first); i < w; ++i)
+          if (!is_col[static_cast<std::size_t>(p_first + i - dl)])
+            have += P[static_cast<std::size_t>(i * n + p_first + i - dl)];
+      }
+    }
+    std::vector<std::pair<index_t, index_t>> adm{{nv, ns}};
+    const bool stopped_by_mass = nv + ns > lo && nv + ns < hi;
+    if (stopped_by_mass && std::fabs(before - want) <= 1e-5 * static_cast<double>(w)) {
+      adm.push_back({nv - 1, ns});  // one line shorter, whichever kind the last line was
+      adm.push_back({nv, ns - 1});
+    }
+    auto gap = [](const std::vector<double>& sc, const std::vector<index_t>& r, index_t k) {
+      if (k <= 0 || k >= static_cast<index_t>(r.size())) return double{INFINITY};
+      const double a = sc[static_cast<std::size_t>(r[static_cast<std::size_t>(k - 1)])],
+                   b = sc[static_cast<std::size_t>(r[static_cast<std::size_t>(k)])];
+      return std::isinf(a) ? double{INFINITY} : std::fabs(a - b);
+    };
+    o.ambiguous.push_back(gap(vs, cols, nv) < 1e-5 || gap(ss, offs, ns) < 1e-5);
+    o.admissible.push_back(adm);
+    o.cols.push_back(cols);
+    o.offs.push_back(offs);
+  }
+  return o;
+}
+}  // namespace
+
+TEST(VerticalSlashMass, EachHeadKeepsTheShortestMergedPrefixReachingP) {
+  Problem<float> p(4, 2, 300, 300, 16, 41);
+  p.plant_column(150, 5.0f);
+  for (const double target : {0.5, 0.8, 0.95}) {
+    const auto sel = sm::VerticalSlash{}.select(p.qv(), p.kv(), Budget::mass(target));
+    EXPECT_TRUE(sel.stats.reachable);
+    expect_stats_of_mask(sel);
+    const auto o = vs_mass_oracle(p, target, 0, Budget::kNoCap);
+    ASSERT_EQ(sel.head_vertical.size(), 4u);
+    index_t compared = 0;  // heads whose mask was compared element by element
+    for (index_t h = 0; h < 4; ++h) {
+      const std::pair<index_t, index_t> got{sel.head_vertical[static_cast<std::size_t>(h)],
+                                            sel.head_slash[static_cast<std::size_t>(h)]};
+      const auto& adm = o.admissible[static_cast<std::size_t>(h)];
+      EXPECT_NE(std::find(adm.begin(), adm.end(), got), adm.end())
+          << "p " << target << " head " << h << ": V=" << got.first << " S=" << got.second
+          << ", oracle V=" << adm[0].first << " S=" << adm[0].second;
+      if (o.ambiguous[static_cast<std::size_t>(h)] || got != adm[0]) continue;
+      // The mask: the oracle's top V columns and top S offsets, causal.
+      std::vector<char> col(300, 0), off(300, 0);
+      for (index_t t = 0; t < got.first; ++t)
+        col[static_cast<std::size_t>(o.cols[static_cast<std::size_t>(h)][static_cast<std::size_t>(t)])] = 1;
+      for (index_t t = 0; t < got.second; ++t)
+        off[static_cast<std::size_t>(o.offs[static_cast<std::size_t>(h)][static_cast<std::size_t>(t)])] = 1;
+      const auto d = sa::to_dense(sel.mask, h);
+      for (index_t i = 0; i < 300; ++i)
+        for (index_t j = 0; j < 300; ++j)
+          ASSERT_EQ(d(i, j), j <= i && (col[static_cast<std::size_t>(j)] || off[static_cast<std::size_t>(i - j)]))
+              << "p " << target << " head " << h << " (" << i << ", " << j << ")";
+      ++compared;
+    }
+    EXPECT_GE(compared, 3) << "p " << target << ": too many boundary ties to check the masks";
+    EXPECT_EQ(sel.vertical, *std::max_element(sel.head_vertical.begin(), sel.head_vertical.end()));
+    expect_matches_oracle(p, sel.mask);
+  }
+}
+
+TEST(VerticalSlashMass, FloorCapAndNesting) {
+  Problem<float> p(2, 1, 400, 400, 16, 43);
+  const auto free = sm::VerticalSlash{}.select(p.qv(), p.kv(), Budget::mass(0.7));
+  const index_t l0 = free.head_vertical[0] + free.head_slash[0],
+                l1 = free.head_vertical[1] + free.head_slash[1];
+  for (const auto& [floor, cap] : {std::pair<index_t, index_t>{std::max(l0, l1) + 9, Budget::kNoCap},
+                                   {0, std::min(l0, l1) - 5}, {100, 100}}) {
+    const Budget b = Budget::mass(0.7, floor, cap);
+    const auto sel = sm::VerticalSlash{}.select(p.qv(), p.kv(), b);
+    EXPECT_TRUE(sel.stats.reachable) << b.str();
+    const auto o = vs_mass_oracle(p, 0.7, floor, cap);
+    for (index_t h = 0; h < 2; ++h) {
+      const index_t lines = sel.head_vertical[static_cast<std::size_t>(h)] +
+                            sel.head_slash[static_cast<std::size_t>(h)];
+      const index_t unb = h == 0 ? l0 : l1;
+      EXPECT_EQ(lines, std::clamp(unb, floor, cap)) << b.str() << " head " << h;
+      const auto& adm = o.admissible[static_cast<std::size_t>(h)];
+      EXPECT_EQ(adm[0], (std::pair<index_t, index_t>{sel.head_vertical[static_cast<std::size_t>(h)],
+                                                     sel.head_slash[static_cast<std::size_t>(h)]}))
+          << b.str() << " head " << h;
+    }
+  }
+  // A cap below the 68 forced lines keeps them and is not reachable.
+  const auto tight = sm::VerticalSlash{}.select(p.qv(), p.kv(), Budget::mass(0.7, 0, 20));
+  EXPECT_FALSE(tight.stats.reachable);
+  EXPECT_EQ(tight.head_vertical[0], 4);
+  EXPECT_EQ(tight.head_slash[0], 64);
+  // The tiled variant selects the same per-head sets and contains the exact mask.
+  const auto tiled = sm::VerticalSlashTiled{}.select(p.qv(), p.kv(), Budget::mass(0.7));
+  EXPECT_EQ(tiled.head_vertical, free.head_vertical);
+  EXPECT_EQ(tiled.head_slash, free.head_slash);
+  EXPECT_GE(tiled.mask.pairs(), free.mask.pairs());
+}
+
+TEST(VerticalSlash, TinyVerticalShareSearchesWithoutOverflow) {
+  // Found by the fuzzer: a share near 0 made the search's upper bound n_k / share overflow.
+  Problem<float> p(1, 1, 300, 300, 8, 35);
+  for (const double share : {1e-30, 1e-12, 1.0 - 1e-12}) {
+    sm::VerticalSlash m;
+    m.vertical_share = share;
+    // CR 2 is reachable (the 4 sink columns + 64 local diagonals alone give CR 2.49 at n = 300).
+    const auto sel = m.select(p.qv(), p.kv(), Budget::compression(2));
+    EXPECT_TRUE(sel.stats.reachable) << share << ": CR " << sel.stats.compression();
+    expect_stats_of_mask(sel);
+  }
+}
+
 TEST(VerticalSlash, RejectsInvalidOptions) {
   Problem<float> p(1, 1, 100, 100, 8, 33);
   auto sel = [&](const sm::VerticalSlash& m, const Budget& b,
                  const sa::AttentionOptions& o = {}) { (void)m.select(p.qv(), p.kv(), b, o); };
   expect_invalid([&] { sel({}, Budget::compression(0.9)); }, {"compression", ">= 1"});
   expect_invalid([&] { sel({}, Budget::compression(INFINITY)); }, {"compression", "finite"});
-  expect_invalid([&] { sel({}, Budget::mass(0.9)); },
-                 {"methods::VerticalSlash::select", "mass", "not supported"});
+  expect_invalid([&] { sel({}, Budget::mass(1.5)); }, {"mass", "(0, 1]"});
   sm::VerticalSlash m;
   m.last_queries = 0;
   expect_invalid([&] { sel(m, Budget::count(100)); }, {"last_queries"});

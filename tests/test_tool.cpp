@@ -1330,6 +1330,23 @@ TEST_F(PrefillMethods, BlockSparseMassBudgetExecutesTheSelectedMask) {
   expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
 }
 
+TEST_F(PrefillMethods, MassFloorAndCapReachTheMethod) {
+  Problem p = selection_problem(71);
+  const nlohmann::json j = run_ok(
+      with(write_inputs(p), {"--method", "block_sparse", "--mass", "0.6", "--mass-floor", "4",
+                             "--mass-cap", "6", "--block", "8"}),
+      "block_sparse");
+  sparse_attn::methods::BlockSparse bs;
+  bs.block = 8;
+  const auto sel = bs.select(view(p.q, p.hq, p.n_q, p.d), view(p.k, p.hkv, p.n_k, p.d),
+                             sparse_attn::methods::Budget::mass(0.6, 4, 6));
+  EXPECT_EQ(j["budget"], "mass=0.6,floor=4,cap=6");
+  EXPECT_EQ(j["detail"], sel.stats.detail);
+  EXPECT_EQ(j["pairs"], sel.mask.pairs());
+  const Reference ref = naive_over(p, allowed_of(sel.mask), default_scale(p));
+  expect_close(read_npy(path("o.npy")).values<float>(), ref.out, 1e-5);
+}
+
 TEST_F(PrefillMethods, VerticalSlashCompressionOneEqualsDense) {
   Problem p = selection_problem(65);
   const Reference ref = naive_attention(p, true, 0, 0, default_scale(p));
@@ -1656,6 +1673,19 @@ TEST_F(PrefillMethods, RejectsFlagsOfOtherMethodsAndBudgetMisuse) {
   // A budget kind the method does not take: the library's message, before any output.
   expect_rejected(with(good_args(), {"--method", "sliding_window", "--mass", "0.9"}),
                   "a mass budget is not supported");
+  // A mass budget's floor and cap: only with --mass, whole numbers, floor <= cap.
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--budget", "3", "--mass-cap",
+                                     "5"}),
+                  "--mass-floor and --mass-cap apply only to a --mass budget");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--mass", "0.9", "--mass-cap",
+                                     "0"}),
+                  "--mass-cap must be a whole number >= 1 of blocks (--method block_sparse), got 0");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--mass", "0.9", "--mass-floor",
+                                     "1.5"}),
+                  "--mass-floor must be a whole number >= 0 of blocks");
+  expect_rejected(with(good_args(), {"--method", "block_sparse", "--mass", "0.9", "--mass-floor",
+                                     "6", "--mass-cap", "5"}),
+                  "--mass-floor (6) must not exceed --mass-cap (5)");
 }
 
 TEST_F(PrefillMethods, RejectsNonCausalSelection) {
@@ -2213,6 +2243,32 @@ TEST_F(OutputFiles, EvalPlotOnOneSequenceLengthWritesAPng) {
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(is_png(read_file(path("two.png"))));
   EXPECT_EQ(nlohmann::json::parse(read_file(path("two.json")))["panels"].size(), 2u);
+}
+
+// The synthetic workload's preset: calibrated by default, stress on request (a different, more
+// diffuse workload: other errors), recorded in the JSON; an unknown name is refused.
+TEST_F(OutputFiles, FrontierRecordsTheSyntheticPreset) {
+  auto errors = [](const nlohmann::json& doc) {
+    std::vector<double> e;
+    for (const auto& r : doc["records"])
+      if (r["dataset"] == "synthetic") e.push_back(r["err_layer"].get<double>());
+    return e;
+  };
+  RunResult r = run_env(with(frontier_args(), {"--no-plot", "--json", path("c.json")}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const auto cal = nlohmann::json::parse(read_file(path("c.json")));
+  EXPECT_EQ(cal["options"]["synthetic_preset"], "calibrated");
+  r = run_env(with(frontier_args(), {"--no-plot", "--json", path("s.json"), "--synthetic-preset", "stress"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const auto stress = nlohmann::json::parse(read_file(path("s.json")));
+  EXPECT_EQ(stress["options"]["synthetic_preset"], "stress");
+  ASSERT_FALSE(errors(cal).empty());
+  EXPECT_EQ(errors(cal).size(), errors(stress).size());
+  EXPECT_NE(errors(cal), errors(stress));
+  r = run_env(with(frontier_args(), {"--no-plot", "--json", path("x.json"), "--synthetic-preset", "hard"}));
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_NE(r.err.find("--synthetic-preset"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(path("x.json")));
 }
 
 TEST_F(OutputFiles, FrontierWritesItsJsonAndPngThroughLinksInTheOutDir) {

@@ -8,6 +8,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "check.hpp"
@@ -191,9 +192,10 @@ struct MethodArgs {
   double tolerance = methods::kDefaultCompressionTolerance;
   double count = 0;  // read as a number so that 2.5 gets the budget message, not a parse error
   double mass = std::numeric_limits<double>::quiet_NaN();
+  double mass_floor = 0, mass_cap = 0;  // numbers, like count
   std::vector<std::string> params;
   CLI::Option *compression_opt = nullptr, *tolerance_opt = nullptr, *count_opt = nullptr,
-              *mass_opt = nullptr;
+              *mass_opt = nullptr, *mass_floor_opt = nullptr, *mass_cap_opt = nullptr;
 
   /// Adds --method (checked against `registry`), --compression, --tolerance, --budget, --mass,
   /// --param.
@@ -217,6 +219,12 @@ struct MethodArgs {
     mass_opt = sub->add_option("--mass", mass,
                                "budget: attention mass P in (0, 1] to keep per head (methods "
                                "that estimate it)");
+    mass_floor_opt = sub->add_option(
+        "--mass-floor", mass_floor,
+        "with --mass: keep at least N units per head (the method's count unit, as --budget)");
+    mass_cap_opt = sub->add_option(
+        "--mass-cap", mass_cap,
+        "with --mass: keep at most N units per head (the method's count unit, as --budget)");
     sub->add_option("--param", params,
                     "NAME=VALUE: sets one of the method's parameters (see below); repeatable");
   }
@@ -228,6 +236,8 @@ struct MethodArgs {
     check(int{c} + int{n} + int{p} <= 1,
           "--compression, --budget and --mass are alternative budgets; give at most one");
     check(!tolerance_opt->count() || c, "--tolerance applies only to a --compression budget");
+    const bool lo = mass_floor_opt->count() > 0, hi = mass_cap_opt->count() > 0;
+    check(p || (!lo && !hi), "--mass-floor and --mass-cap apply only to a --mass budget");
     check(std::isfinite(tolerance) && tolerance >= 0.0 && tolerance < 1.0,
           "--tolerance must be in [0, 1) (relative: 0.1 = +-10%), got ", tolerance);
     if (n) {
@@ -241,7 +251,17 @@ struct MethodArgs {
     if (p) {
       check(mass > 0.0 && mass <= 1.0, "--mass must be in (0, 1] (the attention mass kept), got ",
             mass);
-      return methods::Budget::mass(mass);
+      // (given, value, flag, least value)
+      for (const auto& [given, value, flag, least] :
+           {std::tuple<bool, double, const char*, double>{lo, mass_floor, "--mass-floor", 0.0},
+            {hi, mass_cap, "--mass-cap", 1.0}})
+        check(!given || (value >= least && value == std::floor(value) && value < 9.0e15), flag,
+              " must be a whole number >= ", least, " of ", methods::to_string(info.unit),
+              " (--method ", info.name, "), got ", value);
+      check(!lo || !hi || mass_floor <= mass_cap, "--mass-floor (", mass_floor,
+            ") must not exceed --mass-cap (", mass_cap, ")");
+      return methods::Budget::mass(mass, lo ? static_cast<index_t>(mass_floor) : 0,
+                                   hi ? static_cast<index_t>(mass_cap) : methods::Budget::kNoCap);
     }
     const double cr = c ? compression : default_compression(info);
     check(std::isfinite(cr) && cr >= 1.0, "--compression must be finite and >= 1 (1 = dense), got ",

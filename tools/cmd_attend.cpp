@@ -394,8 +394,9 @@ constexpr const char* kUserMaskHelp = R"(User masks (--method user_mask): your b
   np.savez(FILE, offsets=..., indices=..., full=...) ('indptr' is accepted for 'offsets').
   Archives from np.savez_compressed are not read: use np.savez or the .npy files.
 Budget: at most one of --compression C (default: dense 1, every other method 10), --budget N (the
-method's count unit), --mass P. A target CR the method cannot reach within --tolerance is still
-run (exit 0) and reported with reachable: false.
+method's count unit), --mass P [--mass-floor N] [--mass-cap N] (floor and cap in the count unit).
+A target CR the method cannot reach within --tolerance is still run (exit 0) and reported with
+reachable: false.
 Output: O [Hq, n_q, dv] .npy and one JSON line: budget, target_compression (null for --budget /
 --mass), reachable, achieved_compression, pairs, detail (the resolved budget in the method's
 terms), params (every parameter's value), select_ms (mask selection), ms (kernel).

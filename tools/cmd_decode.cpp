@@ -197,9 +197,10 @@ void run_decode(const DecodeArgs& a) {
 }
 
 constexpr const char* kFooter = R"(Budget: at most one of --compression C (default: dense 1, every other method 10), --budget N
-(the method's count unit, in tokens per KV head unless its line says otherwise), --mass P. The
-run's achieved CR is dense (query row, key) pairs / pairs read, summed over the steps; a target
-CR it misses by more than --tolerance is still run (exit 0) and reported with reachable: false.
+(the method's count unit, in tokens per KV head unless its line says otherwise), --mass P
+[--mass-floor N] [--mass-cap N] (floor and cap in the count unit). The run's achieved CR is
+dense (query row, key) pairs / pairs read, summed over the steps; a target CR it misses by more
+than --tolerance is still run (exit 0) and reported with reachable: false.
 Output: O [Hq, steps, dv] .npy and one JSON line: budget, target_compression (null for --budget /
 --mass), reachable, achieved_compression, pairs, detail (the latest selection or eviction in the
 method's terms), params, per_step (position, keys_read, achieved_compression, cache_tokens) and

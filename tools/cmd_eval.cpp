@@ -25,6 +25,7 @@ struct EvalArgs {
   std::string phase = "both";
   std::string methods = "all";
   std::string compression = "2,5,10,20";
+  std::string adaptive = "block_sparse,vertical_slash,quest,snapkv";
   std::string lengths;
   index_t last_rows = 64;
   RunOptions run;
@@ -57,6 +58,7 @@ void run_eval(const EvalArgs& a) {
   eval::EvalOptions opt;
   opt.compressions = report::parse_compressions(a.compression);
   report::parse_methods(a.methods, opt.prefill_methods, opt.decode_methods);
+  opt.adaptive = report::parse_adaptive(a.adaptive);
   opt.prefill = a.phase != "decode";
   opt.decode = a.phase != "prefill";
   opt.last_rows = a.last_rows;
@@ -114,7 +116,8 @@ void run_eval(const EvalArgs& a) {
   doc["title"] = std::string("sparse-attn eval: ") + name;
   doc["input"] = {{"q", a.q}, {"k", a.k}, {"v", a.v}, {"hq", q.heads}, {"hkv", k.heads},
                   {"n_q", q.tokens}, {"n_k", k.tokens}, {"d", q.dim}, {"dv", v.dim}};
-  doc["options"] = {{"phase", a.phase}, {"methods", a.methods}, {"compression", opt.compressions},
+  doc["options"] = {{"phase", a.phase},        {"methods", a.methods},
+                    {"compression", opt.compressions}, {"adaptive", opt.adaptive},
                     {"last_rows", a.last_rows}, {"lengths", lengths},
                     {"threads", OpenMPExecutor(a.run.threads).concurrency()},
                     {"cpu_target", target_name(cpu_target())}};
@@ -156,6 +159,11 @@ Command add_eval_command(CLI::App& root) {
                   "all, or a comma-separated list of prefill and/or decode methods")
       ->capture_default_str();
   sub->add_option("--compression", a->compression, "target compression ratios, comma-separated")
+      ->capture_default_str();
+  sub->add_option("--adaptive", a->adaptive,
+                  "none, or methods that also run adaptively: at each target CR, the mass budget "
+                  "(per head where the estimated attention mass is) whose achieved CR is nearest "
+                  "the target, reported as <method>+mass")
       ->capture_default_str();
   sub->add_option("--last-rows", a->last_rows,
                   "R: the last R query rows are decode steps (cache = keys [0, n_k - R + t] at step t)")

@@ -2,6 +2,8 @@
 // workload, no arguments needed:
 //   - the synthetic long-context generator (include/sparse_attn/eval/synthetic.hpp) at 32k tokens,
 //     4 query heads on 1 KV head, plus 8k and 16k for the length term of the fit; needles planted;
+//     its calibrated preset by default (concentration matched to the TinyLlama layers 3-21),
+//     --synthetic-preset stress for the original, much more diffuse one;
 //   - the bundled TinyLlama-1.1B layers 0, 3, 11, 21 (data/tinyllama: 8 query heads of KV group 0,
 //     2048 tokens), at prefixes 512, 1024, 2048.
 // Prints a table per dataset (synthetic at its full length; TinyLlama at 2048 averaged over layers
@@ -36,12 +38,15 @@ struct FrontierArgs {
   std::string compression = "2,5,10,20";
   std::string real_compression = "1.1,1.25,1.5,2,3,5,10,20";
   index_t synthetic_tokens = 32768;
+  std::string synthetic_preset = "calibrated";  // or "stress"
   index_t last_rows = 64;
   int threads = 0;
   bool no_plot = false;
 };
 
 constexpr int kLayers[] = {0, 3, 11, 21};
+// The total targets of the per-layer budget table.
+const std::vector<double> kScheduleCompressions{5, 10};
 
 // Mean over records of the same (phase, method, target CR): errors, recalls and times averaged,
 // worst-head error and min mass are the worst over the group, reachable if all are.
@@ -50,7 +55,7 @@ std::vector<eval::Record> average(const std::vector<eval::Record>& recs, const s
   std::vector<int> count;
   for (const eval::Record& r : recs) {
     auto it = std::find_if(out.begin(), out.end(), [&](const eval::Record& o) {
-      return o.phase == r.phase && o.method == r.method && o.target_cr == r.target_cr;
+      return o.phase == r.phase && o.label() == r.label() && o.target_cr == r.target_cr;
     });
     if (it == out.end()) {
       out.push_back(r);
@@ -136,11 +141,13 @@ void run_frontier(const FrontierArgs& a) {
     std::fprintf(stderr, "sparse-attn: note: no TinyLlama data under '%s' (pass --data-dir); "
                  "running the synthetic workload only\n", tl.string().c_str());
   std::vector<eval::Record> recs;
+  std::vector<eval::Problem> full_layers;  // layers 0, 3, 11, 21 at full length
   if (have_real) {
     for (int L : kLayers) {
       const std::string base = (tl / ("A_L" + std::to_string(L))).string();
-      const eval::Problem full = eval::load_npy_problem("tinyllama/L" + std::to_string(L),
-                                                        base + "_q.npy", base + "_k.npy", base + "_v.npy");
+      full_layers.push_back(eval::load_npy_problem("tinyllama/L" + std::to_string(L),
+                                                   base + "_q.npy", base + "_k.npy", base + "_v.npy"));
+      const eval::Problem& full = full_layers.back();
       for (index_t n : {index_t{512}, index_t{1024}, full.tokens()}) {
         if (n > full.tokens()) continue;
         const eval::Problem p = n == full.tokens() ? full : eval::prefix(full, n);
@@ -150,9 +157,12 @@ void run_frontier(const FrontierArgs& a) {
     }
   }
   // Synthetic: generated at each length (the needles and their late queries scale with n).
+  const eval::SyntheticPreset preset =
+      a.synthetic_preset == "stress" ? eval::SyntheticPreset::stress : eval::SyntheticPreset::calibrated;
   const index_t N = a.synthetic_tokens;
   for (index_t n : {N / 4, N / 2, N}) {
     eval::SyntheticOptions so;
+    so.preset = preset;
     so.tokens = n;
     so.q_heads = 4;
     so.kv_heads = 1;
@@ -170,7 +180,7 @@ void run_frontier(const FrontierArgs& a) {
 
   // Tables.
   const auto syn = filter(recs, [&](const eval::Record& r) { return r.dataset == "synthetic" && r.tokens == N; });
-  report::print_table(stdout, "synthetic: n=" + std::to_string(N) +
+  report::print_table(stdout, "synthetic (" + a.synthetic_preset + " preset): n=" + std::to_string(N) +
                                   ", Hq=4 Hkv=1 d=64, sinks + band + stripes + slashes + 4 needles; "
                                   "decode = last " + std::to_string(a.last_rows) + " rows",
                       syn, true);
@@ -187,6 +197,21 @@ void run_frontier(const FrontierArgs& a) {
   }
   report::print_legend(stdout, true);
 
+  // Per-layer budgets over the four bundled layers: one total CR split by each schedule.
+  std::vector<eval::ScheduleRecord> schedules;
+  if (have_real) {
+    eval::EvalOptions so = opt;
+    so.compressions = kScheduleCompressions;
+    so.prefill_methods = {"block_sparse", "vertical_slash"};
+    so.decode_methods = {"quest", "snapkv"};
+    schedules = eval::evaluate_schedules(full_layers, so);
+    report::print_schedules(stdout,
+                            "Per-layer budgets over TinyLlama layers 0, 3, 11, 21 (n=" +
+                                std::to_string(full_layers.front().tokens()) +
+                                "): one total CR split by schedule",
+                            schedules);
+  }
+
   // Panels and fits.
   std::vector<report::Panel> panels;
   for (const char* phase : {"prefill", "decode"}) {
@@ -200,14 +225,14 @@ void run_frontier(const FrontierArgs& a) {
       for (auto& s : p.series) {
         std::vector<eval::FitPoint> pts;
         for (const auto& r : recs)
-          if (is_mid_layer(r) && r.phase == phase && r.method == s.method)
+          if (is_mid_layer(r) && r.phase == phase && r.label() == s.method)
             pts.push_back({r.err_layer, r.achieved_cr, static_cast<double>(r.tokens)});
         s.fit = eval::fit_log_linear(pts);
       }
       panels.push_back(p);
     }
     report::Panel p;
-    p.title = "synthetic, n=" + std::to_string(N) + " - " + phase;
+    p.title = "synthetic (" + a.synthetic_preset + "), n=" + std::to_string(N) + " - " + phase;
     p.phase = phase;
     p.tokens = N;
     p.fit_over = "n = " + std::to_string(N / 4) + ", " + std::to_string(N / 2) + ", " + std::to_string(N);
@@ -222,13 +247,15 @@ void run_frontier(const FrontierArgs& a) {
   doc["title"] = "sparse-attn frontier: relative L2 error vs achieved compression";
   doc["options"] = {{"compression", opt.compressions}, {"real_compression", opt_real.compressions},
                     {"last_rows", a.last_rows},
-                    {"synthetic_tokens", N}, {"data_dir", a.data_dir},
+                    {"synthetic_tokens", N}, {"synthetic_preset", a.synthetic_preset}, {"data_dir", a.data_dir},
                     {"threads", OpenMPExecutor(a.threads).concurrency()},
                     {"cpu_target", target_name(cpu_target())}};
   doc["records"] = nlohmann::ordered_json::array();
   for (const auto& r : recs) doc["records"].push_back(report::to_json(r));
   doc["tinyllama_l3_21_mean"] = nlohmann::ordered_json::array();
   for (const auto& r : real_mid) doc["tinyllama_l3_21_mean"].push_back(report::to_json(r));
+  doc["layer_schedules"] = nlohmann::ordered_json::array();
+  for (const auto& r : schedules) doc["layer_schedules"].push_back(report::to_json(r));
   doc["panels"] = nlohmann::ordered_json::array();
   doc["crossings"] = nlohmann::ordered_json::object();
   for (const auto& p : panels) {
@@ -261,6 +288,11 @@ Command add_frontier_command(CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--synthetic-tokens", a->synthetic_tokens,
                   "synthetic length N (also N/4 and N/2 for the fit)")
+      ->capture_default_str();
+  sub->add_option("--synthetic-preset", a->synthetic_preset,
+                  "synthetic weights: calibrated (the concentration of the TinyLlama layers 3-21) "
+                  "or stress (the original, far more diffuse workload)")
+      ->check(CLI::IsMember({"calibrated", "stress"}))
       ->capture_default_str();
   sub->add_option("--compression", a->compression, "target compression ratios, comma-separated")
       ->capture_default_str();

@@ -55,7 +55,7 @@ inline void print_table(std::FILE* out, const std::string& title, const std::vec
                     static_cast<long long>(r.needles_total));
       nd = buf;
     }
-    std::fprintf(out, "%-21s %-7s %6s %9s %8s %8s %8s %7s %7s %6s %s%9s %8s\n", r.method.c_str(),
+    std::fprintf(out, "%-21s %-7s %6s %9s %8s %8s %8s %7s %7s %6s %s%9s %8s\n", r.label().c_str(),
                  r.phase.c_str(), target.c_str(), achieved.c_str(), fmt("%.4f", r.err_layer).c_str(),
                  fmt("%.4f", r.err_median_head).c_str(), fmt("%.4f", r.err_worst_head).c_str(),
                  fmt("%.4f", r.mass_mean).c_str(), fmt("%.4f", r.mass_min).c_str(),
@@ -80,6 +80,8 @@ inline nlohmann::ordered_json to_json(const Record& r) {
   j["dataset"] = r.dataset;
   j["phase"] = r.phase;
   j["method"] = r.method;
+  j["budget"] = r.budget;
+  j["adaptive"] = r.adaptive;
   j["tokens"] = r.tokens;
   j["rows"] = r.rows;
   j["target_cr"] = num(r.target_cr);
@@ -101,6 +103,39 @@ inline nlohmann::ordered_json to_json(const Record& r) {
   j["ms_kernel"] = num(r.ms_kernel);
   j["ms_dense"] = num(r.ms_dense);
   j["speedup"] = num(r.speedup());
+  return j;
+}
+
+/// The per-layer budget table: one line per (phase, method, schedule, total CR).
+inline void print_schedules(std::FILE* out, const std::string& title,
+                            const std::vector<eval::ScheduleRecord>& recs) {
+  std::fprintf(out, "\n%s\n", title.c_str());
+  std::fprintf(out, "%-16s %-7s %-8s %6s %8s %8s %8s  %s\n", "method", "phase", "schedule",
+               "target", "achieved", "err-mean", "err-max", "per layer: target CR -> err");
+  for (const eval::ScheduleRecord& r : recs) {
+    std::string layers;
+    for (std::size_t l = 0; l < r.layer_target.size(); ++l)
+      layers += (l ? "  " : "") + fmt("%.1f", r.layer_target[l]) + "->" + fmt("%.3f", r.layer_err[l]);
+    std::fprintf(out, "%-16s %-7s %-8s %6s %8s %8s %8s  %s\n", r.method.c_str(), r.phase.c_str(),
+                 r.schedule.c_str(), fmt("%g", r.target_cr).c_str(),
+                 fmt("%.2f", r.achieved_cr).c_str(), fmt("%.4f", r.err_mean).c_str(),
+                 fmt("%.4f", r.err_max).c_str(), layers.c_str());
+  }
+}
+
+inline nlohmann::ordered_json to_json(const eval::ScheduleRecord& r) {
+  nlohmann::ordered_json j;
+  j["phase"] = r.phase;
+  j["method"] = r.method;
+  j["schedule"] = r.schedule;
+  j["target_cr"] = r.target_cr;
+  j["achieved_cr"] = r.achieved_cr;
+  j["err_mean"] = r.err_mean;
+  j["err_max"] = r.err_max;
+  j["layer_target_cr"] = r.layer_target;
+  j["layer_achieved_cr"] = r.layer_achieved;
+  j["layer_err"] = r.layer_err;
+  j["layer_weight"] = r.layer_weight;
   return j;
 }
 
@@ -135,9 +170,9 @@ inline std::vector<Series> series_of(const std::vector<Record>& recs) {
   std::vector<Series> out;
   for (const Record& r : recs) {
     if (r.method == methods::Dense::name) continue;  // the baseline, not a curve
-    auto it = std::find_if(out.begin(), out.end(), [&](const Series& s) { return s.method == r.method; });
+    auto it = std::find_if(out.begin(), out.end(), [&](const Series& s) { return s.method == r.label(); });
     if (it == out.end()) {
-      out.push_back(Series{r.method, {}, {}, {}, {}});
+      out.push_back(Series{r.label(), {}, {}, {}, {}});
       it = out.end() - 1;
     }
     it->cr.push_back(r.achieved_cr);
@@ -328,6 +363,31 @@ inline std::vector<double> parse_compressions(const std::string& s) {
 
 /// Parses a method list ("all" or "m1,m2") against the registry's names of one phase or both
 /// (methods that need a caller's mask, user_mask, are not evaluated).
+/// --adaptive: "none", or a comma-separated list of methods that take mass budgets.
+inline std::vector<std::string> parse_adaptive(const std::string& s) {
+  std::vector<std::string> out;
+  if (s == "none") return out;
+  std::string known;
+  std::vector<std::string> names;
+  for (const auto& list : {methods::prefill_methods(), methods::decode_methods()})
+    for (const auto& m : list)
+      if (m.takes_mass) {
+        names.push_back(m.name);
+        known += (known.empty() ? "" : ", ") + m.name;
+      }
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    const std::size_t comma = s.find(',', pos);
+    const std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    check(std::find(names.begin(), names.end(), tok) != names.end(), "--adaptive: '", tok,
+          "' is not a method that takes mass budgets; known: none, ", known);
+    out.push_back(tok);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
 inline void parse_methods(const std::string& s, std::vector<std::string>& prefill,
                           std::vector<std::string>& decode) {
   prefill.clear();

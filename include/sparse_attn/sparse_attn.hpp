@@ -33,6 +33,7 @@
 #include "sparse_attn/methods/dense.hpp"
 #include "sparse_attn/methods/flex_prefill.hpp"
 #include "sparse_attn/methods/h2o.hpp"
+#include "sparse_attn/methods/layer_budget.hpp"
 #include "sparse_attn/methods/quest.hpp"
 #include "sparse_attn/methods/registry.hpp"
 #include "sparse_attn/methods/selector.hpp"

@@ -4,6 +4,10 @@
 ///
 /// Every method comes from the registry (methods/registry.hpp) and is asked for
 /// Budget::compression(target CR) with its default parameters (EvalOptions::params overrides them).
+/// The methods of EvalOptions::adaptive run a second time per target CR, adaptively: at the mass
+/// budget Budget::mass(p) whose p, searched by bisection, gives the achieved CR nearest the target
+/// (Record::adaptive, label "<method>+mass"): the same pairs as the fixed budget, spent per head
+/// (and query block) where the method estimates the attention mass.
 ///
 /// Prefill: every query row of the problem. Dense runs first (output, LSE, time); then each
 /// (method, target CR) selects a mask (timed: selection) and runs the common prefill kernel on it
@@ -30,6 +34,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +46,7 @@
 #include "sparse_attn/kernel/prefill.hpp"
 #include "sparse_attn/kv/cache.hpp"
 #include "sparse_attn/kv/decode.hpp"
+#include "sparse_attn/methods/layer_budget.hpp"
 #include "sparse_attn/methods/registry.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
@@ -59,6 +65,13 @@ struct Record {
   /// Registry name of the method ("dense" for the baseline).
   /// @var detail
   /// The resolved budget in the method's terms (SelectionStats::detail), e.g. "W=412".
+
+  /// The budget the method ran at, as Budget::str(): "cr=5" for a fixed budget, "mass=0.873" for
+  /// an adaptive one (a mass target searched for the target CR; see EvalOptions::adaptive).
+  std::string budget = "cr=1";
+  /// Whether the budget was a mass target searched for target_cr (adaptive: the achieved CR is
+  /// the target's, the units spent per head follow the estimated attention mass).
+  bool adaptive = false;
 
   index_t tokens = 0;  ///< n_k: keys (positions) of the problem.
   index_t rows = 0;    ///< Query rows evaluated per head (n_q, or R decode steps).
@@ -94,6 +107,8 @@ struct Record {
   /// @var ms_dense
   /// The dense baseline's kernel time on the same phase, in milliseconds.
 
+  /// @return the method's name with "+mass" for an adaptive record (the reports' series name).
+  std::string label() const { return adaptive ? method + "+mass" : method; }
   /// @return selection + kernel time, in milliseconds.
   double ms_total() const { return ms_select + ms_kernel; }
   /// @return ms_dense / ms_total(); NaN when ms_total() is 0.
@@ -120,6 +135,12 @@ struct EvalOptions {
   double min_time_ms = 30;
   std::vector<std::string> prefill_methods;  ///< Prefill methods to run by name; empty: all.
   std::vector<std::string> decode_methods;   ///< Decode methods to run by name; empty: all.
+  /// Methods (among those run) that also run adaptively: at each target CR, a mass budget
+  /// Budget::mass(p) whose p is searched so that the achieved CR is nearest the target (in log
+  /// ratio; 16 bisection steps over p in (0, 1], each a selection or, for decode, a decode loop).
+  /// The same number of pairs as the fixed budget, spent per head (and query block) where the
+  /// estimated attention mass is. Names that take no mass budget are refused.
+  std::vector<std::string> adaptive{"block_sparse", "vertical_slash", "quest", "snapkv"};
   /// Called with a line of progress after each dense run and each (method, CR); may be empty.
   std::function<void(const std::string&)> progress;
 };
@@ -182,6 +203,42 @@ inline std::string cr_label(double cr) {
   return buf;
 }
 
+// The mass target p in (0, 1] whose achieved CR is nearest `target` in log ratio: 16 bisection
+// steps over p (the achieved CR falls as p grows). run(p) selects (and runs) at Budget::mass(p)
+// and returns its achieved CR; every result is kept by the caller's run, the best one is
+// reported by index. Returns the best p.
+template <class Run>
+double search_mass(double target, Run&& run) {
+  double lo = 0.0, hi = 1.0, best_p = 1.0, best_d = std::numeric_limits<double>::infinity();
+  auto visit = [&](double p) {
+    const double cr = run(p);
+    const double d = std::fabs(std::log(cr / target));
+    if (d < best_d || (d == best_d && p > best_p)) best_d = d, best_p = p;
+    return cr;
+  };
+  if (visit(1.0) >= target) return best_p;  // even p = 1 is sparser than asked
+  for (int step = 0; step < 16; ++step) {
+    const double mid = 0.5 * (lo + hi);
+    if (visit(mid) >= target)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return best_p;
+}
+
+// Checks the adaptive list against the registry: each name a method that takes mass budgets.
+inline void check_adaptive(const EvalOptions& opt, const std::vector<methods::MethodInfo>& a,
+                           const std::vector<methods::MethodInfo>& b, const char* where) {
+  for (const std::string& name : opt.adaptive) {
+    bool ok = false;
+    for (const auto* list : {&a, &b})
+      for (const methods::MethodInfo& m : *list) ok = ok || (m.name == name && m.takes_mass);
+    require(ok, where, ": EvalOptions::adaptive names '", name,
+            "', which is not a method that takes mass budgets");
+  }
+}
+
 }  // namespace detail_eval
 /// @endcond
 
@@ -234,13 +291,17 @@ inline PrefillRun select_prefill(const std::string& name, const methods::ParamSe
 /// (Hq x n_q x (dv + 1) floats each), the argmax and each selection's mask.
 /// @param p the problem.
 /// @param opt the sweep (compressions, prefill_methods, params, threads, min_time_ms, progress).
-/// @return the dense record, then one record per (method, CR).
+/// @return the dense record, then one record per (method, CR), followed for an adaptive method
+/// by its adaptive record at that CR.
 /// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
-/// or a method's settings or selection fail.
+/// opt.adaptive names a method that takes no mass budget, or a method's settings or selection
+/// fail.
 /// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_prefill");
+  de::check_adaptive(opt, methods::prefill_methods(), methods::decode_methods(),
+                     "eval::evaluate_prefill");
   require(opt.num_threads >= 0, "eval::evaluate_prefill",
           ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
@@ -268,42 +329,65 @@ inline std::vector<Record> evaluate_prefill(const Problem& p, const EvalOptions&
 
   std::vector<float> got(dense_out.size()), lse(dense_lse.size());
   const TensorView<float> got_view(got.data(), hq, nq, dv);
+  // Kernel, metrics and progress line of one selection; r holds the method, budget and times.
+  auto measure = [&](const PrefillRun& sel, Record r) {
+    AttentionOptions o = kopt;
+    o.lse = LseView(lse.data(), nq);
+    r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
+    r.achieved_cr = sel.stats.compression();
+    r.reachable = r.adaptive ? methods::is_reachable(methods::Budget::compression(r.target_cr),
+                                                     r.achieved_cr)
+                             : sel.stats.reachable;
+    r.detail = sel.stats.detail;
+    const OutputError e = output_error(got_view, dense_view);
+    r.err_layer = e.overall;
+    r.err_median_head = e.median_head();
+    r.err_worst_head = e.worst_head();
+    const MassRecall mr = mass_recall(lse, dense_lse);
+    r.mass_mean = mr.mean;
+    r.mass_min = mr.min;
+    index_t hit = 0;
+    for (index_t h = 0; h < hq; ++h)
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        hit += sel.keeps(h, rows[i], argmax[static_cast<std::size_t>(h) * rows.size() + i]) ? 1 : 0;
+    r.top1 = static_cast<double>(hit) / static_cast<double>(hq * static_cast<index_t>(rows.size()));
+    r.needles_kept = 0;
+    for (index_t h = 0; h < hq; ++h)
+      for (index_t j : p.needles) r.needles_kept += sel.keeps(h, nq - 1, j) ? 1 : 0;
+    if (opt.progress)
+      opt.progress(p.name + " prefill: " + r.label() + " CR " + de::cr_label(r.target_cr) +
+                   " -> " + de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+    out.push_back(r);
+  };
   for (const methods::MethodInfo& m : methods::prefill_methods()) {
     if (m.name == "dense" || m.needs_user_mask || !de::wanted(opt.prefill_methods, m.name.c_str()))
       continue;
+    const bool adaptive = m.takes_mass && std::find(opt.adaptive.begin(), opt.adaptive.end(),
+                                                    m.name) != opt.adaptive.end();
+    const methods::ParamSettings settings = de::params_for(opt, m.name);
     for (double cr : opt.compressions) {
       Record r = dense;
       r.method = m.name;
       r.target_cr = cr;
+      r.budget = methods::Budget::compression(cr).str();
       auto t0 = de::Clock::now();
-      const PrefillRun sel = select_prefill(m.name, de::params_for(opt, m.name), p,
-                                            methods::Budget::compression(cr), kopt);
+      const PrefillRun sel =
+          select_prefill(m.name, settings, p, methods::Budget::compression(cr), kopt);
       r.ms_select = de::ms_since(t0);
-      AttentionOptions o = kopt;
-      o.lse = LseView(lse.data(), nq);
-      r.ms_kernel = de::time_best([&] { sel.run(got_view, o); }, opt.min_time_ms);
-      r.achieved_cr = sel.stats.compression();
-      r.reachable = sel.stats.reachable;
-      r.detail = sel.stats.detail;
-      const OutputError e = output_error(got_view, dense_view);
-      r.err_layer = e.overall;
-      r.err_median_head = e.median_head();
-      r.err_worst_head = e.worst_head();
-      const MassRecall mr = mass_recall(lse, dense_lse);
-      r.mass_mean = mr.mean;
-      r.mass_min = mr.min;
-      index_t hit = 0;
-      for (index_t h = 0; h < hq; ++h)
-        for (std::size_t i = 0; i < rows.size(); ++i)
-          hit += sel.keeps(h, rows[i], argmax[static_cast<std::size_t>(h) * rows.size() + i]) ? 1 : 0;
-      r.top1 = static_cast<double>(hit) / static_cast<double>(hq * static_cast<index_t>(rows.size()));
-      r.needles_kept = 0;
-      for (index_t h = 0; h < hq; ++h)
-        for (index_t j : p.needles) r.needles_kept += sel.keeps(h, nq - 1, j) ? 1 : 0;
-      if (opt.progress)
-        opt.progress(p.name + " prefill: " + m.name + " CR " + de::cr_label(cr) + " -> " +
-                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
-      out.push_back(r);
+      measure(sel, r);
+      if (!adaptive) continue;
+      // The mass target whose achieved CR is nearest cr (a calibration an engine makes once per
+      // layer); the record times one selection at that target, not the search.
+      const double mass = de::search_mass(cr, [&](double q) {
+        return select_prefill(m.name, settings, p, methods::Budget::mass(q), kopt)
+            .stats.compression();
+      });
+      t0 = de::Clock::now();
+      const PrefillRun best = select_prefill(m.name, settings, p, methods::Budget::mass(mass), kopt);
+      r.ms_select = de::ms_since(t0);
+      r.adaptive = true;
+      r.budget = methods::Budget::mass(mass).str();
+      measure(best, r);
     }
   }
   return out;
@@ -448,13 +532,17 @@ inline constexpr index_t kSingleThreadDecodeKeys = 32768;
 /// argmax plus one decode loop per (method, CR). Allocates one cache and the outputs per run.
 /// @param p the problem.
 /// @param opt the sweep (compressions, last_rows, decode_methods, params, threads, progress).
-/// @return the dense record, then one record per (method, CR).
+/// @return the dense record, then one record per (method, CR), followed for an adaptive method
+/// by its adaptive record at that CR (its p searched over whole decode loops: ~17 loops).
 /// @throws sparse_attn::invalid_argument when p is invalid (Problem::validate), num_threads < 0,
-/// last_rows is outside [1, n_q), or a method's settings or policy fail.
+/// last_rows is outside [1, n_q), opt.adaptive names a method that takes no mass budget, or a
+/// method's settings or policy fail.
 /// @throws std::bad_alloc when a buffer cannot be allocated.
 inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& opt) {
   namespace de = detail_eval;
   p.validate("eval::evaluate_decode");
+  de::check_adaptive(opt, methods::prefill_methods(), methods::decode_methods(),
+                     "eval::evaluate_decode");
   require(opt.num_threads >= 0, "eval::evaluate_decode",
           ": num_threads must be >= 0 (0: default), got ", opt.num_threads);
   const index_t R = opt.last_rows, hq = p.q.heads, nq = p.q.tokens, dv = p.v.dim;
@@ -482,32 +570,50 @@ inline std::vector<Record> evaluate_decode(const Problem& p, const EvalOptions& 
 
   for (const methods::MethodInfo& m : methods::decode_methods()) {
     if (m.name == "dense" || !de::wanted(opt.decode_methods, m.name.c_str())) continue;
+    const bool adaptive = m.takes_mass && std::find(opt.adaptive.begin(), opt.adaptive.end(),
+                                                    m.name) != opt.adaptive.end();
+    const methods::ParamSettings settings = de::params_for(opt, m.name);
     for (double cr : opt.compressions) {
-      Record r = dense;
-      r.method = m.name;
-      r.target_cr = cr;
-      const methods::Budget budget = methods::Budget::compression(cr);
-      const auto pol = methods::make_decode_policy<EvalCache, float>(
-          m.name, de::params_for(opt, m.name), budget);
-      const DecodeRun run = run_decode(p, R, pol.get(), argmax, exec);
-      r.ms_select = run.ms_select;
-      r.ms_kernel = run.ms_kernel;
-      r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
-      r.reachable = methods::is_reachable(budget, r.achieved_cr);
-      r.detail = pol->stats().detail;
-      const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
-      r.err_layer = e.overall;
-      r.err_median_head = e.median_head();
-      r.err_worst_head = e.worst_head();
-      const MassRecall mr = mass_recall(run.lse, dense_run.lse);
-      r.mass_mean = mr.mean;
-      r.mass_min = mr.min;
-      r.top1 = static_cast<double>(run.top1_hit) / static_cast<double>(hq * R);
-      r.needles_kept = run.needles_kept;
-      if (opt.progress)
-        opt.progress(p.name + " decode: " + m.name + " CR " + de::cr_label(cr) + " -> " +
-                     de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
-      out.push_back(r);
+      for (const bool by_mass : {false, true}) {
+        if (by_mass && !adaptive) continue;
+        Record r = dense;
+        r.method = m.name;
+        r.target_cr = cr;
+        r.adaptive = by_mass;
+        auto run_at = [&](const methods::Budget& b, std::string* detail) {
+          const auto pol = methods::make_decode_policy<EvalCache, float>(m.name, settings, b);
+          DecodeRun run = run_decode(p, R, pol.get(), argmax, exec);
+          if (detail != nullptr) *detail = pol->stats().detail;
+          return run;
+        };
+        // Adaptive: the mass target whose achieved CR over the run is nearest cr (each candidate
+        // is a whole decode loop); the record is the run at that target.
+        const methods::Budget budget =
+            by_mass ? methods::Budget::mass(de::search_mass(cr, [&](double q) {
+                        const DecodeRun t = run_at(methods::Budget::mass(q), nullptr);
+                        return compression_ratio(t.dense_pairs, t.pairs);
+                      }))
+                    : methods::Budget::compression(cr);
+        r.budget = budget.str();
+        const DecodeRun run = run_at(budget, &r.detail);
+        r.ms_select = run.ms_select;
+        r.ms_kernel = run.ms_kernel;
+        r.achieved_cr = compression_ratio(run.dense_pairs, run.pairs);
+        r.reachable = methods::is_reachable(methods::Budget::compression(cr), r.achieved_cr);
+        const OutputError e = output_error(TensorView<const float>(run.out.data(), hq, R, dv), dense_view);
+        r.err_layer = e.overall;
+        r.err_median_head = e.median_head();
+        r.err_worst_head = e.worst_head();
+        const MassRecall mr = mass_recall(run.lse, dense_run.lse);
+        r.mass_mean = mr.mean;
+        r.mass_min = mr.min;
+        r.top1 = static_cast<double>(run.top1_hit) / static_cast<double>(hq * R);
+        r.needles_kept = run.needles_kept;
+        if (opt.progress)
+          opt.progress(p.name + " decode: " + r.label() + " CR " + de::cr_label(cr) + " -> " +
+                       de::cr_label(r.achieved_cr) + ", err " + de::cr_label(r.err_layer));
+        out.push_back(r);
+      }
     }
   }
   return out;
@@ -531,20 +637,162 @@ inline std::vector<Record> evaluate(const Problem& p, const EvalOptions& opt) {
   return out;
 }
 
+/// How a total budget is split across layers (methods/layer_budget.hpp).
+enum class LayerSchedule {
+  uniform,  ///< every layer at the total target CR
+  pyramid,  ///< PyramidKV: weights falling linearly from ScheduleOptions::pyramid_ratio to 1
+  mass      ///< methods::mass_weights() of each layer's methods::mass_need() (need_mass, mass_spread)
+};
+
+/// @param s  a schedule.
+/// @return its name: "uniform", "pyramid" or "mass". O(1), no allocation.
+inline const char* to_string(LayerSchedule s) {
+  return s == LayerSchedule::uniform ? "uniform" : s == LayerSchedule::pyramid ? "pyramid" : "mass";
+}
+
+/// What evaluate_schedules() splits and how.
+struct ScheduleOptions {
+  /// The schedules compared, each at every EvalOptions::compressions total target.
+  std::vector<LayerSchedule> schedules{LayerSchedule::uniform, LayerSchedule::pyramid,
+                                       LayerSchedule::mass};
+  double pyramid_ratio = 3.0;  ///< the first layer's weight over the last's, >= 1
+  double need_mass = 0.95;     ///< the mass whose key share weighs a layer (mass schedule)
+  double mass_spread = 3.0;    ///< the mass schedule's largest weight over its smallest, >= 1
+};
+
+/// One (phase, method, schedule, total target CR) over a model's layers.
+struct ScheduleRecord {
+  std::string phase;     ///< "prefill" or "decode"
+  std::string method;    ///< the method's registry name
+  std::string schedule;  ///< to_string() of the schedule
+  double target_cr = 1.0;    ///< the total target CR
+  double achieved_cr = 1.0;  ///< total achieved CR: sum_l D_l / sum_l (D_l / achieved_l)
+  double err_mean = 0.0;     ///< mean over layers of the layer's relative L2 output error
+  double err_max = 0.0;      ///< largest over layers of the layer's relative L2 output error
+  std::vector<double> layer_target;    ///< per layer: the target CR the schedule gave it
+  std::vector<double> layer_achieved;  ///< per layer: its achieved CR
+  std::vector<double> layer_err;       ///< per layer: its relative L2 output error
+  std::vector<double> layer_weight;    ///< per layer: the schedule's weight w_l
+};
+
+/// @brief Per-layer budgets over a model's layers: for every schedule, total target CR
+/// (opt.compressions) and selected method (opt.prefill_methods / opt.decode_methods, fixed
+/// compression budgets), the per-layer target CRs of methods::layer_compressions() (D_l = the
+/// layer's dense pairs: causal (query, key) pairs in prefill, sum_t Hq (p_t + 1) over the decode
+/// steps), each layer evaluated at its own target (evaluate_prefill() / evaluate_decode()), and
+/// the totals.
+/// @param layers the layers' problems, in model order (at least one).
+/// @param opt the sweep (compressions = the total targets; phases, methods, last_rows, threads;
+/// adaptive is ignored).
+/// @param so the schedules and their parameters.
+/// @return one record per (phase, method, schedule, total CR), in that nesting.
+/// @throws sparse_attn::invalid_argument as evaluate_prefill() / evaluate_decode(), or when
+/// layers is empty, a total target is < 1, pyramid_ratio or mass_spread < 1, or need_mass is
+/// not in (0, 1].
+/// @throws std::bad_alloc when a buffer cannot be allocated.
+/// Cost: one evaluation per layer and phase at every target CR the schedules give it (one dense
+/// baseline each), plus methods::mass_need() once per layer for the mass schedule.
+inline std::vector<ScheduleRecord> evaluate_schedules(const std::vector<Problem>& layers,
+                                                      const EvalOptions& opt,
+                                                      const ScheduleOptions& so = {}) {
+  constexpr const char* where = "eval::evaluate_schedules";
+  require(!layers.empty(), where, ": needs at least one layer");
+  const index_t L = static_cast<index_t>(layers.size());
+  std::vector<double> need(layers.size(), 1.0);
+  for (LayerSchedule s : so.schedules)
+    if (s == LayerSchedule::mass)
+      for (std::size_t l = 0; l < layers.size(); ++l)
+        need[l] = methods::mass_need(layers[l].q, layers[l].k, so.need_mass, layers[l].scale);
+  std::vector<ScheduleRecord> out;
+  for (const char* phase : {"prefill", "decode"}) {
+    const bool pre = std::string(phase) == "prefill";
+    if ((pre && !opt.prefill) || (!pre && !opt.decode)) continue;
+    std::vector<double> dense_units;
+    for (const Problem& p : layers) {
+      const double nq = static_cast<double>(p.q.tokens), nk = static_cast<double>(p.k.tokens),
+                   R = static_cast<double>(opt.last_rows), hq = static_cast<double>(p.q.heads);
+      // Prefill: sum over rows i of (n_k - n_q + i + 1); decode: sum over steps of (p_t + 1).
+      dense_units.push_back(pre ? hq * (nq * (nk - nq) + nq * (nq + 1) / 2)
+                                : hq * (R * (nk - R) + R * (R + 1) / 2));
+    }
+    // Each schedule's layer targets (the same for every method), then one evaluation per layer
+    // at every target it was given: one dense baseline per layer and phase.
+    std::vector<std::vector<double>> weights, targets;  // [schedule], [schedule x CR][layer]
+    for (LayerSchedule s : so.schedules) {
+      weights.push_back(s == LayerSchedule::uniform   ? std::vector<double>(layers.size(), 1.0)
+                        : s == LayerSchedule::pyramid ? methods::pyramid_weights(L, so.pyramid_ratio)
+                                                      : methods::mass_weights(need, so.mass_spread));
+      for (double cr : opt.compressions)
+        targets.push_back(methods::layer_compressions(cr, dense_units, weights.back()));
+    }
+    std::vector<std::vector<Record>> per_layer(layers.size());
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      EvalOptions o = opt;
+      o.compressions.clear();
+      for (const auto& t : targets)
+        if (std::find(o.compressions.begin(), o.compressions.end(), t[l]) == o.compressions.end())
+          o.compressions.push_back(t[l]);
+      o.adaptive = {};
+      o.progress = nullptr;
+      per_layer[l] = pre ? evaluate_prefill(layers[l], o) : evaluate_decode(layers[l], o);
+    }
+    const std::vector<methods::MethodInfo> infos =
+        pre ? methods::prefill_methods() : methods::decode_methods();
+    for (const methods::MethodInfo& m : infos) {
+      const auto& wanted = pre ? opt.prefill_methods : opt.decode_methods;
+      if (m.name == "dense" || m.needs_user_mask || !detail_eval::wanted(wanted, m.name.c_str()))
+        continue;
+      for (std::size_t si = 0; si < so.schedules.size(); ++si)
+        for (std::size_t ci = 0; ci < opt.compressions.size(); ++ci) {
+          ScheduleRecord r;
+          r.phase = phase;
+          r.method = m.name;
+          r.schedule = to_string(so.schedules[si]);
+          r.target_cr = opt.compressions[ci];
+          r.layer_weight = weights[si];
+          r.layer_target = targets[si * opt.compressions.size() + ci];
+          double kept = 0.0, dense = 0.0;
+          for (std::size_t l = 0; l < layers.size(); ++l) {
+            const auto it = std::find_if(per_layer[l].begin(), per_layer[l].end(), [&](const Record& x) {
+              return x.method == m.name && x.target_cr == r.layer_target[l];
+            });
+            require(it != per_layer[l].end(), where, ": no record of ", m.name, " at CR ",
+                    r.layer_target[l], " on layer ", l);  // not reached: evaluated above
+            r.layer_achieved.push_back(it->achieved_cr);
+            r.layer_err.push_back(it->err_layer);
+            kept += dense_units[l] / it->achieved_cr;
+            dense += dense_units[l];
+            r.err_mean += it->err_layer / static_cast<double>(layers.size());
+            r.err_max = std::max(r.err_max, it->err_layer);
+          }
+          r.achieved_cr = kept > 0.0 ? dense / kept : 1.0;
+          if (opt.progress)
+            opt.progress(std::string(phase) + " " + m.name + " " + r.schedule + " CR " +
+                         detail_eval::cr_label(r.target_cr) + " -> " +
+                         detail_eval::cr_label(r.achieved_cr) + ", mean err " +
+                         detail_eval::cr_label(r.err_mean));
+          out.push_back(std::move(r));
+        }
+    }
+  }
+  return out;
+}
+
 /// Per (dataset prefix, phase, method) log-linear fit over records (error = err_layer) whose
 /// dataset name starts with `dataset_prefix`, across every length present (fit_log_linear()).
 /// O(records).
 /// @param recs records of any number of problems.
 /// @param dataset_prefix records whose dataset starts with this are used ("" : all).
 /// @param phase "prefill" or "decode".
-/// @param method the method's registry name.
+/// @param method the series: a method's registry name, or Record::label() ("quest+mass") for its
+/// adaptive records.
 /// @return the fit; not ok() when too few usable records match.
 /// @throws std::bad_alloc when the points cannot be allocated.
 inline LogLinearFit fit_records(const std::vector<Record>& recs, const std::string& dataset_prefix,
                                 const std::string& phase, const std::string& method) {
   std::vector<FitPoint> pts;
   for (const Record& r : recs)
-    if (r.phase == phase && r.method == method && r.dataset.compare(0, dataset_prefix.size(), dataset_prefix) == 0)
+    if (r.phase == phase && r.label() == method && r.dataset.compare(0, dataset_prefix.size(), dataset_prefix) == 0)
       pts.push_back({r.err_layer, r.achieved_cr, static_cast<double>(r.tokens)});
   return fit_log_linear(pts);
 }

@@ -27,8 +27,10 @@
 ///                   softmax_j over the legal blocks of scale * pooled_q . pooled_k[j] + log(t_j),
 ///                   t_j = the keys of block j a query row of the block sees on average (b for a
 ///                   whole block): the softmax of the pooled logits, weighted by the block's keys.
-///                   Candidates enter best first; p = 1 keeps every legal block (dense). Always
-///                   reachable (p can always be covered); the mean k is reported in stats.detail.
+///                   Candidates enter best first; p = 1 keeps every legal block (dense). The
+///                   budget's floor and cap bound each row's k (forced blocks included); reachable
+///                   unless the cap is below some row's forced blocks (3 or 4, as for count);
+///                   the mean k is reported in stats.detail.
 ///
 /// Memory: per KV head the pooled keys, ceil(n_k / b) x d floats (kept for the whole call); per
 /// selecting worker the pooled queries (ceil(n_q / b) x d) and one tile of block scores
@@ -93,6 +95,7 @@ struct BlockSparse {
   /// One-line summary (the tool's method list).
   static constexpr const char* summary = "MInference block top-k, b = 64";
   static constexpr BudgetUnit unit = BudgetUnit::blocks;  ///< k, key blocks per query block
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   index_t block = 64;  ///< b: estimation unit = kernel tile (block_q = block_k = b), >= 1; 64
 
@@ -171,6 +174,8 @@ struct BlockSparse {
     if (budget.is_count()) {
       kk = budget.units();
       honoured = kk >= max_forced(shape);
+    } else if (by_mass) {
+      honoured = budget.mass_cap() >= max_forced(shape);
     } else if (budget.is_compression()) {
       const index_t lo = std::min<index_t>(3, std::max<index_t>(nkb, 1));
       kk = nearest_budget(lo, std::max(nkb, lo), shape.dense_pairs(), budget.target_compression(),
@@ -183,7 +188,8 @@ struct BlockSparse {
     // is forced or illegal. Mass: every legal block is scored (p < 1).
     auto needs_scores = [&](index_t qb) {
       const auto g = detail_bs::row_geometry(shape, qb);
-      if (by_mass) return p < 1.0 && g.d0 >= 3;
+      if (by_mass)  // p < 1, or a cap below the row's legal blocks
+        return g.d0 >= 3 && (p < 1.0 || budget.mass_cap() < g.forced + g.d0 - 2);
       return kk - g.forced > 0 && kk - g.forced < g.d0 - 2;
     };
     bool any_scores = false;
@@ -236,7 +242,17 @@ struct BlockSparse {
           if (!std::isnan(z)) mx = std::max(mx, z);
         }
         all_candidates(w, g);
-        if (!std::isfinite(mx)) return;  // no usable estimate (corrupt input): keep them all
+        // The floor and cap count every kept block, the forced ones included.
+        const index_t lo = std::max<index_t>(0, budget.mass_floor() - g.forced);
+        const index_t hi = std::max(lo, budget.mass_cap() - g.forced);
+        auto limit = [&](std::size_t take) {
+          return static_cast<std::size_t>(std::min(
+              std::clamp(static_cast<index_t>(take), lo, hi), static_cast<index_t>(w.cand.size())));
+        };
+        if (!std::isfinite(mx)) {  // no usable estimate (corrupt input): all, up to the cap
+          w.cand.resize(limit(w.cand.size()));
+          return;
+        }
         double sum = 0.0;
         for (double& x : w.prob) {
           x = std::isnan(x) ? 0.0 : std::exp(x - mx);  // NaN logits carry no mass
@@ -249,7 +265,7 @@ struct BlockSparse {
         std::sort(w.cand.begin(), w.cand.end(), detail::ScoreOrder{w.logit.data()});
         std::size_t take = 0;
         while (take < w.cand.size() && acc < p) acc += mass(w.cand[take++]);
-        w.cand.resize(take);
+        w.cand.resize(limit(take));
         std::sort(w.cand.begin(), w.cand.end());
       };
       // scores[kb] for the legal blocks the row needs (count: kb < d0 - 1; mass: kb <= d1).

@@ -8,8 +8,12 @@
 ///                   The method picks the budget whose achieved CR is nearest to c.
 ///   count(n)        n >= 1 units of the method's own unit (Method::unit: tokens, blocks, pages,
 ///                   lines), used as given.
-///   mass(p)         p in (0, 1]: keep, per head (and per query block where the method selects per
-///                   query block), the fewest units whose *estimated* attention mass reaches p.
+///   mass(p, floor, cap)
+///                   p in (0, 1]: keep, per head (and per query block where the method selects per
+///                   query block), the fewest units whose *estimated* attention mass reaches p,
+///                   but never fewer than `floor` nor more than `cap` units (counted like
+///                   count(n): the same units, forced ones included). The achieved CR then varies
+///                   per head and per input; the selection's statistics report it.
 ///
 /// Rounding, in one place:
 ///   * A CR that converts to a count of interchangeable units (tokens of a cache, pages) uses
@@ -21,13 +25,15 @@
 ///     (|log(CR / target)|; ties toward the denser one).
 /// Reachability, in one place (is_reachable): a compression target is reachable iff the achieved
 /// CR is within the budget's tolerance (default 10%) of it, on either side; count and mass budgets
-/// are reachable iff the method could keep what was asked (no forced units above the count, no
-/// cap on the mass). Every selection result says so in SelectionStats::reachable.
+/// are reachable iff the method could keep what was asked (no forced units above the count; for
+/// mass, no forced units above the cap). Every selection result says so in
+/// SelectionStats::reachable.
 ///
 /// Everything here is a value type or a pure function: no shared state, safe to call from any
 /// number of threads. See docs/METHODS.md, section "Budget".
 #pragma once
 #include "sparse_attn/core/config.hpp"
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -69,7 +75,8 @@ inline constexpr double kDefaultCompressionTolerance = 0.10;
 /// How much a method keeps: a target compression ratio, a count of the method's units, or an
 /// attention-mass target (see the file comment for the rounding and reachability rules).
 ///
-/// A small value type (a kind and two doubles): copying is free, nothing is allocated, and
+/// A small value type (a kind, two doubles and a mass budget's floor and cap): copying is free,
+/// nothing is allocated, and
 /// const member functions may be called from any number of threads. The factories validate
 /// their arguments; a Budget is immutable afterwards.
 class Budget {
@@ -113,15 +120,30 @@ class Budget {
     b.validate("Budget::count");
     return b;
   }
+  /// No cap on a mass budget: mass(p, floor) keeps as many units as the mass needs.
+  static constexpr index_t kNoCap = std::numeric_limits<index_t>::max();
+
   /// An attention-mass target: per head (and query block, where the method selects per query
-  /// block), the fewest units whose estimated attention mass reaches p.
-  /// @param p  mass fraction in (0, 1] (1 = every legal unit, i.e. dense).
+  /// block), the fewest units whose estimated attention mass reaches p, clamped to
+  /// [floor, cap] units.
+  ///
+  /// floor and cap are in the method's unit (Method::unit) and count like count(n) does (forced
+  /// units included; a method that converts tokens to pages converts them the same way): the
+  /// floor keeps a head whose estimate is sharp from being starved, the cap keeps a diffuse head
+  /// from turning dense. A cap below the forced units cannot be honoured: the forced units are
+  /// kept and the selection is not reachable.
+  /// @param p      mass fraction in (0, 1] (1 = every legal unit, i.e. dense, up to the cap).
+  /// @param floor  fewest units kept, >= 0 (0: no floor).
+  /// @param cap    most units kept, >= max(floor, 1) (kNoCap: no cap).
   /// @return the budget.
-  /// @throws sparse_attn::invalid_argument if p is not in (0, 1] (NaN included).
-  static Budget mass(double p) {
+  /// @throws sparse_attn::invalid_argument if p is not in (0, 1] (NaN included), floor < 0 or
+  ///         cap < max(floor, 1).
+  static Budget mass(double p, index_t floor = 0, index_t cap = kNoCap) {
     Budget b;
     b.kind_ = Kind::mass;
     b.value_ = p;
+    b.floor_ = floor;
+    b.cap_ = cap;
     b.validate("Budget::mass");
     return b;
   }
@@ -142,6 +164,16 @@ class Budget {
   double mass_target() const { return value_; }
   /// @return the relative CR tolerance of the reachability rule (compression budgets).
   double tolerance() const { return tolerance_; }
+  /// @return the fewest units a mass budget keeps (0: no floor; 0 for the other kinds).
+  index_t mass_floor() const { return floor_; }
+  /// @return the most units a mass budget keeps (kNoCap: no cap; kNoCap for the other kinds).
+  index_t mass_cap() const { return cap_; }
+  /// A mass budget's unit count clamped to its floor and cap.
+  /// @param units  the count the mass asked for, in the method's units.
+  /// @return min(max(units, floor), cap). O(1), never throws.
+  index_t clamp_to_mass_limits(index_t units) const {
+    return std::min(std::max(units, floor_), cap_);
+  }
 
   /// Checks the budget's invariants (a default or factory-made Budget always passes; this guards
   /// values patched in by hand or parsed from text). Every method's select() calls it through
@@ -164,11 +196,15 @@ class Budget {
       case Kind::mass:
         require(value_ > 0.0 && value_ <= 1.0, where,
                 ": a mass budget needs p in (0, 1], got ", value_);
+        require(floor_ >= 0 && cap_ >= std::max<index_t>(floor_, 1), where,
+                ": a mass budget needs 0 <= floor <= cap and cap >= 1, got floor ", floor_,
+                " and cap ", cap_);
         break;
     }
   }
 
-  /// The budget as text: "cr=10", "count=512", "mass=0.9" (the tool's and the reports' form).
+  /// The budget as text: "cr=10", "count=512", "mass=0.9", with a mass budget's limits when set
+  /// ("mass=0.9,floor=64,cap=1024"; the tool's and the reports' form).
   /// @return a new string (allocates).
   std::string str() const {
     std::ostringstream os;
@@ -177,6 +213,8 @@ class Budget {
       os << units();
     else
       os << value_;
+    if (kind_ == Kind::mass && floor_ > 0) os << ",floor=" << floor_;
+    if (kind_ == Kind::mass && cap_ != kNoCap) os << ",cap=" << cap_;
     return os.str();
   }
 
@@ -184,6 +222,7 @@ class Budget {
   Kind kind_ = Kind::compression;
   double value_ = 1.0;
   double tolerance_ = kDefaultCompressionTolerance;
+  index_t floor_ = 0, cap_ = kNoCap;  // mass budgets' limits, in the method's units
 };
 
 /// Validates `b` and checks that its kind is one the method supports. Every select() starts

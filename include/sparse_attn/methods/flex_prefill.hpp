@@ -96,6 +96,7 @@ struct FlexPrefill {
   /// One-line summary (the tool's method list).
   static constexpr const char* summary = "FlexPrefill, gamma = mass target (or searched for a CR)";
   static constexpr BudgetUnit unit = BudgetUnit::none;  ///< takes no count budget
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   double tau = 0.1;            ///< query-aware threshold on sqrt(JS divergence), >= 0 (0: never)
   /// Fewest tokens of a vertical / slash budget (rounded up to blocks), >= 0; default 512.

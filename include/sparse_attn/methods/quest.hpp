@@ -24,7 +24,9 @@
 ///                   current page(s) counted first. Estimate: softmax over the unit's pages of
 ///                   U / r + log(tokens in the page), r = the query rows the bound sums (G x n_q,
 ///                   or n_q per query head), i.e. each page as if all its keys reached the mean
-///                   row's bound. Always honoured.
+///                   row's bound. The budget's floor and cap (tokens) bound B like count(n):
+///                   B in [floor / P, cap / P]. Always honoured (the current pages are not
+///                   counted against the cap).
 /// B >= the pages before the current one is dense (the selection is the whole cache). The cache
 /// must have been built with key_bounds = true.
 ///
@@ -97,6 +99,7 @@ struct Quest {
   static constexpr const char* summary = "Quest: top pages by key-bound, full cache kept";
   /// Count budgets are tokens (B = tokens / page_size pages besides the current ones).
   static constexpr BudgetUnit unit = BudgetUnit::tokens;
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
   /// The cache must keep per-page key min/max (kv::CacheOptions::key_bounds).
   static constexpr bool needs_key_bounds = true;
 
@@ -350,6 +353,9 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
         have += std::isfinite(mx) ? std::exp(logit(p) - mx) : 1.0;
         ++B;
       }
+      // The floor and cap count tokens like count(n): n / P earlier pages.
+      B = std::clamp(B, budget.mass_floor() / P, std::max(budget.mass_floor(), budget.mass_cap()) / P);
+      B = std::min(B, first_cur);
       if (B > 0) threshold = words[B - 1];
     }
     B = std::min(B, first_cur);

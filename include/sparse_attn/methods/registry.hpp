@@ -77,6 +77,9 @@ struct MethodInfo {
   std::vector<ParamInfo> params;       ///< every parameter, in declaration order, with defaults
   /// Selects from a mask the caller supplies (user_mask), not from Q/K.
   bool needs_user_mask = false;
+  /// Takes attention-mass budgets (Budget::mass; the method's `static constexpr bool
+  /// takes_mass = true`).
+  bool takes_mass = false;
 };
 
 /// @cond SPARSE_ATTN_INTERNAL
@@ -125,6 +128,11 @@ template <class M>
 struct takes_user_mask<M, std::void_t<decltype(M::takes_user_mask)>>
     : std::bool_constant<M::takes_user_mask> {};
 
+template <class M, class = void>
+struct takes_mass : std::false_type {};
+template <class M>
+struct takes_mass<M, std::void_t<decltype(M::takes_mass)>> : std::bool_constant<M::takes_mass> {};
+
 template <class M>
 MethodInfo info() {
   MethodInfo mi;
@@ -132,6 +140,7 @@ MethodInfo info() {
   mi.summary = M::summary;
   mi.unit = M::unit;
   if constexpr (takes_user_mask<M>::value) mi.needs_user_mask = true;
+  if constexpr (takes_mass<M>::value) mi.takes_mass = true;
   M m;
   m.visit_params([&](const char* name, auto& value, const char* help) {
     mi.params.push_back({name, to_text(value), help});

@@ -14,6 +14,11 @@
 /// Budget (unit tokens per KV head): count(c), or compression(CR): c = count_for_compression(n, CR)
 /// (budget.hpp). c >= n keeps all (dense); c below the forced count is raised to it (a count
 /// budget is then not honoured, and a compression target misses by the rule: reachable = false).
+/// mass(p, floor, cap): per KV head its own c_h, the forced tokens plus the fewest best-scored
+/// others whose estimated mass reaches p, clamped to [floor, cap] (and to [forced, n]). The
+/// estimated mass of token j is its score over the head's total score (the pooled scores that
+/// rank the tokens; the unpooled window scores of the window's own tokens), so p = 1 keeps
+/// every token with a positive score. Reachable unless the cap is below the forced count.
 /// Decode tokens appended later are never evicted by SnapKV. Positions are not re-indexed (keys
 /// are post-RoPE): see kv/cache.hpp. Registry name "snapkv" (decode; make_policy() gives a
 /// PrefillEvictionPolicy).
@@ -29,6 +34,7 @@
 #include "sparse_attn/kv/eviction.hpp"
 #include "sparse_attn/methods/budget.hpp"
 #include "sparse_attn/methods/decode_policy.hpp"
+#include "sparse_attn/methods/detail/ranking.hpp"
 #include "sparse_attn/methods/selector.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
@@ -47,8 +53,8 @@ struct Geometry {
 template <class TQ, class Cache>
 Geometry geometry(const TensorView<TQ>& q, const Cache& cache, index_t window, index_t sinks,
                   index_t pool_kernel, const Budget& budget, const AttentionOptions& opt,
-                  const char* where) {
-  require_budget_kind(budget, true, true, false, where);
+                  const char* where, bool mass_ok = false) {
+  require_budget_kind(budget, true, true, mass_ok, where);
   validate_view(q, "q");
   require(cache.uniform(), where,
           ": the cache must hold the same number of tokens in every head "
@@ -72,8 +78,10 @@ Geometry geometry(const TensorView<TQ>& q, const Cache& cache, index_t window, i
   g.w = std::min({window, q.tokens, g.n});
   g.sinks = std::min(sinks, g.n - g.w);
   g.forced = g.sinks + g.w;
-  g.c = budget.is_count() ? budget.units()
-                          : count_for_compression(g.n, budget.target_compression());
+  // Mass budgets: c is each head's own (mass_count()); here the cap, for the forced check.
+  g.c = budget.is_count()  ? budget.units()
+        : budget.is_mass() ? std::min(budget.mass_cap(), g.n)
+                           : count_for_compression(g.n, budget.target_compression());
   if (g.c < g.forced) {
     g.c = g.forced;
     g.honoured = false;
@@ -83,6 +91,33 @@ Geometry geometry(const TensorView<TQ>& q, const Cache& cache, index_t window, i
     g.dense = true;
   }
   return g;
+}
+
+/// A mass budget's c for one head: the forced tokens plus the fewest others, best score first
+/// (ScoreOrder), whose share of the head's total score reaches p; clamped to the budget's floor
+/// and cap and to [forced, n]. NaN and negative scores carry no mass. O(n log n).
+inline index_t mass_count(const float* score, const Geometry& g, const Budget& budget) {
+  std::vector<index_t> rest;
+  rest.reserve(static_cast<std::size_t>(g.n));
+  double total = 0.0, have = 0.0;
+  auto mass = [&](index_t j) {
+    const double x = static_cast<double>(score[j]);
+    return x > 0.0 ? x : 0.0;  // false for NaN
+  };
+  for (index_t j = 0; j < g.n; ++j) {
+    total += mass(j);
+    if (g.is_forced(j))
+      have += mass(j);
+    else
+      rest.push_back(j);
+  }
+  std::sort(rest.begin(), rest.end(), methods::detail::ScoreOrder{score});
+  const double want = budget.mass_target() * total;
+  index_t take = 0;
+  while (take < static_cast<index_t>(rest.size()) && have < want * (1.0 - 1e-12))
+    have += mass(rest[static_cast<std::size_t>(take++)]);
+  const index_t c = budget.clamp_to_mass_limits(g.forced + take);
+  return std::clamp(c, g.forced, g.n);
 }
 
 /// Scores [Hkv][n]: window-attention column scores, reduced over the w queries and the group,
@@ -123,6 +158,7 @@ struct SnapKV {
   /// One-line summary (the tool's method list).
   static constexpr const char* summary = "SnapKV eviction after prefill";
   static constexpr BudgetUnit unit = BudgetUnit::tokens;  ///< tokens per KV head, c
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   /// w: the observation window, the last w prompt queries, whose tokens are always kept
   /// (>= 1; default 32; the SnapKV reference uses 256).
@@ -146,18 +182,20 @@ struct SnapKV {
   ///                min(window, n_q) rows are read.
   /// @param cache   the layer's cache holding the n prompt tokens, every head the same length.
   /// @param budget  count(c) tokens per KV head, or compression(CR): c =
-  ///                count_for_compression(n, CR). Mass budgets are refused.
+  ///                count_for_compression(n, CR), or mass(p, floor, cap): each head's own c
+  ///                (see the file comment).
   /// @param opt     softmax scale (NaN: 1/sqrt(d)) and executor of the scoring pass.
   /// @return the plan: keep[h] = head h's c kept slots, ascending; scores [Hkv][n] (the pooled
-  ///         window scores; score_stride = n); dense when c >= n; stats with detail "c=... per
-  ///         head" (reachable = false when c was raised to the forced count).
-  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, q is an
+  ///         window scores; score_stride = n); dense when every head keeps n; stats with detail
+  ///         "c=... per head" (mass: "c=min-max per head"; reachable = false when c was raised
+  ///         to the forced count).
+  /// @throws sparse_attn::invalid_argument if the budget is malformed, q is an
   ///         invalid view, the head lengths differ, Hq is not a multiple of Hkv, q's head_dim
   ///         differs from the cache's, window < 1, sinks < 0, pool_kernel is even or < 1,
   ///         opt.num_threads < 0, n_q < 1 or n_q > n, or opt.scale is neither NaN nor finite > 0.
   /// Complexity O(Hq x w x n x d) for the scores (an exact two-pass fp32 softmax, parallel over
   /// key tiles and query rows on opt's executor), plus O(Hkv x n) for pooling and the top-c
-  /// (nth_element). Allocates the plan (Hkv x n floats of scores, Hkv x c slot indices), one
+  /// (nth_element; a mass budget sorts each head's scores, O(Hkv x n log n)). Allocates the plan (Hkv x n floats of scores, Hkv x c slot indices), one
   /// more Hkv x n floats of raw scores and the scoring scratch (n x d floats of converted keys,
   /// G x w x d of queries, small per-worker tiles). Results do not depend on the thread count.
   template <class TQ, class Cache>
@@ -167,18 +205,28 @@ struct SnapKV {
     kv::EvictionPlan plan;
     {
       SelectionTimer timer(plan.stats);
-      const snapkv_detail::Geometry g =
-          snapkv_detail::geometry(q, cache, window, sinks, pool_kernel, budget, opt, where);
-      plan.dense = g.dense;
+      const snapkv_detail::Geometry g = snapkv_detail::geometry(q, cache, window, sinks,
+                                                                pool_kernel, budget, opt, where,
+                                                                /*mass_ok=*/true);
       plan.score_stride = g.n;
       plan.scores = snapkv_detail::scores(q, cache, g, pool_kernel, opt, kv::detail::Reduce::sum,
                                           where);
-      plan.keep.resize(static_cast<std::size_t>(cache.kv_heads()));
-      for (index_t h = 0; h < cache.kv_heads(); ++h)
+      const index_t Hkv = cache.kv_heads();
+      plan.keep.resize(static_cast<std::size_t>(Hkv));
+      index_t c_min = g.c, c_max = g.c;
+      for (index_t h = 0; h < Hkv; ++h) {
+        const index_t c =
+            budget.is_mass() ? snapkv_detail::mass_count(plan.head_scores(h), g, budget) : g.c;
+        c_min = h == 0 ? c : std::min(c_min, c);
+        c_max = h == 0 ? c : std::max(c_max, c);
         plan.keep[static_cast<std::size_t>(h)] = kv::detail::keep_top(
-            plan.head_scores(h), g.n, g.c, [&](index_t j) { return g.is_forced(j); });
-      kv::finish_eviction_stats(plan, cache, budget, g.honoured,
-                                "c=" + std::to_string(g.c) + " per head");
+            plan.head_scores(h), g.n, c, [&](index_t j) { return g.is_forced(j); });
+      }
+      plan.dense = budget.is_mass() ? c_min >= g.n : g.dense;
+      kv::finish_eviction_stats(
+          plan, cache, budget, g.honoured,
+          "c=" + std::to_string(c_min) + (c_max != c_min ? "-" + std::to_string(c_max) : "") +
+              " per head");
     }
     return plan;
   }

@@ -18,7 +18,13 @@
 ///                   L: the sets are prefixes of one ranking), so the CR nearest to c in log ratio;
 ///                   reachable iff within the tolerance. When even the forced sets alone (V = 4,
 ///                   S = 64) are denser than the target, they are returned with reachable = false.
-/// Mass budgets are refused.
+///   mass(p, floor, cap)
+///                   per head its own V and S: the two rankings merged by score (forced lines
+///                   first, ties toward the column), the shortest prefix whose exact attention
+///                   mass on the w estimate rows reaches p (a pair that is both on a column and
+///                   on a slash counts once), clamped to [floor, cap] lines (never below the
+///                   forced sets). Reachable unless the cap is below the forced lines. The result
+///                   reports each head's V and S; `vertical` and `slash` are the largest.
 /// VerticalSlash (registry "vertical_slash") executes exactly; VerticalSlashTiled
 /// ("vertical_slash_tiled") executes the same sets in whole blocks (below). One implementation.
 ///
@@ -44,7 +50,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "sparse_attn/kernel/common.hpp"
@@ -57,11 +65,13 @@
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace methods {
 
-/// A Vertical-Slash selection: the mask, its statistics, and the V and S every head kept.
+/// A Vertical-Slash selection: the mask, its statistics, and the V and S the heads kept.
 template <class Mask>
 struct VerticalSlashSelection : PrefillSelection<Mask> {
-  index_t vertical = 0;  ///< V used (every head), clamped to n_k
-  index_t slash = 0;     ///< S used (every head), clamped to n_k
+  index_t vertical = 0;  ///< V used (every head; mass budgets: the largest), clamped to n_k
+  index_t slash = 0;     ///< S used (every head; mass budgets: the largest), clamped to n_k
+  std::vector<index_t> head_vertical;  ///< [Hq] V of each query head
+  std::vector<index_t> head_slash;     ///< [Hq] S of each query head
 };
 
 /// @cond SPARSE_ATTN_INTERNAL
@@ -78,11 +88,50 @@ struct RankScratch {
   methods::detail::EstimateScratch estimate;
   std::vector<float> vertical, slash;
   std::vector<std::int32_t> order;
+  std::vector<std::uint8_t> is_col, is_off;  // mass budgets: the lines taken so far
 };
+
+// A mass budget's lines of one head: walk the two rankings merged by score (forced lines first;
+// ties toward the column), adding each line's exact new mass on the w estimate rows (P: the
+// estimate's probabilities, key-major, P[j * ldq + i]; a pair already covered by the other kind
+// counts once), and stop at the shortest prefix whose mass reaches p * w; that prefix clamped to
+// the budget's floor and cap (and to [forced, 2 n_k]) gives (V, S). O((V + S) w).
+inline void mass_lines(const float* P, index_t ldq, index_t w, index_t n_k, const float* vscore,
+                       const float* sscore, const std::int32_t* cols, const std::int32_t* offs,
+                       index_t forced, const Budget& budget, std::vector<std::uint8_t>& is_col,
+                       std::vector<std::uint8_t>& is_off, index_t& nv, index_t& ns) {
+  const index_t p_first = n_k - w;  // position of estimate row 0
+  is_col.assign(static_cast<std::size_t>(n_k), 0);
+  is_off.assign(static_cast<std::size_t>(n_k), 0);
+  const double want = budget.mass_target() * static_cast<double>(w) * (1.0 - 1e-9);
+  const index_t lo = std::max(budget.mass_floor(), forced);
+  const index_t hi = std::min(std::max(lo, budget.mass_cap()), 2 * n_k);
+  double have = 0.0;
+  nv = ns = 0;
+  while (nv + ns < hi && (nv + ns < lo || have < want)) {
+    const bool take_col =
+        ns >= n_k || (nv < n_k && !(methods::detail::rank_key(sscore[offs[ns]]) >
+                                    methods::detail::rank_key(vscore[cols[nv]])));
+    if (take_col) {
+      const index_t j = cols[nv++];
+      is_col[static_cast<std::size_t>(j)] = 1;
+      for (index_t i = std::max<index_t>(0, j - p_first); i < w; ++i)
+        if (!is_off[static_cast<std::size_t>(p_first + i - j)]) have += P[j * ldq + i];
+    } else {
+      const index_t delta = offs[ns++];
+      is_off[static_cast<std::size_t>(delta)] = 1;
+      for (index_t i = std::max<index_t>(0, delta - p_first); i < w; ++i) {
+        const index_t j = p_first + i - delta;
+        if (!is_col[static_cast<std::size_t>(j)]) have += P[j * ldq + i];
+      }
+    }
+  }
+}
 
 template <class QT, class KT, class Params>
 Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, const Params& opt,
-             float scale, Executor& ex) {
+             float scale, Executor& ex, const Budget* mass = nullptr,
+             std::vector<index_t>* nv = nullptr, std::vector<index_t>* ns = nullptr) {
   Ranking r;
   r.n_k = k.tokens;
   const index_t n_k = k.tokens, w = std::min(opt.last_queries, q.tokens);
@@ -104,6 +153,14 @@ Ranking rank(const TensorView<QT>& q, const TensorView<KT>& k, index_t G, const 
     std::copy(s.order.begin(), s.order.end(), r.columns.begin() + h * n_k);
     methods::detail::order_by_score(s.slash.data(), n_k, s.order);
     std::copy(s.order.begin(), s.order.end(), r.offsets.begin() + h * n_k);
+    if (mass != nullptr) {
+      const index_t ldq = (w + arch::kMaxTileQ - 1) / arch::kMaxTileQ * arch::kMaxTileQ;
+      const index_t forced = std::min(opt.sink_columns, n_k) + std::min(opt.local_offsets, n_k);
+      mass_lines(s.estimate.s.data(), ldq, w, n_k, s.vertical.data(), s.slash.data(),
+                 r.columns.data() + h * n_k, r.offsets.data() + h * n_k, forced, *mass,
+                 s.is_col, s.is_off, (*nv)[static_cast<std::size_t>(h)],
+                 (*ns)[static_cast<std::size_t>(h)]);
+    }
   });
   return r;
 }
@@ -180,13 +237,15 @@ inline index_t tiled_pairs(const MaskShape& s, const HeadSets& hs) {
   return total;
 }
 
-// Pairs of every head at budgets (nv, ns), summed in head order. sets: one HeadSets per worker.
-template <bool Tiled>
-index_t total_pairs(const MaskShape& s, const Ranking& r, index_t nv, index_t ns, Executor& ex,
+// Pairs of every head at its budget lines(h) = (V, S), summed in head order. sets: one HeadSets
+// per worker.
+template <bool Tiled, class Lines>
+index_t total_pairs(const MaskShape& s, const Ranking& r, Lines&& lines, Executor& ex,
                     std::vector<HeadSets>& sets) {
   std::vector<index_t> per_head(static_cast<std::size_t>(s.heads), 0);
   run_items(ex, s.heads, [&](index_t h, int worker) {
     HeadSets& hs = sets[static_cast<std::size_t>(worker)];
+    const auto [nv, ns] = lines(h);
     hs.assign(r, h, nv, ns);
     per_head[static_cast<std::size_t>(h)] = Tiled ? tiled_pairs(s, hs) : exact_pairs(s, hs);
   });
@@ -211,6 +270,7 @@ struct BasicVerticalSlash {
   static constexpr const char* summary =
       Tiled ? "MInference V/S, whole blocks" : "MInference V/S, exact";
   static constexpr BudgetUnit unit = BudgetUnit::lines;  ///< lines = V columns + S diagonals
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
   /// The executed mask: exact = a LineMask (the columns and diagonals themselves); tiled =
   /// whole blocks.
   using Mask = std::conditional_t<Tiled, BlockListMask<AllowAll>, LineMask>;
@@ -258,13 +318,14 @@ struct BasicVerticalSlash {
   /// @param q       queries, [Hq, n_q, d] view (any strides; float, bf16 or fp16), the last n_q
   ///                of the n_k positions.
   /// @param k       keys, [Hkv, n_k, d] view, Hq % Hkv == 0, n_q <= n_k.
-  /// @param budget  count(L lines) or compression(c); mass budgets are refused.
+  /// @param budget  count(L lines), compression(c) or mass(p, floor, cap) (lines per head; see
+  ///                the file comment).
   /// @param opt     softmax scale (NaN: 1/sqrt(d)) of the estimate, and the executor (parallel
   ///                over query heads).
   /// @return the mask (Mask; tile `block` for the tiled blocks, the geometry's block size for the
   ///         exact line mask, whose kernel uses its own tiles), its statistics (detail "V=... S=...") and the V and
   ///         S used.
-  /// @throws sparse_attn::invalid_argument if the budget is malformed or a mass budget, the
+  /// @throws sparse_attn::invalid_argument if the budget is malformed, the
   ///         views are invalid or inconsistent (head_dim, Hq % Hkv, n_q > n_k, no heads),
   ///         block < 1 (or > 2^31 - 1), last_queries < 1, sink_columns or local_offsets < 0,
   ///         vertical_share is not in [0, 1], opt.scale is neither NaN nor finite > 0, or
@@ -284,7 +345,7 @@ struct BasicVerticalSlash {
         Tiled ? "methods::VerticalSlashTiled::select" : "methods::VerticalSlash::select";
     VerticalSlashSelection<Mask> result;
     SelectionTimer timer(result.stats);
-    require_budget_kind(budget, true, true, false, where);
+    require_budget_kind(budget, true, true, true, where);
     const index_t G = methods::detail::validate_qk(q, k, where);
     require(block >= 1, where, "block must be >= 1, got ", block);
     require(last_queries >= 1, where, "last_queries must be >= 1, got ", last_queries);
@@ -306,7 +367,15 @@ struct BasicVerticalSlash {
       detail::finish_prefill(result.stats, result.mask, budget, true, "V=0 S=0");
       return result;
     }
-    index_t nv = 0, ns = 0;
+    index_t nv = 0, ns = 0;  // count and compression budgets: every head's (V, S)
+    // Mass budgets: each head's own.
+    std::vector<index_t> head_v(static_cast<std::size_t>(q.heads)),
+        head_s(static_cast<std::size_t>(q.heads));
+    auto lines_of = [&](index_t h) {
+      return budget.is_mass() ? std::pair<index_t, index_t>{head_v[static_cast<std::size_t>(h)],
+                                                            head_s[static_cast<std::size_t>(h)]}
+                              : std::pair<index_t, index_t>{nv, ns};
+    };
     sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
       const auto workers = static_cast<std::size_t>(std::max(ex.concurrency(), 0));
       // Per worker: the flags and prefix counts of one head, and one row's key blocks.
@@ -319,28 +388,41 @@ struct BasicVerticalSlash {
         sets[wk].off_prefix.reserve(static_cast<std::size_t>(n_k + 1));
         rows[wk].reserve(static_cast<std::size_t>(shape.num_k_blocks()));
       }
-      const Ranking ranking = rank(q, k, G, *this, scale, ex);
+      const Ranking ranking = budget.is_mass()
+                                  ? rank(q, k, G, *this, scale, ex, &budget, &head_v, &head_s)
+                                  : rank(q, k, G, *this, scale, ex);
       if (budget.is_compression()) {
         // Lines L from the forced sets alone (L = 0) to the point where both sets hold every key.
+        // A tiny share puts that point beyond any index: the search stops at 2^53 lines (the
+        // split's rounding is exact below it), where the larger set already holds every key.
         const double lean = std::min(vertical_share, 1.0 - vertical_share);
-        const index_t hi =
-            lean > 0.0 ? static_cast<index_t>(std::ceil(static_cast<double>(n_k) / lean)) + 2
-                       : n_k + sinks + local;
+        const double full = lean > 0.0 ? std::ceil(static_cast<double>(n_k) / lean) + 2.0 : 0.0;
+        const index_t hi = lean <= 0.0        ? n_k + sinks + local
+                           : full < 0x1p53    ? static_cast<index_t>(full)
+                                              : index_t{1} << 53;
         lines = nearest_budget(0, hi, shape.dense_pairs(), budget.target_compression(),
                                [&](index_t x) {
                                  index_t v, s;
                                  split(x, n_k, v, s);
-                                 return total_pairs<Tiled>(shape, ranking, v, s, ex, sets);
+                                 return total_pairs<Tiled>(
+                                     shape, ranking,
+                                     [&](index_t) { return std::pair<index_t, index_t>{v, s}; },
+                                     ex, sets);
                                });
       }
       split(lines, n_k, nv, ns);
+      if (budget.is_mass()) {  // the largest over heads
+        nv = *std::max_element(head_v.begin(), head_v.end());
+        ns = *std::max_element(head_s.begin(), head_s.end());
+      }
 
       if constexpr (Tiled) {
         BlockListBuilder builder(shape, false);
         run_items(ex, q.heads, [&](index_t h, int worker) {
           HeadSets& hs = sets[static_cast<std::size_t>(worker)];
           std::vector<index_t>& row = rows[static_cast<std::size_t>(worker)];
-          hs.assign(ranking, h, nv, ns);
+          const auto [hv, hsl] = lines_of(h);
+          hs.assign(ranking, h, hv, hsl);
           for (index_t qb = 0; qb < shape.num_q_blocks(); ++qb) {
             row.clear();
             for_each_listed(shape, hs, qb, [&](index_t kb) { row.push_back(kb); });
@@ -352,17 +434,31 @@ struct BasicVerticalSlash {
         std::vector<std::uint8_t> cols(static_cast<std::size_t>(q.heads * n_k), 0);
         std::vector<std::uint8_t> offs(static_cast<std::size_t>(q.heads * n_k), 0);
         for (index_t h = 0; h < q.heads; ++h) {
-          for (index_t t = 0; t < nv; ++t) cols[static_cast<std::size_t>(h * n_k + ranking.columns[static_cast<std::size_t>(h * n_k + t)])] = 1;
-          for (index_t t = 0; t < ns; ++t) offs[static_cast<std::size_t>(h * n_k + ranking.offsets[static_cast<std::size_t>(h * n_k + t)])] = 1;
+          const auto [hv, hsl] = lines_of(h);
+          for (index_t t = 0; t < hv; ++t) cols[static_cast<std::size_t>(h * n_k + ranking.columns[static_cast<std::size_t>(h * n_k + t)])] = 1;
+          for (index_t t = 0; t < hsl; ++t) offs[static_cast<std::size_t>(h * n_k + ranking.offsets[static_cast<std::size_t>(h * n_k + t)])] = 1;
         }
         result.mask = LineMask(shape, std::move(cols), std::move(offs));
       }
     });
     result.vertical = nv;
     result.slash = ns;
-    const bool honoured = !budget.is_count() || lines >= sinks + local;
-    detail::finish_prefill(result.stats, result.mask, budget, honoured,
-                           sparse_attn::detail::concat("V=", nv, " S=", ns));
+    for (index_t h = 0; h < q.heads; ++h) {
+      const auto [hv, hsl] = lines_of(h);
+      result.head_vertical.push_back(hv);
+      result.head_slash.push_back(hsl);
+    }
+    const bool honoured = budget.is_count()  ? lines >= sinks + local
+                          : budget.is_mass() ? budget.mass_cap() >= sinks + local
+                                             : true;
+    std::string det = sparse_attn::detail::concat("V=", nv, " S=", ns);
+    if (budget.is_mass()) {
+      const auto [vmin, vmax] = std::minmax_element(head_v.begin(), head_v.end());
+      const auto [smin, smax] = std::minmax_element(head_s.begin(), head_s.end());
+      det = sparse_attn::detail::concat("V=", *vmin, "-", *vmax, " S=", *smin, "-", *smax,
+                                        " per head");
+    }
+    detail::finish_prefill(result.stats, result.mask, budget, honoured, std::move(det));
     return result;
   }
 };

@@ -63,6 +63,7 @@ struct XAttention {
   /// one-line description for listings
   static constexpr const char* summary = "XAttention: antidiagonal block mass up to tau";
   static constexpr BudgetUnit unit = BudgetUnit::none;  ///< takes no count budget
+  static constexpr bool takes_mass = true;  ///< takes Budget::mass (registry: MethodInfo)
 
   index_t block = 128;  ///< B: estimation unit and kernel tile (block_q = block_k = B), tokens
   index_t stride = 8;   ///< S: antidiagonal stride in tokens; must divide B (the paper: 8 or 16)
