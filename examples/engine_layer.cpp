@@ -7,7 +7,9 @@
 //      compression; the prefill kernel executes it.
 //   2. After the prompt's last chunk, per layer: the prompt's K/V go into a paged decode cache
 //      (kv::PagedCache<bf16>, which keeps Quest's per-page key bounds), and SnapKV evicts down
-//      to a compression target, scoring keys with the last prompt queries.
+//      to that layer's compression target, scoring keys with the last prompt queries. The
+//      targets split one total CR over the layers (methods::layer_compressions) with
+//      PyramidKV's shape: lower layers keep more, upper layers less, the total kept the same.
 //   3. Decode steps: each layer appends the new token's K/V, Quest picks the pages the token
 //      reads, and the decode kernel reads them from the pages in place. Each step prints the keys
 //      a query read and the achieved compression (CR) against dense attention over the whole
@@ -40,7 +42,8 @@ using methods::Budget;
 namespace {
 
 constexpr index_t Hq = 32, Hkv = 8, d = 128;
-constexpr double kPrefillCR = 10, kSnapKvCR = 4, kQuestCR = 4;  // targets
+constexpr double kPrefillCR = 10, kSnapKvCR = 4, kQuestCR = 4;  // targets (SnapKV: the total)
+constexpr double kPyramidRatio = 2;  // SnapKV: the first layer's share of tokens over the last's
 
 // ---- The stand-in for a model: the rows its projections would produce. ----
 float noise(std::uint64_t x) {  // splitmix64 -> uniform, variance 1
@@ -155,7 +158,11 @@ int main(int argc, char** argv) {
   std::vector<float> out(static_cast<std::size_t>(q_max * Hq * d));
   index_t prefill_calls = 0;
   double prefill_ms = 0;
-  kv::EvictionPlan eviction;  // the last layer's, for the report
+  // Per-layer SnapKV targets: layer l keeps in proportion to its pyramid weight, and the layers
+  // together keep n x layers / kSnapKvCR tokens per KV head (every layer caches n tokens).
+  const std::vector<double> snapkv_cr = methods::layer_compressions(
+      kSnapKvCR, std::vector<double>(static_cast<std::size_t>(layers), static_cast<double>(n)),
+      methods::pyramid_weights(layers, kPyramidRatio));
   for (index_t c0 = 0; c0 < n; c0 += chunk) {
     const index_t m = std::min(chunk, n - c0), end = c0 + m;
     index_t pairs = 0, dense = 0;
@@ -189,7 +196,8 @@ int main(int argc, char** argv) {
         caches.emplace_back(co);
         kv::PagedCache<bf16>& cache = caches.back();
         cache.append(kv_view(K, n), kv_view(V, n), opt.executor_choice());
-        eviction = methods::evict(methods::SnapKV{}, q, cache, Budget::compression(kSnapKvCR), opt);
+        (void)methods::evict(methods::SnapKV{}, q, cache,
+                             Budget::compression(snapkv_cr[static_cast<std::size_t>(l)]), opt);
       }
     }
     std::printf(
@@ -198,11 +206,15 @@ int main(int argc, char** argv) {
         static_cast<long long>(c0), static_cast<long long>(end), compression_ratio(dense, pairs),
         kPrefillCR);
   }
-  std::printf(
-      "snapkv after prefill, every layer: kept %lld of %lld tokens per KV head, CR %.2f (target "
-      "%.0f)\n",
-      static_cast<long long>(caches.back().length(0)), static_cast<long long>(n),
-      eviction.stats.compression(), kSnapKvCR);
+  index_t cached = 0;
+  std::printf("snapkv after prefill, tokens kept per KV head (layer target CR):");
+  for (index_t l = 0; l < layers; ++l) {
+    const index_t kept = caches[static_cast<std::size_t>(l)].length(0);
+    cached += kept;
+    std::printf(" %lld (%.2f)", static_cast<long long>(kept), snapkv_cr[static_cast<std::size_t>(l)]);
+  }
+  std::printf("; all layers CR %.2f (total target %.0f)\n",
+              static_cast<double>(n * layers) / static_cast<double>(cached), kSnapKvCR);
 
   // ---- 3: decode steps, layers inner. ----
   const methods::Quest quest;
