@@ -192,28 +192,91 @@ template <class Mask>
 inline constexpr bool kIsLineMask = std::is_same_v<Mask, LineMask>;
 
 /// Lays out the line-mask part of the workspace (see PrefillPlan): one KV head's transposed K
-/// and V tiles (arch::LineOperands), their non-finite flags, the gathered rows. Used by the plan
-/// (sizing carver) and the run.
+/// and V tiles (arch::LineOperands), their non-finite flags, the gathered rows, and the band plan
+/// of each of its G heads (arch::LineOperands: offset bits, dense windows, residual diagonals).
+/// Used by the plan (sizing carver) and the run.
 struct LineRegions {
   float* kt = nullptr;          ///< [tiles][d][kLineTileKeys] transposed K tiles of one KV head
   float* vt = nullptr;          ///< [tiles][dv][kLineTileKeys] the same for V
   std::uint8_t* bad = nullptr;  ///< [tiles]: the tile's V holds an inf or NaN
   float* kg = nullptr;          ///< [columns][d] gathered K rows of one KV head's group
   float* vg = nullptr;          ///< [columns][dv] gathered V rows of one KV head's group
+  index_t keys = 0;                    ///< n_k
+  index_t words = 0;                   ///< 64-bit words of one head's offset bits
+  index_t windows = 0;                 ///< band windows of one head
+  std::uint64_t* off_bits = nullptr;   ///< [G][words] offset bits (bit delta + kLineWindow)
+  std::int32_t* use = nullptr;         ///< [G][windows] offset pairs of each window
+  std::uint8_t* dense = nullptr;       ///< [G][windows] 1 = the window runs dense
+  std::int32_t* res_offs = nullptr;    ///< [G][n_k] residual offsets
+  std::uint64_t* res_lanes = nullptr;  ///< [G][n_k] their lanes outside dense windows
+  index_t* nres = nullptr;             ///< [G] residual offsets of each head
   /// Carves the regions.
   /// @param c the carver.
   /// @param d K head dim.
   /// @param dv V head dim.
   /// @param tiles transposed tiles: n_k / kLineStep + 3.
   /// @param columns gathered rows: the most columns of one KV head's G heads.
-  LineRegions(arch::Carver& c, index_t d, index_t dv, index_t tiles, index_t columns) {
+  /// @param G query heads per KV head.
+  /// @param n_k keys.
+  LineRegions(arch::Carver& c, index_t d, index_t dv, index_t tiles, index_t columns, index_t G,
+              index_t n_k) {
     kt = c.take<float>(tiles * d * arch::kLineTileKeys);
     vt = c.take<float>(tiles * dv * arch::kLineTileKeys);
     bad = c.take<std::uint8_t>(tiles);
     kg = c.take<float>(columns * d);
     vg = c.take<float>(columns * dv);
+    // Offset bits up to delta + W <= n_k - 1 + W, read two words at bit p0 - j + W <= n_k + W - 1;
+    // windows m <= (p0 + W - 1) / W <= n_k / W + 1.
+    keys = n_k;
+    words = n_k / 64 + 3;
+    windows = n_k / arch::kLineWindow + 3;
+    off_bits = c.take<std::uint64_t>(G * words);
+    use = c.take<std::int32_t>(G * windows);
+    dense = c.take<std::uint8_t>(G * windows);
+    res_offs = c.take<std::int32_t>(G * n_k);
+    res_lanes = c.take<std::uint64_t>(G * n_k);
+    nres = c.take<index_t>(G);
   }
 };
+
+/// Fills head g's band plan in `reg` from its offsets (ascending, n_offs of them): the offset
+/// bits; per window m the offset pairs it holds, sum over offsets delta with |delta - m W| < W of
+/// W - |delta - m W| (lane i of offset delta lies in window ceil((delta - i) / W)); the dense
+/// windows (kLineDenseNum / kLineDenseDen of W x W pairs or more); the residual offsets, those
+/// with a lane in a window that is not dense, and those lanes. O(n_k / 64 + n_offs x W).
+/// @param reg the regions.
+/// @param g the head within its KV head's group.
+/// @param offs the head's offsets, ascending, in [0, n_k).
+/// @param n_offs their count.
+inline void plan_line_band(const LineRegions& reg, index_t g, const std::int32_t* offs, index_t n_offs) {
+  constexpr index_t W = arch::kLineWindow;
+  std::uint64_t* bits = reg.off_bits + g * reg.words;
+  std::int32_t* use = reg.use + g * reg.windows;
+  std::uint8_t* dense = reg.dense + g * reg.windows;
+  std::fill(bits, bits + reg.words, std::uint64_t{0});
+  std::fill(use, use + reg.windows, 0);
+  for (index_t t = 0; t < n_offs; ++t) {
+    const index_t o = offs[t], m = o / W, r = o - m * W;
+    bits[(o + W) / 64] |= std::uint64_t{1} << ((o + W) % 64);
+    use[m] += static_cast<std::int32_t>(W - r);  // lanes i <= r lie in window m
+    if (r > 0) use[m + 1] += static_cast<std::int32_t>(r);  // lanes i > r in window m + 1
+  }
+  for (index_t m = 0; m < reg.windows; ++m)
+    dense[m] = use[m] * arch::kLineDenseDen >= arch::kLineDenseNum * W * W ? 1 : 0;
+  std::int32_t* ro = reg.res_offs + g * reg.keys;
+  std::uint64_t* rl = reg.res_lanes + g * reg.keys;
+  index_t nres = 0;
+  for (index_t t = 0; t < n_offs; ++t) {
+    const index_t o = offs[t];
+    std::uint64_t lanes = 0;
+    for (index_t i = 0; i < W; ++i)
+      if (dense[(o - i + W - 1) / W] == 0) lanes |= std::uint64_t{1} << i;
+    if (lanes == 0) continue;  // every lane in dense windows
+    ro[nres] = static_cast<std::int32_t>(o);
+    rl[nres++] = lanes;
+  }
+  reg.nres[g] = nres;
+}
 
 /// True when Mask::allowed_in_block is noexcept: the run then calls it inline; otherwise the plan
 /// reserves bits and the run evaluates the partial blocks first (exception safety).
@@ -347,11 +410,14 @@ PrefillPlan plan_prefill(const AttentionShape& shape, const Mask& mask, const At
         kMaxBytes / 4, {shape.head_dim + shape.head_dim_v, plan.line_tiles_, arch::kLineTileKeys});
     const index_t g_floats = detail::bounded_product(
         kMaxBytes / 4, {plan.line_columns_, shape.head_dim + shape.head_dim_v});
-    if (kv_floats < 0 || g_floats < 0) {
+    // The band plans: under 16 bytes per key and head of the group (kernel::LineRegions).
+    const index_t band_bytes = detail::bounded_product(kMaxBytes, {G, shape.n_k + 4 * arch::kLineWindow, 16});
+    if (kv_floats < 0 || g_floats < 0 || band_bytes < 0) {
       plan.line_bytes_ = SIZE_MAX;
     } else {
       arch::Carver lines;
-      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, plan.line_tiles_, plan.line_columns_);
+      kernel::LineRegions(lines, shape.head_dim, shape.head_dim_v, plan.line_tiles_, plan.line_columns_, G,
+                          shape.n_k);
       plan.line_bytes_ = lines.bytes();
     }
     kernel::require_workspace_fits({plan.line_bytes_}, plan.scratch_bytes_, plan.workers_, shape, where);
@@ -545,7 +611,7 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
       const index_t step = arch::kLineStep, tl = arch::kLineTileKeys;
       arch::Carver lc(base + plan.bits_bytes_ + plan.pack_bytes_ +
                       plan.scratch_bytes_ * static_cast<std::size_t>(plan.workers_) + plan.mass_bytes_);
-      const kernel::LineRegions reg(lc, d, dv, ntl, group_columns);
+      const kernel::LineRegions reg(lc, d, dv, ntl, group_columns, G, k.tokens);
       const index_t span = tq * plan.tiles_, ngroups = (q.tokens + span - 1) / span, per_kv = G * ngroups;
       for (index_t hk = 0; hk < k.heads; ++hk) {
         // K and V of KV head hk transposed into overlapping tiles (arch::LineOperands), each tile
@@ -579,6 +645,7 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
         const index_t group_first = mask.first_column(hk * G);
         run_items(exec, G, [&](index_t g, int) {
           const index_t h = hk * G + g, first = mask.first_column(h) - group_first;
+          kernel::plan_line_band(reg, g, mask.offsets(h), mask.num_offsets(h));
           const std::int32_t* cols = mask.columns(h);
           for (index_t t = 0; t < mask.num_columns(h); ++t) {
             load_row(k.row(hk, cols[t]), k.stride_dim, reg.kg + (first + t) * d, d);
@@ -604,6 +671,13 @@ void prefill(const PrefillPlan& plan, const QV& q, const KV& k, const VV& v, con
           lo.v_finite = v_finite;
           lo.n_k = k.tokens;
           lo.q_offset = ms.q_offset();
+          const index_t g = h - hk * G;
+          lo.off_bits = reg.off_bits + g * reg.words;
+          lo.dense = reg.dense + g * reg.windows;
+          lo.windows = reg.windows;
+          lo.res_offs = reg.res_offs + g * reg.keys;
+          lo.res_lanes = reg.res_lanes + g * reg.keys;
+          lo.nres = reg.nres[g];
           arch::dispatch(plan.target_, [&](auto target) {
             decltype(target)::prefill_lines_item(lo, plan.bk_, q, k, v, out, opt.lse, scale, plan.bf16_, h,
                                                  q0, std::min(span, q.tokens - q0), ws);

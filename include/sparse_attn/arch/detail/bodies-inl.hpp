@@ -436,6 +436,15 @@ inline void online_softmax_block(float* s, index_t ldq, index_t nk, index_t widt
   }
 }
 
+/// True for masks that mask a whole logit block at once (mask_block(s, ldq, q0, rows, k0, nk)),
+/// instead of one allowed_in_block call per element.
+template <class Mask, class = void>
+struct masks_blocks : std::false_type {};
+template <class Mask>
+struct masks_blocks<Mask, std::void_t<decltype(std::declval<const Mask&>().mask_block(
+                              static_cast<float*>(nullptr), index_t{}, index_t{}, index_t{}, index_t{},
+                              index_t{}))>> : std::true_type {};
+
 // One key block for one head's query tile: logits, mask, online-softmax update (the
 // OnlineSoftmax rule of kernel/softmax_state.hpp, vectorised over the tile's queries), P V.
 template <class V, class Mask>
@@ -461,9 +470,13 @@ inline void prefill_block(const Mask& mask, index_t mh, index_t q0, index_t rows
           V::store(s + j * ldq + i, V::mul(V::load(s + j * ldq + i), V::set1(scale)));
   }
   if (!full) {
-    for (index_t j = 0; j < nk; ++j)
-      for (index_t i = 0; i < rows; ++i)
-        if (!mask.allowed_in_block(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
+    if constexpr (masks_blocks<Mask>::value) {
+      mask.mask_block(s, ldq, q0, rows, k0, nk);
+    } else {
+      for (index_t j = 0; j < nk; ++j)
+        for (index_t i = 0; i < rows; ++i)
+          if (!mask.allowed_in_block(mh, q0 + i, k0 + j)) s[j * ldq + i] = -INFINITY;
+    }
   }
   if (mass.dst != nullptr) store_mass_logits(s, ldq, nk, mass, ws.ks_ld);
   online_softmax_block<V>(s, ldq, nk, width, full, mode, ws, m, l, ot, dv);
@@ -834,15 +847,52 @@ struct GatheredColumns {
   bool allowed_in_block(index_t, index_t qi, index_t t) const noexcept { return cols[t] <= qi + q_offset; }
 };
 
-/// The element test of the key-block fallback of a line-mask tile: the line mask's own rule,
-/// j <= p and (j a column or p - j an offset).
-struct LineElementTest {
+/// Bits [pos, pos + 64) of a bit array (bit b: word b / 64, bit b % 64), pos >= 0.
+inline std::uint64_t bits_at(const std::uint64_t* bits, index_t pos) {
+  const index_t w = pos >> 6, r = pos & 63;
+  return r == 0 ? bits[w] : (bits[w] >> r) | (bits[w + 1] << (64 - r));
+}
+
+/// The element rule of a line-mask tile's dense blocks (band windows and the key-block
+/// fallback) as 64-bit lane masks. For query lane i at position p = p0 + i and key j, with
+/// delta = p - j, the pair is an offset pair iff bit delta + kLineWindow of off_bits is set
+/// (off_bits is 0 below that bias, so delta < 0, i.e. j > p, is never set): key j's lanes are
+/// bits [p0 - j + kLineWindow, + 64) of off_bits, one shifted read. A column key j is either
+/// seen causally by every lane (lanes i >= j - p0; with_columns: the fallback, which has no
+/// gathered tiles) or by none (the band windows: the gathered column tiles already count it,
+/// so each pair is counted once).
+struct LineBandMask {
+  const std::uint64_t* off_bits;
   const std::uint8_t* cols;
-  const std::uint8_t* offs;
   index_t q_offset;
+  bool with_columns;
+  /// Lanes of key kj for the tile whose lane 0 is query q0 (bit i: query q0 + i).
+  std::uint64_t lanes(index_t q0, index_t kj) const noexcept {
+    const index_t p0 = q0 + q_offset;
+    if (kj - p0 >= 64) return 0;  // after every lane's position
+    if (cols[kj] == 0) return bits_at(off_bits, p0 - kj + kLineWindow);  // bit position >= 1
+    if (!with_columns) return 0;
+    return kj <= p0 ? ~std::uint64_t{0} : kj - p0 >= 64 ? 0 : ~std::uint64_t{0} << (kj - p0);
+  }
   bool allowed_in_block(index_t, index_t qi, index_t kj) const noexcept {
     const index_t delta = qi + q_offset - kj;
-    return delta >= 0 && (cols[kj] != 0 || offs[delta] != 0);
+    if (delta < 0) return false;
+    return cols[kj] != 0 ? with_columns : ((off_bits[(delta + kLineWindow) >> 6] >> ((delta + kLineWindow) & 63)) & 1) != 0;
+  }
+  /// Sets the logits s[j][i] of the disallowed pairs (i < rows <= 64) of keys k0 + j to -inf.
+  void mask_block(float* s, index_t ldq, index_t q0, index_t rows, index_t k0, index_t nk) const noexcept {
+    const std::uint64_t pad = rows >= 64 ? 0 : ~std::uint64_t{0} << rows;  // lanes left alone
+    for (index_t j = 0; j < nk; ++j) {
+      const std::uint64_t w = lanes(q0, k0 + j) | pad;
+      if (w == ~std::uint64_t{0}) continue;
+      float* row = s + j * ldq;
+      for (index_t i0 = 0; i0 < 64; i0 += 16) {
+        const auto c = static_cast<std::uint32_t>((w >> i0) & 0xFFFFu);
+        if (c == 0xFFFFu) continue;
+        for (index_t i = 0; i < 16; ++i)
+          row[i0 + i] = ((c >> i) & 1u) != 0 ? row[i0 + i] : -INFINITY;
+      }
+    }
   }
 };
 
@@ -955,14 +1005,19 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
         prefill_block<V>(gathered, 0, tq0, rows, t, nk, full, b, mode, scale, d, dv, ws, tile, MassRows{});
       }
     };
-    nslots[r] = std::upper_bound(lo.offs, lo.offs + lo.noffs, p1) - lo.offs;
-    // A diagonal pair costs about 3 pairs of a dense tile (each reads its own K/V row), an
-    // element-tested block pair about 1.25: a tile whose lines cover much of its prefix runs
-    // as the key blocks of the prefix that hold one of its pairs, element-tested.
-    if (4 * (3 * nslots[r] + nvis) >= 5 * (p1 + 1)) {
-      const LineElementTest test{lo.col_flags, lo.off_flags, lo.q_offset};
+    nslots[r] = std::upper_bound(lo.res_offs, lo.res_offs + lo.nres, p1) - lo.res_offs;
+    // Band windows reaching a key >= 0 (p0 - m W + W > 0), and how many of them run dense.
+    const index_t wend = std::min(lo.windows, (p0 + kLineWindow - 1) / kLineWindow + 1);
+    index_t ndense = 0;
+    for (index_t m = 0; m < wend; ++m) ndense += lo.dense[m];
+    // Costs in dense pairs: a gathered column pair and a band window pair about 1, a residual
+    // diagonal pair about 3 (its own K and V row). A tile whose lines cover much of its prefix
+    // runs instead as the key blocks of the prefix that hold one of its pairs, bit-masked.
+    const index_t by_lines = kMaxTileQ * (nvis + kLineWindow * ndense + 3 * nslots[r]);
+    if (kMaxTileQ * (p1 + 1) <= by_lines) {
+      const LineBandMask all{lo.off_bits, lo.col_flags, lo.q_offset, true};
       for (index_t k0 = 0; k0 <= p1 && k0 < lo.n_k; k0 += chunk) {
-        const index_t k1 = std::min(lo.n_k, k0 + chunk);
+        const index_t k1 = std::min({lo.n_k, k0 + chunk, p1 + 1});  // keys > p1: no pair
         if (!(std::upper_bound(lo.cols, lo.cols + lo.ncols, std::min(k1 - 1, p1)) >
                   std::lower_bound(lo.cols, lo.cols + lo.ncols, k0) ||
               std::upper_bound(lo.offs, lo.offs + lo.noffs, p1 - k0) >
@@ -971,14 +1026,28 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
         BlockOperands b;
         b.k = fp32_rows<V>(k, lo.hk, k0, k1 - k0, ws.kbuf, b.ldk);
         b.v = fp32_rows<V>(v, lo.hk, k0, k1 - k0, ws.vbuf, b.ldv);
-        b.v_finite = all_finite<V>(b.v, k1 - k0, dv, b.ldv);
-        prefill_block<V>(test, 0, tq0, rows, k0, k1 - k0, false, b, mode, scale, d, dv, ws, tile, MassRows{});
+        b.v_finite = lo.v_finite;
+        prefill_block<V>(all, 0, tq0, rows, k0, k1 - k0, false, b, mode, scale, d, dv, ws, tile, MassRows{});
       }
       nslots[r] = 0;
       continue;
     }
     columns(0, nfull, true);
     columns(nfull, nvis, false);
+    // Dense band windows: keys [p0 - m W, p0 - m W + W) cut to [0, p1], the offset pairs of
+    // non-column keys (bit-masked); their diagonals' other lanes are the residual ones.
+    const LineBandMask band{lo.off_bits, lo.col_flags, lo.q_offset, false};
+    for (index_t m = 0; m < wend; ++m) {
+      if (lo.dense[m] == 0) continue;
+      const index_t k0 = std::max<index_t>(0, p0 - m * kLineWindow);
+      const index_t k1 = std::min(p1 + 1, p0 - m * kLineWindow + kLineWindow);
+      if (k1 <= k0) continue;
+      BlockOperands b;
+      b.k = fp32_rows<V>(k, lo.hk, k0, k1 - k0, ws.kbuf, b.ldk);
+      b.v = fp32_rows<V>(v, lo.hk, k0, k1 - k0, ws.vbuf, b.ldv);
+      b.v_finite = lo.v_finite;
+      prefill_block<V>(band, 0, tq0, rows, k0, k1 - k0, false, b, mode, scale, d, dv, ws, tile, MassRows{});
+    }
   }
 
   // Diagonals.
@@ -993,7 +1062,7 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
       const index_t rows = rows_of(r), width = round_up(rows, V::kLanes);
       const index_t p0 = q0 + r * kMaxTileQ + lo.q_offset;
       for (index_t t = 0; t < nt; ++t) {
-        base[t] = p0 - lo.offs[t0 + t];  // lane 0's key
+        base[t] = p0 - lo.res_offs[t0 + t];  // lane 0's key
         for (index_t v = 0; v < width / V::kLanes; ++v) {
           kat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, d);
           vat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, dv);
@@ -1010,11 +1079,12 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
         });
       for (index_t t = 0; t < nt; ++t) {
         float* st = s + t * ldq;
+        const std::uint64_t lanes = lo.res_lanes[t0 + t];  // those outside dense windows
         if (mode == Products::bf16_emulated)  // the scale multiplies the sum of bf16 products
           for (index_t i = 0; i < width; ++i) st[i] *= scale;
         for (index_t i = 0; i < width; ++i) {
           const index_t j = base[t] + i;  // i < rows: j <= p_i < n_k
-          if (!(i < rows && j >= 0 && lo.col_flags[j] == 0)) st[i] = -INFINITY;
+          if (!(i < rows && j >= 0 && lo.col_flags[j] == 0 && ((lanes >> i) & 1) != 0)) st[i] = -INFINITY;
         }
       }
       online_softmax_block<V>(s, ldq, nt, width, false, mode, ws, tile.m, tile.l, tile.ot, dv);
@@ -1034,7 +1104,7 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
         for (index_t t = 0; t < nt; ++t)
           for (index_t i = 0; i < rows; ++i) {
             const index_t j = base[t] + i;
-            if (j < 0 || lo.col_flags[j] != 0) continue;
+            if (j < 0 || lo.col_flags[j] != 0 || ((lo.res_lanes[t0 + t] >> i) & 1) == 0) continue;
             const float* vr = lo.vtiles + line_tile_offset(j, dv);
             for (index_t c = 0; c < dv; ++c) tile.ot[c * ldq + i] += s[t * ldq + i] * vr[c * kLineTileKeys];
           }

@@ -76,6 +76,15 @@ struct LineOperands {
   const float* vtiles = nullptr;  // [tiles][dv][kLineTileKeys] transposed V tiles
   bool v_finite = true;  // the KV head's V holds no inf or NaN
   index_t n_k = 0, q_offset = 0;
+  // The band plan of head h (kernel/prefill.hpp, LineRegions): window m of a query tile starting
+  // at position p0 is the keys [p0 - m kLineWindow, p0 - m kLineWindow + kLineWindow); lane i
+  // of offset delta falls in window ceil((delta - i) / kLineWindow), whatever p0 is.
+  const std::uint64_t* off_bits = nullptr;  // bit delta + kLineWindow set iff delta is an offset
+  const std::uint8_t* dense = nullptr;      // [windows] 1 = the window runs as a dense block
+  index_t windows = 0;                      // entries of dense
+  const std::int32_t* res_offs = nullptr;   // [nres] offsets with a lane outside dense windows
+  const std::uint64_t* res_lanes = nullptr; // [nres] those lanes (bit i: lane i)
+  index_t nres = 0;
 };
 
 /// Keys between the starts of consecutive transposed tiles of LineOperands.
@@ -91,6 +100,14 @@ inline constexpr index_t kLineTileKeys = kLineStep + kMaxLanes;
 inline constexpr index_t kLineTiles = 4;
 /// Diagonals per online-softmax step of a line-mask tile.
 inline constexpr index_t kLineSlots = 16;
+/// Keys of one band window of a line-mask tile (see LineOperands): a window whose diagonals
+/// hold enough pairs runs as one dense block with a bit mask, so it equals the query tile.
+inline constexpr index_t kLineWindow = kMaxTileQ;
+static_assert(kLineWindow == 64, "a window's lane masks are 64-bit words");
+/// A window runs dense when its diagonals' pairs are at least kLineDenseNum / kLineDenseDen of
+/// its kLineWindow x kLineWindow pairs: a diagonal pair costs about 3 dense pairs (it reads
+/// its own K and V row), so above about 1/3 the dense block is cheaper.
+inline constexpr index_t kLineDenseNum = 3, kLineDenseDen = 10;
 
 /// Where a prefill item adds its key mass: fixed-point sums (value x 2^shift, bit 63 marks NaN),
 /// so the total does not depend on the order in which items finish.
