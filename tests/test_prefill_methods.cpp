@@ -941,6 +941,40 @@ TEST(VerticalSlash, LineExecutionEqualsBlockPredicateExecution) {
   check(Problem<float>(2, 2, 200, 200, 16, 46), 200, 200, 64, sa::Precision::float32);  // dense
 }
 
+// Band windows (kernel: 64-key windows of a query tile whose diagonals hold >= 30% of the
+// pairs run as bit-masked dense blocks; the other lanes of their diagonals stay diagonal): line
+// masks built directly with dense offset runs (near 0, in the middle, half-filled, and ending at
+// n - 1), isolated offsets (one of them n - 1), and columns inside the windows (counted once),
+// against the float64 oracle: odd n, GQA, suffix queries, n < 64, bf16 K/V (converted rows).
+TEST(VerticalSlash, LineExecutionBandWindowsMatchOracle) {
+  auto mask_for = [](index_t hq, index_t n_q, index_t n_k, unsigned seed) {
+    std::vector<std::uint8_t> cols(static_cast<std::size_t>(hq * n_k), 0), offs(cols.size(), 0);
+    std::mt19937 gen(seed);
+    for (index_t h = 0; h < hq; ++h) {
+      auto col = [&](index_t j) { if (j >= 0 && j < n_k) cols[static_cast<std::size_t>(h * n_k + j)] = 1; };
+      auto off = [&](index_t o) { if (o >= 0 && o < n_k) offs[static_cast<std::size_t>(h * n_k + o)] = 1; };
+      for (index_t o = 0; o < 150 + 20 * h; ++o) off(o);              // band from 0 (windows 0..2+)
+      for (index_t o = 200; o < 262; o += 2) off(o + h);              // half-filled run
+      for (index_t o = n_k - 70 + 7 * h; o < n_k; ++o) off(o);        // run ending at n - 1
+      off(333 + h), off(n_k / 2 + 1), off(n_k - 1 - 3 * h);           // isolated
+      for (index_t j = 0; j < 4; ++j) col(j);                          // sinks
+      col(100 + h), col(101), col(230), col(n_k - 5), col(n_k - 1);   // inside band windows
+      for (index_t t = 0; t < 12; ++t) col(static_cast<index_t>(gen() % static_cast<unsigned>(n_k)));
+    }
+    return sa::LineMask(sa::MaskShape{hq, n_q, n_k, 64, 64, true}, std::move(cols), std::move(offs));
+  };
+  auto check = [&](const auto& p, unsigned seed) {
+    const sa::LineMask lm = mask_for(p.hq, p.n_q, p.n_k, seed);
+    ASSERT_EQ(sa::count_pairs(lm), lm.pairs());
+    expect_matches_oracle(p, lm);
+  };
+  check(Problem<float>(4, 2, 517, 517, 16, 60), 1);      // odd n, GQA
+  check(Problem<float>(2, 1, 300, 517, 24, 61), 2);      // suffix queries (q_offset 217)
+  check(Problem<float>(3, 3, 45, 45, 16, 62), 3);        // n < 64: one tile, every offset
+  check(Problem<float>(2, 2, 1029, 1029, 32, 63), 4);    // many tiles, windows far from 0
+  check(Problem<sa::bf16>(4, 1, 389, 389, 32, 64), 5);   // bf16 K/V: rows converted
+}
+
 // The line execution with dv != d and strided Q/K/V views, against the float64 oracle; and an
 // inf in V reaches only the rows allowed to see its key (docs/ROBUSTNESS.md).
 TEST(VerticalSlash, LineExecutionStridedViewsOtherValueDimAndNonFiniteV) {
