@@ -8,9 +8,12 @@
 /// partial, and the element test), so generic code (to_dense, count_pairs, the float64 oracle)
 /// reads it like any mask; the prefill kernel recognises it (kernel::is_line_mask) and executes
 /// it without an element test in its hot loops: the columns of C_h gathered into dense K/V tiles
-/// (a causal cut on the last tile only), the diagonals of D_h as dot products against a
-/// transposed K/V (a key of a diagonal is skipped when it is a column of C_h, so a pair covered
-/// by both counts once). See kernel/prefill.hpp and docs/DESIGN.md, section "The mask interface".
+/// (a causal cut on the last tile only); the diagonals of D_h as banded dense blocks: for a
+/// query tile at positions [p0, p0 + 64) and window m the keys [p0 - 64 m, p0 - 64 m + 64) hold
+/// the diagonals p0 - j in (64 m - 64, 64 m + 64), so a window whose diagonals hold >= 30% of its
+/// pairs runs through the dense micro-kernel with a 64-bit lane mask per key (one shifted read of
+/// the offset bits); the other diagonals' lanes as dot products against a transposed K/V. A key
+/// that is a column of C_h is skipped by both, so a pair covered by both counts once. See kernel/prefill.hpp and docs/DESIGN.md, section "The mask interface".
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include <algorithm>

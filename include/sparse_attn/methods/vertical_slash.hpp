@@ -31,7 +31,8 @@
 /// Execution, both from the same sets:
 ///   exact: query i at position p sees {j <= p : j in Vset or p - j in Sset}: a LineMask
 ///          (mask/line_mask.hpp), which the prefill kernel runs as the columns gathered into
-///          dense K/V tiles plus the diagonals against transposed K/V, with no element test in
+///          dense K/V tiles plus the diagonals as bit-masked dense band windows and, where
+///          sparse, lane-wise against transposed K/V, with no per-element predicate in
 ///          the hot loops (docs/METHODS.md, section "vertical_slash").
 ///   tiled: the same block list executed whole (causal cut only): for each query tile the key
 ///          blocks covering every slash's range plus the blocks of the vertical columns. A

@@ -958,10 +958,14 @@ inline void diagonal_pv(const float* p, index_t ldq, index_t nt, const float* vt
 /// Line-mask work item: query head h, query rows [q0, q0 + nrows) in tiles of kMaxTileQ (at most
 /// kLineTiles; tile r uses scratch tile r; positions p = qi + q_offset). Vertical lines, per tile:
 /// the gathered columns <= p, `chunk` at a time; tiles of columns <= the tile's first position
-/// are full (no test), the rest take the causal cut. Diagonals: offsets <= the tile's last
-/// position, kLineSlots at a time, each group for every tile before the next group; lane i of
-/// slot t reads key p_i - delta_t, masked when that key is < 0 or one of the columns (already
-/// counted). fp32 products, or the bf16 products emulated (Q and P rounded to bf16, the scale
+/// are full (no test), the rest take the causal cut. Band windows (LineOperands): each dense
+/// window m as one block of keys [p0 - m W, p0 - m W + W) cut to [0, p1], bit-masked
+/// (LineBandMask, column keys excluded). Residual diagonals: the offsets <= the tile's last
+/// position with a lane outside dense windows, kLineSlots at a time, each group for every tile
+/// before the next group; lane i of slot t reads key p_i - delta_t, masked when that key is < 0,
+/// one of the columns (already counted) or in a dense window (already counted). A tile whose
+/// lines would cost more than its whole prefix runs as the prefix's key blocks holding a pair,
+/// bit-masked with the columns included. fp32 products, or the bf16 products emulated (Q and P rounded to bf16, the scale
 /// after the sum), as Products describes.
 template <class V, class QV, class KV, class VV, class OV>
 void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k, const VV& v,
