@@ -301,3 +301,20 @@ TEST(CpPrefill, ValidArgumentsPassTheCheckOnEveryRank) {
   dist::Communicator comm;
   EXPECT_EQ(outcome_everywhere(comm, [&] { call_prefill(comm, 64, 16, 20, 0); }), "");
 }
+
+TEST(CpPrefill, DifferentBlockSparseMaskOnOneRankFailsOnEveryRank) {
+  // Same shape, kind and options; only the block lists differ: caught by the fingerprint.
+  dist::Communicator comm;
+  if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const index_t n = 64, d = 16;
+  const BlockListMask<> mask = random_block_mask(2, n, 16, true, 0.5, comm.rank() == 1 ? 8 : 7);
+  const dist::ZigZagLayout lay = dist::zigzag_layout(n, comm.size(), 16, 16);
+  const index_t L = lay.local_tokens(comm.rank());
+  std::vector<float> x(static_cast<std::size_t>(2 * L * d)), out(x.size());
+  const std::string m = outcome_everywhere(comm, [&] {
+    dist::prefill(comm, TensorView<const float>(x.data(), 2, L, d), TensorView<const float>(x.data(), 2, L, d),
+                  TensorView<const float>(x.data(), 2, L, d), TensorView<float>(out.data(), 2, L, d), mask);
+  });
+  EXPECT_EQ(m.rfind("dist::prefill: ranks disagree on mask fingerprint: rank 0 has ", 0), 0u) << m;
+  EXPECT_NE(m.find(", rank 1 has "), std::string::npos) << m;
+}

@@ -245,6 +245,10 @@ void fill_pack(KvPack<KT, VT>& p, const KV& k, const VV& v, const MaskShape& s, 
 // waiting must not free buffers MPI still writes or reads).
 struct PendingRequests {
   std::vector<MPI_Request> reqs;
+  MPI_Request* add2() {  // two more slots (K and V of one chunk)
+    reqs.resize(reqs.size() + 2, MPI_REQUEST_NULL);
+    return reqs.data() + reqs.size() - 2;
+  }
   void test() {
     if (reqs.empty()) return;
     int done = 0;
@@ -367,7 +371,7 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
 
   // fp32 accumulators of the two query chunks: out and LSE, merged pair by pair.
   std::array<std::vector<float>, 2> acc, acc_lse;
-  for (int u = 0; u < 2; ++u) {
+  for (std::size_t u = 0; u < 2; ++u) {
     acc[u].assign(static_cast<std::size_t>(hq * my_range[u].size() * dv), 0.0f);
     acc_lse[u].assign(static_cast<std::size_t>(hq * my_range[u].size()), kNegInf);
   }
@@ -387,74 +391,74 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
   };
   const int tag0 = detail::kPrefillTagBase;
   auto post = [&](int s) {
-    const int slot = s % 2, src = (me - s + P) % P, dst = (me + s) % P;
+    const auto slot = static_cast<std::size_t>(s % 2);
+    const int src = (me - s + P) % P, dst = (me + s) % P;
     const std::array<index_t, 2> theirs = lay.chunks_of(src);
-    for (int u = 0; u < 2; ++u) {
-      detail::KvPack<KT, VT>& p = in[static_cast<std::size_t>(slot)][static_cast<std::size_t>(u)];
-      prepare_in(p, theirs[static_cast<std::size_t>(u)]);
+    for (std::size_t u = 0; u < 2; ++u) {
+      detail::KvPack<KT, VT>& p = in[slot][u];
+      prepare_in(p, theirs[u]);
       if (p.tokens == 0) continue;
-      reqs[static_cast<std::size_t>(slot)].reqs.resize(reqs[static_cast<std::size_t>(slot)].reqs.size() + 2);
-      MPI_Request* r = reqs[static_cast<std::size_t>(slot)].reqs.data() + reqs[static_cast<std::size_t>(slot)].reqs.size() - 2;
-      MPI_Irecv(p.k.data(), static_cast<int>(p.tokens * hkv * d), mpi_type<KT>(), src, tag0 + 2 * u, comm.handle(), r);
-      MPI_Irecv(p.v.data(), static_cast<int>(p.tokens * hkv * dv), mpi_type<VT>(), src, tag0 + 2 * u + 1, comm.handle(), r + 1);
+      MPI_Request* r = reqs[slot].add2();
+      MPI_Irecv(p.k.data(), static_cast<int>(p.tokens * hkv * d), mpi_type<KT>(), src, tag0 + 2 * static_cast<int>(u), comm.handle(), r);
+      MPI_Irecv(p.v.data(), static_cast<int>(p.tokens * hkv * dv), mpi_type<VT>(), src, tag0 + 2 * static_cast<int>(u) + 1, comm.handle(), r + 1);
       st.messages_received += 2;
       st.bytes_received += p.tokens * hkv * (d * static_cast<index_t>(sizeof(KT)) + dv * static_cast<index_t>(sizeof(VT)));
       st.key_blocks_received += static_cast<index_t>(p.blocks.size());
     }
-    for (int u = 0; u < 2; ++u) {
-      detail::KvPack<KT, VT>& p = out_pack[static_cast<std::size_t>(slot)][static_cast<std::size_t>(u)];
-      p.blocks = sch.blocks_for(dst, mine[static_cast<std::size_t>(u)], ms.block_k);
+    for (std::size_t u = 0; u < 2; ++u) {
+      detail::KvPack<KT, VT>& p = out_pack[slot][u];
+      p.blocks = sch.blocks_for(dst, mine[u], ms.block_k);
       const index_t tok = detail::block_tokens(p.blocks, ms);
       p.allocate(tok, tok, hkv, d, dv);
       if (tok == 0) continue;
-      detail::fill_pack(p, k, v, ms, my_range[static_cast<std::size_t>(u)].begin, my_local0[static_cast<std::size_t>(u)]);
-      reqs[static_cast<std::size_t>(slot)].reqs.resize(reqs[static_cast<std::size_t>(slot)].reqs.size() + 2);
-      MPI_Request* r = reqs[static_cast<std::size_t>(slot)].reqs.data() + reqs[static_cast<std::size_t>(slot)].reqs.size() - 2;
-      MPI_Isend(p.k.data(), static_cast<int>(tok * hkv * d), mpi_type<KT>(), dst, tag0 + 2 * u, comm.handle(), r);
-      MPI_Isend(p.v.data(), static_cast<int>(tok * hkv * dv), mpi_type<VT>(), dst, tag0 + 2 * u + 1, comm.handle(), r + 1);
+      detail::fill_pack(p, k, v, ms, my_range[u].begin, my_local0[u]);
+      MPI_Request* r = reqs[slot].add2();
+      MPI_Isend(p.k.data(), static_cast<int>(tok * hkv * d), mpi_type<KT>(), dst, tag0 + 2 * static_cast<int>(u), comm.handle(), r);
+      MPI_Isend(p.v.data(), static_cast<int>(tok * hkv * dv), mpi_type<VT>(), dst, tag0 + 2 * static_cast<int>(u) + 1, comm.handle(), r + 1);
       st.messages_sent += 2;
       st.bytes_sent += tok * hkv * (d * static_cast<index_t>(sizeof(KT)) + dv * static_cast<index_t>(sizeof(VT)));
     }
   };
 
   // Shift 0: this rank's own blocks, copied into slot 0 (no message).
-  for (int u = 0; u < 2; ++u) {
-    detail::KvPack<KT, VT>& p = in[0][static_cast<std::size_t>(u)];
-    prepare_in(p, mine[static_cast<std::size_t>(u)]);
-    detail::fill_pack(p, k, v, ms, my_range[static_cast<std::size_t>(u)].begin, my_local0[static_cast<std::size_t>(u)]);
+  for (std::size_t u = 0; u < 2; ++u) {
+    detail::KvPack<KT, VT>& p = in[0][u];
+    prepare_in(p, mine[u]);
+    detail::fill_pack(p, k, v, ms, my_range[u].begin, my_local0[u]);
   }
 
   AttentionOptions kopt = opt;
   kopt.key_mass = {};
   for (int s = 0; s < P; ++s) {
-    const int slot = s % 2, src = (me - s + P) % P;
+    const auto slot = static_cast<std::size_t>(s % 2);
+    const int src = (me - s + P) % P;
     if (s + 1 < P) post(s + 1);  // overlap: the next shift's transfers run during this compute
-    reqs[static_cast<std::size_t>(slot)].wait();  // this shift's receives (and its sends' buffers)
+    reqs[slot].wait();  // this shift's receives (and its sends' buffers)
     const std::array<index_t, 2> theirs = lay.chunks_of(src);
-    for (int qu = 0; qu < 2; ++qu) {
-      const index_t qc = mine[static_cast<std::size_t>(qu)], nq = my_range[static_cast<std::size_t>(qu)].size();
+    for (std::size_t qu = 0; qu < 2; ++qu) {
+      const index_t qc = mine[qu], nq = my_range[qu].size();
       if (nq == 0) continue;
-      for (int u = 0; u < 2; ++u) {
-        const index_t kc = theirs[static_cast<std::size_t>(u)];
+      for (std::size_t u = 0; u < 2; ++u) {
+        const index_t kc = theirs[u];
         if (sch.blocks(qc, kc) == 0) {
           if (lay.chunk(kc).size() > 0) ++st.chunk_pairs_skipped;
           continue;
         }
-        const detail::KvPack<KT, VT>& p = in[static_cast<std::size_t>(slot)][static_cast<std::size_t>(u)];
+        const detail::KvPack<KT, VT>& p = in[slot][u];
         const detail::PairMask<Mask> pm(mask, nq, p.rows, lay.chunk(qc).begin, p.blocks);
         part.assign(static_cast<std::size_t>(hq * nq * dv), 0.0f);
         part_lse.assign(static_cast<std::size_t>(hq * nq), kNegInf);
         kopt.lse = LseView(part_lse.data(), nq);
-        sparse_attn::prefill(q.slice_tokens(my_local0[static_cast<std::size_t>(qu)], nq),
+        sparse_attn::prefill(q.slice_tokens(my_local0[qu], nq),
                              TensorView<const KT>::token_major(p.k.data(), hkv, p.rows, d),
                              TensorView<const VT>::token_major(p.v.data(), hkv, p.rows, dv),
                              TensorView<float>(part.data(), hq, nq, dv), pm, kopt);
-        merge_states(TensorView<float>(acc[static_cast<std::size_t>(qu)].data(), hq, nq, dv),
-                     LseView(acc_lse[static_cast<std::size_t>(qu)].data(), nq),
+        merge_states(TensorView<float>(acc[qu].data(), hq, nq, dv),
+                     LseView(acc_lse[qu].data(), nq),
                      TensorView<const float>(part.data(), hq, nq, dv), LseView(part_lse.data(), nq),
                      opt.executor_choice());
         ++st.chunk_pairs_computed;
-        if (s + 1 < P) reqs[static_cast<std::size_t>(1 - slot)].test();  // let MPI progress
+        if (s + 1 < P) reqs[1 - slot].test();  // let MPI progress
       }
     }
   }
@@ -462,12 +466,12 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
   reqs[1].wait();
 
   // The rows to the caller's views, rounded once.
-  for (int u = 0; u < 2; ++u) {
-    const index_t nq = my_range[static_cast<std::size_t>(u)].size(), t0 = my_local0[static_cast<std::size_t>(u)];
+  for (std::size_t u = 0; u < 2; ++u) {
+    const index_t nq = my_range[u].size(), t0 = my_local0[u];
     for (index_t h = 0; h < hq; ++h)
       for (index_t i = 0; i < nq; ++i) {
-        store_row(acc[static_cast<std::size_t>(u)].data() + (h * nq + i) * dv, out.row(h, t0 + i), out.stride_dim, dv);
-        if (opt.lse) opt.lse(h, t0 + i) = acc_lse[static_cast<std::size_t>(u)][static_cast<std::size_t>(h * nq + i)];
+        store_row(acc[u].data() + (h * nq + i) * dv, out.row(h, t0 + i), out.stride_dim, dv);
+        if (opt.lse) opt.lse(h, t0 + i) = acc_lse[u][static_cast<std::size_t>(h * nq + i)];
       }
   }
   return st;
