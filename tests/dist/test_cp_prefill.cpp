@@ -205,6 +205,13 @@ TEST(CpPrefill, Bf16KeysAndValues) {
   run_and_compare<bf16>(pb, masks::sliding_window(pb.hq, pb.n, pb.n, 12, 0, 16), 92);
 }
 
+TEST(CpPrefill, LongerSequenceWithDefaultBlocks) {
+  // Blocks of 64, head_dim 64, a tri-shape (window + sinks + dense last rows) and dense causal.
+  const Problem pb{4, 2, 700, 64, 64};
+  run_and_compare<float>(pb, masks::causal(pb.hq, pb.n, pb.n), 121);
+  run_and_compare<float>(pb, masks::tri_shape(pb.hq, pb.n, pb.n, 100, 4, 40), 122);
+}
+
 TEST(CpPrefill, DenseCausalBytesFollowTheFormula) {
   // n a multiple of 2P blocks: every chunk is c tokens. Rank r receives one chunk from each
   // rank below it and two from each rank above it: (2P - 2 - r) chunks of K and V.
