@@ -277,3 +277,174 @@ TEST(CpDecode, SnapKVEvictionThenQuest) {
   const methods::Budget all = methods::Budget::count(1000);  // dense: nothing evicted
   run_case(pb, dist::StepPolicy::quest(methods::Budget::count(48)), Split::uneven, &all);
 }
+
+namespace {
+// Runs f on every rank; returns the invalid_argument message (or ""), after checking that a
+// further collective completes (nobody is left inside one) and every rank got the same message.
+template <class F>
+std::string same_error_everywhere(const dist::Communicator& comm, F&& f) {
+  std::string message;
+  try {
+    f();
+  } catch (const sparse_attn::invalid_argument& e) {
+    message = e.what();
+  }
+  MPI_Barrier(comm.handle());
+  int len0 = static_cast<int>(message.size());
+  MPI_Bcast(&len0, 1, MPI_INT, 0, comm.handle());
+  std::string m0 = message;
+  m0.resize(static_cast<std::size_t>(len0));
+  MPI_Bcast(m0.data(), len0, MPI_CHAR, 0, comm.handle());
+  EXPECT_EQ(message, m0) << "rank " << comm.rank() << " raised a different message than rank 0";
+  return message;
+}
+
+struct Small {
+  Problem pb;
+  dist::Communicator comm;
+  dist::ShardedCache<float> cache;
+  static Problem made() {
+    Problem p;
+    p.n = 64;
+    p.make();
+    return p;
+  }
+  static dist::ShardedCacheOptions options(const Problem& p) {
+    dist::ShardedCacheOptions o;
+    o.kv_heads = p.Hkv;
+    o.head_dim = p.d;
+    o.page_size = p.P;
+    o.decode_capacity = 4;
+    return o;
+  }
+  Small()
+      : pb(made()),
+        cache(comm, options(pb), dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).begin,
+              pb.keys().slice_tokens(dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).begin,
+                                     dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).end -
+                                         dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).begin),
+              pb.values().slice_tokens(dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).begin,
+                                       dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).end -
+                                           dist::shard_range(pb.n, pb.P, comm.rank(), comm.size()).begin)) {}
+};
+}  // namespace
+
+TEST(CpDecodeErrors, OneRankWithAnotherHeadDimFailsEverywhere) {
+  Small s;
+  const int bad = s.comm.size() - 1;
+  const index_t d = s.comm.rank() == bad ? s.pb.d / 2 : s.pb.d;
+  std::vector<float> qs(static_cast<std::size_t>(s.pb.Hq() * s.pb.d)), ks(static_cast<std::size_t>(s.pb.Hkv * s.pb.d)),
+      out(qs.size());
+  const index_t before = s.cache.sequence_length();
+  const std::string m = same_error_everywhere(s.comm, [&] {
+    dist::decode_step(s.cache, TensorView<const float>(qs.data(), s.pb.Hq(), 1, d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 1, s.pb.d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 1, s.pb.d),
+                      TensorView<float>(out.data(), s.pb.Hq(), 1, s.pb.d), dist::StepPolicy::dense());
+  });
+  EXPECT_EQ(m, "dist::decode_step: rank " + std::to_string(bad) + ": dist::decode_step: q has head_dim " +
+                   std::to_string(s.pb.d / 2) + ", the cache has " + std::to_string(s.pb.d));
+  EXPECT_EQ(s.cache.sequence_length(), before);  // nothing appended
+}
+
+TEST(CpDecodeErrors, DisagreeingBudgetFailsEverywhere) {
+  Small s;
+  if (s.comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  std::vector<float> qs(static_cast<std::size_t>(s.pb.Hq() * s.pb.d)), ks(static_cast<std::size_t>(s.pb.Hkv * s.pb.d)),
+      out(qs.size());
+  const index_t tokens = s.comm.rank() == 1 ? 48 : 32;
+  const std::string m = same_error_everywhere(s.comm, [&] {
+    dist::decode_step(s.cache, TensorView<const float>(qs.data(), s.pb.Hq(), 1, s.pb.d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 1, s.pb.d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 1, s.pb.d),
+                      TensorView<float>(out.data(), s.pb.Hq(), 1, s.pb.d),
+                      dist::StepPolicy::quest(methods::Budget::count(tokens)));
+  });
+  EXPECT_NE(m.find("dist::decode_step: ranks disagree on budget value: rank 0 has"), std::string::npos) << m;
+  // The same for the eviction's budget.
+  const TensorView<const float> qp(s.pb.q_prompt.data(), s.pb.Hq(), 32, s.pb.d);
+  const std::string e = same_error_everywhere(s.comm, [&] {
+    dist::evict_snapkv(s.cache, methods::SnapKV{}, qp, methods::Budget::count(tokens));
+  });
+  EXPECT_NE(e.find("dist::evict_snapkv: ranks disagree on budget value"), std::string::npos) << e;
+  EXPECT_EQ(s.cache.length(0), s.pb.n);  // nothing evicted
+}
+
+TEST(CpDecodeErrors, DisagreeingPageSizeFailsAtConstruction) {
+  dist::Communicator comm;
+  if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Problem pb;
+  pb.n = 64;
+  pb.make();
+  dist::ShardedCacheOptions o = Small::options(pb);
+  if (comm.rank() == 0) o.page_size = 8;
+  const dist::TokenRange r = dist::shard_range(pb.n, 16, comm.rank(), comm.size());
+  const std::string m = same_error_everywhere(comm, [&] {
+    dist::ShardedCache<float> c(comm, o, r.begin, pb.keys().slice_tokens(r.begin, r.end - r.begin),
+                                pb.values().slice_tokens(r.begin, r.end - r.begin));
+  });
+  EXPECT_EQ(m, "dist::ShardedCache: ranks disagree on page_size: rank 0 has 8, rank 1 has 16");
+}
+
+TEST(CpDecodeErrors, TailOutOfCapacityAndGappedRangesFailEverywhere) {
+  Small s;
+  std::vector<float> qs(static_cast<std::size_t>(s.pb.Hq() * 8 * s.pb.d)), ks(static_cast<std::size_t>(s.pb.Hkv * 8 * s.pb.d)),
+      out(qs.size());
+  const std::string m = same_error_everywhere(s.comm, [&] {  // 8 new tokens, capacity 4
+    dist::decode_step(s.cache, TensorView<const float>(qs.data(), s.pb.Hq(), 8, s.pb.d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 8, s.pb.d),
+                      TensorView<const float>(ks.data(), s.pb.Hkv, 8, s.pb.d),
+                      TensorView<float>(out.data(), s.pb.Hq(), 8, s.pb.d), dist::StepPolicy::dense());
+  });
+  EXPECT_NE(m.find("dist::decode_step: rank " + std::to_string(s.comm.size() - 1) +
+                   ": kv::Cache::append: appending 8 tokens"),
+            std::string::npos)
+      << m;
+  // Ranges with a gap: every rank claims to start at its rank x 10 but holds 5 tokens.
+  const std::string g = same_error_everywhere(s.comm, [&] {
+    dist::ShardedCache<float> c(s.comm, Small::options(s.pb), 10 * s.comm.rank(),
+                                s.pb.keys().slice_tokens(0, 5), s.pb.values().slice_tokens(0, 5));
+  });
+  if (s.comm.size() > 1) {
+    EXPECT_EQ(g, "dist::ShardedCache: rank 1 begins at token 10, expected 5; the ranges must be "
+                 "contiguous from 0 in rank order");
+  } else {
+    EXPECT_EQ(g, "");
+  }
+}
+
+TEST(CpDecode, Bf16CacheGqaSeveralTokens) {
+  // bf16 storage: the sharded cache rounds like the single-process one; q fp32, Hq = 4 Hkv.
+  Problem pb;
+  pb.n = 90;
+  pb.n_q = 2;
+  pb.make();
+  dist::Communicator comm;
+  const dist::TokenRange r = range_of(pb.n, pb.P, Split::uneven, comm.rank(), comm.size());
+  dist::ShardedCache<bf16> cache(comm, Small::options(pb), r.begin, pb.keys().slice_tokens(r.begin, r.end - r.begin),
+                                 pb.values().slice_tokens(r.begin, r.end - r.begin));
+  kv::CacheOptions o;
+  o.kv_heads = pb.Hkv;
+  o.head_dim = pb.d;
+  o.capacity = pb.n + 4;
+  o.page_size = pb.P;
+  kv::ContiguousCache<bf16> single(o);
+  single.append(pb.keys(), pb.values());
+  for (index_t s = 0; s < 2; ++s) {
+    const std::vector<float> qs = pb.step_q(s), ks = pb.step_k(s), vs = pb.step_v(s);
+    const TensorView<const float> q(qs.data(), pb.Hq(), 2, pb.d), kn(ks.data(), pb.Hkv, 2, pb.d),
+        vn(vs.data(), pb.Hkv, 2, pb.d);
+    single.append(kn, vn);
+    const KeySelection want_keys = methods::Quest{}.select(q, single, methods::Budget::count(32)).keys;
+    std::vector<float> want(qs.size()), got(qs.size());
+    decode(q, single, TensorView<float>(want.data(), pb.Hq(), 2, pb.d), want_keys);
+    dist::StepStats st;
+    dist::decode_step(cache, q, kn, vn, TensorView<float>(got.data(), pb.Hq(), 2, pb.d),
+                      dist::StepPolicy::quest(methods::Budget::count(32)), {}, &st);
+    for (index_t u = 0; u < pb.Hkv; ++u)
+      EXPECT_EQ(gathered_slots(cache, st.keys, u, pb.G), oracle_slots(single, want_keys, u, pb.G));
+    if (comm.rank() == 0) {
+      EXPECT_LE(max_rel_diff(got, want), 1e-5f);
+    }
+  }
+}
