@@ -18,6 +18,8 @@
 // Each rank runs its kernels on T OpenMP threads; ranks x threads should not exceed the cores.
 // Output: one JSON object per line on rank 0's stdout.
 #include <sparse_attn/dist/communicator.hpp>
+#include <sparse_attn/dist/decode.hpp>
+#include <sparse_attn/dist/sharded_cache.hpp>
 #include <sparse_attn/dist/prefill.hpp>
 #include <sparse_attn/dist/zigzag.hpp>
 #include <sparse_attn/sparse_attn.hpp>
@@ -173,6 +175,73 @@ void prefill_bench(const dist::Communicator& comm, const Args& a) {
   prefill_case(comm, a, "window", masks::sliding_window(kHq, n, n, w, 0), wd * (wd + 1) / 2 + (nn - wd) * wd);
 }
 
+
+// --- decode ----------------------------------------------------------------------------------
+
+void decode_case(const dist::Communicator& comm, const Args& a, const char* name, const dist::StepPolicy& policy) {
+  const index_t n = a.decode_n, page = 16;
+  const int warmup = 3;
+  const dist::TokenRange range = dist::shard_range(n, page, comm.rank(), comm.size());
+  const index_t mine = range.end - range.begin;
+  // This rank's prompt K/V, head-major [Hkv][mine][d] (the global tensor's rows it owns).
+  std::vector<bf16> k(static_cast<std::size_t>(kHkv * mine * kDim)), v(k.size());
+  for (index_t h = 0; h < kHkv; ++h)
+    for (index_t i = 0; i < mine; ++i)
+      for (index_t c = 0; c < kDim; ++c) {
+        const std::uint64_t e = (static_cast<std::uint64_t>(h) * static_cast<std::uint64_t>(n) +
+                                 static_cast<std::uint64_t>(range.begin + i)) * kDim + static_cast<std::uint64_t>(c);
+        k[static_cast<std::size_t>((h * mine + i) * kDim + c)] = bf16(hashed(e, 4));
+        v[static_cast<std::size_t>((h * mine + i) * kDim + c)] = bf16(hashed(e, 5));
+      }
+  dist::ShardedCacheOptions copt;
+  copt.kv_heads = kHkv;
+  copt.head_dim = kDim;
+  copt.page_size = page;
+  copt.decode_capacity = a.steps + warmup;
+  dist::ShardedCache<bf16> cache(comm, copt, range.begin, TensorView<const bf16>(k.data(), kHkv, mine, kDim),
+                                 TensorView<const bf16>(v.data(), kHkv, mine, kDim));
+  k = {};
+  v = {};
+  std::vector<float> q(static_cast<std::size_t>(kHq * kDim)), out(q.size());
+  std::vector<bf16> kn(static_cast<std::size_t>(kHkv * kDim)), vn(kn.size());
+  DecodeOptions opt;
+  opt.num_threads = a.threads;
+  std::vector<double> times;
+  dist::StepStats st;
+  for (int step = 0; step < a.steps + warmup; ++step) {
+    for (std::size_t i = 0; i < q.size(); ++i) q[i] = 2.0f * hashed(i + q.size() * static_cast<std::size_t>(step), 6);
+    for (std::size_t i = 0; i < kn.size(); ++i) {
+      kn[i] = bf16(hashed(i + kn.size() * static_cast<std::size_t>(step), 7));
+      vn[i] = bf16(hashed(i + kn.size() * static_cast<std::size_t>(step), 8));
+    }
+    MPI_Barrier(comm.handle());
+    const double t0 = now_s();
+    dist::decode_step(cache, TensorView<const float>(q.data(), kHq, 1, kDim), TensorView<const bf16>(kn.data(), kHkv, 1, kDim),
+                      TensorView<const bf16>(vn.data(), kHkv, 1, kDim), TensorView<float>(out.data(), kHq, 1, kDim), policy,
+                      opt, &st);
+    const double t = max_over_ranks(now_s() - t0, comm.handle());
+    if (step >= warmup) times.push_back(t);
+  }
+  // The model's byte counts: K/V rows read (plus Quest's page bounds: min and max per page and KV
+  // head), the broadcast queries, the gathered partials, Quest's candidate exchange.
+  const double kv_bytes = static_cast<double>(st.global_kv_rows) * 2 * kDim * 2 +
+                          (policy.kind == dist::StepPolicy::Kind::quest
+                               ? static_cast<double>(n / page) * kHkv * 2 * kDim * 2 : 0.0);
+  double sel_bytes = 0;
+  for (index_t b : st.budget_pages) sel_bytes += 8.0 * static_cast<double>(b);
+  if (comm.rank() == 0)
+    std::printf("{\"mode\":\"decode\",\"method\":\"%s\",\"n\":%lld,\"ranks\":%d,\"threads\":%d,\"median_ms\":%.4f,"
+                "\"kv_bytes\":%.6g,\"q_bytes\":%d,\"merge_bytes\":%d,\"sel_bytes\":%.6g,\"compression\":%.3f,\"gbps\":%.2f}\n",
+                name, static_cast<long long>(n), comm.size(), a.threads, median(times) * 1e3, kv_bytes,
+                static_cast<int>(kHq * kDim * 4), static_cast<int>(kHq * (kDim + 1) * 4), sel_bytes * comm.size(),
+                st.compression(), kv_bytes / median(times) / 1e9);
+}
+
+void decode_bench(const dist::Communicator& comm, const Args& a) {
+  decode_case(comm, a, "dense", dist::StepPolicy{});
+  decode_case(comm, a, "quest", dist::StepPolicy::quest(methods::Budget::compression(10)));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -195,6 +264,7 @@ int main(int argc, char** argv) {
   }
   const dist::Communicator comm;
   if (a.mode == "all" || a.mode == "pingpong") pingpong(comm);
+  if (a.mode == "all" || a.mode == "decode") decode_bench(comm, a);
   if (a.mode == "all" || a.mode == "prefill") prefill_bench(comm, a);
   MPI_Finalize();
   return 0;

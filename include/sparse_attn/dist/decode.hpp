@@ -1,6 +1,6 @@
 /// @file
 /// Context-parallel decode over a dist::ShardedCache: one collective call per step and layer
-/// (docs/DISTRIBUTED_DECODE.md).
+/// (docs/DISTRIBUTED.md, section "Decode").
 ///
 /// Protocol of dist::decode_step (all ranks call it; q, k_new and v_new are read on rank 0):
 ///  1. dist::check_collectively of the shapes, dtypes, policy, budget and options, plus each rank's

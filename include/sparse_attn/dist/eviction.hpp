@@ -1,6 +1,6 @@
 /// @file
 /// SnapKV eviction after prefill over a dist::ShardedCache, with a global budget: every KV head
-/// keeps the c tokens single-process methods::SnapKV keeps (docs/DISTRIBUTED_DECODE.md).
+/// keeps the c tokens single-process methods::SnapKV keeps (docs/DISTRIBUTED.md, section "Decode").
 ///
 /// Scores (methods/snapkv.hpp): s_j = (1/G) sum over the w window queries and the G heads of a
 /// group of softmax_j(scale q . k_j), causal, the prefix [0, N - w) smoothed by an average pool.

@@ -27,7 +27,7 @@
 /// one window of K/V per neighbouring chunk instead of whole chunks, and a block-sparse mask moves
 /// only its listed blocks.
 ///
-/// See docs/DISTRIBUTED_PREFILL.md for the byte counts and the compute balance.
+/// See docs/DISTRIBUTED.md, section "Prefill", for the byte counts and the compute balance.
 #pragma once
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/dtype.hpp"

@@ -1,6 +1,6 @@
 /// @file
 /// dist::ShardedCache: one sequence's KV cache (one layer) split by token ranges over the ranks
-/// of a communicator, for context-parallel decode (docs/DISTRIBUTED_DECODE.md).
+/// of a communicator, for context-parallel decode (docs/DISTRIBUTED.md, section "Decode").
 ///
 /// Layout: rank r holds the contiguous global slot range [offset_r(h), offset_r(h) + length_r(h))
 /// of every KV head h, ranks in ascending token order, as a local kv::ContiguousCache (its slot 0
@@ -36,16 +36,11 @@
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
 #include "sparse_attn/dist/communicator.hpp"
+#include "sparse_attn/dist/token_range.hpp"
 #include "sparse_attn/kv/cache.hpp"
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace dist {
-
-/// A global token range [begin, end) of a shard.
-struct TokenRange {
-  index_t begin = 0;  ///< first global token of the shard
-  index_t end = 0;    ///< one past its last token
-};
 
 /// The balanced page-aligned split of `total` prompt tokens over `size` ranks: rank r gets whole
 /// pages [r x pages / size, (r + 1) x pages / size) (pages = ceil(total / P)), the last rank's

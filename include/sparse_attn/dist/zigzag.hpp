@@ -23,20 +23,13 @@
 #include "sparse_attn/core/config.hpp"
 #include "sparse_attn/core/error.hpp"
 #include "sparse_attn/core/tensor.hpp"
+#include "sparse_attn/dist/token_range.hpp"
 
 #include <array>
 #include <numeric>
 
 SPARSE_ATTN_NAMESPACE_BEGIN
 namespace dist {
-
-/// A half-open range of global token positions [begin, end).
-struct TokenRange {
-  index_t begin = 0;  ///< First global position.
-  index_t end = 0;    ///< One past the last global position.
-  /// @return end - begin (0 for an empty range).
-  index_t size() const { return end - begin; }
-};
 
 /// Where every token of an n-token sequence lives over P ranks (see the file comment). A plain
 /// value of four integers: O(1) accessors, no allocation; const members are safe to call from any
