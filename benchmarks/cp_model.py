@@ -67,37 +67,55 @@ def main():
           % (alpha_local * 1e6, beta_local / 1e9))
     print("| phase | method | n | ranks x threads | measured (ms) | model (ms) | model / measured |")
     print("|---|---|---|---|---|---|---|")
-    fits = {}
+    # Node constants from the 1-rank points with the same total core count (ranks x threads):
+    #  BW_node: dense decode's K/V bytes / step time (memory-bound kernel);
+    #  t_sel:   a selecting method's time beyond its bytes at BW_node (Quest's page scoring, one
+    #           thread per rank, O(pages / P) per rank, so it divides by P);
+    #  F_node:  the single-process prefill's flops / time (the kernel's rate without the dist layer).
+    bw, sel, flops = {}, {}, {}
     for pt in pts:
-        if pt["mode"] == "decode" and pt["ranks"] == 1:
-            # BW_node from the 1-rank point with the same total threads; t_fixed: none (folded in).
-            fits[("decode", pt["method"], pt["n"], pt["threads"] * pt["ranks"])] = pt["kv_bytes"] / (pt["median_ms"] * 1e-3)
-        if pt["mode"] == "prefill" and pt["ranks"] == 1:
-            fits[("prefill", pt["mask"], pt["n"], pt["threads"] * pt["ranks"])] = pt["flops"] / (pt["median_ms"] * 1e-3)
+        if pt["ranks"] != 1:
+            continue
+        cores = pt["threads"]
+        if pt["mode"] == "decode" and pt["method"] == "dense":
+            bw[(pt["n"], cores)] = pt["kv_bytes"] / (pt["median_ms"] * 1e-3)
+        if pt["mode"] == "prefill" and pt.get("single_process_ms", 0) > 0:
+            flops[(pt["mask"], pt["n"], cores)] = pt["flops"] / (pt["single_process_ms"] * 1e-3)
+    for pt in pts:
+        if pt["mode"] == "decode" and pt["ranks"] == 1 and pt["method"] != "dense":
+            b = bw.get((pt["n"], pt["threads"]))
+            if b:
+                sel[(pt["method"], pt["n"], pt["threads"])] = max(0.0, pt["median_ms"] * 1e-3 - pt["kv_bytes"] / b)
     for pt in pts:
         if pt["mode"] not in ("decode", "prefill"):
             continue
-        cores = pt["threads"] * pt["ranks"]
-        key = (pt["mode"], pt.get("method", pt.get("mask")), pt["n"], cores)
-        if key not in fits:
-            continue
+        p, cores = pt["ranks"], pt["ranks"] * pt["threads"]
         if pt["mode"] == "decode":
-            model = decode_step(pt, pt["ranks"], pt["ranks"], fits[key], 0.0, alpha_local, beta_local)
+            b = bw.get((pt["n"], cores))
+            if b is None:
+                continue
+            t_sel = sel.get((pt["method"], pt["n"], cores), 0.0) / p
+            model = t_sel + decode_step(pt, p, p, b, 0.0, alpha_local, beta_local)
+            name = pt["method"]
         else:
-            model = prefill_time(pt, pt["ranks"], pt["ranks"], fits[key], alpha_local, beta_local)
+            f = flops.get((pt["mask"], pt["n"], cores))
+            if f is None:
+                continue
+            model = prefill_time(pt, p, p, f, alpha_local, beta_local)
+            name = pt["mask"]
         print("| %s | %s | %d | %d x %d | %.3f | %.3f | %.2f |" % (
-            pt["mode"], key[1], pt["n"], pt["ranks"], pt["threads"], pt["median_ms"], model * 1e3,
+            pt["mode"], name, pt["n"], p, pt["threads"], pt["median_ms"], model * 1e3,
             model * 1e3 / pt["median_ms"]))
 
     # Cluster predictions: one rank per node, BW_node and F_node from the largest 1-rank point.
-    dec = max((v, k) for k, v in fits.items() if k[0] == "decode" and k[1] == "dense")
-    pre = max((v, k) for k, v in fits.items() if k[0] == "prefill" and k[1] == "causal")
+    dec = max((v, k) for k, v in bw.items())
+    pre = max((v, k) for k, v in flops.items() if k[0] == "causal")
     bw_node, f_node = dec[0], pre[0]
     alpha, beta = args.alpha_us * 1e-6, args.beta_gbps * 1e9
     hq, hkv, d = 32, 8, 128
     print("\n## Predicted: one layer, one rank of %d cores per node, %.0f Gb/s, alpha %.1f us\n"
-          % (dec[1][3], args.beta_gbps * 8, args.alpha_us))
-    print("Node constants from the measured 1-rank points: decode reads %.1f GB/s, prefill %.0f GFLOP/s.\n"
+          % (dec[1][1], args.beta_gbps * 8, args.alpha_us))
+    print("Node constants from the measured 1-rank points: dense decode reads %.1f GB/s, single-process causal prefill %.0f GFLOP/s.\n"
           % (bw_node / 1e9, f_node / 1e9))
     print("| n | nodes | dense decode step (ms) | of which network (us) | causal prefill (s) | prefill compute-bound |")
     print("|---|---|---|---|---|---|")
