@@ -5,6 +5,7 @@
 // fp32 rounding.
 #include <sparse_attn/dist/decode.hpp>
 #include <sparse_attn/dist/eviction.hpp>
+#include <sparse_attn/methods/ada_snapkv.hpp>
 #include <sparse_attn/methods/quest.hpp>
 #include <sparse_attn/methods/snapkv.hpp>
 #include <sparse_attn/methods/streaming.hpp>
@@ -152,9 +153,9 @@ KeySelection oracle_select(const dist::StepPolicy& pol, const TensorView<const f
 }
 
 // Runs `steps` decode steps distributed and single-process; compares keys and outputs. With
-// `snapkv`, both first evict the prompt with SnapKV at that budget.
+// `snapkv`, both first evict the prompt with SnapKV (with `ada`: Ada-SnapKV) at that budget.
 void run_case(Problem pb, const dist::StepPolicy& pol, Split split,
-              const methods::Budget* snapkv = nullptr) {
+              const methods::Budget* snapkv = nullptr, bool ada = false) {
   pb.make();
   dist::Communicator comm;
   const dist::TokenRange r = range_of(pb.n, pb.P, split, comm.rank(), comm.size());
@@ -169,11 +170,21 @@ void run_case(Problem pb, const dist::StepPolicy& pol, Split split,
   single.append(pb.keys(), pb.values());
   const index_t Hq = pb.Hq(), G = pb.G;
   if (snapkv != nullptr) {
-    methods::SnapKV m;
-    m.window = 8;
     const TensorView<const float> qp(pb.q_prompt.data(), Hq, 32, pb.d);
-    const kv::EvictionPlan plan = methods::evict(m, qp, single, *snapkv);
-    const dist::EvictionStats es = dist::evict_snapkv(cache, m, qp, *snapkv);
+    kv::EvictionPlan plan;
+    dist::EvictionStats es;
+    if (ada) {
+      methods::AdaSnapKV m;
+      m.window = 8;
+      m.floor_fraction = 0.3;
+      plan = methods::evict(m, qp, single, *snapkv);
+      es = dist::evict_ada_snapkv(cache, m, qp, *snapkv);
+    } else {
+      methods::SnapKV m;
+      m.window = 8;
+      plan = methods::evict(m, qp, single, *snapkv);
+      es = dist::evict_snapkv(cache, m, qp, *snapkv);
+    }
     for (index_t h = 0; h < pb.Hkv; ++h) {
       const std::vector<index_t> got = gathered_slots(cache, KeySelection::all(), h, G);
       ASSERT_EQ(static_cast<index_t>(got.size()), plan.kept(h)) << "head " << h;
@@ -278,6 +289,27 @@ TEST(CpDecode, SnapKVEvictionThenQuest) {
   run_case(pb, dist::StepPolicy::quest(methods::Budget::count(48)), Split::uneven, &all);
 }
 
+TEST(CpDecode, AdaSnapKVEvictionThenDecode) {
+  Problem pb;
+  pb.n = 300;  // GQA: Hkv = 2, G = 4
+  pb.steps = 3;
+  const methods::Budget c = methods::Budget::count(60);
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &c, true);
+  run_case(pb, dist::StepPolicy::dense(), Split::pages, &c, true);
+  const methods::Budget cr = methods::Budget::compression(4.0);
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &cr, true);
+  pb.Hkv = 3;  // three heads of G = 2, unequal shards, 2 new tokens per step
+  pb.G = 2;
+  pb.n = 173;
+  pb.n_q = 2;
+  const methods::Budget c2 = methods::Budget::count(40);
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &c2, true);
+  const methods::Budget tiny = methods::Budget::count(5);  // raised to the forced count
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &tiny, true);
+  const methods::Budget all = methods::Budget::count(1000);  // dense: nothing evicted
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &all, true);
+}
+
 namespace {
 // Runs f on every rank; returns the invalid_argument message (or ""), after checking that a
 // further collective completes (nobody is left inside one) and every rank got the same message.
@@ -368,6 +400,19 @@ TEST(CpDecodeErrors, DisagreeingBudgetFailsEverywhere) {
   });
   EXPECT_NE(e.find("dist::evict_snapkv: ranks disagree on budget value"), std::string::npos) << e;
   EXPECT_EQ(s.cache.length(0), s.pb.n);  // nothing evicted
+}
+
+TEST(CpDecodeErrors, AdaSnapKVDisagreeingBudgetFailsEverywhere) {
+  Small s;
+  if (s.comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const index_t tokens = s.comm.rank() == 1 ? 48 : 32;
+  const TensorView<const float> qp(s.pb.q_prompt.data(), s.pb.Hq(), 32, s.pb.d);
+  const std::string e = same_error_everywhere(s.comm, [&] {
+    dist::evict_ada_snapkv(s.cache, methods::AdaSnapKV{}, qp, methods::Budget::count(tokens));
+  });
+  EXPECT_NE(e.find("dist::evict_ada_snapkv: ranks disagree on budget value: rank 0 has"), std::string::npos) << e;
+  for (index_t h = 0; h < s.pb.Hkv; ++h) EXPECT_EQ(s.cache.length(h), s.pb.n);  // nothing evicted
+  MPI_Barrier(s.comm.handle());
 }
 
 TEST(CpDecodeErrors, DisagreeingPageSizeFailsAtConstruction) {
