@@ -154,8 +154,10 @@ KeySelection oracle_select(const dist::StepPolicy& pol, const TensorView<const f
 
 // Runs `steps` decode steps distributed and single-process; compares keys and outputs. With
 // `snapkv`, both first evict the prompt with SnapKV (with `ada`: Ada-SnapKV) at that budget.
+// *ragged (if given): whether the KV heads kept different numbers of tokens.
 void run_case(Problem pb, const dist::StepPolicy& pol, Split split,
-              const methods::Budget* snapkv = nullptr, bool ada = false) {
+              const methods::Budget* snapkv = nullptr, bool ada = false,
+              bool* ragged = nullptr) {
   pb.make();
   dist::Communicator comm;
   const dist::TokenRange r = range_of(pb.n, pb.P, split, comm.rank(), comm.size());
@@ -202,6 +204,10 @@ void run_case(Problem pb, const dist::StepPolicy& pol, Split split,
       EXPECT_EQ(std::vector<index_t>(all.begin(), all.end()), want) << "kept positions of head " << h;
     }
     EXPECT_EQ(es.global_kept, plan.total_kept());
+    if (ragged != nullptr) {
+      *ragged = false;
+      for (index_t h = 1; h < pb.Hkv; ++h) *ragged = *ragged || plan.kept(h) != plan.kept(0);
+    }
   }
   for (index_t s = 0; s < pb.steps; ++s) {
     const std::vector<float> qs = pb.step_q(s), ks = pb.step_k(s), vs = pb.step_v(s);
@@ -294,7 +300,9 @@ TEST(CpDecode, AdaSnapKVEvictionThenDecode) {
   pb.n = 300;  // GQA: Hkv = 2, G = 4
   pb.steps = 3;
   const methods::Budget c = methods::Budget::count(60);
-  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &c, true);
+  bool ragged = false;
+  run_case(pb, dist::StepPolicy::dense(), Split::uneven, &c, true, &ragged);
+  EXPECT_TRUE(ragged) << "the test wants heads with different budgets";
   run_case(pb, dist::StepPolicy::dense(), Split::pages, &c, true);
   const methods::Budget cr = methods::Budget::compression(4.0);
   run_case(pb, dist::StepPolicy::dense(), Split::uneven, &cr, true);
