@@ -77,6 +77,11 @@ namespace detail {
 // Between two ranks messages flow at one shift only, so the tag needs no shift.
 inline constexpr int kPrefillTagBase = 0x5A70;
 
+// Most bytes of one merged pair's fp32 partial output (prefill() runs larger pairs in slabs of
+// query blocks): 4 MiB, a few calls' worth of kernel setup against 32 MiB of first-touch page
+// faults per call for a 2048-row, 32-head, d = 128 chunk.
+inline constexpr index_t kPartBytes = index_t{4} << 20;
+
 // The mask's kind and parameters, so that ranks disagreeing on them get a message naming them
 // (the block-list fingerprint would catch most differences too, but only as a hash).
 struct MaskParams {
@@ -567,45 +572,62 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
     for (std::size_t qu = 0; qu < 2; ++qu) {
       const index_t qc = mine[qu], nq = my_range[qu].size();
       if (nq == 0) continue;
+      // The pairs' query rows: from the first to the last query block listing a key block.
+      std::array<std::array<index_t, 2>, 2> rows{};
       for (std::size_t u = 0; u < 2; ++u) {
+        const index_t kc = theirs[u];
+        if (sch.blocks(qc, kc) == 0) continue;
+        const std::array<index_t, 2> qbr = sch.pair_qblocks[static_cast<std::size_t>(qc * lay.num_chunks() + kc)];
+        rows[u] = {ms.q_begin(qbr[0]) - lay.chunk(qc).begin,
+                   std::min(ms.q_end(qbr[1]), lay.chunk(qc).end) - lay.chunk(qc).begin};
+      }
+      // The pair with more rows first: a chunk's first pair is stored in accv directly, the
+      // later ones go through part (window: the near chunk's pair covers every row, the far
+      // one's a window of rows).
+      const bool swap = rows[1][1] - rows[1][0] > rows[0][1] - rows[0][0];
+      for (std::size_t u0 = 0; u0 < 2; ++u0) {
+        const std::size_t u = swap ? 1 - u0 : u0;
         const index_t kc = theirs[u];
         if (sch.blocks(qc, kc) == 0) {
           if (lay.chunk(kc).size() > 0) ++st.chunk_pairs_skipped;
           continue;
         }
-        // The pair's query rows: its first to its last query block that lists a key block.
-        const std::array<index_t, 2> qbr = sch.pair_qblocks[static_cast<std::size_t>(qc * lay.num_chunks() + kc)];
-        const index_t r0 = ms.q_begin(qbr[0]) - lay.chunk(qc).begin;
-        const index_t r1 = std::min(ms.q_end(qbr[1]), lay.chunk(qc).end) - lay.chunk(qc).begin;
-        const auto qv = q.slice_tokens(my_local0[qu] + r0, r1 - r0);
-        const index_t nr = r1 - r0, q0 = lay.chunk(qc).begin + r0;
-        bool done = false;
-        if constexpr (direct) {
-          if (s == 0) {
-            // The caller's rows of chunk u from its first to its last needed block, widened to
-            // at least nq rows (the kernel wants n_k >= n_q) by rows before them (or after: any
-            // other rows are never listed); every offset stays a whole number of key blocks,
-            // since chunks start on blocks.
-            const std::vector<std::int32_t>& nb = own_blocks[u];
-            const index_t bk = ms.block_k, L = my_range[0].size() + my_range[1].size();
-            const index_t base = my_local0[u] - my_range[u].begin;  // local token of global 0
-            const index_t a = base + index_t{nb.front()} * bk;
-            const index_t b = std::min(base + (index_t{nb.back()} + 1) * bk, my_local0[u] + my_range[u].size());
-            const index_t start = std::min(a, (L - nr) / bk * bk), end = std::max(b, start + nr);
-            const detail::PairMask<Mask> pm(mask, nr, end - start, q0, nb.front(),
-                                            index_t{nb.back()} - nb.front() + 1, (a - start) / bk);
-            run_pair(qu, r0, qv, pm, k.slice_tokens(start, end - start), v.slice_tokens(start, end - start));
-            done = true;
+        // A pair merged through part runs in slabs of at most kPartBytes of output (whole query
+        // blocks), so part stays small: a new buffer's pages cost their first touch on every
+        // call, about as much as the kernel's work on them for a window.
+        const index_t slab = started[qu] ? std::max<index_t>(1, detail::kPartBytes / std::max<index_t>(1, hq * dv * 4) / ms.block_q) * ms.block_q
+                                         : rows[u][1] - rows[u][0];
+        for (index_t r0 = rows[u][0]; r0 < rows[u][1]; r0 += slab) {
+          const index_t nr = std::min(slab, rows[u][1] - r0), q0 = lay.chunk(qc).begin + r0;
+          const auto qv = q.slice_tokens(my_local0[qu] + r0, nr);
+          bool done = false;
+          if constexpr (direct) {
+            if (s == 0) {
+              // The caller's rows of chunk u from its first to its last needed block, widened to
+              // at least nr rows (the kernel wants n_k >= n_q) by rows before them (or after: any
+              // other rows are never listed); every offset stays a whole number of key blocks,
+              // since chunks start on blocks.
+              const std::vector<std::int32_t>& nb = own_blocks[u];
+              const index_t bk = ms.block_k, L = my_range[0].size() + my_range[1].size();
+              const index_t base = my_local0[u] - my_range[u].begin;  // local token of global 0
+              const index_t a = base + index_t{nb.front()} * bk;
+              const index_t b = std::min(base + (index_t{nb.back()} + 1) * bk, my_local0[u] + my_range[u].size());
+              const index_t start = std::min(a, (L - nr) / bk * bk), end = std::max(b, start + nr);
+              const detail::PairMask<Mask> pm(mask, nr, end - start, q0, nb.front(),
+                                              index_t{nb.back()} - nb.front() + 1, (a - start) / bk);
+              run_pair(qu, r0, qv, pm, k.slice_tokens(start, end - start), v.slice_tokens(start, end - start));
+              done = true;
+            }
           }
-        }
-        if (!done) {
-          const detail::KvPack<KT, VT>& p = in[slot][u];
-          const detail::PairMask<Mask> pm(mask, nr, p.rows, q0, p.blocks);
-          run_pair(qu, r0, qv, pm, TensorView<const KT>::token_major(p.k.data(), hkv, p.rows, d),
-                   TensorView<const VT>::token_major(p.v.data(), hkv, p.rows, dv));
+          if (!done) {
+            const detail::KvPack<KT, VT>& p = in[slot][u];
+            const detail::PairMask<Mask> pm(mask, nr, p.rows, q0, p.blocks);
+            run_pair(qu, r0, qv, pm, TensorView<const KT>::token_major(p.k.data(), hkv, p.rows, d),
+                     TensorView<const VT>::token_major(p.v.data(), hkv, p.rows, dv));
+          }
+          if (s + 1 < P) reqs[1 - slot].test();  // let MPI progress
         }
         ++st.chunk_pairs_computed;
-        if (s + 1 < P) reqs[1 - slot].test();  // let MPI progress
       }
     }
   }
