@@ -442,7 +442,6 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
   const std::array<index_t, 2> mine = lay.chunks_of(me);
   const std::array<TokenRange, 2> my_range = lay.ranges_of(me);
   const std::array<index_t, 2> my_local0{0, my_range[0].size()};
-  const index_t q_rows_max = std::max(my_range[0].size(), my_range[1].size());
   for (index_t c : mine)
     for (index_t kc = 0; kc < lay.num_chunks(); ++kc) st.blocks_computed += sch.blocks(c, kc);
 
@@ -480,13 +479,26 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
   std::array<std::array<detail::KvPack<KT, VT>, 2>, 2> in, out_pack;
   std::array<detail::PendingRequests, 2> reqs;
 
-  // The receive side of a pack: the blocks this rank needs from chunk c, padded to at least
-  // q_rows_max rows (the kernel wants n_k >= n_q) and to whole blocks (a short last block's
-  // padding is cut by PairMask).
+  // Local query rows [r0, r1) of the pair (query chunk qc, key chunk kc): from its first to its
+  // last query block that lists a key block ({0, 0} for a pair without blocks).
+  auto pair_rows = [&](index_t qc, index_t kc) -> std::array<index_t, 2> {
+    if (sch.blocks(qc, kc) == 0) return {0, 0};
+    const std::array<index_t, 2> qbr = sch.pair_qblocks[static_cast<std::size_t>(qc * lay.num_chunks() + kc)];
+    return {ms.q_begin(qbr[0]) - lay.chunk(qc).begin, std::min(ms.q_end(qbr[1]), lay.chunk(qc).end) - lay.chunk(qc).begin};
+  };
+  // The receive side of a pack: the blocks this rank needs from chunk c, padded to at least the
+  // query rows of the pairs that read it (the kernel wants n_k >= n_q; a far chunk of a window
+  // is read by a few blocks of rows, so its padding stays small) and to whole blocks (a short
+  // last block's padding is cut by PairMask).
   auto prepare_in = [&](detail::KvPack<KT, VT>& p, index_t c) {
     p.blocks = sch.blocks_for(me, c, ms.block_k);
     const index_t tok = detail::block_tokens(p.blocks, ms);
-    p.allocate(tok, std::max(static_cast<index_t>(p.blocks.size()) * ms.block_k, q_rows_max), hkv, d, dv);
+    index_t nq_max = 0;
+    for (index_t qc : mine) {
+      const std::array<index_t, 2> r = pair_rows(qc, c);
+      nq_max = std::max(nq_max, r[1] - r[0]);
+    }
+    p.allocate(tok, std::max(static_cast<index_t>(p.blocks.size()) * ms.block_k, nq_max), hkv, d, dv);
   };
   const int tag0 = detail::kPrefillTagBase;
   auto post = [&](int s) {
@@ -573,14 +585,7 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
       const index_t qc = mine[qu], nq = my_range[qu].size();
       if (nq == 0) continue;
       // The pairs' query rows: from the first to the last query block listing a key block.
-      std::array<std::array<index_t, 2>, 2> rows{};
-      for (std::size_t u = 0; u < 2; ++u) {
-        const index_t kc = theirs[u];
-        if (sch.blocks(qc, kc) == 0) continue;
-        const std::array<index_t, 2> qbr = sch.pair_qblocks[static_cast<std::size_t>(qc * lay.num_chunks() + kc)];
-        rows[u] = {ms.q_begin(qbr[0]) - lay.chunk(qc).begin,
-                   std::min(ms.q_end(qbr[1]), lay.chunk(qc).end) - lay.chunk(qc).begin};
-      }
+      const std::array<std::array<index_t, 2>, 2> rows{pair_rows(qc, theirs[0]), pair_rows(qc, theirs[1])};
       // The pair with more rows first: a chunk's first pair is stored in accv directly, the
       // later ones go through part (window: the near chunk's pair covers every row, the far
       // one's a window of rows).
