@@ -27,6 +27,15 @@
 /// one window of K/V per neighbouring chunk instead of whole chunks, and a block-sparse mask moves
 /// only its listed blocks.
 ///
+/// Cost at one rank. Next to the kernel's own work, a pair costs: the key map of its partial
+/// blocks (one addition when its key blocks are consecutive, the usual case; an IntervalMask
+/// masks a whole logit block from each row's two intervals), its plan, and for a chunk's later
+/// pairs the fp32 partial and its merge. This rank's own K/V are read in place (no copy), an
+/// fp32 output is the accumulator itself, a pair runs only the query rows from its first to
+/// its last listed query block, and merged pairs run in slabs of query blocks so the partial
+/// stays small: fresh buffers pay a page fault per page on every call, which for a window costs
+/// about as much as the attention itself.
+///
 /// See docs/DISTRIBUTED_PREFILL.md for the byte counts and the compute balance.
 #pragma once
 #include "sparse_attn/core/config.hpp"
