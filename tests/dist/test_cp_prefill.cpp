@@ -8,10 +8,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace sparse_attn;
@@ -324,4 +326,111 @@ TEST(CpPrefill, DifferentBlockSparseMaskOnOneRankFailsOnEveryRank) {
   });
   EXPECT_EQ(m.rfind("dist::prefill: ranks disagree on mask fingerprint: rank 0 has ", 0), 0u) << m;
   EXPECT_NE(m.find(", rank 1 has "), std::string::npos) << m;
+}
+
+namespace {
+
+// The reference of a PairMask: local key kj of local block t maps to global key
+// map(t) x block_k + kj % block_k (map(t) < 0: not a block of the pair); allowed iff the global
+// key exists and the global element test allows it (allowed_in_block: for a block list, the
+// predicate inside listed blocks).
+template <class Mask, class Map>
+void expect_pair_mask_matches(const dist::detail::PairMask<Mask>& pm, const Mask& g, index_t q0, Map map) {
+  const MaskShape& s = pm.shape();
+  const index_t bk = s.block_k, bq = s.block_q;
+  for (index_t h = 0; h < s.heads; ++h) {
+    for (index_t qi = 0; qi < s.n_q; ++qi)
+      for (index_t kj = 0; kj < s.n_k; ++kj) {
+        const index_t gb = map(kj / bk), j = gb * bk + kj % bk;
+        const bool want = gb >= 0 && j < g.shape().n_k && g.allowed_in_block(h, q0 + qi, j);
+        ASSERT_EQ(pm.allowed_in_block(h, qi, kj), want) << "head " << h << " query " << qi << " key " << kj;
+      }
+    // Listed blocks: the global row's blocks that belong to the pair, in local numbering.
+    for (index_t qb = 0; qb < s.num_q_blocks(); ++qb) {
+      std::vector<index_t> got, want;
+      pm.for_each_block(h, qb, [&](index_t t, bool) { got.push_back(map(t)); });
+      g.for_each_block(h, q0 / bq + qb, [&](index_t kb, bool) {
+        for (index_t t = 0; t < s.num_k_blocks(); ++t)
+          if (map(t) == kb) want.push_back(kb);
+      });
+      EXPECT_EQ(got, want) << "query block " << qb;
+    }
+  }
+  if constexpr (std::is_same_v<Mask, IntervalMask>) {
+    // The block-level hook masks exactly the elements the element test rejects.
+    const index_t ldq = 64;
+    std::vector<float> sc(static_cast<std::size_t>(bk * ldq));
+    for (index_t qb = 0; qb < s.num_q_blocks(); ++qb)
+      for (index_t t = 0; t < s.num_k_blocks(); ++t) {
+        if (map(t) < 0) continue;
+        const index_t qa = s.q_begin(qb), rows = s.q_end(qb) - qa, k0 = s.k_begin(t), nk = s.k_end(t) - k0;
+        std::fill(sc.begin(), sc.end(), 1.0f);
+        pm.mask_block(sc.data(), ldq, qa, rows, k0, nk);
+        for (index_t j = 0; j < nk; ++j)
+          for (index_t i = 0; i < rows; ++i)
+            ASSERT_EQ(std::isinf(sc[static_cast<std::size_t>(j * ldq + i)]), !pm.allowed_in_block(0, qa + i, k0 + j))
+                << "query " << qa + i << " key " << k0 + j;
+      }
+  }
+}
+
+}  // namespace
+
+TEST(CpPairMask, ContiguousRangeAndScatteredBlocksMapKeysAlike) {
+  // A window with sinks over 200 tokens in blocks of 16 (the last block, 12, is short).
+  const IntervalMask g = masks::sliding_window(2, 200, 200, 40, 5, 16);
+  const BlockListMask<> sparse = random_block_mask(2, 200, 16, true, 0.6, 3);
+  const index_t q0 = 160, nq = 40;  // query blocks 10 .. 12
+  // Consecutive blocks 8 .. 12 given as a list: the contiguous map (no table).
+  const std::vector<std::int32_t> run{8, 9, 10, 11, 12};
+  ASSERT_TRUE(dist::detail::PairMask<IntervalMask>::is_contiguous(run));
+  auto run_map = [](index_t t) { return t < 5 ? 8 + t : index_t{-1}; };
+  expect_pair_mask_matches(dist::detail::PairMask<IntervalMask>(g, nq, 96, q0, run), g, q0, run_map);
+  expect_pair_mask_matches(dist::detail::PairMask<BlockListMask<>>(sparse, nq, 96, q0, run), sparse, q0, run_map);
+  // The same range read in place at local block 2 (rows before it belong to other blocks).
+  auto off_map = [](index_t t) { return t >= 2 && t < 7 ? 6 + t : index_t{-1}; };
+  expect_pair_mask_matches(dist::detail::PairMask<IntervalMask>(g, nq, 7 * 16 - 8, q0, 8, 5, 2), g, q0, off_map);
+  expect_pair_mask_matches(dist::detail::PairMask<BlockListMask<>>(sparse, nq, 7 * 16 - 8, q0, 8, 5, 2), sparse, q0,
+                           off_map);
+  // Scattered blocks: the table map.
+  const std::vector<std::int32_t> scattered{0, 3, 9, 10, 12};
+  ASSERT_FALSE(dist::detail::PairMask<IntervalMask>::is_contiguous(scattered));
+  auto table_map = [&](index_t t) { return t < 5 ? index_t{scattered[static_cast<std::size_t>(t)]} : index_t{-1}; };
+  expect_pair_mask_matches(dist::detail::PairMask<IntervalMask>(g, nq, 96, q0, scattered), g, q0, table_map);
+  expect_pair_mask_matches(dist::detail::PairMask<BlockListMask<>>(sparse, nq, 96, q0, scattered), sparse, q0,
+                           table_map);
+}
+
+TEST(CpPrefill, LargePairsRunInSlabsOfQueryBlocks) {
+  // 16 heads x dv 256 x 4 bytes = 16 KiB per output row: a pair merged through the partial
+  // buffer runs in slabs of 256 rows (detail::kPartBytes), so 1 and 2 ranks (chunks of 1024
+  // and 512 rows) split their merged pairs.
+  const Problem pb{16, 2, 2048, 16, 256};
+  run_and_compare<float>(pb, random_block_mask(pb.hq, pb.n, 64, false, 0.08, 9), 131);
+}
+
+TEST(CpPrefill, Bf16OutputMatchesFp32Output) {
+  // An fp32 output accumulates in place, others in fp32 buffers rounded once: the same values.
+  dist::Communicator comm;
+  const index_t hq = 4, hkv = 2, n = 160, d = 16;
+  const dist::ZigZagLayout lay = dist::zigzag_layout(n, comm.size(), 16, 16);
+  const index_t L = lay.local_tokens(comm.rank());
+  const std::vector<float> q = random_tensor<float>(hq * L * d, 141 + static_cast<std::uint32_t>(comm.rank()));
+  const std::vector<float> k = random_tensor<float>(hkv * L * d, 142 + static_cast<std::uint32_t>(comm.rank()));
+  const std::vector<float> v = random_tensor<float>(hkv * L * d, 143 + static_cast<std::uint32_t>(comm.rank()));
+  for (const IntervalMask& mask : {masks::causal(hq, n, n, 16), masks::sliding_window(hq, n, n, 20, 3, 16)}) {
+    std::vector<float> o32(static_cast<std::size_t>(hq * L * d)), l32(static_cast<std::size_t>(hq * L)), l16(l32.size());
+    std::vector<bf16> o16(o32.size());
+    AttentionOptions o;
+    o.num_threads = 1;
+    o.lse = LseView(l32.data(), L);
+    dist::prefill(comm, TensorView<const float>(q.data(), hq, L, d), TensorView<const float>(k.data(), hkv, L, d),
+                  TensorView<const float>(v.data(), hkv, L, d), TensorView<float>(o32.data(), hq, L, d), mask, o);
+    o.lse = LseView(l16.data(), L);
+    dist::prefill(comm, TensorView<const float>(q.data(), hq, L, d), TensorView<const float>(k.data(), hkv, L, d),
+                  TensorView<const float>(v.data(), hkv, L, d), TensorView<bf16>(o16.data(), hq, L, d), mask, o);
+    EXPECT_EQ(l16, l32);
+    for (std::size_t i = 0; i < o32.size(); ++i)
+      ASSERT_EQ(static_cast<float>(o16[i]), static_cast<float>(bf16(o32[i]))) << "element " << i;
+  }
 }
