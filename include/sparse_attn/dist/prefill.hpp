@@ -274,8 +274,10 @@ class PairMask {
   const std::vector<std::int32_t>* table_ = nullptr;
 };
 
-// K/V rows of some key blocks, token-major [rows][Hkv][d] and [rows][Hkv][dv]: the first
-// `tokens` rows are real (the blocks, in order), the rest zero padding (receive side only).
+// K/V rows of some key blocks, head-major [Hkv][rows][d] and [Hkv][rows][dv] (the caller's
+// layout, so that a run of consecutive rows is sent straight from the caller's views with a
+// strided datatype, no pack): per head the first `tokens` rows are real (the blocks, in
+// order), the rest zero padding (receive side only).
 template <class KT, class VT>
 struct KvPack {
   std::vector<std::int32_t> blocks;
@@ -290,8 +292,36 @@ struct KvPack {
     rows = nrows;
     k.resize(static_cast<std::size_t>(rows * hkv * d));
     v.resize(static_cast<std::size_t>(rows * hkv * dv));
-    std::fill(k.begin() + static_cast<std::ptrdiff_t>(tokens * hkv * d), k.end(), from_float<KT>(0.0f));
-    std::fill(v.begin() + static_cast<std::ptrdiff_t>(tokens * hkv * dv), v.end(), from_float<VT>(0.0f));
+    for (index_t h = 0; h < hkv; ++h) {
+      std::fill(k.begin() + static_cast<std::ptrdiff_t>((h * rows + tokens) * d),
+                k.begin() + static_cast<std::ptrdiff_t>((h + 1) * rows * d), from_float<KT>(0.0f));
+      std::fill(v.begin() + static_cast<std::ptrdiff_t>((h * rows + tokens) * dv),
+                v.begin() + static_cast<std::ptrdiff_t>((h + 1) * rows * dv), from_float<VT>(0.0f));
+    }
+  }
+};
+
+// A datatype of `blocks` runs of `len` elements, `stride` elements apart (committed; the caller
+// frees it once the operation is posted, which MPI allows), or the plain type for one run.
+struct StridedType {
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  int count = 0;
+  bool owned = false;
+  StridedType(MPI_Datatype base, index_t blocks, index_t len, index_t stride) {
+    if (blocks <= 1 || stride == len) {
+      type = base;
+      count = static_cast<int>(blocks * len);
+    } else {
+      MPI_Type_vector(static_cast<int>(blocks), static_cast<int>(len), static_cast<int>(stride), base, &type);
+      MPI_Type_commit(&type);
+      count = 1;
+      owned = true;
+    }
+  }
+  StridedType(const StridedType&) = delete;
+  StridedType& operator=(const StridedType&) = delete;
+  ~StridedType() {
+    if (owned) MPI_Type_free(&type);
   }
 };
 
@@ -315,8 +345,8 @@ void fill_pack(KvPack<KT, VT>& p, const KV& k, const VV& v, const MaskShape& s, 
     for (index_t j = s.k_begin(kb); j < s.k_end(kb); ++j, ++row) {
       const index_t t = local0 + (j - chunk0);
       for (index_t h = 0; h < hkv; ++h) {
-        KT* kd = p.k.data() + (row * hkv + h) * d;
-        VT* vd = p.v.data() + (row * hkv + h) * dv;
+        KT* kd = p.k.data() + (h * p.rows + row) * d;
+        VT* vd = p.v.data() + (h * p.rows + row) * dv;
         if (rows_k) std::memcpy(kd, k.row(h, t), static_cast<std::size_t>(d) * sizeof(KT));
         else for (index_t c = 0; c < d; ++c) kd[c] = k(h, t, c);
         if (rows_v) std::memcpy(vd, v.row(h, t), static_cast<std::size_t>(dv) * sizeof(VT));
@@ -384,8 +414,9 @@ struct PendingRequests {
 /// rank). Communication: P - 1 shifts, at most 4 messages each way per shift (K and V of the
 /// source's two chunks), only the needed key blocks.
 /// @par Allocation
-/// Two receive and two send buffers of at most two chunks of K/V each (double buffering, reused
-/// from shift to shift), fp32 accumulators of the local output and LSE plus one pair's partial,
+/// Two receive buffers of at most two chunks of K/V each (double buffering, reused from shift to
+/// shift), send buffers only for messages that cannot be sent from the views as they are
+/// (scattered key blocks, or rows not packed per head), fp32 accumulators of the local output and LSE plus one pair's partial,
 /// the schedule (P x key blocks bytes), each kernel call's plan, and one workspace (the largest
 /// call's). This rank's own K and V TensorViews are read in place (no copy); other view types
 /// are copied once into a receive buffer.
@@ -510,6 +541,17 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
     p.allocate(tok, std::max(static_cast<index_t>(p.blocks.size()) * ms.block_k, nq_max), hkv, d, dv);
   };
   const int tag0 = detail::kPrefillTagBase;
+  // Tensor views (not paged ones) are read in place: the own K/V at shift 0, and the rows sent.
+  constexpr bool direct = kernel::is_tensor_view<KV>::value && kernel::is_tensor_view<VV>::value;
+  // Whether a message of these blocks can be sent from the caller's K/V views as they are: the
+  // blocks are consecutive and each head's rows are packed (row stride = dim, unit channel
+  // stride), so a message is one strided datatype over the views, in the pack's order.
+  // (Generic in the views so that only tensor views instantiate it.)
+  auto in_place_send = [&](const std::vector<std::int32_t>& blocks, const auto& kk, const auto& vv) {
+    return detail::PairMask<Mask>::is_contiguous(blocks) && kk.stride_dim == 1 && vv.stride_dim == 1 &&
+           kk.stride_token == d && vv.stride_token == dv && kk.stride_head >= 0 && vv.stride_head >= 0 &&
+           kk.stride_head <= INT_MAX && vv.stride_head <= INT_MAX;
+  };
   auto post = [&](int s) {
     const auto slot = static_cast<std::size_t>(s % 2);
     const int src = (me - s + P) % P, dst = (me + s) % P;
@@ -519,8 +561,10 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
       prepare_in(p, theirs[u]);
       if (p.tokens == 0) continue;
       MPI_Request* r = reqs[slot].add2();
-      MPI_Irecv(p.k.data(), static_cast<int>(p.tokens * hkv * d), mpi_type<KT>(), src, tag0 + 2 * static_cast<int>(u), comm.handle(), r);
-      MPI_Irecv(p.v.data(), static_cast<int>(p.tokens * hkv * dv), mpi_type<VT>(), src, tag0 + 2 * static_cast<int>(u) + 1, comm.handle(), r + 1);
+      const detail::StridedType tk(mpi_type<KT>(), hkv, p.tokens * d, p.rows * d);
+      const detail::StridedType tv(mpi_type<VT>(), hkv, p.tokens * dv, p.rows * dv);
+      MPI_Irecv(p.k.data(), tk.count, tk.type, src, tag0 + 2 * static_cast<int>(u), comm.handle(), r);
+      MPI_Irecv(p.v.data(), tv.count, tv.type, src, tag0 + 2 * static_cast<int>(u) + 1, comm.handle(), r + 1);
       st.messages_received += 2;
       st.bytes_received += p.tokens * hkv * (d * static_cast<index_t>(sizeof(KT)) + dv * static_cast<index_t>(sizeof(VT)));
       st.key_blocks_received += static_cast<index_t>(p.blocks.size());
@@ -529,12 +573,26 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
       detail::KvPack<KT, VT>& p = out_pack[slot][u];
       p.blocks = sch.blocks_for(dst, mine[u], ms.block_k);
       const index_t tok = detail::block_tokens(p.blocks, ms);
-      p.allocate(tok, tok, hkv, d, dv);
       if (tok == 0) continue;
-      detail::fill_pack(p, k, v, ms, my_range[u].begin, my_local0[u]);
       MPI_Request* r = reqs[slot].add2();
-      MPI_Isend(p.k.data(), static_cast<int>(tok * hkv * d), mpi_type<KT>(), dst, tag0 + 2 * static_cast<int>(u), comm.handle(), r);
-      MPI_Isend(p.v.data(), static_cast<int>(tok * hkv * dv), mpi_type<VT>(), dst, tag0 + 2 * static_cast<int>(u) + 1, comm.handle(), r + 1);
+      const int tag = tag0 + 2 * static_cast<int>(u);
+      const index_t t0 = my_local0[u] + ms.k_begin(p.blocks.front()) - my_range[u].begin;
+      bool sent = false;
+      if constexpr (direct) {
+        if (in_place_send(p.blocks, k, v)) {  // consecutive rows of each head: straight from the views
+          const detail::StridedType tk(mpi_type<KT>(), hkv, tok * d, k.stride_head);
+          const detail::StridedType tv(mpi_type<VT>(), hkv, tok * dv, v.stride_head);
+          MPI_Isend(k.row(0, t0), tk.count, tk.type, dst, tag, comm.handle(), r);
+          MPI_Isend(v.row(0, t0), tv.count, tv.type, dst, tag + 1, comm.handle(), r + 1);
+          sent = true;
+        }
+      }
+      if (!sent) {
+        p.allocate(tok, tok, hkv, d, dv);
+        detail::fill_pack(p, k, v, ms, my_range[u].begin, my_local0[u]);
+        MPI_Isend(p.k.data(), static_cast<int>(tok * hkv * d), mpi_type<KT>(), dst, tag, comm.handle(), r);
+        MPI_Isend(p.v.data(), static_cast<int>(tok * hkv * dv), mpi_type<VT>(), dst, tag + 1, comm.handle(), r + 1);
+      }
       st.messages_sent += 2;
       st.bytes_sent += tok * hkv * (d * static_cast<index_t>(sizeof(KT)) + dv * static_cast<index_t>(sizeof(VT)));
     }
@@ -543,7 +601,6 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
   // Shift 0: this rank's own blocks. Tensor views are read in place (detail::PairMask's
   // contiguous mode over a slice of the caller's rows, no copy); other views are copied into
   // slot 0 (no message).
-  constexpr bool direct = kernel::is_tensor_view<KV>::value && kernel::is_tensor_view<VV>::value;
   std::array<std::vector<std::int32_t>, 2> own_blocks;
   for (std::size_t u = 0; u < 2; ++u) {
     if constexpr (direct) {
@@ -636,8 +693,8 @@ PrefillStats prefill(const Communicator& comm, const QV& q, const KV& k, const V
           if (!done) {
             const detail::KvPack<KT, VT>& p = in[slot][u];
             const detail::PairMask<Mask> pm(mask, nr, p.rows, q0, p.blocks);
-            run_pair(qu, r0, qv, pm, TensorView<const KT>::token_major(p.k.data(), hkv, p.rows, d),
-                     TensorView<const VT>::token_major(p.v.data(), hkv, p.rows, dv));
+            run_pair(qu, r0, qv, pm, TensorView<const KT>(p.k.data(), hkv, p.rows, d),
+                     TensorView<const VT>(p.v.data(), hkv, p.rows, dv));
           }
           if (s + 1 < P) reqs[1 - slot].test();  // let MPI progress
         }
