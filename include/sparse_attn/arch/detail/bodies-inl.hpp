@@ -919,7 +919,7 @@ template <class V, int NT, int VV>
 inline void diagonal_qk(const float* qt, index_t ldq, const float* kt, const index_t* at, index_t ldat,
                         index_t d, float* s) {
   Packets2<V, NT, VV> acc;
-  const float* kr[NT][VV];
+  const float* kr[static_cast<std::size_t>(NT)][static_cast<std::size_t>(VV)];
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < VV; ++v) {
       acc[t][v] = V::zero();
@@ -1056,7 +1056,8 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
 
   // Diagonals.
   constexpr index_t kPk = kMaxTileQ / V::kLanes;  // packets of a tile
-  index_t base[kLineSlots], kat[kLineSlots * kPk], vat[kLineSlots * kPk];
+  index_t base[static_cast<std::size_t>(kLineSlots)], kat[static_cast<std::size_t>(kLineSlots * kPk)],
+      vat[static_cast<std::size_t>(kLineSlots * kPk)];
   const index_t most = *std::max_element(nslots, nslots + ntiles);
   for (index_t t0 = 0; t0 < most; t0 += kLineSlots) {
     for (index_t r = 0; r < ntiles; ++r) {
@@ -1067,9 +1068,9 @@ void lines_item(const LineOperands& lo, index_t chunk, const QV& q, const KV& k,
       const index_t p0 = q0 + r * kMaxTileQ + lo.q_offset;
       for (index_t t = 0; t < nt; ++t) {
         base[t] = p0 - lo.res_offs[t0 + t];  // lane 0's key
-        for (index_t v = 0; v < width / V::kLanes; ++v) {
-          kat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, d);
-          vat[t * kPk + v] = line_tile_offset(base[t] + v * V::kLanes, dv);
+        for (index_t pk = 0; pk < width / V::kLanes; ++pk) {
+          kat[t * kPk + pk] = line_tile_offset(base[t] + pk * V::kLanes, d);
+          vat[t * kPk + pk] = line_tile_offset(base[t] + pk * V::kLanes, dv);
         }
       }
       // Lanes in groups of up to 4 packets, slots 4 at a time: 16 accumulators.
