@@ -5,32 +5,18 @@
 
 #include <gtest/gtest.h>
 
+#include "same_error_everywhere.hpp"
+
 #include <string>
 #include <vector>
 
 using namespace sparse_attn;
 
 namespace {
-// The message every rank got, or "" if it returned; then a barrier (proves nobody is stuck) and
-// a check that all ranks saw the same text.
+// check_collectively's outcome on every rank (same_error_everywhere.hpp).
 std::string outcome_everywhere(const dist::Communicator& comm, const std::vector<dist::Agreed>& agreed,
                                const std::string& local_error) {
-  std::string message;
-  try {
-    dist::check_collectively(comm, "test", agreed, local_error);
-  } catch (const sparse_attn::invalid_argument& e) {
-    message = e.what();
-  }
-  MPI_Barrier(comm.handle());
-  // Same message on every rank: compare lengths and bytes against rank 0's.
-  int len = static_cast<int>(message.size()), len0 = len;
-  MPI_Bcast(&len0, 1, MPI_INT, 0, comm.handle());
-  std::string m0 = message;
-  m0.resize(static_cast<std::size_t>(len0));
-  MPI_Bcast(m0.data(), len0, MPI_CHAR, 0, comm.handle());
-  EXPECT_EQ(len, len0);
-  EXPECT_EQ(message, m0) << "rank " << comm.rank() << " raised a different message than rank 0";
-  return message;
+  return same_error_everywhere(comm, [&] { dist::check_collectively(comm, "test", agreed, local_error); });
 }
 }  // namespace
 

@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "same_error_everywhere.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -319,25 +321,6 @@ TEST(CpDecode, AdaSnapKVEvictionThenDecode) {
 }
 
 namespace {
-// Runs f on every rank; returns the invalid_argument message (or ""), after checking that a
-// further collective completes (nobody is left inside one) and every rank got the same message.
-template <class F>
-std::string same_error_everywhere(const dist::Communicator& comm, F&& f) {
-  std::string message;
-  try {
-    f();
-  } catch (const sparse_attn::invalid_argument& e) {
-    message = e.what();
-  }
-  MPI_Barrier(comm.handle());
-  int len0 = static_cast<int>(message.size());
-  MPI_Bcast(&len0, 1, MPI_INT, 0, comm.handle());
-  std::string m0 = message;
-  m0.resize(static_cast<std::size_t>(len0));
-  MPI_Bcast(m0.data(), len0, MPI_CHAR, 0, comm.handle());
-  EXPECT_EQ(message, m0) << "rank " << comm.rank() << " raised a different message than rank 0";
-  return message;
-}
 
 struct Small {
   Problem pb;

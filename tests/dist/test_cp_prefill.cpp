@@ -8,6 +8,8 @@
 
 #include <gtest/gtest.h>
 
+#include "same_error_everywhere.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -246,25 +248,6 @@ TEST(CpPrefill, SmallWindowMovesFewerBytesThanDenseCausal) {
 }
 
 namespace {
-// The message every rank got from dist::prefill (or ""), after a barrier that proves no rank is
-// stuck in a collective; checks that all ranks saw rank 0's message.
-template <class F>
-std::string outcome_everywhere(const dist::Communicator& comm, F&& call) {
-  std::string message;
-  try {
-    call();
-  } catch (const sparse_attn::invalid_argument& e) {
-    message = e.what();
-  }
-  MPI_Barrier(comm.handle());
-  int len0 = static_cast<int>(message.size());
-  MPI_Bcast(&len0, 1, MPI_INT, 0, comm.handle());
-  std::string m0 = message;
-  m0.resize(static_cast<std::size_t>(len0));
-  MPI_Bcast(m0.data(), len0, MPI_CHAR, 0, comm.handle());
-  EXPECT_EQ(message, m0) << "rank " << comm.rank() << " raised a different message than rank 0";
-  return message;
-}
 
 // dist::prefill on zero-filled local buffers of the given per-rank geometry.
 void call_prefill(const dist::Communicator& comm, index_t n, index_t d, index_t window, index_t tokens_delta) {
@@ -281,7 +264,7 @@ TEST(CpPrefill, DifferentHeadDimOnOneRankFailsOnEveryRank) {
   dist::Communicator comm;
   if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
   const int odd = comm.size() - 1;
-  const std::string m = outcome_everywhere(comm, [&] {
+  const std::string m = same_error_everywhere(comm, [&] {
     call_prefill(comm, 64, comm.rank() == odd ? 8 : 16, 20, 0);
   });
   EXPECT_EQ(m, "dist::prefill: ranks disagree on head_dim: rank 0 has 16, rank " + std::to_string(odd) + " has 8");
@@ -290,7 +273,7 @@ TEST(CpPrefill, DifferentHeadDimOnOneRankFailsOnEveryRank) {
 TEST(CpPrefill, DifferentWindowOnOneRankFailsOnEveryRank) {
   dist::Communicator comm;
   if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
-  const std::string m = outcome_everywhere(comm, [&] {
+  const std::string m = same_error_everywhere(comm, [&] {
     call_prefill(comm, 64, 16, comm.rank() == 1 ? 24 : 20, 0);
   });
   EXPECT_EQ(m, "dist::prefill: ranks disagree on window: rank 0 has 20, rank 1 has 24");
@@ -299,7 +282,7 @@ TEST(CpPrefill, DifferentWindowOnOneRankFailsOnEveryRank) {
 TEST(CpPrefill, OneRanksWrongShardSizeFailsOnEveryRank) {
   dist::Communicator comm;
   const int bad = comm.size() / 2;
-  const std::string m = outcome_everywhere(comm, [&] {
+  const std::string m = same_error_everywhere(comm, [&] {
     call_prefill(comm, 64, 16, 20, comm.rank() == bad ? 1 : 0);
   });
   EXPECT_EQ(m.rfind("dist::prefill: rank " + std::to_string(bad) + ": dist::prefill: q has ", 0), 0u) << m;
@@ -308,7 +291,7 @@ TEST(CpPrefill, OneRanksWrongShardSizeFailsOnEveryRank) {
 
 TEST(CpPrefill, ValidArgumentsPassTheCheckOnEveryRank) {
   dist::Communicator comm;
-  EXPECT_EQ(outcome_everywhere(comm, [&] { call_prefill(comm, 64, 16, 20, 0); }), "");
+  EXPECT_EQ(same_error_everywhere(comm, [&] { call_prefill(comm, 64, 16, 20, 0); }), "");
 }
 
 TEST(CpPrefill, DifferentBlockSparseMaskOnOneRankFailsOnEveryRank) {
@@ -320,7 +303,7 @@ TEST(CpPrefill, DifferentBlockSparseMaskOnOneRankFailsOnEveryRank) {
   const dist::ZigZagLayout lay = dist::zigzag_layout(n, comm.size(), 16, 16);
   const index_t L = lay.local_tokens(comm.rank());
   std::vector<float> x(static_cast<std::size_t>(2 * L * d)), out(x.size());
-  const std::string m = outcome_everywhere(comm, [&] {
+  const std::string m = same_error_everywhere(comm, [&] {
     dist::prefill(comm, TensorView<const float>(x.data(), 2, L, d), TensorView<const float>(x.data(), 2, L, d),
                   TensorView<const float>(x.data(), 2, L, d), TensorView<float>(out.data(), 2, L, d), mask);
   });
