@@ -36,7 +36,8 @@ set(args -S ${SOURCE_DIR} -B ${WORK_DIR} -DCMAKE_BUILD_TYPE=Portable
          -DSPARSE_ATTN_BUILD_EXAMPLES=OFF -DSPARSE_ATTN_INSTALL=OFF
          -DSPARSE_ATTN_PORTABLE_TEST=OFF -DSPARSE_ATTN_SANITIZER_TEST=OFF
          -DSPARSE_ATTN_FUZZ_SMOKE_TEST=OFF -DSPARSE_ATTN_MULTI_ARCH_TEST=OFF
-         -DSPARSE_ATTN_AARCH64_TEST=OFF -DSPARSE_ATTN_STRICT_CONSUMER_TEST=OFF)
+         -DSPARSE_ATTN_AARCH64_TEST=OFF -DSPARSE_ATTN_STRICT_CONSUMER_TEST=OFF
+         -DSPARSE_ATTN_WITH_MPI=OFF)
 if(GENERATOR)
   list(APPEND args -G ${GENERATOR})
 endif()
@@ -53,8 +54,8 @@ set(RUN_STEP_JOB portable_tests)
 include(${CMAKE_CURRENT_LIST_DIR}/RunStep.cmake)
 
 run_step(configure ${CMAKE_COMMAND} ${args})
-# "all" is exactly the test executables (and the tool test_tool runs) here, and unlike a --target
-# list it compiles them in parallel.
+# "all" is exactly the test executables (and the tool test_tool runs; the MPI layer's tests are
+# off) here, and unlike a --target list it compiles them in parallel.
 run_step(build ${CMAKE_COMMAND} --build ${WORK_DIR} -j${JOBS})
 foreach(target IN LISTS TARGETS)
   # Two OpenMP threads: CI has two cores. "auto": no override, even one from the caller's env.

@@ -27,7 +27,8 @@ set(args -S ${SOURCE_DIR} -B ${WORK_DIR} -DCMAKE_BUILD_TYPE=Sanitize
          -DSPARSE_ATTN_BUILD_TOOLS=OFF -DSPARSE_ATTN_BUILD_BENCHMARKS=OFF
          -DSPARSE_ATTN_BUILD_EXAMPLES=OFF -DSPARSE_ATTN_INSTALL=OFF
          -DSPARSE_ATTN_PORTABLE_TEST=OFF -DSPARSE_ATTN_SANITIZER_TEST=OFF
-         -DSPARSE_ATTN_FUZZ_SMOKE_TEST=OFF)
+         -DSPARSE_ATTN_FUZZ_SMOKE_TEST=OFF
+         -DSPARSE_ATTN_WITH_MPI=OFF)
 if(GENERATOR)
   list(APPEND args -G ${GENERATOR})
 endif()
@@ -46,8 +47,8 @@ set(RUN_STEP_JOB sanitizer_tests)
 include(${CMAKE_CURRENT_LIST_DIR}/RunStep.cmake)
 
 run_step(configure ${CMAKE_COMMAND} ${args})
-# "all" is just the tests here (tools, benchmarks, examples off), and unlike a --target list it
-# compiles the test executables in parallel.
+# "all" is just the tests here (tools, benchmarks, examples and the MPI layer's tests off), and
+# unlike a --target list it compiles the test executables in parallel.
 run_step(build ${CMAKE_COMMAND} --build ${WORK_DIR} -j${JOBS})
 foreach(t ${targets})
   run_step(${t} ${CMAKE_COMMAND} -E env ${env}
