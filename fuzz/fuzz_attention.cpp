@@ -1121,6 +1121,9 @@ void cache_case(FuzzedDataProvider& fdp) {
   const int eviction = fdp.ConsumeIntegralInRange<int>(0, 4);
   const bool quest = fdp.ConsumeBool();
   const bool per_q = fdp.ConsumeBool();
+  // Quest's budget: 0 the common one below, 1 a mass budget per unit, 2 a shared mass threshold.
+  const int quest_mass = fdp.ConsumeIntegralInRange<int>(0, 2);
+  const double mass_p = fdp.ConsumeFloatingPointInRange<double>(1e-3, 1.0);
   const double cr = fdp.ConsumeFloatingPointInRange<double>(1.0, 8.0);
   const index_t budget = fdp.ConsumeBool() ? fdp.ConsumeIntegralInRange<index_t>(1, 64) : 0;
   const index_t chunks = fdp.ConsumeIntegralInRange<index_t>(1, 3);
@@ -1134,6 +1137,7 @@ void cache_case(FuzzedDataProvider& fdp) {
        co.page_table == kv::PageTable::shared, " hq=", hq, " hkv=", hkv, " n_p=", n_p,
        " n_new=", n_new, " steps=", steps, " d=", d, " dv=", dv, " P=", co.page_size,
        " cap=", co.capacity, " eviction=", eviction, " quest=", quest, " per_q=", per_q,
+       " quest_mass=", quest_mass, " p=", mass_p,
        " cr=", cr, " budget=", budget, " chunks=", chunks, " threads=", threads,
        " corrupt=", corrupt);
 
@@ -1262,6 +1266,8 @@ void cache_case(FuzzedDataProvider& fdp) {
     if (quest) {
       methods::Quest qm;
       qm.per_query_head = per_q;
+      qm.shared_mass = quest_mass == 2;
+      const methods::Budget qb = quest_mass > 0 ? methods::Budget::mass(mass_p) : b;
       const bool bad = corrupt == 2 || corrupt == 3;
       std::vector<float> qbad;
       TensorView<const float> qq = q;
@@ -1271,7 +1277,7 @@ void cache_case(FuzzedDataProvider& fdp) {
       }
       methods::DecodeSelection plan;
       if (!expect(bad, "Quest::select", [&] {
-            plan = qm.select(qq, cache, corrupt == 2 ? methods::Budget::compression(0.5) : b, mo);
+            plan = qm.select(qq, cache, corrupt == 2 ? methods::Budget::compression(0.5) : qb, mo);
           }))
         return;
       keys = plan.keys;
@@ -1288,9 +1294,10 @@ void cache_case(FuzzedDataProvider& fdp) {
       const auto st = kv::decode_stats(keys, cache, hq, n_new);
       if (st.pairs != plan.stats.pairs || st.dense_pairs != plan.stats.dense_pairs)
         fail("quest: stats disagree with decode_stats");
-      if (b.is_compression() && plan.stats.reachable != methods::is_reachable(b, plan.stats.compression()))
+      if (qb.is_compression() && plan.stats.reachable != methods::is_reachable(qb, plan.stats.compression()))
         fail(detail::concat("quest: reachable=", plan.stats.reachable, " at CR ",
-                            plan.stats.compression(), " for ", b.str()));
+                            plan.stats.compression(), " for ", qb.str()));
+      if (qb.is_mass() && !plan.stats.reachable) fail("quest: a mass budget is always honoured");
     }
     std::vector<float> out(static_cast<std::size_t>(hq * n_new * dv), -5.0f),
         out2(out.size(), -5.0f), lse(static_cast<std::size_t>(hq * n_new), -7.0f);

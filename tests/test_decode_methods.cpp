@@ -1494,6 +1494,170 @@ TEST(Quest, MassBudgetKeepsTheFewestPagesReachingTheEstimatedMass) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// quest_head: Quest per query head with one mass threshold shared by the heads
+
+// quest_head's selection and page bounds for q on c (shared: its default shared_mass).
+template <class Cache>
+std::pair<methods::DecodeSelection, methods::QuestPages> quest_head_select(
+    const TensorView<const float>& q, const Cache& c, const Budget& b, bool shared = true) {
+  methods::QuestHead m;
+  m.shared_mass = shared;
+  std::pair<methods::DecodeSelection, methods::QuestPages> r;
+  m.select(q, c, b, {}, r.first, &r.second);
+  return r;
+}
+
+// The pages (of P = 16) a unit's key ranges read.
+std::vector<index_t> unit_pages(const KeySelection& keys, index_t u) {
+  std::vector<index_t> pages;
+  for (const KeyRange* r = keys.ranges_begin(u); r != keys.ranges_end(u); ++r)
+    for (index_t q = r->begin / 16; q * 16 < r->end; ++q) pages.push_back(q);
+  return pages;
+}
+
+TEST(QuestHead, SharedMassKeepsTheHighestEstimatedPagesOfAllHeadsUntilPTimesHeads) {
+  const Data D(8, 2, 640, 32, 163);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const index_t H = 8, G = 4, pages = 40, cur = pages - 1;
+  // The per-query-head bounds in float64 from the stored keys: U_h(page) = scale * sum_d
+  // max(q_hd min_d, q_hd max_d), min / max over the page's 16 keys.
+  const auto q = D.qs(639, 1);
+  std::vector<double> U(static_cast<std::size_t>(H * pages));
+  for (index_t h = 0; h < H; ++h)
+    for (index_t pg = 0; pg < pages; ++pg) {
+      double u = 0.0;
+      for (index_t dd = 0; dd < D.d; ++dd) {
+        double mn = INFINITY, mx = -INFINITY;
+        for (index_t t = pg * 16; t < pg * 16 + 16; ++t) {
+          mn = std::min(mn, double{D.k[static_cast<std::size_t>(((h / G) * D.n + t) * D.d + dd)]});
+          mx = std::max(mx, double{D.k[static_cast<std::size_t>(((h / G) * D.n + t) * D.d + dd)]});
+        }
+        const double x = double{q(h, 0, dd)};
+        u += std::max(x * mn, x * mx);
+      }
+      U[static_cast<std::size_t>(h * pages + pg)] = u * D.scale();
+    }
+  index_t prev_total = 0;
+  bool uneven = false;
+  for (const double p : {0.3, 0.6, 0.9, 0.99}) {
+    const auto [sel, pg] = quest_head_select(q, c, Budget::mass(p));
+    EXPECT_TRUE(sel.stats.reachable);
+    ASSERT_EQ(sel.keys.scope(), KeySelection::Scope::per_q_head);
+    // The estimate: per head, softmax over its 40 (full) pages of U + log 16.
+    std::vector<double> e(static_cast<std::size_t>(H * pages));
+    for (index_t h = 0; h < H; ++h) {
+      double mx = -INFINITY, total = 0.0;
+      for (index_t q2 = 0; q2 < pages; ++q2) {
+        const double u = pg.bounds[static_cast<std::size_t>(h * pg.bound_stride + q2)];
+        EXPECT_NEAR(u, U[static_cast<std::size_t>(h * pages + q2)], 1e-4 * (1.0 + std::abs(u)));
+        mx = std::max(mx, u);
+      }
+      for (index_t q2 = 0; q2 < pages; ++q2)
+        total += e[static_cast<std::size_t>(h * pages + q2)] =
+            std::exp(double{pg.bounds[static_cast<std::size_t>(h * pg.bound_stride + q2)]} - mx);
+      for (index_t q2 = 0; q2 < pages; ++q2) e[static_cast<std::size_t>(h * pages + q2)] /= total;
+    }
+    double have = 0.0, weakest = INFINITY, strongest_left = 0.0;
+    index_t total_B = 0, bmin = pages, bmax = 0;
+    for (index_t h = 0; h < H; ++h) {
+      const std::vector<index_t> chosen = unit_pages(sel.keys, h);
+      ASSERT_FALSE(chosen.empty());
+      EXPECT_EQ(chosen.back(), cur) << "every head reads its current page";
+      const index_t B = static_cast<index_t>(chosen.size()) - 1;
+      EXPECT_EQ(B, pg.budget_pages[static_cast<std::size_t>(h)]);
+      total_B += B;
+      bmin = std::min(bmin, B), bmax = std::max(bmax, B);
+      for (index_t q2 = 0; q2 < pages; ++q2) {
+        const double m = e[static_cast<std::size_t>(h * pages + q2)];
+        const bool in = std::find(chosen.begin(), chosen.end(), q2) != chosen.end();
+        if (in) have += m;
+        if (in && q2 != cur) weakest = std::min(weakest, m);
+        if (!in) strongest_left = std::max(strongest_left, m);
+      }
+    }
+    // One threshold over every (head, page): what is kept outweighs what is left, in any head.
+    EXPECT_LE(strongest_left, weakest) << "p " << p;
+    // The mass summed over the heads reaches p x H, and with the weakest kept page it did not.
+    EXPECT_GE(have, p * H * (1 - 1e-9)) << "p " << p;
+    if (total_B > 0) {
+      EXPECT_LT(have - weakest, p * H) << "p " << p;
+    }
+    EXPECT_GE(total_B, prev_total) << "a larger p keeps at least as many pages";
+    prev_total = total_B;
+    uneven = uneven || bmin < bmax;
+    EXPECT_LE(rel_err(run_decode(D, c, 639, 1, sel.keys),
+                      reference::attention(
+                          q, D.kv(), D.vv(), D.scale(),
+                          [&](index_t h, index_t, index_t j) {
+                            for (const KeyRange* r = sel.keys.ranges_begin(h);
+                                 r != sel.keys.ranges_end(h); ++r)
+                              if (j >= r->begin && j < r->end) return true;
+                            return false;
+                          })),
+              kTol);
+  }
+  EXPECT_TRUE(uneven) << "the heads' budgets follow their estimated mass";
+}
+
+TEST(QuestHead, SharedMassOnOneUnitIsTheUnitsOwnMassRule) {
+  // One query head (per query head), or one KV head (per KV head): the shared threshold over one
+  // unit's pages is that unit's fewest pages reaching p.
+  const Data D(4, 1, 640, 32, 167);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const Data D1(1, 1, 640, 32, 167);
+  auto c1 = make_cache<kv::ContiguousCache<float>>(D1, 640);
+  c1.append(D1.ks(0, 640), D1.vs(0, 640));
+  for (const double p : {0.2, 0.5, 0.8, 0.95}) {
+    const auto shared = quest_head_select(D1.qs(639, 1), c1, Budget::mass(p));
+    const auto own = quest_head_select(D1.qs(639, 1), c1, Budget::mass(p), false);
+    EXPECT_EQ(shared.second.budget_pages, own.second.budget_pages) << "p " << p;
+    EXPECT_EQ(unit_pages(shared.first.keys, 0), unit_pages(own.first.keys, 0)) << "p " << p;
+    methods::Quest per_kv;
+    per_kv.shared_mass = true;
+    methods::DecodeSelection s;
+    methods::QuestPages sp;
+    per_kv.select(D.qs(639, 1), c, Budget::mass(p), {}, s, &sp);
+    const auto [o, op] = quest_select(D.qs(639, 1), c, Budget::mass(p));
+    EXPECT_EQ(sp.budget_pages, op.budget_pages) << "p " << p;
+    EXPECT_EQ(unit_pages(s.keys, 0), unit_pages(o.keys, 0)) << "p " << p;
+  }
+}
+
+TEST(QuestHead, SharedMassFloorAndCapBoundEachHeadAndAMassOfOneIsDense) {
+  const Data D(8, 2, 640, 32, 173);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const index_t first_cur = 639 / 16;
+  const auto [free, free_pages] = quest_head_select(D.qs(639, 1), c, Budget::mass(0.7));
+  index_t bmin = first_cur, bmax = 0;
+  for (index_t b : free_pages.budget_pages) bmin = std::min(bmin, b), bmax = std::max(bmax, b);
+  ASSERT_GT(bmin, 1);
+  ASSERT_LT(bmin, bmax);
+  ASSERT_LT(bmax, first_cur - 1);
+  // floor / cap in tokens: each head's B from the shared threshold, clamped to [floor/P, cap/P].
+  for (const auto& [floor, cap] : {std::pair<index_t, index_t>{(bmax + 1) * 16, Budget::kNoCap},
+                                   {0, bmin * 16 + 5},
+                                   {0, 1},
+                                   {(bmin + 1) * 16, (bmin + 1) * 16}}) {
+    const Budget b = Budget::mass(0.7, floor, cap);
+    const auto [sel, pages] = quest_head_select(D.qs(639, 1), c, b);
+    EXPECT_TRUE(sel.stats.reachable) << b.str() << ": the current pages are outside the cap";
+    for (std::size_t u = 0; u < pages.budget_pages.size(); ++u)
+      EXPECT_EQ(pages.budget_pages[u],
+                std::clamp(free_pages.budget_pages[u], floor / 16,
+                           cap == Budget::kNoCap ? first_cur : cap / 16))
+          << b.str() << " head " << u;
+  }
+  const auto [all, all_pages] = quest_head_select(D.qs(639, 1), c, Budget::mass(1.0));
+  EXPECT_TRUE(all_pages.dense);
+  EXPECT_EQ(all.keys.scope(), KeySelection::Scope::all);
+  EXPECT_DOUBLE_EQ(all.stats.compression(), 1.0);
+  EXPECT_TRUE(all.stats.reachable);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every method at compression 1 is dense
 
 TEST(DecodeMethods, CompressionOneEqualsDenseForEveryMethod) {

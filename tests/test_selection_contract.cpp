@@ -132,8 +132,13 @@ TEST(Registry, ListsEveryMethodWithItsParameters) {
   for (const char* n : {"dense", "sliding_window", "tri_shape", "block_sparse", "vertical_slash",
                         "vertical_slash_tiled", "flex_prefill", "xattention", "user_mask"})
     EXPECT_EQ(prefill.count(n), 1u) << n;
-  for (const char* n : {"dense", "streaming", "quest", "snapkv", "ada_snapkv", "h2o"})
+  for (const char* n : {"dense", "streaming", "quest", "quest_head", "snapkv", "ada_snapkv", "h2o"})
     EXPECT_EQ(decode.count(n), 1u) << n;
+  for (const auto& m : methods::decode_methods()) {  // quest_head: Quest's switches, both on
+    if (m.name != "quest_head") continue;
+    ASSERT_EQ(m.params.size(), 2u);
+    for (const auto& p : m.params) EXPECT_EQ(p.default_value, "true") << p.name;
+  }
   EXPECT_EQ(methods::prefill_methods().front().name, "dense");
   EXPECT_EQ(methods::decode_methods().front().name, "dense");
   EXPECT_TRUE(methods::is_prefill_method("block_sparse"));

@@ -25,7 +25,7 @@ struct EvalArgs {
   std::string phase = "both";
   std::string methods = "all";
   std::string compression = "2,5,10,20";
-  std::string adaptive = "block_sparse,vertical_slash,quest,snapkv";
+  std::string adaptive = "block_sparse,vertical_slash,quest,quest_head,snapkv";
   std::string lengths;
   index_t last_rows = 64;
   RunOptions run;

@@ -140,7 +140,8 @@ struct EvalOptions {
   /// ratio; 16 bisection steps over p in (0, 1], each a selection or, for decode, a decode loop).
   /// The same number of pairs as the fixed budget, spent per head (and query block) where the
   /// estimated attention mass is. Names that take no mass budget are refused.
-  std::vector<std::string> adaptive{"block_sparse", "vertical_slash", "quest", "snapkv"};
+  std::vector<std::string> adaptive{"block_sparse", "vertical_slash", "quest", "quest_head",
+                                    "snapkv"};
   /// Called with a line of progress after each dense run and each (method, CR); may be empty.
   std::function<void(const std::string&)> progress;
 };

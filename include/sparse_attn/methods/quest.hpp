@@ -27,6 +27,17 @@
 ///                   row's bound. The budget's floor and cap (tokens) bound B like count(n):
 ///                   B in [floor / P, cap / P]. Always honoured (the current pages are not
 ///                   counted against the cap).
+///                   shared_mass (QuestHead's default): one threshold over every unit of the
+///                   step instead of each unit its own p. With e_u(page) the estimate above
+///                   (summing to 1 over unit u's pages), keep the (unit, earlier page) pairs in
+///                   decreasing e (ties toward the lower unit, then the unit's rank order), the
+///                   current pages of every unit counted first, until
+///                     sum_u sum_{kept pages} e_u(page) >= p x units,
+///                   i.e. the fewest pages reaching p per unit on average, all cut at one
+///                   estimated mass tau (AdaKV's allocation, on pages): a sharp head keeps few
+///                   pages, a diffuse one many. e_u is monotone in U over the full pages, so each
+///                   unit keeps a prefix of its rank order. The floor and cap then bound each
+///                   unit's B as above. With one unit it is that unit's own rule.
 /// B >= the pages before the current one is dense (the selection is the whole cache). The cache
 /// must have been built with key_bounds = true.
 ///
@@ -72,6 +83,9 @@ struct Workspace {
   std::vector<std::vector<KeyRange>> lists;  // per unit: the selected key ranges
   std::vector<std::uint64_t> words;          // [workers][max_pages]: ranking scratch
   std::vector<std::uint32_t> keys;           // [workers][max_pages]: order_key of each bound
+  std::vector<double> mass;                  // [units][max_pages]: estimated page masses
+  std::vector<index_t> cand;                 // unit * max_pages + page: shared-mass candidates
+  std::vector<index_t> shared_B;             // [units] B from the shared mass threshold
 };
 }  // namespace quest_detail
 /// @endcond
@@ -106,12 +120,18 @@ struct Quest {
   /// Rank pages per query head (a per_q_head KeySelection) instead of per KV head (the bounds
   /// summed over the GQA group; default false).
   bool per_query_head = false;
+  /// Mass budgets: one threshold over the estimated page masses of every unit of the step
+  /// instead of each unit its own p (see the file comment; default false).
+  bool shared_mass = false;
 
-  /// Hands the parameter to the registry: v("per_query_head", per_query_head, help).
+  /// Hands the parameters to the registry: v(name, member, help) for "per_query_head" and
+  /// "shared_mass".
   /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("per_query_head", per_query_head, "rank pages per query head instead of per KV head");
+    v("shared_mass", shared_mass,
+      "mass budgets: one mass threshold over every unit's pages (sum reaches p x units)");
   }
 
   /// The step's selection for q [Hq, n_q, d] (the newest n_q tokens, already appended) on
@@ -136,8 +156,10 @@ struct Quest {
   ///         was.
   /// Complexity per step: O(Hq x n_q x d) for the summed queries, O(units x pages x d) to read
   /// the bounds (1/P of K's bytes), O(units x pages) for the top B (radix select; mass budgets
-  /// sort: O(units x pages log pages)). Allocation: none once the scratch has grown, besides
-  /// the KeySelection's ranges; the thread_local scratch lives until the thread ends.
+  /// sort: O(units x pages log pages); shared_mass sorts the step's (unit, page) pairs together,
+  /// O(units x pages log(units x pages)), after every unit's bounds). Allocation: none once the
+  /// scratch has grown, besides the KeySelection's ranges; the thread_local scratch lives until
+  /// the thread ends.
   template <class TQ, class Cache>
   void select(const TensorView<TQ>& q, const Cache& cache, const Budget& budget,
               const AttentionOptions& opt, DecodeSelection& sel, QuestPages* pages = nullptr) const;
@@ -155,6 +177,21 @@ struct Quest {
     DecodeSelection sel;
     select(q, cache, budget, opt, sel);
     return sel;
+  }
+};
+
+/// Quest per query head with the shared mass threshold (registry "quest_head"): Quest with
+/// per_query_head = true and shared_mass = true by default, the same select(). Each query head
+/// reads its own pages; a mass budget spends the step's pages where the estimated mass is, across
+/// the heads (see the file comment), while count and compression budgets give every head B pages.
+struct QuestHead : Quest {
+  static constexpr const char* name = "quest_head";  ///< registry name
+  /// One-line summary (the tool's method list).
+  static constexpr const char* summary =
+      "Quest per query head; a mass budget shares one threshold across heads";
+  QuestHead() {
+    per_query_head = true;
+    shared_mass = true;
   }
 };
 
@@ -312,9 +349,68 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
                                  pg.bounds.data() + u * max_pages);
   };
 
+  // Mass budgets: e[p] = the estimated share of unit u's attention on page p, softmax over the
+  // unit's pages of U / rows + log(tokens in page) (all pages equal when the largest is not
+  // finite), into ws.mass[u * max_pages ...].
+  const double rows = static_cast<double>(per_q ? n_q : G * n_q);
+  const bool shared = budget.is_mass() && shared_mass;
+  if (budget.is_mass()) ws.mass.resize(static_cast<std::size_t>(units * max_pages));
+  auto estimate = [&](index_t u) {
+    const index_t hk = per_q ? u / G : u, len = cache.length(hk), np = cache.num_pages(hk);
+    const float* U = pg.bounds.data() + u * max_pages;
+    double* e = ws.mass.data() + u * max_pages;
+    double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
+    for (index_t p = 0; p < np; ++p) {
+      const index_t tokens = std::min(len, (p + 1) * P) - p * P;
+      e[p] = static_cast<double>(detail::rank_key(U[p])) / rows +
+             std::log(static_cast<double>(tokens));
+      mx = std::max(mx, e[p]);
+    }
+    for (index_t p = 0; p < np; ++p) total += e[p] = std::isfinite(mx) ? std::exp(e[p] - mx) : 1.0;
+    for (index_t p = 0; p < np; ++p) e[p] /= total;
+  };
+  // A mass budget's B for a unit of first_cur earlier pages: the floor and cap count tokens like
+  // count(n), n / P earlier pages.
+  auto clamp_mass = [&](index_t B, index_t first_cur) {
+    B = std::clamp(B, budget.mass_floor() / P,
+                   std::max(budget.mass_floor(), budget.mass_cap()) / P);
+    return std::min(B, first_cur);
+  };
+  // Shared mass: (unit, earlier page) pairs in decreasing estimated mass (ties toward the lower
+  // unit, then the unit's rank order) until the mass read summed over the units reaches
+  // p x units, every unit's current pages counted first; each unit's B is its pairs taken.
+  auto share = [&]() {
+    ws.cand.clear();
+    ws.shared_B.assign(static_cast<std::size_t>(units), 0);
+    double have = 0.0;
+    for (index_t u = 0; u < units; ++u) {
+      estimate(u);
+      const index_t hk = per_q ? u / G : u, first_cur = (cache.length(hk) - n_q) / P;
+      for (index_t p = first_cur; p < cache.num_pages(hk); ++p) have += ws.mass[u * max_pages + p];
+      for (index_t p = 0; p < first_cur; ++p) ws.cand.push_back(u * max_pages + p);
+    }
+    const double* e = ws.mass.data();
+    const float* U = pg.bounds.data();
+    std::sort(ws.cand.begin(), ws.cand.end(), [&](index_t a, index_t b) {
+      if (e[a] != e[b]) return e[a] > e[b];
+      if (a / max_pages != b / max_pages) return a < b;
+      return quest_detail::rank_word(quest_detail::order_key(U[a]), a % max_pages) >
+             quest_detail::rank_word(quest_detail::order_key(U[b]), b % max_pages);
+    });
+    const double want = budget.mass_target() * static_cast<double>(units);
+    for (std::size_t i = 0; i < ws.cand.size() && have < want * (1.0 - 1e-12); ++i) {
+      have += e[ws.cand[i]];
+      ++ws.shared_B[static_cast<std::size_t>(ws.cand[i] / max_pages)];
+    }
+    for (index_t u = 0; u < units; ++u) {
+      const index_t hk = per_q ? u / G : u;
+      auto& B = ws.shared_B[static_cast<std::size_t>(u)];
+      B = clamp_mass(B, (cache.length(hk) - n_q) / P);
+    }
+  };
+
   // Top-B of unit u among the pages before the current one(s), plus the current pages, as key
   // ranges in ws.lists[u]; words, key: max_pages words and keys of scratch.
-  const double rows = static_cast<double>(per_q ? n_q : G * n_q);
   auto rank_unit = [&](index_t u, std::uint64_t* words, std::uint32_t* key) {
     const index_t hk = per_q ? u / G : u, len = cache.length(hk);
     const index_t first_cur = (len - n_q) / P;  // first page holding a new token
@@ -328,39 +424,26 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     } else if (budget.is_compression()) {
       const index_t keys = count_for_compression(len, budget.target_compression());
       B = std::max<index_t>(0, (keys - cur_keys + P - 1) / P);
+    } else if (shared_mass) {
+      B = ws.shared_B[static_cast<std::size_t>(u)];
     } else {
-      // Estimated mass: softmax over every page of U / rows + log(tokens in page). The current
-      // pages count first, then pages in rank order until the running mass reaches p.
-      const index_t np = cache.num_pages(hk);
-      auto logit = [&](index_t p) {
-        const index_t tokens = std::min(len, (p + 1) * P) - p * P;
-        return static_cast<double>(detail::rank_key(U[p])) / rows +
-               std::log(static_cast<double>(tokens));
-      };
-      double mx = -std::numeric_limits<double>::infinity();
-      for (index_t p = 0; p < np; ++p) mx = std::max(mx, logit(p));
-      double total = 0.0, have = 0.0;
-      for (index_t p = 0; p < np; ++p) {
-        const double e = std::isfinite(mx) ? std::exp(logit(p) - mx) : 1.0;
-        total += e;
-        if (p >= first_cur) have += e;
-      }
+      // The current pages count first, then pages in rank order until the running mass
+      // reaches p.
+      estimate(u);
+      const double* e = ws.mass.data() + u * max_pages;
+      double have = 0.0;
+      for (index_t p = first_cur; p < cache.num_pages(hk); ++p) have += e[p];
       for (index_t p = 0; p < first_cur; ++p) words[p] = quest_detail::rank_word(key[p], p);
       std::sort(words, words + first_cur, std::greater<std::uint64_t>());
-      const double want = budget.mass_target() * total;
-      while (B < first_cur && have < want * (1.0 - 1e-12)) {
-        const index_t p = quest_detail::word_page(words[B]);
-        have += std::isfinite(mx) ? std::exp(logit(p) - mx) : 1.0;
-        ++B;
-      }
-      // The floor and cap count tokens like count(n): n / P earlier pages.
-      B = std::clamp(B, budget.mass_floor() / P, std::max(budget.mass_floor(), budget.mass_cap()) / P);
-      B = std::min(B, first_cur);
-      if (B > 0) threshold = words[B - 1];
+      const double want = budget.mass_target();
+      while (B < first_cur && have < want * (1.0 - 1e-12))
+        have += e[quest_detail::word_page(words[B++])];
+      B = clamp_mass(B, first_cur);
+      if (B > 0 && B < first_cur) threshold = words[B - 1];
     }
     B = std::min(B, first_cur);
     pg.budget_pages[static_cast<std::size_t>(u)] = B;
-    if (B > 0 && B < first_cur && !budget.is_mass())
+    if (B > 0 && B < first_cur && !(budget.is_mass() && !shared_mass))
       threshold = quest_detail::top_threshold(key, first_cur, B, words);
     auto& l = ws.lists[static_cast<std::size_t>(u)];
     l.clear();
@@ -383,13 +466,19 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
   ws.keys.resize(static_cast<std::size_t>(max_pages));
   if (units * max_pages < kSerialPages || (opt.executor == nullptr && opt.num_threads == 1)) {
     // One thread: each unit's bounds, then its ranking while they are in cache.
+    // (A shared mass threshold needs every unit's bounds first.)
     for (index_t u = 0; u < units; ++u) {
       for (index_t ch = 0; ch < chunks; ++ch) bounds_of(u * chunks + ch);
-      rank_unit(u, ws.words.data(), ws.keys.data());
+      if (!shared) rank_unit(u, ws.words.data(), ws.keys.data());
+    }
+    if (shared) {
+      share();
+      for (index_t u = 0; u < units; ++u) rank_unit(u, ws.words.data(), ws.keys.data());
     }
   } else {
     sparse_attn::detail::with_executor(opt.executor_choice(), [&](Executor& ex) {
       run_items(ex, units * chunks, [&](index_t it, int) { bounds_of(it); });
+      if (shared) share();
       const index_t workers = ex.concurrency();
       ws.words.resize(static_cast<std::size_t>(max_pages * workers));
       ws.keys.resize(static_cast<std::size_t>(max_pages * workers));

@@ -53,7 +53,8 @@ struct MethodList {};
 using PrefillMethods = MethodList<Dense, SlidingWindow, TriShape, BlockSparse, VerticalSlash,
                                   VerticalSlashTiled, FlexPrefill, XAttention, UserMask>;
 /// Every decode method, dense first.
-using DecodeMethods = MethodList<Dense, StreamingLLM, Quest, SnapKV, AdaSnapKV, H2O>;
+using DecodeMethods =
+    MethodList<Dense, StreamingLLM, Quest, QuestHead, SnapKV, AdaSnapKV, H2O>;
 
 /// "key=value" parameter settings, applied in order.
 using ParamSettings = std::vector<std::pair<std::string, std::string>>;
