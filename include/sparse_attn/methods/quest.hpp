@@ -360,10 +360,11 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     const float* U = pg.bounds.data() + u * max_pages;
     double* e = ws.mass.data() + u * max_pages;
     double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
+    const double log_full = std::log(static_cast<double>(P));  // every page but a partial last
     for (index_t p = 0; p < np; ++p) {
       const index_t tokens = std::min(len, (p + 1) * P) - p * P;
       e[p] = static_cast<double>(detail::rank_key(U[p])) / rows +
-             std::log(static_cast<double>(tokens));
+             (tokens == P ? log_full : std::log(static_cast<double>(tokens)));
       mx = std::max(mx, e[p]);
     }
     for (index_t p = 0; p < np; ++p) total += e[p] = std::isfinite(mx) ? std::exp(e[p] - mx) : 1.0;
@@ -391,17 +392,37 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     }
     const double* e = ws.mass.data();
     const float* U = pg.bounds.data();
-    std::sort(ws.cand.begin(), ws.cand.end(), [&](index_t a, index_t b) {
+    auto before = [&](index_t a, index_t b) {
       if (e[a] != e[b]) return e[a] > e[b];
       if (a / max_pages != b / max_pages) return a < b;
       return quest_detail::rank_word(quest_detail::order_key(U[a]), a % max_pages) >
              quest_detail::rank_word(quest_detail::order_key(U[b]), b % max_pages);
-    });
-    const double want = budget.mass_target() * static_cast<double>(units);
-    for (std::size_t i = 0; i < ws.cand.size() && have < want * (1.0 - 1e-12); ++i) {
-      have += e[ws.cand[i]];
-      ++ws.shared_B[static_cast<std::size_t>(ws.cand[i] / max_pages)];
+    };
+    const double want = budget.mass_target() * static_cast<double>(units) * (1.0 - 1e-12);
+    auto take = [&](index_t c) {
+      have += e[c];
+      ++ws.shared_B[static_cast<std::size_t>(c / max_pages)];
+    };
+    // The shortest prefix of the candidates in `before` order whose mass reaches want, without
+    // sorting them all: a weighted quickselect. nth_element splits [lo, hi) at its middle; when
+    // the better half does not reach want every page of it is kept and the search goes on in
+    // the other half, else in the better half. O(candidates) expected (a full sort took most of
+    // a step's selection time); the last few are sorted and taken in order.
+    auto lo = ws.cand.begin(), hi = ws.cand.end();
+    while (hi - lo > 32 && have < want) {
+      const auto mid = lo + (hi - lo) / 2;
+      std::nth_element(lo, mid, hi, before);
+      double half = 0.0;
+      for (auto it = lo; it != mid; ++it) half += e[*it];
+      if (have + half < want) {
+        for (auto it = lo; it != mid; ++it) take(*it);
+        lo = mid;
+      } else {
+        hi = mid;
+      }
     }
+    std::sort(lo, hi, before);
+    for (auto it = lo; it != hi && have < want; ++it) take(*it);
     for (index_t u = 0; u < units; ++u) {
       const index_t hk = per_q ? u / G : u;
       auto& B = ws.shared_B[static_cast<std::size_t>(u)];
