@@ -1496,12 +1496,15 @@ TEST(Quest, MassBudgetKeepsTheFewestPagesReachingTheEstimatedMass) {
 // ---------------------------------------------------------------------------------------------
 // quest_head: Quest per query head with one mass threshold shared by the heads
 
-// quest_head's selection and page bounds for q on c (shared: its default shared_mass).
+// quest_head's selection and page bounds for q on c (shared: its default shared_mass; floor:
+// shared_floor, 0 here so the threshold's own rule is what the tests below check).
 template <class Cache>
 std::pair<methods::DecodeSelection, methods::QuestPages> quest_head_select(
-    const TensorView<const float>& q, const Cache& c, const Budget& b, bool shared = true) {
+    const TensorView<const float>& q, const Cache& c, const Budget& b, bool shared = true,
+    double floor = 0.0) {
   methods::QuestHead m;
   m.shared_mass = shared;
+  m.shared_floor = floor;
   std::pair<methods::DecodeSelection, methods::QuestPages> r;
   m.select(q, c, b, {}, r.first, &r.second);
   return r;
@@ -1655,6 +1658,51 @@ TEST(QuestHead, SharedMassFloorAndCapBoundEachHeadAndAMassOfOneIsDense) {
   EXPECT_EQ(all.keys.scope(), KeySelection::Scope::all);
   EXPECT_DOUBLE_EQ(all.stats.compression(), 1.0);
   EXPECT_TRUE(all.stats.reachable);
+}
+
+TEST(QuestHead, SharedFloorRaisesEveryHeadToAFractionOfTheMeanPages) {
+  // Ada-KV's safeguard on the shared threshold: with B0_h the threshold's pages of head h,
+  // B_h = max(B0_h, min(floor(f x sum_h B0_h / H), first_cur)), each head's top B_h by its own
+  // estimate (a prefix of its rank order), and the rest of the rule unchanged.
+  const Data D(8, 2, 640, 32, 179);
+  auto c = make_cache<kv::ContiguousCache<float>>(D, 640);
+  c.append(D.ks(0, 640), D.vs(0, 640));
+  const index_t H = 8, first_cur = 639 / 16;
+  const auto q = D.qs(639, 1);
+  bool raised = false;
+  for (const double p : {0.3, 0.6, 0.9}) {
+    const auto [free, free_pages] = quest_head_select(q, c, Budget::mass(p));
+    index_t total = 0;
+    for (index_t b : free_pages.budget_pages) total += b;
+    for (const double f : {0.2, 0.5, 1.0}) {
+      const auto [sel, pages] = quest_head_select(q, c, Budget::mass(p), true, f);
+      const auto least = static_cast<index_t>(std::floor(f * static_cast<double>(total) / H));
+      for (index_t h = 0; h < H; ++h) {
+        const index_t b0 = free_pages.budget_pages[static_cast<std::size_t>(h)];
+        const index_t want = std::max(b0, std::min(least, first_cur));
+        EXPECT_EQ(pages.budget_pages[static_cast<std::size_t>(h)], want) << "p " << p << " f " << f << " head " << h;
+        raised = raised || want > b0;
+        // The head's kept earlier pages are its want highest bounds (full pages: the estimate
+        // is monotone in the bound).
+        const std::vector<index_t> chosen = unit_pages(sel.keys, h);
+        ASSERT_EQ(static_cast<index_t>(chosen.size()), want + 1);
+        double weakest = INFINITY, strongest_left = -INFINITY;
+        for (index_t q2 = 0; q2 < first_cur; ++q2) {
+          const double u = pages.bounds[static_cast<std::size_t>(h * pages.bound_stride + q2)];
+          if (std::find(chosen.begin(), chosen.end(), q2) != chosen.end()) weakest = std::min(weakest, u);
+          else strongest_left = std::max(strongest_left, u);
+        }
+        EXPECT_LE(strongest_left, weakest) << "p " << p << " f " << f << " head " << h;
+      }
+    }
+  }
+  EXPECT_TRUE(raised) << "the floor must bite for some (p, f, head)";
+  methods::QuestHead m;
+  for (const double bad : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    m.shared_floor = bad;
+    methods::DecodeSelection sel;
+    EXPECT_THROW(m.select(q, c, Budget::mass(0.5), {}, sel), sparse_attn::invalid_argument) << bad;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -134,10 +134,11 @@ TEST(Registry, ListsEveryMethodWithItsParameters) {
     EXPECT_EQ(prefill.count(n), 1u) << n;
   for (const char* n : {"dense", "streaming", "quest", "quest_head", "snapkv", "ada_snapkv", "h2o"})
     EXPECT_EQ(decode.count(n), 1u) << n;
-  for (const auto& m : methods::decode_methods()) {  // quest_head: Quest's switches, both on
+  for (const auto& m : methods::decode_methods()) {  // quest_head: Quest's switches on
     if (m.name != "quest_head") continue;
-    ASSERT_EQ(m.params.size(), 2u);
-    for (const auto& p : m.params) EXPECT_EQ(p.default_value, "true") << p.name;
+    ASSERT_EQ(m.params.size(), 3u);
+    for (const auto& p : m.params)
+      EXPECT_EQ(p.default_value, p.name == "shared_floor" ? "0.2" : "true") << p.name;
   }
   EXPECT_EQ(methods::prefill_methods().front().name, "dense");
   EXPECT_EQ(methods::decode_methods().front().name, "dense");

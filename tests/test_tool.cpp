@@ -928,7 +928,7 @@ TEST_F(Decode, RejectsNonPositivePage) {
 
 TEST_F(Decode, RejectsParameterOfAnotherMethod) {
   expect_rejected(with(good_decode_args(), {"--method", "quest", "--param", "window=8"}),
-                  "quest: unknown parameter 'window'; its parameters: per_query_head, shared_mass");
+                  "quest: unknown parameter 'window'; its parameters: per_query_head, shared_mass, shared_floor");
   expect_rejected(with(good_decode_args(), {"--method", "snapkv", "--param", "pool_kernel=2"}),
                   "pool_kernel must be odd");
 }

@@ -36,8 +36,10 @@
 ///                   i.e. the fewest pages reaching p per unit on average, all cut at one
 ///                   estimated mass tau (AdaKV's allocation, on pages): a sharp head keeps few
 ///                   pages, a diffuse one many. e_u is monotone in U over the full pages, so each
-///                   unit keeps a prefix of its rank order. The floor and cap then bound each
-///                   unit's B as above. With one unit it is that unit's own rule.
+///                   unit keeps a prefix of its rank order. Then every unit keeps at least
+///                   floor(shared_floor x mean B) pages (Ada-KV's safeguard, default 0.2), and
+///                   the floor and cap bound each unit's B as above. With one unit it is that
+///                   unit's own rule.
 /// B >= the pages before the current one is dense (the selection is the whole cache). The cache
 /// must have been built with key_bounds = true.
 ///
@@ -123,15 +125,21 @@ struct Quest {
   /// Mass budgets: one threshold over the estimated page masses of every unit of the step
   /// instead of each unit its own p (see the file comment; default false).
   bool shared_mass = false;
+  /// Shared mass threshold: each unit then keeps at least floor(shared_floor x the mean pages
+  /// per unit the threshold kept) pages (Ada-KV's safeguard: a head whose pages all fall below
+  /// the threshold would read nothing but its current page); in [0, 1], default 0.2.
+  double shared_floor = 0.2;
 
-  /// Hands the parameters to the registry: v(name, member, help) for "per_query_head" and
-  /// "shared_mass".
+  /// Hands the parameters to the registry: v(name, member, help) for "per_query_head",
+  /// "shared_mass" and "shared_floor".
   /// @param v  visitor called as v(const char* name, T& member, const char* help).
   template <class V>
   void visit_params(V&& v) {
     v("per_query_head", per_query_head, "rank pages per query head instead of per KV head");
     v("shared_mass", shared_mass,
       "mass budgets: one mass threshold over every unit's pages (sum reaches p x units)");
+    v("shared_floor", shared_floor,
+      "shared mass: each unit keeps at least this fraction of the mean pages per unit");
   }
 
   /// The step's selection for q [Hq, n_q, d] (the newest n_q tokens, already appended) on
@@ -302,6 +310,8 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
           " is not a multiple of Hkv=", Hkv);
   require(q.dim == d, where, ": head_dim of q (", q.dim, ") differs from the cache (", d, ")");
   require(q.tokens >= 1, where, ": q needs >= 1 token");
+  require(shared_floor >= 0.0 && shared_floor <= 1.0, where, ": shared_floor must be in [0, 1], got ",
+          shared_floor);
   require(opt.num_threads >= 0, where, ": num_threads must be >= 0 (0: default), got ",
           opt.num_threads);
   const float scale = kernel::resolve_scale(opt.scale, d, where);
@@ -423,6 +433,16 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     }
     std::sort(lo, hi, before);
     for (auto it = lo; it != hi && have < want; ++it) take(*it);
+    // The safeguard: every unit at least floor(shared_floor x mean) of its earlier pages.
+    index_t kept = 0;
+    for (index_t B : ws.shared_B) kept += B;
+    const auto least = static_cast<index_t>(std::floor(shared_floor * static_cast<double>(kept) /
+                                                       static_cast<double>(units)));
+    for (index_t u = 0; u < units; ++u) {
+      const index_t hk = per_q ? u / G : u;
+      auto& B = ws.shared_B[static_cast<std::size_t>(u)];
+      B = std::max(B, std::min(least, (cache.length(hk) - n_q) / P));
+    }
     for (index_t u = 0; u < units; ++u) {
       const index_t hk = per_q ? u / G : u;
       auto& B = ws.shared_B[static_cast<std::size_t>(u)];
