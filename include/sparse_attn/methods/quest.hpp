@@ -397,7 +397,7 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     for (index_t u = 0; u < units; ++u) {
       estimate(u);
       const index_t hk = per_q ? u / G : u, first_cur = (cache.length(hk) - n_q) / P;
-      for (index_t p = first_cur; p < cache.num_pages(hk); ++p) have += ws.mass[u * max_pages + p];
+      for (index_t p = first_cur; p < cache.num_pages(hk); ++p) have += ws.mass[static_cast<std::size_t>(u * max_pages + p)];
       for (index_t p = 0; p < first_cur; ++p) ws.cand.push_back(u * max_pages + p);
     }
     const double* e = ws.mass.data();
