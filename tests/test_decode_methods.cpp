@@ -1544,7 +1544,10 @@ TEST(QuestHead, SharedMassKeepsTheHighestEstimatedPagesOfAllHeadsUntilPTimesHead
   index_t prev_total = 0;
   bool uneven = false;
   for (const double p : {0.3, 0.6, 0.9, 0.99}) {
-    const auto [sel, pg] = quest_head_select(q, c, Budget::mass(p));
+    // Named, not a structured binding: the kernel check's lambda captures the selection (C++17).
+    const auto result = quest_head_select(q, c, Budget::mass(p));
+    const methods::DecodeSelection& sel = result.first;
+    const methods::QuestPages& pg = result.second;
     EXPECT_TRUE(sel.stats.reachable);
     ASSERT_EQ(sel.keys.scope(), KeySelection::Scope::per_q_head);
     // The estimate: per head, softmax over its 40 (full) pages of U + log 16.
