@@ -79,6 +79,10 @@ namespace {
 
 std::string g_case;  // what the current input decoded to, printed on failure
 
+// Whether n bytes at a and b are equal; true for n = 0, where an empty vector's data() may be
+// null (memcmp's pointers must not be, even for n = 0: UBSan stops the fuzzer on it).
+bool same_bytes(const void* a, const void* b, std::size_t n) { return n == 0 || std::memcmp(a, b, n) == 0; }
+
 template <class... A>
 void note(const A&... a) {
   g_case += detail::concat(a...);
@@ -314,7 +318,7 @@ void check_untouched(const Storage<TO>& out, TO sentinel, const std::vector<floa
 template <class TO>
 bool same_bits(const Storage<TO>& a, const Storage<TO>& b) {
   return a.buf.size() == b.buf.size() &&
-         std::memcmp(a.buf.data(), b.buf.data(), a.buf.size() * sizeof(TO)) == 0;
+         same_bytes(a.buf.data(), b.buf.data(), a.buf.size() * sizeof(TO));
 }
 
 // Pair-count consistency: the mask's own count, count_pairs() and its dense export agree.
@@ -1352,7 +1356,7 @@ void cache_case(FuzzedDataProvider& fdp) {
     o2.lse = LseView();
     o2.key_mass = KeyMassView{};
     decode(q, cache, TensorView<float>(out2.data(), hq, n_new, dv), keys, o2);
-    if (std::memcmp(out.data(), out2.data(), out.size() * sizeof(float)) != 0)
+    if (!same_bytes(out.data(), out2.data(), out.size() * sizeof(float)))
       fail("decode(q, cache): output bits differ between thread counts");
     if (eviction == 3)
       check_eviction(with_mass ? h2o.step_mass(mass.data(), cache.max_length(), cache)
@@ -1991,9 +1995,9 @@ void raw_views(FuzzedDataProvider& fdp) {
   const TensorView<const float> qc = q, kc = k, vc = v;
   note("why=", why);
   auto untouched = [&](const char* what) {
-    if (std::memcmp(bo_.data(), o0.data(), bo_.size() * 4) != 0)
+    if (!same_bytes(bo_.data(), o0.data(), bo_.size() * 4))
       fail(detail::concat(what, ": threw but wrote the output"));
-    if (std::memcmp(lbuf.data(), l0.data(), lbuf.size() * 4) != 0) fail(detail::concat(what, ": threw but wrote the LSE"));
+    if (!same_bytes(lbuf.data(), l0.data(), lbuf.size() * 4)) fail(detail::concat(what, ": threw but wrote the LSE"));
   };
   auto lse_rows = [&]() {
     std::vector<float> r;
@@ -2022,7 +2026,7 @@ void raw_views(FuzzedDataProvider& fdp) {
     opt.num_threads = threads % 3 + 1;
     opt.lse = LseView();
     decode(qc, kc, vc, o2, KeySelection::all(), opt);
-    if (std::memcmp(b2.data(), bo_.data(), b2.size() * 4) != 0) fail("decode(raw views): bits differ between thread counts");
+    if (!same_bytes(b2.data(), bo_.data(), b2.size() * 4)) fail("decode(raw views): bits differ between thread counts");
     return;
   }
   MaskShape ms{q.heads, q.tokens, k.tokens, bq, bk, causal};
@@ -2047,7 +2051,7 @@ void raw_views(FuzzedDataProvider& fdp) {
   opt.num_threads = threads % 3 + 1;
   opt.lse = LseView();
   prefill(qc, kc, vc, o2, mask, opt);
-  if (std::memcmp(b2.data(), bo_.data(), b2.size() * 4) != 0) fail("prefill(raw views): bits differ between thread counts");
+  if (!same_bytes(b2.data(), bo_.data(), b2.size() * 4)) fail("prefill(raw views): bits differ between thread counts");
 }
 
 // ---- KeySelection from raw lists, decode over it, kv::decode_stats ----
@@ -2688,7 +2692,7 @@ void raw_plans(FuzzedDataProvider& fdp) {
       // The same plan and workspace again: the same bits.
       const std::vector<float> first = O;
       prefill(plan, q, k, v, o, mask, ws, ro);
-      if (std::memcmp(first.data(), O.data(), O.size() * 4) != 0) fail("prefill(plan): a second run with the same workspace differs");
+      if (!same_bytes(first.data(), O.data(), O.size() * 4)) fail("prefill(plan): a second run with the same workspace differs");
     });
     return;
   }
@@ -2738,7 +2742,7 @@ void raw_plans(FuzzedDataProvider& fdp) {
                      "decode(plan, workspace)");
     const std::vector<float> first = O;
     decode(plan, q, k, v, o, keys, ws, ro);
-    if (std::memcmp(first.data(), O.data(), O.size() * 4) != 0) fail("decode(plan): a second run with the same workspace differs");
+    if (!same_bytes(first.data(), O.data(), O.size() * 4)) fail("decode(plan): a second run with the same workspace differs");
   });
 }
 
