@@ -438,15 +438,11 @@ void Quest::select(const TensorView<TQ>& q, const Cache& cache, const Budget& bu
     for (index_t B : ws.shared_B) kept += B;
     const auto least = static_cast<index_t>(std::floor(shared_floor * static_cast<double>(kept) /
                                                        static_cast<double>(units)));
+    // Then the budget's floor and cap, as for every mass budget.
     for (index_t u = 0; u < units; ++u) {
-      const index_t hk = per_q ? u / G : u;
+      const index_t first_cur = (cache.length(per_q ? u / G : u) - n_q) / P;
       auto& B = ws.shared_B[static_cast<std::size_t>(u)];
-      B = std::max(B, std::min(least, (cache.length(hk) - n_q) / P));
-    }
-    for (index_t u = 0; u < units; ++u) {
-      const index_t hk = per_q ? u / G : u;
-      auto& B = ws.shared_B[static_cast<std::size_t>(u)];
-      B = clamp_mass(B, (cache.length(hk) - n_q) / P);
+      B = clamp_mass(std::max(B, std::min(least, first_cur)), first_cur);
     }
   };
 
